@@ -1,0 +1,9 @@
+//! Device models. Devices see guest memory (vm-memory) and interrupt lines
+//! (`interrupt::InterruptLine`); they know nothing of KVM.
+
+pub mod bus;
+pub mod interrupt;
+pub mod legacy;
+
+pub use bus::{Bus, BusDevice};
+pub use interrupt::{EventFdLine, InterruptLine};

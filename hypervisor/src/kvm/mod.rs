@@ -1,0 +1,633 @@
+//! The KVM backend, on kvm-ioctls. kvm-bindings types stay inside this module.
+
+use std::cell::Cell;
+use std::io;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::path::Path;
+
+use kvm_bindings::{
+    kvm_fpu, kvm_lapic_state, kvm_pit_config, kvm_regs, kvm_segment, kvm_sregs,
+    kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, NoDatamatch, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::x86_64::CPUID_FLAG_SIGNIFICANT_INDEX;
+use crate::Hypervisor as _;
+use crate::{
+    Capability, CpuidEntry, DescriptorTable, Error, FpuState, HypervisorKind, IoEventAddress,
+    MemorySlot, MsrEntry, Result, SegmentRegister, SpecialRegisters, StandardRegisters,
+    SystemEventKind, VcpuExit,
+};
+
+/// The KVM device.
+pub const KVM_PATH: &str = "/dev/kvm";
+/// Environment variable naming another KVM device node (for hosts that put
+/// it elsewhere, and for tests).
+pub const KVM_PATH_ENV: &str = "VMM_KVM_DEVICE";
+
+/// The KVM device to open: `$VMM_KVM_DEVICE`, else /dev/kvm.
+pub fn kvm_device_path() -> std::path::PathBuf {
+    std::env::var_os(KVM_PATH_ENV)
+        .filter(|p| !p.is_empty())
+        .map(Into::into)
+        .unwrap_or_else(|| KVM_PATH.into())
+}
+/// Present when the host's KVM is the PVM module.
+pub const PVM_MODULE_PATH: &str = "/sys/module/kvm_pvm";
+
+const REQUIRED_CAPS: &[(Cap, &str)] = &[
+    (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+    (Cap::Pit2, "KVM_CAP_PIT2"),
+    (Cap::Irqfd, "KVM_CAP_IRQFD"),
+    (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
+    (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+    (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+    (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+];
+
+/// Where the TSS and identity-map pages go (Intel VT-x needs them below 4 GiB,
+/// outside RAM). They sit just below the 4 GiB boundary, in the MMIO gap.
+const TSS_ADDRESS: usize = 0xfffb_d000;
+const IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+fn os_err(e: kvm_ioctls::Error) -> io::Error {
+    io::Error::from_raw_os_error(e.errno())
+}
+
+/// Opens `/dev/kvm` with errors that tell the user what to do.
+pub fn open_kvm_device(path: &Path) -> Result<Kvm> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|source| {
+            let hint = match source.kind() {
+                io::ErrorKind::NotFound => {
+                    "KVM is not available: load the kvm module (modprobe kvm_intel or kvm_amd) or enable virtualization in the firmware or the cloud VM settings"
+                }
+                io::ErrorKind::PermissionDenied => {
+                    "add your user to the group that owns it (usually `kvm`: sudo usermod -aG kvm $USER, then log in again) or run as root"
+                }
+                _ => "check that the KVM module is loaded and working",
+            };
+            Error::Open {
+                path: path.display().to_string(),
+                source,
+                hint,
+            }
+        })?;
+    let fd = file.into_raw_fd();
+    // SAFETY: `fd` was just opened on the KVM device and its ownership moves
+    // into the `Kvm` object, which closes it.
+    Ok(unsafe { Kvm::from_raw_fd(fd) })
+}
+
+/// The KVM hypervisor.
+pub struct KvmHypervisor {
+    kvm: Kvm,
+    kind: HypervisorKind,
+}
+
+impl KvmHypervisor {
+    /// Opens the KVM device (`kvm_device_path`) and checks the API version
+    /// and required capabilities.
+    pub fn new() -> Result<Self> {
+        Self::open(&kvm_device_path())
+    }
+
+    /// Like `new`, with another device path.
+    pub fn open(path: &Path) -> Result<Self> {
+        let kvm = open_kvm_device(path)?;
+        let version = kvm.get_api_version();
+        if version != kvm_bindings::KVM_API_VERSION as i32 {
+            return Err(Error::ApiVersion {
+                found: version,
+                expected: kvm_bindings::KVM_API_VERSION as i32,
+            });
+        }
+        let hv = KvmHypervisor {
+            kind: detect_kind(),
+            kvm,
+        };
+        if let Some(missing) = hv.capabilities().into_iter().find(|c| !c.present) {
+            return Err(Error::MissingCapability(missing.name));
+        }
+        Ok(hv)
+    }
+
+    /// The KVM API version (12 on every current kernel).
+    pub fn api_version(&self) -> i32 {
+        self.kvm.get_api_version()
+    }
+}
+
+/// Tells PVM, nested and bare-metal KVM apart.
+pub fn detect_kind() -> HypervisorKind {
+    if Path::new(PVM_MODULE_PATH).exists() {
+        return HypervisorKind::KvmPvm;
+    }
+    // CPUID leaf 1, ECX bit 31: the host itself runs under a hypervisor.
+    let leaf1 = std::arch::x86_64::__cpuid(1);
+    if leaf1.ecx & (1 << 31) != 0 {
+        HypervisorKind::KvmNested
+    } else {
+        HypervisorKind::KvmHardware
+    }
+}
+
+impl crate::Hypervisor for KvmHypervisor {
+    fn kind(&self) -> HypervisorKind {
+        self.kind
+    }
+
+    fn capabilities(&self) -> Vec<Capability> {
+        REQUIRED_CAPS
+            .iter()
+            .map(|(cap, name)| Capability {
+                name,
+                present: self.kvm.check_extension(*cap),
+            })
+            .collect()
+    }
+
+    fn max_vcpus(&self) -> u32 {
+        self.kvm.get_max_vcpus() as u32
+    }
+
+    fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>> {
+        let cpuid = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| Error::call("KVM_GET_SUPPORTED_CPUID", os_err(e)))?;
+        Ok(cpuid
+            .as_slice()
+            .iter()
+            .map(|e| CpuidEntry {
+                function: e.function,
+                index: e.index,
+                flags: if e.flags & kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX != 0 {
+                    CPUID_FLAG_SIGNIFICANT_INDEX
+                } else {
+                    0
+                },
+                eax: e.eax,
+                ebx: e.ebx,
+                ecx: e.ecx,
+                edx: e.edx,
+            })
+            .collect())
+    }
+
+    fn create_vm(&self) -> Result<Box<dyn crate::Vm>> {
+        let fd = self
+            .kvm
+            .create_vm()
+            .map_err(|e| Error::call("KVM_CREATE_VM", os_err(e)))?;
+        fd.set_tss_address(TSS_ADDRESS)
+            .map_err(|e| Error::call("KVM_SET_TSS_ADDR", os_err(e)))?;
+        fd.set_identity_map_address(IDENTITY_MAP_ADDRESS)
+            .map_err(|e| Error::call("KVM_SET_IDENTITY_MAP_ADDR", os_err(e)))?;
+        Ok(Box::new(KvmVm {
+            fd,
+            max_vcpus: self.max_vcpus(),
+        }))
+    }
+}
+
+/// A KVM virtual machine.
+pub struct KvmVm {
+    fd: VmFd,
+    max_vcpus: u32,
+}
+
+impl crate::Vm for KvmVm {
+    unsafe fn set_memory_slot(&self, slot: MemorySlot) -> Result<()> {
+        let region = kvm_userspace_memory_region {
+            slot: slot.slot,
+            flags: 0,
+            guest_phys_addr: slot.guest_phys_addr,
+            memory_size: slot.size,
+            userspace_addr: slot.host_addr,
+        };
+        // SAFETY: the caller guarantees the host range stays mapped while the
+        // VM uses it (this function's contract).
+        unsafe { self.fd.set_user_memory_region(region) }
+            .map_err(|e| Error::call("KVM_SET_USER_MEMORY_REGION", os_err(e)))
+    }
+
+    fn create_platform_devices(&self) -> Result<()> {
+        self.fd
+            .create_irq_chip()
+            .map_err(|e| Error::call("KVM_CREATE_IRQCHIP", os_err(e)))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        self.fd
+            .create_pit2(pit)
+            .map_err(|e| Error::call("KVM_CREATE_PIT2", os_err(e)))
+    }
+
+    fn create_vcpu(&self, id: u32) -> Result<Box<dyn crate::Vcpu>> {
+        if id >= self.max_vcpus {
+            return Err(Error::VcpuId {
+                id,
+                max: self.max_vcpus,
+            });
+        }
+        let fd = self
+            .fd
+            .create_vcpu(u64::from(id))
+            .map_err(|e| Error::call("KVM_CREATE_VCPU", os_err(e)))?;
+        Ok(Box::new(KvmVcpu { fd }))
+    }
+
+    fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
+        self.fd
+            .register_irqfd(fd, gsi)
+            .map_err(|e| Error::call("KVM_IRQFD", os_err(e)))
+    }
+
+    fn register_ioevent(
+        &self,
+        fd: &EventFd,
+        addr: IoEventAddress,
+        datamatch: Option<u32>,
+    ) -> Result<()> {
+        let addr = match addr {
+            IoEventAddress::Pio(a) => kvm_ioctls::IoEventAddress::Pio(a),
+            IoEventAddress::Mmio(a) => kvm_ioctls::IoEventAddress::Mmio(a),
+        };
+        match datamatch {
+            Some(v) => self.fd.register_ioevent(fd, &addr, v),
+            None => self.fd.register_ioevent(fd, &addr, NoDatamatch),
+        }
+        .map_err(|e| Error::call("KVM_IOEVENTFD", os_err(e)))
+    }
+}
+
+thread_local! {
+    /// The `kvm_run` area of the vCPU running on this thread, for the kick
+    /// signal handler.
+    static KICK_TARGET: Cell<*mut kvm_bindings::kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KICK_TARGET.with(|t| t.get());
+    if !run.is_null() {
+        // SAFETY: the pointer was set on this thread by `enable_kick_signal`
+        // and points into the vCPU's kvm_run mapping, which lives as long as
+        // the vCPU object that owns this thread's run loop. A volatile byte
+        // store is async-signal-safe.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
+
+/// A KVM vCPU.
+pub struct KvmVcpu {
+    fd: VcpuFd,
+}
+
+impl Drop for KvmVcpu {
+    fn drop(&mut self) {
+        let ours = self.fd.get_kvm_run() as *mut kvm_bindings::kvm_run;
+        KICK_TARGET.with(|t| {
+            if t.get() == ours {
+                t.set(std::ptr::null_mut());
+            }
+        });
+    }
+}
+
+fn segment_to_kvm(s: &SegmentRegister) -> kvm_segment {
+    kvm_segment {
+        base: s.base,
+        limit: s.limit,
+        selector: s.selector,
+        type_: s.type_,
+        present: s.present as u8,
+        dpl: s.dpl,
+        db: s.db as u8,
+        s: s.s as u8,
+        l: s.l as u8,
+        g: s.g as u8,
+        avl: s.avl as u8,
+        unusable: s.unusable as u8,
+        padding: 0,
+    }
+}
+
+fn segment_from_kvm(s: &kvm_segment) -> SegmentRegister {
+    SegmentRegister {
+        base: s.base,
+        limit: s.limit,
+        selector: s.selector,
+        type_: s.type_,
+        present: s.present != 0,
+        dpl: s.dpl,
+        db: s.db != 0,
+        s: s.s != 0,
+        l: s.l != 0,
+        g: s.g != 0,
+        avl: s.avl != 0,
+        unusable: s.unusable != 0,
+    }
+}
+
+impl crate::Vcpu for KvmVcpu {
+    fn run(&mut self) -> Result<VcpuExit<'_>> {
+        // The exit borrows the vCPU; the kvm_run area is also read through
+        // this pointer in the arms that need more than the exit carries.
+        let run_area = self.fd.get_kvm_run() as *mut kvm_bindings::kvm_run;
+        let exit = match self.fd.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // SAFETY: `run_area` points into this vCPU's kvm_run mapping,
+                // alive as long as `self`; KVM_RUN has returned.
+                unsafe { std::ptr::addr_of_mut!((*run_area).immediate_exit).write_volatile(0) };
+                return Ok(VcpuExit::Interrupted);
+            }
+            Err(e) => return Err(Error::call("KVM_RUN", os_err(e))),
+        };
+        use kvm_ioctls::VcpuExit as K;
+        Ok(match exit {
+            K::IoIn(port, data) => VcpuExit::IoIn { port, data },
+            K::IoOut(port, data) => VcpuExit::IoOut { port, data },
+            K::MmioRead(addr, data) => VcpuExit::MmioRead { addr, data },
+            K::MmioWrite(addr, data) => VcpuExit::MmioWrite { addr, data },
+            K::Hlt => VcpuExit::Hlt,
+            K::Shutdown => VcpuExit::Shutdown,
+            K::Intr => VcpuExit::Interrupted,
+            K::FailEntry(reason, cpu) => VcpuExit::FailEntry { reason, cpu },
+            K::SystemEvent(kind, _) => VcpuExit::SystemEvent {
+                kind: match kind {
+                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => SystemEventKind::Shutdown,
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => SystemEventKind::Reset,
+                    kvm_bindings::KVM_SYSTEM_EVENT_CRASH => SystemEventKind::Crash,
+                    other => SystemEventKind::Other(other),
+                },
+            },
+            K::InternalError => {
+                // SAFETY: `run_area` is this vCPU's live kvm_run mapping and the
+                // exit reason is KVM_EXIT_INTERNAL_ERROR, so the kernel filled
+                // the `internal` member of the union.
+                let internal = unsafe { (*run_area).__bindgen_anon_1.internal };
+                let n = (internal.ndata as usize).min(internal.data.len());
+                VcpuExit::InternalError {
+                    suberror: internal.suberror,
+                    data: internal.data[..n].to_vec(),
+                }
+            }
+            other => VcpuExit::Other(format!("{other:?}")),
+        })
+    }
+
+    fn enable_kick_signal(&mut self, signal: i32) -> Result<()> {
+        vmm_sys_util::signal::register_signal_handler(signal, handle_kick)
+            .map_err(|e| Error::call("sigaction", io::Error::from_raw_os_error(e.errno())))?;
+        let run = self.fd.get_kvm_run() as *mut kvm_bindings::kvm_run;
+        KICK_TARGET.with(|t| t.set(run));
+        Ok(())
+    }
+
+    fn get_regs(&self) -> Result<StandardRegisters> {
+        let r = self
+            .fd
+            .get_regs()
+            .map_err(|e| Error::call("KVM_GET_REGS", os_err(e)))?;
+        Ok(StandardRegisters {
+            rax: r.rax,
+            rbx: r.rbx,
+            rcx: r.rcx,
+            rdx: r.rdx,
+            rsi: r.rsi,
+            rdi: r.rdi,
+            rsp: r.rsp,
+            rbp: r.rbp,
+            r8: r.r8,
+            r9: r.r9,
+            r10: r.r10,
+            r11: r.r11,
+            r12: r.r12,
+            r13: r.r13,
+            r14: r.r14,
+            r15: r.r15,
+            rip: r.rip,
+            rflags: r.rflags,
+        })
+    }
+
+    fn set_regs(&self, r: &StandardRegisters) -> Result<()> {
+        let regs = kvm_regs {
+            rax: r.rax,
+            rbx: r.rbx,
+            rcx: r.rcx,
+            rdx: r.rdx,
+            rsi: r.rsi,
+            rdi: r.rdi,
+            rsp: r.rsp,
+            rbp: r.rbp,
+            r8: r.r8,
+            r9: r.r9,
+            r10: r.r10,
+            r11: r.r11,
+            r12: r.r12,
+            r13: r.r13,
+            r14: r.r14,
+            r15: r.r15,
+            rip: r.rip,
+            rflags: r.rflags,
+        };
+        self.fd
+            .set_regs(&regs)
+            .map_err(|e| Error::call("KVM_SET_REGS", os_err(e)))
+    }
+
+    fn get_sregs(&self) -> Result<SpecialRegisters> {
+        let s = self
+            .fd
+            .get_sregs()
+            .map_err(|e| Error::call("KVM_GET_SREGS", os_err(e)))?;
+        Ok(SpecialRegisters {
+            cs: segment_from_kvm(&s.cs),
+            ds: segment_from_kvm(&s.ds),
+            es: segment_from_kvm(&s.es),
+            fs: segment_from_kvm(&s.fs),
+            gs: segment_from_kvm(&s.gs),
+            ss: segment_from_kvm(&s.ss),
+            tr: segment_from_kvm(&s.tr),
+            ldt: segment_from_kvm(&s.ldt),
+            gdt: DescriptorTable {
+                base: s.gdt.base,
+                limit: s.gdt.limit,
+            },
+            idt: DescriptorTable {
+                base: s.idt.base,
+                limit: s.idt.limit,
+            },
+            cr0: s.cr0,
+            cr2: s.cr2,
+            cr3: s.cr3,
+            cr4: s.cr4,
+            cr8: s.cr8,
+            efer: s.efer,
+            apic_base: s.apic_base,
+        })
+    }
+
+    fn set_sregs(&self, s: &SpecialRegisters) -> Result<()> {
+        // Start from the current state so fields this crate does not model
+        // (the pending-interrupt bitmap) keep their values.
+        let mut k: kvm_sregs = self
+            .fd
+            .get_sregs()
+            .map_err(|e| Error::call("KVM_GET_SREGS", os_err(e)))?;
+        k.cs = segment_to_kvm(&s.cs);
+        k.ds = segment_to_kvm(&s.ds);
+        k.es = segment_to_kvm(&s.es);
+        k.fs = segment_to_kvm(&s.fs);
+        k.gs = segment_to_kvm(&s.gs);
+        k.ss = segment_to_kvm(&s.ss);
+        k.tr = segment_to_kvm(&s.tr);
+        k.ldt = segment_to_kvm(&s.ldt);
+        k.gdt.base = s.gdt.base;
+        k.gdt.limit = s.gdt.limit;
+        k.idt.base = s.idt.base;
+        k.idt.limit = s.idt.limit;
+        k.cr0 = s.cr0;
+        k.cr2 = s.cr2;
+        k.cr3 = s.cr3;
+        k.cr4 = s.cr4;
+        k.cr8 = s.cr8;
+        k.efer = s.efer;
+        k.apic_base = s.apic_base;
+        self.fd
+            .set_sregs(&k)
+            .map_err(|e| Error::call("KVM_SET_SREGS", os_err(e)))
+    }
+
+    fn set_fpu(&self, fpu: &FpuState) -> Result<()> {
+        let k = kvm_fpu {
+            fcw: fpu.fcw,
+            mxcsr: fpu.mxcsr,
+            ..Default::default()
+        };
+        self.fd
+            .set_fpu(&k)
+            .map_err(|e| Error::call("KVM_SET_FPU", os_err(e)))
+    }
+
+    fn set_cpuid(&self, entries: &[CpuidEntry]) -> Result<()> {
+        let kvm_entries: Vec<kvm_bindings::kvm_cpuid_entry2> = entries
+            .iter()
+            .map(|e| kvm_bindings::kvm_cpuid_entry2 {
+                function: e.function,
+                index: e.index,
+                flags: if e.flags & CPUID_FLAG_SIGNIFICANT_INDEX != 0 {
+                    kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+                } else {
+                    0
+                },
+                eax: e.eax,
+                ebx: e.ebx,
+                ecx: e.ecx,
+                edx: e.edx,
+                ..Default::default()
+            })
+            .collect();
+        let cpuid = CpuId::from_entries(&kvm_entries).map_err(|_| {
+            Error::call(
+                "KVM_SET_CPUID2",
+                io::Error::new(io::ErrorKind::InvalidInput, "too many CPUID entries"),
+            )
+        })?;
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(|e| Error::call("KVM_SET_CPUID2", os_err(e)))
+    }
+
+    fn set_msrs(&self, msrs: &[MsrEntry]) -> Result<()> {
+        let entries: Vec<kvm_bindings::kvm_msr_entry> = msrs
+            .iter()
+            .map(|m| kvm_bindings::kvm_msr_entry {
+                index: m.index,
+                data: m.data,
+                ..Default::default()
+            })
+            .collect();
+        let kvm_msrs = Msrs::from_entries(&entries).map_err(|_| {
+            Error::call(
+                "KVM_SET_MSRS",
+                io::Error::new(io::ErrorKind::InvalidInput, "too many MSRs"),
+            )
+        })?;
+        let written = self
+            .fd
+            .set_msrs(&kvm_msrs)
+            .map_err(|e| Error::call("KVM_SET_MSRS", os_err(e)))?;
+        if written != entries.len() {
+            let refused = entries[written].index;
+            return Err(Error::call(
+                "KVM_SET_MSRS",
+                io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!("the host refused MSR {refused:#x}"),
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn configure_lapic(&self) -> Result<()> {
+        const APIC_LVT0: usize = 0x350;
+        const APIC_LVT1: usize = 0x360;
+        const MODE_NMI: u32 = 0x4;
+        const MODE_EXTINT: u32 = 0x7;
+        let mut lapic: kvm_lapic_state = self
+            .fd
+            .get_lapic()
+            .map_err(|e| Error::call("KVM_GET_LAPIC", os_err(e)))?;
+        let mut set_mode = |offset: usize, mode: u32| {
+            let reg = &mut lapic.regs[offset..offset + 4];
+            let value =
+                u32::from_le_bytes([reg[0] as u8, reg[1] as u8, reg[2] as u8, reg[3] as u8]);
+            // Delivery mode is bits 8..11.
+            let value = (value & !0x700) | (mode << 8);
+            for (dst, src) in reg.iter_mut().zip(value.to_le_bytes()) {
+                *dst = src as _;
+            }
+        };
+        set_mode(APIC_LVT0, MODE_EXTINT);
+        set_mode(APIC_LVT1, MODE_NMI);
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(|e| Error::call("KVM_SET_LAPIC", os_err(e)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_errors_say_what_to_do() {
+        let missing = KvmHypervisor::open(Path::new("/nonexistent/kvm"))
+            .err()
+            .unwrap();
+        assert!(
+            missing.to_string().contains("modprobe kvm_intel"),
+            "{missing}"
+        );
+        // Permission errors are covered by tests/cli_errors.rs, which runs
+        // the VMM as an unprivileged user.
+    }
+
+    #[test]
+    fn opens_this_hosts_kvm() {
+        let hv = KvmHypervisor::new().expect("this machine has a usable /dev/kvm");
+        assert_eq!(hv.api_version(), 12);
+        assert!(hv.max_vcpus() >= 1);
+        assert!(!hv.supported_cpuid().unwrap().is_empty());
+    }
+}

@@ -1,0 +1,213 @@
+//! Hypervisor abstraction: `Hypervisor` -> `Vm` -> `Vcpu`.
+//!
+//! The traits use only this crate's own types (registers, exits, memory slots,
+//! capabilities), so the VMM never sees a backend's types. Backends:
+//! - `kvm` (Linux, on kvm-ioctls);
+//! - Hypervisor.framework (macOS) will implement the same traits.
+
+use std::fmt;
+
+use vmm_sys_util::eventfd::EventFd;
+
+pub mod x86_64;
+
+#[cfg(target_os = "linux")]
+pub mod kvm;
+
+pub use x86_64::{
+    CpuidEntry, DescriptorTable, FpuState, MsrEntry, SegmentRegister, SpecialRegisters,
+    StandardRegisters,
+};
+
+/// Errors from any hypervisor backend.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open {path}: {source}; {hint}")]
+    Open {
+        path: String,
+        source: std::io::Error,
+        hint: &'static str,
+    },
+    #[error(
+        "the hypervisor API version is {found}, this VMM needs {expected}; update the host kernel"
+    )]
+    ApiVersion { found: i32, expected: i32 },
+    #[error("the hypervisor lacks the capability {0}; this VMM needs it (update the host kernel)")]
+    MissingCapability(&'static str),
+    #[error("hypervisor call {call} failed: {source}")]
+    Call {
+        call: &'static str,
+        source: std::io::Error,
+    },
+    #[error("vCPU id {id} is out of range: this host allows at most {max} vCPUs per VM")]
+    VcpuId { id: u32, max: u32 },
+}
+
+impl Error {
+    /// Wraps the OS error of a failed backend call.
+    pub fn call(call: &'static str, source: impl Into<std::io::Error>) -> Self {
+        Error::Call {
+            call,
+            source: source.into(),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Which hypervisor and what kind of host it runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HypervisorKind {
+    /// KVM with hardware virtualization (VT-x or AMD-V), on bare metal.
+    KvmHardware,
+    /// KVM with hardware virtualization, itself running inside a VM.
+    KvmNested,
+    /// The out-of-tree PVM module: guests run without hardware
+    /// virtualization and every guest kernel instruction is emulated.
+    KvmPvm,
+    /// macOS Hypervisor.framework.
+    HypervisorFramework,
+}
+
+impl HypervisorKind {
+    /// Whether guests need the `pvm` kernel flavour and its command line.
+    pub fn needs_pvm_guest(self) -> bool {
+        self == HypervisorKind::KvmPvm
+    }
+}
+
+impl fmt::Display for HypervisorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HypervisorKind::KvmHardware => "KVM with hardware virtualization",
+            HypervisorKind::KvmNested => {
+                "KVM with hardware virtualization, nested inside another VM"
+            }
+            HypervisorKind::KvmPvm => {
+                "KVM PVM (no hardware virtualization: guest kernel code is emulated)"
+            }
+            HypervisorKind::HypervisorFramework => "Hypervisor.framework",
+        })
+    }
+}
+
+/// A capability the VMM relies on, and whether the host has it.
+#[derive(Debug, Clone)]
+pub struct Capability {
+    pub name: &'static str,
+    pub present: bool,
+}
+
+/// One range of guest physical memory backed by host memory.
+#[derive(Debug, Clone, Copy)]
+pub struct MemorySlot {
+    pub slot: u32,
+    pub guest_phys_addr: u64,
+    pub size: u64,
+    /// Start of the host mapping; it must stay mapped while the VM uses it.
+    pub host_addr: u64,
+}
+
+/// Where a guest write triggers an ioeventfd.
+#[derive(Debug, Clone, Copy)]
+pub enum IoEventAddress {
+    Pio(u64),
+    Mmio(u64),
+}
+
+/// Why a vCPU left guest mode.
+#[derive(Debug)]
+pub enum VcpuExit<'a> {
+    /// The guest read from an I/O port: fill `data`.
+    IoIn { port: u16, data: &'a mut [u8] },
+    /// The guest wrote to an I/O port.
+    IoOut { port: u16, data: &'a [u8] },
+    /// The guest read from an MMIO address without memory behind it: fill `data`.
+    MmioRead { addr: u64, data: &'a mut [u8] },
+    /// The guest wrote to an MMIO address without memory behind it.
+    MmioWrite { addr: u64, data: &'a [u8] },
+    /// The vCPU halted with interrupts off (only seen without an in-kernel irqchip).
+    Hlt,
+    /// The guest triple-faulted (or otherwise asked for a shutdown the VMM
+    /// did not model).
+    Shutdown,
+    /// The guest asked for a reset or power-off through a firmware interface.
+    SystemEvent { kind: SystemEventKind },
+    /// The run was interrupted (a signal or an immediate-exit request).
+    Interrupted,
+    /// The hypervisor could not run the guest: `suberror` 1 is an
+    /// instruction its emulator does not handle.
+    InternalError { suberror: u32, data: Vec<u64> },
+    /// The hypervisor refused to enter the guest.
+    FailEntry { reason: u64, cpu: u32 },
+    /// An exit this VMM does not handle.
+    Other(String),
+}
+
+/// Kinds of firmware system events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SystemEventKind {
+    Shutdown,
+    Reset,
+    Crash,
+    Other(u32),
+}
+
+/// A KVM-style hypervisor: opens VMs.
+pub trait Hypervisor: Send + Sync {
+    /// What kind of hypervisor and host this is.
+    fn kind(&self) -> HypervisorKind;
+    /// The capabilities the VMM relies on, with their presence.
+    fn capabilities(&self) -> Vec<Capability>;
+    /// The most vCPUs one VM may have on this host.
+    fn max_vcpus(&self) -> u32;
+    /// The CPUID leaves the hypervisor can present to a guest.
+    fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>>;
+    /// Creates an empty VM.
+    fn create_vm(&self) -> Result<Box<dyn Vm>>;
+}
+
+/// One virtual machine: memory, interrupt controller, vCPUs.
+pub trait Vm: Send + Sync {
+    /// Maps a range of host memory into the guest.
+    ///
+    /// # Safety
+    /// `slot.host_addr .. + size` must stay mapped and valid for as long as
+    /// the VM may access it (until the slot is removed or the VM is dropped).
+    unsafe fn set_memory_slot(&self, slot: MemorySlot) -> Result<()>;
+    /// Creates the platform interrupt controllers (PIC, IOAPIC, local APICs)
+    /// and the PIT. Must be called before creating vCPUs.
+    fn create_platform_devices(&self) -> Result<()>;
+    /// Creates vCPU `id`.
+    fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>>;
+    /// Signals interrupt line `gsi` whenever `fd` is written.
+    fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()>;
+    /// Writes `fd` whenever the guest writes to `addr` (optionally only
+    /// when the value written equals `datamatch`).
+    fn register_ioevent(
+        &self,
+        fd: &EventFd,
+        addr: IoEventAddress,
+        datamatch: Option<u32>,
+    ) -> Result<()>;
+}
+
+/// One virtual CPU. It runs on its own thread.
+pub trait Vcpu: Send {
+    /// Runs the guest until it exits to the VMM.
+    fn run(&mut self) -> Result<VcpuExit<'_>>;
+    /// Arranges for `run` to return `VcpuExit::Interrupted` promptly when
+    /// the calling thread receives `signal` (also when the signal arrives
+    /// just before the guest is entered). Call it on the vCPU's own thread.
+    fn enable_kick_signal(&mut self, signal: i32) -> Result<()>;
+    fn get_regs(&self) -> Result<StandardRegisters>;
+    fn set_regs(&self, regs: &StandardRegisters) -> Result<()>;
+    fn get_sregs(&self) -> Result<SpecialRegisters>;
+    fn set_sregs(&self, sregs: &SpecialRegisters) -> Result<()>;
+    fn set_fpu(&self, fpu: &FpuState) -> Result<()>;
+    fn set_cpuid(&self, entries: &[CpuidEntry]) -> Result<()>;
+    fn set_msrs(&self, msrs: &[MsrEntry]) -> Result<()>;
+    /// Sets up the local APIC the way the boot protocol expects: LINT0 as
+    /// ExtINT (the legacy PIC) and LINT1 as NMI.
+    fn configure_lapic(&self) -> Result<()>;
+}

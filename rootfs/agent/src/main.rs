@@ -1,0 +1,195 @@
+//! The guest init (PID 1 of the VMM's guest images).
+//!
+//! Boot: mount devtmpfs, write the boot timer (the VMM passes its address in
+//! the `VMM_BOOT_TIMER` environment variable, from the kernel command line),
+//! mount proc and sysfs, print one ready line with the online CPUs, then run
+//! the command given after `--` on the kernel command line, if any, and
+//! power the VM off.
+//!
+//! The command is read from /proc/cmdline rather than from argv: the kernel
+//! also passes the boot parameters it does not know (such as `noxsave`) to
+//! init as arguments, so argv cannot tell them from the command.
+
+use std::ffi::CString;
+use std::io::Write;
+use std::process::Command;
+
+/// First line the init prints; `vmm bench` and the tests look for it.
+const READY: &str = "vmm-init: ready";
+/// The value the VMM's boot timer expects.
+const BOOT_TIMER_MAGIC: u8 = 123;
+
+fn mount(source: &str, target: &str, fstype: &str) {
+    let (Ok(src), Ok(dst), Ok(fs)) = (
+        CString::new(source),
+        CString::new(target),
+        CString::new(fstype),
+    ) else {
+        return;
+    };
+    let _ = std::fs::create_dir_all(target);
+    // SAFETY: all three are valid NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            fs.as_ptr(),
+            libc::MS_NOSUID,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EBUSY) {
+            eprintln!("vmm-init: mount {fstype} on {target}: {err}");
+        }
+    }
+}
+
+/// Writes the boot-timer magic byte at guest physical address `addr`.
+fn write_boot_timer(addr: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mem = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/mem")?;
+    let page = addr & !0xfff;
+    // SAFETY: maps one page of /dev/mem (device memory the VMM provides);
+    // the result is checked before use.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            0x1000,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            mem.as_raw_fd(),
+            page as libc::off_t,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `ptr` maps a whole page and the offset is below 0x1000; a
+    // volatile write makes exactly one MMIO store. The page is unmapped after.
+    unsafe {
+        ptr.cast::<u8>()
+            .add((addr & 0xfff) as usize)
+            .write_volatile(BOOT_TIMER_MAGIC);
+        libc::munmap(ptr, 0x1000);
+    }
+    Ok(())
+}
+
+fn parse_addr(text: &str) -> Option<u64> {
+    let t = text.trim();
+    match t.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => t.parse().ok(),
+    }
+}
+
+/// Splits the part of a kernel command line after the first ` -- ` the way
+/// the kernel does: on spaces, with double quotes grouping (and removed).
+fn command_after_dashes(cmdline: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut current = String::new();
+    let mut in_word = false;
+    let mut quoted = false;
+    let mut after_dashes = false;
+    for c in cmdline.trim_end().chars().chain(std::iter::once(' ')) {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                in_word = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if in_word {
+                    let word = std::mem::take(&mut current);
+                    if after_dashes {
+                        words.push(word);
+                    } else if word == "--" {
+                        after_dashes = true;
+                    }
+                }
+                in_word = false;
+            }
+            c => {
+                current.push(c);
+                in_word = true;
+            }
+        }
+    }
+    words
+}
+
+fn power_off() -> ! {
+    // SAFETY: sync(2) has no preconditions.
+    unsafe { libc::sync() };
+    // The VMM has no ACPI; a reboot request (with `reboot=k`, through the
+    // i8042 controller) is how the guest ends the VM.
+    // SAFETY: reboot(2) with a valid command; it does not return on success.
+    unsafe { libc::reboot(libc::RB_AUTOBOOT) };
+    eprintln!(
+        "vmm-init: reboot failed: {}",
+        std::io::Error::last_os_error()
+    );
+    loop {
+        // SAFETY: pause(2) has no preconditions; PID 1 must never exit.
+        unsafe { libc::pause() };
+    }
+}
+
+fn main() {
+    mount("devtmpfs", "/dev", "devtmpfs");
+    if let Some(addr) = std::env::var("VMM_BOOT_TIMER")
+        .ok()
+        .and_then(|v| parse_addr(&v))
+    {
+        if let Err(e) = write_boot_timer(addr) {
+            eprintln!("vmm-init: cannot write the boot timer: {e}");
+        }
+    }
+    mount("proc", "/proc", "proc");
+    mount("sysfs", "/sys", "sysfs");
+    let cpus = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
+    println!("{READY} cpus-online={}", cpus.trim());
+    let _ = std::io::stdout().flush();
+
+    let args = command_after_dashes(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    if let Some((program, rest)) = args.split_first() {
+        let status = Command::new(program)
+            .args(rest)
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .status();
+        match status {
+            Ok(s) => println!("vmm-init: command exited: {s}"),
+            Err(e) => println!("vmm-init: cannot run {program}: {e}"),
+        }
+    }
+    power_off();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse_in_hex_and_decimal() {
+        assert_eq!(parse_addr("0xd0000000"), Some(0xd000_0000));
+        assert_eq!(parse_addr("4096"), Some(4096));
+        assert_eq!(parse_addr("0xzz"), None);
+    }
+
+    #[test]
+    fn command_is_what_follows_the_dashes() {
+        assert!(command_after_dashes("console=ttyS0 noxsave quiet\n").is_empty());
+        assert_eq!(
+            command_after_dashes("noxsave -- sh -c \"echo hi; nproc\" x\n"),
+            vec!["sh", "-c", "echo hi; nproc", "x"]
+        );
+        assert_eq!(command_after_dashes("a -- b -- c"), vec!["b", "--", "c"]);
+    }
+}

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Builds the default initramfs: an uncompressed newc cpio holding
+#   /init            the guest agent (rootfs/agent, static musl binary)
+#   /bin/busybox     busybox-static, with a link per applet in /bin
+#   /dev /proc /sys /tmp
+# Uncompressed on purpose: a compressed initramfs is unpacked by emulated
+# kernel code on PVM hosts, which costs seconds.
+#
+# Output: $CACHE/initramfs/<hash>/initramfs.cpio (hash of the agent binary,
+# busybox and this script) and the stable link $CACHE/initramfs/current.
+# $CACHE is $VMM_CACHE_DIR, else $XDG_CACHE_HOME/vmm, else ~/.cache/vmm.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/.." && pwd)"
+cache="${VMM_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/vmm}"
+target=x86_64-unknown-linux-musl
+busybox=/bin/busybox
+
+die() { echo "initramfs: error: $*" >&2; exit 1; }
+
+[ -x "$busybox" ] || die "$busybox is missing: apt-get install busybox-static (tools/setup.sh does it)"
+if readelf -l "$busybox" | grep -q INTERP; then die "$busybox is not static: apt-get install busybox-static"; fi
+command -v cpio >/dev/null || die "cpio is missing: apt-get install cpio"
+
+cargo build --quiet --release --manifest-path "$repo/Cargo.toml" --target "$target" -p vmm-agent
+agent="$repo/target/$target/release/vmm-agent"
+
+key="$(cat "$agent" "$busybox" "${BASH_SOURCE[0]}" | sha256sum | cut -c1-16)"
+out="$cache/initramfs/$key"
+if [ -f "$out/initramfs.cpio" ]; then
+    ln -sfn "$key" "$cache/initramfs/current"
+    echo "initramfs: up to date: $out/initramfs.cpio" >&2
+    exit 0
+fi
+
+stage="$(mktemp -d)"
+trap 'rm -rf "$stage"' EXIT
+mkdir -p "$stage"/{bin,dev,proc,sys,tmp,root}
+install -m 0755 "$agent" "$stage/init"
+install -m 0755 "$busybox" "$stage/bin/busybox"
+for applet in $("$busybox" --list); do
+    [ "$applet" = busybox ] || ln -s busybox "$stage/bin/$applet"
+done
+mkdir -p "$out.tmp"
+(cd "$stage" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --owner 0:0 --quiet) > "$out.tmp/initramfs.cpio"
+rm -rf "$out" && mv "$out.tmp" "$out"
+ln -sfn "$key" "$cache/initramfs/current"
+echo "initramfs: built $out/initramfs.cpio ($(du -h "$out/initramfs.cpio" | cut -f1))" >&2

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Sets up a fresh Debian 12 machine to build and run the VMM:
+#  - Debian packages: kernel source and build tools, busybox-static, cpio,
+#    qemu-system-x86 (for boot-time comparisons), debootstrap;
+#  - the Rust musl target (the guest agent is a static binary);
+#  - the guest kernel for this host's flavour and the default initramfs,
+#    cached outside the repository (see guest-kernel/build.sh), reused when
+#    their inputs did not change;
+#  - the VMM itself (release build).
+# Idempotent: run it again any time.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+packages=(linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev cpio
+          busybox-static qemu-system-x86 debootstrap e2fsprogs binutils)
+
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]}" >&2
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo=sudo
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+rustup target add x86_64-unknown-linux-musl >/dev/null 2>&1 || rustup target add x86_64-unknown-linux-musl
+
+"$repo/guest-kernel/build.sh" host
+"$repo/rootfs/build-initramfs.sh"
+cargo build --quiet --release --manifest-path "$repo/Cargo.toml" -p vmm
+echo "setup: done; the VMM is $repo/target/release/vmm" >&2

@@ -1,0 +1,105 @@
+//! Where the setup command leaves the guest kernels and images, and which
+//! kernel flavour fits this host.
+//!
+//! Layout of the cache (`$VMM_CACHE_DIR`, else `$XDG_CACHE_HOME/vmm`, else
+//! `~/.cache/vmm`): `kernel/<flavour>-<hash>/vmlinux` and
+//! `initramfs/<hash>/initramfs.cpio`, each keyed by a hash of its inputs,
+//! plus the stable links `kernel/<flavour>` and `initramfs/current` to the
+//! newest build. The VMM reads the stable links.
+
+use std::path::PathBuf;
+
+use hypervisor::HypervisorKind;
+
+use crate::config::Flavour;
+
+/// Kernel command-line flags every PVM guest needs (see docs/host-kvm.md):
+/// CPU features KVM's emulator cannot run in kernel mode are turned off, and
+/// run-time text patching is avoided.
+pub const PVM_CMDLINE: &str = "noxsave clearcpuid=popcnt,smap,fsgsbase,rdpid,rdrand,rdseed,erms,fsrm,invpcid,pcid,cx16,clflushopt,clwb,rdtscp noreplace-smp percpu_alloc=page rodata=off";
+
+/// A kernel flavour resolved for a host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelFlavour {
+    Standard,
+    Pvm,
+}
+
+impl KernelFlavour {
+    /// The flavour `flavour` means on a host of `kind`.
+    pub fn resolve(flavour: Flavour, kind: HypervisorKind) -> Self {
+        match flavour {
+            Flavour::Standard => KernelFlavour::Standard,
+            Flavour::Pvm => KernelFlavour::Pvm,
+            Flavour::Auto if kind.needs_pvm_guest() => KernelFlavour::Pvm,
+            Flavour::Auto => KernelFlavour::Standard,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelFlavour::Standard => "standard",
+            KernelFlavour::Pvm => "pvm",
+        }
+    }
+
+    /// Command-line flags this flavour needs by default.
+    pub fn cmdline(self) -> &'static str {
+        match self {
+            KernelFlavour::Standard => "",
+            KernelFlavour::Pvm => PVM_CMDLINE,
+        }
+    }
+}
+
+/// The artifact cache directory.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("VMM_CACHE_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("vmm");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(".cache").join("vmm")
+}
+
+/// The default kernel of a flavour.
+pub fn default_kernel(flavour: KernelFlavour) -> PathBuf {
+    cache_dir()
+        .join("kernel")
+        .join(flavour.name())
+        .join("vmlinux")
+}
+
+/// The default initramfs.
+pub fn default_initramfs() -> PathBuf {
+    cache_dir()
+        .join("initramfs")
+        .join("current")
+        .join("initramfs.cpio")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_follows_the_host() {
+        use HypervisorKind::*;
+        assert_eq!(
+            KernelFlavour::resolve(Flavour::Auto, KvmPvm),
+            KernelFlavour::Pvm
+        );
+        assert_eq!(
+            KernelFlavour::resolve(Flavour::Auto, KvmHardware),
+            KernelFlavour::Standard
+        );
+        assert_eq!(
+            KernelFlavour::resolve(Flavour::Standard, KvmPvm),
+            KernelFlavour::Standard
+        );
+        assert!(KernelFlavour::Pvm.cmdline().contains("noxsave"));
+        assert!(default_kernel(KernelFlavour::Pvm).ends_with("kernel/pvm/vmlinux"));
+    }
+}

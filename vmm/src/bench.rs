@@ -1,0 +1,385 @@
+//! `vmm bench`: boot-time benchmark against qemu microvm, and the launch
+//! report it reads.
+//!
+//! Each boot is a fresh `vmm launch` process, so "process start" is real.
+//! JSON keys are documented in docs/bench.md.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::artifacts::{self, KernelFlavour};
+use crate::config::{Flavour, SerialOutput, VmConfig};
+use crate::RunOutcome;
+
+/// The line the guest init prints when it starts (after the boot-timer write).
+pub const INIT_READY_MARKER: &str = "vmm-init: ready";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open the hypervisor: {0}")]
+    Hypervisor(#[from] crate::vm::Error),
+    #[error("the default {what} is not built ({path} is missing): run tools/setup.sh first")]
+    Missing { what: &'static str, path: PathBuf },
+    #[error("cannot run {program}: {source}")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("{what} run {run} failed: {detail}")]
+    Run {
+        what: &'static str,
+        run: u32,
+        detail: String,
+    },
+    #[error("cannot use the scratch directory {path}: {source}")]
+    Scratch {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The JSON report `vmm launch --report` writes.
+pub fn report_json(outcome: &RunOutcome) -> Value {
+    let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
+    json!({
+        "exit_reason": outcome.reason.to_string(),
+        "exit_code": outcome.reason.exit_code(),
+        "clean": outcome.reason.is_clean(),
+        "vmm_setup_ms": ms(outcome.timings.vmm_setup),
+        "boot_to_init_ms": ms(outcome.timings.boot_to_init),
+        "vmm_overhead_rss_kib": outcome.vmm_overhead_rss_kib,
+    })
+}
+
+/// Resident memory of this process outside the guest RAM mapping, in KiB,
+/// from /proc/self/smaps.
+pub fn overhead_rss_kib() -> Option<u64> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let mut total = 0;
+    let mut in_guest_ram = false;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or_default();
+        if first.contains('-') && !first.ends_with(':') {
+            // A mapping header: "start-end perms offset dev inode [path]".
+            in_guest_ram = line.contains(crate::memory::MEMFD_NAME);
+        } else if first == "Rss:" && !in_guest_ram {
+            total += fields.next()?.parse::<u64>().ok()?;
+        }
+    }
+    Some(total)
+}
+
+/// Median, min and max of a series, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stats {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Stats {
+    pub fn of(values: &[f64]) -> Option<Stats> {
+        if values.is_empty() {
+            return None;
+        }
+        let mut v = values.to_vec();
+        v.sort_by(|a, b| a.total_cmp(b));
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Some(Stats {
+            median,
+            min: v[0],
+            max: v[n - 1],
+        })
+    }
+
+    fn to_json(self) -> Value {
+        let r = |x: f64| (x * 10.0).round() / 10.0;
+        json!({"median": r(self.median), "min": r(self.min), "max": r(self.max)})
+    }
+}
+
+pub struct BootBenchOptions {
+    pub runs: u32,
+    pub memory_mib: u64,
+    pub qemu: bool,
+}
+
+/// Results of `vmm bench boot`.
+#[derive(Debug, Default)]
+pub struct BootBench {
+    pub runs: u32,
+    pub memory_mib: u64,
+    pub flavour: String,
+    pub kernel: PathBuf,
+    pub vmm_setup_ms: Vec<f64>,
+    pub boot_to_init_ms: Vec<f64>,
+    pub vmm_spawn_to_ready_ms: Vec<f64>,
+    pub vmm_overhead_rss_kib: Vec<f64>,
+    pub qemu_boot_to_init_ms: Vec<f64>,
+    /// Why there is no qemu figure, when there is none.
+    pub qemu_skipped: Option<String>,
+}
+
+impl BootBench {
+    pub fn to_json(&self) -> Value {
+        let stats = |v: &[f64]| Stats::of(v).map(Stats::to_json);
+        let ratio = match (
+            Stats::of(&self.vmm_spawn_to_ready_ms),
+            Stats::of(&self.qemu_boot_to_init_ms),
+        ) {
+            (Some(v), Some(q)) => Some(((v.median / q.median) * 1000.0).round() / 1000.0),
+            _ => None,
+        };
+        json!({
+            "runs": self.runs,
+            "memory_mib": self.memory_mib,
+            "kernel_flavour": self.flavour,
+            "kernel": self.kernel,
+            "vmm_setup_ms": stats(&self.vmm_setup_ms),
+            "boot_to_init_ms": stats(&self.boot_to_init_ms),
+            "vmm_spawn_to_ready_ms": stats(&self.vmm_spawn_to_ready_ms),
+            "vmm_overhead_rss_kib": stats(&self.vmm_overhead_rss_kib),
+            "qemu_boot_to_init_ms": stats(&self.qemu_boot_to_init_ms),
+            "vmm_vs_qemu_ratio": ratio,
+            "qemu_skipped": self.qemu_skipped,
+        })
+    }
+
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "boot benchmark: {} runs, {} MiB, {} kernel\n{:<34} {:>10} {:>10} {:>10}\n",
+            self.runs, self.memory_mib, self.flavour, "metric", "median", "min", "max"
+        );
+        let rows: [(&str, &[f64]); 5] = [
+            ("vmm_setup_ms", &self.vmm_setup_ms),
+            ("boot_to_init_ms", &self.boot_to_init_ms),
+            ("vmm_spawn_to_ready_ms", &self.vmm_spawn_to_ready_ms),
+            ("qemu_boot_to_init_ms", &self.qemu_boot_to_init_ms),
+            ("vmm_overhead_rss_kib", &self.vmm_overhead_rss_kib),
+        ];
+        for (name, values) in rows {
+            match Stats::of(values) {
+                Some(s) => out.push_str(&format!(
+                    "{name:<34} {:>10.1} {:>10.1} {:>10.1}\n",
+                    s.median, s.min, s.max
+                )),
+                None => out.push_str(&format!("{name:<34} {:>10}\n", "-")),
+            }
+        }
+        if let Some(r) = self.to_json()["vmm_vs_qemu_ratio"].as_f64() {
+            out.push_str(&format!("vmm / qemu boot (spawn to init line): {r:.3}\n"));
+        }
+        if let Some(why) = &self.qemu_skipped {
+            out.push_str(&format!("qemu: skipped ({why})\n"));
+        }
+        out
+    }
+}
+
+/// Runs `cmd`, returns the time from spawn to the first stdout line holding
+/// `marker` and the exit status.
+fn time_to_marker(mut cmd: Command, marker: &str) -> std::io::Result<(Option<Duration>, bool)> {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .stdin(Stdio::null())
+        .spawn()?;
+    let mut seen = None;
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).split(b'\n') {
+            let line = line?;
+            if seen.is_none() && String::from_utf8_lossy(&line).contains(marker) {
+                seen = Some(start.elapsed());
+            }
+        }
+    }
+    let status = child.wait()?;
+    Ok((seen, status.success()))
+}
+
+fn qemu_command(kernel: &Path, initramfs: &Path, cmdline: &str, memory_mib: u64) -> Command {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-M",
+        "microvm,x-option-roms=off,rtc=off,acpi=off",
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host",
+        "-smp",
+        "1",
+        "-m",
+    ])
+    .arg(memory_mib.to_string())
+    .args([
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+    ])
+    .arg("-kernel")
+    .arg(kernel)
+    .arg("-initrd")
+    .arg(initramfs)
+    .arg("-append")
+    .arg(cmdline);
+    cmd
+}
+
+/// Boots the default kernel and initramfs `runs` times under this VMM and
+/// (when installed) under qemu microvm.
+pub fn boot(opts: &BootBenchOptions) -> Result<BootBench, Error> {
+    let hv = crate::open_hypervisor()?;
+    let flavour = KernelFlavour::resolve(Flavour::Auto, hv.kind());
+    drop(hv);
+    let kernel = artifacts::default_kernel(flavour);
+    let initramfs = artifacts::default_initramfs();
+    for (what, path) in [("kernel", &kernel), ("initramfs", &initramfs)] {
+        if !path.exists() {
+            return Err(Error::Missing {
+                what,
+                path: path.clone(),
+            });
+        }
+    }
+    let scratch = std::env::temp_dir().join(format!("vmm-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).map_err(|source| Error::Scratch {
+        path: scratch.clone(),
+        source,
+    })?;
+    let config = VmConfig {
+        memory_mib: opts.memory_mib,
+        kernel: Some(kernel.clone()),
+        initramfs: Some(initramfs.clone()),
+        serial: SerialOutput::Stdout,
+        ..Default::default()
+    };
+    let config_path = scratch.join("vm.json");
+    let report_path = scratch.join("report.json");
+    let scratch_err = |source| Error::Scratch {
+        path: scratch.clone(),
+        source,
+    };
+    std::fs::write(
+        &config_path,
+        serde_json::to_string(&config).unwrap_or_default(),
+    )
+    .map_err(scratch_err)?;
+    let exe = std::env::current_exe().map_err(|source| Error::Spawn {
+        program: "vmm".into(),
+        source,
+    })?;
+
+    let mut result = BootBench {
+        runs: opts.runs,
+        memory_mib: opts.memory_mib,
+        flavour: flavour.name().into(),
+        kernel: kernel.clone(),
+        ..Default::default()
+    };
+    for run in 1..=opts.runs {
+        let _ = std::fs::remove_file(&report_path);
+        let mut cmd = Command::new(&exe);
+        cmd.arg("launch")
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--report")
+            .arg(&report_path);
+        let (ready, ok) =
+            time_to_marker(cmd, INIT_READY_MARKER).map_err(|source| Error::Spawn {
+                program: exe.display().to_string(),
+                source,
+            })?;
+        let report: Value = std::fs::read_to_string(&report_path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(Value::Null);
+        let (Some(setup), Some(init), Some(ready), true) = (
+            report["vmm_setup_ms"].as_f64(),
+            report["boot_to_init_ms"].as_f64(),
+            ready,
+            ok,
+        ) else {
+            return Err(Error::Run {
+                what: "vmm",
+                run,
+                detail: format!("no complete boot (report: {report})"),
+            });
+        };
+        result.vmm_setup_ms.push(setup);
+        result.boot_to_init_ms.push(init);
+        result
+            .vmm_spawn_to_ready_ms
+            .push(ready.as_secs_f64() * 1000.0);
+        if let Some(rss) = report["vmm_overhead_rss_kib"].as_f64() {
+            result.vmm_overhead_rss_kib.push(rss);
+        }
+    }
+
+    if !opts.qemu {
+        result.qemu_skipped = Some("--no-qemu".into());
+    } else {
+        let cmdline = crate::vm::kernel_cmdline(&VmConfig::default(), flavour);
+        for run in 1..=opts.runs {
+            let cmd = qemu_command(&kernel, &initramfs, &cmdline, opts.memory_mib);
+            match time_to_marker(cmd, INIT_READY_MARKER) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    result.qemu_skipped = Some(
+                        "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)"
+                            .into(),
+                    );
+                    break;
+                }
+                Err(source) => {
+                    return Err(Error::Spawn {
+                        program: "qemu-system-x86_64".into(),
+                        source,
+                    })
+                }
+                Ok((Some(t), _)) => result.qemu_boot_to_init_ms.push(t.as_secs_f64() * 1000.0),
+                Ok((None, _)) => {
+                    return Err(Error::Run {
+                        what: "qemu",
+                        run,
+                        detail: format!("the guest never printed \"{INIT_READY_MARKER}\""),
+                    })
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_of_odd_and_even_series() {
+        let s = Stats::of(&[5.0, 1.0, 3.0]).unwrap();
+        assert_eq!((s.median, s.min, s.max), (3.0, 1.0, 5.0));
+        assert_eq!(Stats::of(&[4.0, 2.0]).unwrap().median, 3.0);
+        assert!(Stats::of(&[]).is_none());
+    }
+
+    #[test]
+    fn overhead_rss_reads_this_process() {
+        let kib = overhead_rss_kib().unwrap();
+        assert!(kib > 0);
+    }
+}

@@ -1,0 +1,238 @@
+//! The VM configuration file (`vmm launch --config vm.json`).
+//!
+//! Reference: docs/config.md. Unknown fields are errors, so a typo never
+//! silently falls back to a default.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Errors reading or checking a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {source} (docs/config.md lists every field)")]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("\"vcpus\" is 0: a VM needs at least 1 vCPU")]
+    NoVcpus,
+    #[error("\"memory_mib\" is 0: give the guest memory, for example \"memory_mib\": 128")]
+    NoMemory,
+    #[error("\"memory_mib\" is {0}: the most this VMM supports is {MAX_MEMORY_MIB} MiB")]
+    TooMuchMemory(u64),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Largest guest memory accepted (1 TiB).
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+
+/// Which guest kernel flavour to boot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Flavour {
+    /// `pvm` on hosts with the kvm_pvm module, `standard` elsewhere.
+    #[default]
+    Auto,
+    /// Minimal microVM kernel for real KVM (VT-x/AMD-V).
+    Standard,
+    /// Kernel built to run under KVM's instruction emulator on PVM hosts.
+    Pvm,
+}
+
+/// Where the guest's serial console goes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum SerialOutput {
+    /// The VMM's standard output (and console input from its standard input).
+    #[default]
+    Stdout,
+    /// Discarded.
+    Off,
+    /// Appended to this file.
+    File(PathBuf),
+}
+
+impl Serialize for SerialOutput {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            SerialOutput::Stdout => s.serialize_str("stdout"),
+            SerialOutput::Off => s.serialize_str("off"),
+            SerialOutput::File(p) => s.serialize_str(&p.to_string_lossy()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SerialOutput {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(match s.as_str() {
+            "stdout" => SerialOutput::Stdout,
+            "off" => SerialOutput::Off,
+            "" => {
+                return Err(serde::de::Error::custom(
+                    "\"serial\" is empty: use \"stdout\", \"off\" or a file path",
+                ))
+            }
+            _ => SerialOutput::File(PathBuf::from(s)),
+        })
+    }
+}
+
+fn default_vcpus() -> u32 {
+    1
+}
+
+fn default_memory_mib() -> u64 {
+    128
+}
+
+/// A VM's configuration. Every field has a default, so `{}` is a valid config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Number of vCPUs (default 1).
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u32,
+    /// Guest memory in MiB (default 128).
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u64,
+    /// Guest kernel: an ELF `vmlinux` (fast) or a bzImage. Default: the
+    /// kernel of the chosen flavour built by the setup command.
+    #[serde(default)]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs (uncompressed cpio recommended). Default: the one built by
+    /// the setup command. `""` boots without one.
+    #[serde(default)]
+    pub initramfs: Option<PathBuf>,
+    /// Extra kernel command-line arguments, appended after the VMM's own.
+    #[serde(default)]
+    pub cmdline: Option<String>,
+    /// Kernel flavour (default "auto").
+    #[serde(default)]
+    pub flavour: Flavour,
+    /// Replaces the command-line flags the chosen flavour adds (on PVM
+    /// hosts: `noxsave clearcpuid=...`). Leave unset unless you know why.
+    #[serde(default)]
+    pub flavour_cmdline: Option<String>,
+    /// Serial console: "stdout" (default), "off", or a file path.
+    #[serde(default)]
+    pub serial: SerialOutput,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            vcpus: default_vcpus(),
+            memory_mib: default_memory_mib(),
+            kernel: None,
+            initramfs: None,
+            cmdline: None,
+            flavour: Flavour::Auto,
+            flavour_cmdline: None,
+            serial: SerialOutput::Stdout,
+        }
+    }
+}
+
+impl VmConfig {
+    /// Parses a configuration from JSON text; `origin` names it in errors.
+    pub fn from_json(text: &str, origin: &Path) -> Result<Self> {
+        let config: VmConfig = serde_json::from_str(text).map_err(|source| Error::Parse {
+            path: origin.to_path_buf(),
+            source,
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads and parses a configuration file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_json(&text, path)
+    }
+
+    /// Checks what can be checked without the host (the host's vCPU limit
+    /// and the kernel's memory needs are checked when the VM is built).
+    pub fn validate(&self) -> Result<()> {
+        if self.vcpus == 0 {
+            return Err(Error::NoVcpus);
+        }
+        if self.memory_mib == 0 {
+            return Err(Error::NoMemory);
+        }
+        if self.memory_mib > MAX_MEMORY_MIB {
+            return Err(Error::TooMuchMemory(self.memory_mib));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<VmConfig> {
+        VmConfig::from_json(text, Path::new("vm.json"))
+    }
+
+    #[test]
+    fn empty_object_gives_defaults() {
+        assert_eq!(parse("{}").unwrap(), VmConfig::default());
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let c = parse(
+            r#"{"vcpus": 2, "memory_mib": 256, "kernel": "/k", "initramfs": "/i",
+                "cmdline": "loglevel=7", "flavour": "pvm", "serial": "/tmp/console.log"}"#,
+        )
+        .unwrap();
+        assert_eq!(c.vcpus, 2);
+        assert_eq!(c.memory_mib, 256);
+        assert_eq!(c.kernel.as_deref(), Some(Path::new("/k")));
+        assert_eq!(c.flavour, Flavour::Pvm);
+        assert_eq!(c.serial, SerialOutput::File("/tmp/console.log".into()));
+        assert_eq!(
+            parse(r#"{"serial": "off"}"#).unwrap().serial,
+            SerialOutput::Off
+        );
+    }
+
+    #[test]
+    fn not_json_reports_line_and_column() {
+        let err = parse("{\n  \"vcpus\": 1,\n  oops\n}")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("vm.json"), "{err}");
+        assert!(err.contains("line 3 column 3"), "{err}");
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let err = parse(r#"{"vcpu": 2}"#).unwrap_err().to_string();
+        assert!(err.contains("unknown field `vcpu`"), "{err}");
+    }
+
+    #[test]
+    fn zero_vcpus_and_memory_are_rejected() {
+        assert!(matches!(parse(r#"{"vcpus": 0}"#), Err(Error::NoVcpus)));
+        assert!(matches!(
+            parse(r#"{"memory_mib": 0}"#),
+            Err(Error::NoMemory)
+        ));
+        assert!(matches!(
+            parse(r#"{"memory_mib": 2000000}"#),
+            Err(Error::TooMuchMemory(_))
+        ));
+        assert!(parse(r#"{"serial": ""}"#).is_err());
+    }
+}

@@ -1,0 +1,187 @@
+//! `vmm doctor`: can this host launch a VM, and if not, what to do.
+
+use std::fmt;
+use std::path::Path;
+
+use hypervisor::kvm::{kvm_device_path, KvmHypervisor};
+use hypervisor::{Hypervisor, HypervisorKind};
+
+use crate::artifacts::{self, KernelFlavour};
+use crate::config::Flavour;
+
+/// Outcome of one check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    Ok,
+    /// Worth knowing; does not stop a launch.
+    Info,
+    /// Stops a launch; carries the fix.
+    Fail(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub name: String,
+    pub detail: String,
+    pub status: Status,
+}
+
+/// All checks and the verdict.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub checks: Vec<Check>,
+}
+
+impl Report {
+    fn push(&mut self, name: &str, detail: impl Into<String>, status: Status) {
+        self.checks.push(Check {
+            name: name.into(),
+            detail: detail.into(),
+            status,
+        });
+    }
+
+    /// True when nothing stops a launch with the default artifacts.
+    pub fn can_launch(&self) -> bool {
+        !self
+            .checks
+            .iter()
+            .any(|c| matches!(c.status, Status::Fail(_)))
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for c in &self.checks {
+            let tag = match c.status {
+                Status::Ok => "ok  ",
+                Status::Info => "info",
+                Status::Fail(_) => "FAIL",
+            };
+            writeln!(f, "[{tag}] {}: {}", c.name, c.detail)?;
+            if let Status::Fail(fix) = &c.status {
+                writeln!(f, "       fix: {fix}")?;
+            }
+        }
+        if self.can_launch() {
+            writeln!(f, "verdict: this host can launch VMs")
+        } else {
+            writeln!(
+                f,
+                "verdict: this host cannot launch VMs yet; apply the fixes above"
+            )
+        }
+    }
+}
+
+fn describe_kind(kind: HypervisorKind) -> String {
+    match kind {
+        HypervisorKind::KvmPvm => format!(
+            "{kind}; the kvm_pvm module is loaded, so guests boot the pvm kernel flavour and the VMM adds its command-line flags"
+        ),
+        other => other.to_string(),
+    }
+}
+
+fn artifact_check(report: &mut Report, name: &str, path: &Path) {
+    if path.exists() {
+        report.push(name, format!("built: {}", path.display()), Status::Ok);
+    } else {
+        report.push(
+            name,
+            format!("not built ({} is missing)", path.display()),
+            Status::Fail("run tools/setup.sh (builds the guest kernel and images), or give \"kernel\" and \"initramfs\" in the VM config".into()),
+        );
+    }
+}
+
+/// Runs every check.
+pub fn run() -> Report {
+    let mut report = Report::default();
+    let dev_path = kvm_device_path();
+    let dev = dev_path.as_path();
+    let dev_name = dev.display().to_string();
+    if !dev.exists() {
+        report.push(
+            &dev_name,
+            "missing",
+            Status::Fail("load KVM (modprobe kvm_intel or kvm_amd), enable VT-x/AMD-V in the firmware, or turn on nested virtualization for this cloud VM".into()),
+        );
+        return report;
+    }
+    let hv = match KvmHypervisor::open(dev) {
+        Ok(hv) => {
+            report.push(&dev_name, "present and usable", Status::Ok);
+            hv
+        }
+        Err(e @ hypervisor::Error::Open { .. }) => {
+            report.push(&dev_name, e.to_string(), Status::Fail("see above".into()));
+            return report;
+        }
+        Err(e) => {
+            report.push(
+                "KVM",
+                e.to_string(),
+                Status::Fail("update the host kernel".into()),
+            );
+            return report;
+        }
+    };
+    report.push(
+        "KVM API",
+        format!("version {}", hv.api_version()),
+        Status::Ok,
+    );
+    let caps: Vec<&str> = hv.capabilities().iter().map(|c| c.name).collect();
+    report.push("capabilities", caps.join(", "), Status::Ok);
+    report.push(
+        "max vCPUs per VM",
+        hv.max_vcpus()
+            .min(crate::x86_64::mptable::max_cpus())
+            .to_string(),
+        Status::Info,
+    );
+    let kind = hv.kind();
+    report.push("hypervisor", describe_kind(kind), Status::Info);
+    let flavour = KernelFlavour::resolve(Flavour::Auto, kind);
+    report.push("kernel flavour", flavour.name(), Status::Info);
+    artifact_check(
+        &mut report,
+        "guest kernel",
+        &artifacts::default_kernel(flavour),
+    );
+    artifact_check(&mut report, "initramfs", &artifacts::default_initramfs());
+    let qemu = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").exists()))
+        .unwrap_or(false);
+    report.push(
+        "qemu (for `vmm bench boot` comparisons)",
+        if qemu {
+            "installed"
+        } else {
+            "not installed; apt-get install qemu-system-x86 to compare boot times"
+        },
+        Status::Info,
+    );
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdict_fails_on_any_failed_check() {
+        let mut r = Report::default();
+        r.push("a", "fine", Status::Ok);
+        r.push("b", "note", Status::Info);
+        assert!(r.can_launch());
+        r.push("c", "broken", Status::Fail("do this".into()));
+        assert!(!r.can_launch());
+        let text = r.to_string();
+        assert!(
+            text.contains("[FAIL] c: broken") && text.contains("fix: do this"),
+            "{text}"
+        );
+    }
+}

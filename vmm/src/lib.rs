@@ -1,0 +1,29 @@
+//! A microVM monitor for AI-agent sandboxes.
+//!
+//! Embedding: build a [`VmConfig`], open the hypervisor, build a [`Vm`] and
+//! run it:
+//!
+//! ```no_run
+//! use std::time::Instant;
+//! let config = vmm::VmConfig { vcpus: 2, memory_mib: 256, ..Default::default() };
+//! let hv = vmm::open_hypervisor()?;
+//! let vm = vmm::Vm::build(&config, hv.as_ref(), Instant::now())?;
+//! let outcome = vm.run(None)?;
+//! println!("{}", outcome.reason);
+//! # Ok::<(), vmm::vm::Error>(())
+//! ```
+
+pub mod artifacts;
+pub mod bench;
+pub mod config;
+pub mod doctor;
+pub mod exit;
+pub mod memory;
+pub mod signals;
+pub mod vcpu;
+pub mod vm;
+pub mod x86_64;
+
+pub use config::VmConfig;
+pub use exit::ExitReason;
+pub use vm::{open_hypervisor, BootTimings, RunOutcome, Vm};
