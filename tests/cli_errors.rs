@@ -54,7 +54,7 @@ fn missing_or_unreadable_kernel() {
     assert_fails_with(&run, "cannot open the kernel /nonexistent/vmlinux");
     // A directory is not readable as a kernel.
     let run = launch(&s, r#"{"kernel": "/tmp"}"#);
-    assert_fails_with(&run, "/tmp");
+    assert_fails_with(&run, "cannot open the kernel /tmp: not a regular file");
     let junk = s.file("junk", &"x".repeat(4096));
     let run = launch(&s, &format!(r#"{{"kernel": "{}"}}"#, junk.display()));
     assert_fails_with(&run, "is not a kernel this VMM can boot");
@@ -69,7 +69,7 @@ fn missing_or_unreadable_initramfs() {
         "cannot open the initramfs /nonexistent/initramfs.cpio",
     );
     let run = launch(&s, r#"{"initramfs": "/tmp"}"#);
-    assert_fails_with(&run, "cannot open the initramfs /tmp");
+    assert_fails_with(&run, "cannot open the initramfs /tmp: not a regular file");
 }
 
 #[test]

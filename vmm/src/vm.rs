@@ -212,8 +212,11 @@ impl Vm {
             Some(path) => {
                 let open = || -> std::io::Result<(File, u64)> {
                     let file = File::open(path)?;
-                    let size = file.metadata()?.len();
-                    Ok((file, size))
+                    let meta = file.metadata()?;
+                    if !meta.is_file() {
+                        return Err(std::io::Error::other("not a regular file"));
+                    }
+                    Ok((file, meta.len()))
                 };
                 let (file, size) = open().map_err(|source| Error::Initramfs {
                     path: path.clone(),

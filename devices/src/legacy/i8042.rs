@@ -5,8 +5,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
 
-/// Data port offset (0x60) and command/status port offset (0x64) from 0x60.
-const DATA: u64 = 0;
+/// Command/status port offset (0x64) from the base (0x60, the data port).
+
 const COMMAND: u64 = 4;
 const CMD_RESET_CPU: u8 = 0xfe;
 
@@ -49,7 +49,7 @@ mod tests {
     fn reset_command_signals_and_other_writes_do_not() {
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut dev = I8042::new(evt.try_clone().unwrap());
-        dev.write(DATA, &[CMD_RESET_CPU]);
+        dev.write(0, &[CMD_RESET_CPU]); // the data port
         dev.write(COMMAND, &[0xd1]);
         assert!(evt.read().is_err(), "no reset expected yet");
         let mut status = [0xffu8];

@@ -16,6 +16,8 @@ use std::process::Command;
 
 /// First line the init prints; `vmm bench` and the tests look for it.
 const READY: &str = "vmm-init: ready";
+/// Runs the commands the image has no binary for.
+const BUSYBOX: &str = "/bin/busybox";
 /// The value the VMM's boot timer expects.
 const BOOT_TIMER_MAGIC: u8 = 123;
 
@@ -157,13 +159,23 @@ fn main() {
 
     let args = command_after_dashes(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
     if let Some((program, rest)) = args.split_first() {
-        let status = Command::new(program)
-            .args(rest)
-            .env(
-                "PATH",
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            )
-            .status();
+        let run = |program: &str, args: &[String]| {
+            Command::new(program)
+                .args(args)
+                .env(
+                    "PATH",
+                    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                )
+                .status()
+        };
+        let mut status = run(program, rest);
+        // The initramfs has no link per busybox applet: run unknown commands
+        // as applets.
+        if matches!(&status, Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+            && std::path::Path::new(BUSYBOX).exists()
+        {
+            status = run(BUSYBOX, &args);
+        }
         match status {
             Ok(s) => println!("vmm-init: command exited: {s}"),
             Err(e) => println!("vmm-init: cannot run {program}: {e}"),

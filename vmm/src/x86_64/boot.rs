@@ -80,7 +80,14 @@ fn read_at(file: &mut File, offset: u64, buf: &mut [u8]) -> std::io::Result<()> 
 impl KernelImage {
     /// Opens a kernel and finds how much memory it needs.
     pub fn open(path: &Path) -> Result<Self> {
-        let mut file = File::open(path).map_err(|source| Error::Open {
+        let open = || {
+            let file = File::open(path)?;
+            if !file.metadata()?.is_file() {
+                return Err(std::io::Error::other("not a regular file"));
+            }
+            Ok(file)
+        };
+        let mut file = open().map_err(|source| Error::Open {
             what: "kernel",
             path: path.to_path_buf(),
             source,
