@@ -117,8 +117,14 @@ fn no_permission_on_kvm_device() {
     // group kvm elsewhere) cannot be opened.
     let s = Scratch::new("cli-kvmperm");
     let config = s.file("vm.json", "{}");
-    std::fs::set_permissions(&s.0, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let out = Command::new(VMM)
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&s.0, PermissionsExt::from_mode(0o755)).unwrap();
+    // The build tree may sit where that user cannot reach (under /root):
+    // run a copy of the binary from the scratch directory.
+    let vmm = s.path("vmm");
+    std::fs::copy(VMM, &vmm).unwrap();
+    std::fs::set_permissions(&vmm, PermissionsExt::from_mode(0o755)).unwrap();
+    let out = Command::new(&vmm)
         .args(["launch", "--config"])
         .arg(&config)
         .uid(65534)

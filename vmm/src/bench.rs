@@ -216,7 +216,9 @@ fn qemu_command(kernel: &Path, initramfs: &Path, cmdline: &str, memory_mib: u64)
         "-accel",
         "kvm",
         "-cpu",
-        "host",
+        // Without the ARCH_CAPABILITIES MSR: PVM hosts refuse qemu's write of
+        // it (and it is not needed for a boot benchmark).
+        "host,-arch-capabilities",
         "-smp",
         "1",
         "-m",

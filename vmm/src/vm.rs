@@ -172,6 +172,21 @@ fn resolve_initramfs(config: &VmConfig) -> Result<Option<PathBuf>> {
     }
 }
 
+fn open_initramfs(path: &std::path::Path) -> Result<(File, u64)> {
+    let open = || -> std::io::Result<(File, u64)> {
+        let file = File::open(path)?;
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Err(std::io::Error::other("not a regular file"));
+        }
+        Ok((file, meta.len()))
+    };
+    open().map_err(|source| Error::Initramfs {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 fn serial_writer(serial: &SerialOutput) -> Result<Box<dyn std::io::Write + Send>> {
     Ok(match serial {
         SerialOutput::Stdout => Box::new(std::io::stdout()),
@@ -210,35 +225,36 @@ impl Vm {
         let initramfs = match &initramfs_path {
             None => None,
             Some(path) => {
-                let open = || -> std::io::Result<(File, u64)> {
-                    let file = File::open(path)?;
-                    let meta = file.metadata()?;
-                    if !meta.is_file() {
-                        return Err(std::io::Error::other("not a regular file"));
-                    }
-                    Ok((file, meta.len()))
-                };
-                let (file, size) = open().map_err(|source| Error::Initramfs {
-                    path: path.clone(),
-                    source,
-                })?;
+                let (file, size) = open_initramfs(path)?;
                 Some((path.as_path(), file, size))
             }
         };
+        let initramfs_size = initramfs.as_ref().map_or(0, |(_, _, size)| *size);
         let mem_size = config.memory_mib << 20;
-        boot::check_memory(
-            &kernel,
-            initramfs.as_ref().map_or(0, |(_, _, size)| *size),
-            mem_size,
-        )?;
+        boot::check_memory(&kernel, initramfs_size, mem_size)?;
 
+        let phase = |what: &str| tracing::debug!("setup: {what} at {:?}", start.elapsed());
+        phase("config checked");
         let vm = hv.create_vm()?;
-        vm.create_platform_devices()?;
         let ram = GuestRam::new(mem_size)?;
+        // Memory before the irqchip: adding a memory slot to a VM that has
+        // one costs ~6 ms on some hosts (measured on PVM), before it 0.2 ms.
         ram.register(vm.as_ref())?;
+        vm.create_platform_devices()?;
+        phase("VM, memory and irqchip created");
+        // Populate the memory about to be written in bulk, on two threads.
+        ram.populate(&[
+            (layout::HIMEM_START, kernel.end - layout::HIMEM_START),
+            (
+                boot::initramfs_addr(mem_size, initramfs_size),
+                initramfs_size,
+            ),
+        ])?;
+        phase("memory populated");
 
         let cmdline = kernel_cmdline(config, flavour);
         let loaded = boot::load(&ram.memory, mem_size, kernel, initramfs, &cmdline)?;
+        phase("kernel and initramfs loaded");
         mptable::setup(&ram.memory, config.vcpus)?;
         regs::write_boot_tables(&ram.memory)?;
 
@@ -266,6 +282,7 @@ impl Vm {
             BootTimer::LEN,
         )?;
 
+        phase("devices created");
         // vCPUs.
         let supported = hv.supported_cpuid()?;
         let pvm = kind.needs_pvm_guest();
@@ -286,6 +303,7 @@ impl Vm {
             vcpus.push(vcpu);
         }
 
+        phase("vCPUs configured");
         let shared = Arc::new(VcpuShared {
             pio,
             mmio,

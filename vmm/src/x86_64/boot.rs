@@ -164,6 +164,12 @@ pub fn check_memory(kernel: &KernelImage, initramfs_size: u64, mem_size: u64) ->
     Ok(())
 }
 
+/// Where an initramfs of `size` bytes goes: page-aligned, at the top of
+/// the RAM below the MMIO gap.
+pub fn initramfs_addr(mem_size: u64, size: u64) -> u64 {
+    (mem_size.min(MMIO_GAP_START) - size) & !0xfff
+}
+
 /// Wrapper so the zero page can be written with vm-memory.
 #[derive(Clone, Copy, Default)]
 struct ZeroPage(boot_params);
@@ -227,21 +233,14 @@ pub fn load(
     hdr.kernel_alignment = 0x100_0000;
 
     if let Some((path, mut file, size)) = initramfs {
-        let low_end = mem_size.min(MMIO_GAP_START);
-        let addr = (low_end - size) & !0xfff;
-        let mut data = Vec::with_capacity(size as usize);
-        file.read_to_end(&mut data)
-            .map_err(|source| Error::LoadInitramfs {
+        let addr = initramfs_addr(mem_size, size);
+        mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+            .map_err(|e| Error::LoadInitramfs {
                 path: path.to_path_buf(),
-                source,
-            })?;
-        mem.write_slice(&data, GuestAddress(addr))
-            .map_err(|source| Error::Write {
-                what: "initramfs",
-                source,
+                source: std::io::Error::other(e.to_string()),
             })?;
         hdr.ramdisk_image = addr as u32;
-        hdr.ramdisk_size = data.len() as u32;
+        hdr.ramdisk_size = size as u32;
     }
 
     if cmdline.len() >= CMDLINE_MAX_SIZE {
