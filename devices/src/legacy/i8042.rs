@@ -6,7 +6,6 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::bus::BusDevice;
 
 /// Command/status port offset (0x64) from the base (0x60, the data port).
-
 const COMMAND: u64 = 4;
 const CMD_RESET_CPU: u8 = 0xfe;
 
