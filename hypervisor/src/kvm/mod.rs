@@ -300,6 +300,34 @@ impl Drop for KvmVcpu {
     }
 }
 
+/// Builds a `$ty` from the general-purpose registers of `$r`; both types
+/// name them alike.
+macro_rules! gp_regs {
+    ($ty:ident, $r:expr) => {{
+        let r = &$r;
+        $ty {
+            rax: r.rax,
+            rbx: r.rbx,
+            rcx: r.rcx,
+            rdx: r.rdx,
+            rsi: r.rsi,
+            rdi: r.rdi,
+            rsp: r.rsp,
+            rbp: r.rbp,
+            r8: r.r8,
+            r9: r.r9,
+            r10: r.r10,
+            r11: r.r11,
+            r12: r.r12,
+            r13: r.r13,
+            r14: r.r14,
+            r15: r.r15,
+            rip: r.rip,
+            rflags: r.rflags,
+        }
+    }};
+}
+
 fn segment_to_kvm(s: &SegmentRegister) -> kvm_segment {
     kvm_segment {
         base: s.base,
@@ -396,51 +424,12 @@ impl crate::Vcpu for KvmVcpu {
             .fd
             .get_regs()
             .map_err(|e| Error::call("KVM_GET_REGS", os_err(e)))?;
-        Ok(StandardRegisters {
-            rax: r.rax,
-            rbx: r.rbx,
-            rcx: r.rcx,
-            rdx: r.rdx,
-            rsi: r.rsi,
-            rdi: r.rdi,
-            rsp: r.rsp,
-            rbp: r.rbp,
-            r8: r.r8,
-            r9: r.r9,
-            r10: r.r10,
-            r11: r.r11,
-            r12: r.r12,
-            r13: r.r13,
-            r14: r.r14,
-            r15: r.r15,
-            rip: r.rip,
-            rflags: r.rflags,
-        })
+        Ok(gp_regs!(StandardRegisters, r))
     }
 
     fn set_regs(&self, r: &StandardRegisters) -> Result<()> {
-        let regs = kvm_regs {
-            rax: r.rax,
-            rbx: r.rbx,
-            rcx: r.rcx,
-            rdx: r.rdx,
-            rsi: r.rsi,
-            rdi: r.rdi,
-            rsp: r.rsp,
-            rbp: r.rbp,
-            r8: r.r8,
-            r9: r.r9,
-            r10: r.r10,
-            r11: r.r11,
-            r12: r.r12,
-            r13: r.r13,
-            r14: r.r14,
-            r15: r.r15,
-            rip: r.rip,
-            rflags: r.rflags,
-        };
         self.fd
-            .set_regs(&regs)
+            .set_regs(&gp_regs!(kvm_regs, r))
             .map_err(|e| Error::call("KVM_SET_REGS", os_err(e)))
     }
 
