@@ -1,0 +1,415 @@
+//! virtio-blk over a [`disk::LayeredDisk`]: one request queue, read, write,
+//! flush and get-id requests, an optional read-only mode.
+//!
+//! Request handling (`handle_chain`) works on guest memory and a disk only,
+//! so it is unit-tested on mock guest memory with hostile chains.
+
+pub mod disk;
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
+use vm_memory::{GuestMemory, GuestMemoryMmap};
+
+use super::{read_config_bytes, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+pub use disk::LayeredDisk;
+
+const QUEUE_SIZE: u16 = 256;
+const SECTOR_SIZE: u64 = 512;
+/// Largest data transfer of one request (the guest's max_sectors default is
+/// far below): a bound on what a hostile chain can make the VMM buffer.
+const MAX_REQUEST_BYTES: usize = 4 << 20;
+/// Length of the GET_ID answer.
+const ID_BYTES: usize = 20;
+
+/// The virtio-blk device.
+pub struct Block {
+    disk: LayeredDisk,
+    id: String,
+    acked_features: u64,
+    queue_sizes: [u16; 1],
+    running: Option<Running>,
+}
+
+struct Running {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    queue: Queue,
+}
+
+impl Block {
+    /// `id` is what the guest reads as the serial (`/sys/block/vda/serial`).
+    pub fn new(disk: LayeredDisk, id: &str) -> Self {
+        Block {
+            disk,
+            id: id.chars().take(ID_BYTES).collect(),
+            acked_features: 0,
+            queue_sizes: [QUEUE_SIZE],
+            running: None,
+        }
+    }
+
+    fn config(&self) -> [u8; 8] {
+        (self.disk.size() / SECTOR_SIZE).to_le_bytes()
+    }
+}
+
+/// Outcome of one request: the status byte and how many bytes were written
+/// into the guest's buffers (status byte included).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Completion {
+    pub status: u8,
+    pub used_len: u32,
+}
+
+/// Handles one request chain. Returns None when the chain is too malformed
+/// to carry a status (then the request is completed with length 0).
+pub fn handle_chain<M>(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<M>,
+    disk: &mut LayeredDisk,
+    id: &str,
+) -> Option<Completion>
+where
+    M: std::ops::Deref + Clone,
+    M::Target: GuestMemory + Sized,
+{
+    let mut reader = Reader::new(mem, chain.clone()).ok()?;
+    let mut writer = Writer::new(mem, chain).ok()?;
+    // The status byte is the last writable byte.
+    let writable = writer.available_bytes();
+    if writable == 0 {
+        return None;
+    }
+    let mut status_writer = writer.split_at(writable - 1).ok()?;
+    let mut data_writer = writer;
+
+    let status = match request(&mut reader, &mut data_writer, disk, id) {
+        Ok(()) => VIRTIO_BLK_S_OK,
+        Err(status) => status,
+    } as u8;
+    status_writer.write_all(&[status]).ok()?;
+    Some(Completion {
+        status,
+        used_len: data_writer.bytes_written() as u32 + 1,
+    })
+}
+
+/// A data length must be whole sectors and within the per-request bound.
+fn check_len(len: usize) -> Result<usize, u32> {
+    if len > MAX_REQUEST_BYTES || !(len as u64).is_multiple_of(SECTOR_SIZE) {
+        return Err(VIRTIO_BLK_S_IOERR);
+    }
+    Ok(len)
+}
+
+fn request(
+    reader: &mut Reader<'_, ()>,
+    writer: &mut Writer<'_, ()>,
+    disk: &mut LayeredDisk,
+    id: &str,
+) -> Result<(), u32> {
+    let mut header = [0u8; 16];
+    reader
+        .read_exact(&mut header)
+        .map_err(|_| VIRTIO_BLK_S_IOERR)?;
+    let kind = u32::from_le_bytes(header[0..4].try_into().unwrap_or_default());
+    let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
+    let offset = sector.checked_mul(SECTOR_SIZE).ok_or(VIRTIO_BLK_S_IOERR)?;
+    let io_err = |e: std::io::Error| {
+        tracing::debug!("virtio-blk request failed: {e}");
+        VIRTIO_BLK_S_IOERR
+    };
+    match kind {
+        VIRTIO_BLK_T_IN => {
+            let len = check_len(writer.available_bytes())?;
+            let mut buf = vec![0u8; len];
+            disk.read_at(&mut buf, offset).map_err(io_err)?;
+            writer.write_all(&buf).map_err(io_err)
+        }
+        VIRTIO_BLK_T_OUT => {
+            let len = check_len(reader.available_bytes())?;
+            let mut buf = vec![0u8; len];
+            reader.read_exact(&mut buf).map_err(io_err)?;
+            disk.write_at(&buf, offset).map_err(io_err)
+        }
+        VIRTIO_BLK_T_FLUSH => disk.flush().map_err(io_err),
+        VIRTIO_BLK_T_GET_ID => {
+            let mut answer = [0u8; ID_BYTES];
+            let bytes = id.as_bytes();
+            answer[..bytes.len().min(ID_BYTES)]
+                .copy_from_slice(&bytes[..bytes.len().min(ID_BYTES)]);
+            let len = writer.available_bytes().min(ID_BYTES);
+            writer.write_all(&answer[..len]).map_err(io_err)
+        }
+        _ => Err(VIRTIO_BLK_S_UNSUPP),
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = (1u64 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_BLK_F_FLUSH);
+        if self.disk.is_read_only() {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        }
+        f
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config(), offset, data);
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        mut queues: Vec<Queue>,
+    ) -> Result<(), ActivateError> {
+        let queue = queues.pop().ok_or(ActivateError::BadQueue(0))?;
+        self.running = Some(Running {
+            mem,
+            interrupt,
+            queue,
+        });
+        Ok(())
+    }
+
+    fn process_queue(&mut self, _index: usize) {
+        let Some(running) = self.running.as_mut() else {
+            return;
+        };
+        let mem = &running.mem;
+        let mut used_any = false;
+        while let Some(chain) = running.queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let used_len = match handle_chain(mem, chain, &mut self.disk, &self.id) {
+                Some(c) => c.used_len,
+                None => {
+                    tracing::warn!("virtio-blk: malformed request chain {head} from the guest");
+                    0
+                }
+            };
+            if running.queue.add_used(mem, head, used_len).is_err() {
+                tracing::warn!("virtio-blk: the used ring is broken; the queue stops");
+                self.running = None;
+                return;
+            }
+            used_any = true;
+        }
+        if used_any && running.queue.needs_notification(mem).unwrap_or(true) {
+            running.interrupt.signal_used_queue();
+        }
+    }
+
+    fn reset(&mut self) {
+        self.running = None;
+        self.acked_features = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    struct Fixture {
+        _dir: PathGuard,
+        disk: LayeredDisk,
+        mem: GuestMemoryMmap,
+    }
+
+    struct PathGuard(std::path::PathBuf);
+    impl Drop for PathGuard {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn fixture(name: &str) -> Fixture {
+        let dir = std::env::temp_dir().join(format!("vmm-blk-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let base = dir.join("base");
+        std::fs::write(&base, vec![0x11u8; 64 * 1024]).unwrap();
+        let disk = LayeredDisk::open(&base, None, false).unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        Fixture {
+            _dir: PathGuard(dir),
+            disk,
+            mem,
+        }
+    }
+
+    /// Builds a chain from (address, length, device-writable) descriptors and
+    /// runs it through `handle_chain`.
+    fn run(f: &mut Fixture, descs: &[(u64, u32, bool)]) -> Option<Completion> {
+        let q = MockSplitQueue::new(&f.mem, 16);
+        let raw: Vec<RawDescriptor> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, w))| {
+                let mut flags = 0;
+                if w {
+                    flags |= VRING_DESC_F_WRITE as u16;
+                }
+                if i + 1 < descs.len() {
+                    flags |= virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+                }
+                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, (i + 1) as u16))
+            })
+            .collect();
+        q.build_desc_chain(&raw).unwrap();
+        let mut queue: Queue = q.create_queue().unwrap();
+        let chain = queue.pop_descriptor_chain(&f.mem).unwrap();
+        let id = "disk0".to_string();
+        handle_chain(&f.mem, chain, &mut f.disk, &id)
+    }
+
+    fn header(f: &Fixture, addr: u64, kind: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..].copy_from_slice(&sector.to_le_bytes());
+        f.mem.write_slice(&h, GuestAddress(addr)).unwrap();
+    }
+
+    #[test]
+    fn write_then_read_back() {
+        let mut f = fixture("rw");
+        header(&f, 0x1000, VIRTIO_BLK_T_OUT, 2);
+        f.mem
+            .write_slice(&[0xab; 1024], GuestAddress(0x2000))
+            .unwrap();
+        let c = run(
+            &mut f,
+            &[
+                (0x1000, 16, false),
+                (0x2000, 1024, false),
+                (0x3000, 1, true),
+            ],
+        );
+        assert_eq!(
+            c,
+            Some(Completion {
+                status: 0,
+                used_len: 1
+            })
+        );
+        header(&f, 0x1000, VIRTIO_BLK_T_IN, 2);
+        let c = run(
+            &mut f,
+            &[(0x1000, 16, false), (0x4000, 1536, true), (0x3000, 1, true)],
+        );
+        assert_eq!(
+            c,
+            Some(Completion {
+                status: 0,
+                used_len: 1537
+            })
+        );
+        let mut back = [0u8; 1536];
+        f.mem.read_slice(&mut back, GuestAddress(0x4000)).unwrap();
+        assert!(back[..1024].iter().all(|&b| b == 0xab));
+        assert!(back[1024..].iter().all(|&b| b == 0x11));
+    }
+
+    #[test]
+    fn requests_past_the_end_fail_with_ioerr() {
+        let mut f = fixture("end");
+        header(&f, 0x1000, VIRTIO_BLK_T_IN, 127); // last sector: 512 bytes ok, 1024 not
+        let c = run(
+            &mut f,
+            &[(0x1000, 16, false), (0x4000, 1024, true), (0x3000, 1, true)],
+        );
+        assert_eq!(c.unwrap().status, VIRTIO_BLK_S_IOERR as u8);
+        header(&f, 0x1000, VIRTIO_BLK_T_OUT, u64::MAX / 2);
+        let c = run(
+            &mut f,
+            &[(0x1000, 16, false), (0x2000, 512, false), (0x3000, 1, true)],
+        );
+        assert_eq!(c.unwrap().status, VIRTIO_BLK_S_IOERR as u8);
+    }
+
+    #[test]
+    fn hostile_chains_fail_the_request_not_the_vmm() {
+        let mut f = fixture("hostile");
+        // Buffer past the end of guest memory.
+        header(&f, 0x1000, VIRTIO_BLK_T_IN, 0);
+        assert_eq!(
+            run(
+                &mut f,
+                &[
+                    (0x1000, 16, false),
+                    (0xffff_0000, 4096, true),
+                    (0x3000, 1, true)
+                ]
+            ),
+            None
+        );
+        // No writable descriptor for the status.
+        assert_eq!(run(&mut f, &[(0x1000, 16, false)]), None);
+        // Header shorter than 16 bytes.
+        let c = run(&mut f, &[(0x1000, 8, false), (0x3000, 1, true)]);
+        assert_eq!(c.unwrap().status, VIRTIO_BLK_S_IOERR as u8);
+        // Unknown request type.
+        header(&f, 0x1000, 0x77, 0);
+        let c = run(&mut f, &[(0x1000, 16, false), (0x3000, 1, true)]);
+        assert_eq!(c.unwrap().status, VIRTIO_BLK_S_UNSUPP as u8);
+        // Data length not a multiple of the sector size.
+        header(&f, 0x1000, VIRTIO_BLK_T_IN, 0);
+        let c = run(
+            &mut f,
+            &[(0x1000, 16, false), (0x4000, 100, true), (0x3000, 1, true)],
+        );
+        assert_eq!(c.unwrap().status, VIRTIO_BLK_S_IOERR as u8);
+        // A length that wraps the address space.
+        assert_eq!(
+            run(
+                &mut f,
+                &[
+                    (0x1000, 16, false),
+                    (u64::MAX - 10, 0xffff_ffff, true),
+                    (0x3000, 1, true)
+                ]
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn flush_and_get_id() {
+        let mut f = fixture("flush");
+        header(&f, 0x1000, VIRTIO_BLK_T_FLUSH, 0);
+        let c = run(&mut f, &[(0x1000, 16, false), (0x3000, 1, true)]);
+        assert_eq!(c.unwrap().status, 0);
+        header(&f, 0x1000, VIRTIO_BLK_T_GET_ID, 0);
+        let c = run(
+            &mut f,
+            &[(0x1000, 16, false), (0x4000, 20, true), (0x3000, 1, true)],
+        );
+        assert_eq!(c.unwrap().used_len, 21);
+        let mut id = [0u8; 5];
+        f.mem.read_slice(&mut id, GuestAddress(0x4000)).unwrap();
+        assert_eq!(&id, b"disk0");
+    }
+}

@@ -1,0 +1,140 @@
+//! Virtio devices and their MMIO transport (virtio 1.x, split queues).
+//!
+//! A device implements [`VirtioDevice`]; [`mmio::MmioTransport`] puts it on
+//! the MMIO bus. Queue notifications arrive as eventfds (ioeventfd); the VMM's
+//! event loop calls [`mmio::MmioTransport::process_queue`] for them.
+//! Interrupts go out through an [`Interrupt`] (an irqfd line plus the
+//! transport's interrupt-status register).
+//!
+//! Everything a guest puts in a queue is untrusted: a malformed chain fails
+//! that request (or marks the device as needing a reset), never the VMM.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+
+use crate::interrupt::InterruptLine;
+
+pub mod block;
+pub mod mmio;
+
+pub use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+
+/// Interrupt-status bit: a used ring was updated.
+pub const INT_VRING: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
+/// Interrupt-status bit: the configuration changed.
+pub const INT_CONFIG: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
+
+/// A device's interrupt: the status bits the driver reads and acknowledges,
+/// and the line that tells it to look.
+pub struct Interrupt {
+    status: AtomicU32,
+    line: Box<dyn InterruptLine>,
+}
+
+impl Interrupt {
+    pub fn new(line: Box<dyn InterruptLine>) -> Self {
+        Interrupt {
+            status: AtomicU32::new(0),
+            line,
+        }
+    }
+
+    /// Tells the driver that used rings changed.
+    pub fn signal_used_queue(&self) {
+        self.raise(INT_VRING);
+    }
+
+    /// Tells the driver that the device configuration (or status) changed.
+    pub fn signal_config_change(&self) {
+        self.raise(INT_CONFIG);
+    }
+
+    fn raise(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        if let Err(e) = self.line.trigger() {
+            tracing::warn!("cannot raise a virtio interrupt: {e}");
+        }
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    fn clear(&self) {
+        self.status.store(0, Ordering::SeqCst);
+    }
+}
+
+/// Why a device could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("queue {0} is not set up correctly by the driver")]
+    BadQueue(usize),
+    #[error("{0}")]
+    Device(String),
+}
+
+/// A virtio device behind a transport.
+pub trait VirtioDevice: Send {
+    /// Virtio device id (2 = block, 19 = vsock, ...).
+    fn device_type(&self) -> u32;
+    /// Largest size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits the device offers (VIRTIO_F_VERSION_1 included).
+    fn features(&self) -> u64;
+    /// The features the driver accepted (a subset of `features`).
+    fn ack_features(&mut self, features: u64);
+    /// Reads the device configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device configuration space (ignored by default).
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// Starts the device with the driver's queues.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError>;
+    /// The driver notified queue `index`.
+    fn process_queue(&mut self, index: usize);
+    /// Returns the device to its pre-activation state (driver reset).
+    fn reset(&mut self);
+}
+
+/// Reads `data.len()` bytes at `offset` of a configuration-space image,
+/// zero past its end.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if start >= config.len() {
+        return;
+    }
+    let end = config.len().min(start.saturating_add(data.len()));
+    data[..end - start].copy_from_slice(&config[start..end]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_reads_are_clipped() {
+        let config = [1u8, 2, 3, 4];
+        let mut out = [9u8; 4];
+        read_config_bytes(&config, 2, &mut out);
+        assert_eq!(out, [3, 4, 0, 0]);
+        read_config_bytes(&config, 100, &mut out);
+        assert_eq!(out, [0; 4]);
+        read_config_bytes(&config, u64::MAX, &mut out);
+        assert_eq!(out, [0; 4]);
+    }
+}

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Builds the shared read-only base image: Debian bookworm (minbase + python3)
+# as an ext4 file made with `mkfs.ext4 -d` (no loop mounts, no root-only
+# mount tricks). Every VM that boots it shares this one file; each VM writes
+# to its own layer (see docs/disk.md).
+#
+# Output: $CACHE/base/<hash>/base.ext4 (hash of this script and the mirror)
+# and the stable link $CACHE/base/current. Reused when up to date.
+# $CACHE is $VMM_CACHE_DIR, else $XDG_CACHE_HOME/vmm, else ~/.cache/vmm.
+# $VMM_DEBIAN_MIRROR overrides the mirror (default: deb.debian.org).
+set -euo pipefail
+
+cache="${VMM_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/vmm}"
+mirror="${VMM_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+suite=bookworm
+packages=python3
+
+die() { echo "base-image: error: $*" >&2; exit 1; }
+command -v debootstrap >/dev/null || die "debootstrap is missing: apt-get install debootstrap (tools/setup.sh does it)"
+command -v mkfs.ext4 >/dev/null || die "mkfs.ext4 is missing: apt-get install e2fsprogs"
+[ "$(id -u)" = 0 ] || die "debootstrap needs root (run tools/setup.sh as root)"
+
+key="$({ cat "${BASH_SOURCE[0]}"; echo "$mirror $suite $packages"; } | sha256sum | cut -c1-16)"
+out="$cache/base/$key"
+if [ -f "$out/base.ext4" ]; then
+    ln -sfn "$key" "$cache/base/current"
+    echo "base-image: up to date: $out/base.ext4 ($(du -h --apparent-size "$out/base.ext4" | cut -f1))" >&2
+    exit 0
+fi
+
+tree="$(mktemp -d)"
+trap 'rm -rf "$tree"' EXIT
+echo "base-image: debootstrap $suite (minbase + $packages) from $mirror" >&2
+debootstrap --variant=minbase --include="$packages" "$suite" "$tree" "$mirror" >/dev/null
+
+# Trim what a sandbox never reads: package caches and lists, docs, man
+# pages, locales other than C, Python bytecode caches (rebuilt on demand).
+rm -rf "$tree"/var/cache/apt/* "$tree"/var/lib/apt/lists/* "$tree"/var/log/* \
+       "$tree"/usr/share/doc/* "$tree"/usr/share/man/* "$tree"/usr/share/info/* \
+       "$tree"/usr/share/locale/* "$tree"/tmp/*
+find "$tree" -name __pycache__ -type d -prune -exec rm -rf {} +
+echo "sandbox" > "$tree/etc/hostname"
+# The VMM's guest agent mounts these itself.
+mkdir -p "$tree"/proc "$tree"/sys "$tree"/dev "$tree"/tmp "$tree"/run
+
+used_kib="$(du -sk "$tree" | cut -f1)"
+# Room for ext4 metadata plus 25% free space for small writes; the guest's
+# writes go to its own layer anyway.
+size_mib=$(( (used_kib * 5 / 4) / 1024 + 32 ))
+mkdir -p "$out.tmp"
+mkfs.ext4 -q -F -L sandbox-root -d "$tree" -E root_owner=0:0 "$out.tmp/base.ext4" "${size_mib}M"
+rm -rf "$out" && mv "$out.tmp" "$out"
+ln -sfn "$key" "$cache/base/current"
+echo "base-image: built $out/base.ext4: ${size_mib} MiB apparent, $(du -h "$out/base.ext4" | cut -f1) on disk" >&2
