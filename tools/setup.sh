@@ -3,9 +3,10 @@
 #  - Debian packages: kernel source and build tools, busybox-static, cpio,
 #    qemu-system-x86 (for boot-time comparisons), debootstrap;
 #  - the Rust musl target (the guest agent is a static binary);
-#  - the guest kernel for this host's flavour and the default initramfs,
-#    cached outside the repository (see guest-kernel/build.sh), reused when
-#    their inputs did not change;
+#  - the guest kernel for this host's flavour, the default initramfs and the
+#    Debian base image, cached outside the repository (see
+#    guest-kernel/build.sh and rootfs/), reused when their inputs did not
+#    change;
 #  - the VMM itself (release build).
 # Idempotent: run it again any time.
 set -euo pipefail
@@ -30,5 +31,6 @@ rustup target add x86_64-unknown-linux-musl >/dev/null 2>&1 || rustup target add
 
 "$repo/guest-kernel/build.sh" host
 "$repo/rootfs/build-initramfs.sh"
+"$repo/rootfs/build-base-image.sh"
 cargo build --quiet --release --manifest-path "$repo/Cargo.toml" -p vmm
 echo "setup: done; the VMM is $repo/target/release/vmm" >&2

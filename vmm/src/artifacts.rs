@@ -3,9 +3,10 @@
 //!
 //! Layout of the cache (`$VMM_CACHE_DIR`, else `$XDG_CACHE_HOME/vmm`, else
 //! `~/.cache/vmm`): `kernel/<flavour>-<hash>/vmlinux` and
-//! `initramfs/<hash>/initramfs.cpio`, each keyed by a hash of its inputs,
-//! plus the stable links `kernel/<flavour>` and `initramfs/current` to the
-//! newest build. The VMM reads the stable links.
+//! `initramfs/<hash>/initramfs.cpio` and `base/<hash>/base.ext4`, each keyed
+//! by a hash of its inputs, plus the stable links `kernel/<flavour>`,
+//! `initramfs/current` and `base/current` to the newest build. The VMM reads
+//! the stable links.
 
 use std::path::PathBuf;
 
@@ -70,6 +71,11 @@ pub fn default_kernel(flavour: KernelFlavour) -> PathBuf {
         .join("kernel")
         .join(flavour.name())
         .join("vmlinux")
+}
+
+/// The default base image (Debian, ext4).
+pub fn default_base_image() -> PathBuf {
+    cache_dir().join("base").join("current").join("base.ext4")
 }
 
 /// The default initramfs.

@@ -335,7 +335,7 @@ pub fn boot(opts: &BootBenchOptions) -> Result<BootBench, Error> {
     if !opts.qemu {
         result.qemu_skipped = Some("--no-qemu".into());
     } else {
-        let cmdline = crate::vm::kernel_cmdline(&VmConfig::default(), flavour);
+        let cmdline = crate::vm::kernel_cmdline(&VmConfig::default(), flavour, &[]);
         for run in 1..=opts.runs {
             let cmd = qemu_command(&kernel, &initramfs, &cmdline, opts.memory_mib);
             match time_to_marker(cmd, INIT_READY_MARKER) {

@@ -84,6 +84,23 @@ impl<'de> Deserialize<'de> for SerialOutput {
     }
 }
 
+/// The root disk: a shared read-only base image and this VM's writable layer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RootfsConfig {
+    /// The base image (ext4). Default: the Debian image the setup command
+    /// builds. Never written.
+    #[serde(default)]
+    pub base: Option<PathBuf>,
+    /// This VM's layer file, created when missing; keep it to keep the VM's
+    /// writes across restarts. Default: a throwaway layer deleted at exit.
+    #[serde(default)]
+    pub layer: Option<PathBuf>,
+    /// Present the disk read-only to the guest.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
 fn default_vcpus() -> u32 {
     1
 }
@@ -123,6 +140,9 @@ pub struct VmConfig {
     /// Serial console: "stdout" (default), "off", or a file path.
     #[serde(default)]
     pub serial: SerialOutput,
+    /// Root disk on virtio-blk (`/dev/vda` in the guest); none when unset.
+    #[serde(default)]
+    pub rootfs: Option<RootfsConfig>,
 }
 
 impl Default for VmConfig {
@@ -136,6 +156,7 @@ impl Default for VmConfig {
             flavour: Flavour::Auto,
             flavour_cmdline: None,
             serial: SerialOutput::Stdout,
+            rootfs: None,
         }
     }
 }

@@ -21,6 +21,7 @@ pub mod exit;
 pub mod memory;
 pub mod signals;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;
 pub mod x86_64;
 

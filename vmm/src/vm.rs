@@ -17,11 +17,13 @@ use hypervisor::{Hypervisor, HypervisorKind, Vcpu};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::artifacts::{self, KernelFlavour};
-use crate::config::{SerialOutput, VmConfig};
+use crate::config::{RootfsConfig, SerialOutput, VmConfig};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::memory::GuestRam;
 use crate::vcpu::{VcpuShared, VcpuThread};
+use crate::virtio::{VirtioPlacer, VirtioSlot};
 use crate::x86_64::{boot, cpuid, layout, mptable, regs};
+use devices::virtio::block::{Block, LayeredDisk};
 
 /// Errors building or running a VM.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +41,12 @@ pub enum Error {
     },
     #[error("no \"initramfs\" given and the default one is not built ({path} is missing): run tools/setup.sh, or set \"initramfs\" in the config")]
     DefaultInitramfsMissing { path: PathBuf },
+    #[error("\"rootfs\" has no \"base\" and the default base image is not built ({path} is missing): run tools/setup.sh, or set \"rootfs\": {{\"base\": ...}}")]
+    DefaultBaseMissing { path: PathBuf },
+    #[error(transparent)]
+    Disk(#[from] devices::virtio::block::disk::Error),
+    #[error(transparent)]
+    Virtio(#[from] crate::virtio::Error),
     #[error("cannot open the initramfs {path}: {source}")]
     Initramfs {
         path: PathBuf,
@@ -115,12 +123,13 @@ pub struct Vm {
     boot_time: BootTime,
     reset_evt: EventFd,
     serial_is_stdout: bool,
+    virtio: Vec<VirtioSlot>,
     resolved: ResolvedBoot,
 }
 
 /// The kernel command line: the VMM's own arguments, the flavour's, then
 /// the user's (later arguments win in Linux).
-pub fn kernel_cmdline(config: &VmConfig, flavour: KernelFlavour) -> String {
+pub fn kernel_cmdline(config: &VmConfig, flavour: KernelFlavour, devices: &[String]) -> String {
     let mut parts = vec![
         "console=ttyS0".to_string(),
         "reboot=k".into(),
@@ -133,6 +142,7 @@ pub fn kernel_cmdline(config: &VmConfig, flavour: KernelFlavour) -> String {
         .clone()
         .unwrap_or_else(|| flavour.cmdline().to_string());
     parts.push(flavour_args);
+    parts.extend(devices.iter().cloned());
     if let Some(extra) = &config.cmdline {
         parts.push(extra.clone());
     }
@@ -185,6 +195,21 @@ fn open_initramfs(path: &std::path::Path) -> Result<(File, u64)> {
         path: path.to_path_buf(),
         source,
     })
+}
+
+fn root_disk(rootfs: &RootfsConfig) -> Result<Block> {
+    let base = match &rootfs.base {
+        Some(path) => path.clone(),
+        None => {
+            let path = artifacts::default_base_image();
+            if !path.exists() {
+                return Err(Error::DefaultBaseMissing { path });
+            }
+            path
+        }
+    };
+    let disk = LayeredDisk::open(&base, rootfs.layer.as_deref(), rootfs.read_only)?;
+    Ok(Block::new(disk, "rootfs"))
 }
 
 fn serial_writer(serial: &SerialOutput) -> Result<Box<dyn std::io::Write + Send>> {
@@ -252,12 +277,6 @@ impl Vm {
         ])?;
         phase("memory populated");
 
-        let cmdline = kernel_cmdline(config, flavour);
-        let loaded = boot::load(&ram.memory, mem_size, kernel, initramfs, &cmdline)?;
-        phase("kernel and initramfs loaded");
-        mptable::setup(&ram.memory, config.vcpus)?;
-        regs::write_boot_tables(&ram.memory)?;
-
         // Devices.
         let exit = Arc::new(ExitSignal::new().map_err(io_err("create an eventfd"))?);
         let pio = Arc::new(Bus::new());
@@ -282,7 +301,20 @@ impl Vm {
             BootTimer::LEN,
         )?;
 
+        let mut placer = VirtioPlacer::new(vm.as_ref(), &mmio, &ram.memory);
+        let mut virtio = Vec::new();
+        if let Some(rootfs) = &config.rootfs {
+            virtio.push(placer.add(Box::new(root_disk(rootfs)?))?);
+        }
         phase("devices created");
+
+        let device_args: Vec<String> = virtio.iter().map(|v| v.cmdline.clone()).collect();
+        let cmdline = kernel_cmdline(config, flavour, &device_args);
+        let loaded = boot::load(&ram.memory, mem_size, kernel, initramfs, &cmdline)?;
+        phase("kernel and initramfs loaded");
+        mptable::setup(&ram.memory, config.vcpus)?;
+        regs::write_boot_tables(&ram.memory)?;
+
         // vCPUs.
         let supported = hv.supported_cpuid()?;
         let pvm = kind.needs_pvm_guest();
@@ -323,6 +355,7 @@ impl Vm {
             boot_time,
             reset_evt,
             serial_is_stdout: config.serial == SerialOutput::Stdout,
+            virtio,
             resolved: ResolvedBoot {
                 kind,
                 flavour,
@@ -341,7 +374,7 @@ impl Vm {
     /// Runs the guest until it shuts down, crashes, or `stop_evt` (if
     /// given) becomes readable; then stops every vCPU and returns why.
     pub fn run(mut self, stop_evt: Option<EventFd>) -> Result<RunOutcome> {
-        let mut manager: EventManager<Arc<Mutex<ControlLoop>>> =
+        let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
             EventManager::new().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
         // Console input: only from an interactive terminal, so a VMM run by
         // another program never steals that program's standard input.
@@ -359,6 +392,9 @@ impl Vm {
             done: false,
         }));
         manager.add_subscriber(control.clone());
+        for slot in self.virtio.drain(..) {
+            manager.add_subscriber(Arc::new(Mutex::new(slot)));
+        }
 
         let mut threads = Vec::with_capacity(self.vcpus.len());
         for (id, vcpu) in self.vcpus.drain(..).enumerate() {
