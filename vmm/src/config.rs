@@ -26,6 +26,8 @@ pub enum Error {
     NoMemory,
     #[error("\"memory_mib\" is {0}: the most this VMM supports is {MAX_MEMORY_MIB} MiB")]
     TooMuchMemory(u64),
+    #[error("\"vsock\": \"cid\" is {0}; context ids 0, 1 and 2 are reserved, use 3 or more")]
+    ReservedCid(u64),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -101,6 +103,17 @@ pub struct RootfsConfig {
     pub read_only: bool,
 }
 
+/// The host<->guest channel (virtio-vsock, host side on Unix sockets).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's context id (3 or more; 0-2 are reserved).
+    pub cid: u64,
+    /// Host clients connect here (`CONNECT <port>\n`); guest connections to
+    /// host port P go to `<uds_path>_<P>`.
+    pub uds_path: PathBuf,
+}
+
 fn default_vcpus() -> u32 {
     1
 }
@@ -143,6 +156,9 @@ pub struct VmConfig {
     /// Root disk on virtio-blk (`/dev/vda` in the guest); none when unset.
     #[serde(default)]
     pub rootfs: Option<RootfsConfig>,
+    /// virtio-vsock; none when unset.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
 }
 
 impl Default for VmConfig {
@@ -157,6 +173,7 @@ impl Default for VmConfig {
             flavour_cmdline: None,
             serial: SerialOutput::Stdout,
             rootfs: None,
+            vsock: None,
         }
     }
 }
@@ -192,6 +209,11 @@ impl VmConfig {
         }
         if self.memory_mib > MAX_MEMORY_MIB {
             return Err(Error::TooMuchMemory(self.memory_mib));
+        }
+        if let Some(v) = &self.vsock {
+            if v.cid < 3 || v.cid > u64::from(u32::MAX) {
+                return Err(Error::ReservedCid(v.cid));
+            }
         }
         Ok(())
     }
@@ -255,5 +277,10 @@ mod tests {
             Err(Error::TooMuchMemory(_))
         ));
         assert!(parse(r#"{"serial": ""}"#).is_err());
+        assert!(matches!(
+            parse(r#"{"vsock": {"cid": 2, "uds_path": "/tmp/v"}}"#),
+            Err(Error::ReservedCid(2))
+        ));
+        assert!(parse(r#"{"vsock": {"cid": 3, "uds_path": "/tmp/v"}}"#).is_ok());
     }
 }

@@ -24,6 +24,7 @@ use crate::vcpu::{VcpuShared, VcpuThread};
 use crate::virtio::{VirtioPlacer, VirtioSlot};
 use crate::x86_64::{boot, cpuid, layout, mptable, regs};
 use devices::virtio::block::{Block, LayeredDisk};
+use devices::virtio::vsock::{Vsock, VsockBackend};
 
 /// Errors building or running a VM.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +46,11 @@ pub enum Error {
     DefaultBaseMissing { path: PathBuf },
     #[error(transparent)]
     Disk(#[from] devices::virtio::block::disk::Error),
+    #[error("cannot listen on the vsock socket {path}: {source}; check that its folder exists and is writable")]
+    VsockSocket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Virtio(#[from] crate::virtio::Error),
     #[error("cannot open the initramfs {path}: {source}")]
@@ -124,6 +130,7 @@ pub struct Vm {
     reset_evt: EventFd,
     serial_is_stdout: bool,
     virtio: Vec<VirtioSlot>,
+    backends: Vec<VsockBackend>,
     resolved: ResolvedBoot,
 }
 
@@ -306,6 +313,15 @@ impl Vm {
         if let Some(rootfs) = &config.rootfs {
             virtio.push(placer.add(Box::new(root_disk(rootfs)?))?);
         }
+        let mut backends: Vec<VsockBackend> = Vec::new();
+        if let Some(v) = &config.vsock {
+            let vsock = Vsock::new(v.cid, &v.uds_path).map_err(|source| Error::VsockSocket {
+                path: v.uds_path.clone(),
+                source,
+            })?;
+            backends.push(vsock.backend());
+            virtio.push(placer.add(Box::new(vsock))?);
+        }
         phase("devices created");
 
         let device_args: Vec<String> = virtio.iter().map(|v| v.cmdline.clone()).collect();
@@ -356,6 +372,7 @@ impl Vm {
             reset_evt,
             serial_is_stdout: config.serial == SerialOutput::Stdout,
             virtio,
+            backends,
             resolved: ResolvedBoot {
                 kind,
                 flavour,
@@ -394,6 +411,9 @@ impl Vm {
         manager.add_subscriber(control.clone());
         for slot in self.virtio.drain(..) {
             manager.add_subscriber(Arc::new(Mutex::new(slot)));
+        }
+        for backend in self.backends.drain(..) {
+            manager.add_subscriber(Arc::new(Mutex::new(backend)));
         }
 
         let mut threads = Vec::with_capacity(self.vcpus.len());

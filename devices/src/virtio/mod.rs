@@ -19,6 +19,7 @@ use crate::interrupt::InterruptLine;
 
 pub mod block;
 pub mod mmio;
+pub mod vsock;
 
 pub use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 

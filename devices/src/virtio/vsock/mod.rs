@@ -1,0 +1,254 @@
+//! virtio-vsock, in-process (no /dev/vhost-vsock), with the host side on
+//! Unix sockets (see [`muxer`]).
+//!
+//! Queues: 0 = receive (host to guest), 1 = transmit (guest to host),
+//! 2 = events (unused until VM forks). The device and the event-loop
+//! subscriber for the host sockets ([`VsockBackend`]) share one state.
+
+pub mod muxer;
+pub mod packet;
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
+use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
+use vm_memory::GuestMemoryMmap;
+
+use super::{read_config_bytes, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use muxer::{FdChange, Muxer};
+use packet::{Header, HDR_LEN};
+
+const QUEUE_SIZE: u16 = 256;
+const RX: usize = 0;
+const TX: usize = 1;
+/// Largest payload the guest may send in one packet (Linux sends up to 64 KiB).
+const MAX_PKT_PAYLOAD: usize = 64 * 1024;
+
+struct Running {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    queues: Vec<Queue>,
+}
+
+struct Inner {
+    muxer: Muxer,
+    running: Option<Running>,
+}
+
+impl Inner {
+    /// Takes the guest's packets from the transmit queue.
+    fn process_tx(&mut self) {
+        let Some(run) = self.running.as_mut() else {
+            return;
+        };
+        let mut used = false;
+        while let Some(chain) = run.queues[TX].pop_descriptor_chain(&run.mem) {
+            let head = chain.head_index();
+            match read_packet(&run.mem, chain) {
+                Some((hdr, payload)) => self.muxer.handle_guest_packet(&hdr, &payload),
+                None => tracing::warn!("vsock: dropped a malformed packet from the guest"),
+            }
+            if run.queues[TX].add_used(&run.mem, head, 0).is_err() {
+                tracing::warn!("vsock: the transmit ring is broken; the device stops");
+                self.running = None;
+                return;
+            }
+            used = true;
+        }
+        if used && run.queues[TX].needs_notification(&run.mem).unwrap_or(true) {
+            run.interrupt.signal_used_queue();
+        }
+    }
+
+    /// Fills the guest's receive buffers with what the host side has.
+    fn process_rx(&mut self) {
+        let Some(run) = self.running.as_mut() else {
+            return;
+        };
+        let mut used = false;
+        while let Some(chain) = run.queues[RX].pop_descriptor_chain(&run.mem) {
+            let head = chain.head_index();
+            let Ok(mut writer) = Writer::new(&run.mem, chain) else {
+                tracing::warn!("vsock: malformed receive buffer from the guest");
+                if run.queues[RX].add_used(&run.mem, head, 0).is_err() {
+                    self.running = None;
+                    return;
+                }
+                used = true;
+                continue;
+            };
+            let room = writer.available_bytes();
+            if room < HDR_LEN {
+                if run.queues[RX].add_used(&run.mem, head, 0).is_err() {
+                    self.running = None;
+                    return;
+                }
+                used = true;
+                continue;
+            }
+            let Some((hdr, data)) = self.muxer.next_packet(room - HDR_LEN) else {
+                // Nothing to send: give the buffer back for later.
+                run.queues[RX].go_to_previous_position();
+                break;
+            };
+            let written = writer
+                .write_all(&hdr.to_bytes())
+                .and_then(|_| writer.write_all(&data))
+                .map(|_| writer.bytes_written() as u32)
+                .unwrap_or(0);
+            if run.queues[RX].add_used(&run.mem, head, written).is_err() {
+                self.running = None;
+                return;
+            }
+            used = true;
+        }
+        if used && run.queues[RX].needs_notification(&run.mem).unwrap_or(true) {
+            run.interrupt.signal_used_queue();
+        }
+    }
+}
+
+fn read_packet(
+    mem: &GuestMemoryMmap,
+    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+) -> Option<(Header, Vec<u8>)> {
+    let mut reader = Reader::new(mem, chain).ok()?;
+    let mut raw = [0u8; HDR_LEN];
+    reader.read_exact(&mut raw).ok()?;
+    let hdr = Header::parse(&raw);
+    let len = hdr.len as usize;
+    if len > MAX_PKT_PAYLOAD || len > reader.available_bytes() {
+        return None;
+    }
+    let mut payload = vec![0u8; len];
+    reader.read_exact(&mut payload).ok()?;
+    Some((hdr, payload))
+}
+
+/// The virtio-vsock device.
+pub struct Vsock {
+    cid: u64,
+    inner: Arc<Mutex<Inner>>,
+    queue_sizes: [u16; 3],
+}
+
+impl Vsock {
+    /// A device for guest `cid` whose host side listens on `uds_path`.
+    pub fn new(cid: u64, uds_path: &Path) -> std::io::Result<Self> {
+        let muxer = Muxer::new(cid, uds_path)?;
+        Ok(Vsock {
+            cid,
+            inner: Arc::new(Mutex::new(Inner {
+                muxer,
+                running: None,
+            })),
+            queue_sizes: [QUEUE_SIZE; 3],
+        })
+    }
+
+    /// The event-loop subscriber for the host sockets.
+    pub fn backend(&self) -> VsockBackend {
+        VsockBackend {
+            inner: self.inner.clone(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn features(&self) -> u64 {
+        1 << VIRTIO_F_VERSION_1
+    }
+
+    fn ack_features(&mut self, _features: u64) {}
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.cid.to_le_bytes(), offset, data);
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != 3 {
+            return Err(ActivateError::BadQueue(queues.len()));
+        }
+        let mut inner = self.lock();
+        inner.running = Some(Running {
+            mem,
+            interrupt,
+            queues,
+        });
+        inner.process_rx();
+        Ok(())
+    }
+
+    fn process_queue(&mut self, index: usize) {
+        let mut inner = self.lock();
+        if index == TX {
+            inner.process_tx();
+        }
+        // Transmitted packets may have produced answers; new receive
+        // buffers may unblock waiting data.
+        inner.process_rx();
+    }
+
+    fn reset(&mut self) {
+        self.lock().running = None;
+    }
+}
+
+/// Watches the listening socket and the connections' host sockets.
+pub struct VsockBackend {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl MutEventSubscriber for VsockBackend {
+    fn init(&mut self, ops: &mut EventOps) {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        for fd in [inner.muxer.listener_fd(), inner.muxer.wake_fd().as_raw_fd()] {
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                tracing::error!("vsock: cannot watch fd {fd}: {e:?}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let fd = events.fd();
+        if fd == inner.muxer.listener_fd() {
+            inner.muxer.accept_host();
+        } else if inner.muxer.owns(fd) {
+            inner.muxer.host_event(fd, events.event_set());
+        }
+        inner.process_rx();
+        for change in inner.muxer.take_changes() {
+            let result = match change {
+                FdChange::Watch(fd, set) => ops.add(Events::new_raw(fd, set)),
+                FdChange::Modify(fd, set) => ops.modify(Events::new_raw(fd, set)),
+                FdChange::Unwatch(fd) => ops.remove(Events::empty_raw(fd)),
+            };
+            if let Err(e) = result {
+                tracing::debug!("vsock: watch change failed: {e:?}");
+            }
+        }
+        inner.muxer.release_closed();
+    }
+}
