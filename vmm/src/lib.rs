@@ -13,6 +13,7 @@
 //! # Ok::<(), vmm::vm::Error>(())
 //! ```
 
+pub mod agent;
 pub mod artifacts;
 pub mod bench;
 pub mod config;

@@ -324,7 +324,11 @@ impl Vm {
         }
         phase("devices created");
 
-        let device_args: Vec<String> = virtio.iter().map(|v| v.cmdline.clone()).collect();
+        let mut device_args: Vec<String> = virtio.iter().map(|v| v.cmdline.clone()).collect();
+        if config.vsock.is_some() {
+            // Tells the guest init to serve the agent on vsock.
+            device_args.push(format!("VMM_AGENT_PORT={}", vmm_agent::AGENT_PORT));
+        }
         let cmdline = kernel_cmdline(config, flavour, &device_args);
         let loaded = boot::load(&ram.memory, mem_size, kernel, initramfs, &cmdline)?;
         phase("kernel and initramfs loaded");

@@ -1,14 +1,20 @@
-//! The guest init (PID 1 of the VMM's guest images).
+//! The guest init and agent (PID 1 of the VMM's guest images).
 //!
 //! Boot: mount devtmpfs, write the boot timer (the VMM passes its address in
 //! the `VMM_BOOT_TIMER` environment variable, from the kernel command line),
-//! mount proc and sysfs, print one ready line with the online CPUs, then run
-//! the command given after `--` on the kernel command line, if any, and
-//! power the VM off.
+//! mount proc and sysfs, print one ready line with the online CPUs. Then:
+//! - a command given after `--` on the kernel command line is run, and the
+//!   VM powers off;
+//! - else, when the VMM gave the VM a vsock device (`VMM_AGENT_PORT`), the
+//!   agent serves requests there (docs/agent-protocol.md) until told to
+//!   shut down;
+//! - else the VM powers off.
 //!
 //! The command is read from /proc/cmdline rather than from argv: the kernel
 //! also passes the boot parameters it does not know (such as `noxsave`) to
 //! init as arguments, so argv cannot tell them from the command.
+
+mod server;
 
 use std::ffi::CString;
 use std::io::Write;
@@ -18,6 +24,8 @@ use std::process::Command;
 const READY: &str = "vmm-init: ready";
 /// Runs the commands the image has no binary for.
 const BUSYBOX: &str = "/bin/busybox";
+/// PATH for the commands the agent runs.
+const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// The value the VMM's boot timer expects.
 const BOOT_TIMER_MAGIC: u8 = 123;
 
@@ -124,7 +132,7 @@ fn command_after_dashes(cmdline: &str) -> Vec<String> {
     words
 }
 
-fn power_off() -> ! {
+pub(crate) fn power_off() -> ! {
     // SAFETY: sync(2) has no preconditions.
     unsafe { libc::sync() };
     // The VMM has no ACPI; a reboot request (with `reboot=k`, through the
@@ -172,6 +180,7 @@ fn main() {
         // The initramfs has no link per busybox applet: run unknown commands
         // as applets.
         if matches!(&status, Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+            && !program.contains('/')
             && std::path::Path::new(BUSYBOX).exists()
         {
             status = run(BUSYBOX, &args);
@@ -179,6 +188,13 @@ fn main() {
         match status {
             Ok(s) => println!("vmm-init: command exited: {s}"),
             Err(e) => println!("vmm-init: cannot run {program}: {e}"),
+        }
+    } else if let Some(port) = std::env::var("VMM_AGENT_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+    {
+        if let Err(e) = server::serve(port) {
+            println!("vmm-init: the agent cannot serve on vsock port {port}: {e}");
         }
     }
     power_off();

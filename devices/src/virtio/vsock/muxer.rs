@@ -270,7 +270,11 @@ impl Muxer {
     /// Handles one packet the guest sent.
     pub fn handle_guest_packet(&mut self, hdr: &Header, payload: &[u8]) {
         if hdr.src_cid != self.guest_cid || hdr.dst_cid != HOST_CID {
-            tracing::debug!("vsock: dropped a packet with cids {} -> {}", hdr.src_cid, hdr.dst_cid);
+            tracing::debug!(
+                "vsock: dropped a packet with cids {} -> {}",
+                hdr.src_cid,
+                hdr.dst_cid
+            );
             return;
         }
         let key = Key {
@@ -673,7 +677,10 @@ mod tests {
         let fd = s.mux.by_fd.keys().copied().next().unwrap();
         s.mux.host_event(fd, EventSet::IN);
         let (hdr, data) = s.mux.next_packet(4096).unwrap();
-        assert_eq!((hdr.op, hdr.len, data.as_slice()), (OP_RW, 5, &b"world"[..]));
+        assert_eq!(
+            (hdr.op, hdr.len, data.as_slice()),
+            (OP_RW, 5, &b"world"[..])
+        );
         // Host half-closes: the guest gets SHUTDOWN(SEND), the connection stays.
         host.shutdown(Shutdown::Write).unwrap();
         s.mux.host_event(fd, EventSet::IN);
@@ -707,7 +714,9 @@ mod tests {
         s.mux
             .handle_guest_packet(&guest(OP_RESPONSE, 1024, req.src_port), &[]);
         let mut line = String::new();
-        std::io::BufReader::new(&client).read_line(&mut line).unwrap();
+        std::io::BufReader::new(&client)
+            .read_line(&mut line)
+            .unwrap();
         assert_eq!(line, format!("OK {}\n", req.src_port));
     }
 

@@ -1,0 +1,208 @@
+//! The guest agent's wire protocol, shared by the agent (in the guest) and
+//! the host client (the `vmm` library). Reference: docs/agent-protocol.md.
+//!
+//! One request per connection. Every message is a frame: a type byte, a
+//! 32-bit little-endian payload length, the payload.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+/// The vsock port the agent listens on.
+pub const AGENT_PORT: u32 = 1024;
+/// The host vsock port the agent connects to (and writes `ready\n`) once it
+/// listens: with the hybrid Unix-socket scheme, a host program listening on
+/// `<uds_path>_1023` learns the agent is up without polling.
+pub const READY_PORT: u32 = 1023;
+/// Largest frame payload accepted.
+pub const MAX_FRAME: usize = 1 << 20;
+
+/// Frame types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameType {
+    /// Host to guest, first frame: a JSON [`Request`].
+    Request = 1,
+    /// Host to guest: bytes for the command's stdin or the file being put;
+    /// an empty payload is end-of-file.
+    Stdin = 2,
+    /// Guest to host: the command's stdout, or the file being read.
+    Stdout = 3,
+    /// Guest to host: the command's stderr.
+    Stderr = 4,
+    /// Guest to host, last frame: a JSON [`Response`].
+    Response = 5,
+}
+
+impl FrameType {
+    fn from_byte(b: u8) -> Option<Self> {
+        Some(match b {
+            1 => FrameType::Request,
+            2 => FrameType::Stdin,
+            3 => FrameType::Stdout,
+            4 => FrameType::Stderr,
+            5 => FrameType::Response,
+            _ => return None,
+        })
+    }
+}
+
+/// A request from the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Is the agent there?
+    Ping,
+    /// Run a command. Its stdin comes in `Stdin` frames (when `stdin` is
+    /// true; otherwise it reads /dev/null), its output goes out in `Stdout`
+    /// and `Stderr` frames.
+    Exec {
+        argv: Vec<String>,
+        #[serde(default)]
+        env: BTreeMap<String, String>,
+        #[serde(default)]
+        cwd: Option<String>,
+        #[serde(default)]
+        stdin: bool,
+        /// Kill the command (SIGKILL) after this many milliseconds.
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
+    /// Write a file from the `Stdin` frames that follow.
+    Put {
+        path: String,
+        #[serde(default = "default_mode")]
+        mode: u32,
+    },
+    /// Read a file; its bytes come back in `Stdout` frames.
+    Get { path: String },
+    /// Sync and power the VM off.
+    Shutdown,
+}
+
+fn default_mode() -> u32 {
+    0o644
+}
+
+/// The agent's answer, the last frame of a connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Response {
+    /// Set when the request could not be carried out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Exec: the exit status, when the command exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Exec: the signal that killed the command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// Exec: the command was killed because it ran past its timeout.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub timed_out: bool,
+    /// Ping: the agent's version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// Put/get: the file size in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+}
+
+impl Response {
+    pub fn error(msg: impl Into<String>) -> Self {
+        Response {
+            error: Some(msg.into()),
+            ..Default::default()
+        }
+    }
+}
+
+/// Writes one frame.
+pub fn write_frame(w: &mut impl Write, kind: FrameType, payload: &[u8]) -> io::Result<()> {
+    if payload.len() > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "frame too large",
+        ));
+    }
+    let mut head = [0u8; 5];
+    head[0] = kind as u8;
+    head[1..].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    w.write_all(&head)?;
+    w.write_all(payload)
+}
+
+/// Writes a JSON frame.
+pub fn write_json<T: Serialize>(w: &mut impl Write, kind: FrameType, value: &T) -> io::Result<()> {
+    let json = serde_json::to_vec(value).map_err(io::Error::other)?;
+    write_frame(w, kind, &json)
+}
+
+/// Reads one frame; None at a clean end of stream.
+pub fn read_frame(r: &mut impl Read) -> io::Result<Option<(FrameType, Vec<u8>)>> {
+    let mut head = [0u8; 5];
+    match r.read_exact(&mut head[..1]) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    r.read_exact(&mut head[1..])?;
+    let kind = FrameType::from_byte(head[0])
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unknown frame type"))?;
+    let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    if len > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "frame too large",
+        ));
+    }
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload)?;
+    Ok(Some((kind, payload)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let mut buf = Vec::new();
+        write_json(&mut buf, FrameType::Request, &Request::Ping).unwrap();
+        write_frame(&mut buf, FrameType::Stdin, b"").unwrap();
+        let mut r = &buf[..];
+        let (kind, payload) = read_frame(&mut r).unwrap().unwrap();
+        assert_eq!(kind, FrameType::Request);
+        assert_eq!(
+            serde_json::from_slice::<Request>(&payload).unwrap(),
+            Request::Ping
+        );
+        assert_eq!(
+            read_frame(&mut r).unwrap().unwrap(),
+            (FrameType::Stdin, vec![])
+        );
+        assert!(read_frame(&mut r).unwrap().is_none());
+    }
+
+    #[test]
+    fn bad_frames_are_errors() {
+        assert!(read_frame(&mut &[9u8, 0, 0, 0, 0][..]).is_err());
+        assert!(read_frame(&mut &[1u8, 0xff, 0xff, 0xff, 0xff][..]).is_err());
+        assert!(read_frame(&mut &[1u8, 5, 0][..]).is_err());
+    }
+
+    #[test]
+    fn exec_request_json() {
+        let r: Request =
+            serde_json::from_str(r#"{"op":"exec","argv":["true"],"stdin":true}"#).unwrap();
+        assert!(matches!(r, Request::Exec { stdin: true, .. }));
+        assert!(serde_json::from_str::<Request>(r#"{"op":"exec","argv":[],"bogus":1}"#).is_err());
+        let resp = serde_json::to_string(&Response {
+            exit_code: Some(3),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(resp, r#"{"exit_code":3}"#);
+    }
+}

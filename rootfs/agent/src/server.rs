@@ -1,0 +1,343 @@
+//! The agent's vsock service: one thread per connection, one request per
+//! connection (docs/agent-protocol.md).
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use vmm_agent::{read_frame, write_frame, write_json, FrameType, Request, Response};
+
+use crate::{power_off, BUSYBOX, PATH};
+
+/// Listens on vsock `port` and serves requests until the VM powers off.
+pub fn serve(port: u32) -> io::Result<()> {
+    let listener = vsock_listen(port)?;
+    announce_ready();
+    loop {
+        // SAFETY: accept4(2) on a listening socket we own; null address
+        // pointers are allowed. The result is checked.
+        let fd = unsafe {
+            libc::accept4(
+                listener.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        // SAFETY: `fd` is a new connected socket that nothing else owns.
+        let conn = unsafe { File::from_raw_fd(fd) };
+        std::thread::spawn(move || {
+            if let Err(e) = handle(conn) {
+                eprintln!("vmm-agent: connection failed: {e}");
+            }
+        });
+    }
+}
+
+/// Tells the host the agent listens: connect to host port READY_PORT and say
+/// so. Nobody listening there is fine.
+fn announce_ready() {
+    // SAFETY: plain socket(2) call; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return;
+    }
+    // SAFETY: `fd` is a new socket nothing else owns; File closes it.
+    let mut sock = unsafe { File::from_raw_fd(fd) };
+    let addr = vsock_addr(libc::VMADDR_CID_HOST, vmm_agent::READY_PORT);
+    // SAFETY: `addr` is a valid sockaddr_vm of the size passed.
+    let rc = unsafe {
+        libc::connect(
+            fd,
+            std::ptr::addr_of!(addr).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        let _ = sock.write_all(b"ready\n");
+    }
+}
+
+fn vsock_addr(cid: u32, port: u32) -> libc::sockaddr_vm {
+    // SAFETY: sockaddr_vm is plain old data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_port = port;
+    addr.svm_cid = cid;
+    addr
+}
+
+fn vsock_listen(port: u32) -> io::Result<File> {
+    // SAFETY: plain socket(2) call; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new socket nothing else owns; File closes it.
+    let sock = unsafe { File::from_raw_fd(fd) };
+    let addr = vsock_addr(libc::VMADDR_CID_ANY, port);
+    // SAFETY: `addr` is a valid sockaddr_vm of the size passed.
+    let rc = unsafe {
+        libc::bind(
+            fd,
+            std::ptr::addr_of!(addr).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        )
+    };
+    // SAFETY: listen(2) on our socket.
+    if rc != 0 || unsafe { libc::listen(fd, 64) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(sock)
+}
+
+fn handle(conn: File) -> io::Result<()> {
+    let mut reader = conn.try_clone()?;
+    let writer = Arc::new(Mutex::new(conn));
+    let request = match read_frame(&mut reader)? {
+        Some((FrameType::Request, payload)) => serde_json::from_slice::<Request>(&payload),
+        _ => {
+            let resp = Response::error("the first frame must be a request");
+            return respond(&writer, &resp);
+        }
+    };
+    let response = match request {
+        Err(e) => Response::error(format!("bad request: {e}")),
+        Ok(Request::Ping) => Response {
+            agent: Some(format!("vmm-agent {}", env!("CARGO_PKG_VERSION"))),
+            ..Default::default()
+        },
+        Ok(Request::Exec {
+            argv,
+            env,
+            cwd,
+            stdin,
+            timeout_ms,
+        }) => exec(
+            &argv,
+            &env,
+            cwd.as_deref(),
+            stdin,
+            timeout_ms,
+            reader,
+            &writer,
+        ),
+        Ok(Request::Put { path, mode }) => put(&path, mode, &mut reader),
+        Ok(Request::Get { path }) => get(&path, &writer),
+        Ok(Request::Shutdown) => {
+            respond(&writer, &Response::default())?;
+            // Power off once the host has the answer: it closes the
+            // connection after reading it (the guest's vsock transmits
+            // asynchronously, so powering off at once could lose it).
+            // A host that never closes delays the power-off by 10 s at most.
+            set_recv_timeout(&reader, Duration::from_secs(10));
+            let mut sink = [0u8; 64];
+            while matches!(reader.read(&mut sink), Ok(n) if n > 0) {}
+            power_off();
+        }
+    };
+    respond(&writer, &response)
+}
+
+fn set_recv_timeout(sock: &File, timeout: Duration) {
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs().try_into().unwrap_or(10),
+        tv_usec: 0,
+    };
+    // SAFETY: setsockopt(2) on our socket with a valid timeval of the size passed.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            std::ptr::addr_of!(tv).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+}
+
+fn respond(writer: &Mutex<File>, response: &Response) -> io::Result<()> {
+    let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
+    write_json(&mut *w, FrameType::Response, response)?;
+    // SAFETY: shutdown(2) on our socket: tells the host no more frames come.
+    unsafe { libc::shutdown(w.as_raw_fd(), libc::SHUT_WR) };
+    Ok(())
+}
+
+fn spawn(
+    argv: &[String],
+    env: &std::collections::BTreeMap<String, String>,
+    cwd: Option<&str>,
+    stdin: bool,
+) -> io::Result<std::process::Child> {
+    let build = |program: &str, args: &[String]| {
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .env("PATH", PATH)
+            .envs(env)
+            .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(dir) = cwd {
+            cmd.current_dir(dir);
+        }
+        cmd
+    };
+    let (program, rest) = argv
+        .split_first()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty argv"))?;
+    match build(program, rest).spawn() {
+        // Bare names the image has no binary for may be busybox applets.
+        Err(e)
+            if e.kind() == io::ErrorKind::NotFound
+                && !program.contains('/')
+                && std::path::Path::new(BUSYBOX).exists() =>
+        {
+            build(BUSYBOX, argv).spawn()
+        }
+        other => other,
+    }
+}
+
+/// Copies `src` into frames of `kind` until end of file.
+fn pump(mut src: impl Read, kind: FrameType, writer: Arc<Mutex<File>>) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match src.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
+                if write_frame(&mut *w, kind, &buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}
+
+fn exec(
+    argv: &[String],
+    env: &std::collections::BTreeMap<String, String>,
+    cwd: Option<&str>,
+    stdin: bool,
+    timeout_ms: Option<u64>,
+    mut reader: File,
+    writer: &Arc<Mutex<File>>,
+) -> Response {
+    let mut child = match spawn(argv, env, cwd, stdin) {
+        Ok(c) => c,
+        Err(e) => {
+            let name = argv.first().map(String::as_str).unwrap_or("");
+            return Response::error(format!("cannot run {name}: {e}"));
+        }
+    };
+    let pid = child.id() as libc::pid_t;
+    let out = child.stdout.take().map(|o| {
+        let w = writer.clone();
+        std::thread::spawn(move || pump(o, FrameType::Stdout, w))
+    });
+    let err = child.stderr.take().map(|e| {
+        let w = writer.clone();
+        std::thread::spawn(move || pump(e, FrameType::Stderr, w))
+    });
+    if let Some(mut child_in) = child.stdin.take() {
+        std::thread::spawn(move || {
+            while let Ok(Some((FrameType::Stdin, data))) = read_frame(&mut reader) {
+                if data.is_empty() || child_in.write_all(&data).is_err() {
+                    break;
+                }
+            }
+            // Dropping the pipe is the command's end of input.
+        });
+    }
+    let (cancel, cancelled) = mpsc::channel::<()>();
+    let timed_out = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Some(ms) = timeout_ms {
+        let flag = timed_out.clone();
+        std::thread::spawn(move || {
+            if let Err(mpsc::RecvTimeoutError::Timeout) =
+                cancelled.recv_timeout(Duration::from_millis(ms))
+            {
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                // SAFETY: kill(2) on the command's pid, which is not reaped
+                // before the cancel message is sent.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        });
+    }
+    let status = child.wait();
+    let _ = cancel.send(());
+    for t in [out, err].into_iter().flatten() {
+        let _ = t.join();
+    }
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(s) => Response {
+            exit_code: s.code(),
+            signal: s.signal(),
+            timed_out: timed_out.load(std::sync::atomic::Ordering::SeqCst),
+            ..Default::default()
+        },
+        Err(e) => Response::error(format!("wait failed: {e}")),
+    }
+}
+
+fn put(path: &str, mode: u32, reader: &mut File) -> Response {
+    let mut file = match std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) => return Response::error(format!("cannot create {path}: {e}")),
+    };
+    let mut size = 0u64;
+    loop {
+        match read_frame(reader) {
+            Ok(Some((FrameType::Stdin, data))) if data.is_empty() => break,
+            Ok(Some((FrameType::Stdin, data))) => {
+                if let Err(e) = file.write_all(&data) {
+                    return Response::error(format!("cannot write {path}: {e}"));
+                }
+                size += data.len() as u64;
+            }
+            _ => return Response::error("the file data ended early"),
+        }
+    }
+    if let Err(e) = file.sync_all() {
+        return Response::error(format!("cannot sync {path}: {e}"));
+    }
+    Response {
+        size: Some(size),
+        ..Default::default()
+    }
+}
+
+fn get(path: &str, writer: &Arc<Mutex<File>>) -> Response {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) => return Response::error(format!("cannot open {path}: {e}")),
+    };
+    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    pump(file, FrameType::Stdout, writer.clone());
+    Response {
+        size: Some(size),
+        ..Default::default()
+    }
+}
