@@ -8,6 +8,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use vmm_sys_util::eventfd::EventFd;
+
 use vmm_agent::{read_frame, write_frame, write_json, FrameType};
 pub use vmm_agent::{Request, Response, AGENT_PORT, READY_PORT};
 
@@ -25,7 +27,7 @@ pub enum Error {
     Protocol(String),
     #[error("the guest agent refused the request: {0}")]
     Agent(String),
-    #[error("the guest agent did not announce itself within {0:?}")]
+    #[error("the guest agent did not announce itself within {0:?} (or the VM stopped first)")]
     NotReady(Duration),
 }
 
@@ -246,17 +248,25 @@ impl ReadyListener {
         Ok(ReadyListener { listener, path })
     }
 
-    /// Waits until the agent announces itself, at most `timeout`.
-    pub fn wait(&self, timeout: Duration) -> Result<()> {
-        let mut pfd = libc::pollfd {
+    /// Waits until the agent announces itself, at most `timeout`; gives up
+    /// early when `abort` (an eventfd, say "the VM ended") becomes readable.
+    pub fn wait(&self, timeout: Duration, abort: Option<&EventFd>) -> Result<()> {
+        let mut fds = vec![libc::pollfd {
             fd: self.listener.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
-        };
+        }];
+        if let Some(evt) = abort {
+            fds.push(libc::pollfd {
+                fd: evt.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: poll(2) on one valid pollfd.
-        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if rc <= 0 {
+        // SAFETY: poll(2) on a valid array of `fds.len()` pollfds.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        if rc <= 0 || fds[0].revents & libc::POLLIN == 0 {
             return Err(Error::NotReady(timeout));
         }
         let (stream, _) = self.listener.accept()?;

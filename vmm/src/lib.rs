@@ -8,18 +8,20 @@
 //! let config = vmm::VmConfig { vcpus: 2, memory_mib: 256, ..Default::default() };
 //! let hv = vmm::open_hypervisor()?;
 //! let vm = vmm::Vm::build(&config, hv.as_ref(), Instant::now())?;
-//! let outcome = vm.run(None)?;
+//! let outcome = vm.run(vmm::RunOptions::default())?;
 //! println!("{}", outcome.reason);
 //! # Ok::<(), vmm::vm::Error>(())
 //! ```
 
 pub mod agent;
+pub mod api;
 pub mod artifacts;
 pub mod bench;
 pub mod config;
 pub mod doctor;
 pub mod exit;
 pub mod memory;
+pub mod sandbox;
 pub mod signals;
 pub mod vcpu;
 pub mod virtio;
@@ -28,4 +30,4 @@ pub mod x86_64;
 
 pub use config::VmConfig;
 pub use exit::ExitReason;
-pub use vm::{open_hypervisor, BootTimings, RunOutcome, Vm};
+pub use vm::{open_hypervisor, BootTimings, RunOptions, RunOutcome, Vm};

@@ -29,6 +29,35 @@ enum Command {
         /// Write a JSON report (exit reason, boot timings) here when the VM ends.
         #[arg(long)]
         report: Option<PathBuf>,
+        /// Serve the control API here (docs/api.yaml) and keep the VM running
+        /// for `vmm exec`; adds a vsock device at `<PATH>.vsock` if the config
+        /// has none.
+        #[arg(long)]
+        api_socket: Option<PathBuf>,
+    },
+    /// Run a command in the VM behind an API socket; exit with its status.
+    Exec {
+        #[command(flatten)]
+        cmd: ExecArgs,
+        #[arg(long)]
+        api_socket: PathBuf,
+    },
+    /// Boot a fresh VM, run one command in it, shut it down; exit with the
+    /// command's status.
+    Run {
+        /// The VM configuration; `{}` (every default) when not given.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        cmd: ExecArgs,
+    },
+    /// Stop the VM behind an API socket: the guest syncs and powers off
+    /// (with --force: stop it at once).
+    Stop {
+        #[arg(long)]
+        api_socket: PathBuf,
+        #[arg(long)]
+        force: bool,
     },
     /// Check that this host can run VMs and say how to fix what is missing.
     Doctor,
@@ -37,6 +66,61 @@ enum Command {
         #[command(subcommand)]
         what: BenchCommand,
     },
+}
+
+#[derive(clap::Args)]
+struct ExecArgs {
+    /// Environment variables for the command (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "K=V")]
+    env: Vec<String>,
+    /// Working directory in the guest.
+    #[arg(long)]
+    cwd: Option<String>,
+    /// Kill the command after this many seconds (exit status 124).
+    #[arg(long)]
+    timeout: Option<f64>,
+    /// Stream this process's standard input to the command.
+    #[arg(long, short = 'i')]
+    interactive: bool,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    argv: Vec<String>,
+}
+
+impl ExecArgs {
+    fn to_exec(&self) -> Result<vmm::agent::Exec, String> {
+        let mut env = std::collections::BTreeMap::new();
+        for kv in &self.env {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("--env {kv}: expected K=V"))?;
+            env.insert(k.to_string(), v.to_string());
+        }
+        Ok(vmm::agent::Exec {
+            argv: self.argv.clone(),
+            env,
+            cwd: self.cwd.clone(),
+            timeout: self.timeout.map(std::time::Duration::from_secs_f64),
+        })
+    }
+
+    /// Runs the command through `agent`, streaming to this process's stdio.
+    fn run(&self, agent: &vmm::agent::AgentClient) -> ExitCode {
+        let exec = match self.to_exec() {
+            Ok(e) => e,
+            Err(e) => return fail(e),
+        };
+        let stdin: Option<Box<dyn std::io::Read + Send>> = if self.interactive {
+            Some(Box::new(std::io::stdin()))
+        } else {
+            None
+        };
+        let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+        match agent.exec(&exec, stdin, &mut out, &mut err) {
+            Ok(status) => ExitCode::from(status.shell_code().clamp(0, 255) as u8),
+            Err(e) => fail(e),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -73,11 +157,22 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(1)
 }
 
-fn launch(config: PathBuf, report: Option<PathBuf>, start: Instant) -> ExitCode {
-    let config = match VmConfig::from_file(&config) {
+fn launch(
+    config: PathBuf,
+    report: Option<PathBuf>,
+    api_socket: Option<PathBuf>,
+    start: Instant,
+) -> ExitCode {
+    let mut config = match VmConfig::from_file(&config) {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
+    if let (Some(api), None) = (&api_socket, &config.vsock) {
+        config.vsock = Some(vmm::config::VsockConfig {
+            cid: vmm::sandbox::DEFAULT_CID,
+            uds_path: PathBuf::from(format!("{}.vsock", api.display())),
+        });
+    }
     let hv = match vmm::open_hypervisor() {
         Ok(hv) => hv,
         Err(e) => return fail(e),
@@ -90,7 +185,11 @@ fn launch(config: PathBuf, report: Option<PathBuf>, start: Instant) -> ExitCode 
         Ok(evt) => evt,
         Err(e) => return fail(format!("cannot install signal handlers: {e}")),
     };
-    let outcome = match vm.run(Some(stop)) {
+    let opts = vmm::RunOptions {
+        stop_evt: Some(stop),
+        api_socket,
+    };
+    let outcome = match vm.run(opts) {
         Ok(o) => o,
         Err(e) => return fail(e),
     };
@@ -109,13 +208,75 @@ fn launch(config: PathBuf, report: Option<PathBuf>, start: Instant) -> ExitCode 
     ExitCode::from(code as u8)
 }
 
+fn exec(cmd: &ExecArgs, api_socket: &std::path::Path) -> ExitCode {
+    let api = vmm::api::ApiClient::new(api_socket);
+    // A VM just launched may still be booting: wait for its agent.
+    if let Err(e) = api.wait_agent() {
+        return fail(e);
+    }
+    match api.vsock_path() {
+        Ok(uds) => cmd.run(&vmm::agent::AgentClient::new(&uds)),
+        Err(e) => fail(e),
+    }
+}
+
+fn run(config: Option<PathBuf>, cmd: &ExecArgs) -> ExitCode {
+    let config = match config {
+        Some(path) => match VmConfig::from_file(&path) {
+            Ok(c) => c,
+            Err(e) => return fail(e),
+        },
+        None => VmConfig::default(),
+    };
+    let sandbox = match vmm::sandbox::Sandbox::start(config) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let code = cmd.run(sandbox.agent());
+    if let Err(e) = sandbox.stop() {
+        eprintln!("vmm: the VM did not stop cleanly: {e}");
+    }
+    code
+}
+
+fn stop(api_socket: &std::path::Path, force: bool) -> ExitCode {
+    let api = vmm::api::ApiClient::new(api_socket);
+    let vm = match api.call("GET", "/vm", None) {
+        Ok(vm) => vm,
+        Err(e) => return fail(e),
+    };
+    // A clean stop when the agent serves: the guest syncs its disks and
+    // powers off. Otherwise (or with --force) the VMM stops the VM at once.
+    if let (false, Some(uds), "ready") = (
+        force,
+        vm["vsock"]["uds_path"].as_str(),
+        vm["agent"].as_str().unwrap_or(""),
+    ) {
+        match vmm::agent::AgentClient::new(std::path::Path::new(uds)).shutdown() {
+            Ok(()) => return ExitCode::SUCCESS,
+            Err(e) => eprintln!("vmm: the guest agent did not shut down ({e}); stopping the VM"),
+        }
+    }
+    match api.call("PUT", "/vm/stop", None) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
 fn main() -> ExitCode {
     // Boot timings count from here: the first thing the process does.
     let start = Instant::now();
     let cli = Cli::parse();
     init_logging();
     match cli.command {
-        Command::Launch { config, report } => launch(config, report, start),
+        Command::Launch {
+            config,
+            report,
+            api_socket,
+        } => launch(config, report, api_socket, start),
+        Command::Exec { cmd, api_socket } => exec(&cmd, &api_socket),
+        Command::Run { config, cmd } => run(config, &cmd),
+        Command::Stop { api_socket, force } => stop(&api_socket, force),
         Command::Doctor => {
             let report = vmm::doctor::run();
             print!("{report}");

@@ -16,6 +16,7 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 use hypervisor::{Hypervisor, HypervisorKind, Vcpu};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::api::{ApiServer, VmInfo};
 use crate::artifacts::{self, KernelFlavour};
 use crate::config::{RootfsConfig, SerialOutput, VmConfig};
 use crate::exit::{ExitReason, ExitSignal};
@@ -46,6 +47,8 @@ pub enum Error {
     DefaultBaseMissing { path: PathBuf },
     #[error(transparent)]
     Disk(#[from] devices::virtio::block::disk::Error),
+    #[error(transparent)]
+    Api(#[from] crate::api::Error),
     #[error("cannot listen on the vsock socket {path}: {source}; check that its folder exists and is writable")]
     VsockSocket {
         path: PathBuf,
@@ -107,6 +110,15 @@ pub struct RunOutcome {
     pub vmm_overhead_rss_kib: Option<u64>,
 }
 
+/// How to run a built VM.
+#[derive(Default)]
+pub struct RunOptions {
+    /// The VM stops when this becomes readable (see `signals::install`).
+    pub stop_evt: Option<EventFd>,
+    /// Serve the control API on this Unix socket while the VM runs.
+    pub api_socket: Option<PathBuf>,
+}
+
 /// What a VM was built from, after defaults were filled in.
 #[derive(Debug, Clone)]
 pub struct ResolvedBoot {
@@ -131,6 +143,7 @@ pub struct Vm {
     serial_is_stdout: bool,
     virtio: Vec<VirtioSlot>,
     backends: Vec<VsockBackend>,
+    info: VmInfo,
     resolved: ResolvedBoot,
 }
 
@@ -377,6 +390,11 @@ impl Vm {
             serial_is_stdout: config.serial == SerialOutput::Stdout,
             virtio,
             backends,
+            info: VmInfo {
+                vcpus: config.vcpus,
+                memory_mib: config.memory_mib,
+                vsock: config.vsock.as_ref().map(|v| (v.cid, v.uds_path.clone())),
+            },
             resolved: ResolvedBoot {
                 kind,
                 flavour,
@@ -392,11 +410,20 @@ impl Vm {
         &self.resolved
     }
 
-    /// Runs the guest until it shuts down, crashes, or `stop_evt` (if
-    /// given) becomes readable; then stops every vCPU and returns why.
-    pub fn run(mut self, stop_evt: Option<EventFd>) -> Result<RunOutcome> {
+    /// Runs the guest until it shuts down, crashes, `opts.stop_evt`
+    /// becomes readable or the API asks; then stops every vCPU and returns
+    /// why.
+    pub fn run(mut self, opts: RunOptions) -> Result<RunOutcome> {
+        let RunOptions {
+            stop_evt,
+            api_socket,
+        } = opts;
         let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
             EventManager::new().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
+        if let Some(path) = &api_socket {
+            let server = ApiServer::bind(path, self.info.clone(), self.shared.exit.clone())?;
+            manager.add_subscriber(Arc::new(Mutex::new(server)));
+        }
         // Console input: only from an interactive terminal, so a VMM run by
         // another program never steals that program's standard input.
         let forward_stdin =

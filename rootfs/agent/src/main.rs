@@ -29,31 +29,82 @@ const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 /// The value the VMM's boot timer expects.
 const BOOT_TIMER_MAGIC: u8 = 123;
 
-fn mount(source: &str, target: &str, fstype: &str) {
+fn sys_mount(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+) -> std::io::Result<()> {
     let (Ok(src), Ok(dst), Ok(fs)) = (
         CString::new(source),
         CString::new(target),
         CString::new(fstype),
     ) else {
-        return;
+        return Err(std::io::ErrorKind::InvalidInput.into());
     };
-    let _ = std::fs::create_dir_all(target);
     // SAFETY: all three are valid NUL-terminated strings; no data argument.
     let rc = unsafe {
         libc::mount(
             src.as_ptr(),
             dst.as_ptr(),
             fs.as_ptr(),
-            libc::MS_NOSUID,
+            flags,
             std::ptr::null(),
         )
     };
     if rc != 0 {
-        let err = std::io::Error::last_os_error();
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Mounts a kernel file system, saying why when it fails.
+fn mount(source: &str, target: &str, fstype: &str) {
+    let _ = std::fs::create_dir_all(target);
+    if let Err(err) = sys_mount(source, target, fstype, libc::MS_NOSUID) {
         if err.raw_os_error() != Some(libc::EBUSY) {
             eprintln!("vmm-init: mount {fstype} on {target}: {err}");
         }
     }
+}
+
+/// When the VM has a root disk (/dev/vda: the base image and this VM's
+/// layer, merged by the VMM), makes it the root file system, moving /dev,
+/// /proc and /sys into it.
+fn assemble_root() {
+    const NEW: &str = "/newroot";
+    if !std::path::Path::new("/dev/vda").exists() {
+        return;
+    }
+    let _ = std::fs::create_dir_all(NEW);
+    let mounted = sys_mount("/dev/vda", NEW, "ext4", 0)
+        .or_else(|_| sys_mount("/dev/vda", NEW, "ext4", libc::MS_RDONLY));
+    if let Err(e) = mounted {
+        eprintln!("vmm-init: cannot mount the root disk /dev/vda: {e}; staying in the initramfs");
+        return;
+    }
+    for dir in ["/dev", "/proc", "/sys"] {
+        let target = format!("{NEW}{dir}");
+        let _ = std::fs::create_dir_all(&target);
+        if let Err(e) = sys_mount(dir, &target, "", libc::MS_MOVE) {
+            eprintln!("vmm-init: cannot move {dir} into the root disk: {e}");
+        }
+    }
+    let switched = std::env::set_current_dir(NEW)
+        .and_then(|_| sys_mount(".", "/", "", libc::MS_MOVE))
+        .and_then(|_| std::os::unix::fs::chroot("."))
+        .and_then(|_| std::env::set_current_dir("/"));
+    if let Err(e) = switched {
+        eprintln!("vmm-init: cannot switch to the root disk: {e}");
+        return;
+    }
+    mount("tmpfs", "/tmp", "tmpfs");
+    mount("tmpfs", "/run", "tmpfs");
+}
+
+fn set_hostname(name: &str) {
+    // SAFETY: the pointer and length describe `name`'s bytes.
+    unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
 }
 
 /// Writes the boot-timer magic byte at guest physical address `addr`.
@@ -161,6 +212,8 @@ fn main() {
     }
     mount("proc", "/proc", "proc");
     mount("sysfs", "/sys", "sysfs");
+    assemble_root();
+    set_hostname("sandbox");
     let cpus = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
     println!("{READY} cpus-online={}", cpus.trim());
     let _ = std::io::stdout().flush();

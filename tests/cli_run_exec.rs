@@ -1,0 +1,124 @@
+//! `vmm run`, and `vmm launch --api-socket` with `vmm exec` and `vmm stop`,
+//! as a user runs them.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use common::{Scratch, VMM};
+
+#[test]
+fn run_boots_runs_python_and_returns_its_output() {
+    let out = Command::new(VMM)
+        .args(["run", "--", "python3", "-c", "print(6*7)"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "42\n", "{stderr}");
+}
+
+#[test]
+fn run_returns_the_commands_exit_status() {
+    let s = Scratch::new("run-status");
+    let config = s.file("vm.json", r#"{"vcpus": 1, "memory_mib": 192}"#);
+    let out = Command::new(VMM)
+        .args(["run", "--config"])
+        .arg(&config)
+        .args(["--", "sh", "-c", "echo out; echo err >&2; exit 3"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(out.stdout, b"out\n");
+    assert_eq!(out.stderr, b"err\n");
+}
+
+#[test]
+fn launch_exec_stop() {
+    let s = Scratch::new("launch-exec");
+    let api = s.path("api.sock");
+    let config = s.file(
+        "vm.json",
+        r#"{"vcpus": 2, "memory_mib": 256, "rootfs": {}}"#,
+    );
+    let mut vm = Command::new(VMM)
+        .args(["launch", "--config"])
+        .arg(&config)
+        .arg("--api-socket")
+        .arg(&api)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The API socket exists once the VMM serves; `vmm exec` then waits for
+    // the guest agent by itself. Until the socket is there, only a few
+    // milliseconds of VMM setup pass: retrying exec is the wait.
+    let exec = |args: &[&str], stdin: Option<&[u8]>| {
+        let mut cmd = Command::new(VMM);
+        cmd.arg("exec").arg("--api-socket").arg(&api).args(args);
+        cmd.stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        if let Some(data) = stdin {
+            child.stdin.take().unwrap().write_all(data).unwrap();
+        }
+        child.wait_with_output().unwrap()
+    };
+    let first = loop {
+        let out = exec(&["--", "uname", "-a"], None);
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        if out.status.success() || !stderr.contains("cannot reach") {
+            break out;
+        }
+        assert!(vm.try_wait().unwrap().is_none(), "the VMM ended: {stderr}");
+    };
+    assert_eq!(
+        first.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(String::from_utf8_lossy(&first.stdout).starts_with("Linux sandbox"));
+
+    let out = exec(
+        &[
+            "-e",
+            "GREETING=hello",
+            "--cwd",
+            "/etc",
+            "--",
+            "sh",
+            "-c",
+            "echo $GREETING from $(pwd)",
+        ],
+        None,
+    );
+    assert_eq!(out.stdout, b"hello from /etc\n");
+    let out = exec(&["-i", "--", "wc", "-c"], Some(&[b'x'; 10000]));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "10000");
+    let out = exec(&["--", "sh", "-c", "exit 7"], None);
+    assert_eq!(out.status.code(), Some(7));
+    let out = exec(&["--timeout", "0.5", "--", "sleep", "600"], None);
+    assert_eq!(out.status.code(), Some(124));
+
+    let stop = Command::new(VMM)
+        .arg("stop")
+        .arg("--api-socket")
+        .arg(&api)
+        .output()
+        .unwrap();
+    assert!(
+        stop.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stop.stderr)
+    );
+    assert_eq!(vm.wait().unwrap().code(), Some(0));
+}
