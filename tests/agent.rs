@@ -61,7 +61,7 @@ fn agent_runs_commands_and_moves_files_over_vsock() {
         .spawn()
         .unwrap());
     ready
-        .wait(Duration::from_secs(300))
+        .wait(Duration::from_secs(300), None)
         .expect("the agent came up");
     let client = AgentClient::new(&uds);
 
