@@ -252,3 +252,117 @@ impl MutEventSubscriber for VsockBackend {
         inner.muxer.release_closed();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::packet::*;
+    use super::*;
+    use crate::interrupt::EventFdLine;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Address, Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::EventFd;
+
+    const CID: u64 = 3;
+
+    fn chain(descs: &[(u64, u32, bool)]) -> Vec<RawDescriptor> {
+        descs
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, writable))| {
+                let mut flags = if writable {
+                    VRING_DESC_F_WRITE as u16
+                } else {
+                    0
+                };
+                if i + 1 < descs.len() {
+                    flags |= VRING_DESC_F_NEXT as u16;
+                }
+                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
+            })
+            .collect()
+    }
+
+    fn used_len(mem: &GuestMemoryMmap, q: &MockSplitQueue<GuestMemoryMmap>, slot: u64) -> u32 {
+        // Used ring: flags u16, idx u16, then (id u32, len u32) elements.
+        mem.read_obj(q.used_addr().unchecked_add(4 + slot * 8 + 4))
+            .unwrap()
+    }
+
+    fn used_idx(mem: &GuestMemoryMmap, q: &MockSplitQueue<GuestMemoryMmap>) -> u16 {
+        mem.read_obj(q.used_addr().unchecked_add(2)).unwrap()
+    }
+
+    #[test]
+    fn hostile_transmit_chains_are_dropped_and_requests_get_answers() {
+        let dir = std::env::temp_dir().join(format!("vmm-vsockdev-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let rxq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
+        let txq = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 16);
+        let evq = MockSplitQueue::create(&mem, GuestAddress(0x3_0000), 16);
+        let mut dev = Vsock::new(CID, &dir.join("v.sock")).unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let interrupt = Arc::new(Interrupt::new(Box::new(EventFdLine(irq))));
+        let queues = vec![
+            rxq.create_queue().unwrap(),
+            txq.create_queue().unwrap(),
+            evq.create_queue().unwrap(),
+        ];
+        dev.activate(mem.clone(), interrupt, queues).unwrap();
+
+        // 1: a header cut short. 2: a length past the buffers. 3: a length
+        // past the packet bound. 4: a buffer outside guest memory.
+        let req = Header {
+            src_cid: CID,
+            dst_cid: HOST_CID,
+            src_port: 5000,
+            dst_port: 4242,
+            type_: TYPE_STREAM,
+            op: OP_REQUEST,
+            buf_alloc: 4096,
+            ..Default::default()
+        };
+        let mut long = req;
+        long.op = OP_RW;
+        long.len = 1000;
+        mem.write_slice(&long.to_bytes(), GuestAddress(0x10_0000))
+            .unwrap();
+        let mut huge = long;
+        huge.len = u32::MAX;
+        mem.write_slice(&huge.to_bytes(), GuestAddress(0x10_1000))
+            .unwrap();
+        mem.write_slice(&req.to_bytes(), GuestAddress(0x10_2000))
+            .unwrap();
+        let mut descs = chain(&[(0x10_0000, 10, false)]);
+        descs.extend(chain(&[(0x10_0000, 44, false), (0x10_3000, 16, false)]));
+        descs.extend(chain(&[(0x10_1000, 44, false)]));
+        descs.extend(chain(&[(0x1f_ff00, 0x1000, false)]));
+        // 5: a valid REQUEST to a port nobody listens on.
+        descs.extend(chain(&[(0x10_2000, 44, false)]));
+        txq.add_desc_chains(&descs, 0).unwrap();
+        dev.process_queue(TX);
+        assert_eq!(used_idx(&mem, &txq), 5, "every chain is completed");
+
+        // The refused REQUEST is answered with RST once the guest posts a
+        // receive buffer; a buffer too small for a header is returned empty.
+        rxq.add_desc_chains(&chain(&[(0x11_0000, 8, true)]), 0)
+            .unwrap();
+        rxq.add_desc_chains(&chain(&[(0x12_0000, 4096, true)]), 1)
+            .unwrap();
+        dev.process_queue(RX);
+        assert_eq!(used_idx(&mem, &rxq), 2);
+        assert_eq!(used_len(&mem, &rxq, 0), 0);
+        assert_eq!(used_len(&mem, &rxq, 1), HDR_LEN as u32);
+        let mut raw = [0u8; HDR_LEN];
+        mem.read_slice(&mut raw, GuestAddress(0x12_0000)).unwrap();
+        let rst = Header::parse(&raw);
+        assert_eq!(
+            (rst.op, rst.dst_port, rst.src_port, rst.dst_cid),
+            (OP_RST, 5000, 4242, CID)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
