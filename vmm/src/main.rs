@@ -140,6 +140,20 @@ enum BenchCommand {
         #[arg(long)]
         no_qemu: bool,
     },
+    /// The agent path: ping and `exec true` round trips, vsock throughput
+    /// both ways, sequential block I/O in the guest.
+    Agent {
+        /// Round trips per latency figure.
+        #[arg(long, default_value_t = 5)]
+        runs: u32,
+        /// MiB per throughput figure (keep it small on PVM hosts, where the
+        /// guest kernel moves about 1 MiB/s).
+        #[arg(long, default_value_t = 4)]
+        mib: u64,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn init_logging() {
@@ -286,6 +300,22 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         }
+        Command::Bench {
+            what: BenchCommand::Agent { runs, mib, json },
+        } => match vmm::bench::agent(&vmm::bench::AgentBenchOptions { runs, mib }) {
+            Ok(result) => {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&result.to_json()).unwrap_or_default()
+                    );
+                } else {
+                    print!("{}", result.table());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
         Command::Bench {
             what:
                 BenchCommand::Boot {
