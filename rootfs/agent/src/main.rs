@@ -246,11 +246,46 @@ fn main() {
         .ok()
         .and_then(|p| p.parse().ok())
     {
+        serve_and_reap(port);
+    }
+    power_off();
+}
+
+/// Runs the agent in a child process while PID 1 reaps every process that
+/// ends up orphaned (commands' background descendants are reparented to
+/// PID 1). The agent waits for its own commands itself. Returns when the
+/// agent process ends (then the VM powers off).
+fn serve_and_reap(port: u32) {
+    // SAFETY: fork(2) while this process has a single thread (no thread has
+    // been started yet), so the child may run arbitrary code.
+    let agent = unsafe { libc::fork() };
+    if agent == 0 {
         if let Err(e) = server::serve(port) {
             println!("vmm-init: the agent cannot serve on vsock port {port}: {e}");
         }
+        // The agent's shutdown request powers off from the child; any other
+        // end of the service ends the VM too.
+        power_off();
     }
-    power_off();
+    if agent < 0 {
+        println!(
+            "vmm-init: cannot start the agent: {}",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid(2) for any child with a valid status pointer.
+        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if pid == agent {
+            println!("vmm-init: the agent ended (status {status:#x})");
+            return;
+        }
+        if pid < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD) {
+            return;
+        }
+    }
 }
 
 #[cfg(test)]
