@@ -151,6 +151,11 @@ pub fn run() -> Report {
         &artifacts::default_kernel(flavour),
     );
     artifact_check(&mut report, "initramfs", &artifacts::default_initramfs());
+    artifact_check(
+        &mut report,
+        "base image (for vmm run / rootfs)",
+        &artifacts::default_base_image(),
+    );
     let qemu = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").exists()))
         .unwrap_or(false);
