@@ -42,6 +42,12 @@ pub enum Error {
     },
 }
 
+/// A benchmark's results: machine-readable and readable.
+pub trait Report {
+    fn to_json(&self) -> Value;
+    fn table(&self) -> String;
+}
+
 /// The JSON report `vmm launch --report` writes.
 pub fn report_json(outcome: &RunOutcome) -> Value {
     let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
@@ -130,8 +136,8 @@ pub struct BootBench {
     pub qemu_skipped: Option<String>,
 }
 
-impl BootBench {
-    pub fn to_json(&self) -> Value {
+impl Report for BootBench {
+    fn to_json(&self) -> Value {
         let stats = |v: &[f64]| Stats::of(v).map(Stats::to_json);
         let ratio = match (
             Stats::of(&self.vmm_spawn_to_ready_ms),
@@ -155,7 +161,7 @@ impl BootBench {
         })
     }
 
-    pub fn table(&self) -> String {
+    fn table(&self) -> String {
         let mut out = format!(
             "boot benchmark: {} runs, {} MiB, {} kernel\n{:<34} {:>10} {:>10} {:>10}\n",
             self.runs, self.memory_mib, self.flavour, "metric", "median", "min", "max"
@@ -415,8 +421,8 @@ fn dd_seconds(stderr: &str) -> Option<f64> {
     before.rsplit(", ").next()?.trim().parse().ok()
 }
 
-impl AgentBench {
-    pub fn to_json(&self) -> Value {
+impl Report for AgentBench {
+    fn to_json(&self) -> Value {
         let stats = |v: &[f64]| Stats::of(v).map(Stats::to_json);
         let r = |x: f64| (x * 10.0).round() / 10.0;
         json!({
@@ -431,7 +437,7 @@ impl AgentBench {
         })
     }
 
-    pub fn table(&self) -> String {
+    fn table(&self) -> String {
         let j = self.to_json();
         let mut out = String::from("agent benchmark\n");
         for (k, v) in j.as_object().into_iter().flatten() {

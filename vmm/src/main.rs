@@ -277,6 +277,27 @@ fn stop(api_socket: &std::path::Path, force: bool) -> ExitCode {
     }
 }
 
+/// Prints a benchmark's results as JSON or as a table.
+fn print_bench<E: std::fmt::Display>(
+    result: Result<impl vmm::bench::Report, E>,
+    json: bool,
+) -> ExitCode {
+    match result {
+        Ok(r) if json => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&r.to_json()).unwrap_or_default()
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            print!("{}", r.table());
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
 fn main() -> ExitCode {
     // Boot timings count from here: the first thing the process does.
     let start = Instant::now();
@@ -302,20 +323,10 @@ fn main() -> ExitCode {
         }
         Command::Bench {
             what: BenchCommand::Agent { runs, mib, json },
-        } => match vmm::bench::agent(&vmm::bench::AgentBenchOptions { runs, mib }) {
-            Ok(result) => {
-                if json {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&result.to_json()).unwrap_or_default()
-                    );
-                } else {
-                    print!("{}", result.table());
-                }
-                ExitCode::SUCCESS
-            }
-            Err(e) => fail(e),
-        },
+        } => print_bench(
+            vmm::bench::agent(&vmm::bench::AgentBenchOptions { runs, mib }),
+            json,
+        ),
         Command::Bench {
             what:
                 BenchCommand::Boot {
@@ -324,26 +335,13 @@ fn main() -> ExitCode {
                     memory_mib,
                     no_qemu,
                 },
-        } => {
-            let opts = vmm::bench::BootBenchOptions {
+        } => print_bench(
+            vmm::bench::boot(&vmm::bench::BootBenchOptions {
                 runs,
                 memory_mib,
                 qemu: !no_qemu,
-            };
-            match vmm::bench::boot(&opts) {
-                Ok(result) => {
-                    if json {
-                        println!(
-                            "{}",
-                            serde_json::to_string_pretty(&result.to_json()).unwrap_or_default()
-                        );
-                    } else {
-                        print!("{}", result.table());
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(e),
-            }
-        }
+            }),
+            json,
+        ),
     }
 }
