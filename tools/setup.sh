@@ -33,4 +33,4 @@ rustup target add x86_64-unknown-linux-musl >/dev/null 2>&1 || rustup target add
 "$repo/rootfs/build-initramfs.sh"
 "$repo/rootfs/build-base-image.sh"
 cargo build --quiet --release --manifest-path "$repo/Cargo.toml" -p vmm
-echo "setup: done; the VMM is $repo/target/release/vmm" >&2
+echo "setup: done; the VMM is $repo/target/x86_64-unknown-linux-gnu/release/vmm" >&2
