@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# Builds the default initramfs: an uncompressed newc cpio holding
-#   /init            the guest agent (rootfs/agent, static musl binary)
-#   /bin/busybox     busybox-static, and /bin/sh linked to it
-#   /dev /proc /sys /tmp
+# Builds the default initramfs images, uncompressed newc cpio archives:
+#   initramfs.cpio          /init (the guest agent, rootfs/agent, static musl
+#                           binary), /bin/busybox (busybox-static) with /bin/sh
+#                           linked to it, /dev /proc /sys /tmp: for VMs
+#                           without a root disk (commands run from busybox);
+#   initramfs-minimal.cpio  /init and the directories only: for VMs with a
+#                           root disk, where the agent switches to the disk
+#                           (busybox would cost 3 s of unpacking on PVM hosts).
 # Uncompressed on purpose: a compressed initramfs is unpacked by emulated
 # kernel code on PVM hosts, which costs seconds. For the same reason there is
 # no link per busybox applet (400 links cost 10 s to unpack there): the init
 # runs an unknown command as a busybox applet, and busybox's shell finds its
 # applets by itself.
 #
-# Output: $CACHE/initramfs/<hash>/initramfs.cpio (hash of the agent binary,
-# busybox and this script) and the stable link $CACHE/initramfs/current.
+# Output: $CACHE/initramfs/<hash>/{initramfs,initramfs-minimal}.cpio (hash of
+# the agent binary, busybox and this script) and the stable link
+# $CACHE/initramfs/current.
 # $CACHE is $VMM_CACHE_DIR, else $XDG_CACHE_HOME/vmm, else ~/.cache/vmm.
 set -euo pipefail
 
@@ -31,7 +36,7 @@ agent="$repo/target/$target/release/vmm-agent"
 
 key="$(cat "$agent" "$busybox" "${BASH_SOURCE[0]}" | sha256sum | cut -c1-16)"
 out="$cache/initramfs/$key"
-if [ -f "$out/initramfs.cpio" ]; then
+if [ -f "$out/initramfs.cpio" ] && [ -f "$out/initramfs-minimal.cpio" ]; then
     ln -sfn "$key" "$cache/initramfs/current"
     echo "initramfs: up to date: $out/initramfs.cpio" >&2
     exit 0
@@ -39,12 +44,13 @@ fi
 
 stage="$(mktemp -d)"
 trap 'rm -rf "$stage"' EXIT
-mkdir -p "$stage"/{bin,dev,proc,sys,tmp,root}
+pack() { (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --owner 0:0 --quiet) > "$1"; }
+mkdir -p "$stage"/{bin,dev,proc,sys,tmp,root} "$out.tmp"
 install -m 0755 "$agent" "$stage/init"
+pack "$out.tmp/initramfs-minimal.cpio"
 install -m 0755 "$busybox" "$stage/bin/busybox"
 ln -s busybox "$stage/bin/sh"
-mkdir -p "$out.tmp"
-(cd "$stage" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --owner 0:0 --quiet) > "$out.tmp/initramfs.cpio"
+pack "$out.tmp/initramfs.cpio"
 rm -rf "$out" && mv "$out.tmp" "$out"
 ln -sfn "$key" "$cache/initramfs/current"
-echo "initramfs: built $out/initramfs.cpio ($(du -h "$out/initramfs.cpio" | cut -f1))" >&2
+echo "initramfs: built $out/initramfs.cpio ($(du -h "$out/initramfs.cpio" | cut -f1)) and initramfs-minimal.cpio ($(du -h "$out/initramfs-minimal.cpio" | cut -f1))" >&2

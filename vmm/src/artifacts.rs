@@ -78,12 +78,22 @@ pub fn default_base_image() -> PathBuf {
     cache_dir().join("base").join("current").join("base.ext4")
 }
 
-/// The default initramfs.
+/// The default initramfs: the guest agent plus busybox, for VMs without a
+/// root disk.
 pub fn default_initramfs() -> PathBuf {
     cache_dir()
         .join("initramfs")
         .join("current")
         .join("initramfs.cpio")
+}
+
+/// The agent-only initramfs, for VMs whose root file system is a disk (and
+/// for the boot benchmark): 0.5 MB instead of 2.4 MB to unpack.
+pub fn default_minimal_initramfs() -> PathBuf {
+    cache_dir()
+        .join("initramfs")
+        .join("current")
+        .join("initramfs-minimal.cpio")
 }
 
 #[cfg(test)]

@@ -153,6 +153,11 @@ pub fn run() -> Report {
     artifact_check(&mut report, "initramfs", &artifacts::default_initramfs());
     artifact_check(
         &mut report,
+        "initramfs (agent only, for VMs with a root disk)",
+        &artifacts::default_minimal_initramfs(),
+    );
+    artifact_check(
+        &mut report,
         "base image (for vmm run / rootfs)",
         &artifacts::default_base_image(),
     );

@@ -192,7 +192,12 @@ fn resolve_initramfs(config: &VmConfig) -> Result<Option<PathBuf>> {
         Some(path) if path.as_os_str().is_empty() => Ok(None),
         Some(path) => Ok(Some(path.clone())),
         None => {
-            let path = artifacts::default_initramfs();
+            // With a root disk the agent switches to it: busybox is not needed.
+            let path = if config.rootfs.is_some() {
+                artifacts::default_minimal_initramfs()
+            } else {
+                artifacts::default_initramfs()
+            };
             if path.exists() {
                 Ok(Some(path))
             } else {
