@@ -192,26 +192,51 @@ impl Report for BootBench {
     }
 }
 
+/// Longest a single boot may take before the bench gives up on it.
+const RUN_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// Runs `cmd`, returns the time from spawn to the first stdout line holding
-/// `marker` and the exit status.
-fn time_to_marker(mut cmd: Command, marker: &str) -> std::io::Result<(Option<Duration>, bool)> {
+/// `marker` and whether the process exited successfully. With
+/// `kill_at_marker` the process is killed once the marker is seen (qemu's
+/// reset path sometimes spins on this host after the guest's reboot; the
+/// figure is taken by then). A run past `RUN_TIMEOUT` is killed.
+fn time_to_marker(
+    mut cmd: Command,
+    marker: &str,
+    kill_at_marker: bool,
+) -> std::io::Result<(Option<Duration>, bool)> {
     let start = Instant::now();
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .stdin(Stdio::null())
         .spawn()?;
+    let pid = child.id() as libc::pid_t;
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if finished.recv_timeout(RUN_TIMEOUT).is_err() {
+            // SAFETY: kill(2) on our child, which is not reaped before the
+            // watchdog is told the run finished.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    });
     let mut seen = None;
     if let Some(out) = child.stdout.take() {
         for line in BufReader::new(out).split(b'\n') {
-            let line = line?;
+            let Ok(line) = line else { break };
             if seen.is_none() && String::from_utf8_lossy(&line).contains(marker) {
                 seen = Some(start.elapsed());
+                if kill_at_marker {
+                    let _ = child.kill();
+                    break;
+                }
             }
         }
     }
-    let status = child.wait()?;
-    Ok((seen, status.success()))
+    let status = child.wait();
+    let _ = done.send(());
+    let _ = watchdog.join();
+    Ok((seen, status?.success()))
 }
 
 fn qemu_command(kernel: &Path, initramfs: &Path, cmdline: &str, memory_mib: u64) -> Command {
@@ -309,7 +334,7 @@ pub fn boot(opts: &BootBenchOptions) -> Result<BootBench, Error> {
             .arg("--report")
             .arg(&report_path);
         let (ready, ok) =
-            time_to_marker(cmd, INIT_READY_MARKER).map_err(|source| Error::Spawn {
+            time_to_marker(cmd, INIT_READY_MARKER, false).map_err(|source| Error::Spawn {
                 program: exe.display().to_string(),
                 source,
             })?;
@@ -345,7 +370,7 @@ pub fn boot(opts: &BootBenchOptions) -> Result<BootBench, Error> {
         let cmdline = crate::vm::kernel_cmdline(&VmConfig::default(), flavour, &[]);
         for run in 1..=opts.runs {
             let cmd = qemu_command(&kernel, &initramfs, &cmdline, opts.memory_mib);
-            match time_to_marker(cmd, INIT_READY_MARKER) {
+            match time_to_marker(cmd, INIT_READY_MARKER, true) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     result.qemu_skipped = Some(
                         "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)"
