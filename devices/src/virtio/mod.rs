@@ -12,7 +12,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use crate::interrupt::InterruptLine;
@@ -107,6 +107,39 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: usize);
     /// Returns the device to its pre-activation state (driver reset).
     fn reset(&mut self);
+}
+
+/// The used ring of a queue cannot be written: the device must stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BrokenRing;
+
+/// Completes the guest's available chains on `queue` in order: `handle`
+/// returns how many bytes it wrote into a chain, or None to leave that chain
+/// (and the ones after it) for later. Raises the used-ring interrupt when the
+/// driver asks for one.
+pub fn process_chains<F>(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    interrupt: &Interrupt,
+    mut handle: F,
+) -> Result<(), BrokenRing>
+where
+    F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> Option<u32>,
+{
+    let mut used = false;
+    while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let head = chain.head_index();
+        let Some(len) = handle(chain) else {
+            queue.go_to_previous_position();
+            break;
+        };
+        queue.add_used(mem, head, len).map_err(|_| BrokenRing)?;
+        used = true;
+    }
+    if used && queue.needs_notification(mem).unwrap_or(true) {
+        interrupt.signal_used_queue();
+    }
+    Ok(())
 }
 
 /// Reads `data.len()` bytes at `offset` of a configuration-space image,

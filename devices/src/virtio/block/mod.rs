@@ -14,10 +14,12 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
+use virtio_queue::{DescriptorChain, Queue, Reader, Writer};
 use vm_memory::{GuestMemory, GuestMemoryMmap};
 
-use super::{read_config_bytes, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{
+    process_chains, read_config_bytes, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
+};
 pub use disk::LayeredDisk;
 
 const QUEUE_SIZE: u16 = 256;
@@ -32,7 +34,6 @@ const ID_BYTES: usize = 20;
 pub struct Block {
     disk: LayeredDisk,
     id: String,
-    acked_features: u64,
     queue_sizes: [u16; 1],
     running: Option<Running>,
 }
@@ -49,7 +50,6 @@ impl Block {
         Block {
             disk,
             id: id.chars().take(ID_BYTES).collect(),
-            acked_features: 0,
             queue_sizes: [QUEUE_SIZE],
             running: None,
         }
@@ -169,9 +169,9 @@ impl VirtioDevice for Block {
         f
     }
 
-    fn ack_features(&mut self, features: u64) {
-        self.acked_features = features;
-    }
+    // Nothing depends on the negotiated features: flush is always served and
+    // a read-only disk refuses writes whatever the driver accepted.
+    fn ack_features(&mut self, _features: u64) {}
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config(), offset, data);
@@ -193,35 +193,28 @@ impl VirtioDevice for Block {
     }
 
     fn process_queue(&mut self, _index: usize) {
-        let Some(running) = self.running.as_mut() else {
+        let Some(run) = self.running.as_mut() else {
             return;
         };
-        let mem = &running.mem;
-        let mut used_any = false;
-        while let Some(chain) = running.queue.pop_descriptor_chain(mem) {
+        let (disk, id) = (&mut self.disk, &self.id);
+        let done = process_chains(&mut run.queue, &run.mem, &run.interrupt, |chain| {
             let head = chain.head_index();
-            let used_len = match handle_chain(mem, chain, &mut self.disk, &self.id) {
+            Some(match handle_chain(&run.mem, chain, disk, id) {
                 Some(c) => c.used_len,
                 None => {
                     tracing::warn!("virtio-blk: malformed request chain {head} from the guest");
                     0
                 }
-            };
-            if running.queue.add_used(mem, head, used_len).is_err() {
-                tracing::warn!("virtio-blk: the used ring is broken; the queue stops");
-                self.running = None;
-                return;
-            }
-            used_any = true;
-        }
-        if used_any && running.queue.needs_notification(mem).unwrap_or(true) {
-            running.interrupt.signal_used_queue();
+            })
+        });
+        if done.is_err() {
+            tracing::warn!("virtio-blk: the used ring is broken; the queue stops");
+            self.running = None;
         }
     }
 
     fn reset(&mut self) {
         self.running = None;
-        self.acked_features = 0;
     }
 }
 
@@ -231,6 +224,7 @@ mod tests {
     use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::QueueT;
     use vm_memory::{Bytes, GuestAddress};
 
     struct Fixture {

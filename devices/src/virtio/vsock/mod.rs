@@ -15,10 +15,12 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
-use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
+use virtio_queue::{Queue, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 
-use super::{read_config_bytes, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{
+    process_chains, read_config_bytes, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
+};
 use muxer::{FdChange, Muxer};
 use packet::{Header, HDR_LEN};
 
@@ -42,72 +44,50 @@ struct Inner {
 impl Inner {
     /// Takes the guest's packets from the transmit queue.
     fn process_tx(&mut self) {
-        let Some(run) = self.running.as_mut() else {
+        let Inner { muxer, running } = self;
+        let Some(run) = running.as_mut() else {
             return;
         };
-        let mut used = false;
-        while let Some(chain) = run.queues[TX].pop_descriptor_chain(&run.mem) {
-            let head = chain.head_index();
+        let done = process_chains(&mut run.queues[TX], &run.mem, &run.interrupt, |chain| {
             match read_packet(&run.mem, chain) {
-                Some((hdr, payload)) => self.muxer.handle_guest_packet(&hdr, &payload),
+                Some((hdr, payload)) => muxer.handle_guest_packet(&hdr, &payload),
                 None => tracing::warn!("vsock: dropped a malformed packet from the guest"),
             }
-            if run.queues[TX].add_used(&run.mem, head, 0).is_err() {
-                tracing::warn!("vsock: the transmit ring is broken; the device stops");
-                self.running = None;
-                return;
-            }
-            used = true;
-        }
-        if used && run.queues[TX].needs_notification(&run.mem).unwrap_or(true) {
-            run.interrupt.signal_used_queue();
+            Some(0)
+        });
+        if done.is_err() {
+            tracing::warn!("vsock: the transmit ring is broken; the device stops");
+            *running = None;
         }
     }
 
     /// Fills the guest's receive buffers with what the host side has.
     fn process_rx(&mut self) {
-        let Some(run) = self.running.as_mut() else {
+        let Inner { muxer, running } = self;
+        let Some(run) = running.as_mut() else {
             return;
         };
-        let mut used = false;
-        while let Some(chain) = run.queues[RX].pop_descriptor_chain(&run.mem) {
-            let head = chain.head_index();
+        let done = process_chains(&mut run.queues[RX], &run.mem, &run.interrupt, |chain| {
             let Ok(mut writer) = Writer::new(&run.mem, chain) else {
                 tracing::warn!("vsock: malformed receive buffer from the guest");
-                if run.queues[RX].add_used(&run.mem, head, 0).is_err() {
-                    self.running = None;
-                    return;
-                }
-                used = true;
-                continue;
+                return Some(0);
             };
             let room = writer.available_bytes();
             if room < HDR_LEN {
-                if run.queues[RX].add_used(&run.mem, head, 0).is_err() {
-                    self.running = None;
-                    return;
-                }
-                used = true;
-                continue;
+                return Some(0);
             }
-            let Some((hdr, data)) = self.muxer.next_packet(room - HDR_LEN) else {
-                // Nothing to send: give the buffer back for later.
-                run.queues[RX].go_to_previous_position();
-                break;
-            };
+            // Nothing to send: the buffer stays with the device for later.
+            let (hdr, data) = muxer.next_packet(room - HDR_LEN)?;
             let written = writer
                 .write_all(&hdr.to_bytes())
                 .and_then(|_| writer.write_all(&data))
                 .map(|_| writer.bytes_written() as u32)
                 .unwrap_or(0);
-            if run.queues[RX].add_used(&run.mem, head, written).is_err() {
-                self.running = None;
-                return;
-            }
-            used = true;
-        }
-        if used && run.queues[RX].needs_notification(&run.mem).unwrap_or(true) {
-            run.interrupt.signal_used_queue();
+            Some(written)
+        });
+        if done.is_err() {
+            tracing::warn!("vsock: the receive ring is broken; the device stops");
+            *running = None;
         }
     }
 }
