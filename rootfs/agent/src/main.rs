@@ -183,6 +183,34 @@ fn command_after_dashes(cmdline: &str) -> Vec<String> {
     words
 }
 
+/// Starts `argv` with the agent's PATH, after `configure` set it up. A bare
+/// name the image has no binary for is run as a busybox applet (the
+/// initramfs has no link per applet).
+pub(crate) fn spawn_command(
+    argv: &[String],
+    configure: impl Fn(&mut Command),
+) -> std::io::Result<std::process::Child> {
+    let (program, rest) = argv
+        .split_first()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty argv"))?;
+    let spawn = |program: &str, args: &[String]| {
+        let mut cmd = Command::new(program);
+        cmd.args(args).env("PATH", PATH);
+        configure(&mut cmd);
+        cmd.spawn()
+    };
+    match spawn(program, rest) {
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                && !program.contains('/')
+                && std::path::Path::new(BUSYBOX).exists() =>
+        {
+            spawn(BUSYBOX, argv)
+        }
+        other => other,
+    }
+}
+
 pub(crate) fn power_off() -> ! {
     // SAFETY: sync(2) has no preconditions.
     unsafe { libc::sync() };
@@ -219,26 +247,8 @@ fn main() {
     let _ = std::io::stdout().flush();
 
     let args = command_after_dashes(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
-    if let Some((program, rest)) = args.split_first() {
-        let run = |program: &str, args: &[String]| {
-            Command::new(program)
-                .args(args)
-                .env(
-                    "PATH",
-                    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                )
-                .status()
-        };
-        let mut status = run(program, rest);
-        // The initramfs has no link per busybox applet: run unknown commands
-        // as applets.
-        if matches!(&status, Err(e) if e.kind() == std::io::ErrorKind::NotFound)
-            && !program.contains('/')
-            && std::path::Path::new(BUSYBOX).exists()
-        {
-            status = run(BUSYBOX, &args);
-        }
-        match status {
+    if let Some(program) = args.first() {
+        match spawn_command(&args, |_| {}).and_then(|mut child| child.wait()) {
             Ok(s) => println!("vmm-init: command exited: {s}"),
             Err(e) => println!("vmm-init: cannot run {program}: {e}"),
         }

@@ -5,14 +5,14 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use vmm_agent::{read_frame, write_frame, write_json, FrameType, Request, Response};
 
-use crate::{power_off, BUSYBOX, PATH};
+use crate::{power_off, spawn_command};
 
 /// Listens on vsock `port` and serves requests until the VM powers off.
 pub fn serve(port: u32) -> io::Result<()> {
@@ -182,33 +182,15 @@ fn spawn(
     cwd: Option<&str>,
     stdin: bool,
 ) -> io::Result<std::process::Child> {
-    let build = |program: &str, args: &[String]| {
-        let mut cmd = Command::new(program);
-        cmd.args(args)
-            .env("PATH", PATH)
-            .envs(env)
+    spawn_command(argv, |cmd| {
+        cmd.envs(env)
             .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         if let Some(dir) = cwd {
             cmd.current_dir(dir);
         }
-        cmd
-    };
-    let (program, rest) = argv
-        .split_first()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty argv"))?;
-    match build(program, rest).spawn() {
-        // Bare names the image has no binary for may be busybox applets.
-        Err(e)
-            if e.kind() == io::ErrorKind::NotFound
-                && !program.contains('/')
-                && std::path::Path::new(BUSYBOX).exists() =>
-        {
-            build(BUSYBOX, argv).spawn()
-        }
-        other => other,
-    }
+    })
 }
 
 /// Copies `src` into frames of `kind` until end of file.
