@@ -230,6 +230,12 @@ impl AgentClient {
     }
 }
 
+/// Where a host program listens for the agent's ready announcement:
+/// `<uds_path>_1023` (vsock host port READY_PORT in the hybrid scheme).
+pub fn ready_socket_path(uds_path: &Path) -> PathBuf {
+    PathBuf::from(format!("{}_{READY_PORT}", uds_path.display()))
+}
+
 /// Learns when a VM's agent is up: listens on `<uds_path>_1023`, where the
 /// agent connects once it serves. Bind it before the VM boots.
 pub struct ReadyListener {
@@ -239,7 +245,7 @@ pub struct ReadyListener {
 
 impl ReadyListener {
     pub fn bind(uds_path: &Path) -> Result<Self> {
-        let path = PathBuf::from(format!("{}_{READY_PORT}", uds_path.display()));
+        let path = ready_socket_path(uds_path);
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).map_err(|source| Error::Connect {
             path: path.clone(),

@@ -151,9 +151,10 @@ impl ApiServer {
             source,
         })?;
         listener.set_nonblocking(true)?;
-        let ready_path = info.vsock.as_ref().map(|(_, uds)| {
-            PathBuf::from(format!("{}_{}", uds.display(), crate::agent::READY_PORT))
-        });
+        let ready_path = info
+            .vsock
+            .as_ref()
+            .map(|(_, uds)| crate::agent::ready_socket_path(uds));
         let ready_listener = match &ready_path {
             Some(p) => {
                 let _ = std::fs::remove_file(p);

@@ -1,6 +1,5 @@
 //! Building a VM from its configuration and running it to the end.
 
-use std::fs::File;
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -170,20 +169,24 @@ pub fn kernel_cmdline(config: &VmConfig, flavour: KernelFlavour, devices: &[Stri
     parts.join(" ")
 }
 
+/// `path` when the setup command built it, else the error `missing` makes.
+fn built(path: PathBuf, missing: impl FnOnce(PathBuf) -> Error) -> Result<PathBuf> {
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(missing(path))
+    }
+}
+
 fn resolve_kernel(config: &VmConfig, flavour: KernelFlavour) -> Result<PathBuf> {
     match &config.kernel {
         Some(path) => Ok(path.clone()),
-        None => {
-            let path = artifacts::default_kernel(flavour);
-            if path.exists() {
-                Ok(path)
-            } else {
-                Err(Error::DefaultKernelMissing {
-                    flavour: flavour.name(),
-                    path,
-                })
+        None => built(artifacts::default_kernel(flavour), |path| {
+            Error::DefaultKernelMissing {
+                flavour: flavour.name(),
+                path,
             }
-        }
+        }),
     }
 }
 
@@ -198,40 +201,17 @@ fn resolve_initramfs(config: &VmConfig) -> Result<Option<PathBuf>> {
             } else {
                 artifacts::default_initramfs()
             };
-            if path.exists() {
-                Ok(Some(path))
-            } else {
-                Err(Error::DefaultInitramfsMissing { path })
-            }
+            built(path, |path| Error::DefaultInitramfsMissing { path }).map(Some)
         }
     }
-}
-
-fn open_initramfs(path: &std::path::Path) -> Result<(File, u64)> {
-    let open = || -> std::io::Result<(File, u64)> {
-        let file = File::open(path)?;
-        let meta = file.metadata()?;
-        if !meta.is_file() {
-            return Err(std::io::Error::other("not a regular file"));
-        }
-        Ok((file, meta.len()))
-    };
-    open().map_err(|source| Error::Initramfs {
-        path: path.to_path_buf(),
-        source,
-    })
 }
 
 fn root_disk(rootfs: &RootfsConfig) -> Result<Block> {
     let base = match &rootfs.base {
         Some(path) => path.clone(),
-        None => {
-            let path = artifacts::default_base_image();
-            if !path.exists() {
-                return Err(Error::DefaultBaseMissing { path });
-            }
-            path
-        }
+        None => built(artifacts::default_base_image(), |path| {
+            Error::DefaultBaseMissing { path }
+        })?,
     };
     let disk = LayeredDisk::open(&base, rootfs.layer.as_deref(), rootfs.read_only)?;
     Ok(Block::new(disk, "rootfs"))
@@ -275,7 +255,11 @@ impl Vm {
         let initramfs = match &initramfs_path {
             None => None,
             Some(path) => {
-                let (file, size) = open_initramfs(path)?;
+                let (file, size) =
+                    boot::open_regular_file(path).map_err(|source| Error::Initramfs {
+                        path: path.clone(),
+                        source,
+                    })?;
                 Some((path.as_path(), file, size))
             }
         };

@@ -72,6 +72,17 @@ pub struct KernelImage {
     file: File,
 }
 
+/// Opens a file that must be a regular file (not a directory or a device);
+/// returns it with its size.
+pub fn open_regular_file(path: &Path) -> std::io::Result<(File, u64)> {
+    let file = File::open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    Ok((file, meta.len()))
+}
+
 fn read_at(file: &mut File, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
     file.seek(SeekFrom::Start(offset))?;
     file.read_exact(buf)
@@ -80,14 +91,7 @@ fn read_at(file: &mut File, offset: u64, buf: &mut [u8]) -> std::io::Result<()> 
 impl KernelImage {
     /// Opens a kernel and finds how much memory it needs.
     pub fn open(path: &Path) -> Result<Self> {
-        let open = || {
-            let file = File::open(path)?;
-            if !file.metadata()?.is_file() {
-                return Err(std::io::Error::other("not a regular file"));
-            }
-            Ok(file)
-        };
-        let mut file = open().map_err(|source| Error::Open {
+        let (mut file, _) = open_regular_file(path).map_err(|source| Error::Open {
             what: "kernel",
             path: path.to_path_buf(),
             source,
