@@ -41,6 +41,8 @@ pub enum Error {
     },
     #[error("vCPU id {id} is out of range: this host allows at most {max} vCPUs per VM")]
     VcpuId { id: u32, max: u32 },
+    #[error("the saved {what} state does not fit this hypervisor ({reason}); it was made by another backend or VMM version")]
+    BadState { what: &'static str, reason: String },
 }
 
 impl Error {
@@ -144,6 +146,19 @@ pub enum VcpuExit<'a> {
     Other(String),
 }
 
+/// A vCPU's complete state (registers, FPU, MSRs, local APIC, pending
+/// events...), saved by a backend and restored by the same backend. The VMM
+/// treats it as opaque: it travels inside snapshots and to forked children.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct VcpuState(pub serde_json::Value);
+
+/// A VM's own state outside its vCPUs and memory: interrupt controllers,
+/// timers, clock. Opaque like [`VcpuState`].
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct VmState(pub serde_json::Value);
+
 /// Kinds of firmware system events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SystemEventKind {
@@ -190,6 +205,12 @@ pub trait Vm: Send + Sync {
         addr: IoEventAddress,
         datamatch: Option<u32>,
     ) -> Result<()>;
+    /// Saves the interrupt controllers, timers and clock. Call it with
+    /// every vCPU paused.
+    fn save_state(&self) -> Result<VmState>;
+    /// Restores what `save_state` saved, into a VM whose platform devices
+    /// exist (`create_platform_devices`).
+    fn restore_state(&self, state: &VmState) -> Result<()>;
 }
 
 /// One virtual CPU. It runs on its own thread.
@@ -210,4 +231,13 @@ pub trait Vcpu: Send {
     /// Sets up the local APIC the way the boot protocol expects: LINT0 as
     /// ExtINT (the legacy PIC) and LINT1 as NMI.
     fn configure_lapic(&self) -> Result<()>;
+    /// Finishes an I/O or MMIO exit the VMM has handled without running
+    /// more guest code, so that the saved state is consistent. Call it on
+    /// the vCPU's thread before `save_state`.
+    fn complete_pending_io(&mut self) -> Result<()>;
+    /// Saves the complete vCPU state (the vCPU must not be running).
+    fn save_state(&self) -> Result<VcpuState>;
+    /// Restores a state from `save_state` into a fresh vCPU whose CPUID is
+    /// set.
+    fn restore_state(&self, state: &VcpuState) -> Result<()>;
 }

@@ -109,7 +109,7 @@ pub struct FpuState {
 }
 
 /// One CPUID leaf (and subleaf) as presented to the guest.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CpuidEntry {
     pub function: u32,
     pub index: u32,

@@ -214,7 +214,7 @@ fn root_disk(rootfs: &RootfsConfig) -> Result<Block> {
         })?,
     };
     let disk = LayeredDisk::open(&base, rootfs.layer.as_deref(), rootfs.read_only)?;
-    Ok(Block::new(disk, "rootfs"))
+    Ok(Block::new(Arc::new(Mutex::new(disk)), "rootfs"))
 }
 
 fn serial_writer(serial: &SerialOutput) -> Result<Box<dyn std::io::Write + Send>> {

@@ -80,6 +80,21 @@ impl Write for ConsoleOutput {
     }
 }
 
+/// The UART's saved registers and unread input.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
 /// The serial port as a bus device (8 registers).
 pub struct SerialDevice {
     serial: Serial<EventFdLine, NoEvents, ConsoleOutput>,
@@ -92,6 +107,46 @@ impl SerialDevice {
     pub fn new(interrupt: EventFdLine, out: ConsoleOutput) -> Self {
         SerialDevice {
             serial: Serial::new(interrupt, out),
+        }
+    }
+
+    /// A port restored from `saved`. Fails when the saved input buffer is
+    /// larger than the FIFO.
+    pub fn restored(
+        interrupt: EventFdLine,
+        out: ConsoleOutput,
+        saved: &SerialSnapshot,
+    ) -> Result<Self, String> {
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: saved.baud_divisor_low,
+            baud_divisor_high: saved.baud_divisor_high,
+            interrupt_enable: saved.interrupt_enable,
+            interrupt_identification: saved.interrupt_identification,
+            line_control: saved.line_control,
+            line_status: saved.line_status,
+            modem_control: saved.modem_control,
+            modem_status: saved.modem_status,
+            scratch: saved.scratch,
+            in_buffer: saved.in_buffer.clone(),
+        };
+        Serial::from_state(&state, interrupt, NoEvents, out)
+            .map(|serial| SerialDevice { serial })
+            .map_err(|e| format!("{e:?}"))
+    }
+
+    pub fn save(&self) -> SerialSnapshot {
+        let s = self.serial.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
         }
     }
 
@@ -156,6 +211,31 @@ mod tests {
         let mut wide = [0u8; 2];
         dev.read(0, &mut wide);
         assert_eq!(wide, [0xff, 0xff]);
+    }
+
+    #[test]
+    fn saved_state_comes_back() {
+        let irq = || EventFdLine(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let mut dev = SerialDevice::new(irq(), ConsoleOutput::new(Box::new(io::sink())));
+        dev.write(1, &[0x02]);
+        dev.write(7, &[0x5a]);
+        dev.enqueue_input(b"ab");
+        let saved = dev.save();
+        let mut back =
+            SerialDevice::restored(irq(), ConsoleOutput::new(Box::new(io::sink())), &saved)
+                .unwrap();
+        let mut b = [0u8];
+        back.read(1, &mut b);
+        assert_eq!(b[0], 0x02);
+        back.read(7, &mut b);
+        assert_eq!(b[0], 0x5a);
+        back.read(0, &mut b);
+        assert_eq!(b[0], b'a');
+        let mut huge = saved;
+        huge.in_buffer = vec![0; 1000];
+        assert!(
+            SerialDevice::restored(irq(), ConsoleOutput::new(Box::new(io::sink())), &huge).is_err()
+        );
     }
 
     #[test]

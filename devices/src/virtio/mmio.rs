@@ -11,7 +11,7 @@ use virtio_bindings::virtio_config::{
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::{Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{Interrupt, QueueSnapshot, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::bus::BusDevice;
 
 /// Size of one device's register page.
@@ -49,6 +49,34 @@ const CONFIG_SPACE: u64 = 0x100;
 
 /// The offset of the queue-notify register, for ioeventfd registration.
 pub const NOTIFY_OFFSET: u64 = REG_QUEUE_NOTIFY;
+
+/// The transport's saved registers and queues.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TransportSnapshot {
+    pub device_type: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub queue_sel: u32,
+    pub status: u32,
+    pub config_generation: u32,
+    pub interrupt_status: u32,
+    pub activated: bool,
+    pub queues: Vec<QueueSnapshot>,
+}
+
+/// Why a saved transport cannot be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("the saved virtio device has type {saved}, this one {found}")]
+    DeviceType { saved: u32, found: u32 },
+    #[error("the saved virtio device has {saved} queues, this one {found}")]
+    QueueCount { saved: usize, found: usize },
+    #[error("saved virtio queue {0} is not valid")]
+    BadQueue(usize),
+    #[error("the restored virtio device did not start: {0}")]
+    Activate(#[from] super::ActivateError),
+}
 
 /// A virtio device on the MMIO bus.
 pub struct MmioTransport {
@@ -103,6 +131,71 @@ impl MmioTransport {
     /// Whether the driver started the device.
     pub fn is_activated(&self) -> bool {
         self.activated
+    }
+
+    /// Saves the registers and queues (the device's own state is its
+    /// configuration plus what `VirtioDevice::restored` re-creates).
+    pub fn save(&self) -> TransportSnapshot {
+        let queues = if self.activated {
+            self.device.queue_snapshots()
+        } else {
+            self.queues.iter().map(QueueSnapshot::of).collect()
+        };
+        TransportSnapshot {
+            device_type: self.device.device_type(),
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            activated: self.activated,
+            queues,
+        }
+    }
+
+    /// Restores a fresh transport (same device kind) to a saved state; an
+    /// activated device is activated again with its saved queues.
+    pub fn restore(&mut self, s: &TransportSnapshot) -> Result<(), RestoreError> {
+        let found = self.device.device_type();
+        if s.device_type != found {
+            return Err(RestoreError::DeviceType {
+                saved: s.device_type,
+                found,
+            });
+        }
+        if s.queues.len() != self.queue_count() {
+            return Err(RestoreError::QueueCount {
+                saved: s.queues.len(),
+                found: self.queue_count(),
+            });
+        }
+        let mut queues = Vec::with_capacity(s.queues.len());
+        for (i, q) in s.queues.iter().enumerate() {
+            let queue = q.to_queue().ok_or(RestoreError::BadQueue(i))?;
+            if s.activated && queue.ready() && !queue.is_valid(&self.mem) {
+                return Err(RestoreError::BadQueue(i));
+            }
+            queues.push(queue);
+        }
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.driver_features = s.driver_features;
+        self.queue_sel = s.queue_sel;
+        self.status = s.status;
+        self.config_generation = s.config_generation;
+        self.interrupt.set_status(s.interrupt_status);
+        if s.activated {
+            self.device.ack_features(s.driver_features);
+            self.device
+                .activate(self.mem.clone(), self.interrupt.clone(), queues)?;
+            self.activated = true;
+            self.device.restored();
+        } else {
+            self.queues = queues;
+        }
+        Ok(())
     }
 
     /// The driver notified queue `index` (through the ioeventfd or a trapped
@@ -336,6 +429,9 @@ mod tests {
         }
         fn process_queue(&mut self, index: usize) {
             self.0.lock().unwrap().notified.push(index);
+        }
+        fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
+            Vec::new()
         }
         fn reset(&mut self) {
             self.0.lock().unwrap().resets += 1;

@@ -71,6 +71,59 @@ impl Interrupt {
     fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
     }
+
+    fn set_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
+    }
+}
+
+/// A queue's saved state: its setup and ring positions (the rings
+/// themselves are in guest memory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueSnapshot {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx: bool,
+}
+
+impl QueueSnapshot {
+    pub fn of(queue: &Queue) -> Self {
+        let s = queue.state();
+        QueueSnapshot {
+            max_size: s.max_size,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            event_idx: s.event_idx_enabled,
+        }
+    }
+
+    /// The queue again; None when the saved values are impossible (a size
+    /// that is not a power of two, or above the maximum).
+    pub fn to_queue(&self) -> Option<Queue> {
+        Queue::try_from(virtio_queue::QueueState {
+            max_size: self.max_size,
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+            event_idx_enabled: self.event_idx,
+            size: self.size,
+            ready: self.ready,
+            desc_table: self.desc_table,
+            avail_ring: self.avail_ring,
+            used_ring: self.used_ring,
+        })
+        .ok()
+    }
 }
 
 /// Why a device could not start.
@@ -107,6 +160,13 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: usize);
     /// Returns the device to its pre-activation state (driver reset).
     fn reset(&mut self);
+    /// The running device's queues (empty before activation), for saving.
+    fn queue_snapshots(&self) -> Vec<QueueSnapshot>;
+    /// Called once a restored device is activated again with its saved
+    /// queues, in a new VMM process: the host side of the device is new
+    /// (sockets, connections), so the device tells the driver whatever it
+    /// must (vsock resets its connections). Nothing by default.
+    fn restored(&mut self) {}
 }
 
 /// The used ring of a queue cannot be written: the device must stop.

@@ -4,6 +4,7 @@ use std::cell::Cell;
 use std::io;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::path::Path;
+use std::sync::Arc;
 
 use kvm_bindings::{
     kvm_fpu, kvm_lapic_state, kvm_pit_config, kvm_regs, kvm_segment, kvm_sregs,
@@ -17,8 +18,10 @@ use crate::Hypervisor as _;
 use crate::{
     Capability, CpuidEntry, DescriptorTable, Error, FpuState, HypervisorKind, IoEventAddress,
     MemorySlot, MsrEntry, Result, SegmentRegister, SpecialRegisters, StandardRegisters,
-    SystemEventKind, VcpuExit,
+    SystemEventKind, VcpuExit, VcpuState, VmState,
 };
+
+mod state;
 
 /// The KVM device.
 pub const KVM_PATH: &str = "/dev/kvm";
@@ -87,6 +90,8 @@ pub fn open_kvm_device(path: &Path) -> Result<Kvm> {
 pub struct KvmHypervisor {
     kvm: Kvm,
     kind: HypervisorKind,
+    /// The MSRs a vCPU state covers (KVM_GET_MSR_INDEX_LIST).
+    msrs: Arc<Vec<u32>>,
 }
 
 impl KvmHypervisor {
@@ -106,9 +111,14 @@ impl KvmHypervisor {
                 expected: kvm_bindings::KVM_API_VERSION as i32,
             });
         }
+        let msrs = kvm
+            .get_msr_index_list()
+            .map(|list| state::msrs_to_save(list.as_slice()))
+            .unwrap_or_default();
         let hv = KvmHypervisor {
             kind: detect_kind(),
             kvm,
+            msrs: Arc::new(msrs),
         };
         if let Some(missing) = hv.capabilities().into_iter().find(|c| !c.present) {
             return Err(Error::MissingCapability(missing.name));
@@ -191,6 +201,7 @@ impl crate::Hypervisor for KvmHypervisor {
         Ok(Box::new(KvmVm {
             fd,
             max_vcpus: self.max_vcpus(),
+            msrs: self.msrs.clone(),
         }))
     }
 }
@@ -199,6 +210,7 @@ impl crate::Hypervisor for KvmHypervisor {
 pub struct KvmVm {
     fd: VmFd,
     max_vcpus: u32,
+    msrs: Arc<Vec<u32>>,
 }
 
 impl crate::Vm for KvmVm {
@@ -240,7 +252,10 @@ impl crate::Vm for KvmVm {
             .fd
             .create_vcpu(u64::from(id))
             .map_err(|e| Error::call("KVM_CREATE_VCPU", os_err(e)))?;
-        Ok(Box::new(KvmVcpu { fd }))
+        Ok(Box::new(KvmVcpu {
+            fd,
+            msrs: self.msrs.clone(),
+        }))
     }
 
     fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
@@ -265,6 +280,14 @@ impl crate::Vm for KvmVm {
         }
         .map_err(|e| Error::call("KVM_IOEVENTFD", os_err(e)))
     }
+
+    fn save_state(&self) -> Result<VmState> {
+        state::save_vm(&self.fd)
+    }
+
+    fn restore_state(&self, saved: &VmState) -> Result<()> {
+        state::restore_vm(&self.fd, saved)
+    }
 }
 
 thread_local! {
@@ -287,6 +310,7 @@ extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
 /// A KVM vCPU.
 pub struct KvmVcpu {
     fd: VcpuFd,
+    msrs: Arc<Vec<u32>>,
 }
 
 impl Drop for KvmVcpu {
@@ -592,6 +616,36 @@ impl crate::Vcpu for KvmVcpu {
         self.fd
             .set_lapic(&lapic)
             .map_err(|e| Error::call("KVM_SET_LAPIC", os_err(e)))
+    }
+
+    fn complete_pending_io(&mut self) -> Result<()> {
+        let run = self.fd.get_kvm_run() as *mut kvm_bindings::kvm_run;
+        // SAFETY: `run` points into this vCPU's kvm_run mapping, alive as
+        // long as `self`; the vCPU is not running (we hold `&mut self`).
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+        // With immediate_exit set, KVM_RUN finishes the pending exit and
+        // returns EINTR without entering the guest.
+        let result = match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
+            Err(e) => Err(Error::call("KVM_RUN", os_err(e))),
+            Ok(exit) => Err(Error::call(
+                "KVM_RUN",
+                io::Error::other(format!(
+                    "the vCPU exited with {exit:?} while completing its last exit"
+                )),
+            )),
+        };
+        // SAFETY: as above.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(0) };
+        result
+    }
+
+    fn save_state(&self) -> Result<VcpuState> {
+        state::save_vcpu(&self.fd, &self.msrs)
+    }
+
+    fn restore_state(&self, saved: &VcpuState) -> Result<()> {
+        state::restore_vcpu(&self.fd, saved)
     }
 }
 

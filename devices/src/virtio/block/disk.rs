@@ -42,9 +42,11 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// The base image plus a writable layer.
+/// The base image plus a writable layer, optionally with a frozen layer
+/// in between (the state a forked or restored VM starts from).
 pub struct LayeredDisk {
     base: File,
+    lower: Option<Frozen>,
     layer: File,
     size: u64,
     data_offset: u64,
@@ -52,6 +54,50 @@ pub struct LayeredDisk {
     /// Bitmap words changed since the last flush.
     dirty_words: Vec<usize>,
     read_only: bool,
+}
+
+/// A read-only layer between the base and the writable layer.
+struct Frozen {
+    file: File,
+    bitmap: Vec<u64>,
+}
+
+/// Where a block's current content lives.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Layer,
+    Lower,
+    Base,
+}
+
+fn bit(bitmap: &[u64], block: u64) -> bool {
+    bitmap[(block / 64) as usize] & (1 << (block % 64)) != 0
+}
+
+/// Reads a layer file's header and bitmap, checking them against the
+/// header `expected` (disk size and base identity).
+fn read_layer_meta(file: &File, expected: &[u8], words: usize, path: &Path) -> Result<Vec<u64>> {
+    let mut found = vec![0u8; HEADER_SIZE as usize];
+    file.read_exact_at(&mut found, 0)
+        .map_err(|_| Error::BadLayer {
+            path: path.to_path_buf(),
+        })?;
+    if &found[..8] != MAGIC || found[8..24] != expected[8..24] {
+        return Err(Error::BadLayer {
+            path: path.to_path_buf(),
+        });
+    }
+    if found[24..48] != expected[24..48] {
+        return Err(Error::WrongBase {
+            path: path.to_path_buf(),
+        });
+    }
+    let mut raw = vec![0u8; words * 8];
+    file.read_exact_at(&mut raw, HEADER_SIZE)?;
+    Ok(raw
+        .chunks_exact(8)
+        .map(|bytes| u64::from_le_bytes(bytes.try_into().unwrap_or_default()))
+        .collect())
 }
 
 fn header(size: u64, base_meta: &std::fs::Metadata) -> Vec<u8> {
@@ -73,20 +119,40 @@ impl LayeredDisk {
             path: base.to_path_buf(),
             source,
         })?;
+        Self::open_parts(base_file, base, None, layer, read_only)
+    }
+
+    /// Like `open`, from an open base image and optionally a frozen layer
+    /// (from [`LayeredDisk::frozen_copy`]) between it and the writable
+    /// layer. `base_path` only names the base in errors.
+    pub fn open_parts(
+        base_file: File,
+        base_path: &Path,
+        lower: Option<(File, &Path)>,
+        layer: Option<&Path>,
+        read_only: bool,
+    ) -> Result<Self> {
         let meta = base_file.metadata().map_err(|source| Error::OpenBase {
-            path: base.to_path_buf(),
+            path: base_path.to_path_buf(),
             source,
         })?;
         let size = meta.len() & !511;
         if size == 0 {
             return Err(Error::EmptyBase {
-                path: base.to_path_buf(),
+                path: base_path.to_path_buf(),
             });
         }
         let blocks = size.div_ceil(BLOCK_SIZE);
         let words = blocks.div_ceil(64) as usize;
         let data_offset = (HEADER_SIZE + words as u64 * 8).next_multiple_of(BLOCK_SIZE);
         let expected = header(size, &meta);
+        let lower = match lower {
+            None => None,
+            Some((file, path)) => {
+                let bitmap = read_layer_meta(&file, &expected, words, path)?;
+                Some(Frozen { file, bitmap })
+            }
+        };
 
         let (layer_file, layer_path) = match layer {
             Some(path) => (
@@ -111,40 +177,25 @@ impl LayeredDisk {
                 (file, dir)
             }
         };
-        let mut disk = LayeredDisk {
+        let layer_len = layer_file.metadata()?.len();
+        let bitmap = if layer_len == 0 {
+            layer_file.write_all_at(&expected, 0)?;
+            layer_file.set_len(data_offset + size)?;
+            layer_file.sync_all()?;
+            vec![0; words]
+        } else {
+            read_layer_meta(&layer_file, &expected, words, &layer_path)?
+        };
+        Ok(LayeredDisk {
             base: base_file,
+            lower,
             layer: layer_file,
             size,
             data_offset,
-            bitmap: vec![0; words],
+            bitmap,
             dirty_words: Vec::new(),
             read_only,
-        };
-        let layer_len = disk.layer.metadata()?.len();
-        if layer_len == 0 {
-            disk.layer.write_all_at(&expected, 0)?;
-            disk.layer.set_len(data_offset + size)?;
-            disk.layer.sync_all()?;
-        } else {
-            let mut found = vec![0u8; HEADER_SIZE as usize];
-            disk.layer
-                .read_exact_at(&mut found, 0)
-                .map_err(|_| Error::BadLayer {
-                    path: layer_path.clone(),
-                })?;
-            if &found[..8] != MAGIC || found[8..24] != expected[8..24] {
-                return Err(Error::BadLayer { path: layer_path });
-            }
-            if found[24..48] != expected[24..48] {
-                return Err(Error::WrongBase { path: layer_path });
-            }
-            let mut raw = vec![0u8; words * 8];
-            disk.layer.read_exact_at(&mut raw, HEADER_SIZE)?;
-            for (word, bytes) in disk.bitmap.iter_mut().zip(raw.chunks_exact(8)) {
-                *word = u64::from_le_bytes(bytes.try_into().unwrap_or_default());
-            }
-        }
-        Ok(disk)
+        })
     }
 
     /// Disk size in bytes (a multiple of 512).
@@ -157,7 +208,26 @@ impl LayeredDisk {
     }
 
     fn in_layer(&self, block: u64) -> bool {
-        self.bitmap[(block / 64) as usize] & (1 << (block % 64)) != 0
+        bit(&self.bitmap, block)
+    }
+
+    fn source(&self, block: u64) -> Source {
+        if self.in_layer(block) {
+            Source::Layer
+        } else if self.lower.as_ref().is_some_and(|l| bit(&l.bitmap, block)) {
+            Source::Lower
+        } else {
+            Source::Base
+        }
+    }
+
+    /// The file and offset holding disk byte `pos` when it comes from `source`.
+    fn place(&self, source: Source, pos: u64) -> (&File, u64) {
+        match (source, &self.lower) {
+            (Source::Layer, _) => (&self.layer, self.data_offset + pos),
+            (Source::Lower, Some(lower)) => (&lower.file, self.data_offset + pos),
+            _ => (&self.base, pos),
+        }
     }
 
     fn mark(&mut self, block: u64) {
@@ -187,19 +257,15 @@ impl LayeredDisk {
             let block = pos / BLOCK_SIZE;
             let in_block = (BLOCK_SIZE - pos % BLOCK_SIZE) as usize;
             // Extend over following blocks that come from the same file.
-            let from_layer = self.in_layer(block);
+            let source = self.source(block);
             let mut len = in_block.min(buf.len() - done);
             while done + len < buf.len()
-                && self.in_layer(block + (len as u64).div_ceil(BLOCK_SIZE)) == from_layer
+                && self.source(block + (len as u64).div_ceil(BLOCK_SIZE)) == source
             {
                 len = (len + BLOCK_SIZE as usize).min(buf.len() - done);
             }
-            let chunk = &mut buf[done..done + len];
-            if from_layer {
-                self.layer.read_exact_at(chunk, self.data_offset + pos)?;
-            } else {
-                self.base.read_exact_at(chunk, pos)?;
-            }
+            let (file, at) = self.place(source, pos);
+            file.read_exact_at(&mut buf[done..done + len], at)?;
             done += len;
         }
         Ok(())
@@ -216,14 +282,15 @@ impl LayeredDisk {
         self.check_range(offset, buf.len())?;
         let end = offset + buf.len() as u64;
         // Blocks only partly covered and not yet in the layer are first
-        // copied from the base.
+        // copied from below.
         for block in [offset / BLOCK_SIZE, (end - 1) / BLOCK_SIZE] {
             let start = block * BLOCK_SIZE;
             let partial = offset > start || end < start + BLOCK_SIZE;
             if partial && !self.in_layer(block) && !buf.is_empty() {
                 let len = BLOCK_SIZE.min(self.size - start) as usize;
                 let mut old = vec![0u8; len];
-                self.base.read_exact_at(&mut old, start)?;
+                let (file, at) = self.place(self.source(block), start);
+                file.read_exact_at(&mut old, at)?;
                 self.layer.write_all_at(&old, self.data_offset + start)?;
                 self.mark(block);
             }
@@ -263,6 +330,102 @@ impl LayeredDisk {
     pub fn layer_allocated_bytes(&self) -> io::Result<u64> {
         Ok(self.layer.metadata()?.blocks() * 512)
     }
+
+    /// Copies every block that differs from the base (the frozen layer's
+    /// and the writable layer's) into a new layer file in `dir`, unnamed
+    /// when `name` is None. The copy costs the written data, not the disk
+    /// size: only those blocks are copied and the file is sparse. A disk
+    /// opened with the copy as its frozen layer (`open_parts`) reads
+    /// exactly what this disk reads now.
+    pub fn frozen_copy(&self, dir: &Path, name: Option<&str>) -> Result<File> {
+        let out = match name {
+            None => throwaway_file(dir),
+            Some(name) => OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(dir.join(name)),
+        }
+        .map_err(|source| Error::OpenLayer {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let mut head = vec![0u8; HEADER_SIZE as usize];
+        self.layer.read_exact_at(&mut head, 0)?;
+        out.write_all_at(&head, 0)?;
+        let merged: Vec<u64> = match &self.lower {
+            Some(lower) => self
+                .bitmap
+                .iter()
+                .zip(&lower.bitmap)
+                .map(|(a, b)| a | b)
+                .collect(),
+            None => self.bitmap.clone(),
+        };
+        let raw: Vec<u8> = merged.iter().flat_map(|w| w.to_le_bytes()).collect();
+        out.write_all_at(&raw, HEADER_SIZE)?;
+        out.set_len(self.data_offset + self.size)?;
+        // Copy runs of blocks that come from the same layer.
+        let blocks = self.size.div_ceil(BLOCK_SIZE);
+        let mut block = 0;
+        while block < blocks {
+            let source = self.source(block);
+            let mut end = block + 1;
+            while end < blocks && self.source(end) == source {
+                end += 1;
+            }
+            if source != Source::Base {
+                let start = block * BLOCK_SIZE;
+                let len = (end * BLOCK_SIZE).min(self.size) - start;
+                let (file, at) = self.place(source, start);
+                copy_range(file, at, &out, self.data_offset + start, len)?;
+            }
+            block = end;
+        }
+        Ok(out)
+    }
+}
+
+/// Copies `len` bytes between files in the kernel (copy_file_range),
+/// falling back to reading and writing.
+fn copy_range(src: &File, mut from: u64, dst: &File, mut to: u64, mut len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    while len > 0 {
+        let (mut off_in, mut off_out) = (from as i64, to as i64);
+        // SAFETY: both descriptors are open files owned by the caller; the
+        // offsets are valid pointers to locals; the kernel copies at most
+        // `len` bytes between the files and touches no user memory.
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut off_in,
+                dst.as_raw_fd(),
+                &mut off_out,
+                len as usize,
+                0,
+            )
+        };
+        if n <= 0 {
+            let err = io::Error::last_os_error();
+            if n == 0
+                || matches!(
+                    err.raw_os_error(),
+                    Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+                )
+            {
+                let mut buf = vec![0u8; len.min(1 << 20) as usize];
+                src.read_exact_at(&mut buf, from)?;
+                dst.write_all_at(&buf, to)?;
+                let n = buf.len() as u64;
+                (from, to, len) = (from + n, to + n, len - n);
+                continue;
+            }
+            return Err(err);
+        }
+        let n = n as u64;
+        (from, to, len) = (from + n, to + n, len - n);
+    }
+    Ok(())
 }
 
 /// An unnamed file in `dir` (O_TMPFILE), or a named one unlinked at once.
@@ -385,6 +548,51 @@ mod tests {
         assert!(disk.write_at(&buf, 2 * BLOCK_SIZE - 256).is_err());
         let mut ro = LayeredDisk::open(&b, Some(&d.0.join("l")), true).unwrap();
         assert!(ro.write_at(&buf, 0).is_err());
+    }
+
+    fn contents(disk: &LayeredDisk) -> Vec<u8> {
+        let mut all = vec![0u8; disk.size() as usize];
+        disk.read_at(&mut all, 0).unwrap();
+        all
+    }
+
+    #[test]
+    fn frozen_copies_carry_the_disk_and_stay_apart_from_it() {
+        let (d, b) = base("frozen", 64);
+        let mut parent = LayeredDisk::open(&b, None, false).unwrap();
+        parent.write_at(&[0x11; 4096], 3 * BLOCK_SIZE).unwrap();
+        parent.write_at(&[0x12; 100], 10 * BLOCK_SIZE + 7).unwrap();
+        let copy = parent.frozen_copy(&d.0, None).unwrap();
+        let open_child = |copy: &File| {
+            let lower = copy.try_clone().unwrap();
+            LayeredDisk::open_parts(File::open(&b).unwrap(), &b, Some((lower, &b)), None, false)
+                .unwrap()
+        };
+        let mut child = open_child(&copy);
+        assert_eq!(contents(&child), contents(&parent));
+
+        // Writes after the copy stay on their own side.
+        parent.write_at(&[0x21; 4096], 3 * BLOCK_SIZE).unwrap();
+        child.write_at(&[0x31; 10], 10 * BLOCK_SIZE).unwrap();
+        let mut blk = vec![0u8; 4096];
+        child.read_at(&mut blk, 3 * BLOCK_SIZE).unwrap();
+        assert!(blk.iter().all(|&x| x == 0x11));
+        child.read_at(&mut blk, 10 * BLOCK_SIZE).unwrap();
+        assert!(blk[..10].iter().all(|&x| x == 0x31));
+        assert!(blk[10..]
+            .iter()
+            .zip(10..)
+            .all(|(&x, i)| x == if (7..107).contains(&i) { 0x12 } else { 11 }));
+        parent.read_at(&mut blk, 10 * BLOCK_SIZE).unwrap();
+        assert_eq!(blk[0], 11);
+
+        // A copy of the child (frozen layer + its own writes) for a grandchild.
+        let copy2 = child.frozen_copy(&d.0, Some("gen2")).unwrap();
+        let grandchild = open_child(&copy2);
+        assert_eq!(contents(&grandchild), contents(&child));
+        // Only written blocks take space.
+        use std::os::unix::fs::MetadataExt;
+        assert!(copy2.metadata().unwrap().blocks() * 512 <= 8 * BLOCK_SIZE);
     }
 
     #[test]

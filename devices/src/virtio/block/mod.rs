@@ -18,9 +18,14 @@ use virtio_queue::{DescriptorChain, Queue, Reader, Writer};
 use vm_memory::{GuestMemory, GuestMemoryMmap};
 
 use super::{
-    process_chains, read_config_bytes, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
+    process_chains, read_config_bytes, ActivateError, Interrupt, QueueSnapshot, VirtioDevice,
+    VIRTIO_F_VERSION_1,
 };
 pub use disk::LayeredDisk;
+
+/// A disk shared between the device and the VMM (which copies its layers
+/// when the VM forks or is snapshotted).
+pub type SharedDisk = std::sync::Arc<std::sync::Mutex<LayeredDisk>>;
 
 const QUEUE_SIZE: u16 = 256;
 const SECTOR_SIZE: u64 = 512;
@@ -32,7 +37,7 @@ const ID_BYTES: usize = 20;
 
 /// The virtio-blk device.
 pub struct Block {
-    disk: LayeredDisk,
+    disk: SharedDisk,
     id: String,
     queue_sizes: [u16; 1],
     running: Option<Running>,
@@ -46,7 +51,7 @@ struct Running {
 
 impl Block {
     /// `id` is what the guest reads as the serial (`/sys/block/vda/serial`).
-    pub fn new(disk: LayeredDisk, id: &str) -> Self {
+    pub fn new(disk: SharedDisk, id: &str) -> Self {
         Block {
             disk,
             id: id.chars().take(ID_BYTES).collect(),
@@ -55,8 +60,12 @@ impl Block {
         }
     }
 
+    fn disk(&self) -> std::sync::MutexGuard<'_, LayeredDisk> {
+        self.disk.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn config(&self) -> [u8; 8] {
-        (self.disk.size() / SECTOR_SIZE).to_le_bytes()
+        (self.disk().size() / SECTOR_SIZE).to_le_bytes()
     }
 }
 
@@ -163,7 +172,7 @@ impl VirtioDevice for Block {
 
     fn features(&self) -> u64 {
         let mut f = (1u64 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_BLK_F_FLUSH);
-        if self.disk.is_read_only() {
+        if self.disk().is_read_only() {
             f |= 1 << VIRTIO_BLK_F_RO;
         }
         f
@@ -196,10 +205,11 @@ impl VirtioDevice for Block {
         let Some(run) = self.running.as_mut() else {
             return;
         };
-        let (disk, id) = (&mut self.disk, &self.id);
+        let mut disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
+        let id = &self.id;
         let done = process_chains(&mut run.queue, &run.mem, &run.interrupt, |chain| {
             let head = chain.head_index();
-            Some(match handle_chain(&run.mem, chain, disk, id) {
+            Some(match handle_chain(&run.mem, chain, &mut disk, id) {
                 Some(c) => c.used_len,
                 None => {
                     tracing::warn!("virtio-blk: malformed request chain {head} from the guest");
@@ -207,6 +217,7 @@ impl VirtioDevice for Block {
                 }
             })
         });
+        drop(disk);
         if done.is_err() {
             tracing::warn!("virtio-blk: the used ring is broken; the queue stops");
             self.running = None;
@@ -215,6 +226,13 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.running = None;
+    }
+
+    fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
+        self.running
+            .iter()
+            .map(|r| QueueSnapshot::of(&r.queue))
+            .collect()
     }
 }
 

@@ -19,7 +19,8 @@ use virtio_queue::{Queue, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 
 use super::{
-    process_chains, read_config_bytes, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
+    process_chains, read_config_bytes, ActivateError, Interrupt, QueueSnapshot, VirtioDevice,
+    VIRTIO_F_VERSION_1,
 };
 use muxer::{FdChange, Muxer};
 use packet::{Header, HDR_LEN};
@@ -27,6 +28,10 @@ use packet::{Header, HDR_LEN};
 const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
 const TX: usize = 1;
+const EVENTS: usize = 2;
+/// Event id telling the driver that every connection is gone and the CID
+/// may have changed (virtio 1.2, 5.10.6.5).
+const EVENT_TRANSPORT_RESET: u32 = 0;
 /// Largest payload the guest may send in one packet (Linux sends up to 64 KiB).
 const MAX_PKT_PAYLOAD: usize = 64 * 1024;
 
@@ -192,6 +197,41 @@ impl VirtioDevice for Vsock {
 
     fn reset(&mut self) {
         self.lock().running = None;
+    }
+
+    fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
+        self.lock()
+            .running
+            .as_ref()
+            .map(|r| r.queues.iter().map(QueueSnapshot::of).collect())
+            .unwrap_or_default()
+    }
+
+    /// The host-side connections did not come along: the driver is told to
+    /// drop every connection and read the (possibly new) CID again.
+    fn restored(&mut self) {
+        let mut inner = self.lock();
+        let Some(run) = inner.running.as_mut() else {
+            return;
+        };
+        let mut sent = false;
+        let done = process_chains(&mut run.queues[EVENTS], &run.mem, &run.interrupt, |chain| {
+            if sent {
+                return None;
+            }
+            sent = true;
+            let mut writer = Writer::new(&run.mem, chain).ok()?;
+            Some(
+                writer
+                    .write_all(&EVENT_TRANSPORT_RESET.to_le_bytes())
+                    .map_or(0, |_| 4),
+            )
+        });
+        if done.is_err() || !sent {
+            tracing::warn!(
+                "vsock: cannot tell the guest its connections were reset (no event buffer)"
+            );
+        }
     }
 }
 
