@@ -2,10 +2,15 @@
 //! snapshot and fork can work by mapping rather than copying.
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
+};
 
 use crate::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
@@ -13,6 +18,14 @@ use crate::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
 pub enum Error {
     #[error("cannot create the guest memory file (memfd_create): {0}")]
     Memfd(std::io::Error),
+    #[error("cannot map guest memory copy-on-write: {0}")]
+    MapPrivate(std::io::Error),
+    #[error("cannot find the pages the guest changed (/proc/self/pagemap): {0}")]
+    Pagemap(std::io::Error),
+    #[error("cannot copy guest memory: {0}")]
+    Copy(std::io::Error),
+    #[error("the guest memory file is {found} bytes, the VM needs {expected}")]
+    ImageSize { expected: u64, found: u64 },
     #[error("cannot size the guest memory file to {size} bytes: {source}; is there enough memory (or /dev/shm space)?")]
     Size { size: u64, source: std::io::Error },
     #[error("cannot map {size} bytes of guest memory: {source}")]
@@ -35,12 +48,42 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// Name of the guest RAM memfd (visible in /proc/<pid>/maps).
 pub const MEMFD_NAME: &str = "vmm-guest-ram";
 
-/// Guest memory and the file behind it.
+/// Guest memory and the files behind it.
+///
+/// A booted VM's memory is one memfd mapped shared. Once the VM is forked,
+/// that file is frozen: every VM of the family maps it copy-on-write
+/// (`MAP_PRIVATE`), and each later fork adds an overlay file holding the
+/// pages the forking VM had changed since (see [`MemoryImage`]).
 pub struct GuestRam {
     pub memory: GuestMemoryMmap,
+    /// The base file (frozen once `private`).
     pub file: Arc<File>,
     pub size: u64,
+    /// Overlays applied over the base, oldest first.
+    overlays: Vec<Overlay>,
+    /// Mapped copy-on-write: the files no longer change.
+    private: bool,
 }
+
+/// Pages of guest memory that differ from the layers below: a file that
+/// holds them at their offsets in the base file, and those ranges
+/// (file offset, length), page-aligned.
+#[derive(Clone)]
+pub struct Overlay {
+    pub file: Arc<File>,
+    pub runs: Vec<(u64, u64)>,
+}
+
+/// A frozen view of guest memory, for a new VM (a fork child) to map
+/// copy-on-write: the base file, then the overlays over it.
+#[derive(Clone)]
+pub struct MemoryImage {
+    pub size: u64,
+    pub base: Arc<File>,
+    pub overlays: Vec<Overlay>,
+}
+
+const PAGE: u64 = 4096;
 
 /// The guest-physical ranges for `size` bytes of RAM: below the MMIO gap,
 /// then above 4 GiB. Each entry is (guest address, length, file offset).
@@ -58,14 +101,7 @@ pub fn ram_ranges(size: u64) -> Vec<(u64, u64, u64)> {
 impl GuestRam {
     /// Creates `size` bytes of zeroed guest memory backed by a new memfd.
     pub fn new(size: u64) -> Result<Self> {
-        // SAFETY: the name is a valid NUL-terminated string; the return value
-        // is checked before use.
-        let fd = unsafe { libc::memfd_create(c"vmm-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(Error::Memfd(std::io::Error::last_os_error()));
-        }
-        // SAFETY: `fd` is a freshly created file descriptor that nothing else owns.
-        let file = Arc::new(unsafe { File::from_raw_fd(fd) });
+        let file = Arc::new(memfd(c"vmm-guest-ram")?);
         file.set_len(size)
             .map_err(|source| Error::Size { size, source })?;
         let ranges: Vec<_> = ram_ranges(size)
@@ -80,7 +116,206 @@ impl GuestRam {
             .collect();
         let memory = GuestMemoryMmap::from_ranges_with_files(&ranges)
             .map_err(|source| Error::Map { size, source })?;
-        Ok(GuestRam { memory, file, size })
+        Ok(GuestRam {
+            memory,
+            file,
+            size,
+            overlays: Vec::new(),
+            private: false,
+        })
+    }
+
+    /// Maps a frozen image copy-on-write: nothing is copied or read until
+    /// the guest touches it, so this costs the same at any memory size.
+    pub fn from_image(image: &MemoryImage) -> Result<Self> {
+        let size = image.size;
+        let found = image.base.metadata().map_err(Error::MapPrivate)?.len();
+        if found < size {
+            return Err(Error::ImageSize {
+                expected: size,
+                found,
+            });
+        }
+        let mut regions = Vec::new();
+        for (gpa, len, off) in ram_ranges(size) {
+            let region = MmapRegionBuilder::new(len as usize)
+                .with_file_offset(FileOffset::from_arc(image.base.clone(), off))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                .build()
+                .map_err(|e| Error::MapPrivate(std::io::Error::other(format!("{e:?}"))))?;
+            regions.push(
+                GuestRegionMmap::new(region, GuestAddress(gpa))
+                    .ok_or_else(|| Error::MapPrivate(std::io::Error::other("bad region")))?,
+            );
+        }
+        let memory = GuestMemoryMmap::from_regions(regions)
+            .map_err(|e| Error::MapPrivate(std::io::Error::other(format!("{e:?}"))))?;
+        let mut ram = GuestRam {
+            memory,
+            file: image.base.clone(),
+            size,
+            overlays: Vec::new(),
+            private: true,
+        };
+        for overlay in &image.overlays {
+            ram.map_overlay(overlay.clone())?;
+        }
+        Ok(ram)
+    }
+
+    /// The host ranges of file range `off..off+len`, split where RAM is.
+    fn host_runs(&self, off: u64, len: u64) -> Vec<(usize, u64, u64)> {
+        let mut out = Vec::new();
+        for ((_, rlen, rstart), region) in ram_ranges(self.size).into_iter().zip(self.memory.iter())
+        {
+            let (lo, hi) = (off.max(rstart), (off + len).min(rstart + rlen));
+            if lo < hi {
+                out.push((
+                    region.as_ptr() as usize + (lo - rstart) as usize,
+                    lo,
+                    hi - lo,
+                ));
+            }
+        }
+        out
+    }
+
+    /// Maps `file` copy-on-write over host range `addr..addr+len` at `off`.
+    fn map_private_at(file: &File, addr: usize, off: u64, len: u64) -> Result<()> {
+        // SAFETY: `addr..addr+len` lies inside a guest RAM mapping this
+        // GuestRam owns; MAP_FIXED replaces those pages with a private view
+        // of `file`, which holds the same guest content, so every pointer
+        // into guest memory stays valid. The caller has paused everything
+        // that accesses guest memory.
+        let p = unsafe {
+            libc::mmap(
+                addr as *mut libc::c_void,
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                off as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(Error::MapPrivate(std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    fn map_overlay(&mut self, overlay: Overlay) -> Result<()> {
+        for &(off, len) in &overlay.runs {
+            for (addr, file_off, len) in self.host_runs(off, len) {
+                Self::map_private_at(&overlay.file, addr, file_off, len)?;
+            }
+        }
+        self.overlays.push(overlay);
+        Ok(())
+    }
+
+    /// Freezes the memory as it is now and returns that image, for new VMs
+    /// to map copy-on-write. This VM keeps running on the same image, also
+    /// copy-on-write. The first freeze copies nothing (the memfd becomes the
+    /// frozen base); later ones copy only the pages this VM changed since
+    /// the previous freeze into a new overlay. Call it with the VM paused.
+    pub fn freeze(&mut self) -> Result<MemoryImage> {
+        if !self.private {
+            for ((_, len, off), region) in ram_ranges(self.size).into_iter().zip(self.memory.iter())
+            {
+                Self::map_private_at(&self.file, region.as_ptr() as usize, off, len)?;
+            }
+            self.private = true;
+        } else {
+            let runs = self.changed_runs()?;
+            if !runs.is_empty() {
+                let overlay = self.write_overlay(&runs)?;
+                self.map_overlay(overlay)?;
+            }
+        }
+        Ok(MemoryImage {
+            size: self.size,
+            base: self.file.clone(),
+            overlays: self.overlays.clone(),
+        })
+    }
+
+    /// Base-file ranges of the pages this VM wrote since its memory was
+    /// mapped copy-on-write (its private pages).
+    fn changed_runs(&self) -> Result<Vec<(u64, u64)>> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for ((_, _, off), region) in ram_ranges(self.size).into_iter().zip(self.memory.iter()) {
+            let base = region.as_ptr() as u64;
+            for (start, end) in
+                pagemap::private_pages(base, base + region.len()).map_err(Error::Pagemap)?
+            {
+                let (o, l) = (off + (start - base), end - start);
+                match runs.last_mut() {
+                    Some(last) if last.0 + last.1 == o => last.1 += l,
+                    _ => runs.push((o, l)),
+                }
+            }
+        }
+        Ok(runs)
+    }
+
+    /// A new memfd holding the guest pages at `runs` (at their offsets).
+    fn write_overlay(&self, runs: &[(u64, u64)]) -> Result<Overlay> {
+        let file = memfd(c"vmm-guest-ram-overlay")?;
+        file.set_len(self.size).map_err(|source| Error::Size {
+            size: self.size,
+            source,
+        })?;
+        for &(off, len) in runs {
+            for (addr, file_off, len) in self.host_runs(off, len) {
+                // SAFETY: the range lies inside guest RAM mapped by this
+                // GuestRam, readable, and nothing writes it while the VM is
+                // paused.
+                let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, len as usize) };
+                file.write_all_at(bytes, file_off).map_err(Error::Copy)?;
+            }
+        }
+        Ok(Overlay {
+            file: Arc::new(file),
+            runs: runs.to_vec(),
+        })
+    }
+
+    /// Base-file ranges that may hold non-zero guest data: the base file's
+    /// data extents, the overlays' runs and this VM's private pages.
+    pub fn data_runs(&self) -> Result<Vec<(u64, u64)>> {
+        let mut runs = file_data_extents(&self.file, self.size).map_err(Error::Copy)?;
+        for overlay in &self.overlays {
+            runs.extend_from_slice(&overlay.runs);
+        }
+        if self.private {
+            runs.extend(self.changed_runs()?);
+        }
+        runs.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
+        for (off, len) in runs {
+            match merged.last_mut() {
+                Some(last) if off <= last.0 + last.1 => {
+                    last.1 = last.1.max(off + len - last.0);
+                }
+                _ => merged.push((off, len)),
+            }
+        }
+        Ok(merged)
+    }
+
+    /// Writes guest memory as it is now into `out` (sized to the memory,
+    /// sparse: only `data_runs` are written). Call it with the VM paused.
+    pub fn write_to(&self, out: &File) -> Result<()> {
+        out.set_len(self.size).map_err(Error::Copy)?;
+        for (off, len) in self.data_runs()? {
+            for (addr, file_off, len) in self.host_runs(off, len) {
+                // SAFETY: as in `write_overlay`.
+                let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, len as usize) };
+                out.write_all_at(bytes, file_off).map_err(Error::Copy)?;
+            }
+        }
+        Ok(())
     }
 
     /// Allocates the backing pages of the guest ranges `(gpa, len)` and
@@ -146,6 +381,186 @@ impl GuestRam {
     }
 }
 
+fn memfd(name: &std::ffi::CStr) -> Result<File> {
+    // SAFETY: the name is a valid NUL-terminated string; the return value
+    // is checked before use.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(Error::Memfd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a freshly created file descriptor that nothing else owns.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// The data extents (SEEK_DATA/SEEK_HOLE) of `file` below `size`.
+fn file_data_extents(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    let fd = file.as_raw_fd();
+    let mut extents = Vec::new();
+    let mut pos: i64 = 0;
+    while (pos as u64) < size {
+        // SAFETY: lseek on a descriptor we own; no memory is involved.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENXIO) {
+                break; // no data past `pos`
+            }
+            return Err(err);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let (start, end) = ((data as u64) & !(PAGE - 1), (hole as u64).min(size));
+        if start < end {
+            extents.push((start, end - start));
+        }
+        pos = hole;
+    }
+    Ok(extents)
+}
+
+/// Finding a mapping's private (copied-on-write) pages.
+mod pagemap {
+    use std::fs::File;
+    use std::io;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+
+    const PAGE: u64 = 4096;
+    const PAGE_IS_FILE: u64 = 1 << 2;
+    const PAGE_IS_PRESENT: u64 = 1 << 3;
+    const PAGE_IS_SWAPPED: u64 = 1 << 4;
+
+    #[repr(C)]
+    #[derive(Default)]
+    struct PmScanArg {
+        size: u64,
+        flags: u64,
+        start: u64,
+        end: u64,
+        walk_end: u64,
+        vec: u64,
+        vec_len: u64,
+        max_pages: u64,
+        category_inverted: u64,
+        category_mask: u64,
+        category_anyof_mask: u64,
+        return_mask: u64,
+    }
+
+    #[repr(C)]
+    #[derive(Default, Clone, Copy)]
+    struct PageRegion {
+        start: u64,
+        end: u64,
+        categories: u64,
+    }
+
+    /// _IOWR('f', 16, struct pm_scan_arg)
+    const PAGEMAP_SCAN: u64 =
+        (3 << 30) | ((std::mem::size_of::<PmScanArg>() as u64) << 16) | (0x66 << 8) | 16;
+
+    /// Ranges of `start..end` (host addresses in this process) backed by
+    /// anonymous pages: in a copy-on-write file mapping, the pages written
+    /// since it was mapped. Uses PAGEMAP_SCAN (Linux 6.7+), else reads
+    /// /proc/self/pagemap entry by entry.
+    pub fn private_pages(start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
+        let file = File::open("/proc/self/pagemap")?;
+        match scan(&file, start, end) {
+            Err(e)
+                if e.raw_os_error() == Some(libc::ENOTTY)
+                    || e.raw_os_error() == Some(libc::EINVAL) =>
+            {
+                read_entries(&file, start, end)
+            }
+            other => other,
+        }
+    }
+
+    fn push(out: &mut Vec<(u64, u64)>, s: u64, e: u64) {
+        match out.last_mut() {
+            Some(last) if last.1 == s => last.1 = e,
+            _ => out.push((s, e)),
+        }
+    }
+
+    fn scan(file: &File, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
+        let mut out = Vec::new();
+        // Present and not file-backed; then swapped out (also anonymous).
+        for (inverted, mask) in [
+            (PAGE_IS_FILE, PAGE_IS_FILE | PAGE_IS_PRESENT),
+            (0, PAGE_IS_SWAPPED),
+        ] {
+            let mut regions = vec![PageRegion::default(); 512];
+            let mut pos = start;
+            while pos < end {
+                let mut arg = PmScanArg {
+                    size: std::mem::size_of::<PmScanArg>() as u64,
+                    start: pos,
+                    end,
+                    vec: regions.as_mut_ptr() as u64,
+                    vec_len: regions.len() as u64,
+                    category_inverted: inverted,
+                    category_mask: mask,
+                    return_mask: mask,
+                    ..Default::default()
+                };
+                // SAFETY: `arg` is a valid pm_scan_arg whose `vec` points to
+                // `regions.len()` writable page_region entries that outlive
+                // the call.
+                let n = unsafe { libc::ioctl(file.as_raw_fd(), PAGEMAP_SCAN as _, &mut arg) };
+                if n < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                for r in &regions[..n as usize] {
+                    push(&mut out, r.start, r.end);
+                }
+                if arg.walk_end <= pos {
+                    break;
+                }
+                pos = arg.walk_end;
+            }
+        }
+        out.sort_unstable();
+        let mut merged = Vec::with_capacity(out.len());
+        for (s, e) in out {
+            push(&mut merged, s, e);
+        }
+        Ok(merged)
+    }
+
+    #[cfg(test)]
+    pub fn both_ways(start: u64, end: u64) -> io::Result<(Vec<(u64, u64)>, Vec<(u64, u64)>)> {
+        let file = File::open("/proc/self/pagemap")?;
+        Ok((scan(&file, start, end)?, read_entries(&file, start, end)?))
+    }
+
+    fn read_entries(file: &File, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
+        const PRESENT: u64 = 1 << 63;
+        const SWAPPED: u64 = 1 << 62;
+        const FILE_OR_SHARED: u64 = 1 << 61;
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 8 * 4096];
+        let mut page = start / PAGE;
+        while page < end / PAGE {
+            let count = (end / PAGE - page).min(4096);
+            let bytes = &mut buf[..count as usize * 8];
+            file.read_exact_at(bytes, page * 8)?;
+            for (i, entry) in bytes.chunks_exact(8).enumerate() {
+                let e = u64::from_le_bytes(entry.try_into().unwrap_or_default());
+                if e & (PRESENT | SWAPPED) != 0 && e & FILE_OR_SHARED == 0 {
+                    let addr = (page + i as u64) * PAGE;
+                    push(&mut out, addr, addr + PAGE);
+                }
+            }
+            page += count;
+        }
+        Ok(out)
+    }
+}
+
 fn populate_host(pieces: &[(usize, u64)]) -> Result<()> {
     for &(addr, len) in pieces {
         // SAFETY: the range lies inside a guest RAM mapping owned by a live
@@ -202,6 +617,86 @@ mod tests {
         let mut buf = [0u8; 2];
         ram.file.read_exact_at(&mut buf, 0x1000).unwrap();
         assert_eq!(u16::from_le_bytes(buf), 0xabcd);
+    }
+
+    fn read(ram: &GuestRam, addr: u64) -> u8 {
+        ram.memory.read_obj::<u8>(GuestAddress(addr)).unwrap()
+    }
+
+    #[test]
+    fn forks_of_forks_see_the_image_and_stay_apart() {
+        let mut parent = GuestRam::new(16 << 20).unwrap();
+        parent.memory.write_obj(1u8, GuestAddress(0x1000)).unwrap();
+        parent.memory.write_obj(2u8, GuestAddress(0x5000)).unwrap();
+        // First freeze: no copy, the memfd becomes the base.
+        let image = parent.freeze().unwrap();
+        assert!(image.overlays.is_empty());
+        let mut child = GuestRam::from_image(&image).unwrap();
+        assert_eq!((read(&child, 0x1000), read(&child, 0x5000)), (1, 2));
+
+        // Writes after the fork are private to each side.
+        parent.memory.write_obj(10u8, GuestAddress(0x1000)).unwrap();
+        child.memory.write_obj(20u8, GuestAddress(0x5000)).unwrap();
+        child
+            .memory
+            .write_obj(21u8, GuestAddress(0x80_0000))
+            .unwrap();
+        assert_eq!((read(&parent, 0x5000), read(&child, 0x1000)), (2, 1));
+        let mut base = [0u8; 1];
+        image.base.read_exact_at(&mut base, 0x1000).unwrap();
+        assert_eq!(base[0], 1, "the frozen base keeps the fork-time content");
+
+        // Both ways of finding private pages agree.
+        let region = child.memory.iter().next().unwrap();
+        let start = region.as_ptr() as u64;
+        let (scanned, entries) = pagemap::both_ways(start, start + region.len()).unwrap();
+        assert_eq!(scanned, entries);
+        assert_eq!(scanned.len(), 2);
+
+        // A fork of the child: an overlay with exactly the child's pages.
+        let image2 = child.freeze().unwrap();
+        assert_eq!(image2.overlays.len(), 1);
+        assert_eq!(
+            image2.overlays[0].runs,
+            vec![(0x5000, 0x1000), (0x80_0000, 0x1000)]
+        );
+        let grandchild = GuestRam::from_image(&image2).unwrap();
+        assert_eq!(
+            (
+                read(&grandchild, 0x1000),
+                read(&grandchild, 0x5000),
+                read(&grandchild, 0x80_0000)
+            ),
+            (1, 20, 21)
+        );
+        // The child still reads its own data after remapping onto its overlay.
+        child
+            .memory
+            .write_obj(22u8, GuestAddress(0x80_0000))
+            .unwrap();
+        assert_eq!((read(&child, 0x5000), read(&child, 0x80_0000)), (20, 22));
+        assert_eq!(read(&grandchild, 0x80_0000), 21);
+
+        // A snapshot file holds what the VM sees, sparse.
+        let out = tempfile_in_tmp();
+        child.write_to(&out).unwrap();
+        let mut b = [0u8; 1];
+        out.read_exact_at(&mut b, 0x80_0000).unwrap();
+        assert_eq!(b[0], 22);
+        out.read_exact_at(&mut b, 0x1000).unwrap();
+        assert_eq!(b[0], 1);
+        use std::os::unix::fs::MetadataExt;
+        assert!(out.metadata().unwrap().blocks() * 512 < 1 << 20);
+    }
+
+    fn tempfile_in_tmp() -> File {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_TMPFILE)
+            .open(std::env::temp_dir())
+            .unwrap()
     }
 
     #[test]
