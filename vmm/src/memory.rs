@@ -532,9 +532,9 @@ mod pagemap {
     }
 
     #[cfg(test)]
-    pub fn both_ways(start: u64, end: u64) -> io::Result<(Vec<(u64, u64)>, Vec<(u64, u64)>)> {
+    pub fn both_ways(start: u64, end: u64) -> io::Result<[Vec<(u64, u64)>; 2]> {
         let file = File::open("/proc/self/pagemap")?;
-        Ok((scan(&file, start, end)?, read_entries(&file, start, end)?))
+        Ok([scan(&file, start, end)?, read_entries(&file, start, end)?])
     }
 
     fn read_entries(file: &File, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
@@ -649,7 +649,7 @@ mod tests {
         // Both ways of finding private pages agree.
         let region = child.memory.iter().next().unwrap();
         let start = region.as_ptr() as u64;
-        let (scanned, entries) = pagemap::both_ways(start, start + region.len()).unwrap();
+        let [scanned, entries] = pagemap::both_ways(start, start + region.len()).unwrap();
         assert_eq!(scanned, entries);
         assert_eq!(scanned.len(), 2);
 
