@@ -221,6 +221,19 @@ impl AgentClient {
             .unwrap_or(0))
     }
 
+    /// Gives the guest fresh randomness and has it reseed its generator
+    /// (after a fork or restore).
+    pub fn reseed(&self, seed: &[u8]) -> Result<()> {
+        let mut s = self.connect()?;
+        // The agent answers at once; a guest that does not must not hold
+        // the caller forever.
+        s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+        let seed = seed.iter().map(|b| format!("{b:02x}")).collect();
+        write_json(&mut s, FrameType::Request, &Request::Reseed { seed })?;
+        Self::finish(&mut s, |_, _| Ok(()))?;
+        Ok(())
+    }
+
     /// Asks the guest to sync and power off.
     pub fn shutdown(&self) -> Result<()> {
         let mut s = self.connect()?;

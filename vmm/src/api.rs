@@ -8,13 +8,22 @@
 //!   does), so a client never polls.
 //! - `PUT /vm/stop`: stop the VM now (the guest gets no chance to sync; use
 //!   the agent's shutdown for a clean stop, as `vmm stop` does).
+//! - `PUT /vm/pause`, `PUT /vm/resume`.
+//! - `PUT /vm/snapshot` `{"dir": PATH}`: write a snapshot directory.
+//! - `PUT /vm/fork` `{"count": N, "dir": PATH?}`: start N children that
+//!   continue from this instant; answers with their ids and sockets.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::control::Controller;
+use crate::fork::ForkOptions;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use serde_json::{json, Value};
@@ -102,6 +111,8 @@ fn write_response(stream: &mut impl Write, status: u16, body: &Value) -> io::Res
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        409 => "Conflict",
+        500 => "Internal Server Error",
         _ => "Error",
     };
     let text = if status == 204 {
@@ -136,6 +147,25 @@ pub struct ApiServer {
     agent_ready: bool,
     /// `GET /vm/agent` callers waiting for the agent.
     waiting: Vec<UnixStream>,
+    /// Pause, resume, snapshot and fork (absent in unit tests).
+    control: Option<Arc<Mutex<Controller>>>,
+    /// Written when a restored guest's agent is ready (after its reseed).
+    agent_ready_evt: Option<EventFd>,
+    /// Fork children still running, by pidfd (reaped when they end).
+    children: Vec<(OwnedFd, std::process::Child)>,
+    /// pidfds of new children, to watch.
+    new_pidfds: Vec<RawFd>,
+}
+
+/// An fd that becomes readable when process `pid` ends.
+fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 impl ApiServer {
@@ -176,7 +206,103 @@ impl ApiServer {
             ready_path,
             agent_ready: false,
             waiting: Vec::new(),
+            control: None,
+            agent_ready_evt: None,
+            children: Vec::new(),
+            new_pidfds: Vec::new(),
         })
+    }
+
+    /// Serves pause, resume, snapshot and fork through `control`.
+    pub fn set_control(&mut self, control: Arc<Mutex<Controller>>) {
+        self.control = Some(control);
+    }
+
+    /// The agent is reported ready once `evt` is written (a restored guest,
+    /// whose agent does not announce itself again).
+    pub fn set_agent_ready_evt(&mut self, evt: EventFd) {
+        self.agent_ready_evt = Some(evt);
+    }
+
+    fn answer_waiting(&mut self) {
+        if self.agent_ready {
+            for mut w in self.waiting.drain(..) {
+                let _ = write_response(&mut w, 200, &json!({"agent": "ready"}));
+            }
+        }
+    }
+
+    fn vm_state(&self) -> &'static str {
+        match &self.control {
+            Some(c) if c.lock().unwrap_or_else(|e| e.into_inner()).is_paused() => "paused",
+            _ => "running",
+        }
+    }
+
+    /// Runs a control operation; 409 when there is no controller.
+    fn with_control(
+        &mut self,
+        f: impl FnOnce(&mut Controller, bool, &mut Self) -> std::result::Result<Value, String>,
+    ) -> (u16, Value) {
+        let Some(control) = self.control.clone() else {
+            return (409, json!({"error": "this VM cannot be controlled"}));
+        };
+        let mut c = control.lock().unwrap_or_else(|e| e.into_inner());
+        let ready = self.agent_ready;
+        match f(&mut c, ready, self) {
+            Ok(Value::Null) => (204, Value::Null),
+            Ok(v) => (200, v),
+            Err(e) => (500, json!({ "error": e })),
+        }
+    }
+
+    fn fork(&mut self, body: &[u8]) -> (u16, Value) {
+        let opts: ForkOptions = match serde_json::from_slice(body) {
+            Ok(o) => o,
+            Err(e) => return (400, json!({"error": format!("bad fork request: {e}")})),
+        };
+        if opts.count == 0 || opts.count > 1024 {
+            return (400, json!({"error": "\"count\" must be 1 to 1024"}));
+        }
+        self.with_control(|c, ready, server| {
+            let (info, spawned) = c.fork(&opts, ready).map_err(|e| e.to_string())?;
+            for s in spawned {
+                match pidfd_open(s.process.id()) {
+                    Ok(fd) => {
+                        server.new_pidfds.push(fd.as_raw_fd());
+                        server.children.push((fd, s.process));
+                    }
+                    // Without a pidfd the child is reaped when the VMM ends.
+                    Err(e) => tracing::warn!("cannot watch fork child {}: {e}", s.info.id),
+                }
+            }
+            serde_json::to_value(info).map_err(|e| e.to_string())
+        })
+    }
+
+    fn snapshot(&mut self, body: &[u8]) -> (u16, Value) {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Req {
+            dir: PathBuf,
+        }
+        let req: Req = match serde_json::from_slice(body) {
+            Ok(r) => r,
+            Err(e) => return (400, json!({"error": format!("bad snapshot request: {e}")})),
+        };
+        self.with_control(|c, ready, _| {
+            let info = c.snapshot(&req.dir, ready).map_err(|e| e.to_string())?;
+            serde_json::to_value(info).map_err(|e| e.to_string())
+        })
+    }
+
+    /// A fork child ended: reap it.
+    fn on_child_exit(&mut self, fd: RawFd, ops: &mut EventOps) {
+        if let Some(i) = self.children.iter().position(|(p, _)| p.as_raw_fd() == fd) {
+            let _ = ops.remove(Events::empty_raw(fd));
+            let (_pidfd, mut child) = self.children.swap_remove(i);
+            let _ = child.wait();
+        }
     }
 
     fn agent_state(&self) -> &'static str {
@@ -198,19 +324,15 @@ impl ApiServer {
             drop(stream);
             self.agent_ready = true;
         }
-        if self.agent_ready {
-            for mut w in self.waiting.drain(..) {
-                let _ = write_response(&mut w, 200, &json!({"agent": "ready"}));
-            }
-        }
+        self.answer_waiting();
     }
 
-    fn route(&self, req: &HttpRequest) -> (u16, Value) {
+    fn route(&mut self, req: &HttpRequest) -> (u16, Value) {
         match (req.method.as_str(), req.path.as_str()) {
             ("GET", "/vm") => (
                 200,
                 json!({
-                    "state": "running",
+                    "state": self.vm_state(),
                     "vcpus": self.info.vcpus,
                     "memory_mib": self.info.memory_mib,
                     "vsock": self.info.vsock.as_ref().map(|(cid, path)| json!({"cid": cid, "uds_path": path})),
@@ -222,7 +344,21 @@ impl ApiServer {
                 self.exit.report(ExitReason::Stopped { signal: None });
                 (204, Value::Null)
             }
-            (_, "/vm" | "/vm/stop" | "/vm/agent") => (405, json!({"error": "method not allowed"})),
+            ("PUT", "/vm/pause") => self.with_control(|c, _, _| {
+                c.pause().map_err(|e| e.to_string())?;
+                Ok(Value::Null)
+            }),
+            ("PUT", "/vm/resume") => self.with_control(|c, _, _| {
+                c.resume();
+                Ok(Value::Null)
+            }),
+            ("PUT", "/vm/snapshot") => self.snapshot(&req.body),
+            ("PUT", "/vm/fork") => self.fork(&req.body),
+            (
+                _,
+                "/vm" | "/vm/stop" | "/vm/agent" | "/vm/pause" | "/vm/resume" | "/vm/snapshot"
+                | "/vm/fork",
+            ) => (405, json!({"error": "method not allowed"})),
             _ => (
                 404,
                 json!({"error": format!("no such endpoint: {}", req.path)}),
@@ -271,16 +407,34 @@ impl MutEventSubscriber for ApiServer {
                 tracing::error!("cannot watch the agent's ready socket: {e:?}");
             }
         }
+        if let Some(evt) = &self.agent_ready_evt {
+            if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
+                tracing::error!("cannot watch the agent reseed: {e:?}");
+            }
+        }
     }
 
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
         if self.ready_listener.as_ref().map(|l| l.as_raw_fd()) == Some(fd) {
             self.on_agent_ready();
+        } else if self.agent_ready_evt.as_ref().map(|e| e.as_raw_fd()) == Some(fd) {
+            if let Some(evt) = &self.agent_ready_evt {
+                let _ = evt.read();
+            }
+            self.agent_ready = true;
+            self.answer_waiting();
         } else if fd == self.listener.as_raw_fd() {
             while let Ok((stream, _)) = self.listener.accept() {
                 self.serve_one(stream);
             }
+            for pidfd in self.new_pidfds.drain(..) {
+                if let Err(e) = ops.add(Events::new_raw(pidfd, EventSet::IN)) {
+                    tracing::warn!("cannot watch a fork child: {e:?}");
+                }
+            }
+        } else {
+            self.on_child_exit(fd, ops);
         }
     }
 }

@@ -59,6 +59,51 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Pause the VM behind an API socket (its vCPUs stop; devices idle).
+    Pause {
+        #[arg(long)]
+        api_socket: PathBuf,
+    },
+    /// Resume a paused VM.
+    Resume {
+        #[arg(long)]
+        api_socket: PathBuf,
+    },
+    /// Write a snapshot of the running VM into a new directory; the VM
+    /// continues (docs/snapshot.md).
+    Snapshot {
+        #[arg(long)]
+        api_socket: PathBuf,
+        /// The snapshot directory to create.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Start a VM from a snapshot directory and run it until it stops.
+    Restore {
+        /// The directory `vmm snapshot` wrote.
+        #[arg(long)]
+        snapshot: PathBuf,
+        /// Serve the control API here.
+        #[arg(long)]
+        api_socket: PathBuf,
+        /// The restored VM's vsock socket (default: `<api-socket>.vsock`).
+        #[arg(long)]
+        vsock_socket: Option<PathBuf>,
+        /// Write a JSON report here when the VM ends.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
+    /// Fork the running VM into N children that continue from this instant,
+    /// copy-on-write; prints a JSON list of the children and their sockets.
+    Fork {
+        #[arg(long)]
+        api_socket: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Where the children's sockets go (default: next to the API socket).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Check that this host can run VMs and say how to fix what is missing.
     Doctor,
     /// Benchmarks.
@@ -191,10 +236,38 @@ fn launch(
         Ok(hv) => hv,
         Err(e) => return fail(e),
     };
-    let vm = match vmm::Vm::build(&config, hv.as_ref(), start) {
-        Ok(vm) => vm,
+    match vmm::Vm::build(&config, hv.as_ref(), start) {
+        Ok(vm) => run_vm(vm, api_socket, report),
+        Err(e) => fail(e),
+    }
+}
+
+fn restore(
+    snapshot: &std::path::Path,
+    api_socket: PathBuf,
+    vsock_socket: Option<PathBuf>,
+    report: Option<PathBuf>,
+    start: Instant,
+) -> ExitCode {
+    let vsock =
+        vsock_socket.unwrap_or_else(|| PathBuf::from(format!("{}.vsock", api_socket.display())));
+    let source = match vmm::snapshot::restore_source(snapshot, &vsock) {
+        Ok(s) => s,
         Err(e) => return fail(e),
     };
+    let hv = match vmm::open_hypervisor() {
+        Ok(hv) => hv,
+        Err(e) => return fail(e),
+    };
+    match vmm::Vm::restore(source, hv.as_ref(), start) {
+        Ok(vm) => run_vm(vm, Some(api_socket), report),
+        Err(e) => fail(e),
+    }
+}
+
+/// Runs a built VM until it ends, stopping on SIGINT/SIGTERM; exits with
+/// its status.
+fn run_vm(vm: vmm::Vm, api_socket: Option<PathBuf>, report: Option<PathBuf>) -> ExitCode {
     let stop = match vmm::signals::install() {
         Ok(evt) => evt,
         Err(e) => return fail(format!("cannot install signal handlers: {e}")),
@@ -202,6 +275,7 @@ fn launch(
     let opts = vmm::RunOptions {
         stop_evt: Some(stop),
         api_socket,
+        on_started: None,
     };
     let outcome = match vm.run(opts) {
         Ok(o) => o,
@@ -220,6 +294,21 @@ fn launch(
         eprintln!("vmm: error: {}", outcome.reason);
     }
     ExitCode::from(code as u8)
+}
+
+/// One control call; prints the JSON answer when there is one.
+fn control(api_socket: &std::path::Path, path: &str, body: Option<serde_json::Value>) -> ExitCode {
+    match vmm::api::ApiClient::new(api_socket).call("PUT", path, body.as_ref()) {
+        Ok(serde_json::Value::Null) => ExitCode::SUCCESS,
+        Ok(answer) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&answer).unwrap_or_default()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
 }
 
 fn exec(cmd: &ExecArgs, api_socket: &std::path::Path) -> ExitCode {
@@ -301,6 +390,14 @@ fn print_bench<E: std::fmt::Display>(
 fn main() -> ExitCode {
     // Boot timings count from here: the first thing the process does.
     let start = Instant::now();
+    // A fork child (started by a forking VMM, not by users).
+    if std::env::args().nth(1).as_deref() == Some(vmm::fork::CHILD_COMMAND) {
+        init_logging();
+        return match vmm::fork::child_main() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(code) => ExitCode::from(code as u8),
+        };
+    }
     let cli = Cli::parse();
     init_logging();
     match cli.command {
@@ -312,6 +409,35 @@ fn main() -> ExitCode {
         Command::Exec { cmd, api_socket } => exec(&cmd, &api_socket),
         Command::Run { config, cmd } => run(config, &cmd),
         Command::Stop { api_socket, force } => stop(&api_socket, force),
+        Command::Pause { api_socket } => control(&api_socket, "/vm/pause", None),
+        Command::Resume { api_socket } => control(&api_socket, "/vm/resume", None),
+        Command::Snapshot { api_socket, out } => {
+            // The VMM resolves relative paths against its own directory.
+            let out = std::path::absolute(&out).unwrap_or(out);
+            control(
+                &api_socket,
+                "/vm/snapshot",
+                Some(serde_json::json!({ "dir": out })),
+            )
+        }
+        Command::Restore {
+            snapshot,
+            api_socket,
+            vsock_socket,
+            report,
+        } => restore(&snapshot, api_socket, vsock_socket, report, start),
+        Command::Fork {
+            api_socket,
+            count,
+            dir,
+        } => {
+            let dir = dir.map(|d| std::path::absolute(&d).unwrap_or(d));
+            control(
+                &api_socket,
+                "/vm/fork",
+                Some(serde_json::json!({ "count": count, "dir": dir })),
+            )
+        }
         Command::Doctor => {
             let report = vmm::doctor::run();
             print!("{report}");

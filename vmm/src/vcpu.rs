@@ -2,12 +2,12 @@
 //! the buses until the VM stops.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devices::Bus;
-use hypervisor::{SystemEventKind, Vcpu, VcpuExit};
+use hypervisor::{SystemEventKind, Vcpu, VcpuExit, VcpuState};
 use vmm_sys_util::signal::Killable;
 
 use crate::exit::{ExitReason, ExitSignal};
@@ -28,6 +28,103 @@ pub struct VcpuShared {
     /// Time from VMM start to vCPU 0's first guest entry.
     pub first_entry: OnceLock<Duration>,
     pub pvm_host: bool,
+    pub pause: PauseControl,
+}
+
+/// Pausing the vCPU threads: a paused thread has finished its last exit,
+/// saved its vCPU state and waits for the resume.
+#[derive(Default)]
+pub struct PauseControl {
+    requested: AtomicBool,
+    inner: Mutex<Parked>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct Parked {
+    /// The saved state of each parked vCPU, by id.
+    states: Vec<Option<Result<VcpuState, String>>>,
+    count: usize,
+}
+
+impl PauseControl {
+    pub fn is_requested(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Parked> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Called on a vCPU thread that saw the request: saves the vCPU and
+    /// waits until the resume (or the VM stops).
+    fn park(&self, id: u32, vcpu: &mut dyn Vcpu, stop: &AtomicBool) {
+        let saved = vcpu
+            .complete_pending_io()
+            .and_then(|()| vcpu.save_state())
+            .map_err(|e| e.to_string());
+        let mut parked = self.lock();
+        let slot = id as usize;
+        if parked.states.len() <= slot {
+            parked.states.resize(slot + 1, None);
+        }
+        parked.states[slot] = Some(saved);
+        parked.count += 1;
+        self.changed.notify_all();
+        while self.is_requested() && !stop.load(Ordering::SeqCst) {
+            parked = self.changed.wait(parked).unwrap_or_else(|e| e.into_inner());
+        }
+        parked.count -= 1;
+        parked.states[slot] = None;
+    }
+
+    /// Marks the pause as requested; the caller then kicks every thread.
+    pub fn request(&self) {
+        self.requested.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits until `n` vCPUs are parked and returns their saved states, in
+    /// vCPU order. Gives up after `timeout`.
+    pub fn wait_parked(&self, n: usize, timeout: Duration) -> Result<Vec<VcpuState>, String> {
+        let deadline = Instant::now() + timeout;
+        let mut parked = self.lock();
+        while parked.count < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!(
+                    "only {} of {n} vCPUs paused within {timeout:?}",
+                    parked.count
+                ));
+            }
+            parked = self
+                .changed
+                .wait_timeout(parked, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        parked.states[..n]
+            .iter()
+            .enumerate()
+            .map(|(id, s)| match s {
+                Some(Ok(state)) => Ok(state.clone()),
+                Some(Err(e)) => Err(format!("cannot save vCPU {id}: {e}")),
+                None => Err(format!("vCPU {id} did not pause")),
+            })
+            .collect()
+    }
+
+    /// Lets parked threads run again.
+    pub fn resume(&self) {
+        let _parked = self.lock();
+        self.requested.store(false, Ordering::SeqCst);
+        self.changed.notify_all();
+    }
+
+    /// Wakes parked threads so they see the stop flag.
+    pub fn wake_for_stop(&self) {
+        let _parked = self.lock();
+        self.changed.notify_all();
+    }
 }
 
 /// What a run of the vCPU asks the loop to do next.
@@ -99,6 +196,10 @@ fn vcpu_loop(id: u32, mut vcpu: Box<dyn Vcpu>, shared: Arc<VcpuShared>) {
         return;
     }
     while !shared.stop.load(Ordering::SeqCst) {
+        if shared.pause.is_requested() {
+            shared.pause.park(id, vcpu.as_mut(), &shared.stop);
+            continue;
+        }
         if id == 0 {
             shared.first_entry.get_or_init(|| shared.start.elapsed());
         }
@@ -133,6 +234,11 @@ impl VcpuThread {
             .name(format!("vcpu{id}"))
             .spawn(move || vcpu_loop(id, vcpu, shared))?;
         Ok(VcpuThread { handle })
+    }
+
+    /// The thread's pthread handle, to kick it from elsewhere.
+    pub fn pthread(&self) -> libc::pthread_t {
+        std::os::unix::thread::JoinHandleExt::as_pthread_t(&self.handle)
     }
 
     /// Kicks the thread out of guest mode (it then sees the stop flag).

@@ -18,13 +18,17 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::api::{ApiServer, VmInfo};
 use crate::artifacts::{self, KernelFlavour};
 use crate::config::{RootfsConfig, SerialOutput, VmConfig};
+use crate::control::Controller;
 use crate::exit::{ExitReason, ExitSignal};
-use crate::memory::GuestRam;
-use crate::vcpu::{VcpuShared, VcpuThread};
+use crate::memory::{GuestRam, MemoryImage};
+use crate::snapshot::MachineState;
+use crate::vcpu::{PauseControl, VcpuShared, VcpuThread};
 use crate::virtio::{VirtioPlacer, VirtioSlot};
 use crate::x86_64::{boot, cpuid, layout, mptable, regs};
-use devices::virtio::block::{Block, LayeredDisk};
+use devices::virtio::block::{Block, LayeredDisk, SharedDisk};
+use devices::virtio::mmio::MmioTransport;
 use devices::virtio::vsock::{Vsock, VsockBackend};
+use hypervisor::CpuidEntry;
 
 /// Errors building or running a VM.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +86,15 @@ pub enum Error {
         what: &'static str,
         source: std::io::Error,
     },
+    #[error("the saved machine does not fit its configuration: {0}")]
+    RestoreMismatch(String),
+    #[error("cannot restore the saved virtio device {index}: {source}")]
+    RestoreDevice {
+        index: usize,
+        source: devices::virtio::mmio::RestoreError,
+    },
+    #[error("cannot restore the serial port: {0}")]
+    RestoreSerial(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -116,6 +129,20 @@ pub struct RunOptions {
     pub stop_evt: Option<EventFd>,
     /// Serve the control API on this Unix socket while the VM runs.
     pub api_socket: Option<PathBuf>,
+    /// Called once every vCPU thread runs (a fork child acknowledges its
+    /// start with it).
+    pub on_started: Option<Box<dyn FnOnce() + Send>>,
+}
+
+/// What a VM is restored from: a snapshot directory or a forking parent.
+pub struct RestoreSource {
+    pub state: MachineState,
+    pub memory: MemoryImage,
+    /// The root disk's frozen layer (the disk as it was), with a name for
+    /// errors. The base image is `state.disk_base`, or `disk_base_file`.
+    pub disk_layer: Option<(std::fs::File, PathBuf)>,
+    /// The base image, already open (a fork child gets its parent's).
+    pub disk_base_file: Option<std::fs::File>,
 }
 
 /// What a VM was built from, after defaults were filled in.
@@ -132,9 +159,17 @@ pub struct ResolvedBoot {
 pub struct Vm {
     // Field order matters for drop: vCPUs before the VM, the VM before its memory.
     vcpus: Vec<Box<dyn Vcpu>>,
-    _vm: Box<dyn hypervisor::Vm>,
-    _ram: GuestRam,
+    vm: Box<dyn hypervisor::Vm>,
+    ram: GuestRam,
     shared: Arc<VcpuShared>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    disk: Option<SharedDisk>,
+    disk_base: Option<PathBuf>,
+    cpuid: Vec<Vec<CpuidEntry>>,
+    config: VmConfig,
+    /// Restored from a machine whose agent was up: reseed it, then report
+    /// it ready.
+    restored_agent: bool,
     serial: Arc<Mutex<SerialDevice>>,
     panic: GuestPanic,
     boot_time: BootTime,
@@ -206,15 +241,47 @@ fn resolve_initramfs(config: &VmConfig) -> Result<Option<PathBuf>> {
     }
 }
 
-fn root_disk(rootfs: &RootfsConfig) -> Result<Block> {
-    let base = match &rootfs.base {
-        Some(path) => path.clone(),
+fn resolve_base(rootfs: &RootfsConfig) -> Result<PathBuf> {
+    match &rootfs.base {
+        Some(path) => Ok(path.clone()),
         None => built(artifacts::default_base_image(), |path| {
             Error::DefaultBaseMissing { path }
-        })?,
+        }),
+    }
+}
+
+/// The root disk: from the config, or (restoring) the saved frozen layer
+/// over the base with a new throwaway layer on top.
+fn root_disk(
+    rootfs: &RootfsConfig,
+    base: &std::path::Path,
+    restore: Option<&mut RestoreSource>,
+) -> Result<SharedDisk> {
+    let disk = match restore {
+        None => LayeredDisk::open(base, rootfs.layer.as_deref(), rootfs.read_only)?,
+        Some(r) => {
+            let base_file = match r.disk_base_file.take() {
+                Some(f) => f,
+                None => std::fs::File::open(base).map_err(|source| {
+                    devices::virtio::block::disk::Error::OpenBase {
+                        path: base.to_path_buf(),
+                        source,
+                    }
+                })?,
+            };
+            let lower = r.disk_layer.take().ok_or_else(|| {
+                Error::RestoreMismatch("the root disk's saved layer is missing".into())
+            })?;
+            LayeredDisk::open_parts(
+                base_file,
+                base,
+                Some((lower.0, &lower.1)),
+                None,
+                rootfs.read_only,
+            )?
+        }
     };
-    let disk = LayeredDisk::open(&base, rootfs.layer.as_deref(), rootfs.read_only)?;
-    Ok(Block::new(Arc::new(Mutex::new(disk)), "rootfs"))
+    Ok(Arc::new(Mutex::new(disk)))
 }
 
 fn serial_writer(serial: &SerialOutput) -> Result<Box<dyn std::io::Write + Send>> {
@@ -238,6 +305,23 @@ impl Vm {
     /// Builds a VM: memory, kernel, devices and vCPUs, all ready to run.
     /// `start` is when the VMM started (the boot timings count from it).
     pub fn build(config: &VmConfig, hv: &dyn Hypervisor, start: Instant) -> Result<Vm> {
+        Self::assemble(config, hv, start, None)
+    }
+
+    /// Builds a VM that continues a saved machine (from a snapshot or a
+    /// fork): its memory mapped copy-on-write, its devices and vCPUs in
+    /// their saved state.
+    pub fn restore(source: RestoreSource, hv: &dyn Hypervisor, start: Instant) -> Result<Vm> {
+        let config = source.state.config.clone();
+        Self::assemble(&config, hv, start, Some(source))
+    }
+
+    fn assemble(
+        config: &VmConfig,
+        hv: &dyn Hypervisor,
+        start: Instant,
+        mut restore: Option<RestoreSource>,
+    ) -> Result<Vm> {
         config.validate()?;
         let kind = hv.kind();
         let flavour = KernelFlavour::resolve(config.flavour, kind);
@@ -248,43 +332,74 @@ impl Vm {
                 max: max_vcpus,
             });
         }
-
-        let kernel_path = resolve_kernel(config, flavour)?;
-        let kernel = boot::KernelImage::open(&kernel_path)?;
-        let initramfs_path = resolve_initramfs(config)?;
-        let initramfs = match &initramfs_path {
-            None => None,
-            Some(path) => {
-                let (file, size) =
-                    boot::open_regular_file(path).map_err(|source| Error::Initramfs {
-                        path: path.clone(),
-                        source,
-                    })?;
-                Some((path.as_path(), file, size))
-            }
-        };
-        let initramfs_size = initramfs.as_ref().map_or(0, |(_, _, size)| *size);
         let mem_size = config.memory_mib << 20;
-        boot::check_memory(&kernel, initramfs_size, mem_size)?;
+        if let Some(r) = &restore {
+            let s = &r.state;
+            if s.vcpus.len() != config.vcpus as usize
+                || s.cpuid.len() != s.vcpus.len()
+                || s.memory_size != mem_size
+                || r.memory.size != mem_size
+            {
+                return Err(Error::RestoreMismatch(format!(
+                    "{} vCPUs and {} bytes of memory saved, the config has {} and {}",
+                    s.vcpus.len(),
+                    s.memory_size,
+                    config.vcpus,
+                    mem_size
+                )));
+            }
+        }
+
+        // What to boot (a restored machine has booted already).
+        let mut boot_files = None;
+        let mut kernel_path = PathBuf::new();
+        let mut initramfs_path = None;
+        if restore.is_none() {
+            kernel_path = resolve_kernel(config, flavour)?;
+            let kernel = boot::KernelImage::open(&kernel_path)?;
+            initramfs_path = resolve_initramfs(config)?;
+            let initramfs = match &initramfs_path {
+                None => None,
+                Some(path) => {
+                    let (file, size) =
+                        boot::open_regular_file(path).map_err(|source| Error::Initramfs {
+                            path: path.clone(),
+                            source,
+                        })?;
+                    Some((file, size))
+                }
+            };
+            let initramfs_size = initramfs.as_ref().map_or(0, |(_, size)| *size);
+            boot::check_memory(&kernel, initramfs_size, mem_size)?;
+            boot_files = Some((kernel, initramfs, initramfs_size));
+        }
 
         let phase = |what: &str| tracing::debug!("setup: {what} at {:?}", start.elapsed());
         phase("config checked");
         let vm = hv.create_vm()?;
-        let ram = GuestRam::new(mem_size)?;
+        let ram = match &restore {
+            None => GuestRam::new(mem_size)?,
+            Some(r) => GuestRam::from_image(&r.memory)?,
+        };
         // Memory before the irqchip: adding a memory slot to a VM that has
         // one costs ~6 ms on some hosts (measured on PVM), before it 0.2 ms.
         ram.register(vm.as_ref())?;
         vm.create_platform_devices()?;
+        if let Some(r) = &restore {
+            vm.restore_state(&r.state.vm)?;
+        }
         phase("VM, memory and irqchip created");
-        // Populate the memory about to be written in bulk, on two threads.
-        ram.populate(&[
-            (layout::HIMEM_START, kernel.end - layout::HIMEM_START),
-            (
-                boot::initramfs_addr(mem_size, initramfs_size),
-                initramfs_size,
-            ),
-        ])?;
-        phase("memory populated");
+        if let Some((kernel, _, initramfs_size)) = &boot_files {
+            // Populate the memory about to be written in bulk, on two threads.
+            ram.populate(&[
+                (layout::HIMEM_START, kernel.end - layout::HIMEM_START),
+                (
+                    boot::initramfs_addr(mem_size, *initramfs_size),
+                    *initramfs_size,
+                ),
+            ])?;
+            phase("memory populated");
+        }
 
         // Devices.
         let exit = Arc::new(ExitSignal::new().map_err(io_err("create an eventfd"))?);
@@ -294,10 +409,12 @@ impl Vm {
         vm.register_irqfd(&serial_irq, layout::SERIAL_IRQ)?;
         let console = ConsoleOutput::new(serial_writer(&config.serial)?);
         let panic = console.panic_handle();
-        let serial = Arc::new(Mutex::new(SerialDevice::new(
-            EventFdLine(serial_irq),
-            console,
-        )));
+        let serial = match &restore {
+            None => SerialDevice::new(EventFdLine(serial_irq), console),
+            Some(r) => SerialDevice::restored(EventFdLine(serial_irq), console, &r.state.serial)
+                .map_err(Error::RestoreSerial)?,
+        };
+        let serial = Arc::new(Mutex::new(serial));
         pio.insert(serial.clone(), layout::SERIAL_PORT, SerialDevice::LEN)?;
         let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("create an eventfd"))?;
         let i8042 = I8042::new(reset_evt.try_clone().map_err(io_err("clone an eventfd"))?);
@@ -312,8 +429,17 @@ impl Vm {
 
         let mut placer = VirtioPlacer::new(vm.as_ref(), &mmio, &ram.memory);
         let mut virtio = Vec::new();
+        let mut disk = None;
+        let mut disk_base = None;
         if let Some(rootfs) = &config.rootfs {
-            virtio.push(placer.add(Box::new(root_disk(rootfs)?))?);
+            let base = match restore.as_ref().and_then(|r| r.state.disk_base.clone()) {
+                Some(path) => path,
+                None => resolve_base(rootfs)?,
+            };
+            let shared_disk = root_disk(rootfs, &base, restore.as_mut())?;
+            virtio.push(placer.add(Box::new(Block::new(shared_disk.clone(), "rootfs")))?);
+            disk = Some(shared_disk);
+            disk_base = Some(base);
         }
         let mut backends: Vec<VsockBackend> = Vec::new();
         if let Some(v) = &config.vsock {
@@ -324,39 +450,89 @@ impl Vm {
             backends.push(vsock.backend());
             virtio.push(placer.add(Box::new(vsock))?);
         }
+        if let Some(r) = &restore {
+            if r.state.virtio.len() != virtio.len() {
+                return Err(Error::RestoreMismatch(format!(
+                    "{} virtio devices saved, the config makes {}",
+                    r.state.virtio.len(),
+                    virtio.len()
+                )));
+            }
+            for (index, (slot, saved)) in virtio.iter().zip(&r.state.virtio).enumerate() {
+                slot.transport
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .restore(saved)
+                    .map_err(|source| Error::RestoreDevice { index, source })?;
+            }
+        }
         phase("devices created");
 
-        let mut device_args: Vec<String> = virtio.iter().map(|v| v.cmdline.clone()).collect();
-        if config.vsock.is_some() {
-            // Tells the guest init to serve the agent on vsock.
-            device_args.push(format!("VMM_AGENT_PORT={}", vmm_agent::AGENT_PORT));
-        }
-        let cmdline = kernel_cmdline(config, flavour, &device_args);
-        let loaded = boot::load(&ram.memory, mem_size, kernel, initramfs, &cmdline)?;
-        phase("kernel and initramfs loaded");
-        mptable::setup(&ram.memory, config.vcpus)?;
-        regs::write_boot_tables(&ram.memory)?;
+        let mut boot_entry = None;
+        let cmdline = match (&restore, boot_files) {
+            (Some(r), _) => r.state.cmdline.clone(),
+            (None, None) => String::new(),
+            (None, Some((kernel, initramfs, _))) => {
+                let mut device_args: Vec<String> =
+                    virtio.iter().map(|v| v.cmdline.clone()).collect();
+                if config.vsock.is_some() {
+                    // Tells the guest init to serve the agent on vsock.
+                    device_args.push(format!("VMM_AGENT_PORT={}", vmm_agent::AGENT_PORT));
+                }
+                let cmdline = kernel_cmdline(config, flavour, &device_args);
+                let initramfs = initramfs
+                    .zip(initramfs_path.as_deref())
+                    .map(|((file, size), path)| (path, file, size));
+                let loaded = boot::load(&ram.memory, mem_size, kernel, initramfs, &cmdline)?;
+                phase("kernel and initramfs loaded");
+                mptable::setup(&ram.memory, config.vcpus)?;
+                regs::write_boot_tables(&ram.memory)?;
+                boot_entry = Some(loaded.entry);
+                cmdline
+            }
+        };
 
         // vCPUs.
-        let supported = hv.supported_cpuid()?;
         let pvm = kind.needs_pvm_guest();
+        let cpuid: Vec<Vec<CpuidEntry>> = match &restore {
+            Some(r) => r.state.cpuid.clone(),
+            None => {
+                let supported = hv.supported_cpuid()?;
+                (0..config.vcpus)
+                    .map(|id| cpuid::for_vcpu(&supported, id, config.vcpus, pvm))
+                    .collect()
+            }
+        };
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
         for id in 0..config.vcpus {
             let vcpu = vm.create_vcpu(id)?;
-            vcpu.set_cpuid(&cpuid::for_vcpu(&supported, id, config.vcpus, pvm))?;
-            vcpu.configure_lapic()?;
-            if id == 0 {
-                let sregs = regs::boot_sregs(&vcpu.get_sregs()?);
-                vcpu.set_sregs(&sregs)?;
-                vcpu.set_regs(&regs::boot_regs(loaded.entry))?;
-                vcpu.set_fpu(&regs::boot_fpu())?;
-                if let Err(e) = vcpu.set_msrs(&regs::boot_msrs()) {
-                    tracing::info!("boot MSRs not set ({e}); the guest runs without them");
+            vcpu.set_cpuid(&cpuid[id as usize])?;
+            if let Some(r) = &restore {
+                vcpu.restore_state(&r.state.vcpus[id as usize])?;
+            } else {
+                vcpu.configure_lapic()?;
+                if let (0, Some(entry)) = (id, boot_entry) {
+                    let sregs = regs::boot_sregs(&vcpu.get_sregs()?);
+                    vcpu.set_sregs(&sregs)?;
+                    vcpu.set_regs(&regs::boot_regs(entry))?;
+                    vcpu.set_fpu(&regs::boot_fpu())?;
+                    if let Err(e) = vcpu.set_msrs(&regs::boot_msrs()) {
+                        tracing::info!("boot MSRs not set ({e}); the guest runs without them");
+                    }
                 }
             }
             vcpus.push(vcpu);
         }
 
+        if restore.is_some() {
+            // Interrupts raised now reach the restored interrupt controllers.
+            for slot in &virtio {
+                slot.transport
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .finish_restore();
+            }
+        }
         phase("vCPUs configured");
         let shared = Arc::new(VcpuShared {
             pio,
@@ -366,12 +542,20 @@ impl Vm {
             start,
             first_entry: OnceLock::new(),
             pvm_host: pvm,
+            pause: PauseControl::default(),
         });
+        let transports = virtio.iter().map(|v| v.transport.clone()).collect();
         Ok(Vm {
             vcpus,
-            _vm: vm,
-            _ram: ram,
+            vm,
+            ram,
             shared,
+            transports,
+            disk,
+            disk_base,
+            cpuid,
+            config: config.clone(),
+            restored_agent: restore.as_ref().is_some_and(|r| r.state.agent_ready),
             serial,
             panic,
             boot_time,
@@ -402,52 +586,102 @@ impl Vm {
     /// Runs the guest until it shuts down, crashes, `opts.stop_evt`
     /// becomes readable or the API asks; then stops every vCPU and returns
     /// why.
-    pub fn run(mut self, opts: RunOptions) -> Result<RunOutcome> {
+    pub fn run(self, opts: RunOptions) -> Result<RunOutcome> {
         let RunOptions {
             stop_evt,
             api_socket,
+            on_started,
         } = opts;
+        let Vm {
+            mut vcpus,
+            vm,
+            ram,
+            shared,
+            transports,
+            disk,
+            disk_base,
+            cpuid,
+            config,
+            restored_agent,
+            serial,
+            panic,
+            boot_time,
+            reset_evt,
+            serial_is_stdout,
+            virtio,
+            backends,
+            info,
+            resolved,
+        } = self;
+        let vsock_path = config.vsock.as_ref().map(|v| v.uds_path.clone());
+        let controller = Arc::new(Mutex::new(Controller::new(
+            vm,
+            ram,
+            shared.clone(),
+            transports,
+            disk.zip(disk_base),
+            serial.clone(),
+            cpuid,
+            config,
+            resolved.cmdline.clone(),
+            api_socket.clone(),
+        )));
         let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
             EventManager::new().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
+        // A restored guest's agent is reseeded before it is reported ready.
+        let reseed_done = match (restored_agent, &vsock_path) {
+            (true, Some(_)) => {
+                Some(EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("create an eventfd"))?)
+            }
+            _ => None,
+        };
         if let Some(path) = &api_socket {
-            let server = ApiServer::bind(path, self.info.clone(), self.shared.exit.clone())?;
+            let mut server = ApiServer::bind(path, info.clone(), shared.exit.clone())?;
+            server.set_control(controller.clone());
+            if let Some(evt) = &reseed_done {
+                server.set_agent_ready_evt(evt.try_clone().map_err(io_err("clone an eventfd"))?);
+            }
             manager.add_subscriber(Arc::new(Mutex::new(server)));
         }
         // Console input: only from an interactive terminal, so a VMM run by
         // another program never steals that program's standard input.
-        let forward_stdin =
-            self.serial_is_stdout && std::io::IsTerminal::is_terminal(&std::io::stdin());
+        let forward_stdin = serial_is_stdout && std::io::IsTerminal::is_terminal(&std::io::stdin());
         let control = Arc::new(Mutex::new(ControlLoop {
-            exit: self.shared.exit.clone(),
-            reset_evt: self
-                .reset_evt
-                .try_clone()
-                .map_err(io_err("clone an eventfd"))?,
+            exit: shared.exit.clone(),
+            reset_evt: reset_evt.try_clone().map_err(io_err("clone an eventfd"))?,
             stop_evt,
-            serial: self.serial.clone(),
+            serial: serial.clone(),
             forward_stdin,
             done: false,
         }));
         manager.add_subscriber(control.clone());
-        for slot in self.virtio.drain(..) {
+        for slot in virtio {
             manager.add_subscriber(Arc::new(Mutex::new(slot)));
         }
-        for backend in self.backends.drain(..) {
+        for backend in backends {
             manager.add_subscriber(Arc::new(Mutex::new(backend)));
         }
 
-        let mut threads = Vec::with_capacity(self.vcpus.len());
-        for (id, vcpu) in self.vcpus.drain(..).enumerate() {
-            match VcpuThread::spawn(id as u32, vcpu, self.shared.clone()) {
+        let mut threads = Vec::with_capacity(vcpus.len());
+        for (id, vcpu) in vcpus.drain(..).enumerate() {
+            match VcpuThread::spawn(id as u32, vcpu, shared.clone()) {
                 Ok(t) => threads.push(t),
                 Err(source) => {
-                    self.shared.exit.report(ExitReason::VcpuError {
+                    shared.exit.report(ExitReason::VcpuError {
                         vcpu: id as u32,
                         message: format!("cannot start its thread: {source}"),
                     });
                     break;
                 }
             }
+        }
+        controller.lock().unwrap_or_else(|e| e.into_inner()).threads =
+            threads.iter().map(VcpuThread::pthread).collect();
+        if let Some(f) = on_started {
+            f();
+        }
+        if let (Some(done), Some(uds)) = (reseed_done, vsock_path) {
+            reseed_agent(uds, done);
         }
 
         let mut loop_error = None;
@@ -459,7 +693,8 @@ impl Vm {
         }
 
         let vmm_overhead_rss_kib = crate::bench::overhead_rss_kib();
-        self.shared.stop.store(true, Ordering::SeqCst);
+        shared.stop.store(true, Ordering::SeqCst);
+        shared.pause.wake_for_stop();
         for t in &threads {
             t.kick();
         }
@@ -470,26 +705,61 @@ impl Vm {
             return Err(e);
         }
 
-        let mut reason = self
-            .shared
+        let mut reason = shared
             .exit
             .reason()
             .unwrap_or(ExitReason::Stopped { signal: None });
         // A panicking kernel reboots itself (panic=-1): report the panic.
-        if let Some(msg) = self.panic.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+        if let Some(msg) = panic.lock().unwrap_or_else(|e| e.into_inner()).clone() {
             if reason == ExitReason::GuestShutdown {
                 reason = ExitReason::KernelPanic(msg);
             }
         }
         let timings = BootTimings {
-            vmm_setup: self.shared.first_entry.get().copied(),
-            boot_to_init: *self.boot_time.lock().unwrap_or_else(|e| e.into_inner()),
+            vmm_setup: shared.first_entry.get().copied(),
+            boot_to_init: *boot_time.lock().unwrap_or_else(|e| e.into_inner()),
         };
         Ok(RunOutcome {
             reason,
             timings,
             vmm_overhead_rss_kib,
         })
+    }
+}
+
+/// Has the restored guest's agent reseed its random generator with fresh
+/// host randomness, on a helper thread, then writes `done`. Connections
+/// the guest resets while it handles the vsock transport reset are tried
+/// again.
+fn reseed_agent(uds: PathBuf, done: EventFd) {
+    let spawned = std::thread::Builder::new()
+        .name("reseed".into())
+        .spawn(move || {
+            let agent = crate::agent::AgentClient::new(&uds);
+            let mut last = None;
+            for _ in 0..20 {
+                let mut seed = [0u8; 64];
+                // SAFETY: getrandom fills at most `seed.len()` bytes of `seed`.
+                let n = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
+                if n != seed.len() as isize {
+                    last = Some("the host has no randomness to give".to_string());
+                    break;
+                }
+                match agent.reseed(&seed) {
+                    Ok(()) => {
+                        let _ = done.write(1);
+                        return;
+                    }
+                    Err(e) => last = Some(e.to_string()),
+                }
+            }
+            tracing::warn!(
+                "the restored guest's agent was not reseeded ({}); it stays reported as starting",
+                last.unwrap_or_default()
+            );
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot start the reseed thread: {e}");
     }
 }
 

@@ -156,7 +156,8 @@ impl MmioTransport {
     }
 
     /// Restores a fresh transport (same device kind) to a saved state; an
-    /// activated device is activated again with its saved queues.
+    /// activated device is activated again with its saved queues. Then call
+    /// `finish_restore`.
     pub fn restore(&mut self, s: &TransportSnapshot) -> Result<(), RestoreError> {
         let found = self.device.device_type();
         if s.device_type != found {
@@ -191,11 +192,19 @@ impl MmioTransport {
             self.device
                 .activate(self.mem.clone(), self.interrupt.clone(), queues)?;
             self.activated = true;
-            self.device.restored();
         } else {
             self.queues = queues;
         }
         Ok(())
+    }
+
+    /// Tells a restored, running device that the machine is about to run
+    /// (`VirtioDevice::restored`). Call it once the vCPUs and interrupt
+    /// controllers have their state, so interrupts it raises are kept.
+    pub fn finish_restore(&mut self) {
+        if self.activated {
+            self.device.restored();
+        }
     }
 
     /// The driver notified queue `index` (through the ioeventfd or a trapped

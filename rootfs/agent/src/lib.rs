@@ -79,6 +79,10 @@ pub enum Request {
     Get { path: String },
     /// Sync and power the VM off.
     Shutdown,
+    /// The VM was forked or restored: mix `seed` (fresh host randomness,
+    /// hex) into the kernel's random pool and reseed its generator, so the
+    /// copies of one VM do not produce the same random bytes.
+    Reseed { seed: String },
 }
 
 fn default_mode() -> u32 {

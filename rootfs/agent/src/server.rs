@@ -135,6 +135,10 @@ fn handle(conn: File) -> io::Result<()> {
             &writer,
         ),
         Ok(Request::Put { path, mode }) => put(&path, mode, &mut reader),
+        Ok(Request::Reseed { seed }) => match reseed(&seed) {
+            Ok(()) => Response::default(),
+            Err(e) => Response::error(format!("cannot reseed the random generator: {e}")),
+        },
         Ok(Request::Get { path }) => get(&path, &writer),
         Ok(Request::Shutdown) => {
             respond(&writer, &Response::default())?;
@@ -149,6 +153,39 @@ fn handle(conn: File) -> io::Result<()> {
         }
     };
     respond(&writer, &response)
+}
+
+/// Credits `seed_hex` to the input pool (RNDADDENTROPY) and forces a
+/// reseed of the generator (RNDRESEEDCRNG), so every read of /dev/urandom
+/// after this depends on the seed.
+fn reseed(seed_hex: &str) -> io::Result<()> {
+    const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+    let bad = || io::Error::new(io::ErrorKind::InvalidInput, "the seed is not hex");
+    if !seed_hex.len().is_multiple_of(2) || seed_hex.len() > 1024 {
+        return Err(bad());
+    }
+    let seed = (0..seed_hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&seed_hex[i..i + 2], 16).map_err(|_| bad()))
+        .collect::<io::Result<Vec<u8>>>()?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut info = Vec::with_capacity(8 + seed.len());
+    info.extend_from_slice(&((seed.len() * 8) as i32).to_ne_bytes());
+    info.extend_from_slice(&(seed.len() as i32).to_ne_bytes());
+    info.extend_from_slice(&seed);
+    info.resize(info.len().next_multiple_of(4), 0);
+    let random = File::open("/dev/urandom")?;
+    // SAFETY: RNDADDENTROPY reads a rand_pool_info of `buf_size` bytes of
+    // data from the buffer, which holds the header and all of them.
+    if unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    if unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG as _) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn set_recv_timeout(sock: &File, timeout: Duration) {

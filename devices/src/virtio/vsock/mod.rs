@@ -44,12 +44,16 @@ struct Running {
 struct Inner {
     muxer: Muxer,
     running: Option<Running>,
+    /// A transport reset was sent and the driver has not handled it yet
+    /// (it kicks the event queue when it has): packets for the guest wait,
+    /// or the reset would also drop the connections made meanwhile.
+    reset_pending: bool,
 }
 
 impl Inner {
     /// Takes the guest's packets from the transmit queue.
     fn process_tx(&mut self) {
-        let Inner { muxer, running } = self;
+        let Inner { muxer, running, .. } = self;
         let Some(run) = running.as_mut() else {
             return;
         };
@@ -68,7 +72,10 @@ impl Inner {
 
     /// Fills the guest's receive buffers with what the host side has.
     fn process_rx(&mut self) {
-        let Inner { muxer, running } = self;
+        if self.reset_pending {
+            return;
+        }
+        let Inner { muxer, running, .. } = self;
         let Some(run) = running.as_mut() else {
             return;
         };
@@ -130,6 +137,7 @@ impl Vsock {
             inner: Arc::new(Mutex::new(Inner {
                 muxer,
                 running: None,
+                reset_pending: false,
             })),
             queue_sizes: [QUEUE_SIZE; 3],
         })
@@ -187,8 +195,14 @@ impl VirtioDevice for Vsock {
 
     fn process_queue(&mut self, index: usize) {
         let mut inner = self.lock();
-        if index == TX {
-            inner.process_tx();
+        match index {
+            TX => inner.process_tx(),
+            // The driver returns event buffers after handling an event.
+            EVENTS => {
+                tracing::debug!("vsock: the driver handled the transport reset");
+                inner.reset_pending = false;
+            }
+            _ => {}
         }
         // Transmitted packets may have produced answers; new receive
         // buffers may unblock waiting data.
@@ -231,6 +245,9 @@ impl VirtioDevice for Vsock {
             tracing::warn!(
                 "vsock: cannot tell the guest its connections were reset (no event buffer)"
             );
+        } else {
+            tracing::debug!("vsock: transport reset sent to the driver");
+            inner.reset_pending = true;
         }
     }
 }

@@ -33,6 +33,22 @@ const CREDIT_UPDATE_THRESHOLD: u32 = BUF_ALLOC / 4;
 const MAX_CONNECT_LINE: usize = 32;
 /// First host-side port for host-initiated connections.
 const LOCAL_PORT_START: u32 = 1 << 30;
+
+/// A random first host-side port: a restored or forked guest may still
+/// hold closing sockets of its parent's connections, which used the
+/// parent's ports; starting elsewhere keeps new connections apart from
+/// them.
+fn first_local_port() -> u32 {
+    let mut r = [0u8; 4];
+    // SAFETY: getrandom writes at most 4 bytes into `r`.
+    let n = unsafe { libc::getrandom(r.as_mut_ptr().cast(), r.len(), libc::GRND_NONBLOCK) };
+    let offset = if n == 4 {
+        u32::from_le_bytes(r) % (1 << 29)
+    } else {
+        0
+    };
+    LOCAL_PORT_START + offset
+}
 /// Control packets waiting for guest receive buffers, at most.
 const MAX_PENDING_CONTROL: usize = 1024;
 /// Largest data payload read from a host socket per packet.
@@ -167,7 +183,7 @@ impl Muxer {
             by_fd: HashMap::new(),
             pending: HashMap::new(),
             control: VecDeque::new(),
-            next_local: LOCAL_PORT_START,
+            next_local: first_local_port(),
             changes: Vec::new(),
             closing: Vec::new(),
             wake: EventFd::new(libc::EFD_NONBLOCK)?,
@@ -271,9 +287,12 @@ impl Muxer {
     pub fn handle_guest_packet(&mut self, hdr: &Header, payload: &[u8]) {
         if hdr.src_cid != self.guest_cid || hdr.dst_cid != HOST_CID {
             tracing::debug!(
-                "vsock: dropped a packet with cids {} -> {}",
+                "vsock: dropped a packet with cids {} -> {} (op {}, ports {} -> {})",
                 hdr.src_cid,
-                hdr.dst_cid
+                hdr.dst_cid,
+                hdr.op,
+                hdr.src_port,
+                hdr.dst_port
             );
             return;
         }
@@ -513,6 +532,7 @@ impl Muxer {
     }
 
     fn alloc_local_port(&mut self) -> u32 {
+        // Ports wrap around within [LOCAL_PORT_START, u32::MAX].
         loop {
             let port = self.next_local;
             self.next_local = self.next_local.checked_add(1).unwrap_or(LOCAL_PORT_START);

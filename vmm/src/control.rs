@@ -1,0 +1,261 @@
+//! Pause, resume, snapshot and fork of a running VM. The control API calls
+//! these on the VMM's event-loop thread, so no device is processing guest
+//! memory while they run; pausing stops the vCPU threads.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use devices::legacy::SerialDevice;
+use devices::virtio::block::SharedDisk;
+use devices::virtio::mmio::MmioTransport;
+use hypervisor::{CpuidEntry, VcpuState};
+
+use crate::config::VmConfig;
+use crate::fork::{self, ChildInfo, ForkOptions, Spawned};
+use crate::memory::GuestRam;
+use crate::snapshot::{self, MachineState};
+use crate::vcpu::VcpuShared;
+
+/// How long the vCPUs get to stop when pausing.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot pause the VM: {0}")]
+    Pause(String),
+    #[error("cannot save the VM state: {0}")]
+    Save(#[from] hypervisor::Error),
+    #[error(transparent)]
+    Memory(#[from] crate::memory::Error),
+    #[error("cannot copy the root disk's layer: {0}")]
+    Disk(#[from] devices::virtio::block::disk::Error),
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::Error),
+    #[error(transparent)]
+    Fork(#[from] fork::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// What `snapshot` wrote.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SnapshotInfo {
+    pub dir: PathBuf,
+    /// Guest memory bytes written (the rest of the file is holes).
+    pub memory_bytes: u64,
+    pub pause_ms: f64,
+}
+
+/// What a fork made.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ForkInfo {
+    pub children: Vec<ChildInfo>,
+    /// How long the parent's vCPUs were stopped.
+    pub parent_pause_ms: f64,
+}
+
+/// The parts of a running VM the control operations need.
+pub struct Controller {
+    pub(crate) vm: Box<dyn hypervisor::Vm>,
+    pub(crate) ram: GuestRam,
+    pub(crate) shared: Arc<VcpuShared>,
+    /// The vCPU threads, to kick them out of guest mode.
+    pub(crate) threads: Vec<libc::pthread_t>,
+    pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
+    pub(crate) disk: Option<SharedDisk>,
+    pub(crate) disk_base: Option<PathBuf>,
+    pub(crate) serial: Arc<Mutex<SerialDevice>>,
+    pub(crate) cpuid: Vec<Vec<CpuidEntry>>,
+    pub(crate) config: VmConfig,
+    pub(crate) cmdline: String,
+    pub(crate) api_socket: Option<PathBuf>,
+    /// The saved vCPU states while paused.
+    paused: Option<Vec<VcpuState>>,
+    fork_seq: u64,
+}
+
+impl Controller {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        vm: Box<dyn hypervisor::Vm>,
+        ram: GuestRam,
+        shared: Arc<VcpuShared>,
+        transports: Vec<Arc<Mutex<MmioTransport>>>,
+        disk: Option<(SharedDisk, PathBuf)>,
+        serial: Arc<Mutex<SerialDevice>>,
+        cpuid: Vec<Vec<CpuidEntry>>,
+        config: VmConfig,
+        cmdline: String,
+        api_socket: Option<PathBuf>,
+    ) -> Self {
+        let (disk, disk_base) = match disk {
+            Some((d, b)) => (Some(d), Some(b)),
+            None => (None, None),
+        };
+        Controller {
+            vm,
+            ram,
+            shared,
+            threads: Vec::new(),
+            transports,
+            disk,
+            disk_base,
+            serial,
+            cpuid,
+            config,
+            cmdline,
+            api_socket,
+            paused: None,
+            fork_seq: 0,
+        }
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.is_some()
+    }
+
+    /// Stops every vCPU at an instruction boundary, its state saved.
+    pub fn pause(&mut self) -> Result<()> {
+        if self.paused.is_some() {
+            return Ok(());
+        }
+        let pause = &self.shared.pause;
+        pause.request();
+        for &t in &self.threads {
+            // SAFETY: the vCPU threads are joined only after the event loop
+            // (which owns this controller) has ended, so `t` names a live
+            // thread; the signal's handler only sets immediate_exit.
+            unsafe { libc::pthread_kill(t, crate::vcpu::kick_signal()) };
+        }
+        match pause.wait_parked(self.threads.len(), PAUSE_TIMEOUT) {
+            Ok(states) => {
+                self.paused = Some(states);
+                Ok(())
+            }
+            Err(e) => {
+                pause.resume();
+                Err(Error::Pause(e))
+            }
+        }
+    }
+
+    pub fn resume(&mut self) {
+        if self.paused.take().is_some() {
+            self.shared.pause.resume();
+        }
+    }
+
+    /// The machine's state; the VM must be paused.
+    fn machine_state(&self, agent_ready: bool) -> Result<MachineState> {
+        let vcpus = self
+            .paused
+            .clone()
+            .ok_or_else(|| Error::Pause("the VM is not paused".into()))?;
+        Ok(MachineState {
+            config: self.config.clone(),
+            disk_base: self.disk_base.clone(),
+            cmdline: self.cmdline.clone(),
+            memory_size: self.ram.size,
+            vm: self.vm.save_state()?,
+            vcpus,
+            cpuid: self.cpuid.clone(),
+            serial: self.serial.lock().unwrap_or_else(|e| e.into_inner()).save(),
+            virtio: self
+                .transports
+                .iter()
+                .map(|t| t.lock().unwrap_or_else(|e| e.into_inner()).save())
+                .collect(),
+            agent_ready,
+        })
+    }
+
+    /// Runs `f` with the VM paused, then resumes it unless it was paused
+    /// before. Returns what `f` returned and how long the vCPUs stood.
+    fn paused_for<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<(T, f64)> {
+        let t0 = Instant::now();
+        let was_paused = self.is_paused();
+        self.pause()?;
+        let result = f(self);
+        if !was_paused {
+            self.resume();
+        }
+        Ok((result?, t0.elapsed().as_secs_f64() * 1e3))
+    }
+
+    /// Writes a snapshot of the running VM into the new directory `dir`
+    /// (docs/snapshot.md); the VM continues afterwards.
+    pub fn snapshot(&mut self, dir: &Path, agent_ready: bool) -> Result<SnapshotInfo> {
+        let writer = snapshot::Writer::create(dir)?;
+        let (memory_bytes, pause_ms) = self.paused_for(|c| {
+            let state = c.machine_state(agent_ready)?;
+            let memory = writer.file(snapshot::MEMORY_FILE)?;
+            c.ram.write_to(&memory)?;
+            if let Some(disk) = &c.disk {
+                disk.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .frozen_copy(writer.dir(), Some(snapshot::DISK_LAYER_FILE))?;
+            }
+            let written = c.ram.data_runs()?.iter().map(|r| r.1).sum();
+            writer.commit(&state)?;
+            Ok(written)
+        })?;
+        Ok(SnapshotInfo {
+            dir: dir.to_path_buf(),
+            memory_bytes,
+            pause_ms,
+        })
+    }
+
+    /// Forks the running VM into `opts.count` children that continue from
+    /// this instant, each in its own VMM process; the VM continues too.
+    pub fn fork(
+        &mut self,
+        opts: &ForkOptions,
+        agent_ready: bool,
+    ) -> Result<(ForkInfo, Vec<Spawned>)> {
+        let dir = match (&opts.dir, &self.api_socket) {
+            (Some(d), _) => d.clone(),
+            (None, Some(api)) => api
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(std::env::temp_dir),
+            (None, None) => std::env::temp_dir(),
+        };
+        let first_seq = self.fork_seq;
+        self.fork_seq += u64::from(opts.count);
+        let (spawned, parent_pause_ms) = self.paused_for(|c| {
+            let state = c.machine_state(agent_ready)?;
+            let image = c.ram.freeze()?;
+            let disk_layer = match &c.disk {
+                Some(disk) => Some(
+                    disk.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .frozen_copy(&std::env::temp_dir(), None)?,
+                ),
+                None => None,
+            };
+            let base = match &c.disk_base {
+                Some(path) if disk_layer.is_some() => {
+                    Some(std::fs::File::open(path).map_err(|source| fork::Error::Io {
+                        what: "open the base image",
+                        source,
+                    })?)
+                }
+                _ => None,
+            };
+            let disk = base.as_ref().zip(disk_layer.as_ref());
+            Ok(fork::spawn_children(
+                &state, &image, disk, opts.count, first_seq, &dir,
+            )?)
+        })?;
+        // The children have everything they need: the parent ran on while
+        // they start.
+        let spawned = spawned.wait_started()?;
+        let info = ForkInfo {
+            children: spawned.iter().map(|s| s.info.clone()).collect(),
+            parent_pause_ms,
+        };
+        Ok((info, spawned))
+    }
+}

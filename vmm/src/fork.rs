@@ -1,0 +1,428 @@
+//! Fork children: new VMM processes that continue a paused VM.
+//!
+//! The parent freezes its memory into a copy-on-write image
+//! (`GuestRam::freeze`: no copy on the first fork), copies its root disk's
+//! changed blocks into a frozen layer, and starts one process per child:
+//! the `vmm` binary with [`CHILD_COMMAND`], whose standard input is one end
+//! of a Unix socket pair. Over it the parent sends one message: an 8-byte
+//! length, with the memory files, the base image and the frozen layer
+//! attached (SCM_RIGHTS), then the child's [`Message`] as JSON. The child
+//! maps the memory copy-on-write, restores the machine, starts its vCPUs
+//! and answers `{"ok":true}` (or `{"error":...}`) on the same socket.
+//!
+//! A child is a new machine: its own vsock socket and CID, its own API
+//! socket, a throwaway disk layer over the frozen one; its vsock
+//! connections are reset and its agent reseeds the guest's random
+//! generator (docs/snapshot.md).
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use crate::config::{SerialOutput, VmConfig};
+use crate::memory::{MemoryImage, Overlay};
+use crate::snapshot::MachineState;
+use crate::vm::RestoreSource;
+
+/// The hidden subcommand a fork child runs.
+pub const CHILD_COMMAND: &str = "__fork-child";
+/// Names the VMM binary to start children with, for programs that embed
+/// the VMM (default: this executable, which must then call
+/// [`run_child_if_asked`] first thing in `main`).
+pub const CHILD_BINARY_ENV: &str = "VMM_CHILD_BINARY";
+/// How long a child may take to start its vCPUs.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most file descriptors one message carries.
+const MAX_FDS: usize = 64;
+/// Largest message accepted.
+const MAX_MESSAGE: u64 = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot {what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("cannot start the fork child's VMM process {binary}: {source}; set {CHILD_BINARY_ENV} to the vmm binary")]
+    Spawn {
+        binary: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("fork child {id} did not start: {message}")]
+    Child { id: String, message: String },
+    #[error("the fork message is not valid: {0}")]
+    Message(String),
+    #[error("this VM has {0} memory overlays (forks of forks); at most {MAX_FDS} fit in one fork message")]
+    TooManyLayers(usize),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Io { what, source }
+}
+
+/// What to fork.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForkOptions {
+    /// How many children.
+    pub count: u32,
+    /// Where the children's sockets go (default: next to the parent's API
+    /// socket).
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+}
+
+/// One child, as the fork call reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChildInfo {
+    pub id: String,
+    pub pid: u32,
+    pub api_socket: PathBuf,
+    pub vsock_socket: Option<PathBuf>,
+}
+
+/// A started child process.
+pub struct Spawned {
+    pub info: ChildInfo,
+    pub process: std::process::Child,
+}
+
+/// Children that have their message and are starting.
+pub struct Pending {
+    children: Vec<(Spawned, UnixStream)>,
+}
+
+/// What the parent sends a child (with the files attached).
+#[derive(Serialize, Deserialize)]
+struct Message {
+    id: String,
+    api_socket: PathBuf,
+    state: MachineState,
+    /// Runs of each memory overlay, in the order their files are attached
+    /// (after the base file).
+    overlays: Vec<Vec<(u64, u64)>>,
+    /// Whether the base image and the frozen disk layer are attached last.
+    disk: bool,
+}
+
+/// The binary children run.
+pub fn child_binary() -> PathBuf {
+    std::env::var_os(CHILD_BINARY_ENV)
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::current_exe().ok())
+        .unwrap_or_else(|| PathBuf::from("vmm"))
+}
+
+/// The configuration of child `id`: the parent's, with its own sockets and
+/// CID, a throwaway disk layer and its own console file (if any).
+fn child_config(parent: &VmConfig, id: &str, pid: u32, dir: &Path) -> VmConfig {
+    let mut config = parent.clone();
+    if let Some(v) = &mut config.vsock {
+        v.uds_path = dir.join(format!("{id}.vsock"));
+        // Process ids are unique among running VMs on this host.
+        v.cid = u64::from(pid).max(3);
+    }
+    if let Some(r) = &mut config.rootfs {
+        r.layer = None;
+    }
+    // A console file gets one per child, `<file>.<id>`; stdout none.
+    config.serial = match &parent.serial {
+        SerialOutput::File(p) => SerialOutput::File(PathBuf::from(format!("{}.{id}", p.display()))),
+        _ => SerialOutput::Off,
+    };
+    config
+}
+
+/// Starts `count` children of the paused machine `state` whose memory is
+/// `image`; `disk` is the base image and frozen layer of its root disk.
+/// Child ids are `<parent pid>-<n>` from `first_seq + 1`; their sockets go
+/// into `dir`. Returns once every child has its message; the caller may
+/// then resume the parent and wait for the children with
+/// [`Pending::wait_started`].
+pub fn spawn_children(
+    state: &MachineState,
+    image: &MemoryImage,
+    disk: Option<(&File, &File)>,
+    count: u32,
+    first_seq: u64,
+    dir: &Path,
+) -> Result<Pending> {
+    let mut fds: Vec<RawFd> = vec![image.base.as_raw_fd()];
+    fds.extend(image.overlays.iter().map(|o| o.file.as_raw_fd()));
+    if let Some((base, layer)) = disk {
+        fds.extend([base.as_raw_fd(), layer.as_raw_fd()]);
+    }
+    if fds.len() > MAX_FDS {
+        return Err(Error::TooManyLayers(image.overlays.len()));
+    }
+    let binary = child_binary();
+    let mut pending = Pending {
+        children: Vec::with_capacity(count as usize),
+    };
+    for n in 0..u64::from(count) {
+        let id = format!("{}-{}", std::process::id(), first_seq + n + 1);
+        let (parent_end, child_end) = UnixStream::pair().map_err(io("create a socket pair"))?;
+        let process = Command::new(&binary)
+            .arg(CHILD_COMMAND)
+            .stdin(Stdio::from(OwnedFd::from(child_end)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|source| Error::Spawn {
+                binary: binary.clone(),
+                source,
+            })?;
+        let pid = process.id();
+        let config = child_config(&state.config, &id, pid, dir);
+        let info = ChildInfo {
+            id: id.clone(),
+            pid,
+            api_socket: dir.join(format!("{id}.api.sock")),
+            vsock_socket: config.vsock.as_ref().map(|v| v.uds_path.clone()),
+        };
+        let message = Message {
+            id,
+            api_socket: info.api_socket.clone(),
+            state: MachineState {
+                config,
+                ..state.clone()
+            },
+            overlays: image.overlays.iter().map(|o| o.runs.clone()).collect(),
+            disk: disk.is_some(),
+        };
+        let body = serde_json::to_vec(&message).map_err(|e| Error::Message(e.to_string()))?;
+        let spawned = Spawned { info, process };
+        let sent = parent_end
+            .send_with_fds(&[&(body.len() as u64).to_le_bytes()[..]], &fds)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+            .and_then(|_| (&parent_end).write_all(&body));
+        pending.children.push((spawned, parent_end));
+        if let Err(source) = sent {
+            pending.kill_all();
+            return Err(Error::Io {
+                what: "send a fork child its state",
+                source,
+            });
+        }
+    }
+    Ok(pending)
+}
+
+impl Pending {
+    fn kill_all(&mut self) {
+        for (spawned, _) in &mut self.children {
+            let _ = spawned.process.kill();
+            let _ = spawned.process.wait();
+        }
+    }
+
+    /// Waits until every child runs its vCPUs. If one fails, every child of
+    /// this fork is stopped and the error returned.
+    pub fn wait_started(mut self) -> Result<Vec<Spawned>> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut failure = None;
+        for (spawned, stream) in &self.children {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let _ = stream.set_read_timeout(Some(left.max(Duration::from_millis(1))));
+            let mut line = String::new();
+            let answer = BufReader::new(stream).read_line(&mut line);
+            let message = match answer {
+                Ok(0) => Some("it exited before starting (see its error output)".to_string()),
+                Err(e) => Some(format!("no answer: {e}")),
+                Ok(_) => match serde_json::from_str::<serde_json::Value>(&line) {
+                    Ok(v) if v["ok"] == true => None,
+                    Ok(v) => Some(v["error"].as_str().unwrap_or(line.trim()).to_string()),
+                    Err(_) => Some(format!("unexpected answer {:?}", line.trim())),
+                },
+            };
+            if let Some(message) = message {
+                failure = Some(Error::Child {
+                    id: spawned.info.id.clone(),
+                    message,
+                });
+                break;
+            }
+        }
+        if let Some(e) = failure {
+            self.kill_all();
+            return Err(e);
+        }
+        Ok(self.children.into_iter().map(|(s, _)| s).collect())
+    }
+}
+
+/// In a program that embeds the VMM and starts fork children with its own
+/// executable: runs the child and exits when this process was started as
+/// one, returns otherwise.
+pub fn run_child_if_asked() {
+    if std::env::args().nth(1).as_deref() == Some(CHILD_COMMAND) {
+        std::process::exit(match child_main() {
+            Ok(()) => 0,
+            Err(code) => code,
+        });
+    }
+}
+
+/// The fork child's main (`vmm __fork-child`): reads the message on
+/// standard input, restores the machine and runs it. Returns the exit
+/// status on failure.
+pub fn child_main() -> std::result::Result<(), i32> {
+    // Nothing but the socket on stdin (and stdout, stderr) is ours: close
+    // whatever else the parent let through.
+    // SAFETY: close_range on descriptors this process does not use; no
+    // memory is involved.
+    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    // SAFETY: fd 0 is the socket the parent passed as standard input, and
+    // nothing else in this process owns it.
+    let stream = unsafe { UnixStream::from_raw_fd(0) };
+    let fail = |stream: &UnixStream, msg: String| {
+        let _ = writeln!(&*stream, "{}", serde_json::json!({ "error": msg }));
+        eprintln!("vmm fork child: error: {msg}");
+        1
+    };
+    let (message, files) = match receive(&stream) {
+        Ok(m) => m,
+        Err(e) => return Err(fail(&stream, e.to_string())),
+    };
+    let start = Instant::now();
+    let source = match restore_source(message.state, &message.overlays, message.disk, files) {
+        Ok(s) => s,
+        Err(e) => return Err(fail(&stream, e.to_string())),
+    };
+    let hv = match crate::open_hypervisor() {
+        Ok(hv) => hv,
+        Err(e) => return Err(fail(&stream, e.to_string())),
+    };
+    let vm = match crate::Vm::restore(source, hv.as_ref(), start) {
+        Ok(vm) => vm,
+        Err(e) => return Err(fail(&stream, e.to_string())),
+    };
+    let stop = match crate::signals::install() {
+        Ok(evt) => evt,
+        Err(e) => {
+            return Err(fail(
+                &stream,
+                format!("cannot install signal handlers: {e}"),
+            ))
+        }
+    };
+    let ack = match stream.try_clone() {
+        Ok(s) => s,
+        Err(e) => return Err(fail(&stream, e.to_string())),
+    };
+    let opts = crate::RunOptions {
+        stop_evt: Some(stop),
+        api_socket: Some(message.api_socket),
+        on_started: Some(Box::new(move || {
+            let _ = writeln!(&ack, "{}", serde_json::json!({ "ok": true }));
+        })),
+    };
+    drop(stream);
+    match vm.run(opts) {
+        Ok(outcome) if outcome.reason.is_clean() => Ok(()),
+        Ok(outcome) => {
+            eprintln!("vmm fork child: {}", outcome.reason);
+            Err(outcome.reason.exit_code())
+        }
+        Err(e) => {
+            eprintln!("vmm fork child: error: {e}");
+            Err(1)
+        }
+    }
+}
+
+fn receive(stream: &UnixStream) -> Result<(Message, Vec<File>)> {
+    let mut len = [0u8; 8];
+    let mut raw_fds = [-1 as RawFd; MAX_FDS];
+    let mut iov = [libc::iovec {
+        iov_base: len.as_mut_ptr().cast(),
+        iov_len: len.len(),
+    }];
+    // SAFETY: the iovec points at `len`, 8 writable bytes that outlive the
+    // call; `raw_fds` has room for MAX_FDS descriptors.
+    let (read, nfds) =
+        unsafe { stream.recv_with_fds(&mut iov, &mut raw_fds) }.map_err(|e| Error::Io {
+            what: "receive the fork message",
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        })?;
+    let files: Vec<File> = raw_fds[..nfds]
+        .iter()
+        // SAFETY: each descriptor was just received and is owned by nobody else.
+        .map(|&fd| unsafe { File::from_raw_fd(fd) })
+        .collect();
+    if read != 8 {
+        return Err(Error::Message("the length is cut short".into()));
+    }
+    let len = u64::from_le_bytes(len);
+    if len > MAX_MESSAGE {
+        return Err(Error::Message(format!("{len} bytes is too long")));
+    }
+    let mut body = Vec::with_capacity(len as usize);
+    stream
+        .take(len)
+        .read_to_end(&mut body)
+        .map_err(io("read the fork message"))?;
+    let message = serde_json::from_slice(&body).map_err(|e| Error::Message(e.to_string()))?;
+    Ok((message, files))
+}
+
+fn restore_source(
+    state: MachineState,
+    overlays: &[Vec<(u64, u64)>],
+    disk: bool,
+    files: Vec<File>,
+) -> Result<RestoreSource> {
+    let expected = 1 + overlays.len() + if disk { 2 } else { 0 };
+    if files.len() != expected {
+        return Err(Error::Message(format!(
+            "{} files attached, {expected} expected",
+            files.len()
+        )));
+    }
+    let mut files = files.into_iter();
+    let mut next = || {
+        files
+            .next()
+            .ok_or_else(|| Error::Message("a file is missing".into()))
+    };
+    let base = Arc::new(next()?);
+    let mut layers = Vec::with_capacity(overlays.len());
+    for runs in overlays {
+        layers.push(Overlay {
+            file: Arc::new(next()?),
+            runs: runs.clone(),
+        });
+    }
+    let (disk_base_file, disk_layer) = if disk {
+        let base = next()?;
+        let layer = next()?;
+        (
+            Some(base),
+            Some((layer, PathBuf::from("(the parent's frozen disk layer)"))),
+        )
+    } else {
+        (None, None)
+    };
+    Ok(RestoreSource {
+        memory: MemoryImage {
+            size: state.memory_size,
+            base,
+            overlays: layers,
+        },
+        state,
+        disk_layer,
+        disk_base_file,
+    })
+}

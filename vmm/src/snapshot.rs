@@ -1,0 +1,357 @@
+//! Machine state (everything but guest memory and disk data) and the
+//! snapshot directory format (docs/snapshot.md).
+//!
+//! A snapshot directory holds:
+//! - `state`: magic `VMMSNAP\0`, format version (u32 LE), body length (u64
+//!   LE), CRC-32 of the body (u32 LE), then the body: [`MachineState`] as
+//!   JSON;
+//! - `memory`: guest memory, byte for byte (sparse where the guest never
+//!   wrote), mapped copy-on-write by a restore;
+//! - `disk-layer`: the root disk's blocks that differ from its base image,
+//!   when the VM has a root disk (the base image itself is referenced by
+//!   path and checked by size and modification time).
+//!
+//! It is written under a temporary name and renamed into place once every
+//! file is complete and synced, so a VMM killed mid-snapshot never leaves a
+//! directory that looks complete.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use devices::legacy::serial::SerialSnapshot;
+use devices::virtio::mmio::TransportSnapshot;
+use hypervisor::{CpuidEntry, VcpuState, VmState};
+use serde::{Deserialize, Serialize};
+
+use crate::config::VmConfig;
+
+/// First bytes of a `state` file.
+pub const MAGIC: &[u8; 8] = b"VMMSNAP\0";
+/// The format version this VMM writes and reads.
+pub const VERSION: u32 = 1;
+const HEADER_LEN: usize = 8 + 4 + 8 + 4;
+/// Largest `state` body accepted (it is JSON of a few hundred KiB at most).
+const MAX_BODY: u64 = 64 << 20;
+
+pub const STATE_FILE: &str = "state";
+pub const MEMORY_FILE: &str = "memory";
+pub const DISK_LAYER_FILE: &str = "disk-layer";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path} already exists; choose a new snapshot directory")]
+    Exists { path: PathBuf },
+    #[error("cannot write the snapshot {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read the snapshot {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} is not a snapshot of this VMM (bad magic); give the directory `vmm snapshot` wrote"
+    )]
+    BadMagic { path: PathBuf },
+    #[error("{path} has snapshot format version {found}; this VMM reads version {VERSION} only (restore it with the VMM version that wrote it)")]
+    Version { path: PathBuf, found: u32 },
+    #[error("{path} is truncated or corrupted ({what}); the snapshot cannot be used")]
+    Corrupt { path: PathBuf, what: String },
+    #[error("the snapshot's memory file {path} is {found} bytes, its state says {expected}: it is truncated or from another snapshot")]
+    MemorySize {
+        path: PathBuf,
+        expected: u64,
+        found: u64,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Everything about a paused machine except its memory and disk data.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MachineState {
+    /// The configuration it runs (with the identity of this copy: vsock
+    /// socket, CID).
+    pub config: VmConfig,
+    /// The root disk's base image, resolved.
+    pub disk_base: Option<PathBuf>,
+    /// The kernel command line it booted with (for reports).
+    pub cmdline: String,
+    pub memory_size: u64,
+    pub vm: VmState,
+    pub vcpus: Vec<VcpuState>,
+    /// The CPUID each vCPU had.
+    pub cpuid: Vec<Vec<CpuidEntry>>,
+    pub serial: SerialSnapshot,
+    /// Virtio transports, in bus order (root disk first, then vsock).
+    pub virtio: Vec<TransportSnapshot>,
+    /// Whether the guest agent had announced itself.
+    pub agent_ready: bool,
+}
+
+/// Encodes `state` as a `state` file.
+pub fn encode(state: &MachineState) -> Vec<u8> {
+    let body = serde_json::to_vec(state).unwrap_or_default();
+    let mut out = Vec::with_capacity(HEADER_LEN + body.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Decodes a `state` file (`path` names it in errors).
+pub fn decode(bytes: &[u8], path: &Path) -> Result<MachineState> {
+    let corrupt = |what: &str| Error::Corrupt {
+        path: path.to_path_buf(),
+        what: what.to_string(),
+    };
+    if bytes.len() < 8 || &bytes[..8] != MAGIC {
+        return Err(Error::BadMagic {
+            path: path.to_path_buf(),
+        });
+    }
+    if bytes.len() < HEADER_LEN {
+        return Err(corrupt("header cut short"));
+    }
+    let word = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap_or_default());
+    let version = word(8);
+    if version != VERSION {
+        return Err(Error::Version {
+            path: path.to_path_buf(),
+            found: version,
+        });
+    }
+    let len = u64::from_le_bytes(bytes[12..20].try_into().unwrap_or_default());
+    let crc = word(20);
+    let body = &bytes[HEADER_LEN..];
+    if len > MAX_BODY || body.len() as u64 != len {
+        return Err(corrupt(&format!(
+            "the body is {} bytes, the header says {len}",
+            body.len()
+        )));
+    }
+    if crc32fast::hash(body) != crc {
+        return Err(corrupt("checksum mismatch"));
+    }
+    serde_json::from_slice(body).map_err(|e| corrupt(&format!("state not readable: {e}")))
+}
+
+/// A snapshot being written: files go into a temporary directory next to
+/// the target, which `commit` syncs and renames into place.
+pub struct Writer {
+    target: PathBuf,
+    tmp: PathBuf,
+}
+
+impl Writer {
+    pub fn create(target: &Path) -> Result<Self> {
+        if target.exists() {
+            return Err(Error::Exists {
+                path: target.to_path_buf(),
+            });
+        }
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "snapshot".into());
+        let tmp = target.with_file_name(format!(".{name}.partial-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|source| Error::Write {
+            path: tmp.clone(),
+            source,
+        })?;
+        Ok(Writer {
+            target: target.to_path_buf(),
+            tmp,
+        })
+    }
+
+    /// The temporary directory the files go to.
+    pub fn dir(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Creates file `name` in the temporary directory.
+    pub fn file(&self, name: &str) -> Result<File> {
+        let path = self.tmp.join(name);
+        File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|source| Error::Write { path, source })
+    }
+
+    /// Writes the `state` file, syncs every file, and renames the directory
+    /// into place.
+    pub fn commit(self, state: &MachineState) -> Result<()> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Write { path, source }
+        };
+        let state_path = self.tmp.join(STATE_FILE);
+        let mut f = self.file(STATE_FILE)?;
+        f.write_all(&encode(state)).map_err(io(&state_path))?;
+        for entry in std::fs::read_dir(&self.tmp).map_err(io(&self.tmp))? {
+            let path = entry.map_err(io(&self.tmp))?.path();
+            File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(io(&path))?;
+        }
+        std::fs::rename(&self.tmp, &self.target).map_err(io(&self.target))?;
+        if let Some(parent) = self.target.parent() {
+            let _ = File::open(parent).and_then(|d| d.sync_all());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // Not committed (an error on the way): leave nothing behind.
+        let _ = std::fs::remove_dir_all(&self.tmp);
+    }
+}
+
+/// A snapshot directory opened for restoring.
+pub struct Snapshot {
+    pub state: MachineState,
+    pub memory: File,
+    pub disk_layer: Option<(File, PathBuf)>,
+}
+
+/// Opens and checks snapshot directory `dir`.
+pub fn open(dir: &Path) -> Result<Snapshot> {
+    let read_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Read { path, source }
+    };
+    let state_path = dir.join(STATE_FILE);
+    let mut bytes = Vec::new();
+    File::open(&state_path)
+        .and_then(|f| f.take(MAX_BODY + HEADER_LEN as u64).read_to_end(&mut bytes))
+        .map_err(read_err(&state_path))?;
+    let state = decode(&bytes, &state_path)?;
+    let memory_path = dir.join(MEMORY_FILE);
+    let memory = File::open(&memory_path).map_err(read_err(&memory_path))?;
+    let found = memory.metadata().map_err(read_err(&memory_path))?.len();
+    if found != state.memory_size {
+        return Err(Error::MemorySize {
+            path: memory_path,
+            expected: state.memory_size,
+            found,
+        });
+    }
+    let disk_layer = if state.config.rootfs.is_some() {
+        let path = dir.join(DISK_LAYER_FILE);
+        let file = File::open(&path).map_err(read_err(&path))?;
+        Some((file, path))
+    } else {
+        None
+    };
+    Ok(Snapshot {
+        state,
+        memory,
+        disk_layer,
+    })
+}
+
+/// Opens snapshot directory `dir` for a restore whose vsock socket is
+/// `vsock_socket` (the snapshot's VM may still run on its own socket).
+pub fn restore_source(dir: &Path, vsock_socket: &Path) -> Result<crate::vm::RestoreSource> {
+    let snap = open(dir)?;
+    let mut state = snap.state;
+    if let Some(v) = &mut state.config.vsock {
+        v.uds_path = vsock_socket.to_path_buf();
+    }
+    // The disk continues from the snapshot's layer with a throwaway layer
+    // on top: the snapshot itself never changes.
+    if let Some(r) = &mut state.config.rootfs {
+        r.layer = None;
+    }
+    Ok(crate::vm::RestoreSource {
+        memory: crate::memory::MemoryImage {
+            size: state.memory_size,
+            base: std::sync::Arc::new(snap.memory),
+            overlays: Vec::new(),
+        },
+        state,
+        disk_layer: snap.disk_layer,
+        disk_base_file: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> MachineState {
+        MachineState {
+            config: VmConfig::default(),
+            disk_base: None,
+            cmdline: "console=ttyS0".into(),
+            memory_size: 1 << 20,
+            vm: VmState(serde_json::json!({"x": 1})),
+            vcpus: vec![VcpuState(serde_json::json!({"y": 2}))],
+            cpuid: vec![vec![]],
+            serial: SerialSnapshot::default(),
+            virtio: vec![],
+            agent_ready: true,
+        }
+    }
+
+    #[test]
+    fn state_round_trips_and_damage_is_refused() {
+        let p = Path::new("snap/state");
+        let bytes = encode(&sample());
+        let back = decode(&bytes, p).unwrap();
+        assert_eq!(back.cmdline, "console=ttyS0");
+        assert!(back.agent_ready);
+
+        let msg = |r: Result<MachineState>| r.unwrap_err().to_string();
+        assert!(msg(decode(&bytes[..bytes.len() - 3], p)).contains("truncated"));
+        assert!(msg(decode(&bytes[..10], p)).contains("truncated"));
+        let mut flipped = bytes.clone();
+        let last = flipped.len() - 2;
+        flipped[last] ^= 0x20;
+        assert!(msg(decode(&flipped, p)).contains("checksum"));
+        let mut v2 = bytes.clone();
+        v2[8] = 2;
+        assert!(msg(decode(&v2, p)).contains("version 2"));
+        assert!(msg(decode(b"GIF89a..", p)).contains("not a snapshot"));
+    }
+
+    #[test]
+    fn writer_is_atomic() {
+        let root = std::env::temp_dir().join(format!("vmm-snapw-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let target = root.join("snap");
+        {
+            let w = Writer::create(&target).unwrap();
+            w.file(MEMORY_FILE).unwrap().set_len(1 << 20).unwrap();
+            // Dropped before commit: nothing is left.
+        }
+        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
+        let w = Writer::create(&target).unwrap();
+        w.file(MEMORY_FILE).unwrap().set_len(1 << 20).unwrap();
+        w.commit(&sample()).unwrap();
+        let snap = open(&target).unwrap();
+        assert_eq!(snap.state.memory_size, 1 << 20);
+        assert!(Writer::create(&target).is_err(), "no overwrite");
+        // A memory file of the wrong size is refused.
+        File::options()
+            .write(true)
+            .open(target.join(MEMORY_FILE))
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        assert!(matches!(open(&target), Err(Error::MemorySize { .. })));
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}
