@@ -64,7 +64,12 @@ pub fn report_json(outcome: &RunOutcome) -> Value {
 /// Resident memory of this process outside the guest RAM mapping, in KiB,
 /// from /proc/self/smaps.
 pub fn overhead_rss_kib() -> Option<u64> {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    overhead_rss_kib_of("self")
+}
+
+/// `overhead_rss_kib` of process `pid` ("self" for this one).
+pub fn overhead_rss_kib_of(pid: &str) -> Option<u64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
     let mut total = 0;
     let mut in_guest_ram = false;
     for line in smaps.lines() {
@@ -78,6 +83,22 @@ pub fn overhead_rss_kib() -> Option<u64> {
         }
     }
     Some(total)
+}
+
+/// Memory only process `pid` uses (Private_Clean + Private_Dirty, KiB):
+/// for a fork child, its own VMM memory plus the guest pages it changed.
+pub fn private_kib_of(pid: u32) -> Option<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        rollup
+            .lines()
+            .find(|l| l.starts_with(name))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    Some(field("Private_Clean:")? + field("Private_Dirty:")?)
 }
 
 /// Median, min and max of a series, in milliseconds.

@@ -681,7 +681,7 @@ impl Vm {
             f();
         }
         if let (Some(done), Some(uds)) = (reseed_done, vsock_path) {
-            reseed_agent(uds, done);
+            reseed_agent(uds, done, shared.exit.clone());
         }
 
         let mut loop_error = None;
@@ -731,7 +731,7 @@ impl Vm {
 /// host randomness, on a helper thread, then writes `done`. Connections
 /// the guest resets while it handles the vsock transport reset are tried
 /// again.
-fn reseed_agent(uds: PathBuf, done: EventFd) {
+fn reseed_agent(uds: PathBuf, done: EventFd, exit: Arc<ExitSignal>) {
     let spawned = std::thread::Builder::new()
         .name("reseed".into())
         .spawn(move || {
@@ -751,6 +751,9 @@ fn reseed_agent(uds: PathBuf, done: EventFd) {
                         return;
                     }
                     Err(e) => last = Some(e.to_string()),
+                }
+                if exit.reason().is_some() {
+                    return; // the VM is stopping
                 }
             }
             tracing::warn!(

@@ -1,0 +1,322 @@
+//! Pause, snapshot, restore and hot fork of a real guest (Debian root disk,
+//! agent over vsock). One parent VM is booted for the whole file; the tests
+//! take turns with it.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::{Scratch, VMM};
+use serde_json::{json, Value};
+use vmm::api::ApiClient;
+
+struct Parent {
+    _scratch: Scratch,
+    dir: PathBuf,
+    api: PathBuf,
+    process: Child,
+}
+
+impl Drop for Parent {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+/// The shared parent, booted once.
+fn parent() -> MutexGuard<'static, Parent> {
+    static PARENT: OnceLock<Mutex<Parent>> = OnceLock::new();
+    PARENT
+        .get_or_init(|| {
+            let scratch = Scratch::new("fork");
+            let dir = scratch.0.clone();
+            let config = scratch.file(
+                "vm.json",
+                &json!({
+                    "memory_mib": 256,
+                    "rootfs": {},
+                    "serial": dir.join("console.log"),
+                })
+                .to_string(),
+            );
+            let api = dir.join("api.sock");
+            let process = Command::new(VMM)
+                .args(["launch", "--config"])
+                .arg(&config)
+                .arg("--api-socket")
+                .arg(&api)
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap();
+            Mutex::new(Parent {
+                _scratch: scratch,
+                dir,
+                api,
+                process,
+            })
+        })
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
+/// `vmm exec --api-socket api -- sh -c script`, waiting for the VMM's API
+/// socket to appear first (the VMM creates it within milliseconds).
+fn exec(api: &Path, script: &str) -> Output {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let out = Command::new(VMM)
+            .arg("exec")
+            .arg("--api-socket")
+            .arg(api)
+            .args(["--", "sh", "-c", script])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() || !stderr.contains("cannot reach") || Instant::now() > deadline {
+            return out;
+        }
+    }
+}
+
+fn text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn describe(out: &Output) -> String {
+    format!(
+        "status {:?}, stdout {:?}, stderr {:?}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn ok(out: Output) -> String {
+    assert!(out.status.success(), "{}", describe(&out));
+    text(&out)
+}
+
+fn fork(api: &Path, count: u32) -> Vec<(String, PathBuf, u32)> {
+    let answer = ApiClient::new(api)
+        .call("PUT", "/vm/fork", Some(&json!({ "count": count })))
+        .unwrap();
+    let children = answer["children"].as_array().unwrap();
+    assert_eq!(children.len(), count as usize, "{answer}");
+    children
+        .iter()
+        .map(|c| {
+            (
+                c["id"].as_str().unwrap().to_string(),
+                PathBuf::from(c["api_socket"].as_str().unwrap()),
+                c["pid"].as_u64().unwrap() as u32,
+            )
+        })
+        .collect()
+}
+
+/// Stops a VM at once and waits until its process is gone.
+fn stop_now(api: &Path, pid: u32) {
+    ApiClient::new(api).call("PUT", "/vm/stop", None).unwrap();
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // The parent reaps its children: the /proc entry goes away then.
+    while proc_dir.exists() {
+        assert!(Instant::now() < deadline, "process {pid} did not end");
+        std::thread::yield_now();
+    }
+}
+
+fn counter(out: &str) -> u64 {
+    out.lines().next().unwrap().trim().parse().unwrap()
+}
+
+#[test]
+fn children_continue_from_the_parent_then_diverge() {
+    let p = parent();
+    // A process whose state lives in guest memory: the count goes to tmpfs
+    // after each step.
+    let before = counter(&ok(exec(
+        &p.api,
+        "nohup sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.2; done' >/dev/null 2>&1 & echo $! > /tmp/counter.pid; sleep 1; cat /tmp/counter",
+    )));
+    let children = fork(&p.api, 4);
+
+    let mut randoms = Vec::new();
+    for (id, api, _) in &children {
+        let out = ok(exec(
+            api,
+            &format!(
+                "cat /tmp/counter; od -An -tx1 -N16 /dev/urandom | tr -d ' \\n'; echo; echo {id} > /root/who; echo {id} > /tmp/who; sync"
+            ),
+        ));
+        let mut lines = out.lines();
+        let start = counter(lines.next().unwrap());
+        assert!(
+            start >= before,
+            "child {id} counts from {start}, the parent was at {before} before the fork"
+        );
+        randoms.push(lines.next().unwrap().to_string());
+    }
+    randoms.sort();
+    randoms.dedup();
+    assert_eq!(randoms.len(), 4, "the children's random bytes repeat");
+
+    // Each child sees its own writes, on disk and in memory (tmpfs), and
+    // its counter moves on.
+    for (id, api, _) in &children {
+        let out = ok(exec(api, "cat /root/who /tmp/who /tmp/counter"));
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(&lines[..2], &[id.as_str(), id.as_str()], "{out}");
+        assert!(counter(lines[2]) > before);
+    }
+    // The parent sees none of them.
+    let out = ok(exec(
+        &p.api,
+        "cat /root/who /tmp/who 2>/dev/null; echo end; cat /tmp/counter",
+    ));
+    assert!(
+        out.starts_with("end"),
+        "the parent sees a child's file: {out}"
+    );
+
+    // A fork of a fork starts from its parent child.
+    let (first_id, first_api, _) = &children[0];
+    let grandchildren = fork(first_api, 1);
+    let (_, g_api, g_pid) = &grandchildren[0];
+    let out = ok(exec(g_api, "cat /root/who /tmp/who"));
+    assert_eq!(out, format!("{first_id}\n{first_id}"));
+
+    stop_now(g_api, *g_pid);
+    for (_, api, pid) in &children {
+        stop_now(api, *pid);
+    }
+    ok(exec(&p.api, "kill $(cat /tmp/counter.pid)"));
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+fn thread_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .count()
+}
+
+#[test]
+fn fifty_children_come_and_go_without_leaks() {
+    let p = parent();
+    let pid = p.process.id();
+    // One fork first: the first fork changes the parent's memory mapping.
+    let (_, api, child) = fork(&p.api, 1).remove(0);
+    stop_now(&api, child);
+    let (fds, threads) = (fd_count(pid), thread_count(pid));
+    let rss = vmm::bench::overhead_rss_kib_of(&pid.to_string()).unwrap();
+
+    let children = fork(&p.api, 50);
+    for (_, api, _) in &children {
+        let vm = ApiClient::new(api).call("GET", "/vm", None).unwrap();
+        assert_eq!(vm["state"], "running", "{vm}");
+    }
+    for (_, api, child) in &children {
+        stop_now(api, *child);
+    }
+    assert_eq!(fd_count(pid), fds, "file descriptors leaked");
+    assert_eq!(thread_count(pid), threads, "threads leaked");
+    let grown = vmm::bench::overhead_rss_kib_of(&pid.to_string()).unwrap() as i64 - rss as i64;
+    assert!(grown < 1024, "the VMM's own memory grew by {grown} KiB");
+    // The guest still runs.
+    assert_eq!(ok(exec(&p.api, "echo alive")), "alive");
+}
+
+#[test]
+fn pause_resume_snapshot_restore() {
+    let p = parent();
+    let client = ApiClient::new(&p.api);
+    client.call("PUT", "/vm/pause", None).unwrap();
+    assert_eq!(client.call("GET", "/vm", None).unwrap()["state"], "paused");
+    client.call("PUT", "/vm/resume", None).unwrap();
+    assert_eq!(client.call("GET", "/vm", None).unwrap()["state"], "running");
+
+    ok(exec(
+        &p.api,
+        "echo saved > /root/snap-marker; echo mem > /tmp/snap-marker; sync",
+    ));
+    let snap = p.dir.join("snap");
+    let out = Command::new(VMM)
+        .arg("snapshot")
+        .arg("--api-socket")
+        .arg(&p.api)
+        .arg("--out")
+        .arg(&snap)
+        .output()
+        .unwrap();
+    let info: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", describe(&out)));
+    assert!(info["memory_bytes"].as_u64().unwrap() > 0);
+    // Later changes in the running VM do not reach the snapshot.
+    ok(exec(
+        &p.api,
+        "echo later > /root/snap-marker; echo later > /tmp/snap-marker",
+    ));
+
+    let api = p.dir.join("restored.sock");
+    let mut restored = Command::new(VMM)
+        .arg("restore")
+        .arg("--snapshot")
+        .arg(&snap)
+        .arg("--api-socket")
+        .arg(&api)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = ok(exec(
+        &api,
+        "cat /root/snap-marker /tmp/snap-marker; cat /tmp/counter",
+    ));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(&lines[..2], &["saved", "mem"], "{out}");
+    ApiClient::new(&api).call("PUT", "/vm/stop", None).unwrap();
+    assert_eq!(restored.wait().unwrap().code(), Some(0));
+
+    // Damaged snapshots are refused with a reason.
+    let restore_err = |dir: &Path| {
+        let out = Command::new(VMM)
+            .arg("restore")
+            .arg("--snapshot")
+            .arg(dir)
+            .arg("--api-socket")
+            .arg(p.dir.join("never.sock"))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let state = std::fs::read(snap.join("state")).unwrap();
+    std::fs::write(snap.join("state"), &state[..state.len() / 2]).unwrap();
+    assert!(restore_err(&snap).contains("truncated or corrupted"));
+    let mut flipped = state.clone();
+    let at = flipped.len() - 10;
+    flipped[at] ^= 1;
+    std::fs::write(snap.join("state"), &flipped).unwrap();
+    assert!(restore_err(&snap).contains("checksum"));
+    let mut v9 = state.clone();
+    v9[8] = 9;
+    std::fs::write(snap.join("state"), &v9).unwrap();
+    assert!(restore_err(&snap).contains("version 9"));
+    std::fs::write(snap.join("state"), &state).unwrap();
+    let memory = std::fs::OpenOptions::new()
+        .write(true)
+        .open(snap.join("memory"))
+        .unwrap();
+    memory.set_len(4096).unwrap();
+    assert!(restore_err(&snap).contains("truncated"));
+}
