@@ -494,6 +494,35 @@ impl ApiClient {
         }
     }
 
+    /// Pauses the VM (`PUT /vm/pause`).
+    pub fn pause(&self) -> Result<()> {
+        self.call("PUT", "/vm/pause", None).map(drop)
+    }
+
+    /// Resumes a paused VM (`PUT /vm/resume`).
+    pub fn resume(&self) -> Result<()> {
+        self.call("PUT", "/vm/resume", None).map(drop)
+    }
+
+    /// Writes a snapshot into the new directory `dir` (absolute, or
+    /// relative to the VMM's working directory); returns the answer
+    /// (`dir`, `memory_bytes`, `pause_ms`).
+    pub fn snapshot(&self, dir: &Path) -> Result<Value> {
+        self.call("PUT", "/vm/snapshot", Some(&json!({ "dir": dir })))
+    }
+
+    /// Forks the VM into `count` children (sockets in `dir`, default next
+    /// to this API socket); returns them once their vCPUs run.
+    pub fn fork(&self, count: u32, dir: Option<&Path>) -> Result<Vec<crate::fork::ChildInfo>> {
+        let answer = self.call(
+            "PUT",
+            "/vm/fork",
+            Some(&json!({ "count": count, "dir": dir })),
+        )?;
+        serde_json::from_value(answer["children"].clone())
+            .map_err(|e| Error::BadAnswer(e.to_string()))
+    }
+
     /// The VM's vsock Unix socket, from `GET /vm`.
     pub fn vsock_path(&self) -> Result<PathBuf> {
         let vm = self.call("GET", "/vm", None)?;

@@ -129,7 +129,7 @@ impl Stats {
         })
     }
 
-    fn to_json(self) -> Value {
+    pub fn to_json(self) -> Value {
         let r = |x: f64| (x * 10.0).round() / 10.0;
         json!({"median": r(self.median), "min": r(self.min), "max": r(self.max)})
     }

@@ -224,34 +224,32 @@ impl Controller {
         };
         let first_seq = self.fork_seq;
         self.fork_seq += u64::from(opts.count);
-        let (spawned, parent_pause_ms) = self.paused_for(|c| {
+        // Paused: only what the children need is captured (the memory
+        // image is frozen, the disk's changes copied); the children are
+        // started after the parent runs again.
+        let ((state, image, disk), parent_pause_ms) = self.paused_for(|c| {
             let state = c.machine_state(agent_ready)?;
             let image = c.ram.freeze()?;
-            let disk_layer = match &c.disk {
-                Some(disk) => Some(
-                    disk.lock()
+            let disk = match (&c.disk, &c.disk_base) {
+                (Some(disk), Some(base_path)) => {
+                    let layer = disk
+                        .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .frozen_copy(&std::env::temp_dir(), None)?,
-                ),
-                None => None,
-            };
-            let base = match &c.disk_base {
-                Some(path) if disk_layer.is_some() => {
-                    Some(std::fs::File::open(path).map_err(|source| fork::Error::Io {
-                        what: "open the base image",
-                        source,
-                    })?)
+                        .frozen_copy(&std::env::temp_dir(), None)?;
+                    let base =
+                        std::fs::File::open(base_path).map_err(|source| fork::Error::Io {
+                            what: "open the base image",
+                            source,
+                        })?;
+                    Some((base, layer))
                 }
                 _ => None,
             };
-            let disk = base.as_ref().zip(disk_layer.as_ref());
-            Ok(fork::spawn_children(
-                &state, &image, disk, opts.count, first_seq, &dir,
-            )?)
+            Ok((state, image, disk))
         })?;
-        // The children have everything they need: the parent ran on while
-        // they start.
-        let spawned = spawned.wait_started()?;
+        let disk = disk.as_ref().map(|(base, layer)| (base, layer));
+        let spawned = fork::spawn_children(&state, &image, disk, opts.count, first_seq, &dir)?
+            .wait_started()?;
         let info = ForkInfo {
             children: spawned.iter().map(|s| s.info.clone()).collect(),
             parent_pause_ms,

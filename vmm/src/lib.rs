@@ -17,6 +17,7 @@ pub mod agent;
 pub mod api;
 pub mod artifacts;
 pub mod bench;
+pub mod bench_fork;
 pub mod config;
 pub mod control;
 pub mod doctor;

@@ -199,6 +199,34 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Fork: latency (request to the child's vCPUs running), parent pause
+    /// and memory per child, against guest memory size.
+    Fork {
+        /// Guest memory sizes in MiB, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "256,1024,4096")]
+        sizes: Vec<u64>,
+        /// Forks per size.
+        #[arg(long, default_value_t = 20)]
+        runs: u32,
+        /// Of those, children that write 10 MiB (memory measured again).
+        #[arg(long, default_value_t = 3)]
+        write_runs: u32,
+        /// Also fork this many children of a 1 GiB guest at once.
+        #[arg(long)]
+        many: Option<u32>,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Snapshot create time and restore-to-running time against memory size.
+    Snapshot {
+        #[arg(long, value_delimiter = ',', default_value = "256,1024,4096")]
+        sizes: Vec<u64>,
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn init_logging() {
@@ -447,6 +475,33 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         }
+        Command::Bench {
+            what:
+                BenchCommand::Fork {
+                    sizes,
+                    runs,
+                    write_runs,
+                    many,
+                    json,
+                },
+        } => print_bench(
+            vmm::bench_fork::fork(&vmm::bench_fork::ForkBenchOptions {
+                sizes_mib: sizes,
+                runs,
+                write_runs,
+                many,
+            }),
+            json,
+        ),
+        Command::Bench {
+            what: BenchCommand::Snapshot { sizes, runs, json },
+        } => print_bench(
+            vmm::bench_fork::snapshot(&vmm::bench_fork::SnapshotBenchOptions {
+                sizes_mib: sizes,
+                runs,
+            }),
+            json,
+        ),
         Command::Bench {
             what: BenchCommand::Agent { runs, mib, json },
         } => print_bench(

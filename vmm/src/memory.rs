@@ -84,6 +84,23 @@ pub struct MemoryImage {
 }
 
 const PAGE: u64 = 4096;
+/// Overlays a VM keeps before the next fork merges them into one.
+pub const MAX_OVERLAYS: usize = 16;
+
+/// Sorts ranges and merges those that touch or overlap.
+fn merge_runs(mut runs: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    runs.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
+    for (off, len) in runs {
+        match merged.last_mut() {
+            Some(last) if off <= last.0 + last.1 => {
+                last.1 = last.1.max(off + len - last.0);
+            }
+            _ => merged.push((off, len)),
+        }
+    }
+    merged
+}
 
 /// The guest-physical ranges for `size` bytes of RAM: below the MMIO gap,
 /// then above 4 GiB. Each entry is (guest address, length, file offset).
@@ -227,8 +244,13 @@ impl GuestRam {
             }
             self.private = true;
         } else {
-            let runs = self.changed_runs()?;
+            let mut runs = self.changed_runs()?;
             if !runs.is_empty() {
+                if self.overlays.len() >= MAX_OVERLAYS {
+                    // One overlay with every page changed since the base.
+                    runs.extend(self.overlays.drain(..).flat_map(|o| o.runs));
+                    runs = merge_runs(runs);
+                }
                 let overlay = self.write_overlay(&runs)?;
                 self.map_overlay(overlay)?;
             }
@@ -291,17 +313,7 @@ impl GuestRam {
         if self.private {
             runs.extend(self.changed_runs()?);
         }
-        runs.sort_unstable();
-        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
-        for (off, len) in runs {
-            match merged.last_mut() {
-                Some(last) if off <= last.0 + last.1 => {
-                    last.1 = last.1.max(off + len - last.0);
-                }
-                _ => merged.push((off, len)),
-            }
-        }
-        Ok(merged)
+        Ok(merge_runs(runs))
     }
 
     /// Writes guest memory as it is now into `out` (sized to the memory,
@@ -687,6 +699,23 @@ mod tests {
         assert_eq!(b[0], 1);
         use std::os::unix::fs::MetadataExt;
         assert!(out.metadata().unwrap().blocks() * 512 < 1 << 20);
+    }
+
+    #[test]
+    fn overlays_are_merged_past_the_limit() {
+        let mut vm = GuestRam::new(8 << 20).unwrap();
+        vm.freeze().unwrap();
+        for round in 0..(MAX_OVERLAYS as u64 + 4) {
+            vm.memory
+                .write_obj(round as u8 + 1, GuestAddress(round * 0x2000))
+                .unwrap();
+            let image = vm.freeze().unwrap();
+            assert!(image.overlays.len() <= MAX_OVERLAYS);
+            let copy = GuestRam::from_image(&image).unwrap();
+            for r in 0..=round {
+                assert_eq!(read(&copy, r * 0x2000), r as u8 + 1, "round {round}");
+            }
+        }
     }
 
     fn tempfile_in_tmp() -> File {

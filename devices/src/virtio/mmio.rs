@@ -405,6 +405,7 @@ mod tests {
     struct Log {
         acked: u64,
         activated: usize,
+        queues: Vec<QueueSnapshot>,
         notified: Vec<usize>,
         resets: usize,
     }
@@ -433,14 +434,16 @@ mod tests {
             _interrupt: Arc<Interrupt>,
             queues: Vec<Queue>,
         ) -> Result<(), ActivateError> {
-            self.0.lock().unwrap().activated = queues.len();
+            let mut log = self.0.lock().unwrap();
+            log.activated = queues.len();
+            log.queues = queues.iter().map(QueueSnapshot::of).collect();
             Ok(())
         }
         fn process_queue(&mut self, index: usize) {
             self.0.lock().unwrap().notified.push(index);
         }
         fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
-            Vec::new()
+            self.0.lock().unwrap().queues.clone()
         }
         fn reset(&mut self) {
             self.0.lock().unwrap().resets += 1;
@@ -594,5 +597,40 @@ mod tests {
             16,
             "a reset gives fresh queues"
         );
+    }
+
+    #[test]
+    fn saved_transport_restores_and_bad_states_are_refused() {
+        let (mut t, _, _irq) = transport();
+        setup_queues(&mut t);
+        drive_to(&mut t, 1);
+        let status = read(&mut t, REG_STATUS) | VIRTIO_CONFIG_S_DRIVER_OK;
+        write(&mut t, REG_STATUS, status);
+        let saved = t.save();
+        assert!(saved.activated);
+        assert_eq!(saved.queues.len(), 2);
+        assert_eq!(saved.queues[1].desc_table, 0x2_0000);
+
+        let (mut back, log, _irq2) = transport();
+        back.restore(&saved).unwrap();
+        back.finish_restore();
+        assert!(back.is_activated());
+        assert_eq!(read(&mut back, REG_STATUS), status);
+        assert_eq!(log.lock().unwrap().activated, 2);
+        assert_eq!(back.save().queues, saved.queues);
+
+        let refused = |s: &TransportSnapshot| transport().0.restore(s).is_err();
+        let mut wrong_type = saved.clone();
+        wrong_type.device_type = 1;
+        assert!(refused(&wrong_type));
+        let mut short = saved.clone();
+        short.queues.pop();
+        assert!(refused(&short));
+        let mut bad_size = saved.clone();
+        bad_size.queues[0].size = 3;
+        assert!(refused(&bad_size));
+        let mut outside = saved;
+        outside.queues[1].desc_table = 1 << 40;
+        assert!(refused(&outside));
     }
 }
