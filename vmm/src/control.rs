@@ -227,9 +227,14 @@ impl Controller {
         // Paused: only what the children need is captured (the memory
         // image is frozen, the disk's changes copied); the children are
         // started after the parent runs again.
+        let t0 = Instant::now();
+        let phase = |what: &str| tracing::debug!("fork: {what} at {:?}", t0.elapsed());
         let ((state, image, disk), parent_pause_ms) = self.paused_for(|c| {
+            phase("paused");
             let state = c.machine_state(agent_ready)?;
+            phase("state saved");
             let image = c.ram.freeze()?;
+            phase("memory frozen");
             let disk = match (&c.disk, &c.disk_base) {
                 (Some(disk), Some(base_path)) => {
                     let layer = disk
@@ -247,9 +252,12 @@ impl Controller {
             };
             Ok((state, image, disk))
         })?;
+        phase("resumed");
         let disk = disk.as_ref().map(|(base, layer)| (base, layer));
-        let spawned = fork::spawn_children(&state, &image, disk, opts.count, first_seq, &dir)?
-            .wait_started()?;
+        let pending = fork::spawn_children(&state, &image, disk, opts.count, first_seq, &dir)?;
+        phase("children spawned");
+        let spawned = pending.wait_started()?;
+        phase("children running");
         let info = ForkInfo {
             children: spawned.iter().map(|s| s.info.clone()).collect(),
             parent_pause_ms,

@@ -297,6 +297,7 @@ pub fn child_main() -> std::result::Result<(), i32> {
         Err(e) => return Err(fail(&stream, e.to_string())),
     };
     let start = Instant::now();
+    tracing::debug!("fork child: message received");
     let source = match restore_source(message.state, &message.overlays, message.disk, files) {
         Ok(s) => s,
         Err(e) => return Err(fail(&stream, e.to_string())),
