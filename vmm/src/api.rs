@@ -300,7 +300,10 @@ impl ApiServer {
     fn on_child_exit(&mut self, fd: RawFd, ops: &mut EventOps) {
         if let Some(i) = self.children.iter().position(|(p, _)| p.as_raw_fd() == fd) {
             let _ = ops.remove(Events::empty_raw(fd));
-            let (_pidfd, mut child) = self.children.swap_remove(i);
+            let (pidfd, mut child) = self.children.swap_remove(i);
+            // Closed before the reap: once the child is gone from /proc,
+            // nothing of it is left in this process.
+            drop(pidfd);
             let _ = child.wait();
         }
     }
