@@ -155,6 +155,8 @@ pub struct ApiServer {
     children: Vec<(OwnedFd, std::process::Child)>,
     /// pidfds of new children, to watch.
     new_pidfds: Vec<RawFd>,
+    /// A fork was answered: start a spare child for the next one.
+    forked: bool,
 }
 
 /// An fd that becomes readable when process `pid` ends.
@@ -210,6 +212,7 @@ impl ApiServer {
             agent_ready_evt: None,
             children: Vec::new(),
             new_pidfds: Vec::new(),
+            forked: false,
         })
     }
 
@@ -276,6 +279,7 @@ impl ApiServer {
                     Err(e) => tracing::warn!("cannot watch fork child {}: {e}", s.info.id),
                 }
             }
+            server.forked = true;
             serde_json::to_value(info).map_err(|e| e.to_string())
         })
     }
@@ -388,6 +392,12 @@ impl ApiServer {
             Err(e) => (400, json!({"error": e.to_string()})),
         };
         let _ = write_response(&mut stream, status, &body);
+        drop(stream);
+        if std::mem::take(&mut self.forked) {
+            if let Some(c) = &self.control {
+                c.lock().unwrap_or_else(|e| e.into_inner()).prepare_spare();
+            }
+        }
     }
 }
 

@@ -451,11 +451,15 @@ pub fn snapshot(opts: &SnapshotBenchOptions) -> Result<SnapshotBench, Error> {
                     break;
                 }
             }
-            let _ = restored.wait();
+            let status = restored.wait();
             let report: Value = std::fs::read_to_string(&report)
                 .ok()
                 .and_then(|t| serde_json::from_str(&t).ok())
-                .ok_or_else(|| err("the restored VM wrote no report".into()))?;
+                .ok_or_else(|| {
+                    err(format!(
+                        "the restored VM wrote no report (it ended: {status:?})"
+                    ))
+                })?;
             if let Some(ms) = report["vmm_setup_ms"].as_f64() {
                 size.restore_to_running_ms.push(ms);
             }

@@ -73,6 +73,8 @@ pub struct Controller {
     /// The saved vCPU states while paused.
     paused: Option<Vec<VcpuState>>,
     fork_seq: u64,
+    /// A child process started ahead of the next fork (see `fork::Spare`).
+    spares: Vec<fork::Spare>,
 }
 
 impl Controller {
@@ -108,6 +110,7 @@ impl Controller {
             api_socket,
             paused: None,
             fork_seq: 0,
+            spares: Vec::new(),
         }
     }
 
@@ -207,6 +210,17 @@ impl Controller {
         })
     }
 
+    /// Starts a spare child for the next fork when there is none (call it
+    /// after answering a fork: a VM forked once is likely forked again).
+    pub fn prepare_spare(&mut self) {
+        if self.spares.is_empty() {
+            match fork::Spare::spawn(self.ram.size) {
+                Ok(spare) => self.spares.push(spare),
+                Err(e) => tracing::warn!("no spare fork child: {e}"),
+            }
+        }
+    }
+
     /// Forks the running VM into `opts.count` children that continue from
     /// this instant, each in its own VMM process; the VM continues too.
     pub fn fork(
@@ -254,7 +268,15 @@ impl Controller {
         })?;
         phase("resumed");
         let disk = disk.as_ref().map(|(base, layer)| (base, layer));
-        let pending = fork::spawn_children(&state, &image, disk, opts.count, first_seq, &dir)?;
+        let pending = fork::spawn_children(
+            &state,
+            &image,
+            disk,
+            opts.count,
+            first_seq,
+            &dir,
+            &mut self.spares,
+        )?;
         phase("children spawned");
         let spawned = pending.wait_started()?;
         phase("children running");
@@ -263,5 +285,14 @@ impl Controller {
             parent_pause_ms,
         };
         Ok((info, spawned))
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        // Unused spare children: stop and reap them.
+        for mut spare in self.spares.drain(..) {
+            spare.stop();
+        }
     }
 }

@@ -34,6 +34,8 @@ use crate::vm::RestoreSource;
 
 /// The hidden subcommand a fork child runs.
 pub const CHILD_COMMAND: &str = "__fork-child";
+/// Tells a child to prepare a VM of this memory size while it waits.
+const PREPARE_ARG: &str = "--prepare";
 /// Names the VMM binary to start children with, for programs that embed
 /// the VMM (default: this executable, which must then call
 /// [`run_child_if_asked`] first thing in `main`).
@@ -42,6 +44,8 @@ pub const CHILD_BINARY_ENV: &str = "VMM_CHILD_BINARY";
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most file descriptors one message carries.
 const MAX_FDS: usize = 64;
+/// What `receive` reports when the parent closed without sending.
+const NO_MESSAGE: &str = "no message";
 /// Largest message accepted.
 const MAX_MESSAGE: u64 = 64 << 20;
 
@@ -98,6 +102,51 @@ pub struct Spawned {
     pub process: std::process::Child,
 }
 
+/// A child process started ahead of a fork: it prepares a VM of the
+/// parent's memory size and waits for its message.
+pub struct Spare {
+    memory_size: u64,
+    process: std::process::Child,
+    stream: UnixStream,
+}
+
+impl Spare {
+    /// Stops an unused spare and reaps it.
+    pub fn stop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+
+    /// Starts a spare child for VMs of `memory_size` bytes.
+    pub fn spawn(memory_size: u64) -> Result<Spare> {
+        let (process, stream) = start_child(Some(memory_size))?;
+        Ok(Spare {
+            memory_size,
+            process,
+            stream,
+        })
+    }
+}
+
+/// Starts `vmm __fork-child [--prepare SIZE]`; returns it and the parent's
+/// end of its socket.
+fn start_child(prepare: Option<u64>) -> Result<(std::process::Child, UnixStream)> {
+    let binary = child_binary();
+    let (parent_end, child_end) = UnixStream::pair().map_err(io("create a socket pair"))?;
+    let mut cmd = Command::new(&binary);
+    cmd.arg(CHILD_COMMAND);
+    if let Some(size) = prepare {
+        cmd.arg(PREPARE_ARG).arg(size.to_string());
+    }
+    let process = cmd
+        .stdin(Stdio::from(OwnedFd::from(child_end)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|source| Error::Spawn { binary, source })?;
+    Ok((process, parent_end))
+}
+
 /// Children that have their message and are starting.
 pub struct Pending {
     children: Vec<(Spawned, UnixStream)>,
@@ -147,9 +196,9 @@ fn child_config(parent: &VmConfig, id: &str, pid: u32, dir: &Path) -> VmConfig {
 
 /// Starts `count` children of the paused machine `state` whose memory is
 /// `image`; `disk` is the base image and frozen layer of its root disk.
-/// Child ids are `<parent pid>-<n>` from `first_seq + 1`; their sockets go
-/// into `dir`. Returns once every child has its message; the caller may
-/// then resume the parent and wait for the children with
+/// A matching spare from `spares` is used first. Child ids are
+/// `<parent pid>-<n>` from `first_seq + 1`; their sockets go into `dir`.
+/// Returns once every child has its message; wait for them with
 /// [`Pending::wait_started`].
 pub fn spawn_children(
     state: &MachineState,
@@ -158,6 +207,7 @@ pub fn spawn_children(
     count: u32,
     first_seq: u64,
     dir: &Path,
+    spares: &mut Vec<Spare>,
 ) -> Result<Pending> {
     let mut fds: Vec<RawFd> = vec![image.base.as_raw_fd()];
     fds.extend(image.overlays.iter().map(|o| o.file.as_raw_fd()));
@@ -167,23 +217,24 @@ pub fn spawn_children(
     if fds.len() > MAX_FDS {
         return Err(Error::TooManyLayers(image.overlays.len()));
     }
-    let binary = child_binary();
     let mut pending = Pending {
         children: Vec::with_capacity(count as usize),
     };
     for n in 0..u64::from(count) {
         let id = format!("{}-{}", std::process::id(), first_seq + n + 1);
-        let (parent_end, child_end) = UnixStream::pair().map_err(io("create a socket pair"))?;
-        let process = Command::new(&binary)
-            .arg(CHILD_COMMAND)
-            .stdin(Stdio::from(OwnedFd::from(child_end)))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|source| Error::Spawn {
-                binary: binary.clone(),
-                source,
-            })?;
+        let started = match spares.pop() {
+            Some(spare) if spare.memory_size == state.memory_size => {
+                Ok((spare.process, spare.stream))
+            }
+            _ => start_child(None),
+        };
+        let (process, parent_end) = match started {
+            Ok(s) => s,
+            Err(e) => {
+                pending.kill_all();
+                return Err(e);
+            }
+        };
         let pid = process.id();
         let config = child_config(&state.config, &id, pid, dir);
         let info = ChildInfo {
@@ -202,13 +253,17 @@ pub fn spawn_children(
             overlays: image.overlays.iter().map(|o| o.runs.clone()).collect(),
             disk: disk.is_some(),
         };
-        let body = serde_json::to_vec(&message).map_err(|e| Error::Message(e.to_string()))?;
-        let spawned = Spawned { info, process };
-        let sent = parent_end
-            .send_with_fds(&[&(body.len() as u64).to_le_bytes()[..]], &fds)
-            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
-            .and_then(|_| (&parent_end).write_all(&body));
-        pending.children.push((spawned, parent_end));
+        let sent = serde_json::to_vec(&message)
+            .map_err(std::io::Error::other)
+            .and_then(|body| {
+                parent_end
+                    .send_with_fds(&[&(body.len() as u64).to_le_bytes()[..]], &fds)
+                    .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+                (&parent_end).write_all(&body)
+            });
+        pending
+            .children
+            .push((Spawned { info, process }, parent_end));
         if let Err(source) = sent {
             pending.kill_all();
             return Err(Error::Io {
@@ -292,8 +347,24 @@ pub fn child_main() -> std::result::Result<(), i32> {
         eprintln!("vmm fork child: error: {msg}");
         1
     };
+    let hv = match crate::open_hypervisor() {
+        Ok(hv) => hv,
+        Err(e) => return Err(fail(&stream, e.to_string())),
+    };
+    // A spare prepares its VM before the message comes; if that fails it
+    // restores the usual way.
+    let args: Vec<String> = std::env::args().collect();
+    let prepared = match args.iter().position(|a| a == PREPARE_ARG) {
+        Some(i) => args
+            .get(i + 1)
+            .and_then(|s| s.parse().ok())
+            .and_then(|size| crate::vm::Prepared::new(hv.as_ref(), size).ok()),
+        None => None,
+    };
     let (message, files) = match receive(&stream) {
         Ok(m) => m,
+        // A spare whose parent ended without using it.
+        Err(Error::Message(m)) if m == NO_MESSAGE => return Ok(()),
         Err(e) => return Err(fail(&stream, e.to_string())),
     };
     let start = Instant::now();
@@ -302,11 +373,11 @@ pub fn child_main() -> std::result::Result<(), i32> {
         Ok(s) => s,
         Err(e) => return Err(fail(&stream, e.to_string())),
     };
-    let hv = match crate::open_hypervisor() {
-        Ok(hv) => hv,
-        Err(e) => return Err(fail(&stream, e.to_string())),
+    let built = match prepared {
+        Some(p) => crate::Vm::restore_prepared(source, hv.as_ref(), start, p),
+        None => crate::Vm::restore(source, hv.as_ref(), start),
     };
-    let vm = match crate::Vm::restore(source, hv.as_ref(), start) {
+    let vm = match built {
         Ok(vm) => vm,
         Err(e) => return Err(fail(&stream, e.to_string())),
     };
@@ -363,6 +434,9 @@ fn receive(stream: &UnixStream) -> Result<(Message, Vec<File>)> {
         // SAFETY: each descriptor was just received and is owned by nobody else.
         .map(|&fd| unsafe { File::from_raw_fd(fd) })
         .collect();
+    if read == 0 {
+        return Err(Error::Message(NO_MESSAGE.into()));
+    }
     if read != 8 {
         return Err(Error::Message("the length is cut short".into()));
     }

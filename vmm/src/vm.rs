@@ -155,6 +155,38 @@ pub struct ResolvedBoot {
     pub cmdline: String,
 }
 
+/// A VM made ahead of a restore whose memory size is known but whose
+/// memory is not: created, its RAM's host addresses reserved and
+/// registered, its irqchip and PIT created. A fork child prepares itself
+/// while it waits for its parent's message, which takes the work that
+/// grows with memory size (the hypervisor's per-page tables for a memory
+/// slot) off the fork path.
+pub struct Prepared {
+    vm: Box<dyn hypervisor::Vm>,
+    memory_size: u64,
+    hosts: Vec<usize>,
+}
+
+impl Prepared {
+    pub fn new(hv: &dyn Hypervisor, memory_size: u64) -> Result<Prepared> {
+        let vm = hv.create_vm()?;
+        let hosts = GuestRam::reserve(memory_size)?;
+        // SAFETY: reserved address space is never unmapped; `from_image_at`
+        // maps the guest's memory over it before the VM runs.
+        unsafe { crate::memory::register_at(vm.as_ref(), memory_size, &hosts) }?;
+        vm.create_platform_devices()?;
+        Ok(Prepared {
+            vm,
+            memory_size,
+            hosts,
+        })
+    }
+
+    pub fn memory_size(&self) -> u64 {
+        self.memory_size
+    }
+}
+
 /// A built VM, ready to run.
 pub struct Vm {
     // Field order matters for drop: vCPUs before the VM, the VM before its memory.
@@ -305,7 +337,7 @@ impl Vm {
     /// Builds a VM: memory, kernel, devices and vCPUs, all ready to run.
     /// `start` is when the VMM started (the boot timings count from it).
     pub fn build(config: &VmConfig, hv: &dyn Hypervisor, start: Instant) -> Result<Vm> {
-        Self::assemble(config, hv, start, None)
+        Self::assemble(config, hv, start, None, None)
     }
 
     /// Builds a VM that continues a saved machine (from a snapshot or a
@@ -313,7 +345,18 @@ impl Vm {
     /// their saved state.
     pub fn restore(source: RestoreSource, hv: &dyn Hypervisor, start: Instant) -> Result<Vm> {
         let config = source.state.config.clone();
-        Self::assemble(&config, hv, start, Some(source))
+        Self::assemble(&config, hv, start, Some(source), None)
+    }
+
+    /// `restore` into a VM prepared for this memory size.
+    pub fn restore_prepared(
+        source: RestoreSource,
+        hv: &dyn Hypervisor,
+        start: Instant,
+        prepared: Prepared,
+    ) -> Result<Vm> {
+        let config = source.state.config.clone();
+        Self::assemble(&config, hv, start, Some(source), Some(prepared))
     }
 
     fn assemble(
@@ -321,6 +364,7 @@ impl Vm {
         hv: &dyn Hypervisor,
         start: Instant,
         mut restore: Option<RestoreSource>,
+        prepared: Option<Prepared>,
     ) -> Result<Vm> {
         config.validate()?;
         let kind = hv.kind();
@@ -376,15 +420,24 @@ impl Vm {
 
         let phase = |what: &str| tracing::debug!("setup: {what} at {:?}", start.elapsed());
         phase("config checked");
-        let vm = hv.create_vm()?;
-        let ram = match &restore {
-            None => GuestRam::new(mem_size)?,
-            Some(r) => GuestRam::from_image(&r.memory)?,
+        let (vm, ram) = match (&restore, prepared) {
+            (Some(r), Some(p)) if p.memory_size == mem_size => {
+                (p.vm, GuestRam::from_image_at(&r.memory, &p.hosts)?)
+            }
+            (restore, _) => {
+                let vm = hv.create_vm()?;
+                let ram = match restore {
+                    None => GuestRam::new(mem_size)?,
+                    Some(r) => GuestRam::from_image(&r.memory)?,
+                };
+                // Memory before the irqchip: adding a memory slot to a VM
+                // that has one costs ~6 ms on some hosts (measured on PVM),
+                // before it 0.2 ms.
+                ram.register(vm.as_ref())?;
+                vm.create_platform_devices()?;
+                (vm, ram)
+            }
         };
-        // Memory before the irqchip: adding a memory slot to a VM that has
-        // one costs ~6 ms on some hosts (measured on PVM), before it 0.2 ms.
-        ram.register(vm.as_ref())?;
-        vm.create_platform_devices()?;
         if let Some(r) = &restore {
             vm.restore_state(&r.state.vm)?;
         }
