@@ -52,12 +52,25 @@ fn parent() -> MutexGuard<'static, Parent> {
                 .stdin(Stdio::null())
                 .spawn()
                 .unwrap();
-            Mutex::new(Parent {
+            let mut parent = Parent {
                 _scratch: scratch,
                 dir,
                 api,
                 process,
-            })
+            };
+            // The API socket appears within milliseconds of the VMM's
+            // start; then the call waits for the guest agent by itself.
+            loop {
+                match ApiClient::new(&parent.api).wait_agent() {
+                    Ok(()) => break,
+                    Err(vmm::api::Error::Connect { .. }) => {
+                        let status = parent.process.try_wait().unwrap();
+                        assert!(status.is_none(), "the parent VMM ended: {status:?}");
+                    }
+                    Err(e) => panic!("the parent's agent did not come up: {e}"),
+                }
+            }
+            Mutex::new(parent)
         })
         .lock()
         .unwrap_or_else(|e| e.into_inner())
