@@ -44,14 +44,33 @@ fn parent() -> MutexGuard<'static, Parent> {
                 .to_string(),
             );
             let api = dir.join("api.sock");
-            let process = Command::new(VMM)
-                .args(["launch", "--config"])
-                .arg(&config)
-                .arg("--api-socket")
-                .arg(&api)
-                .stdin(Stdio::null())
-                .spawn()
-                .unwrap();
+            // The VMM is started by a thread that lives as long as this test
+            // process and dies with it (PR_SET_PDEATHSIG follows the thread
+            // that spawned): statics are never dropped, so this is what
+            // stops the shared VM when the tests end.
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (config_path, api_path) = (config.clone(), api.clone());
+            std::thread::spawn(move || {
+                let mut cmd = Command::new(VMM);
+                cmd.args(["launch", "--config"])
+                    .arg(&config_path)
+                    .arg("--api-socket")
+                    .arg(&api_path)
+                    .stdin(Stdio::null());
+                // SAFETY: prctl is async-signal-safe and touches nothing of
+                // the parent's memory.
+                unsafe {
+                    std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                        Ok(())
+                    });
+                }
+                tx.send(cmd.spawn()).unwrap();
+                loop {
+                    std::thread::park();
+                }
+            });
+            let process = rx.recv().unwrap().unwrap();
             let mut parent = Parent {
                 _scratch: scratch,
                 dir,
@@ -211,10 +230,17 @@ fn children_continue_from_the_parent_then_diverge() {
     ok(exec(&p.api, "kill $(cat /tmp/counter.pid)"));
 }
 
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
+/// Open file descriptors of `pid` (their targets), not counting the
+/// memory overlays a forked VM keeps for its future children (one per
+/// fork that found changed pages, at most `MAX_OVERLAYS`).
+fn fds_of(pid: u32) -> Vec<String> {
+    let (overlays, rest): (Vec<String>, Vec<String>) = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
-        .count()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|t| t.to_string_lossy().into_owned())
+        .partition(|t| t.contains("vmm-guest-ram-overlay"));
+    assert!(overlays.len() <= vmm::memory::MAX_OVERLAYS);
+    rest
 }
 
 fn thread_count(pid: u32) -> usize {
@@ -230,7 +256,7 @@ fn fifty_children_come_and_go_without_leaks() {
     // One fork first: the first fork changes the parent's memory mapping.
     let (_, api, child) = fork(&p.api, 1).remove(0);
     stop_now(&api, child);
-    let (fds, threads) = (fd_count(pid), thread_count(pid));
+    let (fds, threads) = (fds_of(pid), thread_count(pid));
     let rss = vmm::bench::overhead_rss_kib_of(&pid.to_string()).unwrap();
 
     let children = fork(&p.api, 50);
@@ -241,7 +267,12 @@ fn fifty_children_come_and_go_without_leaks() {
     for (_, api, child) in &children {
         stop_now(api, *child);
     }
-    assert_eq!(fd_count(pid), fds, "file descriptors leaked");
+    let after = fds_of(pid);
+    assert_eq!(
+        after.len(),
+        fds.len(),
+        "file descriptors leaked: {after:?}, before {fds:?}"
+    );
     assert_eq!(thread_count(pid), threads, "threads leaked");
     let grown = vmm::bench::overhead_rss_kib_of(&pid.to_string()).unwrap() as i64 - rss as i64;
     assert!(grown < 1024, "the VMM's own memory grew by {grown} KiB");
