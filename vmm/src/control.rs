@@ -214,7 +214,7 @@ impl Controller {
     /// after answering a fork: a VM forked once is likely forked again).
     pub fn prepare_spare(&mut self) {
         if self.spares.is_empty() {
-            match fork::Spare::spawn(self.ram.size) {
+            match fork::Spare::spawn(self.ram.size, &self.ram.file) {
                 Ok(spare) => self.spares.push(spare),
                 Err(e) => tracing::warn!("no spare fork child: {e}"),
             }

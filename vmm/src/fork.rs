@@ -34,7 +34,8 @@ use crate::vm::RestoreSource;
 
 /// The hidden subcommand a fork child runs.
 pub const CHILD_COMMAND: &str = "__fork-child";
-/// Tells a child to prepare a VM of this memory size while it waits.
+/// Tells a child to prepare its VM while it waits: a first message gives
+/// it the memory size (8 bytes) and the frozen memory base (attached).
 const PREPARE_ARG: &str = "--prepare";
 /// Names the VMM binary to start children with, for programs that embed
 /// the VMM (default: this executable, which must then call
@@ -102,10 +103,9 @@ pub struct Spawned {
     pub process: std::process::Child,
 }
 
-/// A child process started ahead of a fork: it prepares a VM of the
-/// parent's memory size and waits for its message.
+/// A child process started ahead of a fork: it prepares a VM over the
+/// parent's frozen memory base and waits for its message.
 pub struct Spare {
-    memory_size: u64,
     process: std::process::Child,
     stream: UnixStream,
 }
@@ -117,26 +117,34 @@ impl Spare {
         let _ = self.process.wait();
     }
 
-    /// Starts a spare child for VMs of `memory_size` bytes.
-    pub fn spawn(memory_size: u64) -> Result<Spare> {
-        let (process, stream) = start_child(Some(memory_size))?;
-        Ok(Spare {
-            memory_size,
-            process,
-            stream,
-        })
+    /// Starts a spare child that prepares a VM of `memory_size` bytes over
+    /// the frozen memory base `base` (the parent's, after a fork).
+    pub fn spawn(memory_size: u64, base: &File) -> Result<Spare> {
+        let (process, stream) = start_child(true)?;
+        let mut spare = Spare { process, stream };
+        if let Err(e) = spare
+            .stream
+            .send_with_fds(&[&memory_size.to_le_bytes()[..]], &[base.as_raw_fd()])
+        {
+            spare.stop();
+            return Err(Error::Io {
+                what: "send a spare fork child its memory",
+                source: std::io::Error::from_raw_os_error(e.errno()),
+            });
+        }
+        Ok(spare)
     }
 }
 
-/// Starts `vmm __fork-child [--prepare SIZE]`; returns it and the parent's
-/// end of its socket.
-fn start_child(prepare: Option<u64>) -> Result<(std::process::Child, UnixStream)> {
+/// Starts `vmm __fork-child [--prepare]`; returns it and the parent's end
+/// of its socket.
+fn start_child(prepare: bool) -> Result<(std::process::Child, UnixStream)> {
     let binary = child_binary();
     let (parent_end, child_end) = UnixStream::pair().map_err(io("create a socket pair"))?;
     let mut cmd = Command::new(&binary);
     cmd.arg(CHILD_COMMAND);
-    if let Some(size) = prepare {
-        cmd.arg(PREPARE_ARG).arg(size.to_string());
+    if prepare {
+        cmd.arg(PREPARE_ARG);
     }
     let process = cmd
         .stdin(Stdio::from(OwnedFd::from(child_end)))
@@ -222,11 +230,10 @@ pub fn spawn_children(
     };
     for n in 0..u64::from(count) {
         let id = format!("{}-{}", std::process::id(), first_seq + n + 1);
+        // A spare prepared over another base restores the usual way.
         let started = match spares.pop() {
-            Some(spare) if spare.memory_size == state.memory_size => {
-                Ok((spare.process, spare.stream))
-            }
-            _ => start_child(None),
+            Some(spare) => Ok((spare.process, spare.stream)),
+            None => start_child(false),
         };
         let (process, parent_end) = match started {
             Ok(s) => s,
@@ -353,13 +360,22 @@ pub fn child_main() -> std::result::Result<(), i32> {
     };
     // A spare prepares its VM before the message comes; if that fails it
     // restores the usual way.
-    let args: Vec<String> = std::env::args().collect();
-    let prepared = match args.iter().position(|a| a == PREPARE_ARG) {
-        Some(i) => args
-            .get(i + 1)
-            .and_then(|s| s.parse().ok())
-            .and_then(|size| crate::vm::Prepared::new(hv.as_ref(), size).ok()),
-        None => None,
+    let prepared = if std::env::args().any(|a| a == PREPARE_ARG) {
+        match receive_prepare(&stream) {
+            Ok(None) => return Ok(()), // the parent ended without a fork
+            Ok(Some((size, base))) => {
+                match crate::vm::Prepared::new(hv.as_ref(), Arc::new(base), size) {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        tracing::warn!("spare fork child: cannot prepare its VM: {e}");
+                        None
+                    }
+                }
+            }
+            Err(e) => return Err(fail(&stream, e.to_string())),
+        }
+    } else {
+        None
     };
     let (message, files) = match receive(&stream) {
         Ok(m) => m,
@@ -413,6 +429,34 @@ pub fn child_main() -> std::result::Result<(), i32> {
             Err(1)
         }
     }
+}
+
+/// A spare's first message: the memory size and base. None when the
+/// parent closed the socket first.
+fn receive_prepare(stream: &UnixStream) -> Result<Option<(u64, File)>> {
+    let mut size = [0u8; 8];
+    let mut raw_fds = [-1 as RawFd; 1];
+    let mut iov = [libc::iovec {
+        iov_base: size.as_mut_ptr().cast(),
+        iov_len: size.len(),
+    }];
+    // SAFETY: the iovec points at `size`, 8 writable bytes that outlive the
+    // call; `raw_fds` has room for one descriptor.
+    let (read, nfds) = unsafe { stream.recv_with_fds(&mut iov, &mut raw_fds) }.map_err(|e| {
+        Error::Io {
+            what: "receive the spare's memory",
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        }
+    })?;
+    if read == 0 {
+        return Ok(None);
+    }
+    if read != 8 || nfds != 1 {
+        return Err(Error::Message("the spare's memory message is malformed".into()));
+    }
+    // SAFETY: the descriptor was just received and is owned by nobody else.
+    let base = unsafe { File::from_raw_fd(raw_fds[0]) };
+    Ok(Some((u64::from_le_bytes(size), base)))
 }
 
 fn receive(stream: &UnixStream) -> Result<(Message, Vec<File>)> {

@@ -181,77 +181,16 @@ impl GuestRam {
             overlays: Vec::new(),
             private: true,
         };
-        for overlay in &image.overlays {
-            ram.map_overlay(overlay.clone())?;
-        }
+        ram.add_overlays(&image.overlays)?;
         Ok(ram)
     }
 
-    /// Reserves host address space for `size` bytes of guest RAM (one
-    /// inaccessible mapping per RAM range, nothing allocated), so a VM can
-    /// register its memory before the memory's files are known
-    /// (`from_image_at` maps them there later).
-    pub fn reserve(size: u64) -> Result<Vec<usize>> {
-        ram_ranges(size)
-            .into_iter()
-            .map(|(_, len, _)| {
-                // SAFETY: a new anonymous mapping at an address the kernel
-                // chooses; nothing else is affected.
-                let p = unsafe {
-                    libc::mmap(
-                        std::ptr::null_mut(),
-                        len as usize,
-                        libc::PROT_NONE,
-                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                        -1,
-                        0,
-                    )
-                };
-                if p == libc::MAP_FAILED {
-                    return Err(Error::MapPrivate(std::io::Error::last_os_error()));
-                }
-                Ok(p as usize)
-            })
-            .collect()
-    }
-
-    /// Like `from_image`, at host addresses from `reserve(image.size)`.
-    pub fn from_image_at(image: &MemoryImage, hosts: &[usize]) -> Result<Self> {
-        let size = image.size;
-        let ranges = ram_ranges(size);
-        if hosts.len() != ranges.len() {
-            return Err(Error::MapPrivate(std::io::Error::other(
-                "the reserved memory does not match the image",
-            )));
+    /// Maps `overlays` (of an image over this memory's base) over it.
+    pub fn add_overlays(&mut self, overlays: &[Overlay]) -> Result<()> {
+        for overlay in overlays {
+            self.map_overlay(overlay.clone())?;
         }
-        let found = image.base.metadata().map_err(Error::MapPrivate)?.len();
-        if found < size {
-            return Err(Error::ImageSize {
-                expected: size,
-                found,
-            });
-        }
-        let mut regions = Vec::new();
-        for (&(gpa, len, off), &host) in ranges.iter().zip(hosts) {
-            Self::map_private_at(&image.base, host, off, len)?;
-            // SAFETY: `host..host+len` was just mapped readable and writable,
-            // MAP_PRIVATE, and stays mapped for the life of the process
-            // (reserved mappings are never unmapped).
-            let region = unsafe {
-                vm_memory::mmap::MmapRegion::build_raw(
-                    host as *mut u8,
-                    len as usize,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_NORESERVE,
-                )
-            }
-            .map_err(|e| Error::MapPrivate(std::io::Error::other(format!("{e:?}"))))?;
-            regions.push(
-                GuestRegionMmap::new(region, GuestAddress(gpa))
-                    .ok_or_else(|| Error::MapPrivate(std::io::Error::other("bad region")))?,
-            );
-        }
-        Self::with_overlays(image, regions)
+        Ok(())
     }
 
     /// The host ranges of file range `off..off+len`, split where RAM is.
@@ -451,31 +390,19 @@ impl GuestRam {
 
     /// Maps every RAM region into `vm`, slots numbered from 0.
     pub fn register(&self, vm: &dyn hypervisor::Vm) -> Result<()> {
-        let hosts: Vec<usize> = self.memory.iter().map(|r| r.as_ptr() as usize).collect();
-        // SAFETY: the mappings belong to `self.memory`, which the VM object
-        // keeps alive for as long as the hypervisor VM exists.
-        unsafe { register_at(vm, self.size, &hosts) }
+        for (slot, region) in self.memory.iter().enumerate() {
+            let slot = hypervisor::MemorySlot {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                size: region.len(),
+                host_addr: region.as_ptr() as u64,
+            };
+            // SAFETY: the mapping belongs to `self.memory`, which the VM
+            // object keeps alive for as long as the hypervisor VM exists.
+            unsafe { vm.set_memory_slot(slot) }.map_err(Error::Register)?;
+        }
+        Ok(())
     }
-}
-
-/// Registers guest RAM of `size` bytes at host addresses `hosts` (one per
-/// RAM range) with `vm`, slots numbered from 0.
-///
-/// # Safety
-/// Each `hosts[i] .. + len` must stay mapped (or reserved) for as long as
-/// the VM exists.
-pub unsafe fn register_at(vm: &dyn hypervisor::Vm, size: u64, hosts: &[usize]) -> Result<()> {
-    for (slot, ((gpa, len, _), &host)) in ram_ranges(size).into_iter().zip(hosts).enumerate() {
-        let slot = hypervisor::MemorySlot {
-            slot: slot as u32,
-            guest_phys_addr: gpa,
-            size: len,
-            host_addr: host as u64,
-        };
-        // SAFETY: the caller keeps the range mapped while the VM exists.
-        unsafe { vm.set_memory_slot(slot) }.map_err(Error::Register)?;
-    }
-    Ok(())
 }
 
 fn memfd(name: &std::ffi::CStr) -> Result<File> {

@@ -155,35 +155,42 @@ pub struct ResolvedBoot {
     pub cmdline: String,
 }
 
-/// A VM made ahead of a restore whose memory size is known but whose
-/// memory is not: created, its RAM's host addresses reserved and
-/// registered, its irqchip and PIT created. A fork child prepares itself
-/// while it waits for its parent's message, which takes the work that
-/// grows with memory size (the hypervisor's per-page tables for a memory
-/// slot) off the fork path.
+/// A VM made ahead of a restore from a known frozen memory base (a fork
+/// child's spare, while it waits for its parent's next fork): created,
+/// the base mapped copy-on-write and registered, irqchip and PIT created.
+/// That takes the work that grows with memory size (the hypervisor's
+/// per-page structures for a memory slot, and invalidating them when the
+/// mapping changes) off the fork path: the fork then only maps the
+/// overlays written since.
 pub struct Prepared {
     vm: Box<dyn hypervisor::Vm>,
-    memory_size: u64,
-    hosts: Vec<usize>,
+    ram: GuestRam,
+}
+
+/// Identifies a file (device and inode).
+fn file_id(file: &std::fs::File) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    file.metadata().ok().map(|m| (m.dev(), m.ino()))
 }
 
 impl Prepared {
-    pub fn new(hv: &dyn Hypervisor, memory_size: u64) -> Result<Prepared> {
+    pub fn new(hv: &dyn Hypervisor, base: Arc<std::fs::File>, memory_size: u64) -> Result<Prepared> {
         let vm = hv.create_vm()?;
-        let hosts = GuestRam::reserve(memory_size)?;
-        // SAFETY: reserved address space is never unmapped; `from_image_at`
-        // maps the guest's memory over it before the VM runs.
-        unsafe { crate::memory::register_at(vm.as_ref(), memory_size, &hosts) }?;
+        let ram = GuestRam::from_image(&MemoryImage {
+            size: memory_size,
+            base,
+            overlays: Vec::new(),
+        })?;
+        ram.register(vm.as_ref())?;
         vm.create_platform_devices()?;
-        Ok(Prepared {
-            vm,
-            memory_size,
-            hosts,
-        })
+        Ok(Prepared { vm, ram })
     }
 
-    pub fn memory_size(&self) -> u64 {
-        self.memory_size
+    /// Whether `image` is made over the base this VM was prepared with.
+    fn fits(&self, image: &MemoryImage) -> bool {
+        image.size == self.ram.size
+            && file_id(&image.base).is_some()
+            && file_id(&image.base) == file_id(&self.ram.file)
     }
 }
 
@@ -421,8 +428,9 @@ impl Vm {
         let phase = |what: &str| tracing::debug!("setup: {what} at {:?}", start.elapsed());
         phase("config checked");
         let (vm, ram) = match (&restore, prepared) {
-            (Some(r), Some(p)) if p.memory_size == mem_size => {
-                (p.vm, GuestRam::from_image_at(&r.memory, &p.hosts)?)
+            (Some(r), Some(mut p)) if p.fits(&r.memory) => {
+                p.ram.add_overlays(&r.memory.overlays)?;
+                (p.vm, p.ram)
             }
             (restore, _) => {
                 let vm = hv.create_vm()?;
