@@ -442,17 +442,18 @@ fn receive_prepare(stream: &UnixStream) -> Result<Option<(u64, File)>> {
     }];
     // SAFETY: the iovec points at `size`, 8 writable bytes that outlive the
     // call; `raw_fds` has room for one descriptor.
-    let (read, nfds) = unsafe { stream.recv_with_fds(&mut iov, &mut raw_fds) }.map_err(|e| {
-        Error::Io {
+    let (read, nfds) =
+        unsafe { stream.recv_with_fds(&mut iov, &mut raw_fds) }.map_err(|e| Error::Io {
             what: "receive the spare's memory",
             source: std::io::Error::from_raw_os_error(e.errno()),
-        }
-    })?;
+        })?;
     if read == 0 {
         return Ok(None);
     }
     if read != 8 || nfds != 1 {
-        return Err(Error::Message("the spare's memory message is malformed".into()));
+        return Err(Error::Message(
+            "the spare's memory message is malformed".into(),
+        ));
     }
     // SAFETY: the descriptor was just received and is owned by nobody else.
     let base = unsafe { File::from_raw_fd(raw_fds[0]) };

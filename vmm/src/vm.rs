@@ -174,7 +174,11 @@ fn file_id(file: &std::fs::File) -> Option<(u64, u64)> {
 }
 
 impl Prepared {
-    pub fn new(hv: &dyn Hypervisor, base: Arc<std::fs::File>, memory_size: u64) -> Result<Prepared> {
+    pub fn new(
+        hv: &dyn Hypervisor,
+        base: Arc<std::fs::File>,
+        memory_size: u64,
+    ) -> Result<Prepared> {
         let vm = hv.create_vm()?;
         let ram = GuestRam::from_image(&MemoryImage {
             size: memory_size,
