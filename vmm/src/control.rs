@@ -249,20 +249,20 @@ impl Controller {
             phase("state saved");
             let image = c.ram.freeze()?;
             phase("memory frozen");
-            let disk = match (&c.disk, &c.disk_base) {
-                (Some(disk), Some(base_path)) => {
-                    let layer = disk
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .frozen_copy(&std::env::temp_dir(), None)?;
-                    let base =
-                        std::fs::File::open(base_path).map_err(|source| fork::Error::Io {
-                            what: "open the base image",
+            let disk = match &c.disk {
+                Some(disk) => {
+                    let disk = disk.lock().unwrap_or_else(|e| e.into_inner());
+                    let layer = disk.frozen_copy(&std::env::temp_dir(), None)?;
+                    let base = disk
+                        .base_file()
+                        .try_clone()
+                        .map_err(|source| fork::Error::Io {
+                            what: "share the base image",
                             source,
                         })?;
                     Some((base, layer))
                 }
-                _ => None,
+                None => None,
             };
             Ok((state, image, disk))
         })?;

@@ -207,6 +207,12 @@ impl LayeredDisk {
         self.read_only
     }
 
+    /// The base image, as this disk opened it (a fork child must read the
+    /// same file, even if the path now names another).
+    pub fn base_file(&self) -> &File {
+        &self.base
+    }
+
     fn in_layer(&self, block: u64) -> bool {
         bit(&self.bitmap, block)
     }
