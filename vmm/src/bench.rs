@@ -89,16 +89,17 @@ pub fn overhead_rss_kib_of(pid: &str) -> Option<u64> {
 /// for a fork child, its own VMM memory plus the guest pages it changed.
 pub fn private_kib_of(pid: u32) -> Option<u64> {
     let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    let field = |name: &str| -> Option<u64> {
-        rollup
-            .lines()
-            .find(|l| l.starts_with(name))?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
-    };
-    Some(field("Private_Clean:")? + field("Private_Dirty:")?)
+    Some(kib_field(&rollup, "Private_Clean:")? + kib_field(&rollup, "Private_Dirty:")?)
+}
+
+/// The number after `name` in a /proc file of `Name: N kB` lines.
+pub fn kib_field(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find(|l| l.starts_with(name))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// Median, min and max of a series, in milliseconds.

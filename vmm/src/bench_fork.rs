@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::api::ApiClient;
-use crate::bench::{private_kib_of, Error, Report, Stats};
+use crate::bench::{kib_field, private_kib_of, Error, Report, Stats};
 
 /// Options of `vmm bench fork`.
 pub struct ForkBenchOptions {
@@ -221,6 +221,21 @@ fn run_err(what: &'static str, run: u32) -> impl Fn(String) -> Error {
     move |detail| Error::Run { what, run, detail }
 }
 
+/// Starts the vmm binary (the fork children's) with `args`, no stdin or
+/// stdout.
+fn spawn_vmm(args: &[&std::ffi::OsStr]) -> Result<Child, Error> {
+    let exe = crate::fork::child_binary();
+    Command::new(&exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|source| Error::Spawn {
+            program: exe.display().to_string(),
+            source,
+        })
+}
+
 /// Boots a parent of `memory_mib` and waits for its agent.
 fn boot_parent(dir: &Path, memory_mib: u64) -> Result<ParentVm, Error> {
     let config = dir.join(format!("vm-{memory_mib}.json"));
@@ -233,19 +248,13 @@ fn boot_parent(dir: &Path, memory_mib: u64) -> Result<ParentVm, Error> {
         source,
     })?;
     let api = dir.join(format!("parent-{memory_mib}.sock"));
-    let exe = crate::fork::child_binary();
-    let process = Command::new(&exe)
-        .args(["launch", "--config"])
-        .arg(&config)
-        .arg("--api-socket")
-        .arg(&api)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .map_err(|source| Error::Spawn {
-            program: exe.display().to_string(),
-            source,
-        })?;
+    let process = spawn_vmm(&[
+        "launch".as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+        "--api-socket".as_ref(),
+        api.as_os_str(),
+    ])?;
     let mut parent = ParentVm { process, api };
     let client = ApiClient::new(&parent.api);
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -319,24 +328,16 @@ fn exec_in(api: &Path, script: &str) -> Result<(), String> {
 }
 
 fn mem_available_kib() -> Option<u64> {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()?
-        .lines()
-        .find(|l| l.starts_with("MemAvailable:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    kib_field(
+        &std::fs::read_to_string("/proc/meminfo").ok()?,
+        "MemAvailable:",
+    )
 }
 
 /// Guest memory resident in process `pid` (KiB): its RSS minus the rest.
 fn guest_rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss: u64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0);
+    let rss = kib_field(&status, "VmRSS:").unwrap_or(0);
     rss.saturating_sub(crate::bench::overhead_rss_kib_of(&pid.to_string()).unwrap_or(0))
 }
 
@@ -427,22 +428,15 @@ pub fn snapshot(opts: &SnapshotBenchOptions) -> Result<SnapshotBench, Error> {
             }
             let api = dir.join(format!("restored-{mib}-{run}.sock"));
             let report = dir.join(format!("restored-{mib}-{run}.json"));
-            let exe = crate::fork::child_binary();
-            let mut restored = Command::new(&exe)
-                .arg("restore")
-                .arg("--snapshot")
-                .arg(&snap)
-                .arg("--api-socket")
-                .arg(&api)
-                .arg("--report")
-                .arg(&report)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .spawn()
-                .map_err(|source| Error::Spawn {
-                    program: exe.display().to_string(),
-                    source,
-                })?;
+            let mut restored = spawn_vmm(&[
+                "restore".as_ref(),
+                "--snapshot".as_ref(),
+                snap.as_os_str(),
+                "--api-socket".as_ref(),
+                api.as_os_str(),
+                "--report".as_ref(),
+                report.as_os_str(),
+            ])?;
             // The restored VM serves its API once built; stop it at once.
             let client = ApiClient::new(&api);
             let deadline = Instant::now() + Duration::from_secs(60);

@@ -193,13 +193,12 @@ impl Controller {
         let (memory_bytes, pause_ms) = self.paused_for(|c| {
             let state = c.machine_state(agent_ready)?;
             let memory = writer.file(snapshot::MEMORY_FILE)?;
-            c.ram.write_to(&memory)?;
+            let written = c.ram.write_to(&memory)?;
             if let Some(disk) = &c.disk {
                 disk.lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .frozen_copy(writer.dir(), Some(snapshot::DISK_LAYER_FILE))?;
             }
-            let written = c.ram.data_runs()?.iter().map(|r| r.1).sum();
             writer.commit(&state)?;
             Ok(written)
         })?;

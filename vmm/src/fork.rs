@@ -431,54 +431,53 @@ pub fn child_main() -> std::result::Result<(), i32> {
     }
 }
 
-/// A spare's first message: the memory size and base. None when the
-/// parent closed the socket first.
-fn receive_prepare(stream: &UnixStream) -> Result<Option<(u64, File)>> {
-    let mut size = [0u8; 8];
-    let mut raw_fds = [-1 as RawFd; 1];
-    let mut iov = [libc::iovec {
-        iov_base: size.as_mut_ptr().cast(),
-        iov_len: size.len(),
-    }];
-    // SAFETY: the iovec points at `size`, 8 writable bytes that outlive the
-    // call; `raw_fds` has room for one descriptor.
-    let (read, nfds) =
-        unsafe { stream.recv_with_fds(&mut iov, &mut raw_fds) }.map_err(|e| Error::Io {
-            what: "receive the spare's memory",
-            source: std::io::Error::from_raw_os_error(e.errno()),
-        })?;
-    if read == 0 {
-        return Ok(None);
-    }
-    if read != 8 || nfds != 1 {
-        return Err(Error::Message(
-            "the spare's memory message is malformed".into(),
-        ));
-    }
-    // SAFETY: the descriptor was just received and is owned by nobody else.
-    let base = unsafe { File::from_raw_fd(raw_fds[0]) };
-    Ok(Some((u64::from_le_bytes(size), base)))
-}
-
-fn receive(stream: &UnixStream) -> Result<(Message, Vec<File>)> {
-    let mut len = [0u8; 8];
+/// Receives 8 bytes with up to `max_fds` descriptors attached. Returns
+/// how many bytes came (0: the parent closed the socket) and the files.
+fn receive_head(
+    stream: &UnixStream,
+    max_fds: usize,
+    what: &'static str,
+) -> Result<(usize, [u8; 8], Vec<File>)> {
+    let mut head = [0u8; 8];
     let mut raw_fds = [-1 as RawFd; MAX_FDS];
     let mut iov = [libc::iovec {
-        iov_base: len.as_mut_ptr().cast(),
-        iov_len: len.len(),
+        iov_base: head.as_mut_ptr().cast(),
+        iov_len: head.len(),
     }];
-    // SAFETY: the iovec points at `len`, 8 writable bytes that outlive the
-    // call; `raw_fds` has room for MAX_FDS descriptors.
+    // SAFETY: the iovec points at `head`, 8 writable bytes that outlive the
+    // call; `raw_fds` has room for `max_fds` (at most MAX_FDS) descriptors.
     let (read, nfds) =
-        unsafe { stream.recv_with_fds(&mut iov, &mut raw_fds) }.map_err(|e| Error::Io {
-            what: "receive the fork message",
-            source: std::io::Error::from_raw_os_error(e.errno()),
-        })?;
-    let files: Vec<File> = raw_fds[..nfds]
+        unsafe { stream.recv_with_fds(&mut iov, &mut raw_fds[..max_fds.min(MAX_FDS)]) }.map_err(
+            |e| Error::Io {
+                what,
+                source: std::io::Error::from_raw_os_error(e.errno()),
+            },
+        )?;
+    let files = raw_fds[..nfds]
         .iter()
         // SAFETY: each descriptor was just received and is owned by nobody else.
         .map(|&fd| unsafe { File::from_raw_fd(fd) })
         .collect();
+    Ok((read, head, files))
+}
+
+/// A spare's first message: the memory size and base. None when the
+/// parent closed the socket first.
+fn receive_prepare(stream: &UnixStream) -> Result<Option<(u64, File)>> {
+    let (read, size, mut files) = receive_head(stream, 1, "receive the spare's memory")?;
+    if read == 0 {
+        return Ok(None);
+    }
+    match (read, files.pop()) {
+        (8, Some(base)) => Ok(Some((u64::from_le_bytes(size), base))),
+        _ => Err(Error::Message(
+            "the spare's memory message is malformed".into(),
+        )),
+    }
+}
+
+fn receive(stream: &UnixStream) -> Result<(Message, Vec<File>)> {
+    let (read, len, files) = receive_head(stream, MAX_FDS, "receive the fork message")?;
     if read == 0 {
         return Err(Error::Message(NO_MESSAGE.into()));
     }

@@ -300,15 +300,7 @@ impl GuestRam {
             size: self.size,
             source,
         })?;
-        for &(off, len) in runs {
-            for (addr, file_off, len) in self.host_runs(off, len) {
-                // SAFETY: the range lies inside guest RAM mapped by this
-                // GuestRam, readable, and nothing writes it while the VM is
-                // paused.
-                let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, len as usize) };
-                file.write_all_at(bytes, file_off).map_err(Error::Copy)?;
-            }
-        }
+        self.copy_runs(runs, &file)?;
         Ok(Overlay {
             file: Arc::new(file),
             runs: runs.to_vec(),
@@ -329,12 +321,23 @@ impl GuestRam {
     }
 
     /// Writes guest memory as it is now into `out` (sized to the memory,
-    /// sparse: only `data_runs` are written). Call it with the VM paused.
-    pub fn write_to(&self, out: &File) -> Result<()> {
+    /// sparse: only `data_runs` are written). Returns the bytes written.
+    /// Call it with the VM paused.
+    pub fn write_to(&self, out: &File) -> Result<u64> {
         out.set_len(self.size).map_err(Error::Copy)?;
-        for (off, len) in self.data_runs()? {
+        let runs = self.data_runs()?;
+        self.copy_runs(&runs, out)?;
+        Ok(runs.iter().map(|r| r.1).sum())
+    }
+
+    /// Copies the guest memory at base-file ranges `runs` into `out` at the
+    /// same offsets.
+    fn copy_runs(&self, runs: &[(u64, u64)], out: &File) -> Result<()> {
+        for &(off, len) in runs {
             for (addr, file_off, len) in self.host_runs(off, len) {
-                // SAFETY: as in `write_overlay`.
+                // SAFETY: the range lies inside guest RAM mapped by this
+                // GuestRam, readable, and nothing writes it while the VM is
+                // paused.
                 let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, len as usize) };
                 out.write_all_at(bytes, file_off).map_err(Error::Copy)?;
             }

@@ -26,7 +26,6 @@ use crate::vcpu::{PauseControl, VcpuShared, VcpuThread};
 use crate::virtio::{VirtioPlacer, VirtioSlot};
 use crate::x86_64::{boot, cpuid, layout, mptable, regs};
 use devices::virtio::block::{Block, LayeredDisk, SharedDisk};
-use devices::virtio::mmio::MmioTransport;
 use devices::virtio::vsock::{Vsock, VsockBackend};
 use hypervisor::CpuidEntry;
 
@@ -205,7 +204,6 @@ pub struct Vm {
     vm: Box<dyn hypervisor::Vm>,
     ram: GuestRam,
     shared: Arc<VcpuShared>,
-    transports: Vec<Arc<Mutex<MmioTransport>>>,
     disk: Option<SharedDisk>,
     disk_base: Option<PathBuf>,
     cpuid: Vec<Vec<CpuidEntry>>,
@@ -609,13 +607,11 @@ impl Vm {
             pvm_host: pvm,
             pause: PauseControl::default(),
         });
-        let transports = virtio.iter().map(|v| v.transport.clone()).collect();
         Ok(Vm {
             vcpus,
             vm,
             ram,
             shared,
-            transports,
             disk,
             disk_base,
             cpuid,
@@ -662,7 +658,6 @@ impl Vm {
             vm,
             ram,
             shared,
-            transports,
             disk,
             disk_base,
             cpuid,
@@ -683,7 +678,7 @@ impl Vm {
             vm,
             ram,
             shared.clone(),
-            transports,
+            virtio.iter().map(|v| v.transport.clone()).collect(),
             disk.zip(disk_base),
             serial.clone(),
             cpuid,
