@@ -171,10 +171,11 @@ fn counter(out: &str) -> u64 {
 fn children_continue_from_the_parent_then_diverge() {
     let p = parent();
     // A process whose state lives in guest memory: the count goes to tmpfs
-    // after each step.
+    // after each step (renamed into place, so a reader never sees the file
+    // empty).
     let before = counter(&ok(exec(
         &p.api,
-        "nohup sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.2; done' >/dev/null 2>&1 & echo $! > /tmp/counter.pid; sleep 1; cat /tmp/counter",
+        "nohup sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/counter.new; mv /tmp/counter.new /tmp/counter; sleep 0.2; done' >/dev/null 2>&1 & echo $! > /tmp/counter.pid; sleep 1; cat /tmp/counter",
     )));
     let children = fork(&p.api, 4);
 
