@@ -230,6 +230,9 @@ pub struct VcpuThread {
 impl VcpuThread {
     /// Starts vCPU `id` on a new thread.
     pub fn spawn(id: u32, vcpu: Box<dyn Vcpu>, shared: Arc<VcpuShared>) -> std::io::Result<Self> {
+        // Before the thread exists: a kick that comes before the thread
+        // registers itself must not end the process.
+        hypervisor::kvm::install_kick_handler(kick_signal()).map_err(std::io::Error::other)?;
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || vcpu_loop(id, vcpu, shared))?;

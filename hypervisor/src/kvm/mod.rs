@@ -307,6 +307,14 @@ extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
     }
 }
 
+/// Installs the process-wide handler of the kick signal. Call it before
+/// any thread can be kicked: until then the signal's default action ends
+/// the process. The handler does nothing on threads without a vCPU.
+pub fn install_kick_handler(signal: i32) -> Result<()> {
+    vmm_sys_util::signal::register_signal_handler(signal, handle_kick)
+        .map_err(|e| Error::call("sigaction", io::Error::from_raw_os_error(e.errno())))
+}
+
 /// A KVM vCPU.
 pub struct KvmVcpu {
     fd: VcpuFd,
@@ -436,8 +444,7 @@ impl crate::Vcpu for KvmVcpu {
     }
 
     fn enable_kick_signal(&mut self, signal: i32) -> Result<()> {
-        vmm_sys_util::signal::register_signal_handler(signal, handle_kick)
-            .map_err(|e| Error::call("sigaction", io::Error::from_raw_os_error(e.errno())))?;
+        install_kick_handler(signal)?;
         let run = self.fd.get_kvm_run() as *mut kvm_bindings::kvm_run;
         KICK_TARGET.with(|t| t.set(run));
         Ok(())
