@@ -28,6 +28,12 @@ pub enum Error {
     TooMuchMemory(u64),
     #[error("\"vsock\": \"cid\" is {0}; context ids 0, 1 and 2 are reserved, use 3 or more")]
     ReservedCid(u64),
+    #[error("share tag {0:?} is not valid: use 1 to 36 letters, digits, '.', '_' or '-'")]
+    BadShareTag(String),
+    #[error("share tag {0:?} is used twice: give each share its own tag")]
+    DuplicateShareTag(String),
+    #[error("share {tag:?}: \"guest_path\" {path:?} must be an absolute path other than /, without spaces, ',' or ':'")]
+    BadGuestPath { tag: String, path: PathBuf },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -114,6 +120,48 @@ pub struct VsockConfig {
     pub uds_path: PathBuf,
 }
 
+/// A host folder shared with the guest over virtio-fs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShareConfig {
+    /// The virtio-fs tag (what `mount -t virtiofs TAG DIR` names).
+    pub tag: String,
+    /// The host folder (anywhere); nothing outside it is reachable.
+    pub host_path: PathBuf,
+    /// Where the guest agent mounts it.
+    pub guest_path: PathBuf,
+    /// Refuse every change (enforced by the VMM, not only the guest).
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl ShareConfig {
+    fn validate(&self) -> Result<()> {
+        let tag_ok = !self.tag.is_empty()
+            && self.tag.len() <= 36
+            && self
+                .tag
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !tag_ok {
+            return Err(Error::BadShareTag(self.tag.clone()));
+        }
+        let path = self.guest_path.to_string_lossy();
+        let path_ok = self.guest_path.is_absolute()
+            && path != "/"
+            && !path
+                .chars()
+                .any(|c| c.is_whitespace() || c == ',' || c == ':');
+        if !path_ok {
+            return Err(Error::BadGuestPath {
+                tag: self.tag.clone(),
+                path: self.guest_path.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
 fn default_vcpus() -> u32 {
     1
 }
@@ -159,6 +207,9 @@ pub struct VmConfig {
     /// virtio-vsock; none when unset.
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// Host folders shared with the guest (virtio-fs), mounted by the agent.
+    #[serde(default)]
+    pub shares: Vec<ShareConfig>,
 }
 
 impl Default for VmConfig {
@@ -174,6 +225,7 @@ impl Default for VmConfig {
             serial: SerialOutput::Stdout,
             rootfs: None,
             vsock: None,
+            shares: Vec::new(),
         }
     }
 }
@@ -215,6 +267,13 @@ impl VmConfig {
                 return Err(Error::ReservedCid(v.cid));
             }
         }
+        let mut tags = std::collections::HashSet::new();
+        for share in &self.shares {
+            share.validate()?;
+            if !tags.insert(share.tag.as_str()) {
+                return Err(Error::DuplicateShareTag(share.tag.clone()));
+            }
+        }
         Ok(())
     }
 }
@@ -248,6 +307,38 @@ mod tests {
             parse(r#"{"serial": "off"}"#).unwrap().serial,
             SerialOutput::Off
         );
+    }
+
+    #[test]
+    fn shares_are_checked() {
+        let c = parse(
+            r#"{"shares": [{"tag": "work", "host_path": "/srv/p", "guest_path": "/mnt/work"},
+                           {"tag": "ro", "host_path": "/x", "guest_path": "/ro", "read_only": true}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.shares.len(), 2);
+        assert!(c.shares[1].read_only && !c.shares[0].read_only);
+        let one = |tag: &str, guest: &str| {
+            parse(&format!(
+                r#"{{"shares": [{{"tag": "{tag}", "host_path": "/h", "guest_path": "{guest}"}}]}}"#
+            ))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        };
+        assert!(one("", "/m").unwrap_err().contains("1 to 36"));
+        assert!(one("a b", "/m").is_err());
+        assert!(one(&"t".repeat(37), "/m").is_err());
+        assert!(one("t", "relative").unwrap_err().contains("absolute"));
+        assert!(one("t", "/").is_err());
+        assert!(one("t", "/a,b").is_err());
+        assert!(one("t", "/a:b").is_err());
+        let twice = parse(
+            r#"{"shares": [{"tag": "t", "host_path": "/a", "guest_path": "/a"},
+                           {"tag": "t", "host_path": "/b", "guest_path": "/b"}]}"#,
+        );
+        assert!(twice.unwrap_err().to_string().contains("used twice"));
+        let typo = parse(r#"{"shares": [{"tag": "t", "host": "/a", "guest_path": "/a"}]}"#);
+        assert!(typo.unwrap_err().to_string().contains("unknown field"));
     }
 
     #[test]

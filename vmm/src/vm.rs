@@ -26,6 +26,7 @@ use crate::vcpu::{PauseControl, VcpuShared, VcpuThread};
 use crate::virtio::{VirtioPlacer, VirtioSlot};
 use crate::x86_64::{boot, cpuid, layout, mptable, regs};
 use devices::virtio::block::{Block, LayeredDisk, SharedDisk};
+use devices::virtio::fs::{Fs, PassthroughFs};
 use devices::virtio::vsock::{Vsock, VsockBackend};
 use hypervisor::CpuidEntry;
 
@@ -58,6 +59,11 @@ pub enum Error {
     },
     #[error(transparent)]
     Virtio(#[from] crate::virtio::Error),
+    #[error("share {tag:?}: {source}")]
+    Share {
+        tag: String,
+        source: devices::virtio::fs::Error,
+    },
     #[error("cannot open the initramfs {path}: {source}")]
     Initramfs {
         path: PathBuf,
@@ -243,6 +249,37 @@ pub fn kernel_cmdline(config: &VmConfig, flavour: KernelFlavour, devices: &[Stri
     }
     parts.retain(|p| !p.trim().is_empty());
     parts.join(" ")
+}
+
+/// `VMM_SHARES=tag:guest_path[:ro],...` for the guest init (the config
+/// checked that tags and paths have no separators or spaces).
+fn shares_arg(shares: &[crate::config::ShareConfig]) -> String {
+    let list: Vec<String> = shares
+        .iter()
+        .map(|s| {
+            let ro = if s.read_only { ":ro" } else { "" };
+            format!("{}:{}{ro}", s.tag, s.guest_path.display())
+        })
+        .collect();
+    format!("VMM_SHARES={}", list.join(","))
+}
+
+/// Every guest inode a share holds is a host descriptor: lift the soft
+/// descriptor limit to the hard one.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid rlimit to fill and then pass back.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::info!("cannot raise the descriptor limit; shares hold fewer inodes");
+            }
+        }
+    }
 }
 
 /// `path` when the setup command built it, else the error `missing` makes.
@@ -513,6 +550,18 @@ impl Vm {
             backends.push(vsock.backend());
             virtio.push(placer.add(Box::new(vsock))?);
         }
+        if !config.shares.is_empty() {
+            raise_fd_limit();
+        }
+        for share in &config.shares {
+            let fs = PassthroughFs::new(&share.host_path, share.read_only).map_err(|source| {
+                Error::Share {
+                    tag: share.tag.clone(),
+                    source,
+                }
+            })?;
+            virtio.push(placer.add(Box::new(Fs::new(&share.tag, fs)))?);
+        }
         if let Some(r) = &restore {
             if r.state.virtio.len() != virtio.len() {
                 return Err(Error::RestoreMismatch(format!(
@@ -541,6 +590,10 @@ impl Vm {
                 if config.vsock.is_some() {
                     // Tells the guest init to serve the agent on vsock.
                     device_args.push(format!("VMM_AGENT_PORT={}", vmm_agent::AGENT_PORT));
+                }
+                if !config.shares.is_empty() {
+                    // Tells the guest init what to mount where.
+                    device_args.push(shares_arg(&config.shares));
                 }
                 let cmdline = kernel_cmdline(config, flavour, &device_args);
                 let initramfs = initramfs

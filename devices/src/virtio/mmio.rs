@@ -63,6 +63,10 @@ pub struct TransportSnapshot {
     pub interrupt_status: u32,
     pub activated: bool,
     pub queues: Vec<QueueSnapshot>,
+    /// The device's own state, for devices that have some to carry
+    /// (`VirtioDevice::save_device`).
+    #[serde(default)]
+    pub device: Option<serde_json::Value>,
 }
 
 /// Why a saved transport cannot be restored.
@@ -133,8 +137,9 @@ impl MmioTransport {
         self.activated
     }
 
-    /// Saves the registers and queues (the device's own state is its
-    /// configuration plus what `VirtioDevice::restored` re-creates).
+    /// Saves the registers, the queues and the device's own state (for
+    /// most devices that is their configuration plus what
+    /// `VirtioDevice::restored` re-creates).
     pub fn save(&self) -> TransportSnapshot {
         let queues = if self.activated {
             self.device.queue_snapshots()
@@ -152,6 +157,7 @@ impl MmioTransport {
             interrupt_status: self.interrupt.status(),
             activated: self.activated,
             queues,
+            device: self.device.save_device(),
         }
     }
 
@@ -187,6 +193,9 @@ impl MmioTransport {
         self.status = s.status;
         self.config_generation = s.config_generation;
         self.interrupt.set_status(s.interrupt_status);
+        if let Some(state) = &s.device {
+            self.device.restore_device(state)?;
+        }
         if s.activated {
             self.device.ack_features(s.driver_features);
             self.device

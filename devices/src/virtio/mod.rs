@@ -18,6 +18,7 @@ use vm_memory::GuestMemoryMmap;
 use crate::interrupt::InterruptLine;
 
 pub mod block;
+pub mod fs;
 pub mod mmio;
 pub mod vsock;
 
@@ -167,6 +168,15 @@ pub trait VirtioDevice: Send {
     /// (sockets, connections), so the device tells the driver whatever it
     /// must (vsock resets its connections). Nothing by default.
     fn restored(&mut self) {}
+    /// State of the device itself that a snapshot or fork child needs
+    /// (virtio-fs: its inode table). None by default.
+    fn save_device(&self) -> Option<serde_json::Value> {
+        None
+    }
+    /// Takes back what `save_device` gave, before activation.
+    fn restore_device(&mut self, _state: &serde_json::Value) -> Result<(), ActivateError> {
+        Ok(())
+    }
 }
 
 /// The used ring of a queue cannot be written: the device must stop.

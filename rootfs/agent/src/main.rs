@@ -2,7 +2,9 @@
 //!
 //! Boot: mount devtmpfs, write the boot timer (the VMM passes its address in
 //! the `VMM_BOOT_TIMER` environment variable, from the kernel command line),
-//! mount proc and sysfs, print one ready line with the online CPUs. Then:
+//! mount proc and sysfs, switch to the root disk when there is one, mount
+//! the shared folders (`VMM_SHARES`), print one ready line with the online
+//! CPUs. Then:
 //! - a command given after `--` on the kernel command line is run, and the
 //!   VM powers off;
 //! - else, when the VMM gave the VM a vsock device (`VMM_AGENT_PORT`), the
@@ -100,6 +102,28 @@ fn assemble_root() {
     }
     mount("tmpfs", "/tmp", "tmpfs");
     mount("tmpfs", "/run", "tmpfs");
+}
+
+/// Mounts the VMM's shared folders: `VMM_SHARES=tag:path[:ro],...`.
+fn mount_shares(list: &str) {
+    for item in list.split(',').filter(|i| !i.is_empty()) {
+        let mut parts = item.split(':');
+        let (Some(tag), Some(path)) = (parts.next(), parts.next()) else {
+            eprintln!("vmm-init: share {item:?} is not tag:path[:ro]");
+            continue;
+        };
+        let mut flags = libc::MS_NOSUID | libc::MS_NODEV;
+        if parts.next() == Some("ro") {
+            flags |= libc::MS_RDONLY;
+        }
+        if let Err(e) = std::fs::create_dir_all(path) {
+            eprintln!("vmm-init: cannot create {path} for share {tag}: {e}");
+            continue;
+        }
+        if let Err(e) = sys_mount(tag, path, "virtiofs", flags) {
+            eprintln!("vmm-init: cannot mount share {tag} on {path}: {e}");
+        }
+    }
 }
 
 fn set_hostname(name: &str) {
@@ -241,6 +265,9 @@ fn main() {
     mount("proc", "/proc", "proc");
     mount("sysfs", "/sys", "sysfs");
     assemble_root();
+    if let Ok(shares) = std::env::var("VMM_SHARES") {
+        mount_shares(&shares);
+    }
     set_hostname("sandbox");
     let cpus = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
     println!("{READY} cpus-online={}", cpus.trim());

@@ -1,0 +1,154 @@
+//! virtio-fs: a host folder shared with the guest, with the FUSE server
+//! inside the VMM process (no virtiofsd, no vhost-user, so a fork or
+//! snapshot of the VM keeps working without shared memory).
+//!
+//! Queues: 0 = high priority (FORGET, INTERRUPT), 1 = requests. Requests
+//! are handled one at a time on the event-loop thread, in queue order.
+//! The host side and its confinement are in [`passthrough`].
+
+pub mod abi;
+pub mod iobuf;
+pub mod passthrough;
+pub mod server;
+
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+
+use super::{
+    process_chains, read_config_bytes, ActivateError, Interrupt, QueueSnapshot, VirtioDevice,
+    VIRTIO_F_VERSION_1,
+};
+use iobuf::IoBuf;
+pub use passthrough::{Error, PassthroughFs};
+use server::Server;
+
+/// virtio device id of a file system device.
+pub const VIRTIO_ID_FS: u32 = 26;
+/// Longest tag (the config space has 36 bytes for it).
+pub const MAX_TAG_LEN: usize = 36;
+/// Ring size: a 1 MiB request needs 256 page descriptors plus headers.
+const QUEUE_SIZE: u16 = 1024;
+
+struct Running {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    queues: Vec<Queue>,
+}
+
+/// The virtio-fs device of one share.
+pub struct Fs {
+    tag: String,
+    server: Server,
+    running: Option<Running>,
+    queue_sizes: [u16; 2],
+}
+
+impl Fs {
+    /// A device that shows `fs` to the guest under `tag` (at most 36 bytes).
+    pub fn new(tag: &str, fs: PassthroughFs) -> Self {
+        Fs {
+            tag: tag.to_string(),
+            server: Server::new(fs),
+            running: None,
+            queue_sizes: [QUEUE_SIZE; 2],
+        }
+    }
+
+    pub fn server(&self) -> &Server {
+        &self.server
+    }
+}
+
+impl VirtioDevice for Fs {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_FS
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn features(&self) -> u64 {
+        1 << VIRTIO_F_VERSION_1
+    }
+
+    fn ack_features(&mut self, _features: u64) {}
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut config = [0u8; MAX_TAG_LEN + 4];
+        let tag = self.tag.as_bytes();
+        let n = tag.len().min(MAX_TAG_LEN);
+        config[..n].copy_from_slice(&tag[..n]);
+        // One request queue.
+        config[MAX_TAG_LEN..].copy_from_slice(&1u32.to_le_bytes());
+        read_config_bytes(&config, offset, data);
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != 2 {
+            return Err(ActivateError::BadQueue(queues.len()));
+        }
+        self.running = Some(Running {
+            mem,
+            interrupt,
+            queues,
+        });
+        Ok(())
+    }
+
+    fn process_queue(&mut self, index: usize) {
+        let Fs {
+            server, running, ..
+        } = self;
+        let Some(run) = running.as_mut() else {
+            return;
+        };
+        let Some(queue) = run.queues.get_mut(index) else {
+            return;
+        };
+        let mem = &run.mem;
+        let done = process_chains(queue, mem, &run.interrupt, |chain| match IoBuf::from_chain(
+            mem, chain,
+        ) {
+            Ok((req, mut reply)) => Some(server.handle(&req, &mut reply) as u32),
+            Err(e) => {
+                tracing::warn!("virtio-fs: dropped a request: {e}");
+                Some(0)
+            }
+        });
+        if done.is_err() {
+            tracing::warn!("virtio-fs: a ring is broken; the device stops");
+            *running = None;
+        }
+    }
+
+    fn reset(&mut self) {
+        self.running = None;
+        self.server.fs_mut().destroy();
+    }
+
+    fn save_device(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(self.server.fs().save()).ok()
+    }
+
+    fn restore_device(&mut self, state: &serde_json::Value) -> Result<(), ActivateError> {
+        let state: passthrough::FsState = serde_json::from_value(state.clone())
+            .map_err(|e| ActivateError::Device(format!("saved virtio-fs state: {e}")))?;
+        self.server.fs_mut().restore(&state);
+        Ok(())
+    }
+
+    fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
+        self.running
+            .as_ref()
+            .map(|r| r.queues.iter().map(QueueSnapshot::of).collect())
+            .unwrap_or_default()
+    }
+}
