@@ -4,163 +4,29 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant};
 
-use common::{Scratch, VMM};
+use common::{describe, exec, fork, ok, stop_now, Guest, Scratch, VMM};
 use serde_json::{json, Value};
 use vmm::api::ApiClient;
 
-struct Parent {
-    _scratch: Scratch,
-    dir: PathBuf,
-    api: PathBuf,
-    process: Child,
-}
-
-impl Drop for Parent {
-    fn drop(&mut self) {
-        let _ = self.process.kill();
-        let _ = self.process.wait();
-    }
-}
-
 /// The shared parent, booted once.
-fn parent() -> MutexGuard<'static, Parent> {
-    static PARENT: OnceLock<Mutex<Parent>> = OnceLock::new();
+fn parent() -> MutexGuard<'static, Guest> {
+    static PARENT: OnceLock<Mutex<Guest>> = OnceLock::new();
     PARENT
         .get_or_init(|| {
             let scratch = Scratch::new("fork");
-            let dir = scratch.0.clone();
-            let config = scratch.file(
-                "vm.json",
-                &json!({
-                    "memory_mib": 256,
-                    "rootfs": {},
-                    "serial": dir.join("console.log"),
-                })
-                .to_string(),
-            );
-            let api = dir.join("api.sock");
-            // The VMM is started by a thread that lives as long as this test
-            // process and dies with it (PR_SET_PDEATHSIG follows the thread
-            // that spawned): statics are never dropped, so this is what
-            // stops the shared VM when the tests end.
-            let (tx, rx) = std::sync::mpsc::channel();
-            let (config_path, api_path) = (config.clone(), api.clone());
-            std::thread::spawn(move || {
-                let mut cmd = Command::new(VMM);
-                cmd.args(["launch", "--config"])
-                    .arg(&config_path)
-                    .arg("--api-socket")
-                    .arg(&api_path)
-                    .stdin(Stdio::null());
-                // SAFETY: prctl is async-signal-safe and touches nothing of
-                // the parent's memory.
-                unsafe {
-                    std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                        Ok(())
-                    });
-                }
-                tx.send(cmd.spawn()).unwrap();
-                loop {
-                    std::thread::park();
-                }
+            let config = json!({
+                "memory_mib": 256,
+                "rootfs": {},
+                "serial": scratch.path("console.log"),
             });
-            let process = rx.recv().unwrap().unwrap();
-            let mut parent = Parent {
-                _scratch: scratch,
-                dir,
-                api,
-                process,
-            };
-            // The API socket appears within milliseconds of the VMM's
-            // start; then the call waits for the guest agent by itself.
-            loop {
-                match ApiClient::new(&parent.api).wait_agent() {
-                    Ok(()) => break,
-                    Err(vmm::api::Error::Connect { .. }) => {
-                        let status = parent.process.try_wait().unwrap();
-                        assert!(status.is_none(), "the parent VMM ended: {status:?}");
-                    }
-                    Err(e) => panic!("the parent's agent did not come up: {e}"),
-                }
-            }
-            Mutex::new(parent)
+            Mutex::new(Guest::boot(scratch, &config))
         })
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-}
-
-/// `vmm exec --api-socket api -- sh -c script`, waiting for the VMM's API
-/// socket to appear first (the VMM creates it within milliseconds).
-fn exec(api: &Path, script: &str) -> Output {
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let out = Command::new(VMM)
-            .arg("exec")
-            .arg("--api-socket")
-            .arg(api)
-            .args(["--", "sh", "-c", script])
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        if out.status.success() || !stderr.contains("cannot reach") || Instant::now() > deadline {
-            return out;
-        }
-    }
-}
-
-fn text(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "status {:?}, stdout {:?}, stderr {:?}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn ok(out: Output) -> String {
-    assert!(out.status.success(), "{}", describe(&out));
-    text(&out)
-}
-
-fn fork(api: &Path, count: u32) -> Vec<(String, PathBuf, u32)> {
-    let answer = ApiClient::new(api)
-        .call("PUT", "/vm/fork", Some(&json!({ "count": count })))
-        .unwrap();
-    let children = answer["children"].as_array().unwrap();
-    assert_eq!(children.len(), count as usize, "{answer}");
-    children
-        .iter()
-        .map(|c| {
-            (
-                c["id"].as_str().unwrap().to_string(),
-                PathBuf::from(c["api_socket"].as_str().unwrap()),
-                c["pid"].as_u64().unwrap() as u32,
-            )
-        })
-        .collect()
-}
-
-/// Stops a VM at once and waits until its process is gone.
-fn stop_now(api: &Path, pid: u32) {
-    ApiClient::new(api).call("PUT", "/vm/stop", None).unwrap();
-    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    // The parent reaps its children: the /proc entry goes away then.
-    while proc_dir.exists() {
-        assert!(Instant::now() < deadline, "process {pid} did not end");
-        std::thread::yield_now();
-    }
 }
 
 fn counter(out: &str) -> u64 {
@@ -294,7 +160,7 @@ fn pause_resume_snapshot_restore() {
         &p.api,
         "echo saved > /root/snap-marker; echo mem > /tmp/snap-marker; sync",
     ));
-    let snap = p.dir.join("snap");
+    let snap = p.scratch.path("snap");
     let out = Command::new(VMM)
         .arg("snapshot")
         .arg("--api-socket")
@@ -312,7 +178,7 @@ fn pause_resume_snapshot_restore() {
         "echo later > /root/snap-marker; echo later > /tmp/snap-marker",
     ));
 
-    let api = p.dir.join("restored.sock");
+    let api = p.scratch.path("restored.sock");
     let mut restored = Command::new(VMM)
         .arg("restore")
         .arg("--snapshot")
@@ -338,7 +204,7 @@ fn pause_resume_snapshot_restore() {
             .arg("--snapshot")
             .arg(dir)
             .arg("--api-socket")
-            .arg(p.dir.join("never.sock"))
+            .arg(p.scratch.path("never.sock"))
             .stdin(Stdio::null())
             .output()
             .unwrap();

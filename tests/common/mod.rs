@@ -4,7 +4,8 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 pub const VMM: &str = env!("CARGO_BIN_EXE_vmm");
 
@@ -82,5 +83,154 @@ pub fn launch_file(scratch: &Scratch, config_path: &Path) -> Launch {
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok()),
         output,
+    }
+}
+
+/// A VM with a root disk and an API socket, booted for a whole test file
+/// and killed with the test process.
+pub struct Guest {
+    pub scratch: Scratch,
+    pub api: PathBuf,
+    pub process: Child,
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+impl Guest {
+    /// Launches `config` with an API socket in `scratch` and waits for the
+    /// guest agent.
+    pub fn boot(scratch: Scratch, config: &serde_json::Value) -> Guest {
+        let config_path = scratch.file("vm.json", &config.to_string());
+        let api = scratch.path("api.sock");
+        // The VMM is started by a thread that lives as long as this test
+        // process and dies with it (PR_SET_PDEATHSIG follows the thread
+        // that spawned): statics are never dropped, so this is what
+        // stops a shared VM when the tests end.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let api_path = api.clone();
+        std::thread::spawn(move || {
+            let mut cmd = Command::new(VMM);
+            cmd.args(["launch", "--config"])
+                .arg(&config_path)
+                .arg("--api-socket")
+                .arg(&api_path)
+                .stdin(Stdio::null());
+            // SAFETY: prctl is async-signal-safe and touches nothing of
+            // the parent's memory.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+            tx.send(cmd.spawn()).unwrap();
+            loop {
+                std::thread::park();
+            }
+        });
+        let process = rx.recv().unwrap().unwrap();
+        let mut guest = Guest {
+            scratch,
+            api,
+            process,
+        };
+        // The API socket appears within milliseconds of the VMM's start;
+        // then the call waits for the guest agent by itself.
+        loop {
+            match vmm::api::ApiClient::new(&guest.api).wait_agent() {
+                Ok(()) => break,
+                Err(vmm::api::Error::Connect { .. }) => {
+                    let status = guest.process.try_wait().unwrap();
+                    assert!(status.is_none(), "the VMM ended: {status:?}");
+                }
+                Err(e) => panic!("the guest agent did not come up: {e}"),
+            }
+        }
+        guest
+    }
+
+    /// Runs `script` with `sh -c` in the guest.
+    pub fn sh(&self, script: &str) -> Output {
+        exec(&self.api, script)
+    }
+}
+
+/// `vmm exec --api-socket api -- sh -c script`, waiting for the VMM's API
+/// socket to appear first (the VMM creates it within milliseconds).
+pub fn exec(api: &Path, script: &str) -> Output {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let out = Command::new(VMM)
+            .arg("exec")
+            .arg("--api-socket")
+            .arg(api)
+            .args(["--", "sh", "-c", script])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() || !stderr.contains("cannot reach") || Instant::now() > deadline {
+            return out;
+        }
+    }
+}
+
+pub fn text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+pub fn describe(out: &Output) -> String {
+    format!(
+        "status {:?}, stdout {:?}, stderr {:?}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+pub fn ok(out: Output) -> String {
+    assert!(out.status.success(), "{}", describe(&out));
+    text(&out)
+}
+
+/// Forks the VM behind `api` into `count` children: (id, API socket, pid).
+pub fn fork(api: &Path, count: u32) -> Vec<(String, PathBuf, u32)> {
+    let answer = vmm::api::ApiClient::new(api)
+        .call(
+            "PUT",
+            "/vm/fork",
+            Some(&serde_json::json!({ "count": count })),
+        )
+        .unwrap();
+    let children = answer["children"].as_array().unwrap();
+    assert_eq!(children.len(), count as usize, "{answer}");
+    children
+        .iter()
+        .map(|c| {
+            (
+                c["id"].as_str().unwrap().to_string(),
+                PathBuf::from(c["api_socket"].as_str().unwrap()),
+                c["pid"].as_u64().unwrap() as u32,
+            )
+        })
+        .collect()
+}
+
+/// Stops a VM at once and waits until its process is gone.
+pub fn stop_now(api: &Path, pid: u32) {
+    vmm::api::ApiClient::new(api)
+        .call("PUT", "/vm/stop", None)
+        .unwrap();
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // The parent reaps its children: the /proc entry goes away then.
+    while proc_dir.exists() {
+        assert!(Instant::now() < deadline, "process {pid} did not end");
+        std::thread::yield_now();
     }
 }

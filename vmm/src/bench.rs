@@ -217,16 +217,26 @@ impl Report for BootBench {
 /// Longest a single boot may take before the bench gives up on it.
 const RUN_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// What `time_to_marker` saw of a run.
+pub(crate) struct Watched {
+    /// Spawn to the first stdout line holding the marker.
+    pub seen: Option<Duration>,
+    /// The process exited successfully.
+    pub success: bool,
+    /// Every stdout line.
+    pub lines: Vec<String>,
+}
+
 /// Runs `cmd`, returns the time from spawn to the first stdout line holding
-/// `marker` and whether the process exited successfully. With
+/// `marker`, whether the process exited successfully and its output. With
 /// `kill_at_marker` the process is killed once the marker is seen (qemu's
 /// reset path sometimes spins on this host after the guest's reboot; the
 /// figure is taken by then). A run past `RUN_TIMEOUT` is killed.
-fn time_to_marker(
+pub(crate) fn time_to_marker(
     mut cmd: Command,
     marker: &str,
     kill_at_marker: bool,
-) -> std::io::Result<(Option<Duration>, bool)> {
+) -> std::io::Result<Watched> {
     let start = Instant::now();
     let mut child = cmd
         .stdout(Stdio::piped())
@@ -243,10 +253,14 @@ fn time_to_marker(
         }
     });
     let mut seen = None;
+    let mut lines = Vec::new();
     if let Some(out) = child.stdout.take() {
         for line in BufReader::new(out).split(b'\n') {
             let Ok(line) = line else { break };
-            if seen.is_none() && String::from_utf8_lossy(&line).contains(marker) {
+            let line = String::from_utf8_lossy(&line).into_owned();
+            let found = seen.is_none() && line.contains(marker);
+            lines.push(line);
+            if found {
                 seen = Some(start.elapsed());
                 if kill_at_marker {
                     let _ = child.kill();
@@ -258,10 +272,19 @@ fn time_to_marker(
     let status = child.wait();
     let _ = done.send(());
     let _ = watchdog.join();
-    Ok((seen, status?.success()))
+    Ok(Watched {
+        seen,
+        success: status?.success(),
+        lines,
+    })
 }
 
-fn qemu_command(kernel: &Path, initramfs: &Path, cmdline: &str, memory_mib: u64) -> Command {
+pub(crate) fn qemu_command(
+    kernel: &Path,
+    initramfs: &Path,
+    cmdline: &str,
+    memory_mib: u64,
+) -> Command {
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args([
         "-M",
@@ -355,11 +378,12 @@ pub fn boot(opts: &BootBenchOptions) -> Result<BootBench, Error> {
             .arg(&config_path)
             .arg("--report")
             .arg(&report_path);
-        let (ready, ok) =
+        let watched =
             time_to_marker(cmd, INIT_READY_MARKER, false).map_err(|source| Error::Spawn {
                 program: exe.display().to_string(),
                 source,
             })?;
+        let (ready, ok) = (watched.seen, watched.success);
         let report: Value = std::fs::read_to_string(&report_path)
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok())
@@ -406,8 +430,10 @@ pub fn boot(opts: &BootBenchOptions) -> Result<BootBench, Error> {
                         source,
                     })
                 }
-                Ok((Some(t), _)) => result.qemu_boot_to_init_ms.push(t.as_secs_f64() * 1000.0),
-                Ok((None, _)) => {
+                Ok(Watched { seen: Some(t), .. }) => {
+                    result.qemu_boot_to_init_ms.push(t.as_secs_f64() * 1000.0)
+                }
+                Ok(Watched { seen: None, .. }) => {
                     return Err(Error::Run {
                         what: "qemu",
                         run,

@@ -18,6 +18,7 @@ pub mod api;
 pub mod artifacts;
 pub mod bench;
 pub mod bench_fork;
+pub mod bench_fs;
 pub mod config;
 pub mod control;
 pub mod doctor;

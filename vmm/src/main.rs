@@ -218,6 +218,26 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Shared folders: sequential MiB/s and small-file operations on a
+    /// virtio-fs share, the virtio-blk root, and virtiofsd behind qemu.
+    Fs {
+        /// MiB per sequential figure (the guest kernel copies slowly on
+        /// PVM hosts: keep it small there).
+        #[arg(long, default_value_t = 32)]
+        mib: u64,
+        /// Files per metadata figure.
+        #[arg(long, default_value_t = 300)]
+        files: u32,
+        /// Figures per target.
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+        /// Skip the virtiofsd + qemu comparison.
+        #[arg(long)]
+        no_qemu: bool,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Snapshot create time and restore-to-running time against memory size.
     Snapshot {
         #[arg(long, value_delimiter = ',', default_value = "256,1024,4096")]
@@ -499,6 +519,24 @@ fn main() -> ExitCode {
             vmm::bench_fork::snapshot(&vmm::bench_fork::SnapshotBenchOptions {
                 sizes_mib: sizes,
                 runs,
+            }),
+            json,
+        ),
+        Command::Bench {
+            what:
+                BenchCommand::Fs {
+                    mib,
+                    files,
+                    runs,
+                    no_qemu,
+                    json,
+                },
+        } => print_bench(
+            vmm::bench_fs::fs(&vmm::bench_fs::FsBenchOptions {
+                mib,
+                files,
+                runs,
+                qemu: !no_qemu,
             }),
             json,
         ),
