@@ -192,6 +192,15 @@ fn virtiofsd() -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
+/// The bench's scratch folder, removed however the bench ends.
+struct ScratchDir(PathBuf);
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Kills a helper process when dropped.
 struct Killed(Child);
 
@@ -221,7 +230,9 @@ pub fn fs(opts: &FsBenchOptions) -> Result<FsBench, Error> {
             });
         }
     }
-    let scratch = std::env::temp_dir().join(format!("vmm-bench-fs-{}", std::process::id()));
+    let guard =
+        ScratchDir(std::env::temp_dir().join(format!("vmm-bench-fs-{}", std::process::id())));
+    let scratch = guard.0.clone();
     let share = scratch.join("share");
     let scratch_err = |source| Error::Scratch {
         path: scratch.clone(),
@@ -293,7 +304,6 @@ pub fn fs(opts: &FsBenchOptions) -> Result<FsBench, Error> {
                 .into(),
         );
     }
-    let _ = std::fs::remove_dir_all(&scratch);
     Ok(result)
 }
 
@@ -350,7 +360,13 @@ fn run_qemu(
     // microvm transports (0xfeb00000 + 512 * i, IRQ 5 + i without ACPI)
     // before it instead; empty ones are skipped by the guest.
     let transports: Vec<String> = (0..8u64)
-        .map(|i| format!("virtio_mmio.device=512@{:#x}:{}", 0xfeb0_0000 + 512 * i, 5 + i))
+        .map(|i| {
+            format!(
+                "virtio_mmio.device=512@{:#x}:{}",
+                0xfeb0_0000 + 512 * i,
+                5 + i
+            )
+        })
         .collect();
     let cmdline = crate::vm::kernel_cmdline(
         &VmConfig {

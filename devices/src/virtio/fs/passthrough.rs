@@ -134,6 +134,17 @@ fn proc_path(fd: RawFd) -> CString {
     cstr(&format!("/proc/self/fd/{fd}"))
 }
 
+/// The guest may only change `user.*` attributes: `security.capability`
+/// would give a host program capabilities, and `trusted.*` or
+/// `security.*` steer host features (overlayfs, LSMs).
+fn user_xattr(name: &[u8]) -> io::Result<()> {
+    if name.starts_with(b"user.") {
+        Ok(())
+    } else {
+        Err(err(libc::EPERM))
+    }
+}
+
 /// Strips the set-ID bits from a mode the guest asks for (a directory may
 /// keep set-group-ID, which only passes the group on).
 fn safe_mode(mode: u32, dir: bool) -> u32 {
@@ -869,6 +880,7 @@ impl PassthroughFs {
 
     pub fn setxattr(&self, nodeid: u64, name: &[u8], value: &[u8], flags: u32) -> io::Result<()> {
         self.writable()?;
+        user_xattr(name)?;
         let path = self.xattr_path(nodeid)?;
         let name = CString::new(name).map_err(|_| err(libc::EINVAL))?;
         // SAFETY: valid C strings; `value` readable for its length.
@@ -886,6 +898,7 @@ impl PassthroughFs {
 
     pub fn removexattr(&self, nodeid: u64, name: &[u8]) -> io::Result<()> {
         self.writable()?;
+        user_xattr(name)?;
         let path = self.xattr_path(nodeid)?;
         let name = CString::new(name).map_err(|_| err(libc::EINVAL))?;
         // SAFETY: valid C strings.

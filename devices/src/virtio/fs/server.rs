@@ -756,6 +756,20 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o7777, 0o777);
+        // Only user.* extended attributes can be set.
+        for (name, want) in [
+            (&b"security.capability"[..], -libc::EPERM),
+            (b"trusted.x", -libc::EPERM),
+        ] {
+            let mut args = abi::SetxattrIn { size: 4, flags: 0 }.as_slice().to_vec();
+            args.extend(named(name));
+            args.extend_from_slice(b"\x01\0\0\x02");
+            assert_eq!(call(&mut srv, abi::SETXATTR, node, &args).0, want);
+        }
+        let mut args = abi::SetxattrIn { size: 2, flags: 0 }.as_slice().to_vec();
+        args.extend(named(b"user.ok"));
+        args.extend_from_slice(b"hi");
+        assert_eq!(call(&mut srv, abi::SETXATTR, node, &args).0, 0);
     }
 
     #[test]
