@@ -310,6 +310,20 @@ mod tests {
     }
 
     #[test]
+    fn the_examples_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "json") {
+                VmConfig::from_file(&path).unwrap_or_else(|e| panic!("{e}"));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 4, "{seen} examples in {}", dir.display());
+    }
+
+    #[test]
     fn shares_are_checked() {
         let c = parse(
             r#"{"shares": [{"tag": "work", "host_path": "/srv/p", "guest_path": "/mnt/work"},
