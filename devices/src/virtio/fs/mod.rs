@@ -55,10 +55,6 @@ impl Fs {
             queue_sizes: [QUEUE_SIZE; 2],
         }
     }
-
-    pub fn server(&self) -> &Server {
-        &self.server
-    }
 }
 
 impl VirtioDevice for Fs {

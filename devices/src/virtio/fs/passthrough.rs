@@ -225,7 +225,6 @@ fn open_beneath(root: RawFd, rel: &Path) -> io::Result<OwnedFd> {
 
 /// One shared folder.
 pub struct PassthroughFs {
-    root: PathBuf,
     read_only: bool,
     inodes: HashMap<u64, Inode>,
     by_key: HashMap<(u64, u64), u64>,
@@ -254,7 +253,6 @@ impl PassthroughFs {
             source,
         })?;
         let mut fs = PassthroughFs {
-            root: root.to_path_buf(),
             read_only,
             inodes: HashMap::new(),
             by_key: HashMap::new(),
@@ -274,14 +272,6 @@ impl PassthroughFs {
             },
         );
         Ok(fs)
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    pub fn read_only(&self) -> bool {
-        self.read_only
     }
 
     fn inode(&self, nodeid: u64) -> io::Result<&Inode> {
