@@ -214,6 +214,26 @@ impl Report for BootBench {
     }
 }
 
+/// Fails with the setup hint when an artifact the setup command builds is
+/// missing.
+pub(crate) fn require_built(files: &[(&'static str, &PathBuf)]) -> Result<(), Error> {
+    match files.iter().find(|(_, path)| !path.exists()) {
+        Some((what, path)) => Err(Error::Missing {
+            what,
+            path: (*path).clone(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// This `vmm` binary, which the benches start VMs with.
+pub(crate) fn vmm_exe() -> Result<PathBuf, Error> {
+    std::env::current_exe().map_err(|source| Error::Spawn {
+        program: "vmm".into(),
+        source,
+    })
+}
+
 /// Longest a single boot may take before the bench gives up on it.
 const RUN_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -327,14 +347,7 @@ pub fn boot(opts: &BootBenchOptions) -> Result<BootBench, Error> {
     let kernel = artifacts::default_kernel(flavour);
     // The init alone: it writes the boot timer, prints its line, powers off.
     let initramfs = artifacts::default_minimal_initramfs();
-    for (what, path) in [("kernel", &kernel), ("initramfs", &initramfs)] {
-        if !path.exists() {
-            return Err(Error::Missing {
-                what,
-                path: path.clone(),
-            });
-        }
-    }
+    require_built(&[("kernel", &kernel), ("initramfs", &initramfs)])?;
     let scratch = std::env::temp_dir().join(format!("vmm-bench-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).map_err(|source| Error::Scratch {
         path: scratch.clone(),
@@ -358,10 +371,7 @@ pub fn boot(opts: &BootBenchOptions) -> Result<BootBench, Error> {
         serde_json::to_string(&config).unwrap_or_default(),
     )
     .map_err(scratch_err)?;
-    let exe = std::env::current_exe().map_err(|source| Error::Spawn {
-        program: "vmm".into(),
-        source,
-    })?;
+    let exe = vmm_exe()?;
 
     let mut result = BootBench {
         runs: opts.runs,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::artifacts::{self, KernelFlavour};
-use crate::bench::{qemu_command, time_to_marker, Error, Report, Stats};
+use crate::bench::{qemu_command, require_built, time_to_marker, vmm_exe, Error, Report, Stats};
 use crate::config::{Flavour, RootfsConfig, SerialOutput, ShareConfig, VmConfig};
 
 const SCRIPT: &str = include_str!("fsbench.py");
@@ -218,18 +218,11 @@ pub fn fs(opts: &FsBenchOptions) -> Result<FsBench, Error> {
     let kernel = artifacts::default_kernel(flavour);
     let initramfs = artifacts::default_minimal_initramfs();
     let base = artifacts::default_base_image();
-    for (what, path) in [
+    require_built(&[
         ("kernel", &kernel),
         ("initramfs", &initramfs),
         ("base image", &base),
-    ] {
-        if !path.exists() {
-            return Err(Error::Missing {
-                what,
-                path: path.clone(),
-            });
-        }
-    }
+    ])?;
     let guard =
         ScratchDir(std::env::temp_dir().join(format!("vmm-bench-fs-{}", std::process::id())));
     let scratch = guard.0.clone();
@@ -271,10 +264,7 @@ pub fn fs(opts: &FsBenchOptions) -> Result<FsBench, Error> {
         serde_json::to_string(&config).unwrap_or_default(),
     )
     .map_err(scratch_err)?;
-    let exe = std::env::current_exe().map_err(|source| Error::Spawn {
-        program: "vmm".into(),
-        source,
-    })?;
+    let exe = vmm_exe()?;
     let mut cmd = Command::new(&exe);
     cmd.arg("launch").arg("--config").arg(&config_path);
     let watched = time_to_marker(cmd, DONE, false).map_err(|source| Error::Spawn {
