@@ -766,7 +766,9 @@ impl PassthroughFs {
     }
 
     /// Fills `out` (at most `size` bytes) with FUSE dirents of the open
-    /// directory `fh`, starting at the host's offset cookie `offset`.
+    /// directory `fh`, starting at the host's offset cookie `offset`. Each
+    /// call seeks to the cookie the guest sends (the `off` of the last
+    /// entry it got), so entries read but not sent are simply read again.
     pub fn readdir(&self, fh: u64, offset: u64, size: usize) -> io::Result<Vec<u8>> {
         let fd = self.file_fd(fh)?;
         let off = libc::off_t::try_from(offset).map_err(|_| err(libc::EINVAL))?;
@@ -819,11 +821,6 @@ impl PassthroughFs {
                     0,
                 );
                 pos += reclen;
-                // SAFETY: `fd` is an open directory; the next getdents64
-                // starts after the last entry we took.
-                if unsafe { libc::lseek(fd, next as libc::off_t, libc::SEEK_SET) } < 0 {
-                    return Err(io::Error::last_os_error());
-                }
             }
         }
         Ok(out)

@@ -592,6 +592,53 @@ mod tests {
     const ROOT: u64 = abi::ROOT_ID;
 
     #[test]
+    fn a_large_directory_is_listed_over_several_replies() {
+        let s = Scratch::new("readdir");
+        for i in 0..300 {
+            std::fs::write(s.share().join(format!("entry-{i:03}")), b"").unwrap();
+        }
+        let mut srv = server(&s, false);
+        let dir = call(
+            &mut srv,
+            abi::OPENDIR,
+            ROOT,
+            abi::OpenIn::default().as_slice(),
+        );
+        let fh = abi::OpenOut::from_slice(&dir.1).unwrap().fh;
+        let mut names = Vec::new();
+        let mut offset = 0;
+        let mut replies = 0;
+        loop {
+            let r = abi::ReadIn {
+                fh,
+                offset,
+                size: 1024,
+                ..Default::default()
+            };
+            let (err, body) = call(&mut srv, abi::READDIR, ROOT, r.as_slice());
+            assert_eq!(err, 0);
+            if body.is_empty() {
+                break;
+            }
+            replies += 1;
+            let mut pos = 0;
+            while pos < body.len() {
+                let d = abi::Dirent::from_slice(&body[pos..pos + 24]).unwrap();
+                let name = &body[pos + 24..pos + 24 + d.namelen as usize];
+                names.push(String::from_utf8(name.to_vec()).unwrap());
+                offset = d.off;
+                pos += (24 + d.namelen as usize + 7) & !7;
+            }
+        }
+        assert!(replies > 5, "{replies} replies");
+        names.sort();
+        let mut want: Vec<String> = (0..300).map(|i| format!("entry-{i:03}")).collect();
+        want.extend([".", "..", "file", "sub"].map(String::from));
+        want.sort();
+        assert_eq!(names, want);
+    }
+
+    #[test]
     fn names_that_leave_the_folder_are_refused() {
         let s = Scratch::new("names");
         let mut srv = server(&s, false);
