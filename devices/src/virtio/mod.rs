@@ -20,6 +20,7 @@ use crate::interrupt::InterruptLine;
 pub mod block;
 pub mod fs;
 pub mod mmio;
+pub mod net;
 pub mod vsock;
 
 pub use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;

@@ -1,0 +1,413 @@
+//! virtio-net, in-process, in front of a [`NetBackend`] that carries
+//! Ethernet frames (a TAP device in [`tap`]; the user-mode NAT stack comes
+//! later).
+//!
+//! Queues: 0 = receive (to the guest), 1 = transmit (from the guest). Every
+//! buffer starts with the 12-byte `virtio_net_hdr_v1`; no offloads are
+//! offered yet, so the header is all zeros both ways (one buffer per frame,
+//! `num_buffers` = 1). The backend is read only while the guest has
+//! receive buffers; otherwise frames wait on the host side (the TAP
+//! device's queue), not in the VMM. Its descriptor is watched
+//! edge-triggered: a new frame wakes the device, and buffers the driver
+//! posts later drain whatever waited.
+
+pub mod tap;
+
+use std::io::{self, Read, Write};
+use std::os::fd::RawFd;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
+use virtio_queue::{Queue, Reader, Writer};
+use vm_memory::GuestMemoryMmap;
+
+use super::{
+    process_chains, read_config_bytes, ActivateError, Interrupt, QueueSnapshot, VirtioDevice,
+    VIRTIO_F_VERSION_1,
+};
+
+const QUEUE_SIZE: u16 = 256;
+const RX: usize = 0;
+const TX: usize = 1;
+/// `virtio_net_hdr_v1` (with `num_buffers`, always there in virtio 1.x).
+pub const HDR_LEN: usize = 12;
+/// Largest frame either way without segmentation offloads: Ethernet header,
+/// 1500 bytes of payload and a VLAN tag.
+pub const MAX_FRAME: usize = 1518;
+
+/// Where the guest's frames go and come from.
+pub trait NetBackend: Send {
+    /// Readable when `recv` has a frame.
+    fn fd(&self) -> RawFd;
+    /// Sends one frame from the guest.
+    fn send(&mut self, frame: &[u8]) -> io::Result<()>;
+    /// The next frame for the guest into `buf`, or None when there is none.
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>>;
+}
+
+struct Running {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    queues: Vec<Queue>,
+}
+
+struct Inner {
+    backend: Box<dyn NetBackend>,
+    running: Option<Running>,
+    /// Frames dropped because they were malformed or too large.
+    dropped: u64,
+}
+
+impl Inner {
+    fn process_tx(&mut self) {
+        let Inner {
+            backend,
+            running,
+            dropped,
+            ..
+        } = self;
+        let Some(run) = running.as_mut() else {
+            return;
+        };
+        let mem = &run.mem;
+        let done = process_chains(&mut run.queues[TX], mem, &run.interrupt, |chain| {
+            let frame = Reader::new(mem, chain).ok().and_then(|mut r| {
+                let len = r.available_bytes();
+                if !(HDR_LEN..=HDR_LEN + MAX_FRAME).contains(&len) {
+                    return None;
+                }
+                let mut buf = vec![0u8; len];
+                r.read_exact(&mut buf).ok()?;
+                Some(buf)
+            });
+            match frame {
+                Some(buf) => {
+                    if let Err(e) = backend.send(&buf[HDR_LEN..]) {
+                        tracing::debug!("virtio-net: frame not sent: {e}");
+                    }
+                }
+                None => *dropped += 1,
+            }
+            Some(0)
+        });
+        if done.is_err() {
+            tracing::warn!("virtio-net: the transmit ring is broken; the device stops");
+            *running = None;
+        }
+    }
+
+    fn process_rx(&mut self) {
+        let Inner {
+            backend,
+            running,
+            dropped,
+        } = self;
+        let Some(run) = running.as_mut() else {
+            return;
+        };
+        let mem = &run.mem;
+        let done = process_chains(&mut run.queues[RX], mem, &run.interrupt, |chain| {
+            let mut frame = vec![0u8; MAX_FRAME];
+            match backend.recv(&mut frame) {
+                Ok(Some(n)) => frame.truncate(n),
+                Ok(None) => return None,
+                Err(e) => {
+                    tracing::debug!("virtio-net: backend read failed: {e}");
+                    return None;
+                }
+            }
+            let Ok(mut writer) = Writer::new(mem, chain) else {
+                *dropped += 1;
+                return Some(0);
+            };
+            if writer.available_bytes() < HDR_LEN + frame.len() {
+                // A buffer too small for this frame: the frame is lost, the
+                // buffer goes back empty.
+                *dropped += 1;
+                return Some(0);
+            }
+            let mut hdr = [0u8; HDR_LEN];
+            hdr[10] = 1; // num_buffers
+            match writer
+                .write_all(&hdr)
+                .and_then(|_| writer.write_all(&frame))
+            {
+                Ok(()) => Some((HDR_LEN + frame.len()) as u32),
+                Err(_) => {
+                    *dropped += 1;
+                    Some(0)
+                }
+            }
+        });
+        if done.is_err() {
+            tracing::warn!("virtio-net: the receive ring is broken; the device stops");
+            *running = None;
+        }
+    }
+}
+
+/// The virtio-net device.
+pub struct Net {
+    mac: [u8; 6],
+    inner: Arc<Mutex<Inner>>,
+    queue_sizes: [u16; 2],
+}
+
+impl Net {
+    pub fn new(mac: [u8; 6], backend: Box<dyn NetBackend>) -> Self {
+        Net {
+            mac,
+            inner: Arc::new(Mutex::new(Inner {
+                backend,
+                running: None,
+                dropped: 0,
+            })),
+            queue_sizes: [QUEUE_SIZE; 2],
+        }
+    }
+
+    /// The event-loop subscriber for the backend's descriptor.
+    pub fn handle(&self) -> NetHandle {
+        NetHandle {
+            inner: self.inner.clone(),
+        }
+    }
+
+    /// Frames dropped as malformed or oversized so far.
+    pub fn dropped(&self) -> u64 {
+        self.lock().dropped
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_STATUS)
+    }
+
+    fn ack_features(&mut self, _features: u64) {}
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // mac[6], status u16.
+        let mut config = [0u8; 8];
+        config[..6].copy_from_slice(&self.mac);
+        config[6..].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        read_config_bytes(&config, offset, data);
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != 2 {
+            return Err(ActivateError::BadQueue(queues.len()));
+        }
+        let mut inner = self.lock();
+        inner.running = Some(Running {
+            mem,
+            interrupt,
+            queues,
+        });
+        inner.process_rx();
+        Ok(())
+    }
+
+    fn process_queue(&mut self, index: usize) {
+        let mut inner = self.lock();
+        match index {
+            TX => inner.process_tx(),
+            RX => inner.process_rx(),
+            _ => {}
+        }
+    }
+
+    fn reset(&mut self) {
+        self.lock().running = None;
+    }
+
+    fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
+        self.lock()
+            .running
+            .as_ref()
+            .map(|r| r.queues.iter().map(QueueSnapshot::of).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Watches the backend: frames for the guest go into its receive queue.
+pub struct NetHandle {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl MutEventSubscriber for NetHandle {
+    fn init(&mut self, ops: &mut EventOps) {
+        let fd = self
+            .inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .backend
+            .fd();
+        if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN | EventSet::EDGE_TRIGGERED)) {
+            tracing::error!("virtio-net: cannot watch the backend: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .process_rx();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::interrupt::EventFdLine;
+    use std::collections::VecDeque;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Address, Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::EventFd;
+
+    /// Frames in both directions, kept in memory.
+    struct Loop {
+        sent: Arc<Mutex<Vec<Vec<u8>>>>,
+        to_guest: Arc<Mutex<VecDeque<Vec<u8>>>>,
+        evt: EventFd,
+    }
+
+    impl NetBackend for Loop {
+        fn fd(&self) -> RawFd {
+            use std::os::fd::AsRawFd;
+            self.evt.as_raw_fd()
+        }
+        fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+            self.sent.lock().unwrap().push(frame.to_vec());
+            Ok(())
+        }
+        fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+            let Some(f) = self.to_guest.lock().unwrap().pop_front() else {
+                return Ok(None);
+            };
+            buf[..f.len()].copy_from_slice(&f);
+            Ok(Some(f.len()))
+        }
+    }
+
+    /// Descriptors for `chains`, stored from table index `offset` on (the
+    /// `next` fields point at the following entry of the same chain).
+    fn chains(chains: &[&[(u64, u32, bool)]], offset: u16) -> Vec<RawDescriptor> {
+        let mut out = Vec::new();
+        for descs in chains {
+            for (i, &(addr, len, writable)) in descs.iter().enumerate() {
+                let mut flags = if writable {
+                    VRING_DESC_F_WRITE as u16
+                } else {
+                    0
+                };
+                if i + 1 < descs.len() {
+                    flags |= VRING_DESC_F_NEXT as u16;
+                }
+                let next = offset + out.len() as u16 + 1;
+                out.push(RawDescriptor::from(SplitDescriptor::new(
+                    addr, len, flags, next,
+                )));
+            }
+        }
+        out
+    }
+
+    fn used(mem: &GuestMemoryMmap, q: &MockSplitQueue<GuestMemoryMmap>) -> (u16, Vec<u32>) {
+        let idx: u16 = mem.read_obj(q.used_addr().unchecked_add(2)).unwrap();
+        let lens = (0..idx as u64)
+            .map(|i| {
+                mem.read_obj(q.used_addr().unchecked_add(4 + i * 8 + 4))
+                    .unwrap()
+            })
+            .collect();
+        (idx, lens)
+    }
+
+    #[test]
+    fn frames_flow_both_ways_and_hostile_chains_are_dropped() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let rxq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
+        let txq = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 16);
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let to_guest = Arc::new(Mutex::new(VecDeque::new()));
+        let backend = Loop {
+            sent: sent.clone(),
+            to_guest: to_guest.clone(),
+            evt: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        };
+        let mut dev = Net::new([2, 0, 0, 0, 0, 1], Box::new(backend));
+        let mut cfg = [0u8; 8];
+        dev.read_config(0, &mut cfg);
+        assert_eq!(cfg, [2, 0, 0, 0, 0, 1, 1, 0]);
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let interrupt = Arc::new(Interrupt::new(Box::new(EventFdLine(irq))));
+        let queues = vec![rxq.create_queue().unwrap(), txq.create_queue().unwrap()];
+        dev.activate(mem.clone(), interrupt, queues).unwrap();
+
+        // Transmit: a good frame split over two buffers; one shorter than
+        // the header; one past the largest frame; one outside memory.
+        mem.write_slice(&[0u8; HDR_LEN], GuestAddress(0x10_0000))
+            .unwrap();
+        mem.write_slice(b"frame-bytes", GuestAddress(0x10_1000))
+            .unwrap();
+        let descs = chains(
+            &[
+                &[(0x10_0000, HDR_LEN as u32, false), (0x10_1000, 11, false)],
+                &[(0x10_0000, 4, false)],
+                &[(0x10_0000, 70_000, false)],
+                &[(0x1f_ff00, 0x1000, false)],
+            ],
+            0,
+        );
+        txq.add_desc_chains(&descs, 0).unwrap();
+        dev.process_queue(TX);
+        assert_eq!(used(&mem, &txq).0, 4, "every chain is completed");
+        assert_eq!(*sent.lock().unwrap(), vec![b"frame-bytes".to_vec()]);
+        assert_eq!(dev.dropped(), 3);
+
+        // Receive: a frame fits the first buffer; the second frame is too
+        // big for a tiny buffer (dropped, buffer returned empty); the third
+        // waits for a buffer.
+        to_guest
+            .lock()
+            .unwrap()
+            .extend([vec![7u8; 60], vec![8u8; 100], vec![9u8; 42]]);
+        rxq.add_desc_chains(&chains(&[&[(0x11_0000, 2048, true)]], 0), 0)
+            .unwrap();
+        rxq.add_desc_chains(&chains(&[&[(0x12_0000, 50, true)]], 1), 1)
+            .unwrap();
+        dev.process_queue(RX);
+        let (idx, lens) = used(&mem, &rxq);
+        assert_eq!((idx, lens), (2, vec![(HDR_LEN + 60) as u32, 0]));
+        let mut got = vec![0u8; HDR_LEN + 60];
+        mem.read_slice(&mut got, GuestAddress(0x11_0000)).unwrap();
+        assert_eq!(got[10], 1, "num_buffers");
+        assert!(got[HDR_LEN..].iter().all(|&b| b == 7));
+        rxq.add_desc_chains(&chains(&[&[(0x13_0000, 2048, true)]], 2), 2)
+            .unwrap();
+        dev.process_queue(RX);
+        assert_eq!(used(&mem, &rxq).1[2], (HDR_LEN + 42) as u32);
+    }
+}
