@@ -105,6 +105,12 @@ impl Guest {
     /// Launches `config` with an API socket in `scratch` and waits for the
     /// guest agent.
     pub fn boot(scratch: Scratch, config: &serde_json::Value) -> Guest {
+        Self::boot_with(scratch, config, &[])
+    }
+
+    /// `boot`, with the VMM started through `wrapper` (for example
+    /// `ip netns exec NAME`).
+    pub fn boot_with(scratch: Scratch, config: &serde_json::Value, wrapper: &[&str]) -> Guest {
         let config_path = scratch.file("vm.json", &config.to_string());
         let api = scratch.path("api.sock");
         // The VMM is started by a thread that lives as long as this test
@@ -113,8 +119,16 @@ impl Guest {
         // stops a shared VM when the tests end.
         let (tx, rx) = std::sync::mpsc::channel();
         let api_path = api.clone();
+        let wrapper: Vec<String> = wrapper.iter().map(|s| s.to_string()).collect();
         std::thread::spawn(move || {
-            let mut cmd = Command::new(VMM);
+            let mut cmd = match wrapper.split_first() {
+                None => Command::new(VMM),
+                Some((program, args)) => {
+                    let mut c = Command::new(program);
+                    c.args(args).arg(VMM);
+                    c
+                }
+            };
             cmd.args(["launch", "--config"])
                 .arg(&config_path)
                 .arg("--api-socket")

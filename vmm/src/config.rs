@@ -28,6 +28,8 @@ pub enum Error {
     TooMuchMemory(u64),
     #[error("\"vsock\": \"cid\" is {0}; context ids 0, 1 and 2 are reserved, use 3 or more")]
     ReservedCid(u64),
+    #[error("\"network\": {0}")]
+    BadNetwork(String),
     #[error("share tag {0:?} is not valid: use 1 to 36 letters, digits, '.', '_' or '-'")]
     BadShareTag(String),
     #[error("share tag {0:?} is used twice: give each share its own tag")]
@@ -120,6 +122,87 @@ pub struct VsockConfig {
     pub uds_path: PathBuf,
 }
 
+/// How the guest's network interface (virtio-net) is connected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "lowercase", deny_unknown_fields)]
+pub enum NetworkConfig {
+    /// A host TAP interface (needs CAP_NET_ADMIN or a TAP device made for
+    /// the VMM's user); the guest gets a static address.
+    Tap {
+        /// The TAP interface's name (created when missing and allowed).
+        tap: String,
+        /// The guest's address with its prefix, e.g. "10.0.3.2/24".
+        address: String,
+        /// The guest's default gateway, if any.
+        #[serde(default)]
+        gateway: Option<String>,
+        /// The guest's MAC address; default a locally administered one.
+        #[serde(default)]
+        mac: Option<String>,
+    },
+}
+
+impl NetworkConfig {
+    fn validate(&self) -> Result<()> {
+        match self {
+            NetworkConfig::Tap {
+                address,
+                gateway,
+                mac,
+                ..
+            } => {
+                parse_cidr(address)?;
+                if let Some(g) = gateway {
+                    g.parse::<std::net::Ipv4Addr>().map_err(|_| {
+                        Error::BadNetwork(format!("gateway {g:?} is not an IPv4 address"))
+                    })?;
+                }
+                if let Some(m) = mac {
+                    parse_mac(m)?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// "a.b.c.d/len" as an address and prefix length.
+pub fn parse_cidr(text: &str) -> Result<(std::net::Ipv4Addr, u8)> {
+    let bad = || {
+        Error::BadNetwork(format!(
+            "address {text:?} is not IPv4 with a prefix, like 10.0.3.2/24"
+        ))
+    };
+    let (addr, len) = text.split_once('/').ok_or_else(bad)?;
+    let addr = addr.parse().map_err(|_| bad())?;
+    let len: u8 = len.parse().map_err(|_| bad())?;
+    if len > 32 {
+        return Err(bad());
+    }
+    Ok((addr, len))
+}
+
+/// "02:00:00:00:00:01" as bytes.
+pub fn parse_mac(text: &str) -> Result<[u8; 6]> {
+    let bad = || {
+        Error::BadNetwork(format!(
+            "mac {text:?} is not six hex bytes like 02:00:00:00:00:01"
+        ))
+    };
+    let parts: Vec<&str> = text.split(':').collect();
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (b, p) in mac.iter_mut().zip(parts) {
+        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(bad());
+    }
+    Ok(mac)
+}
+
 /// A host folder shared with the guest over virtio-fs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -210,6 +293,9 @@ pub struct VmConfig {
     /// Host folders shared with the guest (virtio-fs), mounted by the agent.
     #[serde(default)]
     pub shares: Vec<ShareConfig>,
+    /// The guest's network interface; none when unset.
+    #[serde(default)]
+    pub network: Option<NetworkConfig>,
 }
 
 impl Default for VmConfig {
@@ -226,6 +312,7 @@ impl Default for VmConfig {
             rootfs: None,
             vsock: None,
             shares: Vec::new(),
+            network: None,
         }
     }
 }
@@ -266,6 +353,9 @@ impl VmConfig {
             if v.cid < 3 || v.cid > u64::from(u32::MAX) {
                 return Err(Error::ReservedCid(v.cid));
             }
+        }
+        if let Some(n) = &self.network {
+            n.validate()?;
         }
         let mut tags = std::collections::HashSet::new();
         for share in &self.shares {

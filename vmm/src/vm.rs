@@ -17,7 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::{ApiServer, VmInfo};
 use crate::artifacts::{self, KernelFlavour};
-use crate::config::{RootfsConfig, SerialOutput, VmConfig};
+use crate::config::{NetworkConfig, RootfsConfig, SerialOutput, VmConfig};
 use crate::control::Controller;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::memory::{GuestRam, MemoryImage};
@@ -27,7 +27,16 @@ use crate::virtio::{VirtioPlacer, VirtioSlot};
 use crate::x86_64::{boot, cpuid, layout, mptable, regs};
 use devices::virtio::block::{Block, LayeredDisk, SharedDisk};
 use devices::virtio::fs::{Fs, PassthroughFs};
-use devices::virtio::vsock::{Vsock, VsockBackend};
+use devices::virtio::net::tap::Tap;
+use devices::virtio::net::Net;
+
+/// An event-loop subscriber for a device's host side.
+type Backend = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// The guest's MAC address unless the config names one (locally
+/// administered, unicast).
+const DEFAULT_MAC: [u8; 6] = [0x02, 0x56, 0x4d, 0x4d, 0x00, 0x01];
+use devices::virtio::vsock::Vsock;
 use hypervisor::CpuidEntry;
 
 /// Errors building or running a VM.
@@ -59,6 +68,8 @@ pub enum Error {
     },
     #[error(transparent)]
     Virtio(#[from] crate::virtio::Error),
+    #[error(transparent)]
+    Tap(#[from] devices::virtio::net::tap::Error),
     #[error("share {tag:?}: {source}")]
     Share {
         tag: String,
@@ -223,7 +234,7 @@ pub struct Vm {
     reset_evt: EventFd,
     serial_is_stdout: bool,
     virtio: Vec<VirtioSlot>,
-    backends: Vec<VsockBackend>,
+    backends: Vec<Backend>,
     info: VmInfo,
     resolved: ResolvedBoot,
 }
@@ -262,6 +273,16 @@ fn shares_arg(shares: &[crate::config::ShareConfig]) -> String {
         })
         .collect();
     format!("VMM_SHARES={}", list.join(","))
+}
+
+/// The kernel's static address setting: `ip=ADDR::GW:MASK::eth0:off`.
+fn ip_arg(address: &str, gateway: Option<&str>) -> Result<String> {
+    let (addr, len) = crate::config::parse_cidr(address)?;
+    let mask = std::net::Ipv4Addr::from(u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0));
+    Ok(format!(
+        "ip={addr}::{}:{mask}::eth0:off",
+        gateway.unwrap_or("")
+    ))
 }
 
 /// Every guest inode a share holds is a host descriptor: lift the soft
@@ -541,14 +562,24 @@ impl Vm {
             disk = Some(shared_disk);
             disk_base = Some(base);
         }
-        let mut backends: Vec<VsockBackend> = Vec::new();
+        let mut backends: Vec<Backend> = Vec::new();
         if let Some(v) = &config.vsock {
             let vsock = Vsock::new(v.cid, &v.uds_path).map_err(|source| Error::VsockSocket {
                 path: v.uds_path.clone(),
                 source,
             })?;
-            backends.push(vsock.backend());
+            backends.push(Arc::new(Mutex::new(vsock.backend())));
             virtio.push(placer.add(Box::new(vsock))?);
+        }
+        if let Some(NetworkConfig::Tap { tap, mac, .. }) = &config.network {
+            let backend = Tap::open(tap)?;
+            let mac = match mac {
+                Some(m) => crate::config::parse_mac(m)?,
+                None => DEFAULT_MAC,
+            };
+            let net = Net::new(mac, Box::new(backend));
+            backends.push(Arc::new(Mutex::new(net.handle())));
+            virtio.push(placer.add(Box::new(net))?);
         }
         if !config.shares.is_empty() {
             raise_fd_limit();
@@ -594,6 +625,12 @@ impl Vm {
                 if !config.shares.is_empty() {
                     // Tells the guest init what to mount where.
                     device_args.push(shares_arg(&config.shares));
+                }
+                if let Some(NetworkConfig::Tap {
+                    address, gateway, ..
+                }) = &config.network
+                {
+                    device_args.push(ip_arg(address, gateway.as_deref())?);
                 }
                 let cmdline = kernel_cmdline(config, flavour, &device_args);
                 let initramfs = initramfs
@@ -772,7 +809,7 @@ impl Vm {
             manager.add_subscriber(Arc::new(Mutex::new(slot)));
         }
         for backend in backends {
-            manager.add_subscriber(Arc::new(Mutex::new(backend)));
+            manager.add_subscriber(backend);
         }
 
         let mut threads = Vec::with_capacity(vcpus.len());
