@@ -1,15 +1,371 @@
-//! virtio-net on a real guest with the TAP backend, inside a network
-//! namespace this test creates (so the host's own network is untouched):
-//! the guest fetches a file from an HTTP server on the namespace's side of
-//! the TAP link.
+//! virtio-net on real guests.
+//!
+//! The user-mode network (one Debian-root VM shared by the tests below it):
+//! test servers run in this process on the host's loopback (a 10 MiB data
+//! server, a TCP and a UDP echo server, a DNS server the VM's forwarder is
+//! pointed at, a server the egress policy denies); the guest reaches them
+//! through 10.0.2.2. The policy denies by default and allows 10.0.2.2 and
+//! the name `named.test`, which the test DNS server resolves to the host's
+//! own outward address.
+//!
+//! The TAP backend: inside a network namespace the test creates (so the
+//! host's own network is untouched), the guest fetches a file from an HTTP
+//! server on the namespace's side of the TAP link.
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
 
 use common::{describe, ok, Guest, Scratch};
 use serde_json::json;
+
+/// The bytes the data server sends: `n` of a fixed pattern.
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n as u32)
+        .map(|i| (i.wrapping_mul(7919) >> 5) as u8)
+        .collect()
+}
+
+fn sha256(data: &[u8]) -> String {
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// Serves each connection on its own thread.
+fn serve_tcp(listener: TcpListener, handle: fn(TcpStream)) {
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || handle(conn));
+        }
+    });
+}
+
+/// Reads a decimal byte count and a newline, sends that many bytes of
+/// `pattern`, closes.
+fn data_server(mut conn: TcpStream) {
+    let mut line = String::new();
+    if BufReader::new(&conn).read_line(&mut line).is_err() {
+        return;
+    }
+    let n: usize = line.trim().parse().unwrap_or(0);
+    let _ = conn.write_all(&pattern(n));
+}
+
+fn echo_server(mut conn: TcpStream) {
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = conn.read(&mut buf) {
+        if n == 0 || conn.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+}
+
+/// Answers A queries for `named.test` with `addr`, anything else with
+/// NXDOMAIN.
+fn dns_server(sock: UdpSocket, addr: Ipv4Addr) {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let q = &buf[..n];
+            if n < 17 {
+                continue;
+            }
+            // The question: labels from byte 12 to the zero byte, then
+            // type and class.
+            let mut at = 12;
+            let mut name = Vec::new();
+            while at < n && q[at] != 0 {
+                let len = q[at] as usize;
+                name.push(
+                    String::from_utf8_lossy(&q[(at + 1).min(n)..(at + 1 + len).min(n)]).to_string(),
+                );
+                at += 1 + len;
+            }
+            let qend = (at + 5).min(n);
+            let found = name.join(".").eq_ignore_ascii_case("named.test") && q[at + 2] == 1;
+            let mut reply = q[..qend].to_vec();
+            reply[2] = 0x81; // answer, recursion desired
+            reply[3] = if found { 0x80 } else { 0x83 }; // NXDOMAIN
+            reply[6..8].copy_from_slice(&(found as u16).to_be_bytes());
+            reply[8..12].fill(0);
+            if found {
+                reply.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4]);
+                reply.extend_from_slice(&addr.octets());
+            }
+            let _ = sock.send_to(&reply, from);
+        }
+    });
+}
+
+/// The host's address on its outward interface (no packet is sent).
+fn host_address() -> Ipv4Addr {
+    let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+    s.connect("192.0.2.1:9")
+        .or_else(|_| s.connect("1.1.1.1:53"))
+        .expect("this test needs a host with an IPv4 route out (to name its own address)");
+    match s.local_addr().unwrap().ip() {
+        std::net::IpAddr::V4(a) => a,
+        other => panic!("outward address {other} is not IPv4"),
+    }
+}
+
+struct UserNet {
+    guest: Guest,
+    data_port: u16,
+    echo_port: u16,
+    udp_port: u16,
+    denied_port: u16,
+    forward_port: u16,
+    host_ip: Ipv4Addr,
+    log: PathBuf,
+}
+
+fn user_net() -> MutexGuard<'static, UserNet> {
+    static NET: OnceLock<Mutex<UserNet>> = OnceLock::new();
+    NET.get_or_init(|| {
+        let scratch = Scratch::new("net-user");
+        let data = TcpListener::bind("0.0.0.0:0").unwrap();
+        let data_port = data.local_addr().unwrap().port();
+        serve_tcp(data, data_server);
+        let echo = TcpListener::bind("127.0.0.1:0").unwrap();
+        let echo_port = echo.local_addr().unwrap().port();
+        serve_tcp(echo, echo_server);
+        let denied = TcpListener::bind("127.0.0.1:0").unwrap();
+        let denied_port = denied.local_addr().unwrap().port();
+        serve_tcp(denied, echo_server);
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let udp_port = udp.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = udp.recv_from(&mut buf) {
+                let mut reply = b"echo:".to_vec();
+                reply.extend_from_slice(&buf[..n]);
+                let _ = udp.send_to(&reply, from);
+            }
+        });
+        let host_ip = host_address();
+        let dns = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let dns_port = dns.local_addr().unwrap().port();
+        dns_server(dns, host_ip);
+        let forward_port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = scratch.path("vmm.log");
+        let config = json!({
+            "memory_mib": 512,
+            "rootfs": {},
+            "serial": scratch.path("console.log"),
+            "network": {
+                "mode": "user",
+                "dns": [format!("127.0.0.1:{dns_port}")],
+                "egress": {
+                    "default": "deny",
+                    "allow": ["10.0.2.2", "named.test"],
+                    "deny": [format!("10.0.2.2:{denied_port}")],
+                },
+                "port_forwards": [{"host": forward_port, "guest": 8080}],
+            },
+        });
+        // The VMM's log goes to a file the tests read.
+        let redirect = format!("exec \"$0\" \"$@\" 2>>{}", log.display());
+        let guest = Guest::boot_with(scratch, &config, &["sh", "-c", &redirect]);
+        Mutex::new(UserNet {
+            guest,
+            data_port,
+            echo_port,
+            udp_port,
+            denied_port,
+            forward_port,
+            host_ip,
+            log,
+        })
+    })
+    .lock()
+    .unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs a Python script in the guest; its output, trimmed.
+fn py(guest: &Guest, script: &str) -> String {
+    ok(guest.sh(&format!("python3 - <<'EOF'\n{script}\nEOF")))
+}
+
+#[test]
+fn the_guest_gets_a_dhcp_lease_and_a_big_mtu() {
+    let net = user_net();
+    let out = ok(net.guest.sh(
+        "cat /proc/net/pnp; cat /etc/resolv.conf; grep -c '10.0.2.15' /proc/net/fib_trie; cat /sys/class/net/eth0/mtu; cat /proc/net/route",
+    ));
+    assert!(out.contains("#PROTO: DHCP"), "{out}");
+    assert!(out.contains("nameserver 10.0.2.3"), "{out}");
+    assert!(out.contains("\n65520\n"), "MTU: {out}");
+    // The default route goes through 10.0.2.2 (0202000A in the table).
+    assert!(out.contains("00000000\t0202000A"), "{out}");
+}
+
+#[test]
+fn names_resolve_through_the_forwarder_to_the_hosts_servers() {
+    let net = user_net();
+    let out = py(
+        &net.guest,
+        "import socket\n\
+         print(socket.gethostbyname('named.test'))\n\
+         try:\n    socket.gethostbyname('missing.test')\n    print('resolved')\n\
+         except socket.gaierror:\n    print('no such name')",
+    );
+    assert_eq!(out, format!("{}\nno such name", net.host_ip));
+}
+
+#[test]
+fn a_10_mib_fetch_arrives_intact_by_address_and_by_allowed_name() {
+    let net = user_net();
+    let size = 10 << 20;
+    let want = sha256(&pattern(size));
+    for host in ["10.0.2.2", "named.test"] {
+        let out = py(
+            &net.guest,
+            &format!(
+                "import hashlib, socket\n\
+                 s = socket.create_connection(('{host}', {port}), timeout=120)\n\
+                 s.sendall(b'{size}\\n')\n\
+                 h, n = hashlib.sha256(), 0\n\
+                 while True:\n    d = s.recv(1 << 20)\n    if not d: break\n    h.update(d); n += len(d)\n\
+                 print(n, h.hexdigest())",
+                port = net.data_port
+            ),
+        );
+        assert_eq!(out, format!("{size} {want}"), "through {host}");
+    }
+}
+
+#[test]
+fn denied_destinations_are_refused_within_a_second_and_logged() {
+    let net = user_net();
+    let out = py(
+        &net.guest,
+        &format!(
+            "import socket, time\n\
+             for dst in [('203.0.113.7', 80), ('10.0.2.2', {denied}), ('192.0.2.200', 443)]:\n\
+             \x20   t = time.monotonic()\n\
+             \x20   try:\n\
+             \x20       socket.create_connection(dst, timeout=10).close(); r = 'connected'\n\
+             \x20   except ConnectionRefusedError: r = 'refused'\n\
+             \x20   except OSError as e: r = 'error %s' % e\n\
+             \x20   print(dst[0], r, time.monotonic() - t < 1.0)\n\
+             u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(10)\n\
+             u.connect(('203.0.113.7', 53)); u.send(b'x')\n\
+             t = time.monotonic()\n\
+             try:\n    u.recv(10); r = 'answered'\n\
+             except OSError as e: r = 'udp error'\n\
+             print('udp', r, time.monotonic() - t < 1.0)",
+            denied = net.denied_port
+        ),
+    );
+    assert_eq!(
+        out,
+        "203.0.113.7 refused True\n10.0.2.2 refused True\n192.0.2.200 refused True\nudp udp error True",
+    );
+    let log = std::fs::read_to_string(&net.log).unwrap();
+    for dst in [
+        "tcp to 203.0.113.7:80".to_string(),
+        format!("tcp to 10.0.2.2:{}", net.denied_port),
+        "udp to 203.0.113.7:53".to_string(),
+    ] {
+        assert!(
+            log.contains(&format!("refused {dst}")),
+            "{dst} not logged:\n{log}"
+        );
+    }
+}
+
+#[test]
+fn fifty_concurrent_connections_all_complete() {
+    let net = user_net();
+    let out = py(
+        &net.guest,
+        &format!(
+            "import socket, threading\n\
+             ok = []\n\
+             def one(i):\n\
+             \x20   s = socket.create_connection(('10.0.2.2', {port}), timeout=120)\n\
+             \x20   msg = (b'connection %d ' % i) * 100\n\
+             \x20   s.sendall(msg); s.shutdown(socket.SHUT_WR)\n\
+             \x20   got = b''\n\
+             \x20   while True:\n\
+             \x20       d = s.recv(65536)\n\
+             \x20       if not d: break\n\
+             \x20       got += d\n\
+             \x20   ok.append(got == msg)\n\
+             ts = [threading.Thread(target=one, args=(i,)) for i in range(50)]\n\
+             [t.start() for t in ts]; [t.join() for t in ts]\n\
+             print(len(ok), all(ok))",
+            port = net.echo_port
+        ),
+    );
+    assert_eq!(out, "50 True");
+}
+
+#[test]
+fn a_host_port_forward_reaches_a_server_in_the_guest() {
+    let net = user_net();
+    // The server is listening when the command returns; it answers one
+    // connection in the background.
+    let out = py(
+        &net.guest,
+        "import os, socket\n\
+         s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('0.0.0.0', 8080)); s.listen()\n\
+         if os.fork() == 0:\n\
+         \x20   os.setsid(); os.close(1); os.close(2)\n\
+         \x20   c, a = s.accept(); line = c.recv(100)\n\
+         \x20   c.sendall(b'guest got ' + line + b' from ' + a[0].encode()); c.close(); os._exit(0)\n\
+         print('listening')",
+    );
+    assert_eq!(out, "listening");
+    let mut conn = TcpStream::connect(("127.0.0.1", net.forward_port)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    conn.write_all(b"hello").unwrap();
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).unwrap();
+    assert_eq!(reply, "guest got hello from 10.0.2.2");
+}
+
+#[test]
+fn udp_round_trips_to_the_host() {
+    let net = user_net();
+    let out = py(
+        &net.guest,
+        &format!(
+            "import socket\n\
+             u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(30)\n\
+             for i in range(3):\n\
+             \x20   u.sendto(b'ping %d' % i, ('10.0.2.2', {port}))\n\
+             \x20   print(u.recvfrom(100))",
+            port = net.udp_port
+        ),
+    );
+    let want: Vec<String> = (0..3)
+        .map(|i| format!("(b'echo:ping {i}', ('10.0.2.2', {}))", net.udp_port))
+        .collect();
+    assert_eq!(out, want.join("\n"));
+}
 
 /// A network namespace with a TAP interface at 10.0.3.1/24, removed on drop.
 struct Netns(String);

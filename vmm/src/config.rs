@@ -3,8 +3,10 @@
 //! Reference: docs/config.md. Unknown fields are errors, so a typo never
 //! silently falls back to a default.
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+use devices::virtio::net::user::policy::{EgressPolicy, Rule};
 use serde::{Deserialize, Serialize};
 
 /// Errors reading or checking a configuration.
@@ -126,6 +128,24 @@ pub struct VsockConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "mode", rename_all = "lowercase", deny_unknown_fields)]
 pub enum NetworkConfig {
+    /// The user-mode network: NAT inside the VMM, DHCP, a DNS forwarder,
+    /// an egress policy; no privileges needed (docs/network.md).
+    User {
+        /// Which destinations the guest may reach; default: everything but
+        /// the host's loopback.
+        #[serde(default)]
+        egress: EgressConfig,
+        /// Host ports carried to guest ports.
+        #[serde(default)]
+        port_forwards: Vec<PortForwardConfig>,
+        /// Upstream DNS servers ("ip" or "ip:port"); default: the host's
+        /// /etc/resolv.conf.
+        #[serde(default)]
+        dns: Option<Vec<String>>,
+        /// The guest's MAC address; default a locally administered one.
+        #[serde(default)]
+        mac: Option<String>,
+    },
     /// A host TAP interface (needs CAP_NET_ADMIN or a TAP device made for
     /// the VMM's user); the guest gets a static address.
     Tap {
@@ -142,9 +162,122 @@ pub enum NetworkConfig {
     },
 }
 
+/// Allowed and denied destinations of the user-mode network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressConfig {
+    /// What a destination no rule names gets.
+    #[serde(default)]
+    pub default: EgressDefault,
+    #[serde(default)]
+    pub allow: Vec<String>,
+    #[serde(default)]
+    pub deny: Vec<String>,
+}
+
+impl Default for EgressConfig {
+    fn default() -> Self {
+        EgressConfig {
+            default: EgressDefault::Allow,
+            allow: Vec::new(),
+            deny: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EgressDefault {
+    #[default]
+    Allow,
+    Deny,
+}
+
+impl EgressConfig {
+    /// The policy the network enforces; an error names the bad rule.
+    pub fn policy(&self) -> Result<EgressPolicy> {
+        let rules = |list: &[String]| -> Result<Vec<Rule>> {
+            list.iter()
+                .map(|r| Rule::parse(r).map_err(|e| Error::BadNetwork(format!("egress {e}"))))
+                .collect()
+        };
+        Ok(EgressPolicy {
+            default_allow: self.default == EgressDefault::Allow,
+            allow: rules(&self.allow)?,
+            deny: rules(&self.deny)?,
+        })
+    }
+}
+
+/// A host port whose connections reach a guest port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortForwardConfig {
+    pub host: u16,
+    pub guest: u16,
+    /// The host address to listen on; default 127.0.0.1.
+    #[serde(default)]
+    pub bind: Option<String>,
+}
+
+impl PortForwardConfig {
+    pub fn bind_addr(&self) -> Result<SocketAddr> {
+        let ip: IpAddr = match &self.bind {
+            None => Ipv4Addr::LOCALHOST.into(),
+            Some(b) => b.parse().map_err(|_| {
+                Error::BadNetwork(format!("port forward \"bind\" {b:?} is not an IP address"))
+            })?,
+        };
+        if self.host == 0 || self.guest == 0 {
+            return Err(Error::BadNetwork(format!(
+                "port forward {} -> {}: ports are 1 to 65535",
+                self.host, self.guest
+            )));
+        }
+        Ok(SocketAddr::new(ip, self.host))
+    }
+}
+
+/// "ip" or "ip:port" of a DNS server.
+pub fn parse_dns_server(text: &str) -> Result<SocketAddr> {
+    if let Ok(ip) = text.parse::<Ipv4Addr>() {
+        return Ok(SocketAddr::from((ip, 53)));
+    }
+    match text.parse::<SocketAddr>() {
+        Ok(a) if a.is_ipv4() => Ok(a),
+        _ => Err(Error::BadNetwork(format!(
+            "dns server {text:?} is not an IPv4 address or address:port"
+        ))),
+    }
+}
+
 impl NetworkConfig {
     fn validate(&self) -> Result<()> {
         match self {
+            NetworkConfig::User {
+                egress,
+                port_forwards,
+                dns,
+                mac,
+            } => {
+                egress.policy()?;
+                let mut seen = std::collections::HashSet::new();
+                for f in port_forwards {
+                    let addr = f.bind_addr()?;
+                    if !seen.insert(addr) {
+                        return Err(Error::BadNetwork(format!(
+                            "port forward {addr} is listed twice"
+                        )));
+                    }
+                }
+                for d in dns.iter().flatten() {
+                    parse_dns_server(d)?;
+                }
+                if let Some(m) = mac {
+                    parse_mac(m)?;
+                }
+                Ok(())
+            }
             NetworkConfig::Tap {
                 address,
                 gateway,

@@ -34,6 +34,8 @@ pub enum Error {
     Snapshot(#[from] snapshot::Error),
     #[error(transparent)]
     Fork(#[from] fork::Error),
+    #[error("this VM's network is a TAP interface, which belongs to one VM: fork and snapshot need \"network\": {{\"mode\": \"user\"}}")]
+    TapNetwork,
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -186,9 +188,17 @@ impl Controller {
         Ok((result?, t0.elapsed().as_secs_f64() * 1e3))
     }
 
+    fn refuse_tap(&self) -> Result<()> {
+        match self.config.network {
+            Some(crate::config::NetworkConfig::Tap { .. }) => Err(Error::TapNetwork),
+            _ => Ok(()),
+        }
+    }
+
     /// Writes a snapshot of the running VM into the new directory `dir`
     /// (docs/snapshot.md); the VM continues afterwards.
     pub fn snapshot(&mut self, dir: &Path, agent_ready: bool) -> Result<SnapshotInfo> {
+        self.refuse_tap()?;
         let writer = snapshot::Writer::create(dir)?;
         let (memory_bytes, pause_ms) = self.paused_for(|c| {
             let state = c.machine_state(agent_ready)?;
@@ -227,6 +237,7 @@ impl Controller {
         opts: &ForkOptions,
         agent_ready: bool,
     ) -> Result<(ForkInfo, Vec<Spawned>)> {
+        self.refuse_tap()?;
         let dir = match (&opts.dir, &self.api_socket) {
             (Some(d), _) => d.clone(),
             (None, Some(api)) => api

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use crate::config::{SerialOutput, VmConfig};
+use crate::config::{NetworkConfig, SerialOutput, VmConfig};
 use crate::memory::{MemoryImage, Overlay};
 use crate::snapshot::MachineState;
 use crate::vm::RestoreSource;
@@ -193,6 +193,11 @@ fn child_config(parent: &VmConfig, id: &str, pid: u32, dir: &Path) -> VmConfig {
     }
     if let Some(r) = &mut config.rootfs {
         r.layer = None;
+    }
+    // Each child gets a user-mode network of its own; the host ports of
+    // port forwards stay with the parent.
+    if let Some(NetworkConfig::User { port_forwards, .. }) = &mut config.network {
+        port_forwards.clear();
     }
     // A console file gets one per child, `<file>.<id>`; stdout none.
     config.serial = match &parent.serial {

@@ -28,6 +28,7 @@ use crate::x86_64::{boot, cpuid, layout, mptable, regs};
 use devices::virtio::block::{Block, LayeredDisk, SharedDisk};
 use devices::virtio::fs::{Fs, PassthroughFs};
 use devices::virtio::net::tap::Tap;
+use devices::virtio::net::user::{self, UserNet, UserNetConfig};
 use devices::virtio::net::Net;
 
 /// An event-loop subscriber for a device's host side.
@@ -70,6 +71,8 @@ pub enum Error {
     Virtio(#[from] crate::virtio::Error),
     #[error(transparent)]
     Tap(#[from] devices::virtio::net::tap::Error),
+    #[error(transparent)]
+    UserNet(#[from] devices::virtio::net::user::Error),
     #[error("share {tag:?}: {source}")]
     Share {
         tag: String,
@@ -283,6 +286,60 @@ fn ip_arg(address: &str, gateway: Option<&str>) -> Result<String> {
         "ip={addr}::{}:{mask}::eth0:off",
         gateway.unwrap_or("")
     ))
+}
+
+/// The virtio-net device for `network`. A restored or forked machine gets a
+/// user-mode network of its own (no connections carried over); its port
+/// forwards are bound when the ports are free, else left out with a
+/// warning (the original VM may still hold them).
+fn network_device(network: &NetworkConfig, restored: bool) -> Result<Net> {
+    let mac = |m: &Option<String>| -> Result<[u8; 6]> {
+        Ok(match m {
+            Some(m) => crate::config::parse_mac(m)?,
+            None => DEFAULT_MAC,
+        })
+    };
+    match network {
+        NetworkConfig::Tap { tap, mac: m, .. } => Ok(Net::new(mac(m)?, Box::new(Tap::open(tap)?))),
+        NetworkConfig::User {
+            egress,
+            port_forwards,
+            dns,
+            mac: m,
+        } => {
+            let dns = match dns {
+                Some(list) => list
+                    .iter()
+                    .map(|d| crate::config::parse_dns_server(d))
+                    .collect::<std::result::Result<Vec<_>, _>>()?,
+                None => user::host_resolvers(),
+            };
+            if dns.is_empty() {
+                tracing::warn!("network: /etc/resolv.conf names no IPv4 name server; the guest's DNS queries will fail (set \"dns\" in \"network\")");
+            }
+            let mut forwards = Vec::new();
+            for f in port_forwards {
+                let bind = f.bind_addr()?;
+                if restored && std::net::TcpListener::bind(bind).is_err() {
+                    tracing::warn!(
+                        "network: port forward {bind} is in use; this restored VM goes without it"
+                    );
+                    continue;
+                }
+                forwards.push(user::PortForward {
+                    bind,
+                    guest_port: f.guest,
+                });
+            }
+            let backend = UserNet::new(UserNetConfig {
+                guest_mac: mac(m)?,
+                policy: egress.policy()?,
+                dns,
+                port_forwards: forwards,
+            })?;
+            Ok(Net::new(mac(m)?, Box::new(backend)))
+        }
+    }
 }
 
 /// Every guest inode a share holds is a host descriptor: lift the soft
@@ -571,13 +628,8 @@ impl Vm {
             backends.push(Arc::new(Mutex::new(vsock.backend())));
             virtio.push(placer.add(Box::new(vsock))?);
         }
-        if let Some(NetworkConfig::Tap { tap, mac, .. }) = &config.network {
-            let backend = Tap::open(tap)?;
-            let mac = match mac {
-                Some(m) => crate::config::parse_mac(m)?,
-                None => DEFAULT_MAC,
-            };
-            let net = Net::new(mac, Box::new(backend));
+        if let Some(network) = &config.network {
+            let net = network_device(network, restore.is_some())?;
             backends.push(Arc::new(Mutex::new(net.handle())));
             virtio.push(placer.add(Box::new(net))?);
         }
@@ -626,11 +678,13 @@ impl Vm {
                     // Tells the guest init what to mount where.
                     device_args.push(shares_arg(&config.shares));
                 }
-                if let Some(NetworkConfig::Tap {
-                    address, gateway, ..
-                }) = &config.network
-                {
-                    device_args.push(ip_arg(address, gateway.as_deref())?);
+                match &config.network {
+                    Some(NetworkConfig::Tap {
+                        address, gateway, ..
+                    }) => device_args.push(ip_arg(address, gateway.as_deref())?),
+                    // The guest kernel asks the user-mode network's DHCP.
+                    Some(NetworkConfig::User { .. }) => device_args.push("ip=dhcp".into()),
+                    None => {}
                 }
                 let cmdline = kernel_cmdline(config, flavour, &device_args);
                 let initramfs = initramfs

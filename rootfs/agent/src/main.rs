@@ -126,6 +126,25 @@ fn mount_shares(list: &str) {
     }
 }
 
+/// Points the resolver at the name servers the kernel's DHCP client got
+/// (`ip=dhcp` leaves them in /proc/net/pnp); nothing when it got none.
+fn write_resolv_conf() {
+    let pnp = std::fs::read_to_string("/proc/net/pnp").unwrap_or_default();
+    let servers: String = pnp
+        .lines()
+        .filter(|l| l.starts_with("nameserver ") && !l.ends_with(" 0.0.0.0"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    if servers.is_empty() {
+        return;
+    }
+    // A symlink (to a resolver daemon's file) would be written through.
+    let _ = std::fs::remove_file("/etc/resolv.conf");
+    if let Err(e) = std::fs::write("/etc/resolv.conf", servers) {
+        eprintln!("vmm-init: cannot write /etc/resolv.conf: {e}");
+    }
+}
+
 fn set_hostname(name: &str) {
     // SAFETY: the pointer and length describe `name`'s bytes.
     unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
@@ -268,6 +287,7 @@ fn main() {
     if let Ok(shares) = std::env::var("VMM_SHARES") {
         mount_shares(&shares);
     }
+    write_resolv_conf();
     set_hostname("sandbox");
     let cpus = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
     println!("{READY} cpus-online={}", cpus.trim());

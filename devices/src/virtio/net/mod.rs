@@ -1,17 +1,25 @@
 //! virtio-net, in-process, in front of a [`NetBackend`] that carries
-//! Ethernet frames (a TAP device in [`tap`]; the user-mode NAT stack comes
-//! later).
+//! Ethernet frames: the user-mode NAT network in [`user`] or a TAP device
+//! in [`tap`].
 //!
 //! Queues: 0 = receive (to the guest), 1 = transmit (from the guest). Every
-//! buffer starts with the 12-byte `virtio_net_hdr_v1`; no offloads are
-//! offered yet, so the header is all zeros both ways (one buffer per frame,
-//! `num_buffers` = 1). The backend is read only while the guest has
-//! receive buffers; otherwise frames wait on the host side (the TAP
-//! device's queue), not in the VMM. Its descriptor is watched
-//! edge-triggered: a new frame wakes the device, and buffers the driver
-//! posts later drain whatever waited.
+//! buffer starts with the 12-byte `virtio_net_hdr_v1` (one buffer per
+//! frame, `num_buffers` = 1). Offloads follow the backend: the user-mode
+//! network offers a 65520-byte MTU (big frames instead of segmentation
+//! offloads: the guest sends and receives 64 KiB TCP segments without
+//! splitting them) and checksum offload both ways (partial checksums from
+//! the guest are accepted, frames to it are marked DATA_VALID); TAP gets
+//! plain 1500-byte frames with full checksums. Indirect descriptors are
+//! offered so a big receive buffer takes one ring entry.
+//!
+//! The backend is read only while the guest has receive buffers; otherwise
+//! frames wait in the backend (the TAP device's queue, or the user-mode
+//! stack's bounded queue and socket buffers), not here. Its descriptor is
+//! watched edge-triggered: a new frame wakes the device, and buffers the
+//! driver posts later drain whatever waited.
 
 pub mod tap;
+pub mod user;
 
 use std::io::{self, Read, Write};
 use std::os::fd::RawFd;
@@ -19,7 +27,11 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
-use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_S_LINK_UP,
+};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use virtio_queue::{Queue, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 
@@ -33,8 +45,8 @@ const RX: usize = 0;
 const TX: usize = 1;
 /// `virtio_net_hdr_v1` (with `num_buffers`, always there in virtio 1.x).
 pub const HDR_LEN: usize = 12;
-/// Largest frame either way without segmentation offloads: Ethernet header,
-/// 1500 bytes of payload and a VLAN tag.
+/// Largest frame either way on a standard link: Ethernet header, 1500
+/// bytes of payload and a VLAN tag.
 pub const MAX_FRAME: usize = 1518;
 
 /// Where the guest's frames go and come from.
@@ -45,6 +57,19 @@ pub trait NetBackend: Send {
     fn send(&mut self, frame: &[u8]) -> io::Result<()>;
     /// The next frame for the guest into `buf`, or None when there is none.
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>>;
+    /// Does pending work: called after a batch of `send`s and whenever
+    /// `fd` is readable.
+    fn poll(&mut self) {}
+    /// The link's MTU when the backend takes frames larger than Ethernet's
+    /// (offered to the driver as VIRTIO_NET_F_MTU).
+    fn mtu(&self) -> Option<u16> {
+        None
+    }
+    /// Whether frames from the guest may carry partial checksums and frames
+    /// to it need no checking (VIRTIO_NET_F_CSUM and GUEST_CSUM).
+    fn checksum_offload(&self) -> bool {
+        false
+    }
 }
 
 struct Running {
@@ -58,6 +83,13 @@ struct Inner {
     running: Option<Running>,
     /// Frames dropped because they were malformed or too large.
     dropped: u64,
+    /// The largest frame either way.
+    max_frame: usize,
+    /// The first byte of every receive header: DATA_VALID when the driver
+    /// took GUEST_CSUM.
+    rx_flags: u8,
+    /// One frame on its way to the guest.
+    scratch: Vec<u8>,
 }
 
 impl Inner {
@@ -66,6 +98,7 @@ impl Inner {
             backend,
             running,
             dropped,
+            max_frame,
             ..
         } = self;
         let Some(run) = running.as_mut() else {
@@ -75,7 +108,7 @@ impl Inner {
         let done = process_chains(&mut run.queues[TX], mem, &run.interrupt, |chain| {
             let frame = Reader::new(mem, chain).ok().and_then(|mut r| {
                 let len = r.available_bytes();
-                if !(HDR_LEN..=HDR_LEN + MAX_FRAME).contains(&len) {
+                if !(HDR_LEN..=HDR_LEN + *max_frame).contains(&len) {
                     return None;
                 }
                 let mut buf = vec![0u8; len];
@@ -96,6 +129,8 @@ impl Inner {
             tracing::warn!("virtio-net: the transmit ring is broken; the device stops");
             *running = None;
         }
+        backend.poll();
+        self.process_rx();
     }
 
     fn process_rx(&mut self) {
@@ -103,21 +138,24 @@ impl Inner {
             backend,
             running,
             dropped,
+            max_frame,
+            rx_flags,
+            scratch,
         } = self;
         let Some(run) = running.as_mut() else {
             return;
         };
         let mem = &run.mem;
+        scratch.resize(*max_frame, 0);
         let done = process_chains(&mut run.queues[RX], mem, &run.interrupt, |chain| {
-            let mut frame = vec![0u8; MAX_FRAME];
-            match backend.recv(&mut frame) {
-                Ok(Some(n)) => frame.truncate(n),
+            let frame = match backend.recv(scratch) {
+                Ok(Some(n)) => &scratch[..n.min(scratch.len())],
                 Ok(None) => return None,
                 Err(e) => {
                     tracing::debug!("virtio-net: backend read failed: {e}");
                     return None;
                 }
-            }
+            };
             let Ok(mut writer) = Writer::new(mem, chain) else {
                 *dropped += 1;
                 return Some(0);
@@ -129,11 +167,9 @@ impl Inner {
                 return Some(0);
             }
             let mut hdr = [0u8; HDR_LEN];
+            hdr[0] = *rx_flags;
             hdr[10] = 1; // num_buffers
-            match writer
-                .write_all(&hdr)
-                .and_then(|_| writer.write_all(&frame))
-            {
+            match writer.write_all(&hdr).and_then(|_| writer.write_all(frame)) {
                 Ok(()) => Some((HDR_LEN + frame.len()) as u32),
                 Err(_) => {
                     *dropped += 1;
@@ -151,18 +187,28 @@ impl Inner {
 /// The virtio-net device.
 pub struct Net {
     mac: [u8; 6],
+    mtu: Option<u16>,
+    checksum_offload: bool,
     inner: Arc<Mutex<Inner>>,
     queue_sizes: [u16; 2],
 }
 
 impl Net {
     pub fn new(mac: [u8; 6], backend: Box<dyn NetBackend>) -> Self {
+        let mtu = backend.mtu();
+        let checksum_offload = backend.checksum_offload();
         Net {
             mac,
+            mtu,
+            checksum_offload,
             inner: Arc::new(Mutex::new(Inner {
                 backend,
                 running: None,
                 dropped: 0,
+                // Ethernet header and a VLAN tag around the MTU.
+                max_frame: mtu.map_or(MAX_FRAME, |m| usize::from(m) + 18),
+                rx_flags: 0,
+                scratch: Vec::new(),
             })),
             queue_sizes: [QUEUE_SIZE; 2],
         }
@@ -195,16 +241,35 @@ impl VirtioDevice for Net {
     }
 
     fn features(&self) -> u64 {
-        (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_STATUS)
+        let mut f = (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << VIRTIO_NET_F_MAC)
+            | (1 << VIRTIO_NET_F_STATUS);
+        if self.mtu.is_some() {
+            f |= 1 << VIRTIO_NET_F_MTU;
+        }
+        if self.checksum_offload {
+            f |= (1 << VIRTIO_NET_F_CSUM) | (1 << VIRTIO_NET_F_GUEST_CSUM);
+        }
+        f
     }
 
-    fn ack_features(&mut self, _features: u64) {}
+    fn ack_features(&mut self, features: u64) {
+        let valid = features & (1 << VIRTIO_NET_F_GUEST_CSUM) != 0;
+        self.lock().rx_flags = if valid {
+            VIRTIO_NET_HDR_F_DATA_VALID as u8
+        } else {
+            0
+        };
+    }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        // mac[6], status u16.
-        let mut config = [0u8; 8];
+        // mac[6], status u16, max_virtqueue_pairs u16, mtu u16.
+        let mut config = [0u8; 12];
         config[..6].copy_from_slice(&self.mac);
-        config[6..].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        config[8..10].copy_from_slice(&1u16.to_le_bytes());
+        config[10..].copy_from_slice(&self.mtu.unwrap_or(1500).to_le_bytes());
         read_config_bytes(&config, offset, data);
     }
 
@@ -268,10 +333,9 @@ impl MutEventSubscriber for NetHandle {
     }
 
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .process_rx();
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.backend.poll();
+        inner.process_rx();
     }
 }
 
@@ -358,9 +422,9 @@ mod tests {
             evt: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
         };
         let mut dev = Net::new([2, 0, 0, 0, 0, 1], Box::new(backend));
-        let mut cfg = [0u8; 8];
+        let mut cfg = [0u8; 12];
         dev.read_config(0, &mut cfg);
-        assert_eq!(cfg, [2, 0, 0, 0, 0, 1, 1, 0]);
+        assert_eq!(cfg, [2, 0, 0, 0, 0, 1, 1, 0, 1, 0, 0xdc, 0x05]);
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let interrupt = Arc::new(Interrupt::new(Box::new(EventFdLine(irq))));
         let queues = vec![rxq.create_queue().unwrap(), txq.create_queue().unwrap()];
