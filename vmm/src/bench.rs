@@ -299,6 +299,37 @@ pub(crate) fn time_to_marker(
     })
 }
 
+/// The last 20 console lines (for an error).
+pub(crate) fn tail(lines: &[String]) -> String {
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// The kernel command line of a qemu microvm guest with `extra` (which may
+/// end with the guest's command, `-- ...`). qemu would append its
+/// virtio-mmio devices after that command, where the kernel no longer reads
+/// them: all eight microvm transports (0xfeb00000 + 512 * i, IRQ 5 + i
+/// without ACPI) are named before it instead; empty ones are skipped by
+/// the guest. Use with `-machine auto-kernel-cmdline=off`.
+pub(crate) fn microvm_cmdline(flavour: KernelFlavour, extra: String) -> String {
+    let transports: Vec<String> = (0..8u64)
+        .map(|i| {
+            format!(
+                "virtio_mmio.device=512@{:#x}:{}",
+                0xfeb0_0000 + 512 * i,
+                5 + i
+            )
+        })
+        .collect();
+    crate::vm::kernel_cmdline(
+        &crate::config::VmConfig {
+            cmdline: Some(extra),
+            ..Default::default()
+        },
+        flavour,
+        &transports,
+    )
+}
+
 pub(crate) fn qemu_command(
     kernel: &Path,
     initramfs: &Path,

@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::artifacts::{self, KernelFlavour};
-use crate::bench::{qemu_command, require_built, time_to_marker, vmm_exe, Error, Report, Stats};
+use crate::bench::{
+    microvm_cmdline, qemu_command, require_built, tail, time_to_marker, vmm_exe, Error, Report,
+    Stats,
+};
 use crate::config::{Flavour, RootfsConfig, SerialOutput, ShareConfig, VmConfig};
 
 const SCRIPT: &str = include_str!("fsbench.py");
@@ -297,10 +300,6 @@ pub fn fs(opts: &FsBenchOptions) -> Result<FsBench, Error> {
     Ok(result)
 }
 
-fn tail(lines: &[String]) -> String {
-    lines[lines.len().saturating_sub(20)..].join("\n")
-}
-
 #[allow(clippy::too_many_arguments)]
 fn run_qemu(
     opts: &FsBenchOptions,
@@ -345,27 +344,7 @@ fn run_qemu(
         "VMM_SHARES={TAG}:{GUEST_DIR} {}",
         guest_command(opts, &[("share", "/mnt/bench/qemu")])
     );
-    // qemu would append its virtio-mmio devices after the guest's command
-    // (`-- ...`), where the kernel no longer reads them: name all eight
-    // microvm transports (0xfeb00000 + 512 * i, IRQ 5 + i without ACPI)
-    // before it instead; empty ones are skipped by the guest.
-    let transports: Vec<String> = (0..8u64)
-        .map(|i| {
-            format!(
-                "virtio_mmio.device=512@{:#x}:{}",
-                0xfeb0_0000 + 512 * i,
-                5 + i
-            )
-        })
-        .collect();
-    let cmdline = crate::vm::kernel_cmdline(
-        &VmConfig {
-            cmdline: Some(extra),
-            ..Default::default()
-        },
-        flavour,
-        &transports,
-    );
+    let cmdline = microvm_cmdline(flavour, extra);
     let mut cmd = qemu_command(kernel, initramfs, &cmdline, MEMORY_MIB);
     let size = format!("{MEMORY_MIB}M");
     cmd.args(["-object"])

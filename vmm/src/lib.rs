@@ -19,6 +19,7 @@ pub mod artifacts;
 pub mod bench;
 pub mod bench_fork;
 pub mod bench_fs;
+pub mod bench_net;
 pub mod config;
 pub mod control;
 pub mod doctor;

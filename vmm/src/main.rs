@@ -238,6 +238,25 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Networking: TCP throughput both ways and connection set-up time
+    /// through the user-mode network, and through qemu's `-netdev user`.
+    Net {
+        /// MiB per throughput figure.
+        #[arg(long, default_value_t = 32)]
+        mib: u64,
+        /// Figures per direction.
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+        /// Connection set-ups timed.
+        #[arg(long, default_value_t = 20)]
+        connects: u32,
+        /// Skip the qemu comparison.
+        #[arg(long)]
+        no_qemu: bool,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Snapshot create time and restore-to-running time against memory size.
     Snapshot {
         #[arg(long, value_delimiter = ',', default_value = "256,1024,4096")]
@@ -536,6 +555,24 @@ fn main() -> ExitCode {
                 mib,
                 files,
                 runs,
+                qemu: !no_qemu,
+            }),
+            json,
+        ),
+        Command::Bench {
+            what:
+                BenchCommand::Net {
+                    mib,
+                    runs,
+                    connects,
+                    no_qemu,
+                    json,
+                },
+        } => print_bench(
+            vmm::bench_net::net(&vmm::bench_net::NetBenchOptions {
+                mib,
+                runs,
+                connects,
                 qemu: !no_qemu,
             }),
             json,
