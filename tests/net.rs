@@ -21,7 +21,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-use common::{describe, ok, Guest, Scratch};
+use common::{describe, exec, fork, ok, stop_now, Guest, Scratch};
 use serde_json::json;
 
 /// The bytes the data server sends: `n` of a fixed pattern.
@@ -238,18 +238,7 @@ fn a_10_mib_fetch_arrives_intact_by_address_and_by_allowed_name() {
     let size = 10 << 20;
     let want = sha256(&pattern(size));
     for host in ["10.0.2.2", "named.test"] {
-        let out = py(
-            &net.guest,
-            &format!(
-                "import hashlib, socket\n\
-                 s = socket.create_connection(('{host}', {port}), timeout=120)\n\
-                 s.sendall(b'{size}\\n')\n\
-                 h, n = hashlib.sha256(), 0\n\
-                 while True:\n    d = s.recv(1 << 20)\n    if not d: break\n    h.update(d); n += len(d)\n\
-                 print(n, h.hexdigest())",
-                port = net.data_port
-            ),
-        );
+        let out = ok(net.guest.sh(&fetch_script(host, net.data_port, size)));
         assert_eq!(out, format!("{size} {want}"), "through {host}");
     }
 }
@@ -345,6 +334,34 @@ fn a_host_port_forward_reaches_a_server_in_the_guest() {
     let mut reply = String::new();
     conn.read_to_string(&mut reply).unwrap();
     assert_eq!(reply, "guest got hello from 10.0.2.2");
+}
+
+/// A guest script that fetches `size` bytes from the data server at
+/// `host` and prints the count and their SHA-256.
+fn fetch_script(host: &str, port: u16, size: usize) -> String {
+    format!(
+        "python3 - <<'EOF'\n\
+         import hashlib, socket\n\
+         s = socket.create_connection(('{host}', {port}), timeout=120)\n\
+         s.sendall(b'{size}\\n')\n\
+         h, n = hashlib.sha256(), 0\n\
+         while True:\n    d = s.recv(1 << 20)\n    if not d: break\n    h.update(d); n += len(d)\n\
+         print(n, h.hexdigest())\nEOF"
+    )
+}
+
+#[test]
+fn a_fork_child_gets_a_network_of_its_own() {
+    let net = user_net();
+    let children = fork(&net.guest.api, 1);
+    let (id, api, pid) = &children[0];
+    let size = 1 << 20;
+    let out = ok(exec(api, &fetch_script("10.0.2.2", net.data_port, size)));
+    stop_now(api, *pid);
+    assert_eq!(out, format!("{size} {}", sha256(&pattern(size))), "child {id}");
+    // The parent's network is untouched by the child's end.
+    let out = ok(net.guest.sh(&fetch_script("10.0.2.2", net.data_port, size)));
+    assert_eq!(out, format!("{size} {}", sha256(&pattern(size))));
 }
 
 #[test]
@@ -466,6 +483,12 @@ fn a_guest_on_a_tap_link_fetches_a_file() {
     assert_eq!(out, format!("{} {sum}", blob.len()), "{out}");
     let addr = guest.sh("cat /proc/net/fib_trie | grep -c 10.0.3.2");
     assert!(addr.status.success(), "{}", describe(&addr));
+    // A TAP interface belongs to one VM: no fork, with a reason.
+    let err = vmm::api::ApiClient::new(&guest.api)
+        .call("PUT", "/vm/fork", Some(&json!({"count": 1})))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("TAP interface"), "{err}");
 }
 
 fn served_path(g: &Guest) -> std::path::PathBuf {

@@ -131,7 +131,7 @@ impl Stats {
     }
 
     pub fn to_json(self) -> Value {
-        let r = |x: f64| (x * 10.0).round() / 10.0;
+        let r = |x: f64| (x * 1000.0).round() / 1000.0;
         json!({"median": r(self.median), "min": r(self.min), "max": r(self.max)})
     }
 }

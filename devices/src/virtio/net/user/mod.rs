@@ -355,14 +355,6 @@ impl UserNet {
         })
     }
 
-    /// The local addresses port forwards listen on (for tests and logs).
-    pub fn forward_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners
-            .iter()
-            .filter_map(|(l, _)| l.local_addr().ok())
-            .collect()
-    }
-
     fn now(&self) -> smoltcp::time::Instant {
         smoltcp::time::Instant::from_micros(self.start.elapsed().as_micros() as i64)
     }
