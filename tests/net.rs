@@ -358,7 +358,11 @@ fn a_fork_child_gets_a_network_of_its_own() {
     let size = 1 << 20;
     let out = ok(exec(api, &fetch_script("10.0.2.2", net.data_port, size)));
     stop_now(api, *pid);
-    assert_eq!(out, format!("{size} {}", sha256(&pattern(size))), "child {id}");
+    assert_eq!(
+        out,
+        format!("{size} {}", sha256(&pattern(size))),
+        "child {id}"
+    );
     // The parent's network is untouched by the child's end.
     let out = ok(net.guest.sh(&fetch_script("10.0.2.2", net.data_port, size)));
     assert_eq!(out, format!("{size} {}", sha256(&pattern(size))));

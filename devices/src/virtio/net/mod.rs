@@ -3,14 +3,19 @@
 //! in [`tap`].
 //!
 //! Queues: 0 = receive (to the guest), 1 = transmit (from the guest). Every
-//! buffer starts with the 12-byte `virtio_net_hdr_v1` (one buffer per
-//! frame, `num_buffers` = 1). Offloads follow the backend: the user-mode
+//! buffer starts with the 12-byte `virtio_net_hdr_v1`. With MRG_RXBUF
+//! (always offered) the driver posts small receive buffers and a frame
+//! spans as many as it needs (`num_buffers`); without it, one buffer per
+//! frame. Small buffers matter: without them a 65520-byte MTU makes the
+//! driver fill its ring with 64 KiB buffers at boot (seconds of guest
+//! kernel work on a PVM host) and refill one per received frame, however
+//! small. Offloads follow the backend: the user-mode
 //! network offers a 65520-byte MTU (big frames instead of segmentation
 //! offloads: the guest sends and receives 64 KiB TCP segments without
 //! splitting them) and checksum offload both ways (partial checksums from
 //! the guest are accepted, frames to it are marked DATA_VALID); TAP gets
 //! plain 1500-byte frames with full checksums. Indirect descriptors are
-//! offered so a big receive buffer takes one ring entry.
+//! offered (a big transmit chain takes one ring entry).
 //!
 //! The backend is read only while the guest has receive buffers; otherwise
 //! frames wait in the backend (the TAP device's queue, or the user-mode
@@ -28,16 +33,16 @@ use std::sync::{Arc, Mutex};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU,
-    VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
-use virtio_queue::{Queue, Reader, Writer};
+use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 
 use super::{
-    process_chains, read_config_bytes, ActivateError, Interrupt, QueueSnapshot, VirtioDevice,
-    VIRTIO_F_VERSION_1,
+    process_chains, read_config_bytes, ActivateError, BrokenRing, Interrupt, QueueSnapshot,
+    VirtioDevice, VIRTIO_F_VERSION_1,
 };
 
 const QUEUE_SIZE: u16 = 256;
@@ -88,8 +93,12 @@ struct Inner {
     /// The first byte of every receive header: DATA_VALID when the driver
     /// took GUEST_CSUM.
     rx_flags: u8,
-    /// One frame on its way to the guest.
+    /// Whether the driver took MRG_RXBUF (a frame may span buffers).
+    mergeable: bool,
+    /// One frame on its way to the guest: its first `pending` bytes when
+    /// it waits for receive buffers.
     scratch: Vec<u8>,
+    pending: usize,
 }
 
 impl Inner {
@@ -140,48 +149,105 @@ impl Inner {
             dropped,
             max_frame,
             rx_flags,
+            mergeable,
             scratch,
+            pending,
         } = self;
         let Some(run) = running.as_mut() else {
             return;
         };
-        let mem = &run.mem;
         scratch.resize(*max_frame, 0);
-        let done = process_chains(&mut run.queues[RX], mem, &run.interrupt, |chain| {
-            let frame = match backend.recv(scratch) {
-                Ok(Some(n)) => &scratch[..n.min(scratch.len())],
-                Ok(None) => return None,
-                Err(e) => {
-                    tracing::debug!("virtio-net: backend read failed: {e}");
-                    return None;
-                }
-            };
-            let Ok(mut writer) = Writer::new(mem, chain) else {
-                *dropped += 1;
-                return Some(0);
-            };
-            if writer.available_bytes() < HDR_LEN + frame.len() {
-                // A buffer too small for this frame: the frame is lost, the
-                // buffer goes back empty.
-                *dropped += 1;
-                return Some(0);
-            }
-            let mut hdr = [0u8; HDR_LEN];
-            hdr[0] = *rx_flags;
-            hdr[10] = 1; // num_buffers
-            match writer.write_all(&hdr).and_then(|_| writer.write_all(frame)) {
-                Ok(()) => Some((HDR_LEN + frame.len()) as u32),
-                Err(_) => {
-                    *dropped += 1;
-                    Some(0)
+        let mut used = false;
+        loop {
+            if *pending == 0 {
+                match backend.recv(scratch) {
+                    Ok(Some(n)) if n > 0 => *pending = n.min(scratch.len()),
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::debug!("virtio-net: backend read failed: {e}");
+                        break;
+                    }
                 }
             }
-        });
-        if done.is_err() {
-            tracing::warn!("virtio-net: the receive ring is broken; the device stops");
-            *running = None;
+            let frame = &scratch[..*pending];
+            let queue = &mut run.queues[RX];
+            match deliver(queue, &run.mem, frame, *rx_flags, *mergeable, dropped) {
+                Ok(true) => {
+                    *pending = 0;
+                    used = true;
+                }
+                // Not enough buffers: the frame waits for the driver's next.
+                Ok(false) => break,
+                Err(BrokenRing) => {
+                    tracing::warn!("virtio-net: the receive ring is broken; the device stops");
+                    *running = None;
+                    return;
+                }
+            }
+        }
+        let queue = &mut run.queues[RX];
+        if used && queue.needs_notification(&run.mem).unwrap_or(true) {
+            run.interrupt.signal_used_queue();
         }
     }
+}
+
+/// Writes `frame` behind a receive header into the guest's buffers: one
+/// buffer, or with MRG_RXBUF as many as it takes (`num_buffers` says how
+/// many). False when the ring has too few buffers now (none is used then).
+/// A single buffer too small for the frame is returned empty and the frame
+/// is lost.
+fn deliver(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    frame: &[u8],
+    flags: u8,
+    mergeable: bool,
+    dropped: &mut u64,
+) -> Result<bool, BrokenRing> {
+    let need = HDR_LEN + frame.len();
+    let mut buffers = Vec::new();
+    let mut room = 0;
+    while room < need && (mergeable || buffers.is_empty()) {
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            for _ in 0..buffers.len() {
+                queue.go_to_previous_position();
+            }
+            return Ok(false);
+        };
+        let head = chain.head_index();
+        let writer = Writer::new(mem, chain).ok();
+        room += writer.as_ref().map_or(0, Writer::available_bytes);
+        buffers.push((head, writer));
+    }
+    if room < need {
+        *dropped += 1;
+        queue
+            .add_used(mem, buffers[0].0, 0)
+            .map_err(|_| BrokenRing)?;
+        return Ok(true);
+    }
+    let mut hdr = [0u8; HDR_LEN];
+    hdr[0] = flags;
+    hdr[10..].copy_from_slice(&(buffers.len() as u16).to_le_bytes());
+    let mut parts = [&hdr[..], frame];
+    for (head, writer) in buffers {
+        let mut written = 0;
+        if let Some(mut w) = writer {
+            for part in parts.iter_mut() {
+                let n = part.len().min(w.available_bytes());
+                if n == 0 || w.write_all(&part[..n]).is_err() {
+                    continue;
+                }
+                *part = &part[n..];
+                written += n;
+            }
+        }
+        queue
+            .add_used(mem, head, written as u32)
+            .map_err(|_| BrokenRing)?;
+    }
+    Ok(true)
 }
 
 /// The virtio-net device.
@@ -208,7 +274,9 @@ impl Net {
                 // Ethernet header and a VLAN tag around the MTU.
                 max_frame: mtu.map_or(MAX_FRAME, |m| usize::from(m) + 18),
                 rx_flags: 0,
+                mergeable: false,
                 scratch: Vec::new(),
+                pending: 0,
             })),
             queue_sizes: [QUEUE_SIZE; 2],
         }
@@ -244,7 +312,8 @@ impl VirtioDevice for Net {
         let mut f = (1 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
             | (1 << VIRTIO_NET_F_MAC)
-            | (1 << VIRTIO_NET_F_STATUS);
+            | (1 << VIRTIO_NET_F_STATUS)
+            | (1 << VIRTIO_NET_F_MRG_RXBUF);
         if self.mtu.is_some() {
             f |= 1 << VIRTIO_NET_F_MTU;
         }
@@ -256,11 +325,13 @@ impl VirtioDevice for Net {
 
     fn ack_features(&mut self, features: u64) {
         let valid = features & (1 << VIRTIO_NET_F_GUEST_CSUM) != 0;
-        self.lock().rx_flags = if valid {
+        let mut inner = self.lock();
+        inner.rx_flags = if valid {
             VIRTIO_NET_HDR_F_DATA_VALID as u8
         } else {
             0
         };
+        inner.mergeable = features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -473,5 +544,50 @@ mod tests {
             .unwrap();
         dev.process_queue(RX);
         assert_eq!(used(&mem, &rxq).1[2], (HDR_LEN + 42) as u32);
+    }
+
+    #[test]
+    fn with_mergeable_buffers_a_frame_spans_several_and_waits_for_enough() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let rxq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
+        let txq = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 16);
+        let to_guest = Arc::new(Mutex::new(VecDeque::new()));
+        let backend = Loop {
+            sent: Arc::new(Mutex::new(Vec::new())),
+            to_guest: to_guest.clone(),
+            evt: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        };
+        let mut dev = Net::new([2, 0, 0, 0, 0, 1], Box::new(backend));
+        assert_ne!(dev.features() & (1 << VIRTIO_NET_F_MRG_RXBUF), 0);
+        dev.ack_features((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MRG_RXBUF));
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let interrupt = Arc::new(Interrupt::new(Box::new(EventFdLine(irq))));
+        let queues = vec![rxq.create_queue().unwrap(), txq.create_queue().unwrap()];
+        dev.activate(mem.clone(), interrupt, queues).unwrap();
+
+        // 100 bytes behind the 12-byte header need three 50-byte buffers;
+        // with two posted the frame waits and nothing is used.
+        let frame: Vec<u8> = (0..100u8).collect();
+        to_guest.lock().unwrap().push_back(frame.clone());
+        let buf = |i: u64| 0x10_0000 + i * 0x1000;
+        rxq.add_desc_chains(
+            &chains(&[&[(buf(0), 50, true)], &[(buf(1), 50, true)]], 0),
+            0,
+        )
+        .unwrap();
+        dev.process_queue(RX);
+        assert_eq!(used(&mem, &rxq).0, 0, "waits for a third buffer");
+        rxq.add_desc_chains(&chains(&[&[(buf(2), 50, true)]], 2), 2)
+            .unwrap();
+        dev.process_queue(RX);
+        let (idx, lens) = used(&mem, &rxq);
+        assert_eq!((idx, lens), (3, vec![50, 50, 12]));
+        let mut got = vec![0u8; 150];
+        for i in 0..3 {
+            mem.read_slice(&mut got[i * 50..i * 50 + 50], GuestAddress(buf(i as u64)))
+                .unwrap();
+        }
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 3, "num_buffers");
+        assert_eq!(&got[HDR_LEN..HDR_LEN + 100], &frame[..]);
     }
 }

@@ -1102,6 +1102,12 @@ mod tests {
     }
 
     #[test]
+    fn the_hosts_own_addresses_are_known() {
+        let own = host_addresses();
+        assert!(own.contains(&Ipv4Addr::LOCALHOST), "{own:?}");
+    }
+
+    #[test]
     fn malformed_frames_are_dropped_without_harm() {
         let mut net = net(EgressPolicy::default(), Vec::new());
         let mut seed = 0x1234_5678_u32;
