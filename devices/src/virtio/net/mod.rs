@@ -582,7 +582,7 @@ mod tests {
         dev.process_queue(RX);
         let (idx, lens) = used(&mem, &rxq);
         assert_eq!((idx, lens), (3, vec![50, 50, 12]));
-        let mut got = vec![0u8; 150];
+        let mut got = [0u8; 150];
         for i in 0..3 {
             mem.read_slice(&mut got[i * 50..i * 50 + 50], GuestAddress(buf(i as u64)))
                 .unwrap();
