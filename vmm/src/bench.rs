@@ -130,6 +130,23 @@ impl Stats {
         })
     }
 
+    /// The numbers in the array at `key` of `v`.
+    pub fn list(v: &Value, key: &str) -> Vec<f64> {
+        v[key]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_f64).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn median_of(values: &[f64]) -> Option<f64> {
+        Stats::of(values).map(|s| s.median)
+    }
+
+    /// `{"median","min","max"}` of `values`, null when empty.
+    pub fn json_of(values: &[f64]) -> Value {
+        Stats::of(values).map_or(Value::Null, Stats::to_json)
+    }
+
     pub fn to_json(self) -> Value {
         let r = |x: f64| (x * 1000.0).round() / 1000.0;
         json!({"median": r(self.median), "min": r(self.min), "max": r(self.max)})

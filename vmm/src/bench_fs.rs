@@ -46,29 +46,22 @@ pub struct Figures {
 
 impl Figures {
     fn parse(v: &Value) -> Figures {
-        let list = |k: &str| -> Vec<f64> {
-            v[k].as_array()
-                .map(|a| a.iter().filter_map(Value::as_f64).collect())
-                .unwrap_or_default()
-        };
         Figures {
-            write_mibs: list("write_mibs"),
-            read_mibs: list("read_mibs"),
-            meta_files_per_s: list("meta_files_per_s"),
+            write_mibs: Stats::list(v, "write_mibs"),
+            read_mibs: Stats::list(v, "read_mibs"),
+            meta_files_per_s: Stats::list(v, "meta_files_per_s"),
         }
     }
 
     fn medians(&self) -> [Option<f64>; 3] {
-        [&self.write_mibs, &self.read_mibs, &self.meta_files_per_s]
-            .map(|v| Stats::of(v).map(|s| s.median))
+        [&self.write_mibs, &self.read_mibs, &self.meta_files_per_s].map(|v| Stats::median_of(v))
     }
 
     fn to_json(&self) -> Value {
-        let s = |v: &[f64]| Stats::of(v).map_or(Value::Null, Stats::to_json);
         json!({
-            "write_mibs": s(&self.write_mibs),
-            "read_mibs": s(&self.read_mibs),
-            "meta_files_per_s": s(&self.meta_files_per_s),
+            "write_mibs": Stats::json_of(&self.write_mibs),
+            "read_mibs": Stats::json_of(&self.read_mibs),
+            "meta_files_per_s": Stats::json_of(&self.meta_files_per_s),
         })
     }
 }

@@ -51,28 +51,22 @@ impl Figures {
             .iter()
             .filter_map(|l| l.split_once("netbench ").map(|(_, j)| j))
             .find_map(|j| serde_json::from_str(j.trim()).ok())?;
-        let list = |k: &str| -> Vec<f64> {
-            v[k].as_array()
-                .map(|a| a.iter().filter_map(Value::as_f64).collect())
-                .unwrap_or_default()
-        };
         Some(Figures {
-            rx_mibs: list("rx_mibs"),
-            tx_mibs: list("tx_mibs"),
-            connect_ms: list("connect_ms"),
+            rx_mibs: Stats::list(&v, "rx_mibs"),
+            tx_mibs: Stats::list(&v, "tx_mibs"),
+            connect_ms: Stats::list(&v, "connect_ms"),
         })
     }
 
     fn medians(&self) -> [Option<f64>; 3] {
-        [&self.rx_mibs, &self.tx_mibs, &self.connect_ms].map(|v| Stats::of(v).map(|s| s.median))
+        [&self.rx_mibs, &self.tx_mibs, &self.connect_ms].map(|v| Stats::median_of(v))
     }
 
     fn to_json(&self) -> Value {
-        let s = |v: &[f64]| Stats::of(v).map_or(Value::Null, Stats::to_json);
         json!({
-            "host_to_guest_mibs": s(&self.rx_mibs),
-            "guest_to_host_mibs": s(&self.tx_mibs),
-            "connect_ms": s(&self.connect_ms),
+            "host_to_guest_mibs": Stats::json_of(&self.rx_mibs),
+            "guest_to_host_mibs": Stats::json_of(&self.tx_mibs),
+            "connect_ms": Stats::json_of(&self.connect_ms),
         })
     }
 }

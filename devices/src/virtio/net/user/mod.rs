@@ -525,34 +525,42 @@ impl UserNet {
         let Ok(stream) = connect_nonblocking(target) else {
             return reset(self);
         };
-        let id = self.token(KIND_TCP);
-        if self
-            .watch(
-                stream.as_raw_fd(),
-                EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP,
-                id,
-            )
-            .is_err()
-        {
-            return reset(self);
+        let state = TcpState::Connecting {
+            syn: frame.to_vec(),
+            dst: ip.dst_addr,
+            port: tcp.dst_port,
+        };
+        if !self.add_tcp(stream, state, Some(key)) {
+            reset(self);
         }
-        self.tcp_keys.insert(key, id);
-        self.tcp.insert(
-            id,
-            TcpFlow {
-                stream,
-                state: TcpState::Connecting {
-                    syn: frame.to_vec(),
-                    dst: ip.dst_addr,
-                    port: tcp.dst_port,
-                },
-                key: Some(key),
-                readable: true,
-                writable: true,
-                host_eof: false,
-                shut_write: false,
-            },
-        );
+    }
+
+    /// Watches `stream` and keeps it as a TCP flow; false when it cannot
+    /// be watched (the flow is dropped).
+    fn add_tcp(&mut self, stream: TcpStream, state: TcpState, key: Option<FlowKey>) -> bool {
+        let id = self.token(KIND_TCP);
+        let events = EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP;
+        if self.watch(stream.as_raw_fd(), events, id).is_err() {
+            if let TcpState::Open(h) = state {
+                self.sockets.remove(h);
+            }
+            return false;
+        }
+        if let Some(key) = key {
+            self.tcp_keys.insert(key, id);
+        }
+        // Ready until a read or write says otherwise.
+        let flow = TcpFlow {
+            stream,
+            state,
+            key,
+            readable: true,
+            writable: true,
+            host_eof: false,
+            shut_write: false,
+        };
+        self.tcp.insert(id, flow);
+        true
     }
 
     /// The host connection of a held SYN finished: on success the guest's
@@ -647,30 +655,8 @@ impl UserNet {
             {
                 continue;
             }
-            let id = self.token(KIND_TCP);
-            if self
-                .watch(
-                    stream.as_raw_fd(),
-                    EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP,
-                    id,
-                )
-                .is_err()
-            {
-                continue;
-            }
             let handle = self.sockets.add(socket);
-            self.tcp.insert(
-                id,
-                TcpFlow {
-                    stream,
-                    state: TcpState::Open(handle),
-                    key: None,
-                    readable: true,
-                    writable: true,
-                    host_eof: false,
-                    shut_write: false,
-                },
-            );
+            self.add_tcp(stream, TcpState::Open(handle), None);
         }
     }
 
