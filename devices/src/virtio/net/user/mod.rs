@@ -277,9 +277,8 @@ pub struct UserNet {
     next_port: u16,
     start: Instant,
     last_sweep: Instant,
+    /// Policy refusals so far.
     refused: u64,
-    /// Frames too large for the guest's receive buffer.
-    dropped: u64,
 }
 
 fn setup<T>(what: &'static str, r: io::Result<T>) -> Result<T, Error> {
@@ -351,7 +350,6 @@ impl UserNet {
             start: Instant::now(),
             last_sweep: Instant::now(),
             refused: 0,
-            dropped: 0,
         })
     }
 
@@ -374,19 +372,28 @@ impl UserNet {
 
     fn queue_for_guest(&mut self, frame: Vec<u8>) {
         if !self.frames.push(frame) {
-            self.dropped += 1;
+            tracing::debug!(
+                "network: {TO_GUEST_BYTES} bytes wait for the guest; a frame is dropped"
+            );
         }
     }
 
+    /// Logs a refusal: policy refusals at warn (the first 100, then every
+    /// 1000th, so a guest cannot flood the log).
     fn refuse(&mut self, proto: &str, dst: Ipv4Addr, port: u16, why: Refusal) {
-        self.refused += 1;
-        let n = self.refused;
-        if matches!(why, Refusal::Policy) && (n <= 100 || n.is_multiple_of(1000)) {
-            tracing::warn!(
-                "network: egress policy refused {proto} to {dst}:{port} ({n} refused so far)"
-            );
-        } else {
-            tracing::debug!("network: {proto} to {dst}:{port} is not routable");
+        match why {
+            Refusal::Policy => {
+                self.refused += 1;
+                let n = self.refused;
+                if n <= 100 || n.is_multiple_of(1000) {
+                    tracing::warn!(
+                        "network: egress policy refused {proto} to {dst}:{port} ({n} refused so far)"
+                    );
+                }
+            }
+            Refusal::Unroutable => {
+                tracing::debug!("network: {proto} to {dst}:{port} is not routable")
+            }
         }
     }
 
@@ -975,7 +982,6 @@ impl NetBackend for UserNet {
                 buf[..frame.len()].copy_from_slice(&frame);
                 return Ok(Some(frame.len()));
             }
-            self.dropped += 1;
         }
         Ok(None)
     }
