@@ -135,9 +135,19 @@ fn fifty_children_come_and_go_without_leaks() {
         stop_now(api, *child);
     }
     let after = fds_of(pid);
-    assert_eq!(
-        after.len(),
-        fds.len(),
+    // Sockets of API and agent connections that are closing (each side
+    // closes when it sees the other's end) come and go around the
+    // snapshots, so their count may differ by a few; a leak per child
+    // would be 50 or more. Every other descriptor must be the same.
+    let split = |list: &[String]| {
+        let (sockets, mut rest): (Vec<String>, Vec<String>) =
+            list.iter().cloned().partition(|t| t.starts_with("socket:"));
+        rest.sort();
+        (sockets.len(), rest)
+    };
+    let ((sockets_after, rest_after), (sockets_before, rest_before)) = (split(&after), split(&fds));
+    assert!(
+        rest_after == rest_before && sockets_after < sockets_before + 10,
         "file descriptors leaked: {after:?}, before {fds:?}"
     );
     assert_eq!(thread_count(pid), threads, "threads leaked");
