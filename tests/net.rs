@@ -1,10 +1,10 @@
 //! virtio-net on real guests.
 //!
 //! The user-mode network (one Debian-root VM shared by the tests below it):
-//! test servers run in this process on the host's loopback (a 10 MiB data
-//! server, a TCP and a UDP echo server, a DNS server the VM's forwarder is
-//! pointed at, a server the egress policy denies); the guest reaches them
-//! through 10.0.2.2. The policy denies by default and allows 10.0.2.2 and
+//! test servers run in this process on the host's loopback (an HTTP server
+//! of generated data, a TCP and a UDP echo server, a DNS server the VM's
+//! forwarder is pointed at, a server the egress policy denies); the guest
+//! reaches them through 10.0.2.2. The policy denies by default and allows 10.0.2.2 and
 //! the name `named.test`, which the test DNS server resolves to the host's
 //! own outward address.
 //!
@@ -55,15 +55,28 @@ fn serve_tcp(listener: TcpListener, handle: fn(TcpStream)) {
     });
 }
 
-/// Reads a decimal byte count and a newline, sends that many bytes of
-/// `pattern`, closes.
+/// A minimal HTTP server: `GET /N` answers N bytes of `pattern`.
 fn data_server(mut conn: TcpStream) {
-    let mut line = String::new();
-    if BufReader::new(&conn).read_line(&mut line).is_err() {
+    let mut reader = BufReader::new(&conn);
+    let mut request = String::new();
+    if reader.read_line(&mut request).is_err() {
         return;
     }
-    let n: usize = line.trim().parse().unwrap_or(0);
-    let _ = conn.write_all(&pattern(n));
+    // The headers, up to the empty line.
+    let mut line = String::new();
+    while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+        line.clear();
+    }
+    let n: Option<usize> = request
+        .strip_prefix("GET /")
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok());
+    let _ = match n {
+        Some(n) => conn
+            .write_all(format!("HTTP/1.0 200 OK\r\nContent-Length: {n}\r\n\r\n").as_bytes())
+            .and_then(|_| conn.write_all(&pattern(n))),
+        None => conn.write_all(b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n"),
+    };
 }
 
 fn echo_server(mut conn: TcpStream) {
@@ -336,16 +349,15 @@ fn a_host_port_forward_reaches_a_server_in_the_guest() {
     assert_eq!(reply, "guest got hello from 10.0.2.2");
 }
 
-/// A guest script that fetches `size` bytes from the data server at
-/// `host` and prints the count and their SHA-256.
+/// A guest command that fetches `size` bytes over HTTP from the data
+/// server at `host` and prints the count and their SHA-256.
 fn fetch_script(host: &str, port: u16, size: usize) -> String {
     format!(
         "python3 - <<'EOF'\n\
-         import hashlib, socket\n\
-         s = socket.create_connection(('{host}', {port}), timeout=120)\n\
-         s.sendall(b'{size}\\n')\n\
+         import hashlib, urllib.request\n\
+         r = urllib.request.urlopen('http://{host}:{port}/{size}', timeout=120)\n\
          h, n = hashlib.sha256(), 0\n\
-         while True:\n    d = s.recv(1 << 20)\n    if not d: break\n    h.update(d); n += len(d)\n\
+         while True:\n    d = r.read(1 << 20)\n    if not d: break\n    h.update(d); n += len(d)\n\
          print(n, h.hexdigest())\nEOF"
     )
 }
