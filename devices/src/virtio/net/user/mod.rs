@@ -41,7 +41,7 @@ use smoltcp::socket::tcp;
 use smoltcp::wire::{
     ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
     HardwareAddress, IpCidr, IpListenEndpoint, IpProtocol, Ipv4Packet, Ipv4Repr, TcpPacket,
-    TcpRepr, UdpPacket,
+    TcpRepr, TcpSeqNumber, UdpPacket,
 };
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
@@ -87,15 +87,21 @@ pub enum Error {
     },
 }
 
-/// A host port whose connections are carried to a guest port.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A host port whose connections are carried to a guest port: its
+/// listener (from [`listen`]) and the guest port.
+#[derive(Debug)]
 pub struct PortForward {
-    pub bind: SocketAddr,
+    pub listener: TcpListener,
     pub guest_port: u16,
 }
 
+/// A listener for a port forward on `bind`.
+pub fn listen(bind: SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(bind).map_err(|source| Error::Listen { addr: bind, source })
+}
+
 /// What one VM's user-mode network is allowed and told.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct UserNetConfig {
     pub guest_mac: [u8; 6],
     pub policy: EgressPolicy,
@@ -217,11 +223,11 @@ impl phy::Device for Frames {
 type FlowKey = (u16, Ipv4Addr, u16);
 
 enum TcpState {
-    /// The host connection is being opened; the guest's SYN waits.
+    /// The host connection is being opened; the guest's SYN waits (`ack`
+    /// is what a reset for it acknowledges).
     Connecting {
         syn: Vec<u8>,
-        dst: Ipv4Addr,
-        port: u16,
+        ack: TcpSeqNumber,
     },
     Open(SocketHandle),
 }
@@ -240,8 +246,13 @@ struct TcpFlow {
 struct UdpFlow {
     sock: UdpSocket,
     key: FlowKey,
-    dns: bool,
     last: Instant,
+}
+
+impl UdpFlow {
+    fn is_dns(&self) -> bool {
+        self.key.1 == DNS
+    }
 }
 
 const KIND_MISC: u64 = 0;
@@ -268,7 +279,6 @@ pub struct UserNet {
     udp_keys: HashMap<FlowKey, u64>,
     listeners: Vec<(TcpListener, u16)>,
     policy: EgressPolicy,
-    learn_names: bool,
     names: LearnedNames,
     dns: Option<SocketAddr>,
     guest_mac: EthernetAddress,
@@ -298,11 +308,8 @@ impl UserNet {
             ),
         )?;
         let mut listeners = Vec::new();
-        for (i, f) in config.port_forwards.iter().enumerate() {
-            let listener = TcpListener::bind(f.bind).map_err(|source| Error::Listen {
-                addr: f.bind,
-                source,
-            })?;
+        for (i, f) in config.port_forwards.into_iter().enumerate() {
+            let listener = f.listener;
             setup("port forward", listener.set_nonblocking(true))?;
             setup(
                 "port forward",
@@ -327,7 +334,6 @@ impl UserNet {
         });
         let _ = iface.routes_mut().add_default_ipv4_route(GATEWAY);
         iface.set_any_ip(true);
-        let learn_names = config.policy.has_name_rules();
         Ok(UserNet {
             epoll,
             timer,
@@ -340,7 +346,6 @@ impl UserNet {
             udp_keys: HashMap::new(),
             listeners,
             policy: config.policy,
-            learn_names,
             names: LearnedNames::default(),
             dns: config.dns.first().copied(),
             guest_mac: EthernetAddress(config.guest_mac),
@@ -514,10 +519,8 @@ impl UserNet {
             }
             return;
         }
-        let reset = |net: &mut Self| {
-            let rst = wire::tcp_reset(net.guest_mac, GATEWAY_MAC, ip, tcp);
-            net.queue_for_guest(rst);
-        };
+        let ack = tcp.seq_number + tcp.segment_len();
+        let reset = |net: &mut Self| net.reset_guest(key, ack);
         let target = match self.host_target(ip.dst_addr, tcp.dst_port) {
             Ok(t) => t,
             Err(why) => {
@@ -534,8 +537,7 @@ impl UserNet {
         };
         let state = TcpState::Connecting {
             syn: frame.to_vec(),
-            dst: ip.dst_addr,
-            port: tcp.dst_port,
+            ack,
         };
         if !self.add_tcp(stream, state, Some(key)) {
             reset(self);
@@ -577,26 +579,15 @@ impl UserNet {
         let Some(flow) = self.tcp.get_mut(&id) else {
             return;
         };
-        let TcpState::Connecting { syn, dst, port } = &mut flow.state else {
+        let (TcpState::Connecting { syn, ack }, Some(key)) = (&mut flow.state, flow.key) else {
             return;
         };
-        let (syn, dst, port) = (std::mem::take(syn), *dst, *port);
+        let (syn, ack, (_, dst, port)) = (std::mem::take(syn), *ack, key);
         let failed =
             !matches!(flow.stream.take_error(), Ok(None)) || flow.stream.peer_addr().is_err();
         if failed {
             self.remove_tcp(id);
-            let eth = EthernetFrame::new_unchecked(&syn[..]);
-            let packet = Ipv4Packet::new_unchecked(eth.payload());
-            let sums = ChecksumCapabilities::ignored();
-            if let Ok(ip) = Ipv4Repr::parse(&packet, &sums) {
-                let tcp = TcpPacket::new_unchecked(packet.payload());
-                if let Ok(repr) =
-                    TcpRepr::parse(&tcp, &ip.src_addr.into(), &ip.dst_addr.into(), &sums)
-                {
-                    let rst = wire::tcp_reset(self.guest_mac, GATEWAY_MAC, &ip, &repr);
-                    self.queue_for_guest(rst);
-                }
-            }
+            self.reset_guest(key, ack);
             return;
         }
         let mut socket = new_tcp_socket();
@@ -618,6 +609,12 @@ impl UserNet {
         self.frames.from_guest.push_front(syn);
         let now = self.now();
         self.iface.poll(now, &mut self.frames, &mut self.sockets);
+    }
+
+    /// Refuses the guest's connection `key` with a reset.
+    fn reset_guest(&mut self, key: FlowKey, ack: TcpSeqNumber) {
+        let rst = wire::tcp_reset(self.guest_mac, GATEWAY_MAC, key, ack);
+        self.queue_for_guest(rst);
     }
 
     fn remove_tcp(&mut self, id: u64) {
@@ -720,7 +717,6 @@ impl UserNet {
             UdpFlow {
                 sock,
                 key,
-                dns: key.1 == DNS,
                 last: Instant::now(),
             },
         );
@@ -749,9 +745,9 @@ impl UserNet {
             };
             flow.last = Instant::now();
             let (src_port, remote, remote_port) = flow.key;
-            let dns = flow.dns;
+            let dns = flow.is_dns();
             let data = &buf[..n.min(usize::from(MTU) - 28)];
-            if dns && self.learn_names {
+            if dns && self.policy.has_name_rules() {
                 if let Some((name, addrs)) = wire::dns_answers(data) {
                     for a in addrs {
                         self.names.learn(&name, a);
@@ -832,7 +828,9 @@ impl UserNet {
         let idle: Vec<u64> = self
             .udp
             .iter()
-            .filter(|(_, f)| now.duration_since(f.last) > if f.dns { DNS_IDLE } else { UDP_IDLE })
+            .filter(|(_, f)| {
+                now.duration_since(f.last) > if f.is_dns() { DNS_IDLE } else { UDP_IDLE }
+            })
             .map(|(id, _)| *id)
             .collect();
         for id in idle {
@@ -1002,31 +1000,16 @@ impl NetBackend for UserNet {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use smoltcp::wire::{EthernetRepr, TcpControl, TcpSeqNumber, UdpRepr};
+    use smoltcp::wire::{TcpControl, UdpRepr};
 
     const GUEST_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x15];
 
     /// An IPv4 frame from the guest carrying `l4` (already emitted).
     fn from_guest(dst: Ipv4Addr, proto: IpProtocol, l4: &[u8]) -> Vec<u8> {
-        let mut buf = vec![0u8; 14 + 20 + l4.len()];
-        let mut eth = EthernetFrame::new_unchecked(&mut buf[..]);
-        EthernetRepr {
-            src_addr: EthernetAddress(GUEST_MAC),
-            dst_addr: GATEWAY_MAC,
-            ethertype: EthernetProtocol::Ipv4,
-        }
-        .emit(&mut eth);
-        let ip = Ipv4Repr {
-            src_addr: GUEST,
-            dst_addr: dst,
-            next_header: proto,
-            payload_len: l4.len(),
-            hop_limit: 64,
-        };
-        let mut packet = Ipv4Packet::new_unchecked(eth.payload_mut());
-        ip.emit(&mut packet, &ChecksumCapabilities::default());
-        packet.payload_mut().copy_from_slice(l4);
-        buf
+        let guest = EthernetAddress(GUEST_MAC);
+        wire::ip_frame(GATEWAY_MAC, guest, GUEST, dst, proto, l4.len(), |p| {
+            p.copy_from_slice(l4)
+        })
     }
 
     fn syn(dst: Ipv4Addr, src_port: u16, dst_port: u16) -> Vec<u8> {

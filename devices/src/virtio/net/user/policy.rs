@@ -85,7 +85,7 @@ impl Rule {
         }
         match &self.target {
             Target::Net { addr, prefix } => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(*prefix)).unwrap_or(0);
+                let mask = prefix_mask(*prefix);
                 u32::from(ip) & mask == addr & mask
             }
             Target::Name { name, suffix } => names.names_of(ip).any(|n| {
@@ -97,6 +97,11 @@ impl Rule {
             }),
         }
     }
+}
+
+/// The netmask of a prefix length (0 to 32), e.g. 24 -> 0xffff_ff00.
+pub fn prefix_mask(prefix: u8) -> u32 {
+    u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0)
 }
 
 /// `a.b.c.d` or `a.b.c.d/len`; None when `text` does not look like one.
@@ -113,8 +118,7 @@ fn parse_net(text: &str) -> Option<Result<(u32, u8), String>> {
             _ => return Some(Err(format!("prefix length {l:?} is not 0 to 32"))),
         },
     };
-    let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-    Some(Ok((u32::from(addr) & mask, prefix)))
+    Some(Ok((u32::from(addr) & prefix_mask(prefix), prefix)))
 }
 
 fn valid_name(name: &str) -> bool {

@@ -10,17 +10,17 @@ use smoltcp::wire::{
     Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr,
 };
 
-use super::{DNS, GATEWAY, GUEST, NETMASK};
+use super::{FlowKey, DNS, GATEWAY, GUEST, NETMASK};
 
 const ETH_LEN: usize = 14;
 const IP_LEN: usize = 20;
 const UDP_LEN: usize = 8;
 
-/// An IPv4 frame from `src` to the guest, with `body` emitting the
-/// `payload_len` bytes after the IP header.
-fn ip_frame(
-    guest_mac: EthernetAddress,
-    gateway_mac: EthernetAddress,
+/// An IPv4 frame from `src` (`src_mac`) to `dst` (`dst_mac`), with `body`
+/// emitting the `payload_len` bytes after the IP header.
+pub(super) fn ip_frame(
+    dst_mac: EthernetAddress,
+    src_mac: EthernetAddress,
     src: Ipv4Addr,
     dst: Ipv4Addr,
     protocol: IpProtocol,
@@ -30,8 +30,8 @@ fn ip_frame(
     let mut buf = vec![0u8; ETH_LEN + IP_LEN + payload_len];
     let mut frame = EthernetFrame::new_unchecked(&mut buf[..]);
     EthernetRepr {
-        src_addr: gateway_mac,
-        dst_addr: guest_mac,
+        src_addr: src_mac,
+        dst_addr: dst_mac,
         ethertype: EthernetProtocol::Ipv4,
     }
     .emit(&mut frame);
@@ -79,20 +79,20 @@ pub fn udp_frame(
     )
 }
 
-/// A TCP reset answering the guest's SYN (`seq`) from `dst:dst_port` to
-/// `src:src_port`: the guest's connect fails at once with "refused".
+/// A TCP reset answering the guest's SYN of flow `key` (acknowledging up
+/// to `ack`): the guest's connect fails at once with "refused".
 pub fn tcp_reset(
     guest_mac: EthernetAddress,
     gateway_mac: EthernetAddress,
-    syn: &Ipv4Repr,
-    syn_tcp: &TcpRepr,
+    (guest_port, dst, dst_port): FlowKey,
+    ack: TcpSeqNumber,
 ) -> Vec<u8> {
     let reply = TcpRepr {
-        src_port: syn_tcp.dst_port,
-        dst_port: syn_tcp.src_port,
+        src_port: dst_port,
+        dst_port: guest_port,
         control: TcpControl::Rst,
         seq_number: TcpSeqNumber(0),
-        ack_number: Some(syn_tcp.seq_number + syn_tcp.segment_len()),
+        ack_number: Some(ack),
         window_len: 0,
         window_scale: None,
         max_seg_size: None,
@@ -101,7 +101,7 @@ pub fn tcp_reset(
         timestamp: None,
         payload: &[],
     };
-    let (src, dst) = (syn.dst_addr, syn.src_addr);
+    let (src, dst) = (dst, GUEST);
     ip_frame(
         guest_mac,
         gateway_mac,
