@@ -99,6 +99,8 @@ struct Inner {
     /// it waits for receive buffers.
     scratch: Vec<u8>,
     pending: usize,
+    /// One frame from the guest (reused: no allocation per frame).
+    tx_frame: Vec<u8>,
 }
 
 impl Inner {
@@ -108,6 +110,7 @@ impl Inner {
             running,
             dropped,
             max_frame,
+            tx_frame,
             ..
         } = self;
         let Some(run) = running.as_mut() else {
@@ -115,22 +118,18 @@ impl Inner {
         };
         let mem = &run.mem;
         let done = process_chains(&mut run.queues[TX], mem, &run.interrupt, |chain| {
-            let frame = Reader::new(mem, chain).ok().and_then(|mut r| {
+            let read = Reader::new(mem, chain).ok().is_some_and(|mut r| {
                 let len = r.available_bytes();
                 if !(HDR_LEN..=HDR_LEN + *max_frame).contains(&len) {
-                    return None;
+                    return false;
                 }
-                let mut buf = vec![0u8; len];
-                r.read_exact(&mut buf).ok()?;
-                Some(buf)
+                tx_frame.resize(len, 0);
+                r.read_exact(tx_frame).is_ok()
             });
-            match frame {
-                Some(buf) => {
-                    if let Err(e) = backend.send(&buf[HDR_LEN..]) {
-                        tracing::debug!("virtio-net: frame not sent: {e}");
-                    }
-                }
-                None => *dropped += 1,
+            if !read {
+                *dropped += 1;
+            } else if let Err(e) = backend.send(&tx_frame[HDR_LEN..]) {
+                tracing::debug!("virtio-net: frame not sent: {e}");
             }
             Some(0)
         });
@@ -152,6 +151,7 @@ impl Inner {
             mergeable,
             scratch,
             pending,
+            ..
         } = self;
         let Some(run) = running.as_mut() else {
             return;
@@ -277,6 +277,7 @@ impl Net {
                 mergeable: false,
                 scratch: Vec::new(),
                 pending: 0,
+                tx_frame: Vec::new(),
             })),
             queue_sizes: [QUEUE_SIZE; 2],
         }
