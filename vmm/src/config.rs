@@ -286,7 +286,7 @@ impl NetworkConfig {
             } => {
                 parse_cidr(address)?;
                 if let Some(g) = gateway {
-                    g.parse::<std::net::Ipv4Addr>().map_err(|_| {
+                    g.parse::<Ipv4Addr>().map_err(|_| {
                         Error::BadNetwork(format!("gateway {g:?} is not an IPv4 address"))
                     })?;
                 }
@@ -300,7 +300,7 @@ impl NetworkConfig {
 }
 
 /// "a.b.c.d/len" as an address and prefix length.
-pub fn parse_cidr(text: &str) -> Result<(std::net::Ipv4Addr, u8)> {
+pub fn parse_cidr(text: &str) -> Result<(Ipv4Addr, u8)> {
     let bad = || {
         Error::BadNetwork(format!(
             "address {text:?} is not IPv4 with a prefix, like 10.0.3.2/24"

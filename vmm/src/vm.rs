@@ -29,7 +29,9 @@ use devices::virtio::block::{Block, LayeredDisk, SharedDisk};
 use devices::virtio::fs::{Fs, PassthroughFs};
 use devices::virtio::net::tap::Tap;
 use devices::virtio::net::user::{self, UserNet, UserNetConfig};
-use devices::virtio::net::Net;
+use devices::virtio::net::{Net, NetBackend};
+use devices::virtio::vsock::Vsock;
+use hypervisor::CpuidEntry;
 
 /// An event-loop subscriber for a device's host side.
 type Backend = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -37,8 +39,6 @@ type Backend = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 /// The guest's MAC address unless the config names one (locally
 /// administered, unicast).
 const DEFAULT_MAC: [u8; 6] = [0x02, 0x56, 0x4d, 0x4d, 0x00, 0x01];
-use devices::virtio::vsock::Vsock;
-use hypervisor::CpuidEntry;
 
 /// Errors building or running a VM.
 #[derive(Debug, thiserror::Error)]
@@ -281,7 +281,7 @@ fn shares_arg(shares: &[crate::config::ShareConfig]) -> String {
 /// The kernel's static address setting: `ip=ADDR::GW:MASK::eth0:off`.
 fn ip_arg(address: &str, gateway: Option<&str>) -> Result<String> {
     let (addr, len) = crate::config::parse_cidr(address)?;
-    let mask = std::net::Ipv4Addr::from(u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0));
+    let mask = std::net::Ipv4Addr::from(user::policy::prefix_mask(len));
     Ok(format!(
         "ip={addr}::{}:{mask}::eth0:off",
         gateway.unwrap_or("")
@@ -293,19 +293,18 @@ fn ip_arg(address: &str, gateway: Option<&str>) -> Result<String> {
 /// forwards are bound when the ports are free, else left out with a
 /// warning (the original VM may still hold them).
 fn network_device(network: &NetworkConfig, restored: bool) -> Result<Net> {
-    let mac = |m: &Option<String>| -> Result<[u8; 6]> {
-        Ok(match m {
-            Some(m) => crate::config::parse_mac(m)?,
-            None => DEFAULT_MAC,
-        })
+    let (NetworkConfig::Tap { mac, .. } | NetworkConfig::User { mac, .. }) = network;
+    let mac = match mac {
+        Some(m) => crate::config::parse_mac(m)?,
+        None => DEFAULT_MAC,
     };
-    match network {
-        NetworkConfig::Tap { tap, mac: m, .. } => Ok(Net::new(mac(m)?, Box::new(Tap::open(tap)?))),
+    let backend: Box<dyn NetBackend> = match network {
+        NetworkConfig::Tap { tap, .. } => Box::new(Tap::open(tap)?),
         NetworkConfig::User {
             egress,
             port_forwards,
             dns,
-            mac: m,
+            ..
         } => {
             let dns = match dns {
                 Some(list) => list
@@ -319,27 +318,26 @@ fn network_device(network: &NetworkConfig, restored: bool) -> Result<Net> {
             }
             let mut forwards = Vec::new();
             for f in port_forwards {
-                let bind = f.bind_addr()?;
-                if restored && std::net::TcpListener::bind(bind).is_err() {
-                    tracing::warn!(
-                        "network: port forward {bind} is in use; this restored VM goes without it"
-                    );
-                    continue;
+                match user::listen(f.bind_addr()?) {
+                    Ok(listener) => forwards.push(user::PortForward {
+                        listener,
+                        guest_port: f.guest,
+                    }),
+                    Err(e) if restored => {
+                        tracing::warn!("network: {e}; this restored VM goes without it")
+                    }
+                    Err(e) => return Err(e.into()),
                 }
-                forwards.push(user::PortForward {
-                    bind,
-                    guest_port: f.guest,
-                });
             }
-            let backend = UserNet::new(UserNetConfig {
-                guest_mac: mac(m)?,
+            Box::new(UserNet::new(UserNetConfig {
+                guest_mac: mac,
                 policy: egress.policy()?,
                 dns,
                 port_forwards: forwards,
-            })?;
-            Ok(Net::new(mac(m)?, Box::new(backend)))
+            })?)
         }
-    }
+    };
+    Ok(Net::new(mac, backend))
 }
 
 /// Every guest inode a share holds is a host descriptor: lift the soft
