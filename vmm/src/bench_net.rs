@@ -152,17 +152,21 @@ struct Servers {
     script: u16,
 }
 
+/// A server on a free loopback port that runs `serve` on each connection
+/// in a thread of its own; its port.
 fn listen(
     what: &'static str,
-    serve: impl Fn(TcpStream) + Send + Sync + Copy + 'static,
+    serve: impl Fn(TcpStream) + Send + Sync + 'static,
 ) -> Result<u16, Error> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|source| Error::Spawn {
         program: format!("the {what} server"),
         source,
     })?;
     let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    let serve = std::sync::Arc::new(serve);
     std::thread::spawn(move || {
         for conn in listener.incoming().flatten() {
+            let serve = serve.clone();
             std::thread::spawn(move || serve(conn));
         }
     });
@@ -201,18 +205,10 @@ impl Servers {
             opts.mib, opts.runs, opts.connects
         );
         let script = header + SCRIPT;
-        // The script server answers every connection with the script.
-        let listener = TcpListener::bind("127.0.0.1:0").map_err(|source| Error::Spawn {
-            program: "the script server".into(),
-            source,
+        let script = listen("script", move |mut conn| {
+            let _ = conn.write_all(script.as_bytes());
         })?;
-        let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
-        std::thread::spawn(move || {
-            for mut conn in listener.incoming().flatten() {
-                let _ = conn.write_all(script.as_bytes());
-            }
-        });
-        Ok(Servers { script: port })
+        Ok(Servers { script })
     }
 
     /// The guest's init command: fetch the script and run it.
