@@ -286,13 +286,18 @@ impl LayeredDisk {
             ));
         }
         self.check_range(offset, buf.len())?;
+        if buf.is_empty() {
+            // Nothing to write; `offset` may be the disk's end, past the
+            // last block the bitmap has a bit for.
+            return Ok(());
+        }
         let end = offset + buf.len() as u64;
         // Blocks only partly covered and not yet in the layer are first
         // copied from below.
         for block in [offset / BLOCK_SIZE, (end - 1) / BLOCK_SIZE] {
             let start = block * BLOCK_SIZE;
             let partial = offset > start || end < start + BLOCK_SIZE;
-            if partial && !self.in_layer(block) && !buf.is_empty() {
+            if partial && !self.in_layer(block) {
                 let len = BLOCK_SIZE.min(self.size - start) as usize;
                 let mut old = vec![0u8; len];
                 let (file, at) = self.place(self.source(block), start);
@@ -302,10 +307,8 @@ impl LayeredDisk {
             }
         }
         self.layer.write_all_at(buf, self.data_offset + offset)?;
-        if !buf.is_empty() {
-            for block in offset / BLOCK_SIZE..=(end - 1) / BLOCK_SIZE {
-                self.mark(block);
-            }
+        for block in offset / BLOCK_SIZE..=(end - 1) / BLOCK_SIZE {
+            self.mark(block);
         }
         Ok(())
     }
@@ -554,6 +557,25 @@ mod tests {
         assert!(disk.write_at(&buf, 2 * BLOCK_SIZE - 256).is_err());
         let mut ro = LayeredDisk::open(&b, Some(&d.0.join("l")), true).unwrap();
         assert!(ro.write_at(&buf, 0).is_err());
+    }
+
+    #[test]
+    fn empty_accesses_at_the_start_and_the_end_are_harmless() {
+        // 64 blocks: the bitmap is exactly one word, so a bit for the block
+        // at the end would be out of bounds.
+        let (_d, b) = base("empty", 64);
+        let mut disk = LayeredDisk::open(&b, None, false).unwrap();
+        let end = disk.size();
+        for offset in [0, BLOCK_SIZE - 512, end - 512, end] {
+            disk.write_at(&[], offset).unwrap();
+            disk.read_at(&mut [], offset).unwrap();
+        }
+        assert!(disk.write_at(&[], end + 512).is_err());
+        // The last sector is written and read back like any other.
+        disk.write_at(&[7u8; 512], end - 512).unwrap();
+        let mut back = [0u8; 512];
+        disk.read_at(&mut back, end - 512).unwrap();
+        assert_eq!(back, [7u8; 512]);
     }
 
     fn contents(disk: &LayeredDisk) -> Vec<u8> {

@@ -263,7 +263,8 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let base = dir.join("base");
-        std::fs::write(&base, vec![0x11u8; 64 * 1024]).unwrap();
+        // 64 blocks of 4 KiB: the layer bitmap is exactly one word.
+        std::fs::write(&base, vec![0x11u8; 256 * 1024]).unwrap();
         let disk = LayeredDisk::open(&base, None, false).unwrap();
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         Fixture {
@@ -348,7 +349,7 @@ mod tests {
     #[test]
     fn requests_past_the_end_fail_with_ioerr() {
         let mut f = fixture("end");
-        header(&f, 0x1000, VIRTIO_BLK_T_IN, 127); // last sector: 512 bytes ok, 1024 not
+        header(&f, 0x1000, VIRTIO_BLK_T_IN, 511); // last sector: 512 bytes ok, 1024 not
         let c = run(
             &mut f,
             &[(0x1000, 16, false), (0x4000, 1024, true), (0x3000, 1, true)],
@@ -359,6 +360,24 @@ mod tests {
             &mut f,
             &[(0x1000, 16, false), (0x2000, 512, false), (0x3000, 1, true)],
         );
+        assert_eq!(c.unwrap().status, VIRTIO_BLK_S_IOERR as u8);
+    }
+
+    #[test]
+    fn empty_writes_at_the_first_and_past_the_last_sector_complete() {
+        let mut f = fixture("empty");
+        // Sector 512 is the capacity: a zero-length write there once indexed
+        // the layer bitmap out of bounds (and aborted the VMM).
+        for sector in [0, 511, 512] {
+            header(&f, 0x1000, VIRTIO_BLK_T_OUT, sector);
+            let c = run(&mut f, &[(0x1000, 16, false), (0x3000, 1, true)]);
+            assert_eq!(c.unwrap().status, VIRTIO_BLK_S_OK as u8, "sector {sector}");
+            header(&f, 0x1000, VIRTIO_BLK_T_IN, sector);
+            let c = run(&mut f, &[(0x1000, 16, false), (0x3000, 1, true)]);
+            assert_eq!(c.unwrap().status, VIRTIO_BLK_S_OK as u8, "sector {sector}");
+        }
+        header(&f, 0x1000, VIRTIO_BLK_T_OUT, 513);
+        let c = run(&mut f, &[(0x1000, 16, false), (0x3000, 1, true)]);
         assert_eq!(c.unwrap().status, VIRTIO_BLK_S_IOERR as u8);
     }
 

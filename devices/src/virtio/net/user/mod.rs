@@ -66,6 +66,8 @@ pub const MAX_UDP_FLOWS: usize = 128;
 pub const TCP_BUFFER: usize = 256 * 1024;
 /// Frames waiting for the guest's receive buffers, in bytes.
 pub const TO_GUEST_BYTES: usize = 4 << 20;
+/// Frames from the guest waiting for smoltcp (ARP, ICMP, DHCP, DNS), at most.
+const MAX_FROM_GUEST: usize = 256;
 /// A UDP flow nothing went through for this long is closed (DNS: 10 s).
 const UDP_IDLE: Duration = Duration::from_secs(60);
 const DNS_IDLE: Duration = Duration::from_secs(10);
@@ -150,6 +152,8 @@ struct Frames {
     from_guest: VecDeque<Vec<u8>>,
     to_guest: VecDeque<Vec<u8>>,
     to_guest_bytes: usize,
+    /// Frames dropped because `to_guest` was full.
+    dropped: u64,
 }
 
 impl Frames {
@@ -157,13 +161,30 @@ impl Frames {
         self.to_guest_bytes < TO_GUEST_BYTES
     }
 
-    fn push(&mut self, frame: Vec<u8>) -> bool {
+    /// The one way into `to_guest`: past [`TO_GUEST_BYTES`] the frame is
+    /// dropped (a guest that posts no receive buffers loses frames, the
+    /// VMM does not grow).
+    fn push(&mut self, frame: Vec<u8>) {
         if !self.room() {
-            return false;
+            self.dropped += 1;
+            if self.dropped.is_power_of_two() {
+                tracing::debug!(
+                    "network: {TO_GUEST_BYTES} bytes wait for the guest; {} frames dropped so far",
+                    self.dropped
+                );
+            }
+            return;
         }
         self.to_guest_bytes += frame.len();
         self.to_guest.push_back(frame);
-        true
+    }
+
+    /// A frame from the guest for smoltcp; dropped when smoltcp is already
+    /// [`MAX_FROM_GUEST`] frames behind.
+    fn push_from_guest(&mut self, frame: &[u8]) {
+        if self.from_guest.len() < MAX_FROM_GUEST {
+            self.from_guest.push_back(frame.to_vec());
+        }
     }
 }
 
@@ -178,10 +199,13 @@ impl phy::RxToken for RxFrame {
 
 impl phy::TxToken for TxFrame<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        // smoltcp always gets a buffer to write into (`len` is at most the
+        // link's MTU); the frame is then queued under the same cap as
+        // every other, so replies to the guest's own packets (echo
+        // replies, resets, ARP) cannot grow the queue either.
         let mut buf = vec![0u8; len];
         let r = f(&mut buf);
-        self.0.to_guest_bytes += len;
-        self.0.to_guest.push_back(buf);
+        self.0.push(buf);
         r
     }
 }
@@ -375,14 +399,6 @@ impl UserNet {
         )
     }
 
-    fn queue_for_guest(&mut self, frame: Vec<u8>) {
-        if !self.frames.push(frame) {
-            tracing::debug!(
-                "network: {TO_GUEST_BYTES} bytes wait for the guest; a frame is dropped"
-            );
-        }
-    }
-
     /// Logs a refusal: policy refusals at warn (the first 100, then every
     /// 1000th, so a guest cannot flood the log).
     fn refuse(&mut self, proto: &str, dst: Ipv4Addr, port: u16, why: Refusal) {
@@ -454,7 +470,7 @@ impl UserNet {
                     if operation != ArpOperation::Request
                         || [GATEWAY, DNS].contains(&target_protocol_addr)
                     {
-                        self.frames.from_guest.push_back(frame.to_vec());
+                        self.frames.push_from_guest(frame);
                     }
                 }
             }
@@ -478,7 +494,7 @@ impl UserNet {
                 };
                 if udp.dst_port() == 67 && udp.src_port() == 68 {
                     if let Some(reply) = wire::dhcp_reply(GATEWAY_MAC, udp.payload(), LEASE_SECS) {
-                        self.queue_for_guest(reply);
+                        self.frames.push(reply);
                     }
                 } else if ip.src_addr == GUEST {
                     self.udp_from_guest(&ip, payload, &udp);
@@ -499,12 +515,12 @@ impl UserNet {
                     };
                     self.tcp_syn(frame, &ip, &repr);
                 } else {
-                    self.frames.from_guest.push_back(frame.to_vec());
+                    self.frames.push_from_guest(frame);
                 }
             }
             IpProtocol::Icmp if ip.src_addr == GUEST && [GATEWAY, DNS].contains(&ip.dst_addr) => {
                 // Pings to the gateway and the forwarder are answered.
-                self.frames.from_guest.push_back(frame.to_vec());
+                self.frames.push_from_guest(frame);
             }
             _ => {}
         }
@@ -515,7 +531,7 @@ impl UserNet {
         if let Some(flow) = self.tcp_keys.get(&key).and_then(|id| self.tcp.get(id)) {
             if matches!(flow.state, TcpState::Open(_)) {
                 // A repeated SYN of a flow smoltcp already has.
-                self.frames.from_guest.push_back(frame.to_vec());
+                self.frames.push_from_guest(frame);
             }
             return;
         }
@@ -614,7 +630,7 @@ impl UserNet {
     /// Refuses the guest's connection `key` with a reset.
     fn reset_guest(&mut self, key: FlowKey, ack: TcpSeqNumber) {
         let rst = wire::tcp_reset(self.guest_mac, GATEWAY_MAC, key, ack);
-        self.queue_for_guest(rst);
+        self.frames.push(rst);
     }
 
     fn remove_tcp(&mut self, id: u64) {
@@ -676,7 +692,7 @@ impl UserNet {
                     Err(why) => {
                         self.refuse("udp", ip.dst_addr, dst_port, why);
                         let icmp = wire::icmp_prohibited(self.guest_mac, GATEWAY_MAC, ip, datagram);
-                        self.queue_for_guest(icmp);
+                        self.frames.push(icmp);
                         return;
                     }
                 };
@@ -763,7 +779,7 @@ impl UserNet {
                 src_port,
                 data,
             );
-            self.queue_for_guest(frame);
+            self.frames.push(frame);
         }
     }
 
@@ -1000,7 +1016,7 @@ impl NetBackend for UserNet {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use smoltcp::wire::{TcpControl, UdpRepr};
+    use smoltcp::wire::{EthernetRepr, Icmpv4Packet, Icmpv4Repr, TcpControl, UdpRepr};
 
     const GUEST_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x15];
 
@@ -1114,6 +1130,72 @@ mod tests {
         drain(&mut net);
         assert!(net.tcp.len() <= MAX_TCP_FLOWS);
         assert!(net.udp.len() <= MAX_UDP_FLOWS);
+    }
+
+    fn arp_request(target: Ipv4Addr) -> Vec<u8> {
+        let arp = ArpRepr::EthernetIpv4 {
+            operation: ArpOperation::Request,
+            source_hardware_addr: EthernetAddress(GUEST_MAC),
+            source_protocol_addr: GUEST,
+            target_hardware_addr: EthernetAddress([0; 6]),
+            target_protocol_addr: target,
+        };
+        let eth = EthernetRepr {
+            src_addr: EthernetAddress(GUEST_MAC),
+            dst_addr: EthernetAddress::BROADCAST,
+            ethertype: EthernetProtocol::Arp,
+        };
+        let mut frame = vec![0u8; eth.buffer_len() + arp.buffer_len()];
+        let mut f = EthernetFrame::new_unchecked(&mut frame[..]);
+        eth.emit(&mut f);
+        arp.emit(&mut ArpPacket::new_unchecked(f.payload_mut()));
+        frame
+    }
+
+    fn ping(dst: Ipv4Addr, seq_no: u16, data: &[u8]) -> Vec<u8> {
+        let repr = Icmpv4Repr::EchoRequest {
+            ident: 7,
+            seq_no,
+            data,
+        };
+        let mut l4 = vec![0u8; repr.buffer_len()];
+        repr.emit(
+            &mut Icmpv4Packet::new_unchecked(&mut l4[..]),
+            &ChecksumCapabilities::default(),
+        );
+        from_guest(dst, IpProtocol::Icmp, &l4)
+    }
+
+    #[test]
+    fn replies_to_a_guest_that_stops_reading_stay_within_the_cap() {
+        let mut net = net(EgressPolicy::default(), Vec::new());
+        // The guest asks for the gateway's MAC (so smoltcp knows the
+        // guest's), then a ping is answered: the flood below makes replies.
+        net.send(&arp_request(GATEWAY)).unwrap();
+        net.poll();
+        assert_eq!(drain(&mut net).len(), 1, "no ARP reply");
+        net.send(&ping(GATEWAY, 0, b"hello")).unwrap();
+        net.poll();
+        assert_eq!(drain(&mut net).len(), 1, "no echo reply");
+        // 64 KiB pings while the guest takes no frames: the replies come
+        // from smoltcp itself, the path that once had no cap.
+        let data = vec![0x5a; 60_000];
+        for seq in 1..400 {
+            net.send(&ping(GATEWAY, seq, &data)).unwrap();
+            net.poll();
+            assert!(
+                net.frames.to_guest_bytes <= TO_GUEST_BYTES + 70_000,
+                "{} bytes wait for the guest after {seq} pings",
+                net.frames.to_guest_bytes
+            );
+        }
+        assert!(net.frames.dropped > 0);
+        assert!(net.frames.from_guest.len() <= MAX_FROM_GUEST);
+        // The guest reads again: what waits is delivered, then new replies.
+        drain(&mut net);
+        net.send(&ping(GATEWAY, 500, b"again")).unwrap();
+        net.poll();
+        assert_eq!(drain(&mut net).len(), 1);
     }
 
     #[test]
