@@ -308,6 +308,89 @@ print('handles opened', opened)
     }
 }
 
+/// VMM resident memory bound for this file's VM (512 MiB of guest memory,
+/// which counts once touched, plus the VMM's own).
+const MAX_RSS_MIB: u64 = 1024;
+
+#[test]
+fn fifos_and_device_nodes_planted_by_the_host_never_block_or_open() {
+    let g = guest();
+    let dir = work(&g, "special");
+    std::fs::create_dir_all(&dir).unwrap();
+    let c = |name: &str| std::ffi::CString::new(dir.join(name).to_str().unwrap()).unwrap();
+    // SAFETY: valid path strings.
+    assert_eq!(unsafe { libc::mkfifo(c("fifo").as_ptr(), 0o666) }, 0);
+    // SAFETY: valid path string; the node is the host's /dev/null (1, 3).
+    let dev = unsafe {
+        libc::mknod(
+            c("null").as_ptr(),
+            libc::S_IFCHR | 0o666,
+            libc::makedev(1, 3),
+        )
+    };
+    assert_eq!(
+        dev,
+        0,
+        "mknod needs root: {}",
+        std::io::Error::last_os_error()
+    );
+    // The guest opens both through every path it has: plain opens, opens
+    // with O_CREAT (with and without O_EXCL), O_TRUNC, O_NONBLOCK. Special
+    // files are the guest kernel's own (a FIFO is a guest pipe), so a
+    // blocking open blocks only the guest process (hence the timeouts).
+    let script = "cd /mnt/work/special
+python3 -c \"
+import os, errno
+for name in ('fifo', 'null'):
+    for flags in (os.O_RDONLY | os.O_NONBLOCK, os.O_WRONLY | os.O_NONBLOCK,
+                  os.O_RDWR | os.O_CREAT | os.O_NONBLOCK,
+                  os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK,
+                  os.O_RDWR | os.O_CREAT | os.O_EXCL):
+        try:
+            os.close(os.open(name, flags, 0o644))
+            print(name, flags, 'opened')
+        except OSError as e:
+            print(name, flags, errno.errorcode[e.errno])
+\"
+timeout 3 cat fifo; timeout 3 sh -c 'echo x > fifo'; echo x > null; cat null
+ls -l; echo done";
+    let out = ok(g.sh(script));
+    assert!(out.ends_with("done"), "{out}");
+    g.assert_healthy("opening planted special files", MAX_RSS_MIB);
+    // The host plants and removes a FIFO under a name the guest keeps
+    // creating: a guest lookup may say \"no such file\" and the CREATE that
+    // follows then finds the FIFO on the host.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let planter = {
+        let stop = stop.clone();
+        let race = c("race");
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // SAFETY: a valid path string.
+                unsafe {
+                    libc::mkfifo(race.as_ptr(), 0o666);
+                    libc::unlink(race.as_ptr());
+                }
+            }
+        })
+    };
+    let out = g.sh("cd /mnt/work/special; python3 -c \"
+import os
+for i in range(300):
+    try:
+        os.close(os.open('race', os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK, 0o644))
+        os.unlink('race')
+    except OSError:
+        pass
+print('raced')
+\"");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    planter.join().unwrap();
+    assert_eq!(ok(out), "raced");
+    g.assert_healthy("creating a name the host turns into a FIFO", MAX_RSS_MIB);
+    assert_eq!(std::fs::read(dir.join("null")).unwrap(), b"");
+}
+
 #[test]
 fn read_only_shares_refuse_writes_on_the_host_side() {
     let g = guest();

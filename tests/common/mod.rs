@@ -172,6 +172,42 @@ impl Guest {
     pub fn sh(&self, script: &str) -> Output {
         exec(&self.api, script)
     }
+
+    /// The VMM's resident memory, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        rss_kib(self.process.id())
+    }
+
+    /// After a hostile action: the VMM still answers `GET /vm` within 1 s,
+    /// its resident memory is under `max_rss_mib`, and the guest agent
+    /// still runs a command.
+    pub fn assert_healthy(&self, after: &str, max_rss_mib: u64) {
+        let client = vmm::api::ApiClient::new(&self.api);
+        let start = Instant::now();
+        let vm = client.call("GET", "/vm", None);
+        let took = start.elapsed();
+        assert!(vm.is_ok(), "after {after}: GET /vm failed: {vm:?}");
+        assert!(
+            took < Duration::from_secs(1),
+            "after {after}: GET /vm took {took:?}"
+        );
+        let rss = self.rss_kib() / 1024;
+        assert!(
+            rss < max_rss_mib,
+            "after {after}: the VMM holds {rss} MiB (bound {max_rss_mib} MiB)"
+        );
+        assert_eq!(ok(self.sh("echo alive")), "alive", "after {after}");
+    }
+}
+
+/// Resident memory of process `pid`, in KiB (VmRSS).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS for process {pid}"))
 }
 
 /// `vmm exec --api-socket api -- sh -c script`, waiting for the VMM's API

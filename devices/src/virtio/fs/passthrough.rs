@@ -223,6 +223,23 @@ fn open_beneath(root: RawFd, rel: &Path) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
+/// Opens the inode that the `O_PATH` descriptor `fd` (of type `kind`)
+/// holds for I/O, through `/proc/self/fd`, so the very inode that was
+/// checked is opened. Only regular files and directories are: symlinks
+/// are ELOOP, FIFOs, sockets and device nodes EACCES (opening a FIFO could
+/// block the VMM; a device node would be the host's device).
+fn open_for_io(fd: RawFd, kind: u32, flags: libc::c_int) -> io::Result<File> {
+    match kind {
+        libc::S_IFREG | libc::S_IFDIR => {}
+        libc::S_IFLNK => return Err(err(libc::ELOOP)),
+        _ => return Err(err(libc::EACCES)),
+    }
+    let flags = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_PATH))
+        | libc::O_NOCTTY;
+    let fd = openat(libc::AT_FDCWD, &proc_path(fd), flags, 0)?;
+    Ok(File::from(fd))
+}
+
 /// One shared folder.
 pub struct PassthroughFs {
     read_only: bool,
@@ -362,14 +379,7 @@ impl PassthroughFs {
     /// Opens an inode for I/O: regular files and directories only.
     fn reopen(&self, nodeid: u64, flags: libc::c_int) -> io::Result<File> {
         let inode = self.inode(nodeid)?;
-        match inode.kind {
-            libc::S_IFREG | libc::S_IFDIR => {}
-            libc::S_IFLNK => return Err(err(libc::ELOOP)),
-            _ => return Err(err(libc::EACCES)),
-        }
-        let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_NOFOLLOW);
-        let fd = openat(libc::AT_FDCWD, &proc_path(inode.fd.as_raw_fd()), flags, 0)?;
-        Ok(File::from(fd))
+        open_for_io(inode.fd.as_raw_fd(), inode.kind, flags)
     }
 
     fn add_handle(&mut self, file: File, nodeid: u64) -> io::Result<u64> {
@@ -415,9 +425,29 @@ impl PassthroughFs {
         self.writable()?;
         let name = validate_name(name)?;
         let dir = self.inode(parent)?.fd.as_raw_fd();
-        let flags = (flags as libc::c_int | libc::O_CREAT | libc::O_NOFOLLOW) & !libc::O_NOCTTY;
+        let flags = flags as libc::c_int;
         let mode = safe_mode(mode & !umask, false) & 0o7777;
-        let file = File::from(openat(dir, &name, flags, mode)?);
+        // A new file is made with O_EXCL, so nothing that already exists is
+        // opened by name: an existing one is pinned with O_PATH, checked to
+        // be a regular file and only then opened (a FIFO opened for reading
+        // would block the event loop; a device node must never be opened).
+        let new_flags = (flags & !(libc::O_DIRECTORY | libc::O_PATH))
+            | libc::O_CREAT
+            | libc::O_EXCL
+            | libc::O_NOFOLLOW
+            | libc::O_NOCTTY;
+        let file = match openat(dir, &name, new_flags, mode) {
+            Ok(fd) => File::from(fd),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) && flags & libc::O_EXCL == 0 => {
+                let existing = openat(dir, &name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+                let kind = fstat(existing.as_raw_fd())?.st_mode & libc::S_IFMT;
+                if kind == libc::S_IFDIR {
+                    return Err(err(libc::EISDIR));
+                }
+                open_for_io(existing.as_raw_fd(), kind, flags)?
+            }
+            Err(e) => return Err(e),
+        };
         let path_fd = openat(
             libc::AT_FDCWD,
             &proc_path(file.as_raw_fd()),

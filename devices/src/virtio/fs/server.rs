@@ -410,6 +410,8 @@ fn attr_out(st: &libc::stat) -> Answer {
 mod tests {
     use super::*;
     use crate::virtio::fs::passthrough;
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
     use std::path::PathBuf;
 
     /// A scratch folder: `share/` is shared, `outside` must stay untouched.
@@ -439,7 +441,11 @@ mod tests {
     }
 
     fn server(s: &Scratch, read_only: bool) -> Server {
-        let mut srv = Server::new(PassthroughFs::new(&s.share(), read_only).unwrap());
+        server_at(&s.share(), read_only)
+    }
+
+    fn server_at(share: &std::path::Path, read_only: bool) -> Server {
+        let mut srv = Server::new(PassthroughFs::new(share, read_only).unwrap());
         let init = abi::InitIn {
             major: 7,
             minor: 36,
@@ -514,8 +520,18 @@ mod tests {
     }
 
     fn create(srv: &mut Server, parent: u64, name: &[u8], mode: u32) -> Result<(u64, u64), i32> {
+        create_with(srv, parent, name, mode, libc::O_RDWR | libc::O_CREAT)
+    }
+
+    fn create_with(
+        srv: &mut Server,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        flags: i32,
+    ) -> Result<(u64, u64), i32> {
         let c = abi::CreateIn {
-            flags: (libc::O_RDWR | libc::O_CREAT) as u32,
+            flags: flags as u32,
             mode: libc::S_IFREG | mode,
             umask: 0o022,
             open_flags: 0,
@@ -817,6 +833,91 @@ mod tests {
         args.extend(named(b"user.ok"));
         args.extend_from_slice(b"hi");
         assert_eq!(call(&mut srv, abi::SETXATTR, node, &args).0, 0);
+    }
+
+    /// Runs `f` on another thread and fails the test if it does not finish
+    /// in 20 s (a blocking open would otherwise hang the test forever).
+    fn within_deadline<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("{what} blocked for 20 s"))
+    }
+
+    #[test]
+    fn fifos_and_device_nodes_in_the_share_are_never_opened() {
+        let s = Scratch::new("special");
+        let fifo = CString::new(s.share().join("fifo").as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid path string.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o666) }, 0);
+        let dev = CString::new(s.share().join("null").as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid path string; the node is /dev/null's (1, 3).
+        let have_dev =
+            unsafe { libc::mknod(dev.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) } == 0;
+        if !have_dev {
+            eprintln!("device-node part skipped: mknod needs CAP_MKNOD (run the tests as root)");
+        }
+        std::fs::write(s.share().join("plain"), b"old").unwrap();
+        let names: &[&[u8]] = if have_dev {
+            &[b"fifo", b"null"]
+        } else {
+            &[b"fifo"]
+        };
+        let names: Vec<Vec<u8>> = names.iter().map(|n| n.to_vec()).collect();
+        let share = s.share();
+        let outcome = within_deadline("opening a FIFO or device node", move || {
+            let mut srv = server_at(&share, false);
+            let mut errors = Vec::new();
+            for name in &names {
+                for flags in [
+                    libc::O_RDONLY | libc::O_CREAT,
+                    libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC,
+                    libc::O_RDWR | libc::O_CREAT | libc::O_NONBLOCK,
+                ] {
+                    errors.push(create_with(&mut srv, ROOT, name, 0o644, flags).map(|_| ()));
+                }
+                errors.push(
+                    create_with(
+                        &mut srv,
+                        ROOT,
+                        name,
+                        0o644,
+                        libc::O_RDWR | libc::O_CREAT | libc::O_EXCL,
+                    )
+                    .map(|_| ()),
+                );
+                let node = lookup(&mut srv, ROOT, name).unwrap().nodeid;
+                for flags in [
+                    libc::O_RDONLY,
+                    libc::O_WRONLY,
+                    libc::O_RDWR | libc::O_NONBLOCK,
+                ] {
+                    errors.push(open(&mut srv, node, flags).map(|_| ()));
+                }
+            }
+            // An existing regular file is opened (and truncated) as asked.
+            let plain = create_with(
+                &mut srv,
+                ROOT,
+                b"plain",
+                0o644,
+                libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC,
+            );
+            (errors, plain.is_ok())
+        });
+        let (errors, plain_ok) = outcome;
+        for (i, e) in errors.iter().enumerate() {
+            let want = if i % 7 == 3 {
+                -libc::EEXIST
+            } else {
+                -libc::EACCES
+            };
+            assert_eq!(*e, Err(want), "attempt {i}");
+        }
+        assert!(plain_ok);
+        assert_eq!(std::fs::read(s.share().join("plain")).unwrap(), b"");
     }
 
     #[test]
