@@ -340,8 +340,9 @@ fn network_device(network: &NetworkConfig, restored: bool) -> Result<Net> {
     Ok(Net::new(mac, backend))
 }
 
-/// Every guest inode a share holds is a host descriptor: lift the soft
-/// descriptor limit to the hard one.
+/// Every vsock connection, network flow and guest inode a share holds is a
+/// host descriptor: lift the soft descriptor limit to the hard one, for
+/// every VM.
 fn raise_fd_limit() {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -352,7 +353,9 @@ fn raise_fd_limit() {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
             lim.rlim_cur = lim.rlim_max;
             if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                tracing::info!("cannot raise the descriptor limit; shares hold fewer inodes");
+                tracing::info!(
+                    "cannot raise the descriptor limit; the VM can hold fewer connections and files"
+                );
             }
         }
     }
@@ -603,6 +606,7 @@ impl Vm {
             BootTimer::LEN,
         )?;
 
+        raise_fd_limit();
         let mut placer = VirtioPlacer::new(vm.as_ref(), &mmio, &ram.memory);
         let mut virtio = Vec::new();
         let mut disk = None;
@@ -630,9 +634,6 @@ impl Vm {
             let net = network_device(network, restore.is_some())?;
             backends.push(Arc::new(Mutex::new(net.handle())));
             virtio.push(placer.add(Box::new(net))?);
-        }
-        if !config.shares.is_empty() {
-            raise_fd_limit();
         }
         for share in &config.shares {
             let fs = PassthroughFs::new(&share.host_path, share.read_only).map_err(|source| {

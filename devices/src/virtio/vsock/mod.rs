@@ -260,7 +260,11 @@ pub struct VsockBackend {
 impl MutEventSubscriber for VsockBackend {
     fn init(&mut self, ops: &mut EventOps) {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        for fd in [inner.muxer.listener_fd(), inner.muxer.wake_fd().as_raw_fd()] {
+        for fd in [
+            inner.muxer.listener_fd(),
+            inner.muxer.wake_fd().as_raw_fd(),
+            inner.muxer.timer_fd(),
+        ] {
             if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
                 tracing::error!("vsock: cannot watch fd {fd}: {e:?}");
             }
@@ -272,6 +276,8 @@ impl MutEventSubscriber for VsockBackend {
         let fd = events.fd();
         if fd == inner.muxer.listener_fd() {
             inner.muxer.accept_host();
+        } else if fd == inner.muxer.timer_fd() {
+            inner.muxer.on_timer();
         } else if inner.muxer.owns(fd) {
             inner.muxer.host_event(fd, events.event_set());
         }

@@ -11,6 +11,13 @@
 //! no more than the guest's advertised buffer space, and advertises
 //! `BUF_ALLOC` bytes of its own, counting bytes as forwarded only once the
 //! host socket took them. A guest that overruns that credit is reset.
+//!
+//! Nothing here blocks or grows without bound on the guest's behalf: host
+//! sockets are connected without blocking (a full backlog is a reset), a VM
+//! holds at most [`MAX_CONNECTIONS`] connections, connections both sides
+//! closed are reset if the guest does not finish them within
+//! [`CLOSE_TIMEOUT`], and the listener pauses briefly when the process is
+//! out of descriptors instead of spinning.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
@@ -19,9 +26,12 @@ use std::num::Wrapping;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use event_manager::EventSet;
+use socket2::{Domain, SockAddr, Socket, Type};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::packet::*;
 
@@ -53,6 +63,30 @@ fn first_local_port() -> u32 {
 const MAX_PENDING_CONTROL: usize = 1024;
 /// Largest data payload read from a host socket per packet.
 const MAX_READ: usize = 64 * 1024;
+/// Connections per VM, both directions, host clients that have not sent
+/// their `CONNECT` line included; past it guest requests are reset and
+/// host clients closed.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// How long a connection closed on the host side waits for the guest's
+/// RST after the muxer sent SHUTDOWN, before the muxer resets it.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a host client may take to send its `CONNECT` line, and the
+/// guest to answer a host-initiated REQUEST.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the listener rests after an accept failed for lack of file
+/// descriptors (it is level-triggered: watching it would spin).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(200);
+/// How often deadlines are checked while any is pending.
+const TICK: Duration = Duration::from_millis(250);
+
+/// Connects to a Unix socket without blocking: a listener whose backlog is
+/// full answers EAGAIN at once, never a wait.
+fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+    let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    socket.set_nonblocking(true)?;
+    socket.connect(&SockAddr::unix(path)?)?;
+    Ok(UnixStream::from(std::os::fd::OwnedFd::from(socket)))
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Key {
@@ -91,6 +125,9 @@ struct Conn {
     guest_shut_rcv: bool,
     /// What the event loop watches for this socket (None = not watched).
     watched: Option<EventSet>,
+    /// When the muxer resets the connection unless the guest finished it
+    /// (a REQUEST unanswered, a SHUTDOWN not followed by the guest's RST).
+    deadline: Option<Instant>,
 }
 
 impl Conn {
@@ -110,6 +147,7 @@ impl Conn {
             guest_shut_send: false,
             guest_shut_rcv: false,
             watched: None,
+            deadline: None,
         }
     }
 
@@ -155,8 +193,9 @@ pub struct Muxer {
     listener: UnixListener,
     conns: HashMap<Key, Conn>,
     by_fd: HashMap<RawFd, Key>,
-    /// Host clients that have not sent their CONNECT line yet.
-    pending: HashMap<RawFd, (UnixStream, Vec<u8>)>,
+    /// Host clients that have not sent their CONNECT line yet, with the
+    /// time by which they must.
+    pending: HashMap<RawFd, (UnixStream, Vec<u8>, Instant)>,
     control: VecDeque<Header>,
     next_local: u32,
     changes: Vec<FdChange>,
@@ -165,6 +204,11 @@ pub struct Muxer {
     closing: Vec<UnixStream>,
     /// Written when `changes` gets entries outside the event loop.
     wake: EventFd,
+    /// Fires every [`TICK`] while a deadline is pending.
+    timer: TimerFd,
+    timer_armed: bool,
+    /// The listener is unwatched until then (out of descriptors).
+    listener_resumes: Option<Instant>,
 }
 
 impl Muxer {
@@ -187,6 +231,9 @@ impl Muxer {
             changes: Vec::new(),
             closing: Vec::new(),
             wake: EventFd::new(libc::EFD_NONBLOCK)?,
+            timer: TimerFd::new().map_err(io::Error::from)?,
+            timer_armed: false,
+            listener_resumes: None,
         })
     }
 
@@ -199,15 +246,78 @@ impl Muxer {
         &self.wake
     }
 
+    /// Readable when deadlines are due: call [`Muxer::on_timer`].
+    pub fn timer_fd(&self) -> RawFd {
+        self.timer.as_raw_fd()
+    }
+
     /// Number of open guest connections.
     pub fn connection_count(&self) -> usize {
         self.conns.len()
     }
 
-    /// Takes the pending watch changes (and clears the wake eventfd).
+    /// Takes the pending watch changes (and clears the wake eventfd); arms
+    /// or stops the deadline timer as needed.
     pub fn take_changes(&mut self) -> Vec<FdChange> {
         let _ = self.wake.read();
+        let wanted = self.listener_resumes.is_some()
+            || !self.pending.is_empty()
+            || self.conns.values().any(|c| c.deadline.is_some());
+        if wanted != self.timer_armed {
+            let result = if wanted {
+                self.timer.reset(TICK, Some(TICK))
+            } else {
+                self.timer.clear()
+            };
+            match result {
+                Ok(()) => self.timer_armed = wanted,
+                Err(e) => tracing::warn!("vsock: cannot set the deadline timer: {e}"),
+            }
+        }
         std::mem::take(&mut self.changes)
+    }
+
+    /// Connections held, host clients still sending `CONNECT` included.
+    fn held(&self) -> usize {
+        self.conns.len() + self.pending.len()
+    }
+
+    /// The timer fired (its descriptor is readable).
+    pub fn on_timer(&mut self) {
+        let _ = self.timer.wait();
+        self.tick(Instant::now());
+    }
+
+    /// Enforces the deadlines due at `now`: resets connections the guest
+    /// left unfinished, closes host clients that never sent `CONNECT`, and
+    /// watches the listener again after a pause.
+    fn tick(&mut self, now: Instant) {
+        let expired: Vec<Key> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.deadline.is_some_and(|d| d <= now))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in expired {
+            tracing::debug!(
+                "vsock: guest port {} did not finish in time; reset",
+                key.peer
+            );
+            self.reset(key);
+        }
+        let silent: Vec<RawFd> = self
+            .pending
+            .iter()
+            .filter(|(_, (_, _, by))| *by <= now)
+            .map(|(fd, _)| *fd)
+            .collect();
+        for fd in silent {
+            self.close_pending(fd);
+        }
+        if self.listener_resumes.is_some_and(|at| at <= now) {
+            self.listener_resumes = None;
+            self.push_change(FdChange::Watch(self.listener.as_raw_fd(), EventSet::IN));
+        }
     }
 
     /// Closes the sockets whose `Unwatch` the event loop has applied.
@@ -319,6 +429,7 @@ impl Muxer {
         match hdr.op {
             OP_RESPONSE if conn.state == State::Connecting => {
                 conn.state = State::Established;
+                conn.deadline = None;
                 // The client waits for this line before it sends anything, so
                 // the socket buffer has room for it.
                 let line = format!("OK {}\n", key.local);
@@ -369,11 +480,21 @@ impl Muxer {
     }
 
     fn connect_to_host(&mut self, key: Key, hdr: &Header) {
-        let path = format!("{}_{}", self.uds_path.display(), key.local);
-        let stream = match UnixStream::connect(&path) {
-            Ok(s) if s.set_nonblocking(true).is_ok() => s,
-            _ => {
-                tracing::debug!("vsock: guest connection to host port {} refused", key.local);
+        let path = PathBuf::from(format!("{}_{}", self.uds_path.display(), key.local));
+        let connected = if self.held() >= MAX_CONNECTIONS {
+            Err(io::Error::other(format!(
+                "the VM holds {MAX_CONNECTIONS} connections"
+            )))
+        } else {
+            connect_nonblocking(&path)
+        };
+        let stream = match connected {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(
+                    "vsock: guest connection to host port {} refused: {e}",
+                    key.local
+                );
                 let mut rst = self.header(key, OP_RST);
                 rst.fwd_cnt = 0;
                 self.push_control(rst);
@@ -425,16 +546,45 @@ impl Muxer {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
+                    if self.held() >= MAX_CONNECTIONS {
+                        tracing::warn!(
+                            "vsock: the VM holds {MAX_CONNECTIONS} connections; a host client is closed"
+                        );
+                        continue;
+                    }
                     if stream.set_nonblocking(true).is_err() {
                         continue;
                     }
                     let fd = stream.as_raw_fd();
-                    self.pending.insert(fd, (stream, Vec::new()));
+                    let by = Instant::now() + CONNECT_TIMEOUT;
+                    self.pending.insert(fd, (stream, Vec::new(), by));
                     self.push_change(FdChange::Watch(fd, EventSet::IN));
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => break,
+                Err(e) => {
+                    self.accept_failed(&e);
+                    break;
+                }
             }
+        }
+    }
+
+    /// Out of descriptors, the listener stays readable: stop watching it
+    /// for [`ACCEPT_BACKOFF`] rather than spin.
+    fn accept_failed(&mut self, e: &io::Error) {
+        if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+            && self.listener_resumes.is_none()
+        {
+            tracing::warn!("vsock: cannot accept a host client ({e}); retrying shortly");
+            self.listener_resumes = Some(Instant::now() + ACCEPT_BACKOFF);
+            self.push_change(FdChange::Unwatch(self.listener.as_raw_fd()));
+        }
+    }
+
+    fn close_pending(&mut self, fd: RawFd) {
+        if let Some((stream, _, _)) = self.pending.remove(&fd) {
+            self.push_change(FdChange::Unwatch(fd));
+            self.closing.push(stream);
         }
     }
 
@@ -486,7 +636,7 @@ impl Muxer {
     }
 
     fn read_connect_line(&mut self, fd: RawFd) {
-        let Some((stream, line)) = self.pending.get_mut(&fd) else {
+        let Some((stream, line, _)) = self.pending.get_mut(&fd) else {
             return;
         };
         let mut buf = [0u8; MAX_CONNECT_LINE];
@@ -505,14 +655,9 @@ impl Muxer {
         };
         match outcome {
             Ok(None) => {}
-            Err(()) => {
-                if let Some((stream, _)) = self.pending.remove(&fd) {
-                    self.push_change(FdChange::Unwatch(fd));
-                    self.closing.push(stream);
-                }
-            }
+            Err(()) => self.close_pending(fd),
             Ok(Some(port)) => {
-                let Some((stream, _)) = self.pending.remove(&fd) else {
+                let Some((stream, _, _)) = self.pending.remove(&fd) else {
                     return;
                 };
                 let key = Key {
@@ -520,6 +665,7 @@ impl Muxer {
                     peer: port,
                 };
                 let mut conn = Conn::new(stream, State::Connecting);
+                conn.deadline = Some(Instant::now() + CONNECT_TIMEOUT);
                 // Watched for hang-ups only until the guest answers.
                 conn.watched = Some(EventSet::empty());
                 self.push_change(FdChange::Modify(fd, EventSet::empty()));
@@ -581,6 +727,9 @@ impl Muxer {
                 conn.host_readable = false;
                 conn.host_eof = true;
                 let flags = if conn.host_hup {
+                    // Both ways closed: the guest owes an RST, within
+                    // CLOSE_TIMEOUT.
+                    conn.deadline = Some(Instant::now() + CLOSE_TIMEOUT);
                     SHUTDOWN_SEND | SHUTDOWN_RCV
                 } else {
                     SHUTDOWN_SEND
@@ -782,6 +931,141 @@ mod tests {
         s.mux.handle_guest_packet(&rw, &big);
         assert_eq!(s.mux.next_packet(4096).unwrap().0.op, OP_RST);
         assert_eq!(s.mux.connection_count(), 0);
+    }
+
+    /// A listener at `path` whose accept backlog holds `backlog` clients.
+    fn listener_with_backlog(path: &Path, backlog: i32) -> UnixListener {
+        let socket = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+        socket.bind(&SockAddr::unix(path).unwrap()).unwrap();
+        socket.listen(backlog).unwrap();
+        UnixListener::from(std::os::fd::OwnedFd::from(socket))
+    }
+
+    #[test]
+    fn a_full_backlog_is_a_reset_not_a_wait() {
+        let s = setup("backlog");
+        // Nobody accepts: after the backlog fills, a blocking connect would
+        // wait forever (and with it the VMM's event loop).
+        let _listener = listener_with_backlog(&s.dir.join("v.sock_52"), 0);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let worker = std::thread::spawn(move || {
+            let mut s = s;
+            let mut ops = Vec::new();
+            for port in 0..8 {
+                s.mux
+                    .handle_guest_packet(&guest(OP_REQUEST, 2000 + port, 52), &[]);
+                ops.push(s.mux.next_packet(4096).unwrap().0.op);
+            }
+            let _ = tx.send(ops);
+            s
+        });
+        let ops = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("a guest connection to a busy port blocked the muxer");
+        assert_eq!(ops[0], OP_RESPONSE, "{ops:?}");
+        assert_eq!(*ops.last().unwrap(), OP_RST, "{ops:?}");
+        let s = worker.join().unwrap();
+        assert!(s.mux.connection_count() < 8);
+    }
+
+    #[test]
+    fn connections_per_vm_are_capped() {
+        let mut s = setup("cap");
+        let listener = listener_with_backlog(&s.dir.join("v.sock_52"), 4096);
+        listener.set_nonblocking(true).unwrap();
+        let mut accepted = Vec::new();
+        let (mut responses, mut resets) = (0, 0);
+        for port in 0..(MAX_CONNECTIONS as u32 + 500) {
+            s.mux
+                .handle_guest_packet(&guest(OP_REQUEST, 10_000 + port, 52), &[]);
+            match s.mux.next_packet(4096).unwrap().0.op {
+                OP_RESPONSE => responses += 1,
+                OP_RST => resets += 1,
+                op => panic!("op {op}"),
+            }
+            while let Ok((c, _)) = listener.accept() {
+                accepted.push(c);
+            }
+        }
+        assert_eq!(responses, MAX_CONNECTIONS);
+        assert_eq!(resets, 500);
+        assert_eq!(s.mux.connection_count(), MAX_CONNECTIONS);
+        // Host clients past the cap are closed at once.
+        let mut client = UnixStream::connect(s.dir.join("v.sock")).unwrap();
+        s.mux.accept_host();
+        assert!(s.mux.pending.is_empty());
+        let mut buf = [0u8; 1];
+        assert_eq!(client.read(&mut buf).unwrap(), 0);
+        // A closed connection makes room again.
+        s.mux.handle_guest_packet(&guest(OP_RST, 10_000, 52), &[]);
+        s.mux
+            .handle_guest_packet(&guest(OP_REQUEST, 50_000, 52), &[]);
+        assert_eq!(s.mux.next_packet(4096).unwrap().0.op, OP_RESPONSE);
+    }
+
+    #[test]
+    fn unfinished_connections_are_reset_after_their_deadline() {
+        let mut s = setup("deadline");
+        let listener = UnixListener::bind(s.dir.join("v.sock_52")).unwrap();
+        s.mux.handle_guest_packet(&guest(OP_REQUEST, 1000, 52), &[]);
+        assert_eq!(s.mux.next_packet(4096).unwrap().0.op, OP_RESPONSE);
+        // The host side closes; the guest is told, and never answers.
+        drop(listener.accept().unwrap().0);
+        let fd = s.mux.by_fd.keys().copied().next().unwrap();
+        s.mux.host_event(fd, EventSet::IN | EventSet::HANG_UP);
+        let (hdr, _) = s.mux.next_packet(4096).unwrap();
+        assert_eq!(
+            (hdr.op, hdr.flags),
+            (OP_SHUTDOWN, SHUTDOWN_SEND | SHUTDOWN_RCV)
+        );
+        assert!(!s.mux.take_changes().is_empty());
+        assert!(s.mux.timer_armed, "a deadline is pending: the timer runs");
+        s.mux.tick(Instant::now());
+        assert_eq!(s.mux.connection_count(), 1, "not yet");
+        s.mux.tick(Instant::now() + CLOSE_TIMEOUT);
+        assert_eq!(s.mux.next_packet(4096).unwrap().0.op, OP_RST);
+        assert_eq!(s.mux.connection_count(), 0);
+        // A host client that never sends CONNECT, and a REQUEST the guest
+        // never answers.
+        let _silent = UnixStream::connect(s.dir.join("v.sock")).unwrap();
+        let mut asking = UnixStream::connect(s.dir.join("v.sock")).unwrap();
+        s.mux.accept_host();
+        asking.write_all(b"CONNECT 5000\n").unwrap();
+        let fds: Vec<RawFd> = s.mux.pending.keys().copied().collect();
+        for fd in fds {
+            s.mux.host_event(fd, EventSet::IN);
+        }
+        assert_eq!(s.mux.next_packet(4096).unwrap().0.op, OP_REQUEST);
+        assert_eq!((s.mux.pending.len(), s.mux.connection_count()), (1, 1));
+        s.mux.tick(Instant::now() + CONNECT_TIMEOUT);
+        assert_eq!((s.mux.pending.len(), s.mux.connection_count()), (0, 0));
+        assert_eq!(s.mux.next_packet(4096).unwrap().0.op, OP_RST);
+        s.mux.take_changes();
+        assert!(!s.mux.timer_armed, "nothing pending: the timer stops");
+        s.mux.release_closed();
+        let mut buf = [0u8; 1];
+        assert_eq!(asking.read(&mut buf).unwrap(), 0);
+    }
+
+    #[test]
+    fn out_of_descriptors_the_listener_rests_instead_of_spinning() {
+        let mut s = setup("emfile");
+        let listener = s.mux.listener_fd();
+        s.mux
+            .accept_failed(&io::Error::from_raw_os_error(libc::EMFILE));
+        assert_eq!(s.mux.take_changes(), vec![FdChange::Unwatch(listener)]);
+        assert!(s.mux.timer_armed);
+        s.mux.tick(Instant::now());
+        assert!(s.mux.take_changes().is_empty(), "still resting");
+        s.mux.tick(Instant::now() + ACCEPT_BACKOFF);
+        assert_eq!(
+            s.mux.take_changes(),
+            vec![FdChange::Watch(listener, EventSet::IN)]
+        );
+        // Other accept errors do not pause it.
+        s.mux
+            .accept_failed(&io::Error::from_raw_os_error(libc::ECONNABORTED));
+        assert!(s.mux.take_changes().is_empty());
     }
 
     #[test]
