@@ -124,7 +124,10 @@ fn agent_runs_commands_and_moves_files_over_vsock() {
         1 << 20
     );
     let mut back = Vec::new();
-    assert_eq!(client.get("/tmp/blob", &mut back).unwrap(), 1 << 20);
+    assert_eq!(
+        client.get("/tmp/blob", &mut back, 2 << 20).unwrap(),
+        1 << 20
+    );
     assert!(back == file, "the file came back different");
 
     // 8 concurrent streams each carry 4 MiB intact, both ways.
@@ -136,7 +139,7 @@ fn agent_runs_commands_and_moves_files_over_vsock() {
                 let path = format!("/tmp/stream{i}");
                 let put = client.put(&path, &mut &data[..], 0o600).unwrap();
                 let mut back = Vec::new();
-                let got = client.get(&path, &mut back).unwrap();
+                let got = client.get(&path, &mut back, 1 << 30).unwrap();
                 put == 4 << 20 && got == 4 << 20 && back == data
             })
         })

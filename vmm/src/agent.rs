@@ -29,7 +29,25 @@ pub enum Error {
     Agent(String),
     #[error("the guest agent did not announce itself within {0:?} (or the VM stopped first)")]
     NotReady(Duration),
+    #[error("the guest agent did not answer within {0:?}; the guest may be hung or overloaded")]
+    Silent(Duration),
+    #[error("the guest agent sent more than the {0} bytes allowed; raise the limit or fetch less")]
+    TooLarge(u64),
 }
+
+/// An I/O error from a read that ran out of time is the agent being silent.
+fn timed(e: io::Error, limit: Duration) -> Error {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Error::Silent(limit),
+        _ => Error::Io(e),
+    }
+}
+
+/// How long the host waits for each answer of the agent (the `OK` of a
+/// connection, a response, a file chunk) unless a call says otherwise.
+pub const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest ready announcement read (`ready\n`).
+const MAX_READY_LINE: u64 = 64;
 
 pub type Result<T> = std::result::Result<T, Error>;
 
@@ -63,9 +81,16 @@ pub struct Exec {
 }
 
 /// Talks to the agent of one VM through its vsock Unix socket.
+///
+/// The guest is not trusted: every wait for the agent is bounded by the
+/// client's timeout ([`AGENT_TIMEOUT`] unless set), frames are at most
+/// [`vmm_agent::MAX_FRAME`] bytes, and `get` takes a size limit. `exec`
+/// waits as long as the command runs: with a command timeout, at most that
+/// timeout plus the client's.
 #[derive(Debug, Clone)]
 pub struct AgentClient {
     uds_path: PathBuf,
+    timeout: Duration,
 }
 
 impl AgentClient {
@@ -73,7 +98,14 @@ impl AgentClient {
     pub fn new(uds_path: &Path) -> Self {
         AgentClient {
             uds_path: uds_path.to_path_buf(),
+            timeout: AGENT_TIMEOUT,
         }
+    }
+
+    /// The same client, waiting at most `timeout` for each answer.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     fn connect(&self) -> Result<UnixStream> {
@@ -81,12 +113,14 @@ impl AgentClient {
             path: self.uds_path.clone(),
             source,
         })?;
+        stream.set_read_timeout(Some(self.timeout))?;
+        stream.set_write_timeout(Some(self.timeout))?;
         stream.write_all(format!("CONNECT {AGENT_PORT}\n").as_bytes())?;
         let mut line = Vec::new();
         // Read the `OK <port>` line byte by byte: nothing after it may be lost.
         let mut byte = [0u8; 1];
         while byte[0] != b'\n' && line.len() < 64 {
-            if stream.read(&mut byte)? == 0 {
+            if stream.read(&mut byte).map_err(|e| timed(e, self.timeout))? == 0 {
                 break;
             }
             line.push(byte[0]);
@@ -98,12 +132,15 @@ impl AgentClient {
         Ok(stream)
     }
 
+    /// Reads frames until the response; `on_data` gets the data frames.
+    /// Each read waits at most as long as `stream`'s read timeout.
     fn finish(
         stream: &mut UnixStream,
         mut on_data: impl FnMut(FrameType, &[u8]) -> io::Result<()>,
     ) -> Result<Response> {
+        let limit = stream.read_timeout()?.unwrap_or(Duration::MAX);
         loop {
-            match read_frame(stream)? {
+            match read_frame(stream).map_err(|e| timed(e, limit))? {
                 Some((FrameType::Response, payload)) => {
                     let resp: Response = serde_json::from_slice(&payload)
                         .map_err(|e| Error::Protocol(e.to_string()))?;
@@ -145,6 +182,8 @@ impl AgentClient {
         stderr: &mut dyn Write,
     ) -> Result<ExitStatus> {
         let mut s = self.connect()?;
+        // The command's own time, then the usual wait for the agent.
+        s.set_read_timeout(cmd.timeout.map(|t| t.saturating_add(self.timeout)))?;
         let request = Request::Exec {
             argv: cmd.argv.clone(),
             env: cmd.env.clone(),
@@ -208,26 +247,37 @@ impl AgentClient {
         Ok(Self::finish(&mut s, |_, _| Ok(()))?.size.unwrap_or(0))
     }
 
-    /// Reads `path` from the guest into `out`; returns its size.
-    pub fn get(&self, path: &str, out: &mut dyn Write) -> Result<u64> {
+    /// Reads `path` from the guest into `out`; returns its size. More than
+    /// `max_bytes` is an error ([`Error::TooLarge`]), whatever the guest
+    /// claims the size is.
+    pub fn get(&self, path: &str, out: &mut dyn Write, max_bytes: u64) -> Result<u64> {
         let mut s = self.connect()?;
         write_json(
             &mut s,
             FrameType::Request,
             &Request::Get { path: path.into() },
         )?;
-        Ok(Self::finish(&mut s, |_, data| out.write_all(data))?
-            .size
-            .unwrap_or(0))
+        let mut got = 0u64;
+        let resp = Self::finish(&mut s, |_, data| {
+            got += data.len() as u64;
+            if got > max_bytes {
+                return Err(io::Error::other(Error::TooLarge(max_bytes)));
+            }
+            out.write_all(data)
+        });
+        match resp {
+            Err(Error::Io(e)) if got > max_bytes => {
+                drop(e);
+                Err(Error::TooLarge(max_bytes))
+            }
+            r => Ok(r?.size.unwrap_or(0)),
+        }
     }
 
     /// Gives the guest fresh randomness and has it reseed its generator
     /// (after a fork or restore).
     pub fn reseed(&self, seed: &[u8]) -> Result<()> {
         let mut s = self.connect()?;
-        // The agent answers at once; a guest that does not must not hold
-        // the caller forever.
-        s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
         let seed = seed.iter().map(|b| format!("{b:02x}")).collect();
         write_json(&mut s, FrameType::Request, &Request::Reseed { seed })?;
         Self::finish(&mut s, |_, _| Ok(()))?;
@@ -289,8 +339,18 @@ impl ReadyListener {
             return Err(Error::NotReady(timeout));
         }
         let (stream, _) = self.listener.accept()?;
+        // The line is short and comes at once; a guest that sends an
+        // endless one, or nothing, gets no more than that.
+        stream.set_read_timeout(Some(timeout.clamp(Duration::from_millis(1), AGENT_TIMEOUT)))?;
         let mut line = String::new();
-        BufReader::new(stream).read_line(&mut line)?;
+        BufReader::new(stream.take(MAX_READY_LINE))
+            .read_line(&mut line)
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::InvalidData => {
+                    Error::Protocol("a ready line that is not text".into())
+                }
+                _ => timed(e, timeout),
+            })?;
         if line.trim() != "ready" {
             return Err(Error::Protocol(format!("unexpected ready line {line:?}")));
         }
@@ -301,5 +361,104 @@ impl ReadyListener {
 impl Drop for ReadyListener {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// A scratch directory with a hostile "VMM side" of the vsock socket.
+    struct Fake {
+        dir: PathBuf,
+    }
+
+    impl Fake {
+        fn new(name: &str) -> Fake {
+            let dir = std::env::temp_dir().join(format!("vmm-agent-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Fake { dir }
+        }
+
+        fn uds(&self) -> PathBuf {
+            self.dir.join("v.sock")
+        }
+
+        /// Serves one connection: answers `OK`, then runs `behave`.
+        fn serve(&self, behave: impl FnOnce(UnixStream) + Send + 'static) {
+            let listener = UnixListener::bind(self.uds()).unwrap();
+            std::thread::spawn(move || {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut line = [0u8; 13];
+                s.read_exact(&mut line).unwrap();
+                s.write_all(b"OK 1\n").unwrap();
+                behave(s);
+            });
+        }
+    }
+
+    impl Drop for Fake {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    #[test]
+    fn a_silent_agent_times_out() {
+        let f = Fake::new("silent");
+        f.serve(|mut s| {
+            // Reads the request and says nothing, until the client leaves.
+            let mut sink = [0u8; 256];
+            while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+        });
+        let client = AgentClient::new(&f.uds()).with_timeout(Duration::from_millis(300));
+        let start = Instant::now();
+        let err = client.ping().unwrap_err();
+        assert!(matches!(err, Error::Silent(_)), "{err}");
+        assert!(start.elapsed() < Duration::from_secs(3));
+    }
+
+    #[test]
+    fn an_endless_file_stops_at_the_limit() {
+        let f = Fake::new("endless");
+        f.serve(|mut s| {
+            let chunk = vec![0x41u8; 64 * 1024];
+            while write_frame(&mut s, FrameType::Stdout, &chunk).is_ok() {}
+        });
+        let client = AgentClient::new(&f.uds());
+        let mut out = Vec::new();
+        let err = client.get("/dev/zero", &mut out, 1 << 20).unwrap_err();
+        assert!(matches!(err, Error::TooLarge(_)), "{err}");
+        assert!(out.len() <= 1 << 20);
+    }
+
+    #[test]
+    fn ready_lines_are_bounded_in_length_and_time() {
+        let f = Fake::new("ready");
+        let uds = f.uds();
+        let ready = ReadyListener::bind(&uds).unwrap();
+        let path = ready_socket_path(&uds);
+        // An endless line without a newline.
+        let writer = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let mut s = UnixStream::connect(path).unwrap();
+                let junk = vec![b'x'; 4096];
+                while s.write_all(&junk).is_ok() {}
+            })
+        };
+        let err = ready.wait(Duration::from_secs(10), None).unwrap_err();
+        assert!(matches!(err, Error::Protocol(_)), "{err}");
+        drop(ready);
+        writer.join().unwrap();
+        // A connection that says nothing.
+        let ready = ReadyListener::bind(&uds).unwrap();
+        let _silent = UnixStream::connect(&path).unwrap();
+        let start = Instant::now();
+        let err = ready.wait(Duration::from_millis(300), None).unwrap_err();
+        assert!(matches!(err, Error::Silent(_)), "{err}");
+        assert!(start.elapsed() < Duration::from_secs(3));
     }
 }
