@@ -18,6 +18,8 @@ use crate::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
 pub enum Error {
     #[error("cannot create the guest memory file (memfd_create): {0}")]
     Memfd(std::io::Error),
+    #[error("cannot seal the frozen guest memory file against writes: {0}; the kernel needs memfd seals (Linux 3.17+, F_SEAL_FUTURE_WRITE 5.1+)")]
+    Seal(std::io::Error),
     #[error("cannot map guest memory copy-on-write: {0}")]
     MapPrivate(std::io::Error),
     #[error("cannot find the pages the guest changed (/proc/self/pagemap): {0}")]
@@ -255,6 +257,7 @@ impl GuestRam {
                 Self::map_private_at(&self.file, region.as_ptr() as usize, off, len)?;
             }
             self.private = true;
+            seal(&self.file)?;
         } else {
             let mut runs = self.changed_runs()?;
             if !runs.is_empty() {
@@ -301,6 +304,7 @@ impl GuestRam {
             source,
         })?;
         self.copy_runs(runs, &file)?;
+        seal(&file)?;
         Ok(Overlay {
             file: Arc::new(file),
             runs: runs.to_vec(),
@@ -408,10 +412,32 @@ impl GuestRam {
     }
 }
 
+/// Seals a frozen memory file: no write, resize or new writable shared
+/// mapping, by this process or any it hands the file to (fork children
+/// share the file with their parent and siblings). Copy-on-write mappings
+/// stay possible. F_SEAL_WRITE needs no writable shared mapping left;
+/// where one is, F_SEAL_FUTURE_WRITE still stops every new write.
+fn seal(file: &File) -> Result<()> {
+    let fd = file.as_raw_fd();
+    let rest = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on our own descriptor with integer arguments.
+    if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_WRITE | rest) } == 0 {
+        return Ok(());
+    }
+    let first = std::io::Error::last_os_error();
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_FUTURE_WRITE | rest) } == 0 {
+        tracing::debug!("guest memory sealed with F_SEAL_FUTURE_WRITE (F_SEAL_WRITE: {first})");
+        return Ok(());
+    }
+    Err(Error::Seal(std::io::Error::last_os_error()))
+}
+
 fn memfd(name: &std::ffi::CStr) -> Result<File> {
     // SAFETY: the name is a valid NUL-terminated string; the return value
     // is checked before use.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(Error::Memfd(std::io::Error::last_os_error()));
     }
@@ -650,6 +676,44 @@ mod tests {
         ram.memory.read_obj::<u8>(GuestAddress(addr)).unwrap()
     }
 
+    /// What a fork child gets cannot change: no write, no resize, no hole
+    /// punched, no writable shared mapping (a copy-on-write one works).
+    fn assert_sealed(file: &File) {
+        use std::os::unix::fs::FileExt;
+        let err = file.write_at(&[9], 0x1000).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
+        assert!(file.set_len(1 << 20).is_err());
+        let fd = file.as_raw_fd();
+        // SAFETY: fallocate on our own descriptor.
+        let punched = unsafe {
+            libc::fallocate(
+                fd,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                0,
+                4096,
+            )
+        };
+        assert_ne!(punched, 0, "a hole was punched in a sealed file");
+        for (flags, allowed) in [(libc::MAP_SHARED, false), (libc::MAP_PRIVATE, true)] {
+            // SAFETY: a new mapping of our own file, unmapped below.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    flags,
+                    fd,
+                    0,
+                )
+            };
+            assert_eq!(p != libc::MAP_FAILED, allowed, "mmap flags {flags:#x}");
+            if p != libc::MAP_FAILED {
+                // SAFETY: `p` is the 4 KiB mapping made above.
+                unsafe { libc::munmap(p, 4096) };
+            }
+        }
+    }
+
     #[test]
     fn forks_of_forks_see_the_image_and_stay_apart() {
         let mut parent = GuestRam::new(16 << 20).unwrap();
@@ -672,6 +736,7 @@ mod tests {
         let mut base = [0u8; 1];
         image.base.read_exact_at(&mut base, 0x1000).unwrap();
         assert_eq!(base[0], 1, "the frozen base keeps the fork-time content");
+        assert_sealed(&image.base);
 
         // Both ways of finding private pages agree.
         let region = child.memory.iter().next().unwrap();
@@ -683,6 +748,7 @@ mod tests {
         // A fork of the child: an overlay with exactly the child's pages.
         let image2 = child.freeze().unwrap();
         assert_eq!(image2.overlays.len(), 1);
+        assert_sealed(&image2.overlays[0].file);
         assert_eq!(
             image2.overlays[0].runs,
             vec![(0x5000, 0x1000), (0x80_0000, 0x1000)]
