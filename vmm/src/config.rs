@@ -131,8 +131,8 @@ pub enum NetworkConfig {
     /// The user-mode network: NAT inside the VMM, DHCP, a DNS forwarder,
     /// an egress policy; no privileges needed (docs/network.md).
     User {
-        /// Which destinations the guest may reach; default: everything but
-        /// the host's loopback.
+        /// Which destinations the guest may reach; default: the internet,
+        /// not the host, link-local (cloud metadata) or private networks.
         #[serde(default)]
         egress: EgressConfig,
         /// Host ports carried to guest ports.

@@ -66,6 +66,9 @@ pub const MAX_UDP_FLOWS: usize = 128;
 pub const TCP_BUFFER: usize = 256 * 1024;
 /// Frames waiting for the guest's receive buffers, in bytes.
 pub const TO_GUEST_BYTES: usize = 4 << 20;
+/// How long the list of the host's own addresses is trusted before it is
+/// read again (on the next new flow).
+const HOST_ADDRS_TTL: Duration = Duration::from_secs(2);
 /// Frames from the guest waiting for smoltcp (ARP, ICMP, DHCP, DNS), at most.
 const MAX_FROM_GUEST: usize = 256;
 /// A UDP flow nothing went through for this long is closed (DNS: 10 s).
@@ -285,6 +288,7 @@ const KIND_UDP: u64 = 2;
 const TIMER_TOKEN: u64 = KIND_MISC;
 
 /// Why a destination is not reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Refusal {
     Policy,
     Unroutable,
@@ -306,7 +310,8 @@ pub struct UserNet {
     names: LearnedNames,
     dns: Option<SocketAddr>,
     guest_mac: EthernetAddress,
-    host_addrs: Vec<Ipv4Addr>,
+    /// The host's own addresses, and when they were read.
+    host_addrs: (Vec<Ipv4Addr>, Instant),
     next_id: u64,
     next_port: u16,
     start: Instant,
@@ -373,7 +378,7 @@ impl UserNet {
             names: LearnedNames::default(),
             dns: config.dns.first().copied(),
             guest_mac: EthernetAddress(config.guest_mac),
-            host_addrs: host_addresses(),
+            host_addrs: (host_addresses(), Instant::now()),
             next_id: 1,
             next_port: 49152,
             start: Instant::now(),
@@ -419,7 +424,7 @@ impl UserNet {
     }
 
     /// Where the guest's `dst:port` is on the host, or why it is refused.
-    fn host_target(&self, dst: Ipv4Addr, port: u16) -> Result<SocketAddr, Refusal> {
+    fn host_target(&mut self, dst: Ipv4Addr, port: u16) -> Result<SocketAddr, Refusal> {
         if dst == DNS {
             return match self.dns {
                 Some(addr) if port == 53 => Ok(addr),
@@ -437,7 +442,12 @@ impl UserNet {
         {
             return Err(Refusal::Unroutable);
         }
-        let host_own = self.host_addrs.contains(&dst);
+        // The host's addresses change (DHCP, VPNs, containers): read again
+        // when the list is older than HOST_ADDRS_TTL.
+        if self.host_addrs.1.elapsed() > HOST_ADDRS_TTL {
+            self.host_addrs = (host_addresses(), Instant::now());
+        }
+        let host_own = self.host_addrs.0.contains(&dst);
         if !self.policy.allows(dst, port, host_own, &self.names) {
             return Err(Refusal::Policy);
         }
@@ -764,9 +774,10 @@ impl UserNet {
             let dns = flow.is_dns();
             let data = &buf[..n.min(usize::from(MTU) - 28)];
             if dns && self.policy.has_name_rules() {
-                if let Some((name, addrs)) = wire::dns_answers(data) {
-                    for a in addrs {
-                        self.names.learn(&name, a);
+                if let Some(answer) = wire::dns_answers(data) {
+                    for (a, ttl) in answer.addrs {
+                        self.names
+                            .learn(&answer.name, a, Duration::from_secs(ttl.into()));
                     }
                 }
             }
@@ -1099,8 +1110,39 @@ mod tests {
     }
 
     #[test]
+    fn the_hosts_addresses_are_read_again_when_old() {
+        let Some(own) = host_addresses().into_iter().find(|a| !a.is_loopback()) else {
+            eprintln!("skipped: this host has no IPv4 address but loopback");
+            return;
+        };
+        // Allowed by an exact rule, but no rule for 10.0.2.2: once known as
+        // the host's own, the address is refused. Nothing is sent.
+        let policy = EgressPolicy {
+            default_allow: true,
+            allow: vec![policy::Rule::parse(&own.to_string()).unwrap()],
+            deny: Vec::new(),
+        };
+        let mut net = net(policy, Vec::new());
+        assert_eq!(net.host_target(own, 80), Err(Refusal::Policy));
+        net.host_addrs = (Vec::new(), Instant::now());
+        assert!(
+            net.host_target(own, 80).is_ok(),
+            "a fresh (empty) list is trusted"
+        );
+        net.host_addrs.1 -= HOST_ADDRS_TTL * 2;
+        assert_eq!(net.host_target(own, 80), Err(Refusal::Policy), "read again");
+    }
+
+    #[test]
     fn malformed_frames_are_dropped_without_harm() {
-        let mut net = net(EgressPolicy::default(), Vec::new());
+        // Only the gateway is allowed: a SYN that survives the corruption
+        // reaches nothing outside this host.
+        let policy = EgressPolicy {
+            default_allow: false,
+            allow: vec![policy::Rule::parse("10.0.2.2").unwrap()],
+            deny: Vec::new(),
+        };
+        let mut net = net(policy, Vec::new());
         let mut seed = 0x1234_5678_u32;
         let mut rand = || {
             seed ^= seed << 13;
@@ -1108,7 +1150,7 @@ mod tests {
             seed ^= seed << 5;
             seed
         };
-        let good = syn(Ipv4Addr::new(203, 0, 113, 1), 1000, 80);
+        let good = syn(GATEWAY, 1000, 1);
         for i in 0..5000 {
             let mut f = if i % 2 == 0 {
                 good.clone()
@@ -1196,6 +1238,61 @@ mod tests {
         net.send(&ping(GATEWAY, 500, b"again")).unwrap();
         net.poll();
         assert_eq!(drain(&mut net).len(), 1);
+    }
+
+    /// SYNs from the guest to each of `dsts`: how many were reset.
+    fn resets_for(net: &mut UserNet, dsts: &[Ipv4Addr]) -> usize {
+        for (i, dst) in dsts.iter().enumerate() {
+            net.send(&syn(*dst, 30_000 + i as u16, 80)).unwrap();
+        }
+        net.poll();
+        drain(net)
+            .iter()
+            .filter(|f| tcp_flags(f) == Some((true, false)))
+            .count()
+    }
+
+    #[test]
+    fn the_egress_floor_holds_against_names_that_resolve_into_it() {
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let floor = [
+            ip("169.254.169.254"),
+            ip("10.0.0.7"),
+            ip("172.16.5.5"),
+            ip("192.168.0.1"),
+            ip("100.64.1.1"),
+        ];
+        // The default policy: every floor address is refused (a reset),
+        // and no connection is attempted.
+        let mut open = net(EgressPolicy::default(), Vec::new());
+        assert_eq!(resets_for(&mut open, &floor), floor.len());
+        assert!(open.tcp.is_empty());
+        // A name rule whose name resolves into the floor (DNS rebinding):
+        // the answer is learned, the addresses stay refused.
+        let upstream = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let policy = EgressPolicy {
+            default_allow: false,
+            allow: vec![policy::Rule::parse("evil.test").unwrap()],
+            deny: Vec::new(),
+        };
+        let mut net = net(policy, vec![upstream.local_addr().unwrap()]);
+        net.send(&udp(DNS, 5353, 53, b"query for evil.test"))
+            .unwrap();
+        net.poll();
+        let mut buf = [0u8; 512];
+        let (_, from) = upstream.recv_from(&mut buf).unwrap();
+        let addrs: Vec<[u8; 4]> = floor.iter().map(|a| a.octets()).collect();
+        upstream
+            .send_to(&wire::tests::answer("evil.test", &addrs), from)
+            .unwrap();
+        let start = Instant::now();
+        while net.names.is_empty() {
+            assert!(start.elapsed() < Duration::from_secs(10), "answer not read");
+            net.poll();
+        }
+        assert_eq!(net.names.len(), floor.len());
+        assert_eq!(resets_for(&mut net, &floor), floor.len());
+        assert!(net.tcp.is_empty());
     }
 
     #[test]

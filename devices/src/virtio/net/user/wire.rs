@@ -208,30 +208,84 @@ pub fn dhcp_reply(
     ))
 }
 
-/// The name asked for and every IPv4 address (A record) in a DNS answer;
-/// None when `msg` is not a well-formed answer with one question.
-pub fn dns_answers(msg: &[u8]) -> Option<(String, Vec<Ipv4Addr>)> {
+/// What a DNS answer says about the name that was asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsAnswer {
+    /// The name in the question, lower case.
+    pub name: String,
+    /// Its IPv4 addresses with their TTLs (seconds): A records owned by the
+    /// name itself or by a name it is an alias of (a CNAME chain starting
+    /// at the name, in this answer).
+    pub addrs: Vec<(Ipv4Addr, u32)>,
+}
+
+/// Reads a DNS answer with one question; None when `msg` is not a
+/// well-formed, successful one (RCODE other than 0 included). Records for
+/// any other name (out-of-bailiwick extras a server slipped in) are
+/// ignored.
+pub fn dns_answers(msg: &[u8]) -> Option<DnsAnswer> {
     let u16_at = |at: usize| -> Option<u16> {
         Some(u16::from_be_bytes(msg.get(at..at + 2)?.try_into().ok()?))
     };
-    if msg.len() < 12 || msg[2] & 0x80 == 0 || u16_at(4)? != 1 {
+    let u32_at = |at: usize| -> Option<u32> {
+        Some(u32::from_be_bytes(msg.get(at..at + 4)?.try_into().ok()?))
+    };
+    if msg.len() < 12 || msg[2] & 0x80 == 0 || msg[3] & 0x0f != 0 || u16_at(4)? != 1 {
         return None;
     }
     let answers = u16_at(6)?;
     let (name, mut at) = read_name(msg, 12)?;
+    let name = name.to_ascii_lowercase();
     at += 4; // qtype, qclass
-    let mut addrs = Vec::new();
+             // (owner, A address or CNAME target, ttl)
+    let mut records: Vec<(String, Result<Ipv4Addr, String>, u32)> = Vec::new();
     for _ in 0..answers.min(64) {
-        let (_, next) = read_name(msg, at)?;
+        let (owner, next) = read_name(msg, at)?;
         let (rtype, class) = (u16_at(next)?, u16_at(next + 2)?);
+        let ttl = u32_at(next + 4)?;
         let rdlen = usize::from(u16_at(next + 8)?);
         let rdata = msg.get(next + 10..next + 10 + rdlen)?;
-        if rtype == 1 && class == 1 && rdlen == 4 {
-            addrs.push(Ipv4Addr::new(rdata[0], rdata[1], rdata[2], rdata[3]));
+        let owner = owner.to_ascii_lowercase();
+        match (rtype, class, rdlen) {
+            (1, 1, 4) => records.push((
+                owner,
+                Ok(Ipv4Addr::new(rdata[0], rdata[1], rdata[2], rdata[3])),
+                ttl,
+            )),
+            (5, 1, _) => {
+                let (target, _) = read_name(msg, next + 10)?;
+                records.push((owner, Err(target.to_ascii_lowercase()), ttl));
+            }
+            _ => {}
         }
         at = next + 10 + rdlen;
     }
-    Some((name, addrs))
+    // The names the question's name stands for: itself and the targets of
+    // CNAMEs reached from it (a chain of at most 8).
+    let mut aliases = vec![name.clone()];
+    for _ in 0..8 {
+        let more: Vec<String> = records
+            .iter()
+            .filter_map(|(owner, data, _)| match data {
+                Err(target) if aliases.contains(owner) && !aliases.contains(target) => {
+                    Some(target.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        if more.is_empty() {
+            break;
+        }
+        aliases.extend(more);
+    }
+    let addrs = records
+        .iter()
+        .filter_map(|(owner, data, ttl)| match data {
+            Ok(a) if aliases.contains(owner) => Some((*a, *ttl)),
+            _ => None,
+        })
+        .collect();
+    Some(DnsAnswer { name, addrs })
 }
 
 /// A (possibly compressed) name at `at`: the dotted name and the offset
@@ -268,7 +322,7 @@ fn read_name(msg: &[u8], mut at: usize) -> Option<(String, usize)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// A DNS answer for `name` with the given addresses (compressed names).
@@ -299,14 +353,62 @@ mod tests {
         m
     }
 
+    /// A resource record owned by the name at offset `owner` (a pointer).
+    fn record(owner: u16, rtype: u16, ttl: u32, rdata: &[u8]) -> Vec<u8> {
+        let mut r = (0xc000 | owner).to_be_bytes().to_vec();
+        r.extend_from_slice(&rtype.to_be_bytes());
+        r.extend_from_slice(&[0, 1]);
+        r.extend_from_slice(&ttl.to_be_bytes());
+        r.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+        r.extend_from_slice(rdata);
+        r
+    }
+
+    fn labels(name: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        for label in name.split('.') {
+            out.push(label.len() as u8);
+            out.extend_from_slice(label.as_bytes());
+        }
+        out.push(0);
+        out
+    }
+
+    #[test]
+    fn only_records_for_the_asked_name_and_its_aliases_count() {
+        // pypi.org CNAME cdn.example.net; cdn.example.net A 1.1.1.1; and an
+        // extra A record for bank.example.com slipped into the answer.
+        let mut m = vec![0x12, 0x34, 0x81, 0x80, 0, 1, 0, 4, 0, 0, 0, 0];
+        m.extend(labels("PyPI.org"));
+        m.extend_from_slice(&[0, 1, 0, 1]);
+        let cname_at = m.len() + 12;
+        m.extend(record(12, 5, 300, &labels("cdn.example.net")));
+        m.extend(record(cname_at as u16, 1, 20, &[1, 1, 1, 1]));
+        let bank_at = m.len();
+        let mut bank = labels("bank.example.com");
+        bank.extend_from_slice(&[0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 6, 6, 6, 6]);
+        m.extend(bank);
+        m.extend(record(bank_at as u16, 1, 60, &[7, 7, 7, 7]));
+        let got = dns_answers(&m).unwrap();
+        assert_eq!(got.name, "pypi.org");
+        assert_eq!(got.addrs, vec![(Ipv4Addr::new(1, 1, 1, 1), 20)]);
+        // An error answer (NXDOMAIN) teaches nothing, whatever it carries.
+        let mut nx = m.clone();
+        nx[3] |= 3;
+        assert!(dns_answers(&nx).is_none());
+    }
+
     #[test]
     fn dns_answers_are_read_and_hostile_ones_refused() {
         let m = answer("pypi.org", &[[1, 2, 3, 4], [5, 6, 7, 8]]);
-        let (name, addrs) = dns_answers(&m).unwrap();
-        assert_eq!(name, "pypi.org");
+        let got = dns_answers(&m).unwrap();
+        assert_eq!(got.name, "pypi.org");
         assert_eq!(
-            addrs,
-            vec![Ipv4Addr::new(1, 2, 3, 4), Ipv4Addr::new(5, 6, 7, 8)]
+            got.addrs,
+            vec![
+                (Ipv4Addr::new(1, 2, 3, 4), 60),
+                (Ipv4Addr::new(5, 6, 7, 8), 60)
+            ]
         );
         // Truncated anywhere: no panic, no answer past the end.
         for cut in 0..m.len() {
