@@ -171,12 +171,16 @@ fn pause_resume_snapshot_restore() {
         "echo saved > /root/snap-marker; echo mem > /tmp/snap-marker; sync",
     ));
     let snap = p.scratch.path("snap");
+    let key = p.scratch.path("snap.key");
+    std::fs::write(&key, b"0123456789abcdef-a-test-key-0123").unwrap();
     let out = Command::new(VMM)
         .arg("snapshot")
         .arg("--api-socket")
         .arg(&p.api)
         .arg("--out")
         .arg(&snap)
+        .arg("--snapshot-key")
+        .arg(&key)
         .output()
         .unwrap();
     let info: Value =
@@ -188,39 +192,84 @@ fn pause_resume_snapshot_restore() {
         "echo later > /root/snap-marker; echo later > /tmp/snap-marker",
     ));
 
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&snap).unwrap().mode() & 0o777, 0o700);
+    assert_eq!(
+        std::fs::metadata(snap.join("memory")).unwrap().mode() & 0o777,
+        0o600
+    );
+
+    // The restore takes its host-side settings (here the console file)
+    // from the operator's config, and checks the snapshot's MAC.
     let api = p.scratch.path("restored.sock");
+    let console = p.scratch.path("restored-console.log");
+    let config = p.scratch.file(
+        "restore.json",
+        &json!({"memory_mib": 256, "rootfs": {}, "serial": console}).to_string(),
+    );
     let mut restored = Command::new(VMM)
         .arg("restore")
         .arg("--snapshot")
         .arg(&snap)
         .arg("--api-socket")
         .arg(&api)
+        .arg("--config")
+        .arg(&config)
+        .arg("--snapshot-key")
+        .arg(&key)
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
     let out = ok(exec(
         &api,
-        "cat /root/snap-marker /tmp/snap-marker; cat /tmp/counter",
+        "cat /root/snap-marker /tmp/snap-marker; cat /tmp/counter; echo to-console > /dev/console",
     ));
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(&lines[..2], &["saved", "mem"], "{out}");
     ApiClient::new(&api).call("PUT", "/vm/stop", None).unwrap();
     assert_eq!(restored.wait().unwrap().code(), Some(0));
+    let console = std::fs::read_to_string(&console).unwrap();
+    assert!(console.contains("to-console"), "{console}");
 
     // Damaged snapshots are refused with a reason.
-    let restore_err = |dir: &Path| {
+    let restore_err_with = |dir: &Path, args: &[&std::ffi::OsStr]| {
         let out = Command::new(VMM)
             .arg("restore")
             .arg("--snapshot")
             .arg(dir)
             .arg("--api-socket")
             .arg(p.scratch.path("never.sock"))
+            .args(args)
             .stdin(Stdio::null())
             .output()
             .unwrap();
         assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
         String::from_utf8_lossy(&out.stderr).to_string()
     };
+    let restore_err = |dir: &Path| restore_err_with(dir, &[]);
+    // A changed byte of memory, or another key: refused before anything runs.
+    let keyed = [std::ffi::OsStr::new("--snapshot-key"), key.as_os_str()];
+    let memory = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(snap.join("memory"))
+        .unwrap();
+    use std::os::unix::fs::FileExt;
+    let mut byte = [0u8; 1];
+    memory.read_exact_at(&mut byte, 0x10_0000).unwrap();
+    memory.write_all_at(&[byte[0] ^ 0x40], 0x10_0000).unwrap();
+    assert!(restore_err_with(&snap, &keyed).contains("does not match its key"));
+    memory.write_all_at(&byte, 0x10_0000).unwrap();
+    let other = p.scratch.path("other.key");
+    std::fs::write(&other, b"another key of thirty-two bytes!").unwrap();
+    let other_keyed = [std::ffi::OsStr::new("--snapshot-key"), other.as_os_str()];
+    assert!(restore_err_with(&snap, &other_keyed).contains("does not match its key"));
+    // A config whose guest-visible machine differs is refused.
+    let bigger = p
+        .scratch
+        .file("bigger.json", r#"{"memory_mib": 512, "rootfs": {}}"#);
+    let bigger_args = [std::ffi::OsStr::new("--config"), bigger.as_os_str()];
+    assert!(restore_err_with(&snap, &bigger_args).contains("does not fit the snapshot"));
     let state = std::fs::read(snap.join("state")).unwrap();
     std::fs::write(snap.join("state"), &state[..state.len() / 2]).unwrap();
     assert!(restore_err(&snap).contains("truncated or corrupted"));

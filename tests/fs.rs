@@ -392,6 +392,31 @@ print('raced')
 }
 
 #[test]
+fn a_restore_never_takes_share_folders_from_the_snapshot() {
+    let g = guest();
+    let snap = g.scratch.path("snap");
+    vmm::api::ApiClient::new(&g.api)
+        .snapshot(&snap, None)
+        .unwrap();
+    // The snapshot names its folders; a copy from elsewhere could name /.
+    // Without the operator's config the restore stops before any VM runs.
+    let out = std::process::Command::new(common::VMM)
+        .arg("restore")
+        .arg("--snapshot")
+        .arg(&snap)
+        .arg("--api-socket")
+        .arg(g.scratch.path("never.sock"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("only the operator may choose"), "{err}");
+    assert!(!g.scratch.path("never.sock").exists());
+    std::fs::remove_dir_all(&snap).unwrap();
+}
+
+#[test]
 fn read_only_shares_refuse_writes_on_the_host_side() {
     let g = guest();
     assert_eq!(ok(g.sh("cat /mnt/ro/file")), "read only");

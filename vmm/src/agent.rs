@@ -309,11 +309,11 @@ pub struct ReadyListener {
 impl ReadyListener {
     pub fn bind(uds_path: &Path) -> Result<Self> {
         let path = ready_socket_path(uds_path);
-        let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path).map_err(|source| Error::Connect {
-            path: path.clone(),
-            source,
-        })?;
+        let listener =
+            devices::unix_socket::bind_private(&path).map_err(|source| Error::Connect {
+                path: path.clone(),
+                source,
+            })?;
         Ok(ReadyListener { listener, path })
     }
 

@@ -12,7 +12,7 @@ use devices::virtio::mmio::MmioTransport;
 use hypervisor::{CpuidEntry, VcpuState};
 
 use crate::config::VmConfig;
-use crate::fork::{self, ChildInfo, ForkOptions, Spawned};
+use crate::fork::{self, ChildInfo, ForkOptions};
 use crate::memory::GuestRam;
 use crate::snapshot::{self, MachineState};
 use crate::vcpu::VcpuShared;
@@ -34,6 +34,8 @@ pub enum Error {
     Snapshot(#[from] snapshot::Error),
     #[error(transparent)]
     Fork(#[from] fork::Error),
+    #[error(transparent)]
+    Runtime(#[from] crate::runtime::Error),
     #[error("this VM's network is a TAP interface, which belongs to one VM: fork and snapshot need \"network\": {{\"mode\": \"user\"}}")]
     TapNetwork,
 }
@@ -71,7 +73,6 @@ pub struct Controller {
     pub(crate) cpuid: Vec<Vec<CpuidEntry>>,
     pub(crate) config: VmConfig,
     pub(crate) cmdline: String,
-    pub(crate) api_socket: Option<PathBuf>,
     /// The saved vCPU states while paused.
     paused: Option<Vec<VcpuState>>,
     fork_seq: u64,
@@ -91,7 +92,6 @@ impl Controller {
         cpuid: Vec<Vec<CpuidEntry>>,
         config: VmConfig,
         cmdline: String,
-        api_socket: Option<PathBuf>,
     ) -> Self {
         let (disk, disk_base) = match disk {
             Some((d, b)) => (Some(d), Some(b)),
@@ -109,7 +109,6 @@ impl Controller {
             cpuid,
             config,
             cmdline,
-            api_socket,
             paused: None,
             fork_seq: 0,
             spares: Vec::new(),
@@ -196,8 +195,14 @@ impl Controller {
     }
 
     /// Writes a snapshot of the running VM into the new directory `dir`
-    /// (docs/snapshot.md); the VM continues afterwards.
-    pub fn snapshot(&mut self, dir: &Path, agent_ready: bool) -> Result<SnapshotInfo> {
+    /// (docs/snapshot.md), authenticated with `key` when given; the VM
+    /// continues afterwards.
+    pub fn snapshot(
+        &mut self,
+        dir: &Path,
+        agent_ready: bool,
+        key: Option<&[u8]>,
+    ) -> Result<SnapshotInfo> {
         self.refuse_tap()?;
         let writer = snapshot::Writer::create(dir)?;
         let (memory_bytes, pause_ms) = self.paused_for(|c| {
@@ -209,7 +214,7 @@ impl Controller {
                     .unwrap_or_else(|e| e.into_inner())
                     .frozen_copy(writer.dir(), Some(snapshot::DISK_LAYER_FILE))?;
             }
-            writer.commit(&state)?;
+            writer.commit(&state, key)?;
             Ok(written)
         })?;
         Ok(SnapshotInfo {
@@ -232,19 +237,14 @@ impl Controller {
 
     /// Forks the running VM into `opts.count` children that continue from
     /// this instant, each in its own VMM process; the VM continues too.
-    pub fn fork(
-        &mut self,
-        opts: &ForkOptions,
-        agent_ready: bool,
-    ) -> Result<(ForkInfo, Vec<Spawned>)> {
+    /// Returns once the children have their state, with how long the
+    /// parent was paused: the caller learns from [`fork::Pending`] when
+    /// they run.
+    pub fn fork(&mut self, opts: &ForkOptions, agent_ready: bool) -> Result<(fork::Pending, f64)> {
         self.refuse_tap()?;
-        let dir = match (&opts.dir, &self.api_socket) {
-            (Some(d), _) => d.clone(),
-            (None, Some(api)) => api
-                .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_else(std::env::temp_dir),
-            (None, None) => std::env::temp_dir(),
+        let dir = match &opts.dir {
+            Some(d) => d.clone(),
+            None => crate::runtime::user_dir()?,
         };
         let first_seq = self.fork_seq;
         self.fork_seq += u64::from(opts.count);
@@ -288,13 +288,7 @@ impl Controller {
             &mut self.spares,
         )?;
         phase("children spawned");
-        let spawned = pending.wait_started()?;
-        phase("children running");
-        let info = ForkInfo {
-            children: spawned.iter().map(|s| s.info.clone()).collect(),
-            parent_pause_ms,
-        };
-        Ok((info, spawned))
+        Ok((pending, parent_pause_ms))
     }
 }
 

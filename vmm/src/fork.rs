@@ -16,7 +16,7 @@
 //! generator (docs/snapshot.md).
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -82,8 +82,8 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
 pub struct ForkOptions {
     /// How many children.
     pub count: u32,
-    /// Where the children's sockets go (default: next to the parent's API
-    /// socket).
+    /// Where the children's sockets go (default: this user's private
+    /// runtime directory, see `runtime::user_dir`).
     #[serde(default)]
     pub dir: Option<PathBuf>,
 }
@@ -155,10 +155,26 @@ fn start_child(prepare: bool) -> Result<(std::process::Child, UnixStream)> {
     Ok((process, parent_end))
 }
 
-/// Children that have their message and are starting.
+/// Children that have their message and are starting. Each answers one
+/// line on its socket once its vCPUs run; the parent's event loop watches
+/// the sockets ([`Pending::fds`]) and feeds what arrives to
+/// [`Pending::on_readable`], so a slow start never holds the loop.
 pub struct Pending {
-    children: Vec<(Spawned, UnixStream)>,
+    children: Vec<Starting>,
+    /// When every child must have answered.
+    pub deadline: Instant,
 }
+
+struct Starting {
+    spawned: Spawned,
+    stream: UnixStream,
+    /// What the child has written of its answer line so far.
+    line: Vec<u8>,
+    started: bool,
+}
+
+/// The longest answer line a child may write.
+const MAX_ANSWER: usize = 4096;
 
 /// What the parent sends a child (with the files attached).
 #[derive(Serialize, Deserialize)]
@@ -212,7 +228,7 @@ fn child_config(parent: &VmConfig, id: &str, pid: u32, dir: &Path) -> VmConfig {
 /// A matching spare from `spares` is used first. Child ids are
 /// `<parent pid>-<n>` from `first_seq + 1`; their sockets go into `dir`.
 /// Returns once every child has its message; wait for them with
-/// [`Pending::wait_started`].
+/// [`Pending::on_readable`].
 pub fn spawn_children(
     state: &MachineState,
     image: &MemoryImage,
@@ -232,6 +248,7 @@ pub fn spawn_children(
     }
     let mut pending = Pending {
         children: Vec::with_capacity(count as usize),
+        deadline: Instant::now() + START_TIMEOUT,
     };
     for n in 0..u64::from(count) {
         let id = format!("{}-{}", std::process::id(), first_seq + n + 1);
@@ -273,9 +290,13 @@ pub fn spawn_children(
                     .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
                 (&parent_end).write_all(&body)
             });
-        pending
-            .children
-            .push((Spawned { info, process }, parent_end));
+        let sent = sent.and_then(|()| parent_end.set_nonblocking(true));
+        pending.children.push(Starting {
+            spawned: Spawned { info, process },
+            stream: parent_end,
+            line: Vec::new(),
+            started: false,
+        });
         if let Err(source) = sent {
             pending.kill_all();
             return Err(Error::Io {
@@ -288,45 +309,90 @@ pub fn spawn_children(
 }
 
 impl Pending {
-    fn kill_all(&mut self) {
-        for (spawned, _) in &mut self.children {
-            let _ = spawned.process.kill();
-            let _ = spawned.process.wait();
+    /// Stops every child of this fork and reaps it.
+    pub fn kill_all(&mut self) {
+        for c in &mut self.children {
+            let _ = c.spawned.process.kill();
+            let _ = c.spawned.process.wait();
         }
     }
 
-    /// Waits until every child runs its vCPUs. If one fails, every child of
-    /// this fork is stopped and the error returned.
-    pub fn wait_started(mut self) -> Result<Vec<Spawned>> {
-        let deadline = Instant::now() + START_TIMEOUT;
-        let mut failure = None;
-        for (spawned, stream) in &self.children {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let _ = stream.set_read_timeout(Some(left.max(Duration::from_millis(1))));
-            let mut line = String::new();
-            let answer = BufReader::new(stream).read_line(&mut line);
-            let message = match answer {
-                Ok(0) => Some("it exited before starting (see its error output)".to_string()),
-                Err(e) => Some(format!("no answer: {e}")),
-                Ok(_) => match serde_json::from_str::<serde_json::Value>(&line) {
-                    Ok(v) if v["ok"] == true => None,
-                    Ok(v) => Some(v["error"].as_str().unwrap_or(line.trim()).to_string()),
-                    Err(_) => Some(format!("unexpected answer {:?}", line.trim())),
-                },
-            };
-            if let Some(message) = message {
-                failure = Some(Error::Child {
-                    id: spawned.info.id.clone(),
-                    message,
-                });
-                break;
+    /// The sockets on which the children answer.
+    pub fn fds(&self) -> Vec<RawFd> {
+        self.children.iter().map(|c| c.stream.as_raw_fd()).collect()
+    }
+
+    /// Reads what the child behind `fd` answered so far (without
+    /// blocking). Ok(true) once every child runs its vCPUs; an error when
+    /// one failed (then stop them all with [`Pending::kill_all`]).
+    pub fn on_readable(&mut self, fd: RawFd) -> Result<bool> {
+        if let Some(c) = self
+            .children
+            .iter_mut()
+            .find(|c| c.stream.as_raw_fd() == fd)
+        {
+            c.read_answer()?;
+        }
+        Ok(self.children.iter().all(|c| c.started))
+    }
+
+    /// The children, once [`Pending::on_readable`] said they all run.
+    pub fn finish(self) -> Vec<Spawned> {
+        self.children.into_iter().map(|c| c.spawned).collect()
+    }
+
+    /// The error for a child that did not answer by the deadline.
+    pub fn timed_out(&self) -> Error {
+        let id = self
+            .children
+            .iter()
+            .find(|c| !c.started)
+            .map(|c| c.spawned.info.id.clone())
+            .unwrap_or_default();
+        Error::Child {
+            id,
+            message: format!("it did not start within {START_TIMEOUT:?}"),
+        }
+    }
+}
+
+impl Starting {
+    fn read_answer(&mut self) -> Result<()> {
+        let fail = |message: String| Error::Child {
+            id: self.spawned.info.id.clone(),
+            message,
+        };
+        if self.started {
+            return Ok(());
+        }
+        let mut buf = [0u8; 512];
+        loop {
+            match (&self.stream).read(&mut buf) {
+                Ok(0) => {
+                    return Err(fail(
+                        "it exited before starting (see its error output)".into(),
+                    ))
+                }
+                Ok(n) => self.line.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(fail(format!("no answer: {e}"))),
+            }
+            if let Some(end) = self.line.iter().position(|&b| b == b'\n') {
+                let line = String::from_utf8_lossy(&self.line[..end]).into_owned();
+                return match serde_json::from_str::<serde_json::Value>(&line) {
+                    Ok(v) if v["ok"] == true => {
+                        self.started = true;
+                        Ok(())
+                    }
+                    Ok(v) => Err(fail(v["error"].as_str().unwrap_or(line.trim()).to_string())),
+                    Err(_) => Err(fail(format!("unexpected answer {:?}", line.trim()))),
+                };
+            }
+            if self.line.len() > MAX_ANSWER {
+                return Err(fail("its answer is too long".into()));
             }
         }
-        if let Some(e) = failure {
-            self.kill_all();
-            return Err(e);
-        }
-        Ok(self.children.into_iter().map(|(s, _)| s).collect())
     }
 }
 

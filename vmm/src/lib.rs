@@ -26,6 +26,7 @@ pub mod doctor;
 pub mod exit;
 pub mod fork;
 pub mod memory;
+pub mod runtime;
 pub mod sandbox;
 pub mod signals;
 pub mod snapshot;

@@ -77,8 +77,15 @@ enum Command {
         /// The snapshot directory to create.
         #[arg(long)]
         out: PathBuf,
+        /// Authenticate the snapshot with this key file (at least 16 random
+        /// bytes): a restore given the same key refuses a changed snapshot.
+        #[arg(long)]
+        snapshot_key: Option<PathBuf>,
     },
     /// Start a VM from a snapshot directory and run it until it stops.
+    /// Host-side settings (share folders, console file, egress policy, port
+    /// forwards, DNS, base image) come from --config, not from the
+    /// snapshot (docs/snapshot.md).
     Restore {
         /// The directory `vmm snapshot` wrote.
         #[arg(long)]
@@ -89,6 +96,18 @@ enum Command {
         /// The restored VM's vsock socket (default: `<api-socket>.vsock`).
         #[arg(long)]
         vsock_socket: Option<PathBuf>,
+        /// The host-side settings for the restored VM, in the config format
+        /// (docs/config.md); what the guest sees (vCPUs, memory, devices)
+        /// must match the snapshot.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Use the snapshot's own host-side settings where --config gives
+        /// none: only for snapshots you made on this host or can vouch for.
+        #[arg(long)]
+        trust_snapshot_config: bool,
+        /// Refuse the snapshot unless it carries a MAC made with this key.
+        #[arg(long)]
+        snapshot_key: Option<PathBuf>,
         /// Write a JSON report here when the VM ends.
         #[arg(long)]
         report: Option<PathBuf>,
@@ -100,7 +119,8 @@ enum Command {
         api_socket: PathBuf,
         #[arg(long, default_value_t = 1)]
         count: u32,
-        /// Where the children's sockets go (default: next to the API socket).
+        /// Where the children's sockets go (default: this user's private
+        /// runtime directory, `$XDG_RUNTIME_DIR/vmm` or `/tmp/vmm-<uid>`).
         #[arg(long)]
         dir: Option<PathBuf>,
     },
@@ -311,14 +331,12 @@ fn launch(
 
 fn restore(
     snapshot: &std::path::Path,
+    opts: &vmm::snapshot::RestoreOptions,
     api_socket: PathBuf,
-    vsock_socket: Option<PathBuf>,
     report: Option<PathBuf>,
     start: Instant,
 ) -> ExitCode {
-    let vsock =
-        vsock_socket.unwrap_or_else(|| PathBuf::from(format!("{}.vsock", api_socket.display())));
-    let source = match vmm::snapshot::restore_source(snapshot, &vsock) {
+    let source = match vmm::snapshot::restore_source(snapshot, opts) {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
@@ -478,21 +496,54 @@ fn main() -> ExitCode {
         Command::Stop { api_socket, force } => stop(&api_socket, force),
         Command::Pause { api_socket } => control(&api_socket, "/vm/pause", None),
         Command::Resume { api_socket } => control(&api_socket, "/vm/resume", None),
-        Command::Snapshot { api_socket, out } => {
+        Command::Snapshot {
+            api_socket,
+            out,
+            snapshot_key,
+        } => {
             // The VMM resolves relative paths against its own directory.
             let out = std::path::absolute(&out).unwrap_or(out);
+            let key = match snapshot_key.as_deref().map(vmm::snapshot::auth::read_key) {
+                None => None,
+                Some(Ok(key)) => Some(vmm::snapshot::auth::hex(&key)),
+                Some(Err(e)) => return fail(e),
+            };
             control(
                 &api_socket,
                 "/vm/snapshot",
-                Some(serde_json::json!({ "dir": out })),
+                Some(serde_json::json!({ "dir": out, "key": key })),
             )
         }
         Command::Restore {
             snapshot,
             api_socket,
             vsock_socket,
+            config,
+            trust_snapshot_config,
+            snapshot_key,
             report,
-        } => restore(&snapshot, api_socket, vsock_socket, report, start),
+        } => {
+            let vsock_socket = vsock_socket
+                .unwrap_or_else(|| PathBuf::from(format!("{}.vsock", api_socket.display())));
+            let host = vmm::snapshot::host::HostSettings {
+                config: match config.as_deref().map(VmConfig::from_file).transpose() {
+                    Ok(c) => c,
+                    Err(e) => return fail(e),
+                },
+                trust_snapshot_config,
+            };
+            let key = match snapshot_key.as_deref().map(vmm::snapshot::auth::read_key) {
+                None => None,
+                Some(Ok(key)) => Some(key),
+                Some(Err(e)) => return fail(e),
+            };
+            let opts = vmm::snapshot::RestoreOptions {
+                vsock_socket,
+                host,
+                key,
+            };
+            restore(&snapshot, &opts, api_socket, report, start)
+        }
         Command::Fork {
             api_socket,
             count,

@@ -9,7 +9,6 @@
 //! # Ok::<(), vmm::sandbox::Error>(())
 //! ```
 
-use std::path::PathBuf;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -17,6 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::agent::{AgentClient, ReadyListener};
 use crate::config::{RootfsConfig, SerialOutput, VmConfig, VsockConfig};
+use crate::runtime::RuntimeDir;
 use crate::{RunOptions, RunOutcome, Vm};
 
 /// How long a guest may take to boot to its agent (PVM hosts are slow).
@@ -30,8 +30,10 @@ pub enum Error {
     Vm(#[from] crate::vm::Error),
     #[error(transparent)]
     Agent(#[from] crate::agent::Error),
-    #[error("cannot make a scratch directory: {0}")]
-    Scratch(std::io::Error),
+    #[error(transparent)]
+    Runtime(#[from] crate::runtime::Error),
+    #[error("cannot set up the VM thread: {0}")]
+    Setup(std::io::Error),
     #[error("the VM ended before its agent came up: {0}")]
     EndedEarly(String),
     #[error("the VM thread panicked")]
@@ -41,7 +43,8 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// Fills in what running commands needs: the default root disk (with a
-/// throwaway layer) and a vsock device on a private socket in `scratch`.
+/// throwaway layer) and a vsock device on a socket in `scratch` (a
+/// private runtime directory).
 /// The console goes nowhere unless the config names a file.
 pub fn with_sandbox_defaults(mut config: VmConfig, scratch: &std::path::Path) -> VmConfig {
     if config.rootfs.is_none() {
@@ -63,18 +66,16 @@ pub fn with_sandbox_defaults(mut config: VmConfig, scratch: &std::path::Path) ->
 pub struct Sandbox {
     agent: AgentClient,
     thread: Option<JoinHandle<crate::vm::Result<RunOutcome>>>,
-    scratch: PathBuf,
+    /// Holds the vsock sockets; removed when the sandbox is dropped.
+    _scratch: RuntimeDir,
 }
 
 impl Sandbox {
     /// Boots `config` (with [`with_sandbox_defaults`]) and waits for the agent.
     pub fn start(config: VmConfig) -> Result<Sandbox> {
         let start = Instant::now();
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let scratch = std::env::temp_dir().join(format!("vmm-sandbox-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&scratch).map_err(Error::Scratch)?;
-        let config = with_sandbox_defaults(config, &scratch);
+        let scratch = RuntimeDir::create("sandbox")?;
+        let config = with_sandbox_defaults(config, scratch.path());
         let uds = config
             .vsock
             .as_ref()
@@ -83,8 +84,8 @@ impl Sandbox {
         let ready = ReadyListener::bind(&uds)?;
         let hv = crate::open_hypervisor()?;
         let vm = Vm::build(&config, hv.as_ref(), start)?;
-        let ended = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Scratch)?;
-        let ended_signal = ended.try_clone().map_err(Error::Scratch)?;
+        let ended = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Setup)?;
+        let ended_signal = ended.try_clone().map_err(Error::Setup)?;
         let thread = std::thread::Builder::new()
             .name("vmm".into())
             .spawn(move || {
@@ -93,11 +94,11 @@ impl Sandbox {
                 let _ = ended_signal.write(1);
                 outcome
             })
-            .map_err(Error::Scratch)?;
+            .map_err(Error::Setup)?;
         let mut sandbox = Sandbox {
             agent: AgentClient::new(&uds),
             thread: Some(thread),
-            scratch,
+            _scratch: scratch,
         };
         if let Err(e) = ready.wait(BOOT_TIMEOUT, Some(&ended)) {
             return Err(match sandbox.join() {
@@ -133,6 +134,5 @@ impl Drop for Sandbox {
             let _ = self.agent.shutdown();
             let _ = self.join();
         }
-        let _ = std::fs::remove_dir_all(&self.scratch);
     }
 }

@@ -6,7 +6,7 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
 use devices::virtio::mmio::{MmioTransport, MMIO_LEN, NOTIFY_OFFSET};
-use devices::virtio::{Interrupt, VirtioDevice};
+use devices::virtio::{Drained, Interrupt, VirtioDevice};
 use devices::{Bus, EventFdLine};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use hypervisor::IoEventAddress;
@@ -100,10 +100,16 @@ impl MutEventSubscriber for VirtioSlot {
         let fd = events.fd();
         if let Some(index) = self.queue_evts.iter().position(|e| e.as_raw_fd() == fd) {
             let _ = self.queue_evts[index].read();
-            self.transport
+            let drained = self
+                .transport
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .process_queue(index);
+            if drained == Drained::Budget {
+                // More is queued: come back once the loop served the other
+                // ready descriptors (the control socket among them).
+                let _ = self.queue_evts[index].write(1);
+            }
         }
     }
 }

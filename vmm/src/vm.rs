@@ -827,7 +827,6 @@ impl Vm {
             cpuid,
             config,
             resolved.cmdline.clone(),
-            api_socket.clone(),
         )));
         let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
             EventManager::new().map_err(|e| Error::EventLoop(format!("{e:?}")))?;

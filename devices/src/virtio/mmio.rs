@@ -11,7 +11,7 @@ use virtio_bindings::virtio_config::{
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::{Interrupt, QueueSnapshot, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{Drained, Interrupt, QueueSnapshot, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::bus::BusDevice;
 
 /// Size of one device's register page.
@@ -217,10 +217,13 @@ impl MmioTransport {
     }
 
     /// The driver notified queue `index` (through the ioeventfd or a trapped
-    /// write). Ignored until the device runs.
-    pub fn process_queue(&mut self, index: usize) {
+    /// write). Ignored until the device runs. [`Drained::Budget`]: call
+    /// again after serving other events.
+    pub fn process_queue(&mut self, index: usize) -> Drained {
         if self.activated && index < self.queue_count() {
-            self.device.process_queue(index);
+            self.device.process_queue(index)
+        } else {
+            Drained::All
         }
     }
 
@@ -372,7 +375,9 @@ impl MmioTransport {
                     }
                 }
             }
-            REG_QUEUE_NOTIFY => self.process_queue(value as usize),
+            // A trapped notification (no ioeventfd): served here, on the
+            // vCPU thread, with nothing else waiting on this loop.
+            REG_QUEUE_NOTIFY => while self.process_queue(value as usize) == Drained::Budget {},
             REG_INTERRUPT_ACK => self.interrupt.ack(value),
             REG_STATUS => self.set_status(value),
             _ => tracing::debug!("virtio-mmio: ignored write of {value:#x} at {offset:#x}"),
@@ -448,8 +453,9 @@ mod tests {
             log.queues = queues.iter().map(QueueSnapshot::of).collect();
             Ok(())
         }
-        fn process_queue(&mut self, index: usize) {
+        fn process_queue(&mut self, index: usize) -> Drained {
             self.0.lock().unwrap().notified.push(index);
+            Drained::All
         }
         fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
             self.0.lock().unwrap().queues.clone()

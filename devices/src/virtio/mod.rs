@@ -11,6 +11,7 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -158,8 +159,9 @@ pub trait VirtioDevice: Send {
         interrupt: Arc<Interrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError>;
-    /// The driver notified queue `index`.
-    fn process_queue(&mut self, index: usize);
+    /// The driver notified queue `index`. [`Drained::Budget`] asks to be
+    /// called again once the event loop served other events.
+    fn process_queue(&mut self, index: usize) -> Drained;
     /// Returns the device to its pre-activation state (driver reset).
     fn reset(&mut self);
     /// The running device's queues (empty before activation), for saving.
@@ -184,20 +186,70 @@ pub trait VirtioDevice: Send {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BrokenRing;
 
+/// Chains one queue notification handles before the event loop serves
+/// other events ([`process_requests`]).
+pub const MAX_CHAINS_PER_RUN: usize = 64;
+/// Time one queue notification may take before the event loop serves
+/// other events (checked between chains: one slow request, an fsync,
+/// still takes its time).
+pub const MAX_TIME_PER_RUN: Duration = Duration::from_millis(10);
+
+/// Whether a queue's work is done or its budget ran out first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drained {
+    /// Nothing is left that can be done now.
+    All,
+    /// The budget ran out: call the device again (after other events).
+    Budget,
+}
+
 /// Completes the guest's available chains on `queue` in order: `handle`
 /// returns how many bytes it wrote into a chain, or None to leave that chain
 /// (and the ones after it) for later. Raises the used-ring interrupt when the
-/// driver asks for one.
+/// driver asks for one. For queues filled from the host side (receive
+/// queues), which stop when the host has nothing more.
 pub fn process_chains<F>(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     interrupt: &Interrupt,
-    mut handle: F,
+    handle: F,
 ) -> Result<(), BrokenRing>
 where
     F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> Option<u32>,
 {
+    run_chains(queue, mem, interrupt, None, handle).map(|_| ())
+}
+
+/// [`process_chains`] for request queues the guest fills (block, fs,
+/// transmit): at most [`MAX_CHAINS_PER_RUN`] chains and
+/// [`MAX_TIME_PER_RUN`] per call, so one guest cannot hold the event loop
+/// (and with it the control socket and the other devices).
+pub fn process_requests<F>(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    interrupt: &Interrupt,
+    handle: F,
+) -> Result<Drained, BrokenRing>
+where
+    F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> Option<u32>,
+{
+    let until = Instant::now() + MAX_TIME_PER_RUN;
+    run_chains(queue, mem, interrupt, Some(until), handle)
+}
+
+fn run_chains<F>(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    interrupt: &Interrupt,
+    until: Option<Instant>,
+    mut handle: F,
+) -> Result<Drained, BrokenRing>
+where
+    F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> Option<u32>,
+{
     let mut used = false;
+    let mut done = 0usize;
+    let mut drained = Drained::All;
     while let Some(chain) = queue.pop_descriptor_chain(mem) {
         let head = chain.head_index();
         let Some(len) = handle(chain) else {
@@ -206,11 +258,18 @@ where
         };
         queue.add_used(mem, head, len).map_err(|_| BrokenRing)?;
         used = true;
+        done += 1;
+        if let Some(until) = until {
+            if done >= MAX_CHAINS_PER_RUN || Instant::now() >= until {
+                drained = Drained::Budget;
+                break;
+            }
+        }
     }
     if used && queue.needs_notification(mem).unwrap_or(true) {
         interrupt.signal_used_queue();
     }
-    Ok(())
+    Ok(drained)
 }
 
 /// Reads `data.len()` bytes at `offset` of a configuration-space image,
@@ -230,6 +289,65 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::interrupt::EventFdLine;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::EventFd;
+
+    #[test]
+    fn a_request_queue_gives_the_loop_back_after_its_budget() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let q = MockSplitQueue::new(&mem, 256);
+        let chains = MAX_CHAINS_PER_RUN as u16 * 2 + 10;
+        let descs: Vec<RawDescriptor> = (0..chains)
+            .map(|i| {
+                RawDescriptor::from(SplitDescriptor::new(0x1000 + u64::from(i) * 16, 16, 0, 0))
+            })
+            .collect();
+        q.add_desc_chains(&descs, 0).unwrap();
+        let mut queue: Queue = q.create_queue().unwrap();
+        let interrupt = Interrupt::new(Box::new(EventFdLine(
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        )));
+        let mut seen = 0usize;
+        let mut runs = Vec::new();
+        loop {
+            let before = seen;
+            let drained = process_requests(&mut queue, &mem, &interrupt, |_| {
+                seen += 1;
+                Some(0)
+            })
+            .unwrap();
+            runs.push(seen - before);
+            if drained == Drained::All {
+                break;
+            }
+        }
+        assert_eq!(seen, chains as usize);
+        assert_eq!(runs, vec![MAX_CHAINS_PER_RUN, MAX_CHAINS_PER_RUN, 10]);
+        // Slow requests: the time budget stops a run early.
+        q.add_desc_chains(&descs[..8], 0).ok();
+        let mut queue: Queue = q.create_queue().unwrap();
+        let mut slow = 0;
+        let drained = process_requests(&mut queue, &mem, &interrupt, |_| {
+            slow += 1;
+            let t = Instant::now();
+            while t.elapsed() < MAX_TIME_PER_RUN / 2 {}
+            Some(0)
+        })
+        .unwrap();
+        assert_eq!(drained, Drained::Budget);
+        assert!(slow < 8, "{slow} slow requests in one run");
+        // A receive queue is never cut short.
+        let mut all = 0;
+        process_chains(&mut queue, &mem, &interrupt, |_| {
+            all += 1;
+            Some(0)
+        })
+        .unwrap();
+        assert!(all > 0);
+    }
 
     #[test]
     fn config_reads_are_clipped() {

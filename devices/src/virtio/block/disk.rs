@@ -16,7 +16,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// Copy-on-write granularity.
@@ -353,6 +353,7 @@ impl LayeredDisk {
                 .read(true)
                 .write(true)
                 .create_new(true)
+                .mode(0o600)
                 .open(dir.join(name)),
         }
         .map_err(|source| Error::OpenLayer {
@@ -439,11 +440,11 @@ fn copy_range(src: &File, mut from: u64, dst: &File, mut to: u64, mut len: u64) 
 
 /// An unnamed file in `dir` (O_TMPFILE), or a named one unlinked at once.
 fn throwaway_file(dir: &Path) -> io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
     match OpenOptions::new()
         .read(true)
         .write(true)
         .custom_flags(libc::O_TMPFILE)
+        .mode(0o600)
         .open(dir)
     {
         Ok(f) => Ok(f),
@@ -453,6 +454,7 @@ fn throwaway_file(dir: &Path) -> io::Result<File> {
                 .read(true)
                 .write(true)
                 .create_new(true)
+                .mode(0o600)
                 .open(&path)?;
             std::fs::remove_file(&path)?;
             Ok(f)

@@ -18,8 +18,8 @@ use virtio_queue::{DescriptorChain, Queue, Reader, Writer};
 use vm_memory::{GuestMemory, GuestMemoryMmap};
 
 use super::{
-    process_chains, read_config_bytes, ActivateError, Interrupt, QueueSnapshot, VirtioDevice,
-    VIRTIO_F_VERSION_1,
+    process_requests, read_config_bytes, ActivateError, Drained, Interrupt, QueueSnapshot,
+    VirtioDevice, VIRTIO_F_VERSION_1,
 };
 pub use disk::LayeredDisk;
 
@@ -201,13 +201,13 @@ impl VirtioDevice for Block {
         Ok(())
     }
 
-    fn process_queue(&mut self, _index: usize) {
+    fn process_queue(&mut self, _index: usize) -> Drained {
         let Some(run) = self.running.as_mut() else {
-            return;
+            return Drained::All;
         };
         let mut disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
         let id = &self.id;
-        let done = process_chains(&mut run.queue, &run.mem, &run.interrupt, |chain| {
+        let done = process_requests(&mut run.queue, &run.mem, &run.interrupt, |chain| {
             let head = chain.head_index();
             Some(match handle_chain(&run.mem, chain, &mut disk, id) {
                 Some(c) => c.used_len,
@@ -218,10 +218,11 @@ impl VirtioDevice for Block {
             })
         });
         drop(disk);
-        if done.is_err() {
+        done.unwrap_or_else(|_| {
             tracing::warn!("virtio-blk: the used ring is broken; the queue stops");
             self.running = None;
-        }
+            Drained::All
+        })
     }
 
     fn reset(&mut self) {

@@ -17,8 +17,8 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
 use super::{
-    process_chains, read_config_bytes, ActivateError, Interrupt, QueueSnapshot, VirtioDevice,
-    VIRTIO_F_VERSION_1,
+    process_requests, read_config_bytes, ActivateError, Drained, Interrupt, QueueSnapshot,
+    VirtioDevice, VIRTIO_F_VERSION_1,
 };
 use iobuf::IoBuf;
 pub use passthrough::{Error, PassthroughFs};
@@ -99,18 +99,18 @@ impl VirtioDevice for Fs {
         Ok(())
     }
 
-    fn process_queue(&mut self, index: usize) {
+    fn process_queue(&mut self, index: usize) -> Drained {
         let Fs {
             server, running, ..
         } = self;
         let Some(run) = running.as_mut() else {
-            return;
+            return Drained::All;
         };
         let Some(queue) = run.queues.get_mut(index) else {
-            return;
+            return Drained::All;
         };
         let mem = &run.mem;
-        let done = process_chains(queue, mem, &run.interrupt, |chain| match IoBuf::from_chain(
+        let done = process_requests(queue, mem, &run.interrupt, |chain| match IoBuf::from_chain(
             mem, chain,
         ) {
             Ok((req, mut reply)) => Some(server.handle(&req, &mut reply) as u32),
@@ -119,10 +119,11 @@ impl VirtioDevice for Fs {
                 Some(0)
             }
         });
-        if done.is_err() {
+        done.unwrap_or_else(|_| {
             tracing::warn!("virtio-fs: a ring is broken; the device stops");
             *running = None;
-        }
+            Drained::All
+        })
     }
 
     fn reset(&mut self) {

@@ -41,8 +41,8 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 
 use super::{
-    process_chains, read_config_bytes, ActivateError, BrokenRing, Interrupt, QueueSnapshot,
-    VirtioDevice, VIRTIO_F_VERSION_1,
+    process_requests, read_config_bytes, ActivateError, BrokenRing, Drained, Interrupt,
+    QueueSnapshot, VirtioDevice, VIRTIO_F_VERSION_1,
 };
 
 const QUEUE_SIZE: u16 = 256;
@@ -104,7 +104,7 @@ struct Inner {
 }
 
 impl Inner {
-    fn process_tx(&mut self) {
+    fn process_tx(&mut self) -> Drained {
         let Inner {
             backend,
             running,
@@ -114,10 +114,10 @@ impl Inner {
             ..
         } = self;
         let Some(run) = running.as_mut() else {
-            return;
+            return Drained::All;
         };
         let mem = &run.mem;
-        let done = process_chains(&mut run.queues[TX], mem, &run.interrupt, |chain| {
+        let done = process_requests(&mut run.queues[TX], mem, &run.interrupt, |chain| {
             let read = Reader::new(mem, chain).ok().is_some_and(|mut r| {
                 let len = r.available_bytes();
                 if !(HDR_LEN..=HDR_LEN + *max_frame).contains(&len) {
@@ -133,12 +133,14 @@ impl Inner {
             }
             Some(0)
         });
-        if done.is_err() {
+        let drained = done.unwrap_or_else(|_| {
             tracing::warn!("virtio-net: the transmit ring is broken; the device stops");
             *running = None;
-        }
+            Drained::All
+        });
         backend.poll();
         self.process_rx();
+        drained
     }
 
     fn process_rx(&mut self) {
@@ -364,12 +366,15 @@ impl VirtioDevice for Net {
         Ok(())
     }
 
-    fn process_queue(&mut self, index: usize) {
+    fn process_queue(&mut self, index: usize) -> Drained {
         let mut inner = self.lock();
         match index {
             TX => inner.process_tx(),
-            RX => inner.process_rx(),
-            _ => {}
+            RX => {
+                inner.process_rx();
+                Drained::All
+            }
+            _ => Drained::All,
         }
     }
 

@@ -19,8 +19,8 @@ use virtio_queue::{Queue, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 
 use super::{
-    process_chains, read_config_bytes, ActivateError, Interrupt, QueueSnapshot, VirtioDevice,
-    VIRTIO_F_VERSION_1,
+    process_chains, process_requests, read_config_bytes, ActivateError, Drained, Interrupt,
+    QueueSnapshot, VirtioDevice, VIRTIO_F_VERSION_1,
 };
 use muxer::{FdChange, Muxer};
 use packet::{Header, HDR_LEN};
@@ -52,22 +52,23 @@ struct Inner {
 
 impl Inner {
     /// Takes the guest's packets from the transmit queue.
-    fn process_tx(&mut self) {
+    fn process_tx(&mut self) -> Drained {
         let Inner { muxer, running, .. } = self;
         let Some(run) = running.as_mut() else {
-            return;
+            return Drained::All;
         };
-        let done = process_chains(&mut run.queues[TX], &run.mem, &run.interrupt, |chain| {
+        let done = process_requests(&mut run.queues[TX], &run.mem, &run.interrupt, |chain| {
             match read_packet(&run.mem, chain) {
                 Some((hdr, payload)) => muxer.handle_guest_packet(&hdr, &payload),
                 None => tracing::warn!("vsock: dropped a malformed packet from the guest"),
             }
             Some(0)
         });
-        if done.is_err() {
+        done.unwrap_or_else(|_| {
             tracing::warn!("vsock: the transmit ring is broken; the device stops");
             *running = None;
-        }
+            Drained::All
+        })
     }
 
     /// Fills the guest's receive buffers with what the host side has.
@@ -193,20 +194,22 @@ impl VirtioDevice for Vsock {
         Ok(())
     }
 
-    fn process_queue(&mut self, index: usize) {
+    fn process_queue(&mut self, index: usize) -> Drained {
         let mut inner = self.lock();
-        match index {
+        let drained = match index {
             TX => inner.process_tx(),
             // The driver returns event buffers after handling an event.
             EVENTS => {
                 tracing::debug!("vsock: the driver handled the transport reset");
                 inner.reset_pending = false;
+                Drained::All
             }
-            _ => {}
-        }
+            _ => Drained::All,
+        };
         // Transmitted packets may have produced answers; new receive
         // buffers may unblock waiting data.
         inner.process_rx();
+        drained
     }
 
     fn reset(&mut self) {

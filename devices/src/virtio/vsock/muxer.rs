@@ -212,12 +212,10 @@ pub struct Muxer {
 }
 
 impl Muxer {
-    /// Listens on `uds_path` (a stale socket file there is replaced).
+    /// Listens on `uds_path`, mode 0600 (a stale socket of this user there
+    /// is replaced; anything else is an error).
     pub fn new(guest_cid: u64, uds_path: &Path) -> io::Result<Self> {
-        if uds_path.exists() {
-            std::fs::remove_file(uds_path)?;
-        }
-        let listener = UnixListener::bind(uds_path)?;
+        let listener = crate::unix_socket::bind_private(uds_path)?;
         listener.set_nonblocking(true)?;
         Ok(Muxer {
             guest_cid,
@@ -546,6 +544,12 @@ impl Muxer {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
+                    if !crate::unix_socket::peer_is_trusted(&stream) {
+                        tracing::warn!(
+                            "vsock: a process of another user connected to the VM's socket; closed"
+                        );
+                        continue;
+                    }
                     if self.held() >= MAX_CONNECTIONS {
                         tracing::warn!(
                             "vsock: the VM holds {MAX_CONNECTIONS} connections; a host client is closed"

@@ -13,7 +13,14 @@
 //!
 //! It is written under a temporary name and renamed into place once every
 //! file is complete and synced, so a VMM killed mid-snapshot never leaves a
-//! directory that looks complete.
+//! directory that looks complete. The snapshot holds the guest's secrets:
+//! the directory is created 0700 and its files 0600 whatever the umask;
+//! the temporary name carries random bytes and is created exclusively (a
+//! name that exists is an error, never reused), and the rename never
+//! replaces anything at the target.
+
+pub mod auth;
+pub mod host;
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -60,6 +67,10 @@ pub enum Error {
     Version { path: PathBuf, found: u32 },
     #[error("{path} is truncated or corrupted ({what}); the snapshot cannot be used")]
     Corrupt { path: PathBuf, what: String },
+    #[error(transparent)]
+    Auth(#[from] auth::Error),
+    #[error(transparent)]
+    Host(#[from] host::Error),
     #[error("the snapshot's memory file {path} is {found} bytes, its state says {expected}: it is truncated or from another snapshot")]
     MemorySize {
         path: PathBuf,
@@ -159,12 +170,26 @@ impl Writer {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "snapshot".into());
-        let tmp = target.with_file_name(format!(".{name}.partial-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(|source| Error::Write {
-            path: tmp.clone(),
-            source,
-        })?;
+        let tmp = target.with_file_name(format!(
+            ".{name}.partial-{}-{}",
+            std::process::id(),
+            crate::runtime::random_hex(8)
+        ));
+        Self::create_at(target, tmp)
+    }
+
+    /// Creates the temporary directory `tmp` (0700, exclusively) for
+    /// `target`.
+    fn create_at(target: &Path, tmp: PathBuf) -> Result<Self> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let made = std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&tmp)
+            .and_then(|()| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o700)));
+        if let Err(source) = made {
+            // Not ours (it existed): never removed by this writer.
+            return Err(Error::Write { path: tmp, source });
+        }
         Ok(Writer {
             target: target.to_path_buf(),
             tmp,
@@ -178,18 +203,20 @@ impl Writer {
 
     /// Creates file `name` in the temporary directory.
     pub fn file(&self, name: &str) -> Result<File> {
+        use std::os::unix::fs::OpenOptionsExt;
         let path = self.tmp.join(name);
         File::options()
             .read(true)
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(&path)
             .map_err(|source| Error::Write { path, source })
     }
 
-    /// Writes the `state` file, syncs every file, and renames the directory
-    /// into place.
-    pub fn commit(self, state: &MachineState) -> Result<()> {
+    /// Writes the `state` file (and, with a key, the `auth` file), syncs
+    /// every file, and renames the directory into place.
+    pub fn commit(self, state: &MachineState, key: Option<&[u8]>) -> Result<()> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| Error::Write { path, source }
@@ -197,13 +224,20 @@ impl Writer {
         let state_path = self.tmp.join(STATE_FILE);
         let mut f = self.file(STATE_FILE)?;
         f.write_all(&encode(state)).map_err(io(&state_path))?;
+        if let Some(key) = key {
+            let mac = auth::sign(&self.tmp, key)?;
+            let auth_path = self.tmp.join(auth::AUTH_FILE);
+            self.file(auth::AUTH_FILE)?
+                .write_all(mac.as_bytes())
+                .map_err(io(&auth_path))?;
+        }
         for entry in std::fs::read_dir(&self.tmp).map_err(io(&self.tmp))? {
             let path = entry.map_err(io(&self.tmp))?.path();
             File::open(&path)
                 .and_then(|f| f.sync_all())
                 .map_err(io(&path))?;
         }
-        std::fs::rename(&self.tmp, &self.target).map_err(io(&self.target))?;
+        rename_noreplace(&self.tmp, &self.target).map_err(io(&self.target))?;
         if let Some(parent) = self.target.parent() {
             let _ = File::open(parent).and_then(|d| d.sync_all());
         }
@@ -218,9 +252,37 @@ impl Drop for Writer {
     }
 }
 
+/// Renames `from` to `to`, failing if `to` exists (even as an empty
+/// directory, which a plain rename would replace).
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+    };
+    let (from, to) = (c(from)?, c(to)?);
+    // SAFETY: two valid C strings; renameat2 reads them only.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// A snapshot directory opened for restoring.
 pub struct Snapshot {
     pub state: MachineState,
+    /// The `state` file as read (what an `auth` MAC covers).
+    state_bytes: Vec<u8>,
     pub memory: File,
     pub disk_layer: Option<(File, PathBuf)>,
 }
@@ -256,18 +318,44 @@ pub fn open(dir: &Path) -> Result<Snapshot> {
     };
     Ok(Snapshot {
         state,
+        state_bytes: bytes,
         memory,
         disk_layer,
     })
 }
 
-/// Opens snapshot directory `dir` for a restore whose vsock socket is
-/// `vsock_socket` (the snapshot's VM may still run on its own socket).
-pub fn restore_source(dir: &Path, vsock_socket: &Path) -> Result<crate::vm::RestoreSource> {
+/// How a snapshot is restored.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// The restored VM's vsock socket (the snapshot's VM may still run on
+    /// its own).
+    pub vsock_socket: PathBuf,
+    /// Where host-side settings come from ([`host`]).
+    pub host: host::HostSettings,
+    /// With a key, the snapshot must carry a matching `auth` MAC.
+    pub key: Option<Vec<u8>>,
+}
+
+/// Opens snapshot directory `dir` for a restore: checks it (CRC, sizes,
+/// and the MAC when a key is given) and takes its host-side settings only
+/// as `opts.host` allows.
+pub fn restore_source(dir: &Path, opts: &RestoreOptions) -> Result<crate::vm::RestoreSource> {
     let snap = open(dir)?;
+    if let Some(key) = &opts.key {
+        auth::verify(
+            dir,
+            key,
+            &snap.state_bytes,
+            &snap.memory,
+            snap.disk_layer.as_ref().map(|(f, _)| f),
+        )?;
+    }
     let mut state = snap.state;
+    let (config, disk_base) = host::resolve(&state.config, state.disk_base.take(), &opts.host)?;
+    state.config = config;
+    state.disk_base = disk_base;
     if let Some(v) = &mut state.config.vsock {
-        v.uds_path = vsock_socket.to_path_buf();
+        v.uds_path = opts.vsock_socket.clone();
     }
     // The disk continues from the snapshot's layer with a throwaway layer
     // on top: the snapshot itself never changes.
@@ -340,7 +428,7 @@ mod tests {
         assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
         let w = Writer::create(&target).unwrap();
         w.file(MEMORY_FILE).unwrap().set_len(1 << 20).unwrap();
-        w.commit(&sample()).unwrap();
+        w.commit(&sample(), None).unwrap();
         let snap = open(&target).unwrap();
         assert_eq!(snap.state.memory_size, 1 << 20);
         assert!(Writer::create(&target).is_err(), "no overwrite");
@@ -352,6 +440,63 @@ mod tests {
             .set_len(4096)
             .unwrap();
         assert!(matches!(open(&target), Err(Error::MemorySize { .. })));
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn snapshots_are_private_and_never_land_in_a_planted_name() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let root = std::env::temp_dir().join(format!("vmm-snapp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        // Written under umask 0: still 0700 and 0600.
+        let target = root.join("snap");
+        // SAFETY: umask only changes this process's creation mask.
+        let old = unsafe { libc::umask(0) };
+        let made = Writer::create(&target).and_then(|w| w.file(MEMORY_FILE).map(|f| (w, f)));
+        // SAFETY: as above, restoring it.
+        unsafe { libc::umask(old) };
+        let (w, file) = made.unwrap();
+        file.set_len(4096).unwrap();
+        assert!(w.dir().file_name().unwrap().len() > ".snap.partial-".len() + 16);
+        w.commit(
+            &{
+                let mut s = sample();
+                s.memory_size = 4096;
+                s
+            },
+            None,
+        )
+        .unwrap();
+        assert_eq!(std::fs::metadata(&target).unwrap().mode() & 0o777, 0o700);
+        for name in [MEMORY_FILE, STATE_FILE] {
+            let mode = std::fs::metadata(target.join(name)).unwrap().mode();
+            assert_eq!(mode & 0o777, 0o600, "{name}");
+        }
+        // A temporary name that exists (planted by someone, here by a
+        // thread running as uid 65534 when possible) is an error, and is
+        // left alone.
+        let planted = root.join(".snap2.partial-planted");
+        let p = planted.clone();
+        let by_nobody = crate::runtime::tests::as_nobody(move || {
+            std::fs::create_dir(&p).unwrap();
+            std::fs::write(p.join("memory"), b"trap").unwrap();
+        });
+        if by_nobody.is_none() {
+            std::fs::create_dir(&planted).unwrap();
+            std::fs::write(planted.join("memory"), b"trap").unwrap();
+        }
+        let err = Writer::create_at(&root.join("snap2"), planted.clone()).err();
+        assert!(matches!(err, Some(Error::Write { .. })));
+        assert_eq!(std::fs::read(planted.join("memory")).unwrap(), b"trap");
+        // A target that appears before the commit is not replaced, even
+        // as an empty directory.
+        let target3 = root.join("snap3");
+        let w = Writer::create(&target3).unwrap();
+        std::fs::create_dir(&target3).unwrap();
+        assert!(w.commit(&sample(), None).is_err());
+        assert_eq!(std::fs::read_dir(&target3).unwrap().count(), 0);
         let _ = std::fs::remove_dir_all(&root);
     }
 }
