@@ -174,7 +174,7 @@ impl ApiServer {
             clients: HashMap::new(),
             waiting: Vec::new(),
             forking: None,
-            timer: TimerFd::new().map_err(io::Error::from)?,
+            timer: devices::timer::nonblocking()?,
             timer_armed: false,
             control: None,
             agent_ready_evt: None,

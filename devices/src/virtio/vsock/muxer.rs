@@ -14,7 +14,9 @@
 //!
 //! Nothing here blocks or grows without bound on the guest's behalf: host
 //! sockets are connected without blocking (a full backlog is a reset), a VM
-//! holds at most [`MAX_CONNECTIONS`] connections, connections both sides
+//! holds at most [`MAX_GUEST_CONNECTIONS`] connections it opened and
+//! [`MAX_HOST_CONNECTIONS`] the host opened (so a guest that fills its
+//! share never locks the host's agent calls out), connections both sides
 //! closed are reset if the guest does not finish them within
 //! [`CLOSE_TIMEOUT`], and the listener pauses briefly when the process is
 //! out of descriptors instead of spinning.
@@ -63,10 +65,12 @@ fn first_local_port() -> u32 {
 const MAX_PENDING_CONTROL: usize = 1024;
 /// Largest data payload read from a host socket per packet.
 const MAX_READ: usize = 64 * 1024;
-/// Connections per VM, both directions, host clients that have not sent
-/// their `CONNECT` line included; past it guest requests are reset and
-/// host clients closed.
-pub const MAX_CONNECTIONS: usize = 1024;
+/// Connections the guest opened to host ports, per VM; past it the
+/// guest's requests are reset.
+pub const MAX_GUEST_CONNECTIONS: usize = 1024;
+/// Connections host clients opened (those that have not sent their
+/// `CONNECT` line included), per VM; past it new clients are closed.
+pub const MAX_HOST_CONNECTIONS: usize = 256;
 /// How long a connection closed on the host side waits for the guest's
 /// RST after the muxer sent SHUTDOWN, before the muxer resets it.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -128,6 +132,8 @@ struct Conn {
     /// When the muxer resets the connection unless the guest finished it
     /// (a REQUEST unanswered, a SHUTDOWN not followed by the guest's RST).
     deadline: Option<Instant>,
+    /// The guest opened it (counted against MAX_GUEST_CONNECTIONS).
+    from_guest: bool,
 }
 
 impl Conn {
@@ -148,6 +154,7 @@ impl Conn {
             guest_shut_rcv: false,
             watched: None,
             deadline: None,
+            from_guest: false,
         }
     }
 
@@ -192,6 +199,8 @@ pub struct Muxer {
     uds_path: PathBuf,
     listener: UnixListener,
     conns: HashMap<Key, Conn>,
+    /// Of `conns`, those the guest opened.
+    guest_conns: usize,
     by_fd: HashMap<RawFd, Key>,
     /// Host clients that have not sent their CONNECT line yet, with the
     /// time by which they must.
@@ -222,6 +231,7 @@ impl Muxer {
             uds_path: uds_path.to_path_buf(),
             listener,
             conns: HashMap::new(),
+            guest_conns: 0,
             by_fd: HashMap::new(),
             pending: HashMap::new(),
             control: VecDeque::new(),
@@ -229,7 +239,7 @@ impl Muxer {
             changes: Vec::new(),
             closing: Vec::new(),
             wake: EventFd::new(libc::EFD_NONBLOCK)?,
-            timer: TimerFd::new().map_err(io::Error::from)?,
+            timer: crate::timer::nonblocking()?,
             timer_armed: false,
             listener_resumes: None,
         })
@@ -275,9 +285,10 @@ impl Muxer {
         std::mem::take(&mut self.changes)
     }
 
-    /// Connections held, host clients still sending `CONNECT` included.
-    fn held(&self) -> usize {
-        self.conns.len() + self.pending.len()
+    /// Connections host clients hold, those still sending `CONNECT`
+    /// included.
+    fn host_held(&self) -> usize {
+        self.conns.len() - self.guest_conns + self.pending.len()
     }
 
     /// The timer fired (its descriptor is readable).
@@ -365,6 +376,9 @@ impl Muxer {
 
     fn remove(&mut self, key: Key) {
         if let Some(conn) = self.conns.remove(&key) {
+            if conn.from_guest {
+                self.guest_conns -= 1;
+            }
             let fd = conn.stream.as_raw_fd();
             self.by_fd.remove(&fd);
             if conn.watched.is_some() {
@@ -479,9 +493,9 @@ impl Muxer {
 
     fn connect_to_host(&mut self, key: Key, hdr: &Header) {
         let path = PathBuf::from(format!("{}_{}", self.uds_path.display(), key.local));
-        let connected = if self.held() >= MAX_CONNECTIONS {
+        let connected = if self.guest_conns >= MAX_GUEST_CONNECTIONS {
             Err(io::Error::other(format!(
-                "the VM holds {MAX_CONNECTIONS} connections"
+                "the guest holds {MAX_GUEST_CONNECTIONS} connections"
             )))
         } else {
             connect_nonblocking(&path)
@@ -502,6 +516,8 @@ impl Muxer {
         let mut conn = Conn::new(stream, State::Established);
         conn.peer_buf_alloc = hdr.buf_alloc;
         conn.peer_fwd_cnt = Wrapping(hdr.fwd_cnt);
+        conn.from_guest = true;
+        self.guest_conns += 1;
         self.by_fd.insert(conn.stream.as_raw_fd(), key);
         self.conns.insert(key, conn);
         let response = self.header(key, OP_RESPONSE);
@@ -550,9 +566,9 @@ impl Muxer {
                         );
                         continue;
                     }
-                    if self.held() >= MAX_CONNECTIONS {
+                    if self.host_held() >= MAX_HOST_CONNECTIONS {
                         tracing::warn!(
-                            "vsock: the VM holds {MAX_CONNECTIONS} connections; a host client is closed"
+                            "vsock: host clients hold {MAX_HOST_CONNECTIONS} connections; a new one is closed"
                         );
                         continue;
                     }
@@ -979,7 +995,7 @@ mod tests {
         listener.set_nonblocking(true).unwrap();
         let mut accepted = Vec::new();
         let (mut responses, mut resets) = (0, 0);
-        for port in 0..(MAX_CONNECTIONS as u32 + 500) {
+        for port in 0..(MAX_GUEST_CONNECTIONS as u32 + 500) {
             s.mux
                 .handle_guest_packet(&guest(OP_REQUEST, 10_000 + port, 52), &[]);
             match s.mux.next_packet(4096).unwrap().0.op {
@@ -991,15 +1007,19 @@ mod tests {
                 accepted.push(c);
             }
         }
-        assert_eq!(responses, MAX_CONNECTIONS);
+        assert_eq!(responses, MAX_GUEST_CONNECTIONS);
         assert_eq!(resets, 500);
-        assert_eq!(s.mux.connection_count(), MAX_CONNECTIONS);
-        // Host clients past the cap are closed at once.
-        let mut client = UnixStream::connect(s.dir.join("v.sock")).unwrap();
+        assert_eq!(s.mux.connection_count(), MAX_GUEST_CONNECTIONS);
+        // The guest's connections leave the host's share alone: host
+        // clients are taken up to their own cap, then closed at once.
+        let clients: Vec<UnixStream> = (0..MAX_HOST_CONNECTIONS + 1)
+            .map(|_| UnixStream::connect(s.dir.join("v.sock")).unwrap())
+            .collect();
         s.mux.accept_host();
-        assert!(s.mux.pending.is_empty());
+        assert_eq!(s.mux.pending.len(), MAX_HOST_CONNECTIONS);
         let mut buf = [0u8; 1];
-        assert_eq!(client.read(&mut buf).unwrap(), 0);
+        let mut last = clients.last().unwrap();
+        assert_eq!(last.read(&mut buf).unwrap(), 0);
         // A closed connection makes room again.
         s.mux.handle_guest_packet(&guest(OP_RST, 10_000, 52), &[]);
         s.mux

@@ -327,7 +327,7 @@ fn setup<T>(what: &'static str, r: io::Result<T>) -> Result<T, Error> {
 impl UserNet {
     pub fn new(config: UserNetConfig) -> Result<UserNet, Error> {
         let epoll = setup("epoll instance", Epoll::new())?;
-        let timer = setup("timer", TimerFd::new().map_err(io::Error::from))?;
+        let timer = setup("timer", crate::timer::nonblocking())?;
         setup(
             "timer",
             epoll.ctl(

@@ -1,0 +1,42 @@
+//! Timers an event loop can read without blocking.
+//!
+//! A timerfd reported readable in one `epoll_wait` batch may have been
+//! re-armed or stopped by an earlier event of the same batch; a blocking
+//! read would then wait for the next expiry, or forever, with the whole
+//! loop. These timers are non-blocking: such a read returns at once.
+
+use std::io;
+use std::os::fd::AsRawFd;
+
+use vmm_sys_util::timerfd::TimerFd;
+
+/// A new, disarmed timer whose reads never block.
+pub fn nonblocking() -> io::Result<TimerFd> {
+    let timer = TimerFd::new().map_err(io::Error::from)?;
+    let fd = timer.as_raw_fd();
+    // SAFETY: fcntl on a descriptor this function owns, with integer
+    // arguments.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(timer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn reading_a_stopped_or_rearmed_timer_returns_at_once() {
+        let mut timer = nonblocking().unwrap();
+        timer.reset(Duration::from_secs(60), None).unwrap();
+        let start = Instant::now();
+        assert!(timer.wait().is_err(), "not expired: no count");
+        timer.clear().unwrap();
+        assert!(timer.wait().is_err());
+        assert!(start.elapsed() < Duration::from_secs(1));
+    }
+}

@@ -1,0 +1,40 @@
+"""A hostile guest's vsock flood, run inside the guest by tests/hostile.rs.
+
+Usage: python3 vsock_flood.py COUNT OUT RELEASE. Opens COUNT stream
+connections to host ports (the VMM's own ready port 1023, a port the test
+listens on, 5000, and a port nobody listens on, 5001), holds every one
+that connects, writes a summary line "opened <results>" to OUT, then holds
+them until the file RELEASE exists (or 300 s pass) and closes them all.
+"""
+import errno
+import os
+import resource
+import socket
+import sys
+import time
+
+count, out, release = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+resource.setrlimit(resource.RLIMIT_NOFILE, (count + 256, count + 256))
+held = []
+results = {}
+for i in range(count):
+    port = (1023, 5000, 5001)[i % 3]
+    s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    s.settimeout(30)
+    try:
+        s.connect((socket.VMADDR_CID_HOST, port))
+        held.append(s)
+        what = "ok"
+    except OSError as e:
+        what = errno.errorcode.get(e.errno, str(e))
+        s.close()
+    key = "%d:%s" % (port, what)
+    results[key] = results.get(key, 0) + 1
+with open(out + ".new", "w") as f:
+    f.write("opened %s\n" % " ".join("%s=%d" % kv for kv in sorted(results.items())))
+os.rename(out + ".new", out)
+deadline = time.time() + 300
+while not os.path.exists(release) and time.time() < deadline:
+    time.sleep(0.2)
+for s in held:
+    s.close()

@@ -1,0 +1,266 @@
+//! A hostile guest (root in the guest, acting from user space) against the
+//! VMM, on a real guest: a vsock connection flood, `sync` storms during
+//! streaming writes, and a second local user at the VM's sockets. After
+//! each, the VMM answers `GET /vm` within 1 s, its own memory (RssAnon:
+//! guest memory not counted) stays under [`MAX_OWN_RSS_MIB`], the guest
+//! agent still runs a command, and at the end `vmm stop` ends the VM.
+//! (A FIFO and a device node planted in a share: tests/fs.rs. Frames and
+//! chains user space cannot make: unit tests in devices/.)
+
+mod common;
+
+use std::io::Read;
+use std::os::unix::net::UnixListener;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{describe, ok, Guest, Scratch, VMM};
+use serde_json::json;
+
+/// The VMM's own resident memory (heap and stacks, not guest memory) may
+/// not pass this, whatever the guest does.
+const MAX_OWN_RSS_MIB: u64 = 96;
+/// Connections the flood opens.
+const FLOOD: usize = 2000;
+/// Guest shell: waits until every process listed in the file that
+/// follows has ended.
+const WAIT_PIDS: &str = "wait_pids() { for p in $(cat \"$1\"); do while kill -0 $p 2>/dev/null; do sleep 0.2; done; done; }; wait_pids";
+
+fn own_rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no RssAnon for process {pid}"));
+    kib / 1024
+}
+
+/// GET /vm within 1 s, own memory under the bound, the agent runs a
+/// command.
+fn assert_healthy(g: &Guest, after: &str) {
+    let start = Instant::now();
+    let vm = vmm::api::ApiClient::new(&g.api).call("GET", "/vm", None);
+    let took = start.elapsed();
+    assert!(vm.is_ok(), "after {after}: GET /vm failed: {vm:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "after {after}: GET /vm took {took:?}"
+    );
+    let rss = own_rss_mib(g.process.id());
+    eprintln!("after {after}: GET /vm {took:?}, VMM's own memory {rss} MiB");
+    assert!(
+        rss < MAX_OWN_RSS_MIB,
+        "after {after}: the VMM holds {rss} MiB of its own (bound {MAX_OWN_RSS_MIB} MiB)"
+    );
+    assert_eq!(ok(g.sh("echo alive")), "alive", "after {after}");
+}
+
+fn boot() -> Guest {
+    let scratch = Scratch::new("hostile");
+    // Like /tmp: others may enter the folder, so only the sockets' own
+    // protections keep them out.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&scratch.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for dir in ["tools", "work"] {
+        std::fs::create_dir_all(scratch.path(dir)).unwrap();
+    }
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/guest/vsock_flood.py"),
+        scratch.path("tools/vsock_flood.py"),
+    )
+    .unwrap();
+    let share = |tag: &str, read_only: bool| {
+        json!({"tag": tag, "host_path": scratch.path(tag),
+               "guest_path": format!("/mnt/{tag}"), "read_only": read_only})
+    };
+    let config = json!({
+        "vcpus": 2,
+        "memory_mib": 256,
+        "rootfs": {},
+        "serial": scratch.path("console.log"),
+        "shares": [share("tools", true), share("work", false)],
+    });
+    Guest::boot(scratch, &config)
+}
+
+/// The guest opens FLOOD connections and holds them; the host listens on
+/// port 5000 and keeps what it accepts.
+fn vsock_flood(g: &Guest) {
+    let uds = format!("{}.vsock", g.api.display());
+    let listener = UnixListener::bind(format!("{uds}_5000")).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        loop {
+            while let Ok((s, _)) = listener.accept() {
+                held.push(s);
+            }
+            match stop_rx.recv_timeout(Duration::from_millis(20)) {
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                _ => return held.len(),
+            }
+        }
+    });
+    let start = Instant::now();
+    let out = ok(g.sh(&format!(
+        "rm -f /tmp/flood.out /tmp/flood.release
+         nohup python3 /mnt/tools/vsock_flood.py {FLOOD} /tmp/flood.out /tmp/flood.release >/tmp/flood.log 2>&1 &
+         echo $! > /tmp/flood.pid
+         until [ -e /tmp/flood.out ]; do sleep 0.2; kill -0 $! || {{ cat /tmp/flood.log; exit 1; }}; done
+         cat /tmp/flood.out"
+    )));
+    eprintln!("flood: {out} in {:?}", start.elapsed());
+    // Every connection got an answer (none hung), and no more than the
+    // guest's share of them were connected.
+    let counts: Vec<(String, usize)> = out
+        .trim_start_matches("opened ")
+        .split_whitespace()
+        .map(|kv| {
+            let (k, v) = kv.rsplit_once('=').unwrap();
+            (k.to_string(), v.parse().unwrap())
+        })
+        .collect();
+    let total: usize = counts.iter().map(|(_, n)| n).sum();
+    assert_eq!(total, FLOOD, "{out}");
+    let connected: usize = counts
+        .iter()
+        .filter(|(k, _)| k.ends_with(":ok"))
+        .map(|(_, n)| n)
+        .sum();
+    assert!(
+        connected <= devices::virtio::vsock::muxer::MAX_GUEST_CONNECTIONS,
+        "{out}"
+    );
+    assert!(!counts.iter().any(|(k, _)| k == "5001:ok"), "{out}");
+    // While the guest holds them: the VMM serves, and the host's own agent
+    // connections still get through.
+    assert_healthy(g, "2000 vsock connections held by the guest");
+    ok(g.sh(&format!(
+        "touch /tmp/flood.release; {WAIT_PIDS} /tmp/flood.pid"
+    )));
+    stop_tx.send(()).unwrap();
+    let accepted = holder.join().unwrap();
+    eprintln!("flood: the host listener accepted {accepted}");
+    assert!(accepted <= devices::virtio::vsock::muxer::MAX_GUEST_CONNECTIONS);
+    assert_healthy(g, "the guest closed its connections");
+}
+
+/// The guest syncs in a loop while streaming writes to a share and its
+/// root disk; the control socket keeps answering.
+fn sync_storm(g: &Guest) {
+    ok(g.sh(
+        "rm -f /tmp/storm.stop
+         nohup sh -c 'while [ ! -e /tmp/storm.stop ]; do sync; done' >/dev/null 2>&1 &
+         echo $! > /tmp/storm.pid
+         nohup sh -c 'while [ ! -e /tmp/storm.stop ]; do dd if=/dev/zero of=/mnt/work/stream bs=1M count=8 conv=fsync 2>/dev/null; done' >/dev/null 2>&1 &
+         echo $! >> /tmp/storm.pid
+         nohup sh -c 'while [ ! -e /tmp/storm.stop ]; do dd if=/dev/zero of=/root/stream bs=1M count=8 conv=fsync 2>/dev/null; done' >/dev/null 2>&1 &
+         echo $! >> /tmp/storm.pid
+         echo started",
+    ));
+    let client = vmm::api::ApiClient::new(&g.api);
+    let mut samples = Vec::new();
+    let start = Instant::now();
+    while samples.len() < 300 {
+        let t = Instant::now();
+        client.call("GET", "/vm", None).unwrap();
+        samples.push(t.elapsed());
+        // Paced like a monitoring client, not as fast as possible.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let written = std::fs::metadata(g.scratch.path("work/stream")).map_or(0, |m| m.len());
+    ok(g.sh(&format!(
+        "touch /tmp/storm.stop; {WAIT_PIDS} /tmp/storm.pid"
+    )));
+    samples.sort();
+    let p50 = samples[samples.len() / 2];
+    let p99 = samples[samples.len() * 99 / 100];
+    eprintln!(
+        "sync storm: GET /vm p50 {p50:?} p99 {p99:?} max {:?} over {:?} ({written} bytes in the share's file at the end)",
+        samples[samples.len() - 1],
+        start.elapsed()
+    );
+    assert!(written > 0, "the guest's writes did not reach the share");
+    assert!(p99 < Duration::from_millis(100), "GET /vm p99 {p99:?}");
+    assert_healthy(g, "a sync storm during streaming writes");
+}
+
+/// Another local user (uid 65534) reaches neither socket.
+fn other_user(g: &Guest) {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("other-user part skipped: switching to uid 65534 needs root");
+        return;
+    }
+    let uds = format!("{}.vsock", g.api.display());
+    let script = "import socket, sys
+for path in sys.argv[1:]:
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(path)
+        s.sendall(b'GET /vm HTTP/1.1\\r\\n\\r\\nCONNECT 52\\n')
+        print(path, 'answered', s.recv(100))
+    except OSError as e:
+        print(path, type(e).__name__)
+";
+    let out = Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&g.api)
+        .arg(&uds)
+        .uid(65534)
+        .gid(65534)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.matches("PermissionError").count(),
+        2,
+        "{}",
+        describe(&out)
+    );
+    assert_healthy(g, "another user's attempts");
+}
+
+#[test]
+fn a_hostile_guest_cannot_stall_crash_or_bloat_the_vmm() {
+    let mut g = boot();
+    assert_healthy(&g, "boot");
+    vsock_flood(&g);
+    sync_storm(&g);
+    other_user(&g);
+    // `vmm stop` still ends the VM (the agent syncs and powers off).
+    let out = Command::new(VMM)
+        .arg("stop")
+        .arg("--api-socket")
+        .arg(&g.api)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let pid = g.process.id();
+    std::thread::spawn(move || {
+        // The VMM is this test's child: /proc/<pid> goes once it is reaped
+        // below, so watch its status instead.
+        let mut stat = String::new();
+        loop {
+            stat.clear();
+            let gone = std::fs::File::open(format!("/proc/{pid}/stat"))
+                .and_then(|mut f| f.read_to_string(&mut stat))
+                .map_or(true, |_| stat.contains(") Z "));
+            if gone {
+                let _ = tx.send(());
+                return;
+            }
+            std::thread::yield_now();
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(120))
+        .expect("the VMM did not end after `vmm stop`");
+    let status = g.process.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
