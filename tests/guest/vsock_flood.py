@@ -1,9 +1,10 @@
 """A hostile guest's vsock flood, run inside the guest by tests/hostile.rs.
 
 Usage: python3 vsock_flood.py COUNT OUT RELEASE. Opens COUNT stream
-connections to host ports (the VMM's own ready port 1023, a port the test
-listens on, 5000, and a port nobody listens on, 5001), holds every one
-that connects, writes a summary line "opened <results>" to OUT, then holds
+connections to host ports (three in five to 5000, where the test listens
+and keeps every connection; one in five to the VMM's own ready port 1023,
+which closes them; one in five to 5001, where nobody listens), holds every
+one that connects, writes a summary line "opened <results>" to OUT, then holds
 them until the file RELEASE exists (or 300 s pass) and closes them all.
 """
 import errno
@@ -18,7 +19,7 @@ resource.setrlimit(resource.RLIMIT_NOFILE, (count + 256, count + 256))
 held = []
 results = {}
 for i in range(count):
-    port = (1023, 5000, 5001)[i % 3]
+    port = (5000, 5000, 5000, 1023, 5001)[i % 5]
     s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
     s.settimeout(30)
     try:

@@ -45,7 +45,7 @@ fn timed(e: io::Error, limit: Duration) -> Error {
 
 /// How long the host waits for each answer of the agent (the `OK` of a
 /// connection, a response, a file chunk) unless a call says otherwise.
-pub const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
+pub const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
 /// The longest ready announcement read (`ready\n`).
 const MAX_READY_LINE: u64 = 64;
 

@@ -97,6 +97,56 @@ fn check_guest_visible(snap: &VmConfig, op: &VmConfig) -> Result<()> {
     Ok(())
 }
 
+/// The network's host side from the operator (`op`), from the snapshot
+/// when trusted, else defaults; the MAC (guest-visible) stays the
+/// snapshot's.
+fn network(
+    snap: Option<&NetworkConfig>,
+    op: Option<&NetworkConfig>,
+    trust: bool,
+) -> Result<Option<NetworkConfig>> {
+    Ok(match (snap, op) {
+        (None, _) => None,
+        (
+            Some(NetworkConfig::User { mac, .. }),
+            Some(NetworkConfig::User {
+                egress,
+                port_forwards,
+                dns,
+                ..
+            }),
+        ) => Some(NetworkConfig::User {
+            egress: egress.clone(),
+            port_forwards: port_forwards.clone(),
+            dns: dns.clone(),
+            mac: mac.clone(),
+        }),
+        (Some(n @ NetworkConfig::User { .. }), _) if trust => Some(n.clone()),
+        (Some(NetworkConfig::User { mac, .. }), _) => Some(NetworkConfig::User {
+            egress: Default::default(),
+            port_forwards: Vec::new(),
+            dns: None,
+            mac: mac.clone(),
+        }),
+        (
+            Some(NetworkConfig::Tap { mac, .. }),
+            Some(NetworkConfig::Tap {
+                tap,
+                address,
+                gateway,
+                ..
+            }),
+        ) => Some(NetworkConfig::Tap {
+            tap: tap.clone(),
+            address: address.clone(),
+            gateway: gateway.clone(),
+            mac: mac.clone(),
+        }),
+        (Some(n @ NetworkConfig::Tap { .. }), _) if trust => Some(n.clone()),
+        (Some(NetworkConfig::Tap { tap, .. }), _) => return Err(Error::Tap(tap.clone())),
+    })
+}
+
 /// The configuration and base image a restore of `snap` (whose resolved
 /// base image was `snap_base`) runs with under `settings`.
 pub fn resolve(
@@ -139,47 +189,11 @@ pub fn resolve(
         (None, false) => SerialOutput::Stdout,
     };
 
-    // The network's host side; the MAC (guest-visible) stays.
-    out.network = match (&snap.network, op.and_then(|o| o.network.as_ref())) {
-        (None, _) => None,
-        (
-            Some(NetworkConfig::User { mac, .. }),
-            Some(NetworkConfig::User {
-                egress,
-                port_forwards,
-                dns,
-                ..
-            }),
-        ) => Some(NetworkConfig::User {
-            egress: egress.clone(),
-            port_forwards: port_forwards.clone(),
-            dns: dns.clone(),
-            mac: mac.clone(),
-        }),
-        (Some(n @ NetworkConfig::User { .. }), _) if trust => Some(n.clone()),
-        (Some(NetworkConfig::User { mac, .. }), _) => Some(NetworkConfig::User {
-            egress: Default::default(),
-            port_forwards: Vec::new(),
-            dns: None,
-            mac: mac.clone(),
-        }),
-        (
-            Some(NetworkConfig::Tap { mac, .. }),
-            Some(NetworkConfig::Tap {
-                tap,
-                address,
-                gateway,
-                ..
-            }),
-        ) => Some(NetworkConfig::Tap {
-            tap: tap.clone(),
-            address: address.clone(),
-            gateway: gateway.clone(),
-            mac: mac.clone(),
-        }),
-        (Some(n @ NetworkConfig::Tap { .. }), _) if trust => Some(n.clone()),
-        (Some(NetworkConfig::Tap { tap, .. }), _) => return Err(Error::Tap(tap.clone())),
-    };
+    out.network = network(
+        snap.network.as_ref(),
+        op.and_then(|o| o.network.as_ref()),
+        trust,
+    )?;
 
     // The disk's base image: the operator's, else the snapshot's when
     // trusted, else the default one. The layer records the base's size
