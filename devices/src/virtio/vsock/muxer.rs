@@ -264,25 +264,22 @@ impl Muxer {
         self.conns.len()
     }
 
-    /// Takes the pending watch changes (and clears the wake eventfd); arms
-    /// or stops the deadline timer as needed.
+    /// Takes the pending watch changes (and clears the wake eventfd).
     pub fn take_changes(&mut self) -> Vec<FdChange> {
         let _ = self.wake.read();
-        let wanted = self.listener_resumes.is_some()
-            || !self.pending.is_empty()
-            || self.conns.values().any(|c| c.deadline.is_some());
-        if wanted != self.timer_armed {
-            let result = if wanted {
-                self.timer.reset(TICK, Some(TICK))
-            } else {
-                self.timer.clear()
-            };
-            match result {
-                Ok(()) => self.timer_armed = wanted,
-                Err(e) => tracing::warn!("vsock: cannot set the deadline timer: {e}"),
-            }
-        }
         std::mem::take(&mut self.changes)
+    }
+
+    /// Runs the deadline timer (call it whenever a deadline is set); `tick`
+    /// stops it once none is left, so the event path never scans for them.
+    fn arm_timer(&mut self) {
+        if self.timer_armed {
+            return;
+        }
+        match self.timer.reset(TICK, Some(TICK)) {
+            Ok(()) => self.timer_armed = true,
+            Err(e) => tracing::warn!("vsock: cannot set the deadline timer: {e}"),
+        }
     }
 
     /// Connections host clients hold, those still sending `CONNECT`
@@ -326,6 +323,12 @@ impl Muxer {
         if self.listener_resumes.is_some_and(|at| at <= now) {
             self.listener_resumes = None;
             self.push_change(FdChange::Watch(self.listener.as_raw_fd(), EventSet::IN));
+        }
+        let pending = self.listener_resumes.is_some()
+            || !self.pending.is_empty()
+            || self.conns.values().any(|c| c.deadline.is_some());
+        if !pending && self.timer.clear().is_ok() {
+            self.timer_armed = false;
         }
     }
 
@@ -578,6 +581,7 @@ impl Muxer {
                     let fd = stream.as_raw_fd();
                     let by = Instant::now() + CONNECT_TIMEOUT;
                     self.pending.insert(fd, (stream, Vec::new(), by));
+                    self.arm_timer();
                     self.push_change(FdChange::Watch(fd, EventSet::IN));
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -597,6 +601,7 @@ impl Muxer {
         {
             tracing::warn!("vsock: cannot accept a host client ({e}); retrying shortly");
             self.listener_resumes = Some(Instant::now() + ACCEPT_BACKOFF);
+            self.arm_timer();
             self.push_change(FdChange::Unwatch(self.listener.as_raw_fd()));
         }
     }
@@ -691,6 +696,7 @@ impl Muxer {
                 self.push_change(FdChange::Modify(fd, EventSet::empty()));
                 self.by_fd.insert(fd, key);
                 self.conns.insert(key, conn);
+                self.arm_timer();
                 let request = self.header(key, OP_REQUEST);
                 self.push_control(request);
             }
@@ -756,6 +762,9 @@ impl Muxer {
                 };
                 let mut hdr = self.header(key, OP_SHUTDOWN);
                 hdr.flags = flags;
+                if flags & SHUTDOWN_RCV != 0 {
+                    self.arm_timer();
+                }
                 self.update_watch(key);
                 Some((hdr, Vec::new()))
             }
@@ -1064,7 +1073,6 @@ mod tests {
         s.mux.tick(Instant::now() + CONNECT_TIMEOUT);
         assert_eq!((s.mux.pending.len(), s.mux.connection_count()), (0, 0));
         assert_eq!(s.mux.next_packet(4096).unwrap().0.op, OP_RST);
-        s.mux.take_changes();
         assert!(!s.mux.timer_armed, "nothing pending: the timer stops");
         s.mux.release_closed();
         let mut buf = [0u8; 1];
