@@ -4,12 +4,14 @@
 
 mod common;
 
+use devices::sync::Locked;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use common::{describe, exec, fork, ok, stop_now, Guest, Scratch, VMM};
 use serde_json::{json, Value};
+use vmm::action::VmState;
 use vmm::api::ApiClient;
 
 /// The shared parent, booted once.
@@ -25,8 +27,7 @@ fn parent() -> MutexGuard<'static, Guest> {
             });
             Mutex::new(Guest::boot(scratch, &config))
         })
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
+        .locked()
 }
 
 fn counter(out: &str) -> u64 {
@@ -128,8 +129,8 @@ fn fifty_children_come_and_go_without_leaks() {
 
     let children = fork(&p.api, 50);
     for (_, api, _) in &children {
-        let vm = ApiClient::new(api).call("GET", "/vm", None).unwrap();
-        assert_eq!(vm["state"], "running", "{vm}");
+        let vm = ApiClient::new(api).describe().unwrap();
+        assert_eq!(vm.state, VmState::Running, "{vm:?}");
     }
     for (_, api, child) in &children {
         stop_now(api, *child);
@@ -161,10 +162,10 @@ fn fifty_children_come_and_go_without_leaks() {
 fn pause_resume_snapshot_restore() {
     let p = parent();
     let client = ApiClient::new(&p.api);
-    client.call("PUT", "/vm/pause", None).unwrap();
-    assert_eq!(client.call("GET", "/vm", None).unwrap()["state"], "paused");
-    client.call("PUT", "/vm/resume", None).unwrap();
-    assert_eq!(client.call("GET", "/vm", None).unwrap()["state"], "running");
+    client.pause().unwrap();
+    assert_eq!(client.describe().unwrap().state, VmState::Paused);
+    client.resume().unwrap();
+    assert_eq!(client.describe().unwrap().state, VmState::Running);
 
     ok(exec(
         &p.api,
@@ -226,7 +227,7 @@ fn pause_resume_snapshot_restore() {
     ));
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(&lines[..2], &["saved", "mem"], "{out}");
-    ApiClient::new(&api).call("PUT", "/vm/stop", None).unwrap();
+    ApiClient::new(&api).stop().unwrap();
     assert_eq!(restored.wait().unwrap().code(), Some(0));
     let console = std::fs::read_to_string(&console).unwrap();
     assert!(console.contains("to-console"), "{console}");

@@ -4,9 +4,12 @@
 //! test servers run in this process on the host's loopback (an HTTP server
 //! of generated data, a TCP and a UDP echo server, a DNS server the VM's
 //! forwarder is pointed at, a server the egress policy denies); the guest
-//! reaches them through 10.0.2.2. The policy denies by default and allows 10.0.2.2 and
-//! the name `named.test`, which the test DNS server resolves to the host's
-//! own outward address.
+//! reaches them through 10.0.2.2. The policy denies by default and allows
+//! 10.0.2.2 and the names `named.test`, which the test DNS server resolves
+//! to the host's own outward address (a name rule never opens the host, so
+//! connections to it are refused), and `far.test`, which it resolves to
+//! 198.18.0.2: the far end of a veth link into a network namespace the
+//! fetch test creates.
 //!
 //! The TAP backend: inside a network namespace the test creates (so the
 //! host's own network is untouched), the guest fetches a file from an HTTP
@@ -14,6 +17,7 @@
 
 mod common;
 
+use devices::sync::Locked;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
 use std::path::PathBuf;
@@ -88,9 +92,13 @@ fn echo_server(mut conn: TcpStream) {
     }
 }
 
-/// Answers A queries for `named.test` with `addr`, anything else with
-/// NXDOMAIN.
-fn dns_server(sock: UdpSocket, addr: Ipv4Addr) {
+/// The address `far.test` resolves to: the namespace end of the veth link
+/// [`Netns::with_veth`] makes.
+const FAR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+
+/// Answers A queries for the names in `names` with their address, anything
+/// else with NXDOMAIN.
+fn dns_server(sock: UdpSocket, names: Vec<(&'static str, Ipv4Addr)>) {
     std::thread::spawn(move || {
         let mut buf = [0u8; 512];
         while let Ok((n, from)) = sock.recv_from(&mut buf) {
@@ -110,13 +118,18 @@ fn dns_server(sock: UdpSocket, addr: Ipv4Addr) {
                 at += 1 + len;
             }
             let qend = (at + 5).min(n);
-            let found = name.join(".").eq_ignore_ascii_case("named.test") && q[at + 2] == 1;
+            let asked = name.join(".");
+            let addr = names
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(&asked) && q.get(at + 2) == Some(&1))
+                .map(|(_, a)| *a);
+            let found = addr.is_some();
             let mut reply = q[..qend].to_vec();
             reply[2] = 0x81; // answer, recursion desired
             reply[3] = if found { 0x80 } else { 0x83 }; // NXDOMAIN
             reply[6..8].copy_from_slice(&(found as u16).to_be_bytes());
             reply[8..12].fill(0);
-            if found {
+            if let Some(addr) = addr {
                 reply.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4]);
                 reply.extend_from_slice(&addr.octets());
             }
@@ -174,7 +187,7 @@ fn user_net() -> MutexGuard<'static, UserNet> {
         let host_ip = host_address();
         let dns = UdpSocket::bind("127.0.0.1:0").unwrap();
         let dns_port = dns.local_addr().unwrap().port();
-        dns_server(dns, host_ip);
+        dns_server(dns, vec![("named.test", host_ip), ("far.test", FAR)]);
         let forward_port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -190,7 +203,7 @@ fn user_net() -> MutexGuard<'static, UserNet> {
                 "dns": [format!("127.0.0.1:{dns_port}")],
                 "egress": {
                     "default": "deny",
-                    "allow": ["10.0.2.2", "named.test"],
+                    "allow": ["10.0.2.2", "named.test", "far.test"],
                     "deny": [format!("10.0.2.2:{denied_port}")],
                 },
                 "port_forwards": [{"host": forward_port, "guest": 8080}],
@@ -210,8 +223,7 @@ fn user_net() -> MutexGuard<'static, UserNet> {
             log,
         })
     })
-    .lock()
-    .unwrap_or_else(|e| e.into_inner())
+    .locked()
 }
 
 /// Runs a Python script in the guest; its output, trimmed.
@@ -249,11 +261,28 @@ fn names_resolve_through_the_forwarder_to_the_hosts_servers() {
 fn a_10_mib_fetch_arrives_intact_by_address_and_by_allowed_name() {
     let net = user_net();
     let size = 10 << 20;
-    let want = sha256(&pattern(size));
-    for host in ["10.0.2.2", "named.test"] {
-        let out = ok(net.guest.sh(&fetch_script(host, net.data_port, size)));
-        assert_eq!(out, format!("{size} {want}"), "through {host}");
-    }
+    let data = pattern(size);
+    let want = format!("{size} {}", sha256(&data));
+    let out = ok(net.guest.sh(&fetch_script("10.0.2.2", net.data_port, size)));
+    assert_eq!(out, want, "through 10.0.2.2");
+
+    // far.test: a server in a namespace of this test, behind a veth link.
+    let ns = Netns::with_veth();
+    let www = net.guest.scratch.path("far-www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join(size.to_string()), &data).unwrap();
+    let _server = http_server(&ns, &www, FAR);
+    let out = ok(net.guest.sh(&fetch_script("far.test", 8000, size)));
+    assert_eq!(out, want, "through far.test");
+
+    // named.test resolves to the host's own address, which no name rule
+    // opens (a name may be made to resolve anywhere: DNS rebinding).
+    let out = net.guest.sh(&fetch_script("named.test", net.data_port, 16));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Connection refused"), "{}", describe(&out));
+    let log = std::fs::read_to_string(&net.log).unwrap();
+    let dst = format!("refused tcp to {}:{}", net.host_ip, net.data_port);
+    assert!(log.contains(&dst), "{dst} not logged:\n{log}");
 }
 
 #[test]
@@ -400,29 +429,88 @@ fn udp_round_trips_to_the_host() {
     assert_eq!(out, want.join("\n"));
 }
 
-/// A network namespace with a TAP interface at 10.0.3.1/24, removed on drop.
+/// A network namespace of the test's own, removed on drop (with the links
+/// in it).
 struct Netns(String);
 
 impl Netns {
-    fn new() -> Netns {
-        let name = format!("vmmtest-{}", std::process::id());
-        let ip = |args: &[&str]| {
-            let out = Command::new("ip").args(args).output().expect("run ip");
-            assert!(
-                out.status.success(),
-                "ip {args:?}: {} (this test needs root and iproute2)",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
+    fn new(tag: &str) -> Netns {
+        let name = format!("vmmtest-{tag}-{}", std::process::id());
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         ip(&["netns", "add", &name]);
         let ns = Netns(name);
         ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// With a TAP interface at 10.0.3.1/24.
+    fn with_tap() -> Netns {
+        let ns = Netns::new("tap");
         ip(&["-n", &ns.0, "tuntap", "add", "vmtap0", "mode", "tap"]);
         ip(&["-n", &ns.0, "addr", "add", "10.0.3.1/24", "dev", "vmtap0"]);
         ip(&["-n", &ns.0, "link", "set", "vmtap0", "up"]);
         ns
     }
+
+    /// With a veth link from the host (198.18.0.1/30) to [`FAR`] inside.
+    fn with_veth() -> Netns {
+        let ns = Netns::new("veth");
+        let host_end = format!("vmv{}", std::process::id() % 100_000);
+        ip(&[
+            "link", "add", &host_end, "type", "veth", "peer", "name", "far0", "netns", &ns.0,
+        ]);
+        ip(&["addr", "add", "198.18.0.1/30", "dev", &host_end]);
+        ip(&["link", "set", &host_end, "up"]);
+        ip(&[
+            "-n",
+            &ns.0,
+            "addr",
+            "add",
+            &format!("{FAR}/30"),
+            "dev",
+            "far0",
+        ]);
+        ip(&["-n", &ns.0, "link", "set", "far0", "up"]);
+        ns
+    }
+}
+
+/// Runs `ip ARGS`, which must succeed.
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {} (this test needs root and iproute2)",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An HTTP server of the files in `dir` at `addr`:8000 inside `ns`,
+/// listening when this returns; killed on drop.
+fn http_server(ns: &Netns, dir: &std::path::Path, addr: Ipv4Addr) -> Killed {
+    let mut server = Killed(
+        Command::new("ip")
+            .args(["netns", "exec", &ns.0, "python3", "-c"])
+            .arg(
+                "import functools, http.server, sys\n\
+                 h = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[1])\n\
+                 s = http.server.ThreadingHTTPServer((sys.argv[2], 8000), h)\n\
+                 print('listening', flush=True)\n\
+                 s.serve_forever()",
+            )
+            .arg(dir)
+            .arg(addr.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    BufReader::new(server.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "listening");
+    server
 }
 
 impl Drop for Netns {
@@ -442,7 +530,7 @@ impl Drop for Killed {
 
 #[test]
 fn a_guest_on_a_tap_link_fetches_a_file() {
-    let ns = Netns::new();
+    let ns = Netns::with_tap();
     let scratch = Scratch::new("net");
     let blob: Vec<u8> = (0..1u32 << 20)
         .map(|i| (i.wrapping_mul(7919) >> 5) as u8)
@@ -450,29 +538,8 @@ fn a_guest_on_a_tap_link_fetches_a_file() {
     let served = scratch.path("www");
     std::fs::create_dir_all(&served).unwrap();
     std::fs::write(served.join("blob"), &blob).unwrap();
-    // An HTTP server on the namespace's end of the link; it says when it
-    // listens.
-    let mut server = Killed(
-        Command::new("ip")
-            .args(["netns", "exec", &ns.0, "python3", "-c"])
-            .arg(
-                "import functools, http.server, sys\n\
-                 h = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[1])\n\
-                 s = http.server.ThreadingHTTPServer(('10.0.3.1', 8000), h)\n\
-                 print('listening', flush=True)\n\
-                 s.serve_forever()",
-            )
-            .arg(&served)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let mut line = String::new();
-    BufReader::new(server.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "listening");
+    // An HTTP server on the namespace's end of the link.
+    let _server = http_server(&ns, &served, Ipv4Addr::new(10, 0, 3, 1));
 
     let config = json!({
         "memory_mib": 256,
@@ -501,10 +568,12 @@ fn a_guest_on_a_tap_link_fetches_a_file() {
     assert!(addr.status.success(), "{}", describe(&addr));
     // A TAP interface belongs to one VM: no fork, with a reason.
     let err = vmm::api::ApiClient::new(&guest.api)
-        .call("PUT", "/vm/fork", Some(&json!({"count": 1})))
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("TAP interface"), "{err}");
+        .fork(1, None)
+        .unwrap_err();
+    assert!(
+        matches!(&err, vmm::api::Error::Status { status: 409, message } if message.contains("TAP interface")),
+        "{err}"
+    );
 }
 
 fn served_path(g: &Guest) -> std::path::PathBuf {

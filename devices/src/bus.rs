@@ -1,5 +1,6 @@
 //! The MMIO and port-I/O buses: address ranges mapped to devices.
 
+use crate::sync::{Locked, RwLocked};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -39,7 +40,7 @@ impl Bus {
         if len == 0 || base.checked_add(len).is_none() {
             return Err(Error::BadRange { base, len });
         }
-        let mut ranges = self.ranges.write().unwrap_or_else(|e| e.into_inner());
+        let mut ranges = self.ranges.write_locked();
         let overlaps_prev = ranges
             .range(..=base)
             .next_back()
@@ -53,7 +54,7 @@ impl Bus {
     }
 
     fn find(&self, addr: u64, access_len: usize) -> Option<(u64, SharedDevice)> {
-        let ranges = self.ranges.read().unwrap_or_else(|e| e.into_inner());
+        let ranges = self.ranges.read_locked();
         let (start, (len, dev)) = ranges.range(..=addr).next_back()?;
         let offset = addr - start;
         // The whole access must fall inside the device's range.
@@ -68,9 +69,7 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr, data.len()) {
             Some((offset, dev)) => {
-                dev.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .read(offset, data);
+                dev.locked().read(offset, data);
                 true
             }
             None => {
@@ -84,9 +83,7 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr, data.len()) {
             Some((offset, dev)) => {
-                dev.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .write(offset, data);
+                dev.locked().write(offset, data);
                 true
             }
             None => false,

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::action::{ForkInfo, VmState};
 use crate::api::ApiClient;
 use crate::bench::{kib_field, private_kib_of, Error, Report, Stats};
 
@@ -202,7 +203,7 @@ struct ParentVm {
 
 impl Drop for ParentVm {
     fn drop(&mut self) {
-        let _ = ApiClient::new(&self.api).call("PUT", "/vm/stop", None);
+        let _ = ApiClient::new(&self.api).stop();
         let _ = self.process.wait();
     }
 }
@@ -274,35 +275,17 @@ fn boot_parent(dir: &Path, memory_mib: u64) -> Result<ParentVm, Error> {
 }
 
 /// Forks `count` children; returns (ms, answer).
-fn fork_once(api: &Path, count: u32, dir: &Path) -> Result<(f64, Value), String> {
+fn fork_once(api: &Path, count: u32, dir: &Path) -> Result<(f64, ForkInfo), String> {
     let t = Instant::now();
     let answer = ApiClient::new(api)
-        .call(
-            "PUT",
-            "/vm/fork",
-            Some(&json!({"count": count, "dir": dir})),
-        )
+        .fork(count, Some(dir))
         .map_err(|e| e.to_string())?;
     Ok((t.elapsed().as_secs_f64() * 1e3, answer))
 }
 
-fn children_of(answer: &Value) -> Vec<(PathBuf, u32)> {
-    answer["children"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|c| {
-            Some((
-                PathBuf::from(c["api_socket"].as_str()?),
-                c["pid"].as_u64()? as u32,
-            ))
-        })
-        .collect()
-}
-
 /// Stops a child VM and waits until its parent has reaped it.
 fn stop_child(api: &Path, pid: u32) {
-    let _ = ApiClient::new(api).call("PUT", "/vm/stop", None);
+    let _ = ApiClient::new(api).stop();
     let proc_dir = PathBuf::from(format!("/proc/{pid}"));
     let deadline = Instant::now() + Duration::from_secs(60);
     while proc_dir.exists() && Instant::now() < deadline {
@@ -353,14 +336,14 @@ pub fn fork(opts: &ForkBenchOptions) -> Result<ForkBench, Error> {
         };
         for run in 0..opts.runs {
             let err = run_err("fork", run);
-            let (ms, answer) = fork_once(&parent.api, 1, &dir).map_err(&err)?;
+            let (ms, mut answer) = fork_once(&parent.api, 1, &dir).map_err(&err)?;
             size.fork_ms.push(ms);
-            if let Some(p) = answer["parent_pause_ms"].as_f64() {
-                size.parent_pause_ms.push(p);
-            }
-            let (api, pid) = children_of(&answer)
+            size.parent_pause_ms.push(answer.parent_pause_ms);
+            let child = answer
+                .children
                 .pop()
-                .ok_or_else(|| err(format!("no child in {answer}")))?;
+                .ok_or_else(|| err("the fork made no child".into()))?;
+            let (api, pid) = (child.api_socket, child.pid);
             if let Some(kib) = private_kib_of(pid) {
                 size.child_private_kib.push(kib as f64);
             }
@@ -383,16 +366,16 @@ pub fn fork(opts: &ForkBenchOptions) -> Result<ForkBench, Error> {
         let parent = boot_parent(&dir, mib)?;
         let before = mem_available_kib().unwrap_or(0);
         let (ms, answer) = fork_once(&parent.api, count, &dir).map_err(run_err("many", 0))?;
-        let children = children_of(&answer);
+        let children = answer.children;
         let all_alive = children.len() == count as usize
-            && children.iter().all(|(api, _)| {
-                ApiClient::new(api)
-                    .call("GET", "/vm", None)
-                    .is_ok_and(|v| v["state"] == "running")
+            && children.iter().all(|c| {
+                ApiClient::new(&c.api_socket)
+                    .describe()
+                    .is_ok_and(|v| v.state == VmState::Running)
             });
         let after = mem_available_kib().unwrap_or(0);
-        for (api, pid) in &children {
-            stop_child(api, *pid);
+        for c in &children {
+            stop_child(&c.api_socket, c.pid);
         }
         result.many = Some(ManyChildren {
             memory_mib: mib,
@@ -420,12 +403,11 @@ pub fn snapshot(opts: &SnapshotBenchOptions) -> Result<SnapshotBench, Error> {
             let snap = dir.join(format!("snap-{mib}-{run}"));
             let t = Instant::now();
             let answer = ApiClient::new(&parent.api)
-                .call("PUT", "/vm/snapshot", Some(&json!({"dir": snap})))
+                .snapshot(&snap, None)
                 .map_err(|e| err(e.to_string()))?;
             size.create_ms.push(t.elapsed().as_secs_f64() * 1e3);
-            if let Some(bytes) = answer["memory_bytes"].as_f64() {
-                size.memory_file_mib.push(bytes / f64::from(1 << 20));
-            }
+            size.memory_file_mib
+                .push(answer.memory_bytes as f64 / f64::from(1 << 20));
             let api = dir.join(format!("restored-{mib}-{run}.sock"));
             let report = dir.join(format!("restored-{mib}-{run}.json"));
             let mut restored = spawn_vmm(&[
@@ -440,7 +422,7 @@ pub fn snapshot(opts: &SnapshotBenchOptions) -> Result<SnapshotBench, Error> {
             // The restored VM serves its API once built; stop it at once.
             let client = ApiClient::new(&api);
             let deadline = Instant::now() + Duration::from_secs(60);
-            while client.call("PUT", "/vm/stop", None).is_err() {
+            while client.stop().is_err() {
                 if Instant::now() > deadline || matches!(restored.try_wait(), Ok(Some(_))) {
                     break;
                 }

@@ -2,6 +2,7 @@
 //! these on the VMM's event-loop thread, so no device is processing guest
 //! memory while they run; pausing stops the vCPU threads.
 
+use devices::sync::Locked;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -11,8 +12,9 @@ use devices::virtio::block::SharedDisk;
 use devices::virtio::mmio::MmioTransport;
 use hypervisor::{CpuidEntry, VcpuState};
 
+use crate::action::{ForkRequest, SnapshotInfo};
 use crate::config::VmConfig;
-use crate::fork::{self, ChildInfo, ForkOptions};
+use crate::fork;
 use crate::memory::GuestRam;
 use crate::snapshot::{self, MachineState};
 use crate::vcpu::VcpuShared;
@@ -41,23 +43,6 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
-
-/// What `snapshot` wrote.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct SnapshotInfo {
-    pub dir: PathBuf,
-    /// Guest memory bytes written (the rest of the file is holes).
-    pub memory_bytes: u64,
-    pub pause_ms: f64,
-}
-
-/// What a fork made.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ForkInfo {
-    pub children: Vec<ChildInfo>,
-    /// How long the parent's vCPUs were stopped.
-    pub parent_pause_ms: f64,
-}
 
 /// The parts of a running VM the control operations need.
 pub struct Controller {
@@ -164,12 +149,8 @@ impl Controller {
             vm: self.vm.save_state()?,
             vcpus,
             cpuid: self.cpuid.clone(),
-            serial: self.serial.lock().unwrap_or_else(|e| e.into_inner()).save(),
-            virtio: self
-                .transports
-                .iter()
-                .map(|t| t.lock().unwrap_or_else(|e| e.into_inner()).save())
-                .collect(),
+            serial: self.serial.locked().save(),
+            virtio: self.transports.iter().map(|t| t.locked().save()).collect(),
             agent_ready,
         })
     }
@@ -210,8 +191,7 @@ impl Controller {
             let memory = writer.file(snapshot::MEMORY_FILE)?;
             let written = c.ram.write_to(&memory)?;
             if let Some(disk) = &c.disk {
-                disk.lock()
-                    .unwrap_or_else(|e| e.into_inner())
+                disk.locked()
                     .frozen_copy(writer.dir(), Some(snapshot::DISK_LAYER_FILE))?;
             }
             writer.commit(&state, key)?;
@@ -240,13 +220,19 @@ impl Controller {
     /// Returns once the children have their state, with how long the
     /// parent was paused: the caller learns from [`fork::Pending`] when
     /// they run.
-    pub fn fork(&mut self, opts: &ForkOptions, agent_ready: bool) -> Result<(fork::Pending, f64)> {
+    pub fn fork(&mut self, opts: &ForkRequest, agent_ready: bool) -> Result<(fork::Pending, f64)> {
         self.refuse_tap()?;
         let dir = match &opts.dir {
             Some(d) => d.clone(),
             None => crate::runtime::user_dir()?,
         };
-        let first_seq = self.fork_seq;
+        // Child ids: the names asked for, else `<parent pid>-<n>`.
+        let ids: Vec<String> = match &opts.names {
+            Some(names) => names.clone(),
+            None => (1..=u64::from(opts.count))
+                .map(|n| format!("{}-{}", std::process::id(), self.fork_seq + n))
+                .collect(),
+        };
         self.fork_seq += u64::from(opts.count);
         // Paused: only what the children need is captured (the memory
         // image is frozen, the disk's changes copied); the children are
@@ -261,7 +247,7 @@ impl Controller {
             phase("memory frozen");
             let disk = match &c.disk {
                 Some(disk) => {
-                    let disk = disk.lock().unwrap_or_else(|e| e.into_inner());
+                    let disk = disk.locked();
                     let layer = disk.frozen_copy(&std::env::temp_dir(), None)?;
                     let base = disk
                         .base_file()
@@ -278,15 +264,7 @@ impl Controller {
         })?;
         phase("resumed");
         let disk = disk.as_ref().map(|(base, layer)| (base, layer));
-        let pending = fork::spawn_children(
-            &state,
-            &image,
-            disk,
-            opts.count,
-            first_seq,
-            &dir,
-            &mut self.spares,
-        )?;
+        let pending = fork::spawn_children(&state, &image, disk, &ids, &dir, &mut self.spares)?;
         phase("children spawned");
         Ok((pending, parent_pause_ms))
     }

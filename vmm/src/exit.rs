@@ -1,5 +1,6 @@
 //! Why a VM stopped, and how vCPU threads and devices report it.
 
+use devices::sync::Locked;
 use std::fmt;
 use std::sync::Mutex;
 
@@ -116,7 +117,7 @@ impl ExitSignal {
 
     /// Records `reason` unless one was recorded before, and wakes the loop.
     pub fn report(&self, reason: ExitReason) {
-        let mut slot = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.reason.locked();
         if slot.is_none() {
             tracing::debug!("VM exit: {reason}");
             *slot = Some(reason);
@@ -128,10 +129,7 @@ impl ExitSignal {
     }
 
     pub fn reason(&self) -> Option<ExitReason> {
-        self.reason
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.reason.locked().clone()
     }
 
     pub fn eventfd(&self) -> &EventFd {

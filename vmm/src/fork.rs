@@ -76,18 +76,6 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { what, source }
 }
 
-/// What to fork.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ForkOptions {
-    /// How many children.
-    pub count: u32,
-    /// Where the children's sockets go (default: this user's private
-    /// runtime directory, see `runtime::user_dir`).
-    #[serde(default)]
-    pub dir: Option<PathBuf>,
-}
-
 /// One child, as the fork call reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChildInfo {
@@ -223,18 +211,17 @@ fn child_config(parent: &VmConfig, id: &str, pid: u32, dir: &Path) -> VmConfig {
     config
 }
 
-/// Starts `count` children of the paused machine `state` whose memory is
+/// Starts children of the paused machine `state` whose memory is
 /// `image`; `disk` is the base image and frozen layer of its root disk.
-/// A matching spare from `spares` is used first. Child ids are
-/// `<parent pid>-<n>` from `first_seq + 1`; their sockets go into `dir`.
+/// A matching spare from `spares` is used first. One child is started
+/// per id in `ids`; their sockets go into `dir`.
 /// Returns once every child has its message; wait for them with
 /// [`Pending::on_readable`].
 pub fn spawn_children(
     state: &MachineState,
     image: &MemoryImage,
     disk: Option<(&File, &File)>,
-    count: u32,
-    first_seq: u64,
+    ids: &[String],
     dir: &Path,
     spares: &mut Vec<Spare>,
 ) -> Result<Pending> {
@@ -247,11 +234,11 @@ pub fn spawn_children(
         return Err(Error::TooManyLayers(image.overlays.len()));
     }
     let mut pending = Pending {
-        children: Vec::with_capacity(count as usize),
+        children: Vec::with_capacity(ids.len()),
         deadline: Instant::now() + START_TIMEOUT,
     };
-    for n in 0..u64::from(count) {
-        let id = format!("{}-{}", std::process::id(), first_seq + n + 1);
+    for id in ids {
+        let id = id.clone();
         // A spare prepared over another base restores the usual way.
         let started = match spares.pop() {
             Some(spare) => Ok((spare.process, spare.stream)),

@@ -13,6 +13,7 @@
 //! # Ok::<(), vmm::vm::Error>(())
 //! ```
 
+pub mod action;
 pub mod agent;
 pub mod api;
 pub mod artifacts;
@@ -26,6 +27,7 @@ pub mod doctor;
 pub mod exit;
 pub mod fork;
 pub mod memory;
+pub mod names;
 pub mod runtime;
 pub mod sandbox;
 pub mod signals;

@@ -6,6 +6,10 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 
+#[path = "cli/named.rs"]
+mod named;
+
+use vmm::action::{Action, ForkRequest, SnapshotRequest};
 use vmm::config::VmConfig;
 
 #[derive(Parser)]
@@ -23,9 +27,10 @@ struct Cli {
 enum Command {
     /// Boot a VM from a JSON config and run it until the guest shuts down.
     Launch {
-        /// The VM configuration (docs/config.md).
-        #[arg(long)]
-        config: PathBuf,
+        /// The VM configuration (docs/config.md). With --name and without
+        /// it: `vmm run`'s defaults (the Debian root disk, the agent).
+        #[arg(long, required_unless_present = "name")]
+        config: Option<PathBuf>,
         /// Write a JSON report (exit reason, boot timings) here when the VM ends.
         #[arg(long)]
         report: Option<PathBuf>,
@@ -34,13 +39,22 @@ enum Command {
         /// has none.
         #[arg(long)]
         api_socket: Option<PathBuf>,
+        /// Name the VM, so other commands find it by name (`vmm exec NAME`,
+        /// `vmm ps`); its sockets and console go into this user's private
+        /// runtime directory.
+        #[arg(long, conflicts_with = "api_socket")]
+        name: Option<String>,
+        /// With --name: run the VM in the background and return once it
+        /// runs (its messages go to `<runtime dir>/vms/NAME.log`).
+        #[arg(long, short = 'd', requires = "name")]
+        detach: bool,
     },
-    /// Run a command in the VM behind an API socket; exit with its status.
+    /// Run a command in a running VM; exit with its status.
     Exec {
         #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
         cmd: ExecArgs,
-        #[arg(long)]
-        api_socket: PathBuf,
     },
     /// Boot a fresh VM, run one command in it, shut it down; exit with the
     /// command's status.
@@ -51,29 +65,29 @@ enum Command {
         #[command(flatten)]
         cmd: ExecArgs,
     },
-    /// Stop the VM behind an API socket: the guest syncs and powers off
-    /// (with --force: stop it at once).
+    /// Stop a VM: the guest syncs and powers off (with --force: stop it at
+    /// once).
     Stop {
-        #[arg(long)]
-        api_socket: PathBuf,
+        #[command(flatten)]
+        target: Target,
         #[arg(long)]
         force: bool,
     },
-    /// Pause the VM behind an API socket (its vCPUs stop; devices idle).
+    /// Pause a VM (its vCPUs stop; devices idle).
     Pause {
-        #[arg(long)]
-        api_socket: PathBuf,
+        #[command(flatten)]
+        target: Target,
     },
     /// Resume a paused VM.
     Resume {
-        #[arg(long)]
-        api_socket: PathBuf,
+        #[command(flatten)]
+        target: Target,
     },
-    /// Write a snapshot of the running VM into a new directory; the VM
+    /// Write a snapshot of a running VM into a new directory; the VM
     /// continues (docs/snapshot.md).
     Snapshot {
-        #[arg(long)]
-        api_socket: PathBuf,
+        #[command(flatten)]
+        target: Target,
         /// The snapshot directory to create.
         #[arg(long)]
         out: PathBuf,
@@ -112,17 +126,36 @@ enum Command {
         #[arg(long)]
         report: Option<PathBuf>,
     },
-    /// Fork the running VM into N children that continue from this instant,
+    /// Fork a running VM into N children that continue from this instant,
     /// copy-on-write; prints a JSON list of the children and their sockets.
+    /// Children of a named VM are named `NAME-1`, `NAME-2`, ... (the first
+    /// free numbers).
     Fork {
-        #[arg(long)]
-        api_socket: PathBuf,
+        #[command(flatten)]
+        target: Target,
         #[arg(long, default_value_t = 1)]
         count: u32,
-        /// Where the children's sockets go (default: this user's private
-        /// runtime directory, `$XDG_RUNTIME_DIR/vmm` or `/tmp/vmm-<uid>`).
+        /// Name the children `PREFIX-1`, `PREFIX-2`, ... (default: the
+        /// parent's name).
+        #[arg(long = "name", value_name = "PREFIX", conflicts_with = "dir")]
+        prefix: Option<String>,
+        /// Where an unnamed VM's children's sockets go (default: this
+        /// user's private runtime directory, `$XDG_RUNTIME_DIR/vmm` or
+        /// `/tmp/vmm-<uid>`).
         #[arg(long)]
         dir: Option<PathBuf>,
+    },
+    /// List the named VMs of this user: name, pid, state, vCPUs, memory,
+    /// uptime, parent.
+    Ps {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a named VM's console output.
+    Logs {
+        /// The VM's name.
+        name: String,
     },
     /// Check that this host can run VMs and say how to fix what is missing.
     Doctor,
@@ -131,6 +164,32 @@ enum Command {
         #[command(subcommand)]
         what: BenchCommand,
     },
+}
+
+/// Which VM a command is for.
+#[derive(clap::Args)]
+struct Target {
+    /// The VM's name (`vmm launch --name`, or a fork child's).
+    #[arg(required_unless_present = "api_socket", conflicts_with = "api_socket")]
+    name: Option<String>,
+    /// Or the VM's control socket (`vmm launch --api-socket`).
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+}
+
+impl Target {
+    /// The control socket of the VM this names.
+    fn api_socket(&self) -> Result<PathBuf, vmm::names::Error> {
+        match (&self.api_socket, &self.name) {
+            (Some(path), _) => Ok(path.clone()),
+            (None, name) => {
+                let name = name.as_deref().unwrap_or_default();
+                let registry = vmm::names::registry()?;
+                vmm::names::lookup(&registry, name)?;
+                Ok(vmm::names::api_socket(&registry, name))
+            }
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -303,15 +362,37 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(1)
 }
 
-fn launch(
-    config: PathBuf,
+/// What `vmm launch` was given.
+struct LaunchArgs {
+    config: Option<PathBuf>,
     report: Option<PathBuf>,
     api_socket: Option<PathBuf>,
-    start: Instant,
-) -> ExitCode {
-    let mut config = match VmConfig::from_file(&config) {
-        Ok(c) => c,
-        Err(e) => return fail(e),
+    name: Option<String>,
+    detach: bool,
+}
+
+fn launch(args: LaunchArgs, start: Instant) -> ExitCode {
+    if let (Some(name), true) = (&args.name, args.detach) {
+        return named::detach(name, args.config.as_deref(), args.report.as_deref());
+    }
+    let mut config = match &args.config {
+        Some(path) => match VmConfig::from_file(path) {
+            Ok(c) => c,
+            Err(e) => return fail(e),
+        },
+        // Only with --name: what `vmm run` boots.
+        None => VmConfig {
+            rootfs: Some(vmm::config::RootfsConfig::default()),
+            ..VmConfig::default()
+        },
+    };
+    // A named VM holds its name until it ends.
+    let (_claim, api_socket) = match &args.name {
+        Some(name) => match named::register(name, &mut config) {
+            Ok((claim, api)) => (Some(claim), Some(api)),
+            Err(e) => return fail(e),
+        },
+        None => (None, args.api_socket),
     };
     if let (Some(api), None) = (&api_socket, &config.vsock) {
         config.vsock = Some(vmm::config::VsockConfig {
@@ -324,7 +405,7 @@ fn launch(
         Err(e) => return fail(e),
     };
     match vmm::Vm::build(&config, hv.as_ref(), start) {
-        Ok(vm) => run_vm(vm, api_socket, report),
+        Ok(vm) => run_vm(vm, api_socket, args.report),
         Err(e) => fail(e),
     }
 }
@@ -360,7 +441,7 @@ fn run_vm(vm: vmm::Vm, api_socket: Option<PathBuf>, report: Option<PathBuf>) -> 
     let opts = vmm::RunOptions {
         stop_evt: Some(stop),
         api_socket,
-        on_started: None,
+        on_started: Some(Box::new(named::notify_started)),
     };
     let outcome = match vm.run(opts) {
         Ok(o) => o,
@@ -381,23 +462,33 @@ fn run_vm(vm: vmm::Vm, api_socket: Option<PathBuf>, report: Option<PathBuf>) -> 
     ExitCode::from(code as u8)
 }
 
-/// One control call; prints the JSON answer when there is one.
-fn control(api_socket: &std::path::Path, path: &str, body: Option<serde_json::Value>) -> ExitCode {
-    match vmm::api::ApiClient::new(api_socket).call("PUT", path, body.as_ref()) {
-        Ok(serde_json::Value::Null) => ExitCode::SUCCESS,
-        Ok(answer) => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&answer).unwrap_or_default()
-            );
+/// One action on the VM `target`; prints its answer as JSON when it has
+/// one.
+fn control(target: &Target, action: vmm::action::Action) -> ExitCode {
+    let api = match target.api_socket() {
+        Ok(path) => vmm::api::ApiClient::new(&path),
+        Err(e) => return fail(e),
+    };
+    match api.perform(&action) {
+        Ok(reply) => {
+            let (_, body) = reply.to_http();
+            if !body.is_null() {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&body).unwrap_or_default()
+                );
+            }
             ExitCode::SUCCESS
         }
         Err(e) => fail(e),
     }
 }
 
-fn exec(cmd: &ExecArgs, api_socket: &std::path::Path) -> ExitCode {
-    let api = vmm::api::ApiClient::new(api_socket);
+fn exec(cmd: &ExecArgs, target: &Target) -> ExitCode {
+    let api = match target.api_socket() {
+        Ok(path) => vmm::api::ApiClient::new(&path),
+        Err(e) => return fail(e),
+    };
     // A VM just launched may still be booting: wait for its agent.
     if let Err(e) = api.wait_agent() {
         return fail(e);
@@ -427,29 +518,44 @@ fn run(config: Option<PathBuf>, cmd: &ExecArgs) -> ExitCode {
     code
 }
 
-fn stop(api_socket: &std::path::Path, force: bool) -> ExitCode {
-    let api = vmm::api::ApiClient::new(api_socket);
-    let vm = match api.call("GET", "/vm", None) {
+fn stop(target: &Target, force: bool) -> ExitCode {
+    let api = match target.api_socket() {
+        Ok(path) => vmm::api::ApiClient::new(&path),
+        Err(e) => return fail(e),
+    };
+    // A named VM's process is known: `stop` returns once it has ended.
+    let entry = target.name.as_deref().and_then(named::entry);
+    let ended = |timeout| entry.as_ref().is_none_or(|e| e.wait_exit(timeout));
+    let vm = match api.describe() {
         Ok(vm) => vm,
         Err(e) => return fail(e),
     };
     // A clean stop when the agent serves: the guest syncs its disks and
     // powers off. Otherwise (or with --force) the VMM stops the VM at once.
-    if let (false, Some(uds), "ready") = (
-        force,
-        vm["vsock"]["uds_path"].as_str(),
-        vm["agent"].as_str().unwrap_or(""),
-    ) {
-        match vmm::agent::AgentClient::new(std::path::Path::new(uds)).shutdown() {
-            Ok(()) => return ExitCode::SUCCESS,
+    if let (false, Some(vsock), vmm::action::AgentState::Ready) = (force, &vm.vsock, vm.agent) {
+        match vmm::agent::AgentClient::new(&vsock.uds_path).shutdown() {
+            Ok(()) if ended(STOP_GRACE) => return ExitCode::SUCCESS,
+            Ok(()) => eprintln!(
+                "vmm: the guest did not power off within {} s; stopping the VM",
+                STOP_GRACE.as_secs()
+            ),
             Err(e) => eprintln!("vmm: the guest agent did not shut down ({e}); stopping the VM"),
         }
     }
-    match api.call("PUT", "/vm/stop", None) {
-        Ok(_) => ExitCode::SUCCESS,
+    match api.stop() {
+        Ok(()) if ended(STOP_GRACE) => ExitCode::SUCCESS,
+        Ok(()) => fail(format!(
+            "the VMM was told to stop but still runs after {} s",
+            STOP_GRACE.as_secs()
+        )),
+        // Powered off meanwhile.
+        Err(_) if entry.as_ref().is_some_and(|e| !e.alive()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }
 }
+
+/// How long `vmm stop NAME` waits for a VM to end.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Prints a benchmark's results as JSON or as a table.
 fn print_bench<E: std::fmt::Display>(
@@ -490,14 +596,25 @@ fn main() -> ExitCode {
             config,
             report,
             api_socket,
-        } => launch(config, report, api_socket, start),
-        Command::Exec { cmd, api_socket } => exec(&cmd, &api_socket),
+            name,
+            detach,
+        } => launch(
+            LaunchArgs {
+                config,
+                report,
+                api_socket,
+                name,
+                detach,
+            },
+            start,
+        ),
+        Command::Exec { cmd, target } => exec(&cmd, &target),
         Command::Run { config, cmd } => run(config, &cmd),
-        Command::Stop { api_socket, force } => stop(&api_socket, force),
-        Command::Pause { api_socket } => control(&api_socket, "/vm/pause", None),
-        Command::Resume { api_socket } => control(&api_socket, "/vm/resume", None),
+        Command::Stop { target, force } => stop(&target, force),
+        Command::Pause { target } => control(&target, Action::Pause),
+        Command::Resume { target } => control(&target, Action::Resume),
         Command::Snapshot {
-            api_socket,
+            target,
             out,
             snapshot_key,
         } => {
@@ -505,15 +622,13 @@ fn main() -> ExitCode {
             let out = std::path::absolute(&out).unwrap_or(out);
             let key = match snapshot_key.as_deref().map(vmm::snapshot::auth::read_key) {
                 None => None,
-                Some(Ok(key)) => Some(vmm::snapshot::auth::hex(&key)),
+                Some(Ok(key)) => Some(key),
                 Some(Err(e)) => return fail(e),
             };
-            control(
-                &api_socket,
-                "/vm/snapshot",
-                Some(serde_json::json!({ "dir": out, "key": key })),
-            )
+            control(&target, Action::Snapshot(SnapshotRequest { dir: out, key }))
         }
+        Command::Ps { json } => named::ps(json),
+        Command::Logs { name } => named::logs(&name),
         Command::Restore {
             snapshot,
             api_socket,
@@ -545,17 +660,23 @@ fn main() -> ExitCode {
             restore(&snapshot, &opts, api_socket, report, start)
         }
         Command::Fork {
-            api_socket,
+            target,
             count,
+            prefix,
             dir,
-        } => {
-            let dir = dir.map(|d| std::path::absolute(&d).unwrap_or(d));
-            control(
-                &api_socket,
-                "/vm/fork",
-                Some(serde_json::json!({ "count": count, "dir": dir })),
-            )
-        }
+        } => match prefix.as_deref().or(target.name.as_deref()) {
+            // Children named after their parent, unless --dir asks for
+            // unnamed ones somewhere else.
+            Some(prefix) if dir.is_none() => match target.api_socket() {
+                Ok(api) => named::fork(&api, target.name.as_deref(), prefix, count),
+                Err(e) => fail(e),
+            },
+            _ => {
+                let dir = dir.map(|d| std::path::absolute(&d).unwrap_or(d));
+                let names = None;
+                control(&target, Action::Fork(ForkRequest { count, dir, names }))
+            }
+        },
         Command::Doctor => {
             let report = vmm::doctor::run();
             print!("{report}");
@@ -650,5 +771,13 @@ fn main() -> ExitCode {
             }),
             json,
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
     }
 }

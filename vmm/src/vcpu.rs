@@ -1,6 +1,7 @@
 //! vCPU threads: each runs its vCPU and dispatches port and MMIO exits to
 //! the buses until the VM stops.
 
+use devices::sync::Locked;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
@@ -53,7 +54,7 @@ impl PauseControl {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Parked> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.locked()
     }
 
     /// Called on a vCPU thread that saw the request: saves the vCPU and

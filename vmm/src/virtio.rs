@@ -2,6 +2,7 @@
 //! each, queue notifications through ioeventfds, and the kernel
 //! command-line entry the guest's virtio-mmio driver discovers them by.
 
+use devices::sync::Locked;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
@@ -100,11 +101,7 @@ impl MutEventSubscriber for VirtioSlot {
         let fd = events.fd();
         if let Some(index) = self.queue_evts.iter().position(|e| e.as_raw_fd() == fd) {
             let _ = self.queue_evts[index].read();
-            let drained = self
-                .transport
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .process_queue(index);
+            let drained = self.transport.locked().process_queue(index);
             if drained == Drained::Budget {
                 // More is queued: come back once the loop served the other
                 // ready descriptors (the control socket among them).

@@ -1,5 +1,6 @@
 //! Building a VM from its configuration and running it to the end.
 
+use devices::sync::Locked;
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -654,8 +655,7 @@ impl Vm {
             }
             for (index, (slot, saved)) in virtio.iter().zip(&r.state.virtio).enumerate() {
                 slot.transport
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
+                    .locked()
                     .restore(saved)
                     .map_err(|source| Error::RestoreDevice { index, source })?;
             }
@@ -733,10 +733,7 @@ impl Vm {
         if restore.is_some() {
             // Interrupts raised now reach the restored interrupt controllers.
             for slot in &virtio {
-                slot.transport
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .finish_restore();
+                slot.transport.locked().finish_restore();
             }
         }
         phase("vCPUs configured");
@@ -877,8 +874,7 @@ impl Vm {
                 }
             }
         }
-        controller.lock().unwrap_or_else(|e| e.into_inner()).threads =
-            threads.iter().map(VcpuThread::pthread).collect();
+        controller.locked().threads = threads.iter().map(VcpuThread::pthread).collect();
         if let Some(f) = on_started {
             f();
         }
@@ -887,7 +883,7 @@ impl Vm {
         }
 
         let mut loop_error = None;
-        while !control.lock().unwrap_or_else(|e| e.into_inner()).done {
+        while !control.locked().done {
             if let Err(e) = manager.run() {
                 loop_error = Some(Error::EventLoop(format!("{e:?}")));
                 break;
@@ -912,14 +908,14 @@ impl Vm {
             .reason()
             .unwrap_or(ExitReason::Stopped { signal: None });
         // A panicking kernel reboots itself (panic=-1): report the panic.
-        if let Some(msg) = panic.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+        if let Some(msg) = panic.locked().clone() {
             if reason == ExitReason::GuestShutdown {
                 reason = ExitReason::KernelPanic(msg);
             }
         }
         let timings = BootTimings {
             vmm_setup: shared.first_entry.get().copied(),
-            boot_to_init: *boot_time.lock().unwrap_or_else(|e| e.into_inner()),
+            boot_to_init: *boot_time.locked(),
         };
         Ok(RunOutcome {
             reason,
@@ -1017,10 +1013,7 @@ impl MutEventSubscriber for ControlLoop {
                     let _ = ops.remove(events);
                 }
                 Ok(n) => {
-                    self.serial
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .enqueue_input(&buf[..n]);
+                    self.serial.locked().enqueue_input(&buf[..n]);
                 }
             }
         } else if fd == self.exit.eventfd().as_raw_fd() {

@@ -1,6 +1,7 @@
 //! Boot timer: the guest's init writes `BOOT_TIMER_MAGIC` to this MMIO page
 //! as its first act; the VMM records the time since its own process start.
 
+use crate::sync::Locked;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -41,7 +42,7 @@ impl BusDevice for BootTimer {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset == 0 && data.first() == Some(&BOOT_TIMER_MAGIC) {
             let elapsed = self.start.elapsed();
-            let mut slot = self.booted.lock().unwrap_or_else(|e| e.into_inner());
+            let mut slot = self.booted.locked();
             if slot.is_none() {
                 tracing::info!(
                     "guest init started {:.1} ms after VMM start",

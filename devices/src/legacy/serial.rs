@@ -1,6 +1,7 @@
 //! A 16550 UART (vm-superio) on the port-I/O bus, with an output sink that
 //! notices guest kernel panics.
 
+use crate::sync::Locked;
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 
@@ -59,7 +60,7 @@ impl ConsoleOutput {
             let msg = String::from_utf8_lossy(&self.line[pos..])
                 .trim_end()
                 .to_string();
-            let mut slot = self.panic.lock().unwrap_or_else(|e| e.into_inner());
+            let mut slot = self.panic.locked();
             slot.get_or_insert(msg);
         }
         self.line.clear();

@@ -129,6 +129,40 @@ impl QueueSnapshot {
     }
 }
 
+/// What an activated device works with: guest memory, its interrupt and
+/// the driver's queues.
+pub struct Running {
+    pub mem: GuestMemoryMmap,
+    pub interrupt: Arc<Interrupt>,
+    pub queues: Vec<Queue>,
+}
+
+impl Running {
+    /// The driver's queues, which must be `count`.
+    pub fn new(
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<Queue>,
+        count: usize,
+    ) -> Result<Running, ActivateError> {
+        if queues.len() != count {
+            return Err(ActivateError::BadQueue(queues.len()));
+        }
+        Ok(Running {
+            mem,
+            interrupt,
+            queues,
+        })
+    }
+
+    /// The saved state of the queues of `running` (none before activation).
+    pub fn queue_snapshots(running: Option<&Running>) -> Vec<QueueSnapshot> {
+        running
+            .map(|r| r.queues.iter().map(QueueSnapshot::of).collect())
+            .unwrap_or_default()
+    }
+}
+
 /// Why a device could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {

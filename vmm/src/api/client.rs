@@ -1,31 +1,53 @@
-//! The client side of the control socket: one typed call per request.
+//! The client side of the control socket: one typed call per action
+//! ([`crate::action`]), carried as that action's HTTP request.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::{Error, Result};
+use crate::action::{
+    Action, AgentState, ForkInfo, ForkRequest, Reply, SnapshotInfo, SnapshotRequest, VmDescription,
+};
 
 /// A client of a VMM's API socket.
 pub struct ApiClient {
     path: PathBuf,
+    /// Bound on each read and write of a call (none by default: a fork or
+    /// a wait for the agent may take long).
+    timeout: Option<Duration>,
+}
+
+fn unexpected(reply: Reply) -> Error {
+    Error::BadAnswer(format!("an answer of the wrong kind: {reply:?}"))
 }
 
 impl ApiClient {
     pub fn new(path: &Path) -> Self {
         ApiClient {
             path: path.to_path_buf(),
+            timeout: None,
         }
     }
 
-    /// Sends one request; returns the JSON body (Null when empty).
+    /// The same client, giving up on a read or write after `timeout`.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Sends one request; returns the JSON body (Null when empty). A
+    /// status outside 2xx is [`Error::Status`] with the server's sentence.
     pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
         let mut stream = UnixStream::connect(&self.path).map_err(|source| Error::Connect {
             path: self.path.clone(),
             source,
         })?;
+        stream.set_read_timeout(self.timeout)?;
+        stream.set_write_timeout(self.timeout)?;
         let body = body.map(Value::to_string).unwrap_or_default();
         write!(
             stream,
@@ -43,10 +65,12 @@ impl ApiClient {
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| Error::BadAnswer(head.lines().next().unwrap_or("").into()))?;
         if !(200..300).contains(&status) {
-            return Err(Error::Status {
-                status,
-                body: body.to_string(),
-            });
+            // Errors carry {"error": sentence}; anything else is shown as is.
+            let message = serde_json::from_str::<Value>(body)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_string))
+                .unwrap_or_else(|| body.to_string());
+            return Err(Error::Status { status, message });
         }
         if body.is_empty() {
             return Ok(Value::Null);
@@ -54,57 +78,85 @@ impl ApiClient {
         serde_json::from_str(body).map_err(|e| Error::BadAnswer(e.to_string()))
     }
 
-    /// Waits until the VM's agent serves (`GET /vm/agent`).
-    pub fn wait_agent(&self) -> Result<()> {
-        let answer = self.call("GET", "/vm/agent", None)?;
-        match answer["agent"].as_str() {
-            Some("ready") => Ok(()),
-            other => Err(Error::BadAnswer(format!("the agent is {other:?}"))),
+    /// Asks the VM to do `action`.
+    pub fn perform(&self, action: &Action) -> Result<Reply> {
+        let (method, path) = action.route();
+        let answer = self.call(method, path, action.body().as_ref())?;
+        Reply::from_http(action.kind(), answer).map_err(|e| Error::BadAnswer(e.to_string()))
+    }
+
+    /// The VM's description and state.
+    pub fn describe(&self) -> Result<VmDescription> {
+        match self.perform(&Action::Describe)? {
+            Reply::Vm(vm) => Ok(vm),
+            other => Err(unexpected(other)),
         }
     }
 
-    /// Pauses the VM (`PUT /vm/pause`).
-    pub fn pause(&self) -> Result<()> {
-        self.call("PUT", "/vm/pause", None).map(drop)
+    /// Waits until the VM's agent serves.
+    pub fn wait_agent(&self) -> Result<()> {
+        match self.perform(&Action::WaitAgent)? {
+            Reply::Agent(a) if a.agent == AgentState::Ready => Ok(()),
+            Reply::Agent(a) => Err(Error::BadAnswer(format!(
+                "the VM's agent is {:?}: it has no vsock device",
+                a.agent
+            ))),
+            other => Err(unexpected(other)),
+        }
     }
 
-    /// Resumes a paused VM (`PUT /vm/resume`).
+    /// Pauses the VM.
+    pub fn pause(&self) -> Result<()> {
+        self.perform(&Action::Pause).map(drop)
+    }
+
+    /// Resumes a paused VM.
     pub fn resume(&self) -> Result<()> {
-        self.call("PUT", "/vm/resume", None).map(drop)
+        self.perform(&Action::Resume).map(drop)
+    }
+
+    /// Stops the VM at once (the guest does not sync).
+    pub fn stop(&self) -> Result<()> {
+        self.perform(&Action::Stop).map(drop)
     }
 
     /// Writes a snapshot into the new directory `dir` (absolute, or
     /// relative to the VMM's working directory), with an `auth` MAC under
-    /// `key` when given; returns the answer (`dir`, `memory_bytes`,
-    /// `pause_ms`).
-    pub fn snapshot(&self, dir: &Path, key: Option<&[u8]>) -> Result<Value> {
-        let key = key.map(crate::snapshot::auth::hex);
-        self.call(
-            "PUT",
-            "/vm/snapshot",
-            Some(&json!({ "dir": dir, "key": key })),
-        )
+    /// `key` when given.
+    pub fn snapshot(&self, dir: &Path, key: Option<&[u8]>) -> Result<SnapshotInfo> {
+        let action = Action::Snapshot(SnapshotRequest {
+            dir: dir.to_path_buf(),
+            key: key.map(<[u8]>::to_vec),
+        });
+        match self.perform(&action)? {
+            Reply::Snapshot(info) => Ok(info),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// Forks the VM into `count` children (sockets in `dir`, default the
-    /// user's private runtime directory); returns them once their vCPUs
-    /// run.
-    pub fn fork(&self, count: u32, dir: Option<&Path>) -> Result<Vec<crate::fork::ChildInfo>> {
-        let answer = self.call(
-            "PUT",
-            "/vm/fork",
-            Some(&json!({ "count": count, "dir": dir })),
-        )?;
-        serde_json::from_value(answer["children"].clone())
-            .map_err(|e| Error::BadAnswer(e.to_string()))
+    /// user's private runtime directory); answers once their vCPUs run.
+    pub fn fork(&self, count: u32, dir: Option<&Path>) -> Result<ForkInfo> {
+        self.fork_with(ForkRequest {
+            count,
+            dir: dir.map(Path::to_path_buf),
+            names: None,
+        })
     }
 
-    /// The VM's vsock Unix socket, from `GET /vm`.
+    /// Forks the VM as `request` says.
+    pub fn fork_with(&self, request: ForkRequest) -> Result<ForkInfo> {
+        match self.perform(&Action::Fork(request))? {
+            Reply::Fork(info) => Ok(info),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The VM's vsock Unix socket.
     pub fn vsock_path(&self) -> Result<PathBuf> {
-        let vm = self.call("GET", "/vm", None)?;
-        vm["vsock"]["uds_path"]
-            .as_str()
-            .map(PathBuf::from)
+        self.describe()?
+            .vsock
+            .map(|v| v.uds_path)
             .ok_or_else(|| Error::BadAnswer("the VM has no vsock device".into()))
     }
 }

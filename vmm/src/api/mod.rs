@@ -24,6 +24,7 @@
 mod client;
 mod http;
 
+use devices::sync::Locked;
 use std::collections::HashMap;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -37,9 +38,13 @@ use serde_json::{json, Value};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::control::{Controller, ForkInfo};
+use crate::action::{
+    Action, ActionError, AgentReply, AgentState, ForkInfo, ForkRequest, Reply, SnapshotRequest,
+    VmDescription, VmState, VsockInfo,
+};
+use crate::control::Controller;
 use crate::exit::{ExitReason, ExitSignal};
-use crate::fork::{self, ForkOptions};
+use crate::fork;
 
 pub use client::ApiClient;
 pub use http::{parse_request, HttpRequest, MAX_REQUEST};
@@ -61,8 +66,8 @@ pub enum Error {
     Connect { path: PathBuf, source: io::Error },
     #[error("the API call failed: {0}")]
     Io(#[from] io::Error),
-    #[error("the VMM answered {status}: {body}")]
-    Status { status: u16, body: String },
+    #[error("the VMM refused ({status}): {message}")]
+    Status { status: u16, message: String },
     #[error("the VMM's answer is not valid: {0}")]
     BadAnswer(String),
 }
@@ -106,6 +111,24 @@ fn respond(mut stream: UnixStream, status: u16, body: &Value) {
         }
     }
     let _ = http::write_response(&mut stream, status, body);
+}
+
+fn respond_error(stream: UnixStream, error: &ActionError) {
+    respond(
+        stream,
+        error.status(),
+        &json!({ "error": error.to_string() }),
+    );
+}
+
+fn respond_reply(stream: UnixStream, reply: std::result::Result<Reply, ActionError>) {
+    match reply {
+        Ok(reply) => {
+            let (status, body) = reply.to_http();
+            respond(stream, status, &body);
+        }
+        Err(e) => respond_error(stream, &e),
+    }
 }
 
 /// An fd that becomes readable when process `pid` ends.
@@ -196,74 +219,79 @@ impl ApiServer {
     fn answer_waiting(&mut self) {
         if self.agent_ready {
             for w in self.waiting.drain(..) {
-                respond(w, 200, &json!({"agent": "ready"}));
+                respond_reply(
+                    w,
+                    Ok(Reply::Agent(AgentReply {
+                        agent: AgentState::Ready,
+                    })),
+                );
             }
         }
     }
 
-    fn vm_state(&self) -> &'static str {
-        match &self.control {
-            Some(c) if c.lock().unwrap_or_else(|e| e.into_inner()).is_paused() => "paused",
-            _ => "running",
+    fn control(&self) -> std::result::Result<std::sync::MutexGuard<'_, Controller>, ActionError> {
+        let control = self.control.as_ref().ok_or(ActionError::NotControllable)?;
+        Ok(control.locked())
+    }
+
+    fn describe(&self) -> VmDescription {
+        let paused = self.control().is_ok_and(|c| c.is_paused());
+        VmDescription {
+            state: if paused {
+                VmState::Paused
+            } else {
+                VmState::Running
+            },
+            vcpus: self.info.vcpus,
+            memory_mib: self.info.memory_mib,
+            vsock: self.info.vsock.as_ref().map(|(cid, path)| VsockInfo {
+                cid: *cid,
+                uds_path: path.clone(),
+            }),
+            agent: self.agent_state(),
         }
     }
 
-    /// Runs a control operation; 409 when there is no controller.
-    fn with_control(
-        &mut self,
-        f: impl FnOnce(&mut Controller, bool) -> std::result::Result<Value, String>,
-    ) -> (u16, Value) {
-        let Some(control) = self.control.clone() else {
-            return (409, json!({"error": "this VM cannot be controlled"}));
-        };
-        let mut c = control.lock().unwrap_or_else(|e| e.into_inner());
-        match f(&mut c, self.agent_ready) {
-            Ok(Value::Null) => (204, Value::Null),
-            Ok(v) => (200, v),
-            Err(e) => (500, json!({ "error": e })),
+    /// Does an action that answers at once.
+    fn perform(&mut self, action: Action) -> std::result::Result<Reply, ActionError> {
+        match action {
+            Action::Describe => Ok(Reply::Vm(self.describe())),
+            Action::WaitAgent => Ok(Reply::Agent(AgentReply {
+                agent: self.agent_state(),
+            })),
+            Action::Stop => {
+                self.exit.report(ExitReason::Stopped { signal: None });
+                Ok(Reply::Done)
+            }
+            Action::Pause => {
+                self.control()?.pause()?;
+                Ok(Reply::Done)
+            }
+            Action::Resume => {
+                self.control()?.resume();
+                Ok(Reply::Done)
+            }
+            Action::Snapshot(SnapshotRequest { dir, key }) => {
+                let ready = self.agent_ready;
+                let info = self.control()?.snapshot(&dir, ready, key.as_deref())?;
+                Ok(Reply::Snapshot(info))
+            }
+            Action::Fork(_) => Err(ActionError::BadRequest(
+                "a fork answers when its children run".into(),
+            )),
         }
     }
 
     /// Starts a fork; the client is answered once the children run.
-    fn fork(&mut self, stream: UnixStream, body: &[u8], ops: &mut EventOps) {
-        let opts: ForkOptions = match serde_json::from_slice(body) {
-            Ok(o) => o,
-            Err(e) => {
-                return respond(
-                    stream,
-                    400,
-                    &json!({"error": format!("bad fork request: {e}")}),
-                )
-            }
-        };
-        if opts.count == 0 || opts.count > 1024 {
-            return respond(
-                stream,
-                400,
-                &json!({"error": "\"count\" must be 1 to 1024"}),
-            );
-        }
+    fn fork(&mut self, stream: UnixStream, request: &ForkRequest, ops: &mut EventOps) {
         if self.forking.is_some() {
-            return respond(
-                stream,
-                409,
-                &json!({"error": "a fork is starting its children; try again when it answers"}),
-            );
+            return respond_error(stream, &ActionError::ForkInProgress);
         }
-        let Some(control) = self.control.clone() else {
-            return respond(
-                stream,
-                409,
-                &json!({"error": "this VM cannot be controlled"}),
-            );
-        };
-        let started = control
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .fork(&opts, self.agent_ready);
+        let ready = self.agent_ready;
+        let started = self.control().and_then(|mut c| Ok(c.fork(request, ready)?));
         let (mut pending, parent_pause_ms) = match started {
             Ok(p) => p,
-            Err(e) => return respond(stream, 500, &json!({"error": e.to_string()})),
+            Err(e) => return respond_error(stream, &e),
         };
         for fd in pending.fds() {
             if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
@@ -300,7 +328,7 @@ impl ApiServer {
         }
         if let Err(e) = outcome {
             wait.pending.kill_all();
-            return respond(wait.stream, 500, &json!({"error": e.to_string()}));
+            return respond_error(wait.stream, &ActionError::Control(e.into()));
         }
         let spawned = wait.pending.finish();
         let info = ForkInfo {
@@ -319,43 +347,11 @@ impl ApiServer {
                 Err(e) => tracing::warn!("cannot watch fork child {}: {e}", s.info.id),
             }
         }
-        respond(wait.stream, 200, &json!(info));
+        respond_reply(wait.stream, Ok(Reply::Fork(info)));
         // A VM forked once is likely forked again.
         if let Some(c) = &self.control {
-            c.lock().unwrap_or_else(|e| e.into_inner()).prepare_spare();
+            c.locked().prepare_spare();
         }
-    }
-
-    fn snapshot(&mut self, body: &[u8]) -> (u16, Value) {
-        #[derive(serde::Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct Req {
-            dir: PathBuf,
-            /// An HMAC key, hex (docs/snapshot.md).
-            #[serde(default)]
-            key: Option<String>,
-        }
-        let req: Req = match serde_json::from_slice(body) {
-            Ok(r) => r,
-            Err(e) => return (400, json!({"error": format!("bad snapshot request: {e}")})),
-        };
-        let key = match req.key.as_deref().map(crate::snapshot::auth::unhex) {
-            None => None,
-            Some(Some(k)) if k.len() >= crate::snapshot::auth::MIN_KEY_BYTES => Some(k),
-            Some(_) => {
-                let error = format!(
-                    "\"key\" must be at least {} bytes in hex",
-                    crate::snapshot::auth::MIN_KEY_BYTES
-                );
-                return (400, json!({ "error": error }));
-            }
-        };
-        self.with_control(|c, ready| {
-            let info = c
-                .snapshot(&req.dir, ready, key.as_deref())
-                .map_err(|e| e.to_string())?;
-            serde_json::to_value(info).map_err(|e| e.to_string())
-        })
     }
 
     /// A fork child ended: reap it.
@@ -370,11 +366,11 @@ impl ApiServer {
         }
     }
 
-    fn agent_state(&self) -> &'static str {
+    fn agent_state(&self) -> AgentState {
         match (&self.info.vsock, self.agent_ready) {
-            (None, _) => "none",
-            (Some(_), false) => "starting",
-            (Some(_), true) => "ready",
+            (None, _) => AgentState::None,
+            (Some(_), false) => AgentState::Starting,
+            (Some(_), true) => AgentState::Ready,
         }
     }
 
@@ -392,59 +388,26 @@ impl ApiServer {
         self.answer_waiting();
     }
 
-    fn route(&mut self, req: &HttpRequest) -> (u16, Value) {
-        match (req.method.as_str(), req.path.as_str()) {
-            ("GET", "/vm") => (
-                200,
-                json!({
-                    "state": self.vm_state(),
-                    "vcpus": self.info.vcpus,
-                    "memory_mib": self.info.memory_mib,
-                    "vsock": self.info.vsock.as_ref().map(|(cid, path)| json!({"cid": cid, "uds_path": path})),
-                    "agent": self.agent_state(),
-                }),
-            ),
-            ("GET", "/vm/agent") => (200, json!({"agent": self.agent_state()})),
-            ("PUT", "/vm/stop") => {
-                self.exit.report(ExitReason::Stopped { signal: None });
-                (204, Value::Null)
-            }
-            ("PUT", "/vm/pause") => self.with_control(|c, _| {
-                c.pause().map_err(|e| e.to_string())?;
-                Ok(Value::Null)
-            }),
-            ("PUT", "/vm/resume") => self.with_control(|c, _| {
-                c.resume();
-                Ok(Value::Null)
-            }),
-            ("PUT", "/vm/snapshot") => self.snapshot(&req.body),
-            (
-                _,
-                "/vm" | "/vm/stop" | "/vm/agent" | "/vm/pause" | "/vm/resume" | "/vm/snapshot"
-                | "/vm/fork",
-            ) => (405, json!({"error": "method not allowed"})),
-            _ => (
-                404,
-                json!({"error": format!("no such endpoint: {}", req.path)}),
-            ),
-        }
-    }
-
     /// Serves a complete request.
     fn dispatch(&mut self, stream: UnixStream, req: HttpRequest, ops: &mut EventOps) {
-        match (req.method.as_str(), req.path.as_str()) {
-            ("GET", "/vm/agent") if self.agent_state() == "starting" => {
+        let action = match Action::from_http(&req.method, &req.path, &req.body) {
+            Ok(a) => a,
+            Err(e) => return respond_error(stream, &e),
+        };
+        match action {
+            Action::WaitAgent if self.agent_state() == AgentState::Starting => {
                 // Answered when the agent announces itself.
                 if self.waiting.len() >= MAX_WAITING {
-                    let error = format!("{MAX_WAITING} clients already wait for the agent");
-                    return respond(stream, 503, &json!({ "error": error }));
+                    let error =
+                        format!("{MAX_WAITING} clients already wait for the agent; try again");
+                    return respond_error(stream, &ActionError::Busy(error));
                 }
                 self.waiting.push(stream);
             }
-            ("PUT", "/vm/fork") => self.fork(stream, &req.body, ops),
-            _ => {
-                let (status, body) = self.route(&req);
-                respond(stream, status, &body);
+            Action::Fork(request) => self.fork(stream, &request, ops),
+            action => {
+                let reply = self.perform(action);
+                respond_reply(stream, reply);
             }
         }
     }

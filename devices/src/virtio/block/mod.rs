@@ -6,6 +6,7 @@
 
 pub mod disk;
 
+use crate::sync::Locked;
 use std::io::{Read, Write};
 use std::sync::Arc;
 
@@ -18,7 +19,7 @@ use virtio_queue::{DescriptorChain, Queue, Reader, Writer};
 use vm_memory::{GuestMemory, GuestMemoryMmap};
 
 use super::{
-    process_requests, read_config_bytes, ActivateError, Drained, Interrupt, QueueSnapshot,
+    process_requests, read_config_bytes, ActivateError, Drained, Interrupt, QueueSnapshot, Running,
     VirtioDevice, VIRTIO_F_VERSION_1,
 };
 pub use disk::LayeredDisk;
@@ -43,12 +44,6 @@ pub struct Block {
     running: Option<Running>,
 }
 
-struct Running {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<Interrupt>,
-    queue: Queue,
-}
-
 impl Block {
     /// `id` is what the guest reads as the serial (`/sys/block/vda/serial`).
     pub fn new(disk: SharedDisk, id: &str) -> Self {
@@ -61,7 +56,7 @@ impl Block {
     }
 
     fn disk(&self) -> std::sync::MutexGuard<'_, LayeredDisk> {
-        self.disk.lock().unwrap_or_else(|e| e.into_inner())
+        self.disk.locked()
     }
 
     fn config(&self) -> [u8; 8] {
@@ -190,14 +185,9 @@ impl VirtioDevice for Block {
         &mut self,
         mem: GuestMemoryMmap,
         interrupt: Arc<Interrupt>,
-        mut queues: Vec<Queue>,
+        queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        let queue = queues.pop().ok_or(ActivateError::BadQueue(0))?;
-        self.running = Some(Running {
-            mem,
-            interrupt,
-            queue,
-        });
+        self.running = Some(Running::new(mem, interrupt, queues, 1)?);
         Ok(())
     }
 
@@ -205,9 +195,9 @@ impl VirtioDevice for Block {
         let Some(run) = self.running.as_mut() else {
             return Drained::All;
         };
-        let mut disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
+        let mut disk = self.disk.locked();
         let id = &self.id;
-        let done = process_requests(&mut run.queue, &run.mem, &run.interrupt, |chain| {
+        let done = process_requests(&mut run.queues[0], &run.mem, &run.interrupt, |chain| {
             let head = chain.head_index();
             Some(match handle_chain(&run.mem, chain, &mut disk, id) {
                 Some(c) => c.used_len,
@@ -230,10 +220,7 @@ impl VirtioDevice for Block {
     }
 
     fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
-        self.running
-            .iter()
-            .map(|r| QueueSnapshot::of(&r.queue))
-            .collect()
+        Running::queue_snapshots(self.running.as_ref())
     }
 }
 

@@ -17,7 +17,7 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
 use super::{
-    process_requests, read_config_bytes, ActivateError, Drained, Interrupt, QueueSnapshot,
+    process_requests, read_config_bytes, ActivateError, Drained, Interrupt, QueueSnapshot, Running,
     VirtioDevice, VIRTIO_F_VERSION_1,
 };
 use iobuf::IoBuf;
@@ -30,12 +30,6 @@ pub const VIRTIO_ID_FS: u32 = 26;
 pub const MAX_TAG_LEN: usize = 36;
 /// Ring size: a 1 MiB request needs 256 page descriptors plus headers.
 const QUEUE_SIZE: u16 = 1024;
-
-struct Running {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<Interrupt>,
-    queues: Vec<Queue>,
-}
 
 /// The virtio-fs device of one share.
 pub struct Fs {
@@ -88,14 +82,7 @@ impl VirtioDevice for Fs {
         interrupt: Arc<Interrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 2 {
-            return Err(ActivateError::BadQueue(queues.len()));
-        }
-        self.running = Some(Running {
-            mem,
-            interrupt,
-            queues,
-        });
+        self.running = Some(Running::new(mem, interrupt, queues, 2)?);
         Ok(())
     }
 
@@ -143,9 +130,6 @@ impl VirtioDevice for Fs {
     }
 
     fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
-        self.running
-            .as_ref()
-            .map(|r| r.queues.iter().map(QueueSnapshot::of).collect())
-            .unwrap_or_default()
+        Running::queue_snapshots(self.running.as_ref())
     }
 }

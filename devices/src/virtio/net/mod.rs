@@ -26,6 +26,7 @@
 pub mod tap;
 pub mod user;
 
+use crate::sync::Locked;
 use std::io::{self, Read, Write};
 use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex};
@@ -42,7 +43,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::{
     process_requests, read_config_bytes, ActivateError, BrokenRing, Drained, Interrupt,
-    QueueSnapshot, VirtioDevice, VIRTIO_F_VERSION_1,
+    QueueSnapshot, Running, VirtioDevice, VIRTIO_F_VERSION_1,
 };
 
 const QUEUE_SIZE: u16 = 256;
@@ -75,12 +76,6 @@ pub trait NetBackend: Send {
     fn checksum_offload(&self) -> bool {
         false
     }
-}
-
-struct Running {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<Interrupt>,
-    queues: Vec<Queue>,
 }
 
 struct Inner {
@@ -298,7 +293,7 @@ impl Net {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.locked()
     }
 }
 
@@ -353,15 +348,8 @@ impl VirtioDevice for Net {
         interrupt: Arc<Interrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 2 {
-            return Err(ActivateError::BadQueue(queues.len()));
-        }
         let mut inner = self.lock();
-        inner.running = Some(Running {
-            mem,
-            interrupt,
-            queues,
-        });
+        inner.running = Some(Running::new(mem, interrupt, queues, 2)?);
         inner.process_rx();
         Ok(())
     }
@@ -383,11 +371,7 @@ impl VirtioDevice for Net {
     }
 
     fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
-        self.lock()
-            .running
-            .as_ref()
-            .map(|r| r.queues.iter().map(QueueSnapshot::of).collect())
-            .unwrap_or_default()
+        Running::queue_snapshots(self.lock().running.as_ref())
     }
 }
 
@@ -398,19 +382,14 @@ pub struct NetHandle {
 
 impl MutEventSubscriber for NetHandle {
     fn init(&mut self, ops: &mut EventOps) {
-        let fd = self
-            .inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .backend
-            .fd();
+        let fd = self.inner.locked().backend.fd();
         if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN | EventSet::EDGE_TRIGGERED)) {
             tracing::error!("virtio-net: cannot watch the backend: {e:?}");
         }
     }
 
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = self.inner.locked();
         inner.backend.poll();
         inner.process_rx();
     }

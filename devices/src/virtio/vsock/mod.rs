@@ -8,6 +8,7 @@
 pub mod muxer;
 pub mod packet;
 
+use crate::sync::Locked;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::Path;
@@ -20,7 +21,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::{
     process_chains, process_requests, read_config_bytes, ActivateError, Drained, Interrupt,
-    QueueSnapshot, VirtioDevice, VIRTIO_F_VERSION_1,
+    QueueSnapshot, Running, VirtioDevice, VIRTIO_F_VERSION_1,
 };
 use muxer::{FdChange, Muxer};
 use packet::{Header, HDR_LEN};
@@ -34,12 +35,6 @@ const EVENTS: usize = 2;
 const EVENT_TRANSPORT_RESET: u32 = 0;
 /// Largest payload the guest may send in one packet (Linux sends up to 64 KiB).
 const MAX_PKT_PAYLOAD: usize = 64 * 1024;
-
-struct Running {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<Interrupt>,
-    queues: Vec<Queue>,
-}
 
 struct Inner {
     muxer: Muxer,
@@ -152,7 +147,7 @@ impl Vsock {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.locked()
     }
 }
 
@@ -181,15 +176,8 @@ impl VirtioDevice for Vsock {
         interrupt: Arc<Interrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 3 {
-            return Err(ActivateError::BadQueue(queues.len()));
-        }
         let mut inner = self.lock();
-        inner.running = Some(Running {
-            mem,
-            interrupt,
-            queues,
-        });
+        inner.running = Some(Running::new(mem, interrupt, queues, 3)?);
         inner.process_rx();
         Ok(())
     }
@@ -217,11 +205,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
-        self.lock()
-            .running
-            .as_ref()
-            .map(|r| r.queues.iter().map(QueueSnapshot::of).collect())
-            .unwrap_or_default()
+        Running::queue_snapshots(self.lock().running.as_ref())
     }
 
     /// The host-side connections did not come along: the driver is told to
@@ -262,7 +246,7 @@ pub struct VsockBackend {
 
 impl MutEventSubscriber for VsockBackend {
     fn init(&mut self, ops: &mut EventOps) {
-        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let inner = self.inner.locked();
         for fd in [
             inner.muxer.listener_fd(),
             inner.muxer.wake_fd().as_raw_fd(),
@@ -275,7 +259,7 @@ impl MutEventSubscriber for VsockBackend {
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = self.inner.locked();
         let fd = events.fd();
         if fd == inner.muxer.listener_fd() {
             inner.muxer.accept_host();
