@@ -125,7 +125,7 @@ fn fifty_children_come_and_go_without_leaks() {
     let (_, api, child) = fork(&p.api, 1).remove(0);
     stop_now(&api, child);
     let (fds, threads) = (fds_of(pid), thread_count(pid));
-    let rss = vmm::bench::overhead_rss_kib_of(&pid.to_string()).unwrap();
+    let rss = vmm::memory::overhead_rss_kib_of(&pid.to_string()).unwrap();
 
     let children = fork(&p.api, 50);
     for (_, api, _) in &children {
@@ -152,7 +152,7 @@ fn fifty_children_come_and_go_without_leaks() {
         "file descriptors leaked: {after:?}, before {fds:?}"
     );
     assert_eq!(thread_count(pid), threads, "threads leaked");
-    let grown = vmm::bench::overhead_rss_kib_of(&pid.to_string()).unwrap() as i64 - rss as i64;
+    let grown = vmm::memory::overhead_rss_kib_of(&pid.to_string()).unwrap() as i64 - rss as i64;
     assert!(grown < 1024, "the VMM's own memory grew by {grown} KiB");
     // The guest still runs.
     assert_eq!(ok(exec(&p.api, "echo alive")), "alive");

@@ -61,30 +61,6 @@ pub fn report_json(outcome: &RunOutcome) -> Value {
     })
 }
 
-/// Resident memory of this process outside the guest RAM mapping, in KiB,
-/// from /proc/self/smaps.
-pub fn overhead_rss_kib() -> Option<u64> {
-    overhead_rss_kib_of("self")
-}
-
-/// `overhead_rss_kib` of process `pid` ("self" for this one).
-pub fn overhead_rss_kib_of(pid: &str) -> Option<u64> {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
-    let mut total = 0;
-    let mut in_guest_ram = false;
-    for line in smaps.lines() {
-        let mut fields = line.split_whitespace();
-        let first = fields.next().unwrap_or_default();
-        if first.contains('-') && !first.ends_with(':') {
-            // A mapping header: "start-end perms offset dev inode [path]".
-            in_guest_ram = line.contains(crate::memory::MEMFD_NAME);
-        } else if first == "Rss:" && !in_guest_ram {
-            total += fields.next()?.parse::<u64>().ok()?;
-        }
-    }
-    Some(total)
-}
-
 /// Memory only process `pid` uses (Private_Clean + Private_Dirty, KiB):
 /// for a fork child, its own VMM memory plus the guest pages it changed.
 pub fn private_kib_of(pid: u32) -> Option<u64> {
@@ -519,7 +495,7 @@ mod tests {
 
     #[test]
     fn overhead_rss_reads_this_process() {
-        let kib = overhead_rss_kib().unwrap();
+        let kib = crate::memory::overhead_rss_kib().unwrap();
         assert!(kib > 0);
     }
 }

@@ -321,7 +321,7 @@ fn mem_available_kib() -> Option<u64> {
 fn guest_rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let rss = kib_field(&status, "VmRSS:").unwrap_or(0);
-    rss.saturating_sub(crate::bench::overhead_rss_kib_of(&pid.to_string()).unwrap_or(0))
+    rss.saturating_sub(crate::memory::overhead_rss_kib_of(&pid.to_string()).unwrap_or(0))
 }
 
 pub fn fork(opts: &ForkBenchOptions) -> Result<ForkBench, Error> {

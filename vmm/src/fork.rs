@@ -30,7 +30,7 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use crate::config::{NetworkConfig, SerialOutput, VmConfig};
 use crate::memory::{MemoryImage, Overlay};
 use crate::snapshot::MachineState;
-use crate::vm::RestoreSource;
+use crate::snapshot::RestoreSource;
 
 /// The hidden subcommand a fork child runs.
 pub const CHILD_COMMAND: &str = "__fork-child";

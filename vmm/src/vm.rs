@@ -22,7 +22,7 @@ use crate::config::{NetworkConfig, RootfsConfig, SerialOutput, VmConfig};
 use crate::control::Controller;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::memory::{GuestRam, MemoryImage};
-use crate::snapshot::MachineState;
+use crate::snapshot::RestoreSource;
 use crate::vcpu::{PauseControl, VcpuShared, VcpuThread};
 use crate::virtio::{VirtioPlacer, VirtioSlot};
 use crate::x86_64::{boot, cpuid, layout, mptable, regs};
@@ -152,17 +152,6 @@ pub struct RunOptions {
     /// Called once every vCPU thread runs (a fork child acknowledges its
     /// start with it).
     pub on_started: Option<Box<dyn FnOnce() + Send>>,
-}
-
-/// What a VM is restored from: a snapshot directory or a forking parent.
-pub struct RestoreSource {
-    pub state: MachineState,
-    pub memory: MemoryImage,
-    /// The root disk's frozen layer (the disk as it was), with a name for
-    /// errors. The base image is `state.disk_base`, or `disk_base_file`.
-    pub disk_layer: Option<(std::fs::File, PathBuf)>,
-    /// The base image, already open (a fork child gets its parent's).
-    pub disk_base_file: Option<std::fs::File>,
 }
 
 /// What a VM was built from, after defaults were filled in.
@@ -890,7 +879,7 @@ impl Vm {
             }
         }
 
-        let vmm_overhead_rss_kib = crate::bench::overhead_rss_kib();
+        let vmm_overhead_rss_kib = crate::memory::overhead_rss_kib();
         shared.stop.store(true, Ordering::SeqCst);
         shared.pause.wake_for_stop();
         for t in &threads {

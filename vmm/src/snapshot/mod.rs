@@ -32,6 +32,7 @@ use hypervisor::{CpuidEntry, VcpuState, VmState};
 use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
+use crate::memory::MemoryImage;
 
 /// First bytes of a `state` file.
 pub const MAGIC: &[u8; 8] = b"VMMSNAP\0";
@@ -67,6 +68,10 @@ pub enum Error {
     Version { path: PathBuf, found: u32 },
     #[error("{path} is truncated or corrupted ({what}); the snapshot cannot be used")]
     Corrupt { path: PathBuf, what: String },
+    #[error(
+        "cannot encode the machine state: {0} (a bug: please report it); no snapshot was written"
+    )]
+    Encode(serde_json::Error),
     #[error(transparent)]
     Auth(#[from] auth::Error),
     #[error(transparent)]
@@ -103,16 +108,27 @@ pub struct MachineState {
     pub agent_ready: bool,
 }
 
+/// What a VM is restored from: a snapshot directory or a forking parent.
+pub struct RestoreSource {
+    pub state: MachineState,
+    pub memory: MemoryImage,
+    /// The root disk's frozen layer (the disk as it was), with a name for
+    /// errors. The base image is `state.disk_base`, or `disk_base_file`.
+    pub disk_layer: Option<(std::fs::File, PathBuf)>,
+    /// The base image, already open (a fork child gets its parent's).
+    pub disk_base_file: Option<std::fs::File>,
+}
+
 /// Encodes `state` as a `state` file.
-pub fn encode(state: &MachineState) -> Vec<u8> {
-    let body = serde_json::to_vec(state).unwrap_or_default();
+pub fn encode(state: &MachineState) -> Result<Vec<u8>> {
+    let body = serde_json::to_vec(state).map_err(Error::Encode)?;
     let mut out = Vec::with_capacity(HEADER_LEN + body.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
     out.extend_from_slice(&(body.len() as u64).to_le_bytes());
     out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
     out.extend_from_slice(&body);
-    out
+    Ok(out)
 }
 
 /// Decodes a `state` file (`path` names it in errors).
@@ -223,7 +239,7 @@ impl Writer {
         };
         let state_path = self.tmp.join(STATE_FILE);
         let mut f = self.file(STATE_FILE)?;
-        f.write_all(&encode(state)).map_err(io(&state_path))?;
+        f.write_all(&encode(state)?).map_err(io(&state_path))?;
         if let Some(key) = key {
             let mac = auth::sign(&self.tmp, key)?;
             let auth_path = self.tmp.join(auth::AUTH_FILE);
@@ -339,7 +355,7 @@ pub struct RestoreOptions {
 /// Opens snapshot directory `dir` for a restore: checks it (CRC, sizes,
 /// and the MAC when a key is given) and takes its host-side settings only
 /// as `opts.host` allows.
-pub fn restore_source(dir: &Path, opts: &RestoreOptions) -> Result<crate::vm::RestoreSource> {
+pub fn restore_source(dir: &Path, opts: &RestoreOptions) -> Result<RestoreSource> {
     let snap = open(dir)?;
     if let Some(key) = &opts.key {
         auth::verify(
@@ -362,8 +378,8 @@ pub fn restore_source(dir: &Path, opts: &RestoreOptions) -> Result<crate::vm::Re
     if let Some(r) = &mut state.config.rootfs {
         r.layer = None;
     }
-    Ok(crate::vm::RestoreSource {
-        memory: crate::memory::MemoryImage {
+    Ok(RestoreSource {
+        memory: MemoryImage {
             size: state.memory_size,
             base: std::sync::Arc::new(snap.memory),
             overlays: Vec::new(),
@@ -396,7 +412,7 @@ mod tests {
     #[test]
     fn state_round_trips_and_damage_is_refused() {
         let p = Path::new("snap/state");
-        let bytes = encode(&sample());
+        let bytes = encode(&sample()).unwrap();
         let back = decode(&bytes, p).unwrap();
         assert_eq!(back.cmdline, "console=ttyS0");
         assert!(back.agent_ready);
