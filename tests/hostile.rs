@@ -42,8 +42,12 @@ fn boot() -> Guest {
         json!({"tag": tag, "host_path": scratch.path(tag),
                "guest_path": format!("/mnt/{tag}"), "read_only": read_only})
     };
+    // One vCPU: under this host's nested PVM, 2-vCPU guests have twice
+    // seen a user process die of SIGSEGV in heavy runs (python during this
+    // flood in CI, and once during tests/fs.rs), with the VMM untouched
+    // and answering. The flood tests the VMM, not guest SMP.
     let config = json!({
-        "vcpus": 2,
+        "vcpus": 1,
         "memory_mib": 256,
         "rootfs": {},
         "serial": scratch.path("console.log"),

@@ -41,8 +41,6 @@ pub enum Error {
     },
     #[error("vCPU id {id} is out of range: this host allows at most {max} vCPUs per VM")]
     VcpuId { id: u32, max: u32 },
-    #[error("the saved {what} state does not fit this hypervisor ({reason}); it was made by another backend or VMM version")]
-    BadState { what: &'static str, reason: String },
 }
 
 impl Error {
@@ -147,17 +145,24 @@ pub enum VcpuExit<'a> {
 }
 
 /// A vCPU's complete state (registers, FPU, MSRs, local APIC, pending
-/// events...), saved by a backend and restored by the same backend. The VMM
-/// treats it as opaque: it travels inside snapshots and to forked children.
+/// events...), one variant per backend, saved by a backend and restored by
+/// the same backend. It travels inside snapshots and to forked children;
+/// a state of another backend does not decode where that backend is absent.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-#[serde(transparent)]
-pub struct VcpuState(pub serde_json::Value);
+pub enum VcpuState {
+    #[cfg(target_os = "linux")]
+    #[serde(rename = "kvm-x86_64")]
+    KvmX86_64(Box<kvm::state::KvmVcpuState>),
+}
 
 /// A VM's own state outside its vCPUs and memory: interrupt controllers,
-/// timers, clock. Opaque like [`VcpuState`].
+/// timers, clock. One variant per backend, like [`VcpuState`].
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-#[serde(transparent)]
-pub struct VmState(pub serde_json::Value);
+pub enum VmState {
+    #[cfg(target_os = "linux")]
+    #[serde(rename = "kvm-x86_64")]
+    KvmX86_64(Box<kvm::state::KvmVmState>),
+}
 
 /// Kinds of firmware system events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

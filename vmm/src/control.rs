@@ -16,8 +16,9 @@ use crate::action::{ForkRequest, SnapshotInfo};
 use crate::config::VmConfig;
 use crate::fork;
 use crate::memory::GuestRam;
-use crate::snapshot::{self, MachineState};
+use crate::snapshot::{self, MachineState, SavedDevice};
 use crate::vcpu::VcpuShared;
+use crate::virtio::DeviceId;
 
 /// How long the vCPUs get to stop when pausing.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -51,7 +52,7 @@ pub struct Controller {
     pub(crate) shared: Arc<VcpuShared>,
     /// The vCPU threads, to kick them out of guest mode.
     pub(crate) threads: Vec<libc::pthread_t>,
-    pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
+    pub(crate) transports: Vec<(DeviceId, Arc<Mutex<MmioTransport>>)>,
     pub(crate) disk: Option<SharedDisk>,
     pub(crate) disk_base: Option<PathBuf>,
     pub(crate) serial: Arc<Mutex<SerialDevice>>,
@@ -71,7 +72,7 @@ impl Controller {
         vm: Box<dyn hypervisor::Vm>,
         ram: GuestRam,
         shared: Arc<VcpuShared>,
-        transports: Vec<Arc<Mutex<MmioTransport>>>,
+        transports: Vec<(DeviceId, Arc<Mutex<MmioTransport>>)>,
         disk: Option<(SharedDisk, PathBuf)>,
         serial: Arc<Mutex<SerialDevice>>,
         cpuid: Vec<Vec<CpuidEntry>>,
@@ -150,7 +151,14 @@ impl Controller {
             vcpus,
             cpuid: self.cpuid.clone(),
             serial: self.serial.locked().save(),
-            virtio: self.transports.iter().map(|t| t.locked().save()).collect(),
+            virtio: self
+                .transports
+                .iter()
+                .map(|(id, t)| SavedDevice {
+                    id: id.clone(),
+                    transport: t.locked().save(),
+                })
+                .collect(),
             agent_ready,
         })
     }

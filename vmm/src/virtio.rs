@@ -26,10 +26,59 @@ pub enum Error {
     Hypervisor(#[from] hypervisor::Error),
     #[error("cannot place a virtio device on the bus: {0}")]
     Bus(#[from] devices::bus::Error),
+    #[error("the saved machine has {0}, its configuration does not: restore with the devices (root disk, vsock, network, shares by tag) it was saved with")]
+    NotConfigured(DeviceId),
+    #[error("the configuration has {0}, the saved machine does not: restore with the devices (root disk, vsock, network, shares by tag) it was saved with")]
+    NotSaved(DeviceId),
+}
+
+/// Which device of the configuration a virtio device is: what its saved
+/// state is matched by on restore (not its place on the bus).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceId {
+    RootDisk,
+    Vsock,
+    Network,
+    /// A shared folder, by its tag.
+    Share(String),
+}
+
+impl std::fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceId::RootDisk => f.write_str("the root disk"),
+            DeviceId::Vsock => f.write_str("vsock"),
+            DeviceId::Network => f.write_str("the network"),
+            DeviceId::Share(tag) => write!(f, "the share {tag:?}"),
+        }
+    }
+}
+
+/// Puts `devices` in the order of `saved` (the bus order of the saved
+/// machine, which its guest found them in). Every saved device must be
+/// among `devices` and the other way round.
+pub fn order_as_saved<T>(
+    mut devices: Vec<(DeviceId, T)>,
+    saved: &[DeviceId],
+) -> Result<Vec<(DeviceId, T)>, Error> {
+    let mut ordered = Vec::with_capacity(devices.len());
+    for id in saved {
+        let at = devices
+            .iter()
+            .position(|(d, _)| d == id)
+            .ok_or_else(|| Error::NotConfigured(id.clone()))?;
+        ordered.push(devices.remove(at));
+    }
+    match devices.into_iter().next() {
+        Some((id, _)) => Err(Error::NotSaved(id)),
+        None => Ok(ordered),
+    }
 }
 
 /// One virtio device on the VM.
 pub struct VirtioSlot {
+    pub id: DeviceId,
     pub transport: Arc<Mutex<MmioTransport>>,
     pub queue_evts: Vec<EventFd>,
     /// The `virtio_mmio.device=` kernel argument that announces it.
@@ -55,7 +104,11 @@ impl<'a> VirtioPlacer<'a> {
         }
     }
 
-    pub fn add(&mut self, device: Box<dyn VirtioDevice>) -> Result<VirtioSlot, Error> {
+    pub fn add(
+        &mut self,
+        id: DeviceId,
+        device: Box<dyn VirtioDevice>,
+    ) -> Result<VirtioSlot, Error> {
         let max = u32::from(IOAPIC_PINS) - VIRTIO_IRQ_START;
         if self.next >= max {
             return Err(Error::TooMany(max));
@@ -81,6 +134,7 @@ impl<'a> VirtioPlacer<'a> {
         let transport = Arc::new(Mutex::new(transport));
         self.mmio.insert(transport.clone(), base, MMIO_LEN)?;
         Ok(VirtioSlot {
+            id,
             transport,
             queue_evts,
             cmdline: format!("virtio_mmio.device=4K@{base:#x}:{irq}"),
@@ -108,5 +162,35 @@ impl MutEventSubscriber for VirtioSlot {
                 let _ = self.queue_evts[index].write(1);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_take_the_saved_order_and_must_match_it() {
+        let share = |t: &str| DeviceId::Share(t.into());
+        let config = vec![
+            (DeviceId::RootDisk, 0),
+            (DeviceId::Vsock, 1),
+            (share("a"), 2),
+            (share("b"), 3),
+        ];
+        let saved = [DeviceId::RootDisk, DeviceId::Vsock, share("b"), share("a")];
+        let ordered = order_as_saved(config.clone(), &saved).unwrap();
+        let values: Vec<i32> = ordered.iter().map(|(_, v)| *v).collect();
+        assert_eq!(values, [0, 1, 3, 2]);
+
+        let err = order_as_saved(config.clone(), &[DeviceId::Network]).unwrap_err();
+        assert!(matches!(err, Error::NotConfigured(DeviceId::Network)));
+        assert!(err.to_string().contains("the network"), "{err}");
+        let err = order_as_saved(config, &saved[..3]).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("the configuration has the share \"a\", the saved machine does not"),
+            "{err}"
+        );
     }
 }

@@ -24,7 +24,7 @@ use crate::exit::{ExitReason, ExitSignal};
 use crate::memory::{GuestRam, MemoryImage};
 use crate::snapshot::RestoreSource;
 use crate::vcpu::{PauseControl, VcpuShared, VcpuThread};
-use crate::virtio::{VirtioPlacer, VirtioSlot};
+use crate::virtio::{order_as_saved, DeviceId, VirtioPlacer, VirtioSlot};
 use crate::x86_64::{boot, cpuid, layout, mptable, regs};
 use devices::virtio::block::{Block, LayeredDisk, SharedDisk};
 use devices::virtio::fs::{Fs, PassthroughFs};
@@ -32,6 +32,7 @@ use devices::virtio::net::tap::Tap;
 use devices::virtio::net::user::{self, UserNet, UserNetConfig};
 use devices::virtio::net::{Net, NetBackend};
 use devices::virtio::vsock::Vsock;
+use devices::virtio::VirtioDevice;
 use hypervisor::CpuidEntry;
 
 /// An event-loop subscriber for a device's host side.
@@ -108,9 +109,9 @@ pub enum Error {
     },
     #[error("the saved machine does not fit its configuration: {0}")]
     RestoreMismatch(String),
-    #[error("cannot restore the saved virtio device {index}: {source}")]
+    #[error("cannot restore {id}: {source}")]
     RestoreDevice {
-        index: usize,
+        id: DeviceId,
         source: devices::virtio::mmio::RestoreError,
     },
     #[error("cannot restore the serial port: {0}")]
@@ -597,8 +598,9 @@ impl Vm {
         )?;
 
         raise_fd_limit();
-        let mut placer = VirtioPlacer::new(vm.as_ref(), &mmio, &ram.memory);
-        let mut virtio = Vec::new();
+        // Devices in the configuration's order; a restore puts them where
+        // the saved machine had them and gives each its own saved state.
+        let mut devices: Vec<(DeviceId, Box<dyn VirtioDevice>)> = Vec::new();
         let mut disk = None;
         let mut disk_base = None;
         if let Some(rootfs) = &config.rootfs {
@@ -607,7 +609,10 @@ impl Vm {
                 None => resolve_base(rootfs)?,
             };
             let shared_disk = root_disk(rootfs, &base, restore.as_mut())?;
-            virtio.push(placer.add(Box::new(Block::new(shared_disk.clone(), "rootfs")))?);
+            devices.push((
+                DeviceId::RootDisk,
+                Box::new(Block::new(shared_disk.clone(), "rootfs")),
+            ));
             disk = Some(shared_disk);
             disk_base = Some(base);
         }
@@ -618,12 +623,12 @@ impl Vm {
                 source,
             })?;
             backends.push(Arc::new(Mutex::new(vsock.backend())));
-            virtio.push(placer.add(Box::new(vsock))?);
+            devices.push((DeviceId::Vsock, Box::new(vsock)));
         }
         if let Some(network) = &config.network {
             let net = network_device(network, restore.is_some())?;
             backends.push(Arc::new(Mutex::new(net.handle())));
-            virtio.push(placer.add(Box::new(net))?);
+            devices.push((DeviceId::Network, Box::new(net)));
         }
         for share in &config.shares {
             let fs = PassthroughFs::new(&share.host_path, share.read_only).map_err(|source| {
@@ -632,21 +637,29 @@ impl Vm {
                     source,
                 }
             })?;
-            virtio.push(placer.add(Box::new(Fs::new(&share.tag, fs)))?);
+            devices.push((
+                DeviceId::Share(share.tag.clone()),
+                Box::new(Fs::new(&share.tag, fs)),
+            ));
         }
         if let Some(r) = &restore {
-            if r.state.virtio.len() != virtio.len() {
-                return Err(Error::RestoreMismatch(format!(
-                    "{} virtio devices saved, the config makes {}",
-                    r.state.virtio.len(),
-                    virtio.len()
-                )));
-            }
-            for (index, (slot, saved)) in virtio.iter().zip(&r.state.virtio).enumerate() {
+            let saved: Vec<DeviceId> = r.state.virtio.iter().map(|d| d.id.clone()).collect();
+            devices = order_as_saved(devices, &saved)?;
+        }
+        let mut placer = VirtioPlacer::new(vm.as_ref(), &mmio, &ram.memory);
+        let mut virtio = Vec::with_capacity(devices.len());
+        for (id, device) in devices {
+            virtio.push(placer.add(id, device)?);
+        }
+        if let Some(r) = &restore {
+            for (slot, saved) in virtio.iter().zip(&r.state.virtio) {
                 slot.transport
                     .locked()
-                    .restore(saved)
-                    .map_err(|source| Error::RestoreDevice { index, source })?;
+                    .restore(&saved.transport)
+                    .map_err(|source| Error::RestoreDevice {
+                        id: slot.id.clone(),
+                        source,
+                    })?;
             }
         }
         phase("devices created");
@@ -807,7 +820,10 @@ impl Vm {
             vm,
             ram,
             shared.clone(),
-            virtio.iter().map(|v| v.transport.clone()).collect(),
+            virtio
+                .iter()
+                .map(|v| (v.id.clone(), v.transport.clone()))
+                .collect(),
             disk.zip(disk_base),
             serial.clone(),
             cpuid,

@@ -66,7 +66,7 @@ pub struct TransportSnapshot {
     /// The device's own state, for devices that have some to carry
     /// (`VirtioDevice::save_device`).
     #[serde(default)]
-    pub device: Option<serde_json::Value>,
+    pub device: Option<super::DeviceState>,
 }
 
 /// Why a saved transport cannot be restored.

@@ -207,12 +207,33 @@ pub trait VirtioDevice: Send {
     fn restored(&mut self) {}
     /// State of the device itself that a snapshot or fork child needs
     /// (virtio-fs: its inode table). None by default.
-    fn save_device(&self) -> Option<serde_json::Value> {
+    fn save_device(&self) -> Option<DeviceState> {
         None
     }
-    /// Takes back what `save_device` gave, before activation.
-    fn restore_device(&mut self, _state: &serde_json::Value) -> Result<(), ActivateError> {
-        Ok(())
+    /// Takes back what `save_device` gave, before activation. A device
+    /// without state of its own refuses any.
+    fn restore_device(&mut self, state: &DeviceState) -> Result<(), ActivateError> {
+        Err(ActivateError::Device(format!(
+            "the saved state is of a {} device, this device keeps none",
+            state.kind()
+        )))
+    }
+}
+
+/// A device's own saved state (beyond its transport and queues), by kind.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceState {
+    /// virtio-fs: the share's inodes and open files.
+    Fs(fs::passthrough::FsState),
+}
+
+impl DeviceState {
+    /// The kind of device the state belongs to, for errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DeviceState::Fs(_) => "virtio-fs",
+        }
     }
 }
 

@@ -21,7 +21,7 @@ use crate::{
     SystemEventKind, VcpuExit, VcpuState, VmState,
 };
 
-mod state;
+pub mod state;
 
 /// The KVM device.
 pub const KVM_PATH: &str = "/dev/kvm";

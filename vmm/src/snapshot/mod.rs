@@ -33,11 +33,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
 use crate::memory::MemoryImage;
+use crate::virtio::DeviceId;
 
 /// First bytes of a `state` file.
 pub const MAGIC: &[u8; 8] = b"VMMSNAP\0";
-/// The format version this VMM writes and reads.
-pub const VERSION: u32 = 1;
+/// The format version this VMM writes and reads. 2: typed vCPU, VM and
+/// device state; devices matched to their state by identity.
+pub const VERSION: u32 = 2;
 const HEADER_LEN: usize = 8 + 4 + 8 + 4;
 /// Largest `state` body accepted (it is JSON of a few hundred KiB at most).
 const MAX_BODY: u64 = 64 << 20;
@@ -68,6 +70,8 @@ pub enum Error {
     Version { path: PathBuf, found: u32 },
     #[error("{path} is truncated or corrupted ({what}); the snapshot cannot be used")]
     Corrupt { path: PathBuf, what: String },
+    #[error("{path} cannot be read by this VMM ({reason}): it was written by another build or hypervisor backend; restore it with the VMM that wrote it")]
+    Unreadable { path: PathBuf, reason: String },
     #[error(
         "cannot encode the machine state: {0} (a bug: please report it); no snapshot was written"
     )]
@@ -102,10 +106,18 @@ pub struct MachineState {
     /// The CPUID each vCPU had.
     pub cpuid: Vec<Vec<CpuidEntry>>,
     pub serial: SerialSnapshot,
-    /// Virtio transports, in bus order (root disk first, then vsock).
-    pub virtio: Vec<TransportSnapshot>,
+    /// Virtio devices, in bus order.
+    pub virtio: Vec<SavedDevice>,
     /// Whether the guest agent had announced itself.
     pub agent_ready: bool,
+}
+
+/// A virtio device's saved transport (registers, queues, the device's own
+/// state), and which device of the configuration it is.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SavedDevice {
+    pub id: DeviceId,
+    pub transport: TransportSnapshot,
 }
 
 /// What a VM is restored from: a snapshot directory or a forking parent.
@@ -121,14 +133,18 @@ pub struct RestoreSource {
 
 /// Encodes `state` as a `state` file.
 pub fn encode(state: &MachineState) -> Result<Vec<u8>> {
-    let body = serde_json::to_vec(state).map_err(Error::Encode)?;
+    Ok(frame(&serde_json::to_vec(state).map_err(Error::Encode)?))
+}
+
+/// `body` behind the header (magic, version, length, checksum).
+fn frame(body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + body.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
     out.extend_from_slice(&(body.len() as u64).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-    out.extend_from_slice(&body);
-    Ok(out)
+    out.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
+    out.extend_from_slice(body);
+    out
 }
 
 /// Decodes a `state` file (`path` names it in errors).
@@ -165,7 +181,10 @@ pub fn decode(bytes: &[u8], path: &Path) -> Result<MachineState> {
     if crc32fast::hash(body) != crc {
         return Err(corrupt("checksum mismatch"));
     }
-    serde_json::from_slice(body).map_err(|e| corrupt(&format!("state not readable: {e}")))
+    serde_json::from_slice(body).map_err(|e| Error::Unreadable {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
 }
 
 /// A snapshot being written: files go into a temporary directory next to
@@ -393,18 +412,41 @@ pub fn restore_source(dir: &Path, opts: &RestoreOptions) -> Result<RestoreSource
 #[cfg(test)]
 mod tests {
     use super::*;
+    use devices::virtio::DeviceState;
 
     fn sample() -> MachineState {
+        let transport = |device| TransportSnapshot {
+            device_type: 26,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 1 << 32,
+            queue_sel: 0,
+            status: 15,
+            config_generation: 0,
+            interrupt_status: 0,
+            activated: true,
+            queues: vec![],
+            device,
+        };
         MachineState {
             config: VmConfig::default(),
             disk_base: None,
             cmdline: "console=ttyS0".into(),
             memory_size: 1 << 20,
-            vm: VmState(serde_json::json!({"x": 1})),
-            vcpus: vec![VcpuState(serde_json::json!({"y": 2}))],
+            vm: VmState::KvmX86_64(Default::default()),
+            vcpus: vec![VcpuState::KvmX86_64(Default::default())],
             cpuid: vec![vec![]],
             serial: SerialSnapshot::default(),
-            virtio: vec![],
+            virtio: vec![
+                SavedDevice {
+                    id: DeviceId::Vsock,
+                    transport: transport(None),
+                },
+                SavedDevice {
+                    id: DeviceId::Share("work".into()),
+                    transport: transport(Some(DeviceState::Fs(Default::default()))),
+                },
+            ],
             agent_ready: true,
         }
     }
@@ -416,6 +458,12 @@ mod tests {
         let back = decode(&bytes, p).unwrap();
         assert_eq!(back.cmdline, "console=ttyS0");
         assert!(back.agent_ready);
+        let ids: Vec<DeviceId> = back.virtio.iter().map(|d| d.id.clone()).collect();
+        assert_eq!(ids, [DeviceId::Vsock, DeviceId::Share("work".into())]);
+        assert!(matches!(
+            back.virtio[1].transport.device,
+            Some(DeviceState::Fs(_))
+        ));
 
         let msg = |r: Result<MachineState>| r.unwrap_err().to_string();
         assert!(msg(decode(&bytes[..bytes.len() - 3], p)).contains("truncated"));
@@ -424,10 +472,28 @@ mod tests {
         let last = flipped.len() - 2;
         flipped[last] ^= 0x20;
         assert!(msg(decode(&flipped, p)).contains("checksum"));
-        let mut v2 = bytes.clone();
-        v2[8] = 2;
-        assert!(msg(decode(&v2, p)).contains("version 2"));
+        for old in [1u8, 9] {
+            let mut other = bytes.clone();
+            other[8] = old;
+            let err = msg(decode(&other, p));
+            assert!(
+                err.contains(&format!("version {old};")) && err.contains("reads version 2 only"),
+                "{err}"
+            );
+        }
         assert!(msg(decode(b"GIF89a..", p)).contains("not a snapshot"));
+    }
+
+    #[test]
+    fn state_of_another_backend_is_refused_with_a_sentence() {
+        let mut body = serde_json::to_value(sample()).unwrap();
+        let vm = body["vm"].as_object_mut().unwrap();
+        let saved = vm.remove("kvm-x86_64").unwrap();
+        vm.insert("hvf-aarch64".into(), saved);
+        let bytes = frame(&serde_json::to_vec(&body).unwrap());
+        let err = decode(&bytes, Path::new("snap/state")).unwrap_err();
+        assert!(matches!(err, Error::Unreadable { .. }), "{err}");
+        assert!(err.to_string().contains("hvf-aarch64"), "{err}");
     }
 
     #[test]

@@ -17,8 +17,8 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
 use super::{
-    process_requests, read_config_bytes, ActivateError, Drained, Interrupt, QueueSnapshot, Running,
-    VirtioDevice, VIRTIO_F_VERSION_1,
+    process_requests, read_config_bytes, ActivateError, DeviceState, Drained, Interrupt,
+    QueueSnapshot, Running, VirtioDevice, VIRTIO_F_VERSION_1,
 };
 use iobuf::IoBuf;
 pub use passthrough::{Error, PassthroughFs};
@@ -118,14 +118,13 @@ impl VirtioDevice for Fs {
         self.server.fs_mut().destroy();
     }
 
-    fn save_device(&self) -> Option<serde_json::Value> {
-        serde_json::to_value(self.server.fs().save()).ok()
+    fn save_device(&self) -> Option<DeviceState> {
+        Some(DeviceState::Fs(self.server.fs().save()))
     }
 
-    fn restore_device(&mut self, state: &serde_json::Value) -> Result<(), ActivateError> {
-        let state: passthrough::FsState = serde_json::from_value(state.clone())
-            .map_err(|e| ActivateError::Device(format!("saved virtio-fs state: {e}")))?;
-        self.server.fs_mut().restore(&state);
+    fn restore_device(&mut self, state: &DeviceState) -> Result<(), ActivateError> {
+        let DeviceState::Fs(state) = state;
+        self.server.fs_mut().restore(state);
         Ok(())
     }
 
