@@ -11,7 +11,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use common::{describe, exec, fork, ok, stop_now, Guest, Scratch, VMM};
 use serde_json::{json, Value};
-use vmm::action::VmState;
+use vmm::action::{Control, VmState};
 use vmm::api::ApiClient;
 
 /// The shared parent, booted once.

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::{describe, fork, ok, stop_now, Guest, Scratch};
 use serde_json::json;
+use vmm::action::Control;
 
 const SECRET: &str = "host secret\n";
 

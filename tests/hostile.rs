@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::{describe, ok, Guest, Scratch, VMM};
 use serde_json::json;
+use vmm::action::Control;
 
 /// Connections the flood opens.
 const FLOOD: usize = 2000;

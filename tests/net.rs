@@ -24,6 +24,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
+use vmm::action::Control;
 
 use common::{describe, exec, fork, ok, stop_now, Guest, Scratch};
 use serde_json::json;

@@ -7,6 +7,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::time::Duration;
 
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -24,10 +25,55 @@ pub fn nonblocking() -> io::Result<TimerFd> {
     Ok(timer)
 }
 
+/// A periodic non-blocking timer that runs exactly while its owner has
+/// something to check (deadlines pending), so an idle loop never wakes.
+pub struct Ticker {
+    timer: TimerFd,
+    period: Duration,
+    running: bool,
+}
+
+impl Ticker {
+    pub fn new(period: Duration) -> io::Result<Self> {
+        Ok(Ticker {
+            timer: nonblocking()?,
+            period,
+            running: false,
+        })
+    }
+
+    /// Starts or stops the ticks; failures are logged as `owner`'s.
+    pub fn run_while(&mut self, wanted: bool, owner: &str) {
+        if wanted == self.running {
+            return;
+        }
+        let result = if wanted {
+            self.timer.reset(self.period, Some(self.period))
+        } else {
+            self.timer.clear()
+        };
+        match result {
+            Ok(()) => self.running = wanted,
+            Err(e) => tracing::warn!("{owner}: cannot set its timer: {e}"),
+        }
+    }
+
+    /// Takes the expirations (the descriptor was readable).
+    pub fn acknowledge(&mut self) {
+        let _ = self.timer.wait();
+    }
+}
+
+impl AsRawFd for Ticker {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.timer.as_raw_fd()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::{Duration, Instant};
+    use std::time::Instant;
 
     #[test]
     fn reading_a_stopped_or_rearmed_timer_returns_at_once() {

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use vmm::action::Control;
+
 pub const VMM: &str = env!("CARGO_BIN_EXE_vmm");
 
 /// A scratch directory removed when dropped.

@@ -4,7 +4,7 @@
 //! so the server and the client cannot disagree, and a test checks
 //! docs/api.yaml against it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -143,6 +143,12 @@ pub enum ActionError {
     NotControllable,
     #[error("a fork is starting its children; try again when it answers")]
     ForkInProgress,
+    #[error("the VM has stopped; it takes no more actions")]
+    Stopped,
+    #[error("the VM did not answer within {0:?}; see its console log for why")]
+    NoAnswer(std::time::Duration),
+    #[error("the VM answered with the wrong kind of reply ({0}): a bug, please report it")]
+    Unexpected(String),
     #[error("{0}")]
     Busy(String),
     #[error(transparent)]
@@ -156,8 +162,12 @@ impl ActionError {
             ActionError::BadRequest(_) => 400,
             ActionError::NotFound(_) => 404,
             ActionError::MethodNotAllowed { .. } => 405,
-            ActionError::NotControllable | ActionError::ForkInProgress => 409,
+            ActionError::NotControllable | ActionError::ForkInProgress | ActionError::Stopped => {
+                409
+            }
             ActionError::Busy(_) => 503,
+            ActionError::NoAnswer(_) => 504,
+            ActionError::Unexpected(_) => 500,
             ActionError::Control(crate::control::Error::TapNetwork) => 409,
             ActionError::Control(_) => 500,
         }
@@ -334,3 +344,81 @@ mod hex_key {
 
 #[cfg(test)]
 mod tests;
+
+/// Typed calls for every action, over anything that performs actions: a
+/// running VM's [`crate::machine::MachineHandle`] in this process, or an
+/// [`crate::api::ApiClient`] on another VMM's control socket.
+pub trait Control {
+    type Error;
+
+    /// Has the VM do `action`.
+    fn perform(&self, action: Action) -> Result<Reply, Self::Error>;
+
+    /// The error for an answer of the wrong kind (a bug on the other side).
+    fn unexpected(reply: Reply) -> Self::Error;
+
+    /// The VM's description and state.
+    fn describe(&self) -> Result<VmDescription, Self::Error> {
+        match self.perform(Action::Describe)? {
+            Reply::Vm(vm) => Ok(vm),
+            other => Err(Self::unexpected(other)),
+        }
+    }
+
+    /// Waits until the VM's agent serves (a VM without vsock has none: an
+    /// error of the wrong kind).
+    fn wait_agent(&self) -> Result<(), Self::Error> {
+        match self.perform(Action::WaitAgent)? {
+            Reply::Agent(a) if a.agent == AgentState::Ready => Ok(()),
+            other => Err(Self::unexpected(other)),
+        }
+    }
+
+    /// Stops every vCPU; the VM keeps its state.
+    fn pause(&self) -> Result<(), Self::Error> {
+        self.perform(Action::Pause).map(drop)
+    }
+
+    /// Resumes a paused VM.
+    fn resume(&self) -> Result<(), Self::Error> {
+        self.perform(Action::Resume).map(drop)
+    }
+
+    /// Stops the VM at once (the guest does not sync; the agent's shutdown
+    /// does).
+    fn stop(&self) -> Result<(), Self::Error> {
+        self.perform(Action::Stop).map(drop)
+    }
+
+    /// Writes a snapshot into the new directory `dir` (absolute, or
+    /// relative to the VMM's working directory), with an `auth` MAC under
+    /// `key` when given.
+    fn snapshot(&self, dir: &Path, key: Option<&[u8]>) -> Result<SnapshotInfo, Self::Error> {
+        let action = Action::Snapshot(SnapshotRequest {
+            dir: dir.to_path_buf(),
+            key: key.map(<[u8]>::to_vec),
+        });
+        match self.perform(action)? {
+            Reply::Snapshot(info) => Ok(info),
+            other => Err(Self::unexpected(other)),
+        }
+    }
+
+    /// Forks the VM into `count` children (sockets in `dir`, default the
+    /// user's private runtime directory); answers once their vCPUs run.
+    fn fork(&self, count: u32, dir: Option<&Path>) -> Result<ForkInfo, Self::Error> {
+        self.fork_with(ForkRequest {
+            count,
+            dir: dir.map(Path::to_path_buf),
+            names: None,
+        })
+    }
+
+    /// Forks the VM as `request` says.
+    fn fork_with(&self, request: ForkRequest) -> Result<ForkInfo, Self::Error> {
+        match self.perform(Action::Fork(request))? {
+            Reply::Fork(info) => Ok(info),
+            other => Err(Self::unexpected(other)),
+        }
+    }
+}

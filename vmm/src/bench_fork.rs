@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::action::{ForkInfo, VmState};
+use crate::action::{Control, ForkInfo, VmState};
 use crate::api::ApiClient;
 use crate::bench::{kib_field, private_kib_of, Error, Report, Stats};
 

@@ -471,7 +471,8 @@ pub fn child_main() -> std::result::Result<(), i32> {
     let opts = crate::RunOptions {
         stop_evt: Some(stop),
         api_socket: Some(message.api_socket),
-        on_started: Some(Box::new(move || {
+        watch_agent: true,
+        on_started: Some(Box::new(move |_| {
             let _ = writeln!(&ack, "{}", serde_json::json!({ "ok": true }));
         })),
     };

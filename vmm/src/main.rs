@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 #[path = "cli/named.rs"]
 mod named;
 
-use vmm::action::{Action, ForkRequest, SnapshotRequest};
+use vmm::action::{Action, Control, ForkRequest, SnapshotRequest};
 use vmm::config::VmConfig;
 
 #[derive(Parser)]
@@ -441,7 +441,8 @@ fn run_vm(vm: vmm::Vm, api_socket: Option<PathBuf>, report: Option<PathBuf>) -> 
     let opts = vmm::RunOptions {
         stop_evt: Some(stop),
         api_socket,
-        on_started: Some(Box::new(named::notify_started)),
+        on_started: Some(Box::new(|_| named::notify_started())),
+        ..Default::default()
     };
     let outcome = match vm.run(opts) {
         Ok(o) => o,
@@ -469,7 +470,7 @@ fn control(target: &Target, action: vmm::action::Action) -> ExitCode {
         Ok(path) => vmm::api::ApiClient::new(&path),
         Err(e) => return fail(e),
     };
-    match api.perform(&action) {
+    match api.perform(action) {
         Ok(reply) => {
             let (_, body) = reply.to_http();
             if !body.is_null() {

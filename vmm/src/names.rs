@@ -103,8 +103,13 @@ fn entry_path(registry: &Path, name: &str) -> PathBuf {
 pub fn process_start(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) is in parentheses and may hold spaces.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    let mut rest = stat[stat.rfind(')')? + 1..].split_whitespace();
+    // A process that has ended but is not reaped yet (a fork child whose
+    // parent VMM has not seen its end) runs no VM.
+    if matches!(rest.next(), Some("Z" | "X")) {
+        return None;
+    }
+    rest.nth(18)?.parse().ok()
 }
 
 fn now_unix() -> u64 {
@@ -133,14 +138,9 @@ impl Entry {
 
     /// Waits up to `timeout` for the process to end; whether it did.
     pub fn wait_exit(&self, timeout: std::time::Duration) -> bool {
-        // SAFETY: pidfd_open takes no pointers; the result is checked.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.pid as libc::pid_t, 0) };
-        if fd < 0 {
+        let Ok(pidfd) = crate::pidfd::open(self.pid) else {
             return !self.alive();
-        }
-        // SAFETY: pidfd_open returned this descriptor to us alone.
-        let pidfd =
-            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+        };
         // The pid may have been reused between reading the entry and
         // opening the pidfd.
         if !self.alive() {
@@ -343,6 +343,23 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    #[test]
+    fn an_ended_process_not_yet_reaped_does_not_run() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pidfd = crate::pidfd::open(child.id()).unwrap();
+        let mut poll = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&pidfd),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll(2) on one valid pollfd.
+        assert_eq!(unsafe { libc::poll(&mut poll, 1, 10_000) }, 1);
+        // Ended, not reaped: a zombie.
+        assert_eq!(process_start(child.id()), None);
+        child.wait().unwrap();
+        assert!(process_start(std::process::id()).is_some());
     }
 
     #[test]

@@ -1,26 +1,46 @@
 //! A VM with its agent, run in this process: what `vmm run` uses, and the
-//! simplest way to embed the VMM.
+//! Rust embedding API. A [`Sandbox`] starts (or restores) a VM on a thread
+//! of this process; its [`MachineHandle`] takes typed actions ([`Control`]:
+//! pause, resume, snapshot, fork, describe, stop) without HTTP, and its
+//! agent runs commands and moves files. Fork children are VMs in their own
+//! processes ([`Forked`]), controlled through their sockets with the same
+//! typed calls. `examples/sandboxes.rs` does all of it.
 //!
 //! ```no_run
+//! use vmm::action::Control;
+//! vmm::fork::run_child_if_asked(); // first in main: fork children re-enter here
 //! let sandbox = vmm::sandbox::Sandbox::start(vmm::VmConfig::default())?;
 //! let cmd = vmm::agent::Exec { argv: vec!["python3".into(), "-c".into(), "print(6*7)".into()], ..Default::default() };
 //! let status = sandbox.agent().exec(&cmd, None, &mut std::io::stdout(), &mut std::io::stderr())?;
+//! sandbox.machine().pause()?;
+//! sandbox.machine().resume()?;
+//! for child in sandbox.fork(2)? {
+//!     child.agent()?.exec(&cmd, None, &mut std::io::stdout(), &mut std::io::stderr())?;
+//! }
 //! let outcome = sandbox.stop()?;
-//! # Ok::<(), vmm::sandbox::Error>(())
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+use std::path::Path;
+use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vmm_sys_util::eventfd::EventFd;
-
-use crate::agent::{AgentClient, ReadyListener};
+use crate::action::{Action, ActionError, Control};
+use crate::agent::AgentClient;
+use crate::api::ApiClient;
 use crate::config::{RootfsConfig, SerialOutput, VmConfig, VsockConfig};
+use crate::fork::ChildInfo;
+use crate::machine::MachineHandle;
 use crate::runtime::RuntimeDir;
+use crate::snapshot::host::HostSettings;
+use crate::snapshot::RestoreOptions;
 use crate::{RunOptions, RunOutcome, Vm};
 
 /// How long a guest may take to boot to its agent (PVM hosts are slow).
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a stopped fork child's process gets to end.
+const STOP_WAIT: Duration = Duration::from_secs(10);
 /// Guest context id used when the config has no vsock section.
 pub const DEFAULT_CID: u64 = 3;
 
@@ -36,6 +56,14 @@ pub enum Error {
     Setup(std::io::Error),
     #[error("the VM ended before its agent came up: {0}")]
     EndedEarly(String),
+    #[error(transparent)]
+    Action(#[from] ActionError),
+    #[error(transparent)]
+    Api(#[from] crate::api::Error),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::Error),
+    #[error("the saved machine has no vsock device, so no agent: restore it with `vmm restore`")]
+    NoAgent,
     #[error("the VM thread panicked")]
     Panicked,
 }
@@ -65,6 +93,7 @@ pub fn with_sandbox_defaults(mut config: VmConfig, scratch: &std::path::Path) ->
 /// A running VM whose agent answers.
 pub struct Sandbox {
     agent: AgentClient,
+    machine: MachineHandle,
     thread: Option<JoinHandle<crate::vm::Result<RunOutcome>>>,
     /// Holds the vsock sockets; removed when the sandbox is dropped.
     _scratch: RuntimeDir,
@@ -76,37 +105,99 @@ impl Sandbox {
         let start = Instant::now();
         let scratch = RuntimeDir::create("sandbox")?;
         let config = with_sandbox_defaults(config, scratch.path());
+        let hv = crate::open_hypervisor()?;
+        let vm = Vm::build(&config, hv.as_ref(), start)?;
+        Self::run(vm, hv, &config, scratch)
+    }
+
+    /// Restores snapshot directory `dir` in this process and waits for its
+    /// agent. Host-side settings come from `host` (see `snapshot::host`;
+    /// its config gets [`with_sandbox_defaults`], as for `start`); `key`
+    /// checks the snapshot's MAC.
+    pub fn restore(dir: &Path, mut host: HostSettings, key: Option<Vec<u8>>) -> Result<Sandbox> {
+        let start = Instant::now();
+        let scratch = RuntimeDir::create("sandbox")?;
+        host.config = host
+            .config
+            .map(|c| with_sandbox_defaults(c, scratch.path()));
+        let opts = RestoreOptions {
+            vsock_socket: scratch.path().join("vsock.sock"),
+            host,
+            key,
+        };
+        let source = crate::snapshot::restore_source(dir, &opts)?;
+        let config = source.state.config.clone();
+        if config.vsock.is_none() {
+            return Err(Error::NoAgent);
+        }
+        let hv = crate::open_hypervisor()?;
+        let vm = Vm::restore(source, hv.as_ref(), start)?;
+        Self::run(vm, hv, &config, scratch)
+    }
+
+    /// Runs `vm` (built from `config`) on its own thread and waits for its
+    /// agent.
+    fn run(
+        vm: Vm,
+        hv: Box<dyn hypervisor::Hypervisor>,
+        config: &VmConfig,
+        scratch: RuntimeDir,
+    ) -> Result<Sandbox> {
         let uds = config
             .vsock
             .as_ref()
             .map(|v| v.uds_path.clone())
-            .unwrap_or_default();
-        let ready = ReadyListener::bind(&uds)?;
-        let hv = crate::open_hypervisor()?;
-        let vm = Vm::build(&config, hv.as_ref(), start)?;
-        let ended = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Setup)?;
-        let ended_signal = ended.try_clone().map_err(Error::Setup)?;
-        let thread = std::thread::Builder::new()
-            .name("vmm".into())
-            .spawn(move || {
-                let _hv = hv;
-                let outcome = vm.run(RunOptions::default());
-                let _ = ended_signal.write(1);
-                outcome
-            })
-            .map_err(Error::Setup)?;
-        let mut sandbox = Sandbox {
-            agent: AgentClient::new(&uds),
-            thread: Some(thread),
-            _scratch: scratch,
+            .ok_or(Error::NoAgent)?;
+        let (started_tx, started) = mpsc::sync_channel(1);
+        let opts = RunOptions {
+            on_started: Some(Box::new(move |machine| {
+                let _ = started_tx.send(machine);
+            })),
+            watch_agent: true,
+            ..Default::default()
         };
-        if let Err(e) = ready.wait(BOOT_TIMEOUT, Some(&ended)) {
-            return Err(match sandbox.join() {
-                Ok(outcome) => Error::EndedEarly(outcome.reason.to_string()),
-                Err(_) => Error::Agent(e),
-            });
+        let mut thread = Some(
+            std::thread::Builder::new()
+                .name("vmm".into())
+                .spawn(move || {
+                    let _hv = hv;
+                    vm.run(opts)
+                })
+                .map_err(Error::Setup)?,
+        );
+        let ended_early = |thread: &mut Option<JoinHandle<_>>| match join(thread) {
+            Ok(outcome) => Error::EndedEarly(outcome.reason.to_string()),
+            Err(e) => e,
+        };
+        // No handle: the VM ended before its vCPUs ran.
+        let Ok(machine) = started.recv() else {
+            return Err(ended_early(&mut thread));
+        };
+        match machine.perform_within(Action::WaitAgent, BOOT_TIMEOUT) {
+            Ok(_) => {}
+            Err(ActionError::Stopped) => return Err(ended_early(&mut thread)),
+            Err(e) => {
+                let _ = machine.stop();
+                let _ = join(&mut thread);
+                return Err(e.into());
+            }
         }
-        Ok(sandbox)
+        Ok(Sandbox {
+            agent: AgentClient::new(&uds),
+            machine,
+            thread,
+            _scratch: scratch,
+        })
+    }
+
+    /// Forks the sandbox into `count` children, each a VM in its own
+    /// process that continues from this instant; returns once they run.
+    /// The children's processes run this program's executable (see
+    /// `fork::run_child_if_asked`) or the `vmm` binary that
+    /// `VMM_CHILD_BINARY` names.
+    pub fn fork(&self, count: u32) -> Result<Vec<Forked>> {
+        let info = self.machine.fork(count, None)?;
+        Ok(info.children.into_iter().map(Forked::new).collect())
     }
 
     /// The agent client, for exec, put and get.
@@ -114,16 +205,16 @@ impl Sandbox {
         &self.agent
     }
 
-    fn join(&mut self) -> Result<RunOutcome> {
-        let thread = self.thread.take().ok_or(Error::Panicked)?;
-        Ok(thread.join().map_err(|_| Error::Panicked)??)
+    /// Sends the machine actions: pause, resume, snapshot, fork, describe.
+    pub fn machine(&self) -> &MachineHandle {
+        &self.machine
     }
 
     /// Shuts the guest down through the agent (it syncs first) and waits
     /// for the VM to end.
     pub fn stop(mut self) -> Result<RunOutcome> {
         self.agent.shutdown()?;
-        self.join()
+        join(&mut self.thread)
     }
 }
 
@@ -132,7 +223,80 @@ impl Drop for Sandbox {
         if self.thread.is_some() {
             // Not stopped explicitly: ask the guest to power off, and wait.
             let _ = self.agent.shutdown();
-            let _ = self.join();
+            let _ = join(&mut self.thread);
         }
+    }
+}
+
+/// Waits for the VM thread to end.
+fn join(thread: &mut Option<JoinHandle<crate::vm::Result<RunOutcome>>>) -> Result<RunOutcome> {
+    let thread = thread.take().ok_or(Error::Panicked)?;
+    Ok(thread.join().map_err(|_| Error::Panicked)??)
+}
+
+/// A fork child: a VM in its own process, controlled through its control
+/// socket ([`Control`] on [`Forked::control`]) and its agent. Stopped when
+/// dropped.
+pub struct Forked {
+    info: ChildInfo,
+    control: ApiClient,
+    agent: Option<AgentClient>,
+    stopped: bool,
+}
+
+impl Forked {
+    fn new(info: ChildInfo) -> Self {
+        Forked {
+            control: ApiClient::new(&info.api_socket),
+            agent: info.vsock_socket.as_deref().map(AgentClient::new),
+            info,
+            stopped: false,
+        }
+    }
+
+    /// Its id, process and sockets.
+    pub fn info(&self) -> &ChildInfo {
+        &self.info
+    }
+
+    /// Pause, resume, snapshot, fork, describe, stop.
+    pub fn control(&self) -> &ApiClient {
+        &self.control
+    }
+
+    /// The agent client, for exec, put and get (the parent's agent, which
+    /// the child continues, answers once the child's vsock reset is done).
+    pub fn agent(&self) -> Result<&AgentClient> {
+        self.control.wait_agent()?;
+        self.agent.as_ref().ok_or(Error::NoAgent)
+    }
+
+    /// Stops the child at once and waits for its process to end.
+    pub fn stop(mut self) -> Result<()> {
+        self.stop_now()
+    }
+
+    fn stop_now(&mut self) -> Result<()> {
+        if std::mem::replace(&mut self.stopped, true) {
+            return Ok(());
+        }
+        let Ok(pidfd) = crate::pidfd::open(self.info.pid) else {
+            return Ok(());
+        };
+        self.control.stop()?;
+        let mut poll = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&pidfd),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll(2) on one valid pollfd.
+        unsafe { libc::poll(&mut poll, 1, STOP_WAIT.as_millis() as i32) };
+        Ok(())
+    }
+}
+
+impl Drop for Forked {
+    fn drop(&mut self) {
+        let _ = self.stop_now();
     }
 }

@@ -16,11 +16,12 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 use hypervisor::{Hypervisor, HypervisorKind, Vcpu};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::api::{ApiServer, VmInfo};
+use crate::api::{ApiServer, ApiThread};
 use crate::artifacts::{self, KernelFlavour};
 use crate::config::{NetworkConfig, RootfsConfig, SerialOutput, VmConfig};
 use crate::control::Controller;
 use crate::exit::{ExitReason, ExitSignal};
+use crate::machine::{Machine, MachineHandle, VmInfo};
 use crate::memory::{GuestRam, MemoryImage};
 use crate::snapshot::RestoreSource;
 use crate::vcpu::{PauseControl, VcpuShared, VcpuThread};
@@ -150,9 +151,15 @@ pub struct RunOptions {
     pub stop_evt: Option<EventFd>,
     /// Serve the control API on this Unix socket while the VM runs.
     pub api_socket: Option<PathBuf>,
-    /// Called once every vCPU thread runs (a fork child acknowledges its
-    /// start with it).
-    pub on_started: Option<Box<dyn FnOnce() + Send>>,
+    /// Listen on the agent's ready port (`<uds_path>_1023`) so the machine
+    /// knows when the agent serves, even without an API socket (the
+    /// in-process API needs it). With an API socket it always does; without
+    /// either, a program of the user's may listen there itself.
+    pub watch_agent: bool,
+    /// Called once every vCPU thread runs, with a handle that sends the
+    /// machine actions (a fork child acknowledges its start with it; the
+    /// in-process Rust API keeps the handle).
+    pub on_started: Option<Box<dyn FnOnce(MachineHandle) + Send>>,
 }
 
 /// What a VM was built from, after defaults were filled in.
@@ -793,6 +800,7 @@ impl Vm {
         let RunOptions {
             stop_evt,
             api_socket,
+            watch_agent,
             on_started,
         } = opts;
         let Vm {
@@ -816,7 +824,7 @@ impl Vm {
             resolved,
         } = self;
         let vsock_path = config.vsock.as_ref().map(|v| v.uds_path.clone());
-        let controller = Arc::new(Mutex::new(Controller::new(
+        let controller = Controller::new(
             vm,
             ram,
             shared.clone(),
@@ -829,7 +837,7 @@ impl Vm {
             cpuid,
             config,
             resolved.cmdline.clone(),
-        )));
+        );
         let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
             EventManager::new().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
         // A restored guest's agent is reseeded before it is reported ready.
@@ -839,14 +847,26 @@ impl Vm {
             }
             _ => None,
         };
-        if let Some(path) = &api_socket {
-            let mut server = ApiServer::bind(path, info.clone(), shared.exit.clone())?;
-            server.set_control(controller.clone());
-            if let Some(evt) = &reseed_done {
-                server.set_agent_ready_evt(evt.try_clone().map_err(io_err("clone an eventfd"))?);
-            }
-            manager.add_subscriber(Arc::new(Mutex::new(server)));
-        }
+        let ready_evt = reseed_done
+            .as_ref()
+            .map(|e| e.try_clone())
+            .transpose()
+            .map_err(io_err("clone an eventfd"))?;
+        let machine = Arc::new(Mutex::new(Machine::new(
+            Some(controller),
+            info.clone(),
+            shared.exit.clone(),
+            watch_agent || api_socket.is_some(),
+            ready_evt,
+        )?));
+        manager.add_subscriber(machine.clone());
+        let api = match &api_socket {
+            Some(path) => Some(ApiThread::spawn(ApiServer::bind(
+                path,
+                machine.locked().handle(),
+            )?)?),
+            None => None,
+        };
         // Console input: only from an interactive terminal, so a VMM run by
         // another program never steals that program's standard input.
         let forward_stdin = serial_is_stdout && std::io::IsTerminal::is_terminal(&std::io::stdin());
@@ -879,9 +899,11 @@ impl Vm {
                 }
             }
         }
-        controller.locked().threads = threads.iter().map(VcpuThread::pthread).collect();
+        machine
+            .locked()
+            .set_vcpu_threads(threads.iter().map(VcpuThread::pthread).collect());
         if let Some(f) = on_started {
-            f();
+            f(machine.locked().handle());
         }
         if let (Some(done), Some(uds)) = (reseed_done, vsock_path) {
             reseed_agent(uds, done, shared.exit.clone());
@@ -895,6 +917,9 @@ impl Vm {
             }
         }
 
+        if let Some(api) = api {
+            api.stop();
+        }
         let vmm_overhead_rss_kib = crate::memory::overhead_rss_kib();
         shared.stop.store(true, Ordering::SeqCst);
         shared.pause.wake_for_stop();

@@ -9,9 +9,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::{Error, Result};
-use crate::action::{
-    Action, AgentState, ForkInfo, ForkRequest, Reply, SnapshotInfo, SnapshotRequest, VmDescription,
-};
+use crate::action::{Action, Control, Reply};
 
 /// A client of a VMM's API socket.
 pub struct ApiClient {
@@ -19,10 +17,6 @@ pub struct ApiClient {
     /// Bound on each read and write of a call (none by default: a fork or
     /// a wait for the agent may take long).
     timeout: Option<Duration>,
-}
-
-fn unexpected(reply: Reply) -> Error {
-    Error::BadAnswer(format!("an answer of the wrong kind: {reply:?}"))
 }
 
 impl ApiClient {
@@ -78,85 +72,26 @@ impl ApiClient {
         serde_json::from_str(body).map_err(|e| Error::BadAnswer(e.to_string()))
     }
 
-    /// Asks the VM to do `action`.
-    pub fn perform(&self, action: &Action) -> Result<Reply> {
-        let (method, path) = action.route();
-        let answer = self.call(method, path, action.body().as_ref())?;
-        Reply::from_http(action.kind(), answer).map_err(|e| Error::BadAnswer(e.to_string()))
-    }
-
-    /// The VM's description and state.
-    pub fn describe(&self) -> Result<VmDescription> {
-        match self.perform(&Action::Describe)? {
-            Reply::Vm(vm) => Ok(vm),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// Waits until the VM's agent serves.
-    pub fn wait_agent(&self) -> Result<()> {
-        match self.perform(&Action::WaitAgent)? {
-            Reply::Agent(a) if a.agent == AgentState::Ready => Ok(()),
-            Reply::Agent(a) => Err(Error::BadAnswer(format!(
-                "the VM's agent is {:?}: it has no vsock device",
-                a.agent
-            ))),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// Pauses the VM.
-    pub fn pause(&self) -> Result<()> {
-        self.perform(&Action::Pause).map(drop)
-    }
-
-    /// Resumes a paused VM.
-    pub fn resume(&self) -> Result<()> {
-        self.perform(&Action::Resume).map(drop)
-    }
-
-    /// Stops the VM at once (the guest does not sync).
-    pub fn stop(&self) -> Result<()> {
-        self.perform(&Action::Stop).map(drop)
-    }
-
-    /// Writes a snapshot into the new directory `dir` (absolute, or
-    /// relative to the VMM's working directory), with an `auth` MAC under
-    /// `key` when given.
-    pub fn snapshot(&self, dir: &Path, key: Option<&[u8]>) -> Result<SnapshotInfo> {
-        let action = Action::Snapshot(SnapshotRequest {
-            dir: dir.to_path_buf(),
-            key: key.map(<[u8]>::to_vec),
-        });
-        match self.perform(&action)? {
-            Reply::Snapshot(info) => Ok(info),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// Forks the VM into `count` children (sockets in `dir`, default the
-    /// user's private runtime directory); answers once their vCPUs run.
-    pub fn fork(&self, count: u32, dir: Option<&Path>) -> Result<ForkInfo> {
-        self.fork_with(ForkRequest {
-            count,
-            dir: dir.map(Path::to_path_buf),
-            names: None,
-        })
-    }
-
-    /// Forks the VM as `request` says.
-    pub fn fork_with(&self, request: ForkRequest) -> Result<ForkInfo> {
-        match self.perform(&Action::Fork(request))? {
-            Reply::Fork(info) => Ok(info),
-            other => Err(unexpected(other)),
-        }
-    }
-
     /// The VM's vsock Unix socket.
     pub fn vsock_path(&self) -> Result<PathBuf> {
         self.describe()?
             .vsock
             .map(|v| v.uds_path)
             .ok_or_else(|| Error::BadAnswer("the VM has no vsock device".into()))
+    }
+}
+
+impl Control for ApiClient {
+    type Error = Error;
+
+    /// Sends `action` as its HTTP request and reads the typed answer.
+    fn perform(&self, action: Action) -> Result<Reply> {
+        let (method, path) = action.route();
+        let answer = self.call(method, path, action.body().as_ref())?;
+        Reply::from_http(action.kind(), answer).map_err(|e| Error::BadAnswer(e.to_string()))
+    }
+
+    fn unexpected(reply: Reply) -> Error {
+        Error::BadAnswer(format!("an answer of the wrong kind: {reply:?}"))
     }
 }

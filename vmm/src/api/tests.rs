@@ -5,14 +5,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use event_manager::{EventManager, SubscriberOps};
 
 use super::*;
+use crate::action::Control;
+use crate::exit::{ExitReason, ExitSignal};
+use crate::machine::{Machine, VmInfo, MAX_WAITING};
 
-/// An API server on its own event loop thread, stopped when dropped.
+/// A machine without a VM on its own event loop thread (as the device
+/// loop), and an API server on its thread; both stopped when dropped.
 struct Served {
     dir: PathBuf,
     path: PathBuf,
     exit: Arc<ExitSignal>,
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    machine: Option<std::thread::JoinHandle<()>>,
+    api: Option<ApiThread>,
 }
 
 impl Served {
@@ -29,22 +34,25 @@ impl Served {
             memory_mib: 256,
             vsock: Some((3, dir.join("v.sock"))),
         };
-        let server = ApiServer::bind(&path, info, exit.clone()).unwrap();
+        let machine = Machine::new(None, info, exit.clone(), true, None).unwrap();
+        let handle = machine.handle();
         let stop = Arc::new(AtomicBool::new(false));
         let running = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut em = EventManager::<Arc<Mutex<ApiServer>>>::new().unwrap();
-            em.add_subscriber(Arc::new(Mutex::new(server)));
+        let machine = std::thread::spawn(move || {
+            let mut em = EventManager::<Arc<Mutex<Machine>>>::new().unwrap();
+            em.add_subscriber(Arc::new(Mutex::new(machine)));
             while !running.load(Ordering::Relaxed) {
                 em.run_with_timeout(20).unwrap();
             }
         });
+        let api = ApiThread::spawn(ApiServer::bind(&path, handle).unwrap()).unwrap();
         Served {
             dir,
             path,
             exit,
             stop,
-            thread: Some(thread),
+            machine: Some(machine),
+            api: Some(api),
         }
     }
 
@@ -55,8 +63,11 @@ impl Served {
 
 impl Drop for Served {
     fn drop(&mut self) {
+        if let Some(api) = self.api.take() {
+            api.stop();
+        }
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
+        if let Some(t) = self.machine.take() {
             let _ = t.join();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -187,6 +198,31 @@ fn agent_waiters_are_bounded() {
     }
     assert_eq!(status_of(ask()), 503);
     s.client().call("GET", "/vm", None).unwrap();
+}
+
+#[test]
+fn agent_waiters_are_answered_when_the_agent_announces_itself() {
+    let s = Served::start("ready");
+    let waiter = std::thread::spawn({
+        let c = s.client();
+        move || c.wait_agent()
+    });
+    // The waiter's request is in before the describe after it is answered
+    // (the machine handles actions in the order they were sent).
+    let mut w = UnixStream::connect(&s.path).unwrap();
+    w.write_all(b"GET /vm/agent HTTP/1.1\r\n\r\n").unwrap();
+    assert_eq!(
+        s.client().describe().unwrap().agent,
+        crate::action::AgentState::Starting
+    );
+    // The agent's announcement: a connection to the ready port.
+    UnixStream::connect(s.dir.join("v.sock_1023")).unwrap();
+    waiter.join().unwrap().unwrap();
+    assert_eq!(status_of(w), 200);
+    assert_eq!(
+        s.client().describe().unwrap().agent,
+        crate::action::AgentState::Ready
+    );
 }
 
 #[test]

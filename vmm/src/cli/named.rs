@@ -7,7 +7,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::Duration;
 
 use serde::Serialize;
-use vmm::action::{ForkRequest, VmState};
+use vmm::action::{Control, ForkRequest, VmState};
 use vmm::api::ApiClient;
 use vmm::config::{SerialOutput, VmConfig};
 use vmm::names::{self, Claim, Entry};
