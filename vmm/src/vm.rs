@@ -860,11 +860,10 @@ impl Vm {
             ready_evt,
         )?));
         manager.add_subscriber(machine.clone());
-        let api = match &api_socket {
-            Some(path) => Some(ApiThread::spawn(ApiServer::bind(
-                path,
-                machine.locked().handle(),
-            )?)?),
+        // The socket listens from now on; its thread starts once the vCPUs
+        // run (a connection waits in the backlog until then).
+        let api_server = match &api_socket {
+            Some(path) => Some(ApiServer::bind(path, machine.locked().handle())?),
             None => None,
         };
         // Console input: only from an interactive terminal, so a VMM run by
@@ -902,6 +901,15 @@ impl Vm {
         machine
             .locked()
             .set_vcpu_threads(threads.iter().map(VcpuThread::pthread).collect());
+        let mut loop_error = None;
+        let api = match api_server.map(ApiThread::spawn).transpose() {
+            Ok(api) => api,
+            Err(e) => {
+                shared.exit.report(ExitReason::Stopped { signal: None });
+                loop_error = Some(Error::from(e));
+                None
+            }
+        };
         if let Some(f) = on_started {
             f(machine.locked().handle());
         }
@@ -909,8 +917,7 @@ impl Vm {
             reseed_agent(uds, done, shared.exit.clone());
         }
 
-        let mut loop_error = None;
-        while !control.locked().done {
+        while loop_error.is_none() && !control.locked().done {
             if let Err(e) = manager.run() {
                 loop_error = Some(Error::EventLoop(format!("{e:?}")));
                 break;
