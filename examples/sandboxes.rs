@@ -35,7 +35,7 @@ fn sh(agent: &AgentClient, script: &str) -> Result<String, Box<dyn Error>> {
 }
 
 fn main() -> Result<(), Box<dyn Error>> {
-    vmm::fork::run_child_if_asked();
+    vmm::fork_child::run_child_if_asked();
     let work = std::env::args()
         .nth(1)
         .map(std::path::PathBuf::from)

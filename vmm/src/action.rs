@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::fork::ChildInfo;
+pub use crate::fork::{ChildInfo, ForkRequest};
 use crate::snapshot::auth;
+pub use crate::snapshot::SnapshotInfo;
 
 /// Children one fork may ask for.
 pub const MAX_FORK_COUNT: u32 = 1024;
@@ -44,23 +45,6 @@ pub struct SnapshotRequest {
     /// An HMAC key (docs/snapshot.md), hex on the wire.
     #[serde(default, with = "hex_key", skip_serializing_if = "Option::is_none")]
     pub key: Option<Vec<u8>>,
-}
-
-/// `Action::Fork`'s arguments.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ForkRequest {
-    /// How many children (1 to [`MAX_FORK_COUNT`]).
-    pub count: u32,
-    /// Where the children's sockets go (default: this user's private
-    /// runtime directory, see `runtime::user_dir`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dir: Option<PathBuf>,
-    /// The children's ids (one per child, valid VM names): their sockets
-    /// are `<dir>/<id>.api.sock` and `<dir>/<id>.vsock`. Default
-    /// `<parent pid>-<n>`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub names: Option<Vec<String>>,
 }
 
 /// A successful action's answer.
@@ -110,15 +94,6 @@ pub struct VsockInfo {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentReply {
     pub agent: AgentState,
-}
-
-/// What `Action::Snapshot` wrote.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SnapshotInfo {
-    pub dir: PathBuf,
-    /// Guest memory bytes written (the rest of the file is holes).
-    pub memory_bytes: u64,
-    pub pause_ms: f64,
 }
 
 /// What `Action::Fork` made.

@@ -12,10 +12,11 @@ use devices::virtio::block::SharedDisk;
 use devices::virtio::mmio::MmioTransport;
 use hypervisor::{CpuidEntry, VcpuState};
 
-use crate::action::{ForkRequest, SnapshotInfo};
 use crate::config::VmConfig;
 use crate::fork;
+use crate::fork::ForkRequest;
 use crate::memory::GuestRam;
+use crate::snapshot::SnapshotInfo;
 use crate::snapshot::{self, MachineState, SavedDevice};
 use crate::vcpu::VcpuShared;
 use crate::virtio::DeviceId;

@@ -17,38 +17,36 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::config::{NetworkConfig, SerialOutput, VmConfig};
-use crate::memory::{MemoryImage, Overlay};
+use crate::memory::MemoryImage;
 use crate::snapshot::MachineState;
-use crate::snapshot::RestoreSource;
 
 /// The hidden subcommand a fork child runs.
 pub const CHILD_COMMAND: &str = "__fork-child";
 /// Tells a child to prepare its VM while it waits: a first message gives
 /// it the memory size (8 bytes) and the frozen memory base (attached).
-const PREPARE_ARG: &str = "--prepare";
+pub(crate) const PREPARE_ARG: &str = "--prepare";
 /// Names the VMM binary to start children with, for programs that embed
 /// the VMM (default: this executable, which must then call
-/// [`run_child_if_asked`] first thing in `main`).
+/// `fork_child::run_child_if_asked` first thing in `main`).
 pub const CHILD_BINARY_ENV: &str = "VMM_CHILD_BINARY";
 /// How long a child may take to start its vCPUs.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most file descriptors one message carries.
-const MAX_FDS: usize = 64;
+pub(crate) const MAX_FDS: usize = 64;
 /// What `receive` reports when the parent closed without sending.
-const NO_MESSAGE: &str = "no message";
+pub(crate) const NO_MESSAGE: &str = "no message";
 /// Largest message accepted.
-const MAX_MESSAGE: u64 = 64 << 20;
+pub(crate) const MAX_MESSAGE: u64 = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -72,7 +70,24 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+/// `Action::Fork`'s arguments.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForkRequest {
+    /// How many children (1 to `action::MAX_FORK_COUNT`).
+    pub count: u32,
+    /// Where the children's sockets go (default: this user's private
+    /// runtime directory, see `runtime::user_dir`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    /// The children's ids (one per child, valid VM names): their sockets
+    /// are `<dir>/<id>.api.sock` and `<dir>/<id>.vsock`. Default
+    /// `<parent pid>-<n>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub names: Option<Vec<String>>,
+}
+
+pub(crate) fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { what, source }
 }
 
@@ -166,15 +181,15 @@ const MAX_ANSWER: usize = 4096;
 
 /// What the parent sends a child (with the files attached).
 #[derive(Serialize, Deserialize)]
-struct Message {
-    id: String,
-    api_socket: PathBuf,
-    state: MachineState,
+pub(crate) struct Message {
+    pub(crate) id: String,
+    pub(crate) api_socket: PathBuf,
+    pub(crate) state: MachineState,
     /// Runs of each memory overlay, in the order their files are attached
     /// (after the base file).
-    overlays: Vec<Vec<(u64, u64)>>,
+    pub(crate) overlays: Vec<Vec<(u64, u64)>>,
     /// Whether the base image and the frozen disk layer are attached last.
-    disk: bool,
+    pub(crate) disk: bool,
 }
 
 /// The binary children run.
@@ -381,226 +396,4 @@ impl Starting {
             }
         }
     }
-}
-
-/// In a program that embeds the VMM and starts fork children with its own
-/// executable: runs the child and exits when this process was started as
-/// one, returns otherwise.
-pub fn run_child_if_asked() {
-    if std::env::args().nth(1).as_deref() == Some(CHILD_COMMAND) {
-        std::process::exit(match child_main() {
-            Ok(()) => 0,
-            Err(code) => code,
-        });
-    }
-}
-
-/// The fork child's main (`vmm __fork-child`): reads the message on
-/// standard input, restores the machine and runs it. Returns the exit
-/// status on failure.
-pub fn child_main() -> std::result::Result<(), i32> {
-    // Nothing but the socket on stdin (and stdout, stderr) is ours: close
-    // whatever else the parent let through.
-    // SAFETY: close_range on descriptors this process does not use; no
-    // memory is involved.
-    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
-    // SAFETY: fd 0 is the socket the parent passed as standard input, and
-    // nothing else in this process owns it.
-    let stream = unsafe { UnixStream::from_raw_fd(0) };
-    let fail = |stream: &UnixStream, msg: String| {
-        let _ = writeln!(&*stream, "{}", serde_json::json!({ "error": msg }));
-        eprintln!("vmm fork child: error: {msg}");
-        1
-    };
-    let hv = match crate::open_hypervisor() {
-        Ok(hv) => hv,
-        Err(e) => return Err(fail(&stream, e.to_string())),
-    };
-    // A spare prepares its VM before the message comes; if that fails it
-    // restores the usual way.
-    let prepared = if std::env::args().any(|a| a == PREPARE_ARG) {
-        match receive_prepare(&stream) {
-            Ok(None) => return Ok(()), // the parent ended without a fork
-            Ok(Some((size, base))) => {
-                match crate::vm::Prepared::new(hv.as_ref(), Arc::new(base), size) {
-                    Ok(p) => Some(p),
-                    Err(e) => {
-                        tracing::warn!("spare fork child: cannot prepare its VM: {e}");
-                        None
-                    }
-                }
-            }
-            Err(e) => return Err(fail(&stream, e.to_string())),
-        }
-    } else {
-        None
-    };
-    let (message, files) = match receive(&stream) {
-        Ok(m) => m,
-        // A spare whose parent ended without using it.
-        Err(Error::Message(m)) if m == NO_MESSAGE => return Ok(()),
-        Err(e) => return Err(fail(&stream, e.to_string())),
-    };
-    let start = Instant::now();
-    tracing::debug!("fork child: message received");
-    let source = match restore_source(message.state, &message.overlays, message.disk, files) {
-        Ok(s) => s,
-        Err(e) => return Err(fail(&stream, e.to_string())),
-    };
-    let built = match prepared {
-        Some(p) => crate::Vm::restore_prepared(source, hv.as_ref(), start, p),
-        None => crate::Vm::restore(source, hv.as_ref(), start),
-    };
-    let vm = match built {
-        Ok(vm) => vm,
-        Err(e) => return Err(fail(&stream, e.to_string())),
-    };
-    let stop = match crate::signals::install() {
-        Ok(evt) => evt,
-        Err(e) => {
-            return Err(fail(
-                &stream,
-                format!("cannot install signal handlers: {e}"),
-            ))
-        }
-    };
-    let ack = match stream.try_clone() {
-        Ok(s) => s,
-        Err(e) => return Err(fail(&stream, e.to_string())),
-    };
-    let opts = crate::RunOptions {
-        stop_evt: Some(stop),
-        api_socket: Some(message.api_socket),
-        watch_agent: true,
-        on_started: Some(Box::new(move |_| {
-            let _ = writeln!(&ack, "{}", serde_json::json!({ "ok": true }));
-        })),
-    };
-    drop(stream);
-    match vm.run(opts) {
-        Ok(outcome) if outcome.reason.is_clean() => Ok(()),
-        Ok(outcome) => {
-            eprintln!("vmm fork child: {}", outcome.reason);
-            Err(outcome.reason.exit_code())
-        }
-        Err(e) => {
-            eprintln!("vmm fork child: error: {e}");
-            Err(1)
-        }
-    }
-}
-
-/// Receives 8 bytes with up to `max_fds` descriptors attached. Returns
-/// how many bytes came (0: the parent closed the socket) and the files.
-fn receive_head(
-    stream: &UnixStream,
-    max_fds: usize,
-    what: &'static str,
-) -> Result<(usize, [u8; 8], Vec<File>)> {
-    let mut head = [0u8; 8];
-    let mut raw_fds = [-1 as RawFd; MAX_FDS];
-    let mut iov = [libc::iovec {
-        iov_base: head.as_mut_ptr().cast(),
-        iov_len: head.len(),
-    }];
-    // SAFETY: the iovec points at `head`, 8 writable bytes that outlive the
-    // call; `raw_fds` has room for `max_fds` (at most MAX_FDS) descriptors.
-    let (read, nfds) =
-        unsafe { stream.recv_with_fds(&mut iov, &mut raw_fds[..max_fds.min(MAX_FDS)]) }.map_err(
-            |e| Error::Io {
-                what,
-                source: std::io::Error::from_raw_os_error(e.errno()),
-            },
-        )?;
-    let files = raw_fds[..nfds]
-        .iter()
-        // SAFETY: each descriptor was just received and is owned by nobody else.
-        .map(|&fd| unsafe { File::from_raw_fd(fd) })
-        .collect();
-    Ok((read, head, files))
-}
-
-/// A spare's first message: the memory size and base. None when the
-/// parent closed the socket first.
-fn receive_prepare(stream: &UnixStream) -> Result<Option<(u64, File)>> {
-    let (read, size, mut files) = receive_head(stream, 1, "receive the spare's memory")?;
-    if read == 0 {
-        return Ok(None);
-    }
-    match (read, files.pop()) {
-        (8, Some(base)) => Ok(Some((u64::from_le_bytes(size), base))),
-        _ => Err(Error::Message(
-            "the spare's memory message is malformed".into(),
-        )),
-    }
-}
-
-fn receive(stream: &UnixStream) -> Result<(Message, Vec<File>)> {
-    let (read, len, files) = receive_head(stream, MAX_FDS, "receive the fork message")?;
-    if read == 0 {
-        return Err(Error::Message(NO_MESSAGE.into()));
-    }
-    if read != 8 {
-        return Err(Error::Message("the length is cut short".into()));
-    }
-    let len = u64::from_le_bytes(len);
-    if len > MAX_MESSAGE {
-        return Err(Error::Message(format!("{len} bytes is too long")));
-    }
-    let mut body = Vec::with_capacity(len as usize);
-    stream
-        .take(len)
-        .read_to_end(&mut body)
-        .map_err(io("read the fork message"))?;
-    let message = serde_json::from_slice(&body).map_err(|e| Error::Message(e.to_string()))?;
-    Ok((message, files))
-}
-
-fn restore_source(
-    state: MachineState,
-    overlays: &[Vec<(u64, u64)>],
-    disk: bool,
-    files: Vec<File>,
-) -> Result<RestoreSource> {
-    let expected = 1 + overlays.len() + if disk { 2 } else { 0 };
-    if files.len() != expected {
-        return Err(Error::Message(format!(
-            "{} files attached, {expected} expected",
-            files.len()
-        )));
-    }
-    let mut files = files.into_iter();
-    let mut next = || {
-        files
-            .next()
-            .ok_or_else(|| Error::Message("a file is missing".into()))
-    };
-    let base = Arc::new(next()?);
-    let mut layers = Vec::with_capacity(overlays.len());
-    for runs in overlays {
-        layers.push(Overlay {
-            file: Arc::new(next()?),
-            runs: runs.clone(),
-        });
-    }
-    let (disk_base_file, disk_layer) = if disk {
-        let base = next()?;
-        let layer = next()?;
-        (
-            Some(base),
-            Some((layer, PathBuf::from("(the parent's frozen disk layer)"))),
-        )
-    } else {
-        (None, None)
-    };
-    Ok(RestoreSource {
-        memory: MemoryImage {
-            size: state.memory_size,
-            base,
-            overlays: layers,
-        },
-        state,
-        disk_layer,
-        disk_base_file,
-    })
 }

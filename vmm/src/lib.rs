@@ -26,6 +26,7 @@ pub mod control;
 pub mod doctor;
 pub mod exit;
 pub mod fork;
+pub mod fork_child;
 pub mod machine;
 pub mod memory;
 pub mod names;
@@ -42,3 +43,6 @@ pub mod x86_64;
 pub use config::VmConfig;
 pub use exit::ExitReason;
 pub use vm::{open_hypervisor, BootTimings, RunOptions, RunOutcome, Vm};
+
+#[cfg(test)]
+mod module_graph;

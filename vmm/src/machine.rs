@@ -36,6 +36,30 @@ pub const MAX_WAITING: usize = 64;
 /// How often a starting fork's deadline is checked.
 const TICK: Duration = Duration::from_millis(100);
 
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot listen for the agent's ready announcement on {path}: {source}; check that its folder exists and is writable")]
+    Listen {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot set up the machine's event sources: {0}")]
+    Setup(#[from] std::io::Error),
+}
+
+/// Listens (without blocking) where the agent announces itself.
+fn listen_ready(path: &std::path::Path) -> Result<UnixListener, Error> {
+    let listen = || {
+        let listener = devices::unix_socket::bind_private(path)?;
+        listener.set_nonblocking(true)?;
+        Ok(listener)
+    };
+    listen().map_err(|source| Error::Listen {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 /// An action's answer.
 pub type ActionResult = std::result::Result<Reply, ActionError>;
 
@@ -165,13 +189,13 @@ impl Machine {
         exit: Arc<ExitSignal>,
         watch_agent: bool,
         agent_ready_evt: Option<EventFd>,
-    ) -> Result<Self, crate::api::Error> {
+    ) -> Result<Self, Error> {
         let ready_path = info
             .vsock
             .as_ref()
             .filter(|_| watch_agent)
             .map(|(_, uds)| crate::agent::ready_socket_path(uds));
-        let ready_listener = ready_path.as_deref().map(crate::api::listen).transpose()?;
+        let ready_listener = ready_path.as_deref().map(listen_ready).transpose()?;
         let (tx, inbox) = mpsc::channel();
         Ok(Machine {
             control,

@@ -585,7 +585,7 @@ fn main() -> ExitCode {
     // A fork child (started by a forking VMM, not by users).
     if std::env::args().nth(1).as_deref() == Some(vmm::fork::CHILD_COMMAND) {
         init_logging();
-        return match vmm::fork::child_main() {
+        return match vmm::fork_child::child_main() {
             Ok(()) => ExitCode::SUCCESS,
             Err(code) => ExitCode::from(code as u8),
         };

@@ -8,7 +8,7 @@
 //!
 //! ```no_run
 //! use vmm::action::Control;
-//! vmm::fork::run_child_if_asked(); // first in main: fork children re-enter here
+//! vmm::fork_child::run_child_if_asked(); // first in main: fork children re-enter here
 //! let sandbox = vmm::sandbox::Sandbox::start(vmm::VmConfig::default())?;
 //! let cmd = vmm::agent::Exec { argv: vec!["python3".into(), "-c".into(), "print(6*7)".into()], ..Default::default() };
 //! let status = sandbox.agent().exec(&cmd, None, &mut std::io::stdout(), &mut std::io::stderr())?;
@@ -193,7 +193,7 @@ impl Sandbox {
     /// Forks the sandbox into `count` children, each a VM in its own
     /// process that continues from this instant; returns once they run.
     /// The children's processes run this program's executable (see
-    /// `fork::run_child_if_asked`) or the `vmm` binary that
+    /// `fork_child::run_child_if_asked`) or the `vmm` binary that
     /// `VMM_CHILD_BINARY` names.
     pub fn fork(&self, count: u32) -> Result<Vec<Forked>> {
         let info = self.machine.fork(count, None)?;

@@ -65,6 +65,8 @@ pub enum Error {
     Disk(#[from] devices::virtio::block::disk::Error),
     #[error(transparent)]
     Api(#[from] crate::api::Error),
+    #[error(transparent)]
+    Machine(#[from] crate::machine::Error),
     #[error("cannot listen on the vsock socket {path}: {source}; check that its folder exists and is writable")]
     VsockSocket {
         path: PathBuf,

@@ -114,7 +114,7 @@ fn respond_reply(stream: UnixStream, reply: ActionResult) {
 }
 
 /// Listens on `path` (0600, without blocking).
-pub(crate) fn listen(path: &Path) -> Result<UnixListener> {
+fn listen(path: &Path) -> Result<UnixListener> {
     let listener = devices::unix_socket::bind_private(path).map_err(|source| Error::Listen {
         path: path.to_path_buf(),
         source,

@@ -90,6 +90,15 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// What `Action::Snapshot` wrote.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub dir: PathBuf,
+    /// Guest memory bytes written (the rest of the file is holes).
+    pub memory_bytes: u64,
+    pub pause_ms: f64,
+}
+
 /// Everything about a paused machine except its memory and disk data.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MachineState {
