@@ -159,10 +159,13 @@ enum Command {
     },
     /// Check that this host can run VMs and say how to fix what is missing.
     Doctor,
-    /// Benchmarks.
+    /// Benchmarks (`vmm bench --help`): runs the `vmm-bench` program
+    /// installed next to `vmm` (built with `cargo build -p vmm-bench`).
+    #[command(disable_help_flag = true)]
     Bench {
-        #[command(subcommand)]
-        what: BenchCommand,
+        /// What `vmm-bench` takes: boot, agent, fork, snapshot, fs, net.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
     },
 }
 
@@ -245,106 +248,6 @@ impl ExecArgs {
             Err(e) => fail(e),
         }
     }
-}
-
-#[derive(Subcommand)]
-enum BenchCommand {
-    /// Boot time: VMM setup and boot to the guest's init, against qemu microvm.
-    Boot {
-        /// Number of boots of each VMM.
-        #[arg(long, default_value_t = 5)]
-        runs: u32,
-        /// Print one JSON object instead of a table.
-        #[arg(long)]
-        json: bool,
-        /// Guest memory in MiB.
-        #[arg(long, default_value_t = 128)]
-        memory_mib: u64,
-        /// Skip the qemu comparison.
-        #[arg(long)]
-        no_qemu: bool,
-    },
-    /// The agent path: ping and `exec true` round trips, vsock throughput
-    /// both ways, sequential block I/O in the guest.
-    Agent {
-        /// Round trips per latency figure.
-        #[arg(long, default_value_t = 5)]
-        runs: u32,
-        /// MiB per throughput figure (keep it small on PVM hosts, where the
-        /// guest kernel moves about 1 MiB/s).
-        #[arg(long, default_value_t = 4)]
-        mib: u64,
-        /// Print one JSON object instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Fork: latency (request to the child's vCPUs running), parent pause
-    /// and memory per child, against guest memory size.
-    Fork {
-        /// Guest memory sizes in MiB, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "256,1024,4096")]
-        sizes: Vec<u64>,
-        /// Forks per size.
-        #[arg(long, default_value_t = 20)]
-        runs: u32,
-        /// Of those, children that write 10 MiB (memory measured again).
-        #[arg(long, default_value_t = 3)]
-        write_runs: u32,
-        /// Also fork this many children of a 1 GiB guest at once.
-        #[arg(long)]
-        many: Option<u32>,
-        /// Print one JSON object instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Shared folders: sequential MiB/s and small-file operations on a
-    /// virtio-fs share, the virtio-blk root, and virtiofsd behind qemu.
-    Fs {
-        /// MiB per sequential figure (the guest kernel copies slowly on
-        /// PVM hosts: keep it small there).
-        #[arg(long, default_value_t = 32)]
-        mib: u64,
-        /// Files per metadata figure.
-        #[arg(long, default_value_t = 300)]
-        files: u32,
-        /// Figures per target.
-        #[arg(long, default_value_t = 3)]
-        runs: u32,
-        /// Skip the virtiofsd + qemu comparison.
-        #[arg(long)]
-        no_qemu: bool,
-        /// Print one JSON object instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Networking: TCP throughput both ways and connection set-up time
-    /// through the user-mode network, and through qemu's `-netdev user`.
-    Net {
-        /// MiB per throughput figure.
-        #[arg(long, default_value_t = 32)]
-        mib: u64,
-        /// Figures per direction.
-        #[arg(long, default_value_t = 3)]
-        runs: u32,
-        /// Connection set-ups timed.
-        #[arg(long, default_value_t = 20)]
-        connects: u32,
-        /// Skip the qemu comparison.
-        #[arg(long)]
-        no_qemu: bool,
-        /// Print one JSON object instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Snapshot create time and restore-to-running time against memory size.
-    Snapshot {
-        #[arg(long, value_delimiter = ',', default_value = "256,1024,4096")]
-        sizes: Vec<u64>,
-        #[arg(long, default_value_t = 3)]
-        runs: u32,
-        #[arg(long)]
-        json: bool,
-    },
 }
 
 fn init_logging() {
@@ -449,7 +352,7 @@ fn run_vm(vm: vmm::Vm, api_socket: Option<PathBuf>, report: Option<PathBuf>) -> 
         Err(e) => return fail(e),
     };
     if let Some(path) = report {
-        let json = vmm::bench::report_json(&outcome);
+        let json = outcome.report_json();
         if let Err(e) = std::fs::write(&path, json.to_string()) {
             eprintln!("vmm: cannot write the report {}: {e}", path.display());
         }
@@ -558,25 +461,20 @@ fn stop(target: &Target, force: bool) -> ExitCode {
 /// How long `vmm stop NAME` waits for a VM to end.
 const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Prints a benchmark's results as JSON or as a table.
-fn print_bench<E: std::fmt::Display>(
-    result: Result<impl vmm::bench::Report, E>,
-    json: bool,
-) -> ExitCode {
-    match result {
-        Ok(r) if json => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&r.to_json()).unwrap_or_default()
-            );
-            ExitCode::SUCCESS
-        }
-        Ok(r) => {
-            print!("{}", r.table());
-            ExitCode::SUCCESS
-        }
-        Err(e) => fail(e),
-    }
+/// `vmm bench ARGS`: runs `vmm-bench ARGS` (next to this executable, else
+/// on PATH) in place of this process.
+fn bench(args: &[std::ffi::OsString]) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let next_to_us = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("vmm-bench")))
+        .filter(|p| p.exists());
+    let program = next_to_us.unwrap_or_else(|| PathBuf::from("vmm-bench"));
+    let err = std::process::Command::new(&program).args(args).exec();
+    fail(format!(
+        "cannot run the benchmarks' program {}: {err}; build it with `cargo build -p vmm-bench` (it goes next to vmm)",
+        program.display()
+    ))
 }
 
 fn main() -> ExitCode {
@@ -687,91 +585,7 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         }
-        Command::Bench {
-            what:
-                BenchCommand::Fork {
-                    sizes,
-                    runs,
-                    write_runs,
-                    many,
-                    json,
-                },
-        } => print_bench(
-            vmm::bench_fork::fork(&vmm::bench_fork::ForkBenchOptions {
-                sizes_mib: sizes,
-                runs,
-                write_runs,
-                many,
-            }),
-            json,
-        ),
-        Command::Bench {
-            what: BenchCommand::Snapshot { sizes, runs, json },
-        } => print_bench(
-            vmm::bench_fork::snapshot(&vmm::bench_fork::SnapshotBenchOptions {
-                sizes_mib: sizes,
-                runs,
-            }),
-            json,
-        ),
-        Command::Bench {
-            what:
-                BenchCommand::Fs {
-                    mib,
-                    files,
-                    runs,
-                    no_qemu,
-                    json,
-                },
-        } => print_bench(
-            vmm::bench_fs::fs(&vmm::bench_fs::FsBenchOptions {
-                mib,
-                files,
-                runs,
-                qemu: !no_qemu,
-            }),
-            json,
-        ),
-        Command::Bench {
-            what:
-                BenchCommand::Net {
-                    mib,
-                    runs,
-                    connects,
-                    no_qemu,
-                    json,
-                },
-        } => print_bench(
-            vmm::bench_net::net(&vmm::bench_net::NetBenchOptions {
-                mib,
-                runs,
-                connects,
-                qemu: !no_qemu,
-            }),
-            json,
-        ),
-        Command::Bench {
-            what: BenchCommand::Agent { runs, mib, json },
-        } => print_bench(
-            vmm::bench::agent(&vmm::bench::AgentBenchOptions { runs, mib }),
-            json,
-        ),
-        Command::Bench {
-            what:
-                BenchCommand::Boot {
-                    runs,
-                    json,
-                    memory_mib,
-                    no_qemu,
-                },
-        } => print_bench(
-            vmm::bench::boot(&vmm::bench::BootBenchOptions {
-                runs,
-                memory_mib,
-                qemu: !no_qemu,
-            }),
-            json,
-        ),
+        Command::Bench { args } => bench(&args),
     }
 }
 

@@ -146,6 +146,21 @@ pub struct RunOutcome {
     pub vmm_overhead_rss_kib: Option<u64>,
 }
 
+impl RunOutcome {
+    /// The JSON report `vmm launch --report` writes.
+    pub fn report_json(&self) -> serde_json::Value {
+        let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
+        serde_json::json!({
+            "exit_reason": self.reason.to_string(),
+            "exit_code": self.reason.exit_code(),
+            "clean": self.reason.is_clean(),
+            "vmm_setup_ms": ms(self.timings.vmm_setup),
+            "boot_to_init_ms": ms(self.timings.boot_to_init),
+            "vmm_overhead_rss_kib": self.vmm_overhead_rss_kib,
+        })
+    }
+}
+
 /// How to run a built VM.
 #[derive(Default)]
 pub struct RunOptions {

@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::artifacts::{self, KernelFlavour};
-use crate::bench::{
+use crate::common::{
     microvm_cmdline, qemu_command, require_built, tail, time_to_marker, vmm_exe, Error, Report,
     Stats,
 };
-use crate::config::{Flavour, RootfsConfig, SerialOutput, ShareConfig, VmConfig};
+use vmm::artifacts::{self, KernelFlavour};
+use vmm::config::{Flavour, RootfsConfig, SerialOutput, ShareConfig, VmConfig};
 
 const SCRIPT: &str = include_str!("fsbench.py");
 const DONE: &str = "fsbench-done";
@@ -208,7 +208,7 @@ impl Drop for Killed {
 }
 
 pub fn fs(opts: &FsBenchOptions) -> Result<FsBench, Error> {
-    let hv = crate::open_hypervisor()?;
+    let hv = vmm::open_hypervisor()?;
     let flavour = KernelFlavour::resolve(Flavour::Auto, hv.kind());
     drop(hv);
     let kernel = artifacts::default_kernel(flavour);

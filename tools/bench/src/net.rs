@@ -13,12 +13,12 @@ use std::net::{TcpListener, TcpStream};
 
 use serde_json::{json, Value};
 
-use crate::artifacts::{self, KernelFlavour};
-use crate::bench::{
+use crate::common::{
     microvm_cmdline, qemu_command, require_built, tail, time_to_marker, vmm_exe, Error, Report,
     Stats,
 };
-use crate::config::{
+use vmm::artifacts::{self, KernelFlavour};
+use vmm::config::{
     EgressConfig, EgressDefault, Flavour, NetworkConfig, RootfsConfig, SerialOutput, VmConfig,
 };
 
@@ -221,7 +221,7 @@ impl Servers {
 }
 
 pub fn net(opts: &NetBenchOptions) -> Result<NetBench, Error> {
-    let hv = crate::open_hypervisor()?;
+    let hv = vmm::open_hypervisor()?;
     let flavour = KernelFlavour::resolve(Flavour::Auto, hv.kind());
     drop(hv);
     let kernel = artifacts::default_kernel(flavour);

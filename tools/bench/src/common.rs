@@ -11,9 +11,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::artifacts::{self, KernelFlavour};
-use crate::config::{Flavour, SerialOutput, VmConfig};
-use crate::RunOutcome;
+use vmm::artifacts::{self, KernelFlavour};
+use vmm::config::{Flavour, SerialOutput, VmConfig};
 
 /// The line the guest init prints when it starts (after the boot-timer write).
 pub const INIT_READY_MARKER: &str = "vmm-init: ready";
@@ -21,7 +20,7 @@ pub const INIT_READY_MARKER: &str = "vmm-init: ready";
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot open the hypervisor: {0}")]
-    Hypervisor(#[from] crate::vm::Error),
+    Hypervisor(#[from] vmm::vm::Error),
     #[error("the default {what} is not built ({path} is missing): run tools/setup.sh first")]
     Missing { what: &'static str, path: PathBuf },
     #[error("cannot run {program}: {source}")]
@@ -46,19 +45,6 @@ pub enum Error {
 pub trait Report {
     fn to_json(&self) -> Value;
     fn table(&self) -> String;
-}
-
-/// The JSON report `vmm launch --report` writes.
-pub fn report_json(outcome: &RunOutcome) -> Value {
-    let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
-    json!({
-        "exit_reason": outcome.reason.to_string(),
-        "exit_code": outcome.reason.exit_code(),
-        "clean": outcome.reason.is_clean(),
-        "vmm_setup_ms": ms(outcome.timings.vmm_setup),
-        "boot_to_init_ms": ms(outcome.timings.boot_to_init),
-        "vmm_overhead_rss_kib": outcome.vmm_overhead_rss_kib,
-    })
 }
 
 /// Memory only process `pid` uses (Private_Clean + Private_Dirty, KiB):
@@ -219,12 +205,17 @@ pub(crate) fn require_built(files: &[(&'static str, &PathBuf)]) -> Result<(), Er
     }
 }
 
-/// This `vmm` binary, which the benches start VMs with.
+/// The `vmm` binary the benches start VMs with: `VMM_BIN`, else the one
+/// next to this program (`vmm bench` runs the `vmm-bench` beside it).
 pub(crate) fn vmm_exe() -> Result<PathBuf, Error> {
-    std::env::current_exe().map_err(|source| Error::Spawn {
+    if let Some(path) = std::env::var_os("VMM_BIN").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe().map_err(|source| Error::Spawn {
         program: "vmm".into(),
         source,
-    })
+    })?;
+    Ok(exe.with_file_name("vmm"))
 }
 
 /// Longest a single boot may take before the bench gives up on it.
@@ -313,8 +304,8 @@ pub(crate) fn microvm_cmdline(flavour: KernelFlavour, extra: String) -> String {
             )
         })
         .collect();
-    crate::vm::kernel_cmdline(
-        &crate::config::VmConfig {
+    vmm::vm::kernel_cmdline(
+        &vmm::config::VmConfig {
             cmdline: Some(extra),
             ..Default::default()
         },
@@ -365,7 +356,7 @@ pub(crate) fn qemu_command(
 /// Boots the default kernel and initramfs `runs` times under this VMM and
 /// (when installed) under qemu microvm.
 pub fn boot(opts: &BootBenchOptions) -> Result<BootBench, Error> {
-    let hv = crate::open_hypervisor()?;
+    let hv = vmm::open_hypervisor()?;
     let flavour = KernelFlavour::resolve(Flavour::Auto, hv.kind());
     drop(hv);
     let kernel = artifacts::default_kernel(flavour);
@@ -447,7 +438,7 @@ pub fn boot(opts: &BootBenchOptions) -> Result<BootBench, Error> {
     if !opts.qemu {
         result.qemu_skipped = Some("--no-qemu".into());
     } else {
-        let cmdline = crate::vm::kernel_cmdline(&VmConfig::default(), flavour, &[]);
+        let cmdline = vmm::vm::kernel_cmdline(&VmConfig::default(), flavour, &[]);
         for run in 1..=opts.runs {
             let cmd = qemu_command(&kernel, &initramfs, &cmdline, opts.memory_mib);
             match time_to_marker(cmd, INIT_READY_MARKER, true) {
@@ -495,7 +486,7 @@ mod tests {
 
     #[test]
     fn overhead_rss_reads_this_process() {
-        let kib = crate::memory::overhead_rss_kib().unwrap();
+        let kib = vmm::memory::overhead_rss_kib().unwrap();
         assert!(kib > 0);
     }
 }
@@ -556,15 +547,15 @@ impl Report for AgentBench {
 }
 
 /// Boots a sandbox (default root disk, vsock) and measures the agent path.
-pub fn agent(opts: &AgentBenchOptions) -> Result<AgentBench, crate::sandbox::Error> {
-    use crate::agent::Exec;
+pub fn agent(opts: &AgentBenchOptions) -> Result<AgentBench, vmm::sandbox::Error> {
     use std::io::Cursor;
+    use vmm::agent::Exec;
     let exec = |argv: &[&str]| Exec {
         argv: argv.iter().map(|s| s.to_string()).collect(),
         ..Default::default()
     };
     let start = Instant::now();
-    let sandbox = crate::sandbox::Sandbox::start(VmConfig {
+    let sandbox = vmm::sandbox::Sandbox::start(VmConfig {
         memory_mib: 256,
         ..Default::default()
     })?;
@@ -609,7 +600,7 @@ pub fn agent(opts: &AgentBenchOptions) -> Result<AgentBench, crate::sandbox::Err
         &mut std::io::sink(),
     )?;
     result.guest_to_host_mib_s = opts.mib as f64 / t.elapsed().as_secs_f64();
-    let dd = |script: &str| -> Result<Option<f64>, crate::sandbox::Error> {
+    let dd = |script: &str| -> Result<Option<f64>, vmm::sandbox::Error> {
         let mut err = Vec::new();
         agent.exec(
             &exec(&["sh", "-c", script]),

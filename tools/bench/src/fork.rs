@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::action::{Control, ForkInfo, VmState};
-use crate::api::ApiClient;
-use crate::bench::{kib_field, private_kib_of, Error, Report, Stats};
+use crate::common::{kib_field, private_kib_of, Error, Report, Stats};
+use vmm::action::{Control, ForkInfo, VmState};
+use vmm::api::ApiClient;
 
 /// Options of `vmm bench fork`.
 pub struct ForkBenchOptions {
@@ -225,7 +225,7 @@ fn run_err(what: &'static str, run: u32) -> impl Fn(String) -> Error {
 /// Starts the vmm binary (the fork children's) with `args`, no stdin or
 /// stdout.
 fn spawn_vmm(args: &[&std::ffi::OsStr]) -> Result<Child, Error> {
-    let exe = crate::fork::child_binary();
+    let exe = vmm::fork::child_binary();
     Command::new(&exe)
         .args(args)
         .stdin(Stdio::null())
@@ -262,7 +262,7 @@ fn boot_parent(dir: &Path, memory_mib: u64) -> Result<ParentVm, Error> {
     loop {
         match client.wait_agent() {
             Ok(()) => return Ok(parent),
-            Err(crate::api::Error::Connect { .. }) if Instant::now() < deadline => {
+            Err(vmm::api::Error::Connect { .. }) if Instant::now() < deadline => {
                 if let Ok(Some(status)) = parent.process.try_wait() {
                     return Err(run_err("boot", 0)(format!(
                         "the parent VMM exited: {status}"
@@ -297,14 +297,14 @@ fn exec_in(api: &Path, script: &str) -> Result<(), String> {
     let client = ApiClient::new(api);
     client.wait_agent().map_err(|e| e.to_string())?;
     let uds = client.vsock_path().map_err(|e| e.to_string())?;
-    let cmd = crate::agent::Exec {
+    let cmd = vmm::agent::Exec {
         argv: vec!["sh".into(), "-c".into(), script.into()],
         ..Default::default()
     };
-    let status = crate::agent::AgentClient::new(&uds)
+    let status = vmm::agent::AgentClient::new(&uds)
         .exec(&cmd, None, &mut std::io::sink(), &mut std::io::sink())
         .map_err(|e| e.to_string())?;
-    if status != crate::agent::ExitStatus::Code(0) {
+    if status != vmm::agent::ExitStatus::Code(0) {
         return Err(format!("`{script}` failed: {status:?}"));
     }
     Ok(())
@@ -321,7 +321,7 @@ fn mem_available_kib() -> Option<u64> {
 fn guest_rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let rss = kib_field(&status, "VmRSS:").unwrap_or(0);
-    rss.saturating_sub(crate::memory::overhead_rss_kib_of(&pid.to_string()).unwrap_or(0))
+    rss.saturating_sub(vmm::memory::overhead_rss_kib_of(&pid.to_string()).unwrap_or(0))
 }
 
 pub fn fork(opts: &ForkBenchOptions) -> Result<ForkBench, Error> {
