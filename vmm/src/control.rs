@@ -3,7 +3,7 @@
 //! memory while they run; pausing stops the vCPU threads.
 
 use devices::sync::Locked;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,6 @@ use crate::config::VmConfig;
 use crate::fork;
 use crate::fork::ForkRequest;
 use crate::memory::GuestRam;
-use crate::snapshot::SnapshotInfo;
 use crate::snapshot::{self, MachineState, SavedDevice};
 use crate::vcpu::VcpuShared;
 use crate::virtio::DeviceId;
@@ -60,8 +59,6 @@ pub struct Controller {
     pub(crate) cpuid: Vec<Vec<CpuidEntry>>,
     pub(crate) config: VmConfig,
     pub(crate) cmdline: String,
-    /// The saved vCPU states while paused.
-    paused: Option<Vec<VcpuState>>,
     fork_seq: u64,
     /// A child process started ahead of the next fork (see `fork::Spare`).
     spares: Vec<fork::Spare>,
@@ -96,21 +93,14 @@ impl Controller {
             cpuid,
             config,
             cmdline,
-            paused: None,
             fork_seq: 0,
             spares: Vec::new(),
         }
     }
 
-    pub fn is_paused(&self) -> bool {
-        self.paused.is_some()
-    }
-
-    /// Stops every vCPU at an instruction boundary, its state saved.
-    pub fn pause(&mut self) -> Result<()> {
-        if self.paused.is_some() {
-            return Ok(());
-        }
+    /// Stops every vCPU at an instruction boundary; returns their saved
+    /// states. The caller (the `Machine`) records that the VM is paused.
+    pub fn pause(&mut self) -> Result<Vec<VcpuState>> {
         let pause = &self.shared.pause;
         pause.request();
         for &t in &self.threads {
@@ -119,37 +109,28 @@ impl Controller {
             // thread; the signal's handler only sets immediate_exit.
             unsafe { libc::pthread_kill(t, crate::vcpu::kick_signal()) };
         }
-        match pause.wait_parked(self.threads.len(), PAUSE_TIMEOUT) {
-            Ok(states) => {
-                self.paused = Some(states);
-                Ok(())
-            }
-            Err(e) => {
+        pause
+            .wait_parked(self.threads.len(), PAUSE_TIMEOUT)
+            .map_err(|e| {
                 pause.resume();
-                Err(Error::Pause(e))
-            }
-        }
+                Error::Pause(e)
+            })
     }
 
+    /// Lets the parked vCPUs run again.
     pub fn resume(&mut self) {
-        if self.paused.take().is_some() {
-            self.shared.pause.resume();
-        }
+        self.shared.pause.resume();
     }
 
-    /// The machine's state; the VM must be paused.
-    fn machine_state(&self, agent_ready: bool) -> Result<MachineState> {
-        let vcpus = self
-            .paused
-            .clone()
-            .ok_or_else(|| Error::Pause("the VM is not paused".into()))?;
+    /// The machine's state, with the paused vCPUs' saved `vcpus`.
+    fn machine_state(&self, vcpus: &[VcpuState], agent_ready: bool) -> Result<MachineState> {
         Ok(MachineState {
             config: self.config.clone(),
             disk_base: self.disk_base.clone(),
             cmdline: self.cmdline.clone(),
             memory_size: self.ram.size,
             vm: self.vm.save_state()?,
-            vcpus,
+            vcpus: vcpus.to_vec(),
             cpuid: self.cpuid.clone(),
             serial: self.serial.locked().save(),
             virtio: self
@@ -164,19 +145,6 @@ impl Controller {
         })
     }
 
-    /// Runs `f` with the VM paused, then resumes it unless it was paused
-    /// before. Returns what `f` returned and how long the vCPUs stood.
-    fn paused_for<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<(T, f64)> {
-        let t0 = Instant::now();
-        let was_paused = self.is_paused();
-        self.pause()?;
-        let result = f(self);
-        if !was_paused {
-            self.resume();
-        }
-        Ok((result?, t0.elapsed().as_secs_f64() * 1e3))
-    }
-
     fn refuse_tap(&self) -> Result<()> {
         match self.config.network {
             Some(crate::config::NetworkConfig::Tap { .. }) => Err(Error::TapNetwork),
@@ -184,33 +152,30 @@ impl Controller {
         }
     }
 
-    /// Writes a snapshot of the running VM into the new directory `dir`
-    /// (docs/snapshot.md), authenticated with `key` when given; the VM
-    /// continues afterwards.
+    /// Refuses what a VM on a TAP network cannot do (snapshot, fork).
+    pub fn check_copyable(&self) -> Result<()> {
+        self.refuse_tap()
+    }
+
+    /// Writes a snapshot of the paused VM (its vCPUs saved as `vcpus`)
+    /// into `writer`'s directory (docs/snapshot.md), authenticated with
+    /// `key` when given. Returns the guest memory bytes written.
     pub fn snapshot(
         &mut self,
-        dir: &Path,
+        vcpus: &[VcpuState],
+        writer: snapshot::Writer,
         agent_ready: bool,
         key: Option<&[u8]>,
-    ) -> Result<SnapshotInfo> {
-        self.refuse_tap()?;
-        let writer = snapshot::Writer::create(dir)?;
-        let (memory_bytes, pause_ms) = self.paused_for(|c| {
-            let state = c.machine_state(agent_ready)?;
-            let memory = writer.file(snapshot::MEMORY_FILE)?;
-            let written = c.ram.write_to(&memory)?;
-            if let Some(disk) = &c.disk {
-                disk.locked()
-                    .frozen_copy(writer.dir(), Some(snapshot::DISK_LAYER_FILE))?;
-            }
-            writer.commit(&state, key)?;
-            Ok(written)
-        })?;
-        Ok(SnapshotInfo {
-            dir: dir.to_path_buf(),
-            memory_bytes,
-            pause_ms,
-        })
+    ) -> Result<u64> {
+        let state = self.machine_state(vcpus, agent_ready)?;
+        let memory = writer.file(snapshot::MEMORY_FILE)?;
+        let written = self.ram.write_to(&memory)?;
+        if let Some(disk) = &self.disk {
+            disk.locked()
+                .frozen_copy(writer.dir(), Some(snapshot::DISK_LAYER_FILE))?;
+        }
+        writer.commit(&state, key)?;
+        Ok(written)
     }
 
     /// Starts a spare child for the next fork when there is none (call it
@@ -224,13 +189,43 @@ impl Controller {
         }
     }
 
-    /// Forks the running VM into `opts.count` children that continue from
-    /// this instant, each in its own VMM process; the VM continues too.
-    /// Returns once the children have their state, with how long the
-    /// parent was paused: the caller learns from [`fork::Pending`] when
-    /// they run.
-    pub fn fork(&mut self, opts: &ForkRequest, agent_ready: bool) -> Result<(fork::Pending, f64)> {
-        self.refuse_tap()?;
+    /// What fork children need of the paused VM (its vCPUs saved as
+    /// `vcpus`): the machine state, the frozen memory image and the disk
+    /// (base image and a frozen copy of its layer). Spawning them
+    /// ([`Controller::spawn_children`]) waits until the VM runs again.
+    pub fn capture(&mut self, vcpus: &[VcpuState], agent_ready: bool) -> Result<Capture> {
+        let t0 = Instant::now();
+        let phase = |what: &str| tracing::debug!("fork: {what} at {:?}", t0.elapsed());
+        let state = self.machine_state(vcpus, agent_ready)?;
+        phase("state saved");
+        let image = self.ram.freeze()?;
+        phase("memory frozen");
+        let disk = match &self.disk {
+            Some(disk) => {
+                let disk = disk.locked();
+                let layer = disk.frozen_copy(&std::env::temp_dir(), None)?;
+                let base = disk
+                    .base_file()
+                    .try_clone()
+                    .map_err(|source| fork::Error::Io {
+                        what: "share the base image",
+                        source,
+                    })?;
+                Some((base, layer))
+            }
+            None => None,
+        };
+        phase("disk captured");
+        Ok(Capture { state, image, disk })
+    }
+
+    /// Starts `opts.count` children from `capture`, each in its own VMM
+    /// process; the caller learns from [`fork::Pending`] when they run.
+    pub fn spawn_children(
+        &mut self,
+        capture: &Capture,
+        opts: &ForkRequest,
+    ) -> Result<fork::Pending> {
         let dir = match &opts.dir {
             Some(d) => d.clone(),
             None => crate::runtime::user_dir()?,
@@ -243,40 +238,23 @@ impl Controller {
                 .collect(),
         };
         self.fork_seq += u64::from(opts.count);
-        // Paused: only what the children need is captured (the memory
-        // image is frozen, the disk's changes copied); the children are
-        // started after the parent runs again.
-        let t0 = Instant::now();
-        let phase = |what: &str| tracing::debug!("fork: {what} at {:?}", t0.elapsed());
-        let ((state, image, disk), parent_pause_ms) = self.paused_for(|c| {
-            phase("paused");
-            let state = c.machine_state(agent_ready)?;
-            phase("state saved");
-            let image = c.ram.freeze()?;
-            phase("memory frozen");
-            let disk = match &c.disk {
-                Some(disk) => {
-                    let disk = disk.locked();
-                    let layer = disk.frozen_copy(&std::env::temp_dir(), None)?;
-                    let base = disk
-                        .base_file()
-                        .try_clone()
-                        .map_err(|source| fork::Error::Io {
-                            what: "share the base image",
-                            source,
-                        })?;
-                    Some((base, layer))
-                }
-                None => None,
-            };
-            Ok((state, image, disk))
-        })?;
-        phase("resumed");
-        let disk = disk.as_ref().map(|(base, layer)| (base, layer));
-        let pending = fork::spawn_children(&state, &image, disk, &ids, &dir, &mut self.spares)?;
-        phase("children spawned");
-        Ok((pending, parent_pause_ms))
+        let disk = capture.disk.as_ref().map(|(base, layer)| (base, layer));
+        Ok(fork::spawn_children(
+            &capture.state,
+            &capture.image,
+            disk,
+            &ids,
+            &dir,
+            &mut self.spares,
+        )?)
     }
+}
+
+/// A paused VM as fork children get it (see [`Controller::capture`]).
+pub struct Capture {
+    state: MachineState,
+    image: crate::memory::MemoryImage,
+    disk: Option<(std::fs::File, std::fs::File)>,
 }
 
 impl Drop for Controller {

@@ -25,11 +25,12 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::action::{
     Action, ActionError, AgentReply, AgentState, Control, ForkInfo, ForkRequest, Reply,
-    SnapshotRequest, VmDescription, VmState, VsockInfo,
+    SnapshotInfo, SnapshotRequest, VmDescription, VmState, VsockInfo,
 };
 use crate::control::Controller;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::fork;
+use hypervisor::VcpuState;
 
 /// `WaitAgent` callers waiting for the agent at once; more get 503.
 pub const MAX_WAITING: usize = 64;
@@ -153,8 +154,26 @@ struct ForkWait {
     parent_pause_ms: f64,
 }
 
+/// Where a machine is in its life: the one record of it.
+#[derive(Debug)]
+enum Lifecycle {
+    /// Built; its vCPU threads do not run yet.
+    Created,
+    Running,
+    /// Every vCPU parked, with its saved state.
+    Paused(Vec<VcpuState>),
+    /// Told to stop: it takes no more actions.
+    Stopping,
+}
+
+/// What a machine whose vCPUs do not run yet answers.
+fn starting() -> ActionError {
+    ActionError::Busy("the VM is starting; try again".into())
+}
+
 /// The machine on the device event loop (see the module comment).
 pub struct Machine {
+    lifecycle: Lifecycle,
     /// Pause, resume, snapshot and fork (absent in unit tests).
     control: Option<Controller>,
     info: VmInfo,
@@ -198,6 +217,7 @@ impl Machine {
         let ready_listener = ready_path.as_deref().map(listen_ready).transpose()?;
         let (tx, inbox) = mpsc::channel();
         Ok(Machine {
+            lifecycle: Lifecycle::Created,
             control,
             info,
             exit,
@@ -223,15 +243,79 @@ impl Machine {
         }
     }
 
-    /// The vCPU threads to kick when pausing.
+    /// The vCPU threads run (kicked when pausing): the machine runs.
     pub fn set_vcpu_threads(&mut self, threads: Vec<libc::pthread_t>) {
         if let Some(c) = &mut self.control {
             c.threads = threads;
         }
+        self.lifecycle = Lifecycle::Running;
     }
 
     fn control(&mut self) -> std::result::Result<&mut Controller, ActionError> {
         self.control.as_mut().ok_or(ActionError::NotControllable)
+    }
+
+    fn pause(&mut self) -> ActionResult {
+        let control = self.control.as_mut().ok_or(ActionError::NotControllable)?;
+        match self.lifecycle {
+            Lifecycle::Running => self.lifecycle = Lifecycle::Paused(control.pause()?),
+            Lifecycle::Paused(_) => {}
+            Lifecycle::Created => return Err(starting()),
+            Lifecycle::Stopping => return Err(ActionError::Stopped),
+        }
+        Ok(Reply::Done)
+    }
+
+    fn resume(&mut self) -> ActionResult {
+        let control = self.control.as_mut().ok_or(ActionError::NotControllable)?;
+        match self.lifecycle {
+            Lifecycle::Paused(_) => {
+                control.resume();
+                self.lifecycle = Lifecycle::Running;
+            }
+            Lifecycle::Running => {}
+            Lifecycle::Created => return Err(starting()),
+            Lifecycle::Stopping => return Err(ActionError::Stopped),
+        }
+        Ok(Reply::Done)
+    }
+
+    /// Runs `f` on the paused machine: pausing it first, and resuming it
+    /// after, unless it was paused already. Returns what `f` returned and
+    /// how long the vCPUs stood (milliseconds).
+    fn paused_for<T>(
+        &mut self,
+        f: impl FnOnce(&mut Controller, &[VcpuState]) -> crate::control::Result<T>,
+    ) -> std::result::Result<(T, f64), ActionError> {
+        let t0 = Instant::now();
+        let control = self.control.as_mut().ok_or(ActionError::NotControllable)?;
+        let result = match &self.lifecycle {
+            Lifecycle::Paused(vcpus) => f(control, vcpus),
+            Lifecycle::Running => {
+                let vcpus = control.pause()?;
+                let result = f(control, &vcpus);
+                control.resume();
+                result
+            }
+            Lifecycle::Created => return Err(starting()),
+            Lifecycle::Stopping => return Err(ActionError::Stopped),
+        };
+        Ok((result?, t0.elapsed().as_secs_f64() * 1e3))
+    }
+
+    fn snapshot(&mut self, request: SnapshotRequest) -> ActionResult {
+        let ready = self.agent_ready;
+        self.control()?.check_copyable()?;
+        let writer =
+            crate::snapshot::Writer::create(&request.dir).map_err(crate::control::Error::from)?;
+        let key = request.key.as_deref();
+        let (memory_bytes, pause_ms) =
+            self.paused_for(|c, vcpus| c.snapshot(vcpus, writer, ready, key))?;
+        Ok(Reply::Snapshot(SnapshotInfo {
+            dir: request.dir,
+            memory_bytes,
+            pause_ms,
+        }))
     }
 
     fn agent_state(&self) -> AgentState {
@@ -243,12 +327,10 @@ impl Machine {
     }
 
     fn describe(&self) -> VmDescription {
-        let paused = self.control.as_ref().is_some_and(|c| c.is_paused());
         VmDescription {
-            state: if paused {
-                VmState::Paused
-            } else {
-                VmState::Running
+            state: match self.lifecycle {
+                Lifecycle::Paused(_) => VmState::Paused,
+                _ => VmState::Running,
             },
             vcpus: self.info.vcpus,
             memory_mib: self.info.memory_mib,
@@ -263,6 +345,9 @@ impl Machine {
     /// Does one action: answers it now, or keeps its responder until it
     /// can (the agent's readiness, a fork's children).
     fn act(&mut self, action: Action, responder: Responder, ops: &mut EventOps) {
+        if let Lifecycle::Stopping = self.lifecycle {
+            return responder.answer(Err(ActionError::Stopped));
+        }
         let result = match action {
             Action::Describe => Ok(Reply::Vm(self.describe())),
             Action::WaitAgent if self.agent_state() == AgentState::Starting => {
@@ -278,23 +363,13 @@ impl Machine {
                 agent: self.agent_state(),
             })),
             Action::Stop => {
+                self.lifecycle = Lifecycle::Stopping;
                 self.exit.report(ExitReason::Stopped { signal: None });
                 Ok(Reply::Done)
             }
-            Action::Pause => self
-                .control()
-                .and_then(|c| Ok(c.pause()?))
-                .map(|()| Reply::Done),
-            Action::Resume => self.control().map(|c| {
-                c.resume();
-                Reply::Done
-            }),
-            Action::Snapshot(SnapshotRequest { dir, key }) => {
-                let ready = self.agent_ready;
-                self.control()
-                    .and_then(|c| Ok(c.snapshot(&dir, ready, key.as_deref())?))
-                    .map(Reply::Snapshot)
-            }
+            Action::Pause => self.pause(),
+            Action::Resume => self.resume(),
+            Action::Snapshot(request) => self.snapshot(request),
             Action::Fork(request) => return self.fork(&request, responder, ops),
         };
         responder.answer(result);
@@ -306,7 +381,16 @@ impl Machine {
             return responder.answer(Err(ActionError::ForkInProgress));
         }
         let ready = self.agent_ready;
-        let started = self.control().and_then(|c| Ok(c.fork(request, ready)?));
+        // Paused only while what the children need is captured (memory
+        // frozen, the disk's changes copied); they start once it runs.
+        let started = self
+            .control()
+            .and_then(|c| Ok(c.check_copyable()?))
+            .and_then(|()| self.paused_for(|c, vcpus| c.capture(vcpus, ready)))
+            .and_then(|(capture, pause_ms)| {
+                let pending = self.control()?.spawn_children(&capture, request)?;
+                Ok((pending, pause_ms))
+            });
         let (mut pending, parent_pause_ms) = match started {
             Ok(p) => p,
             Err(e) => return responder.answer(Err(e)),
