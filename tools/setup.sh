@@ -32,5 +32,5 @@ rustup target add x86_64-unknown-linux-musl >/dev/null 2>&1 || rustup target add
 "$repo/guest-kernel/build.sh" host
 "$repo/rootfs/build-initramfs.sh"
 "$repo/rootfs/build-base-image.sh"
-cargo build --quiet --release --manifest-path "$repo/Cargo.toml" -p vmm
+cargo build --quiet --release --manifest-path "$repo/Cargo.toml" -p vmm -p vmm-bench
 echo "setup: done; the VMM is $repo/target/x86_64-unknown-linux-gnu/release/vmm" >&2
