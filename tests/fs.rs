@@ -40,12 +40,8 @@ fn guest() -> MutexGuard<'static, Guest> {
                 json!({"tag": tag, "host_path": scratch.path(tag),
                        "guest_path": format!("/mnt/{tag}"), "read_only": read_only})
             };
-            // One vCPU: under this host's nested PVM, 2-vCPU guests have
-            // twice seen a user process die of SIGSEGV in heavy runs (once
-            // here during a concurrent build, once in tests/hostile.rs),
-            // with the VMM untouched. These tests are about the share.
             let config = json!({
-                "vcpus": 1,
+                "vcpus": 2,
                 "memory_mib": 512,
                 "rootfs": {},
                 "serial": scratch.path("console.log"),

@@ -43,10 +43,9 @@ fn boot() -> Guest {
         json!({"tag": tag, "host_path": scratch.path(tag),
                "guest_path": format!("/mnt/{tag}"), "read_only": read_only})
     };
-    // One vCPU: under this host's nested PVM, 2-vCPU guests have twice
-    // seen a user process die of SIGSEGV in heavy runs (python during this
-    // flood in CI, and once during tests/fs.rs), with the VMM untouched
-    // and answering. The flood tests the VMM, not guest SMP.
+    // One vCPU: the flood tests the VMM, not the guest's SMP. (In CI a
+    // 2-vCPU guest's flood program once died of SIGSEGV in user space,
+    // the VMM untouched; see docs/host-kvm.md on guest user processes.)
     let config = json!({
         "vcpus": 1,
         "memory_mib": 256,

@@ -222,6 +222,10 @@ pub fn exec(api: &Path, script: &str) -> Output {
             .arg("exec")
             .arg("--api-socket")
             .arg(api)
+            // A guest command stuck for good fails its test instead of
+            // holding the suite (the slowest, 64 MiB through a share, takes
+            // about 4 minutes on PVM hosts).
+            .args(["--timeout", "900"])
             .args(["--", "sh", "-c", script])
             .stdin(Stdio::null())
             .output()

@@ -199,9 +199,8 @@ pub struct Machine {
 impl Machine {
     /// A machine controlled through `control`; with a vsock device and
     /// `watch_agent` it listens for the agent's ready announcement.
-    /// `agent_ready_evt`
-    /// (a restored guest, whose agent does not announce itself again) is
-    /// written once the agent is ready.
+    /// `agent_ready_evt` (for a restored guest, whose agent does not
+    /// announce itself again) is written once the agent is ready.
     pub fn new(
         control: Option<Controller>,
         info: VmInfo,
