@@ -60,7 +60,21 @@ fn boot() -> Guest {
 /// port 5000 and keeps what it accepts; the VMM's own ready port (1023)
 /// closes what it accepts.
 fn vsock_flood(g: &Guest) {
+    // The flood program (python3.11 in the guest) has died of SIGSEGV at
+    // one instruction of the interpreter in some runs on PVM hosts, with
+    // the VMM answering throughout (docs/host-kvm.md): such a run is said
+    // loudly and run once more; a second death fails the test.
+    if flood_once(g).is_err() {
+        eprintln!("flood: the guest's flood program died of a signal; running it once more");
+        g.assert_healthy("the guest's flood program died");
+        flood_once(g).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// One flood; Err when the guest's flood program died of a signal.
+fn flood_once(g: &Guest) -> Result<(), String> {
     let uds = format!("{}.vsock", g.api.display());
+    let _ = std::fs::remove_file(format!("{uds}_5000"));
     let listener = UnixListener::bind(format!("{uds}_5000")).unwrap();
     listener.set_nonblocking(true).unwrap();
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
@@ -77,7 +91,7 @@ fn vsock_flood(g: &Guest) {
         }
     });
     let start = Instant::now();
-    let out = ok(g.sh(&format!(
+    let out = g.sh(&format!(
         "rm -f /tmp/flood.out /tmp/flood.release
          nohup python3 /mnt/tools/vsock_flood.py {FLOOD} /tmp/flood.out /tmp/flood.release >/tmp/flood.log 2>&1 &
          pid=$!; echo $pid > /tmp/flood.pid
@@ -88,7 +102,15 @@ fn vsock_flood(g: &Guest) {
              sleep 0.2
          done
          cat /tmp/flood.out"
-    )));
+    ));
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    if text.contains("the flood ended with status 1") && text.contains("segfault") {
+        stop_tx.send(()).unwrap();
+        let _ = holder.join();
+        eprintln!("flood: {text}");
+        return Err(format!("the flood program died again: {text}"));
+    }
+    let out = ok(out);
     eprintln!("flood: {out} in {:?}", start.elapsed());
     // Every connection got an answer (none hung), and no more than the
     // guest's share of them were connected.
@@ -122,6 +144,7 @@ fn vsock_flood(g: &Guest) {
     eprintln!("flood: the host listener accepted {accepted}");
     assert!(accepted <= devices::virtio::vsock::muxer::MAX_GUEST_CONNECTIONS);
     g.assert_healthy("the guest closed its connections");
+    Ok(())
 }
 
 /// The guest syncs in a loop while streaming writes to a share and its
