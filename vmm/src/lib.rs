@@ -40,5 +40,17 @@ pub use config::VmConfig;
 pub use exit::ExitReason;
 pub use vm::{open_hypervisor, BootTimings, RunOptions, RunOutcome, Vm};
 
+/// Logs to standard error, filtered by `VMM_LOG` (tracing filter syntax;
+/// `warn` when unset). For the `vmm` and `vmm-bench` programs.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VMM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
 #[cfg(test)]
 mod module_graph;

@@ -250,16 +250,6 @@ impl ExecArgs {
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("VMM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
-}
-
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("vmm: error: {msg}");
     ExitCode::from(1)
@@ -482,14 +472,14 @@ fn main() -> ExitCode {
     let start = Instant::now();
     // A fork child (started by a forking VMM, not by users).
     if std::env::args().nth(1).as_deref() == Some(vmm::fork::CHILD_COMMAND) {
-        init_logging();
+        vmm::init_logging();
         return match vmm::fork_child::child_main() {
             Ok(()) => ExitCode::SUCCESS,
             Err(code) => ExitCode::from(code as u8),
         };
     }
     let cli = Cli::parse();
-    init_logging();
+    vmm::init_logging();
     match cli.command {
         Command::Launch {
             config,

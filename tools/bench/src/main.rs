@@ -148,13 +148,7 @@ fn print_bench<E: std::fmt::Display>(
 
 fn main() -> ExitCode {
     vmm::fork_child::run_child_if_asked();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("VMM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    vmm::init_logging();
     match Cli::parse().what {
         BenchCommand::Fork {
             sizes,
