@@ -106,7 +106,7 @@ fn launch_exec_stop() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "10000");
     let out = exec(&["--", "sh", "-c", "exit 7"], None);
     assert_eq!(out.status.code(), Some(7));
-    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+    if std::path::Path::new(hypervisor::kvm::PVM_MODULE_PATH).exists() {
         let out = exec(
             &["--", "/lib64/ld-linux-x86-64.so.2", "--list-diagnostics"],
             None,
