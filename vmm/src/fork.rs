@@ -8,7 +8,7 @@
 //! length, with the memory files, the base image and the frozen layer
 //! attached (SCM_RIGHTS), then the child's [`Message`] as JSON. The child
 //! maps the memory copy-on-write, restores the machine, starts its vCPUs
-//! and answers `{"ok":true}` (or `{"error":...}`) on the same socket.
+//! and answers with a [`ChildAnswer`] line on the same socket.
 //!
 //! A child is a new machine: its own vsock socket and CID, its own API
 //! socket, a throwaway disk layer over the frozen one; its vsock
@@ -29,6 +29,25 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use crate::config::{NetworkConfig, SerialOutput, VmConfig};
 use crate::memory::MemoryImage;
 use crate::snapshot::MachineState;
+
+/// A fork child's one line to its parent (JSON): its vCPUs run, or it
+/// could not start and why.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum ChildAnswer {
+    Started,
+    Failed(String),
+}
+
+impl ChildAnswer {
+    /// The answer as one line, newline included.
+    pub(crate) fn line(&self) -> String {
+        // A unit variant or one string: serialising cannot fail.
+        let mut line = serde_json::to_string(self).unwrap_or_default();
+        line.push('\n');
+        line
+    }
+}
 
 /// The hidden subcommand a fork child runs.
 pub const CHILD_COMMAND: &str = "__fork-child";
@@ -382,12 +401,12 @@ impl Starting {
             }
             if let Some(end) = self.line.iter().position(|&b| b == b'\n') {
                 let line = String::from_utf8_lossy(&self.line[..end]).into_owned();
-                return match serde_json::from_str::<serde_json::Value>(&line) {
-                    Ok(v) if v["ok"] == true => {
+                return match serde_json::from_str::<ChildAnswer>(&line) {
+                    Ok(ChildAnswer::Started) => {
                         self.started = true;
                         Ok(())
                     }
-                    Ok(v) => Err(fail(v["error"].as_str().unwrap_or(line.trim()).to_string())),
+                    Ok(ChildAnswer::Failed(message)) => Err(fail(message)),
                     Err(_) => Err(fail(format!("unexpected answer {:?}", line.trim()))),
                 };
             }
@@ -395,5 +414,23 @@ impl Starting {
                 return Err(fail("its answer is too long".into()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ChildAnswer;
+
+    #[test]
+    fn a_child_answer_is_one_json_line_both_ways() {
+        for answer in [
+            ChildAnswer::Started,
+            ChildAnswer::Failed("no memory".into()),
+        ] {
+            let line = answer.line();
+            assert!(line.ends_with('\n') && line.matches('\n').count() == 1);
+            assert_eq!(serde_json::from_str::<ChildAnswer>(&line).unwrap(), answer);
+        }
+        assert!(serde_json::from_str::<ChildAnswer>(r#"{"ok":true}"#).is_err());
     }
 }

@@ -1,7 +1,8 @@
 //! The fork child's side (`vmm __fork-child`, or an embedding program's
 //! own executable through [`run_child_if_asked`]): receives the parent's
 //! message (crate::fork), maps the frozen memory copy-on-write, restores
-//! the machine, answers `{"ok":true}` once its vCPUs run, and runs it.
+//! the machine, answers [`ChildAnswer::Started`] once its vCPUs run, and
+//! runs it.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -14,16 +15,20 @@ use std::time::Instant;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::fork::{
-    io, Error, Message, Result, CHILD_COMMAND, MAX_FDS, MAX_MESSAGE, NO_MESSAGE, PREPARE_ARG,
+    io, ChildAnswer, Error, Message, Result, CHILD_COMMAND, MAX_FDS, MAX_MESSAGE, NO_MESSAGE,
+    PREPARE_ARG,
 };
 use crate::memory::{MemoryImage, Overlay};
 use crate::snapshot::{MachineState, RestoreSource};
 
-/// In a program that embeds the VMM and starts fork children with its own
-/// executable: runs the child and exits when this process was started as
-/// one, returns otherwise.
+/// First thing in `main` of the `vmm` binary, and of a program that embeds
+/// the VMM and starts fork children with its own executable: when this
+/// process was started as a fork child, runs it (logging set up as
+/// [`crate::init_logging`] does, unless the program already did) and exits;
+/// returns otherwise.
 pub fn run_child_if_asked() {
     if std::env::args().nth(1).as_deref() == Some(CHILD_COMMAND) {
+        crate::init_logging();
         std::process::exit(match child_main() {
             Ok(()) => 0,
             Err(code) => code,
@@ -34,7 +39,7 @@ pub fn run_child_if_asked() {
 /// The fork child's main (`vmm __fork-child`): reads the message on
 /// standard input, restores the machine and runs it. Returns the exit
 /// status on failure.
-pub fn child_main() -> std::result::Result<(), i32> {
+fn child_main() -> std::result::Result<(), i32> {
     // Nothing but the socket on stdin (and stdout, stderr) is ours: close
     // whatever else the parent let through.
     // SAFETY: close_range on descriptors this process does not use; no
@@ -44,7 +49,7 @@ pub fn child_main() -> std::result::Result<(), i32> {
     // nothing else in this process owns it.
     let stream = unsafe { UnixStream::from_raw_fd(0) };
     let fail = |stream: &UnixStream, msg: String| {
-        let _ = writeln!(&*stream, "{}", serde_json::json!({ "error": msg }));
+        let _ = (&*stream).write_all(ChildAnswer::Failed(msg.clone()).line().as_bytes());
         eprintln!("vmm fork child: error: {msg}");
         1
     };
@@ -109,7 +114,7 @@ pub fn child_main() -> std::result::Result<(), i32> {
         api_socket: Some(message.api_socket),
         watch_agent: true,
         on_started: Some(Box::new(move |_| {
-            let _ = writeln!(&ack, "{}", serde_json::json!({ "ok": true }));
+            let _ = (&ack).write_all(ChildAnswer::Started.line().as_bytes());
         })),
     };
     drop(stream);

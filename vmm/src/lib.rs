@@ -49,7 +49,9 @@ pub fn init_logging() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
-        .init();
+        // A program that set up its own logging keeps it.
+        .try_init()
+        .ok();
 }
 
 #[cfg(test)]

@@ -273,11 +273,8 @@ fn launch(args: LaunchArgs, start: Instant) -> ExitCode {
             Ok(c) => c,
             Err(e) => return fail(e),
         },
-        // Only with --name: what `vmm run` boots.
-        None => VmConfig {
-            rootfs: Some(vmm::config::RootfsConfig::default()),
-            ..VmConfig::default()
-        },
+        // Only with --name: what `vmm run` boots (the agent added below).
+        None => VmConfig::default(),
     };
     // A named VM holds its name until it ends.
     let (_claim, api_socket) = match &args.name {
@@ -287,11 +284,12 @@ fn launch(args: LaunchArgs, start: Instant) -> ExitCode {
         },
         None => (None, args.api_socket),
     };
-    if let (Some(api), None) = (&api_socket, &config.vsock) {
-        config.vsock = Some(vmm::config::VsockConfig {
-            cid: vmm::sandbox::DEFAULT_CID,
-            uds_path: PathBuf::from(format!("{}.vsock", api.display())),
-        });
+    if let Some(api) = &api_socket {
+        let vsock = PathBuf::from(format!("{}.vsock", api.display()));
+        match args.config {
+            Some(_) => config.ensure_vsock(vsock),
+            None => config.ensure_agent(vsock),
+        }
     }
     let hv = match vmm::open_hypervisor() {
         Ok(hv) => hv,
@@ -471,13 +469,7 @@ fn main() -> ExitCode {
     // Boot timings count from here: the first thing the process does.
     let start = Instant::now();
     // A fork child (started by a forking VMM, not by users).
-    if std::env::args().nth(1).as_deref() == Some(vmm::fork::CHILD_COMMAND) {
-        vmm::init_logging();
-        return match vmm::fork_child::child_main() {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(code) => ExitCode::from(code as u8),
-        };
-    }
+    vmm::fork_child::run_child_if_asked();
     let cli = Cli::parse();
     vmm::init_logging();
     match cli.command {
