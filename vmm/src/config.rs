@@ -9,6 +9,10 @@ use std::path::{Path, PathBuf};
 use devices::virtio::net::user::policy::{EgressPolicy, Rule};
 use serde::{Deserialize, Serialize};
 
+/// Guest context id of the vsock device the VMM adds when a config has
+/// none.
+pub const DEFAULT_CID: u64 = 3;
+
 /// Errors reading or checking a configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -461,6 +465,28 @@ impl VmConfig {
         Ok(config)
     }
 
+    /// Adds a vsock device on `uds_path` (guest CID [`DEFAULT_CID`]) unless
+    /// the config has one: the channel to the guest agent.
+    pub fn ensure_vsock(&mut self, uds_path: PathBuf) {
+        if self.vsock.is_none() {
+            self.vsock = Some(VsockConfig {
+                cid: DEFAULT_CID,
+                uds_path,
+            });
+        }
+    }
+
+    /// Adds what running commands needs where the config leaves it out:
+    /// the default root disk (it holds the agent) and a vsock device on
+    /// `uds_path`. What `vmm run` boots, and `vmm launch --name` without
+    /// a config.
+    pub fn ensure_agent(&mut self, uds_path: PathBuf) {
+        if self.rootfs.is_none() {
+            self.rootfs = Some(RootfsConfig::default());
+        }
+        self.ensure_vsock(uds_path);
+    }
+
     /// Reads and parses a configuration file.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
@@ -512,6 +538,22 @@ mod tests {
     #[test]
     fn empty_object_gives_defaults() {
         assert_eq!(parse("{}").unwrap(), VmConfig::default());
+    }
+
+    #[test]
+    fn the_agent_is_added_only_where_the_config_leaves_it_out() {
+        let mut bare = VmConfig::default();
+        bare.ensure_agent("a.vsock".into());
+        assert_eq!(bare.rootfs, Some(RootfsConfig::default()));
+        assert_eq!(bare.vsock.as_ref().unwrap().cid, DEFAULT_CID);
+        let mut own = parse(r#"{"vsock": {"cid": 7, "uds_path": "own.vsock"}}"#).unwrap();
+        own.ensure_vsock("a.vsock".into());
+        assert_eq!(own.rootfs, None);
+        let vsock = own.vsock.as_ref().unwrap();
+        assert_eq!(
+            (vsock.cid, vsock.uds_path.as_path()),
+            (7, Path::new("own.vsock"))
+        );
     }
 
     #[test]

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use crate::action::{Action, ActionError, Control};
 use crate::agent::AgentClient;
 use crate::api::ApiClient;
-use crate::config::{RootfsConfig, SerialOutput, VmConfig, VsockConfig};
+use crate::config::{SerialOutput, VmConfig};
 use crate::fork::ChildInfo;
 use crate::machine::MachineHandle;
 use crate::runtime::RuntimeDir;
@@ -41,8 +41,6 @@ use crate::{RunOptions, RunOutcome, Vm};
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a stopped fork child's process gets to end.
 const STOP_WAIT: Duration = Duration::from_secs(10);
-/// Guest context id used when the config has no vsock section.
-pub const DEFAULT_CID: u64 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -70,19 +68,16 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// Fills in what running commands needs: the default root disk (with a
-/// throwaway layer) and a vsock device on a socket in `scratch` (a
-/// private runtime directory).
-/// The console goes nowhere unless the config names a file.
-pub fn with_sandbox_defaults(mut config: VmConfig, scratch: &std::path::Path) -> VmConfig {
-    if config.rootfs.is_none() {
-        config.rootfs = Some(RootfsConfig::default());
-    }
-    if config.vsock.is_none() {
-        config.vsock = Some(VsockConfig {
-            cid: DEFAULT_CID,
-            uds_path: scratch.join("vsock.sock"),
-        });
+/// Fills in what running commands needs: the vsock socket in `scratch` (a
+/// private runtime directory) and, with `root_disk`, the default root disk
+/// ([`VmConfig::ensure_agent`]). The console goes nowhere unless the
+/// config names a file.
+fn with_sandbox_defaults(mut config: VmConfig, scratch: &Path, root_disk: bool) -> VmConfig {
+    let vsock = scratch.join("vsock.sock");
+    if root_disk {
+        config.ensure_agent(vsock);
+    } else {
+        config.ensure_vsock(vsock);
     }
     if config.serial == SerialOutput::Stdout {
         config.serial = SerialOutput::Off;
@@ -100,11 +95,26 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    /// Boots `config` (with [`with_sandbox_defaults`]) and waits for the agent.
+    /// Boots `config` and waits for the agent. Where the config leaves
+    /// them out, the sandbox gets the default root disk (Debian, with a
+    /// throwaway layer) and a vsock device; the console goes nowhere unless
+    /// the config names a file.
     pub fn start(config: VmConfig) -> Result<Sandbox> {
+        Self::boot(config, true)
+    }
+
+    /// As [`Sandbox::start`], but without a root disk unless the config
+    /// names one: for a guest whose agent runs from its initramfs (the
+    /// default initramfs has one), which boots faster and has less memory
+    /// to copy.
+    pub fn start_without_root_disk(config: VmConfig) -> Result<Sandbox> {
+        Self::boot(config, false)
+    }
+
+    fn boot(config: VmConfig, root_disk: bool) -> Result<Sandbox> {
         let start = Instant::now();
         let scratch = RuntimeDir::create("sandbox")?;
-        let config = with_sandbox_defaults(config, scratch.path());
+        let config = with_sandbox_defaults(config, scratch.path(), root_disk);
         let hv = crate::open_hypervisor()?;
         let vm = Vm::build(&config, hv.as_ref(), start)?;
         Self::run(vm, hv, &config, scratch)
@@ -112,14 +122,14 @@ impl Sandbox {
 
     /// Restores snapshot directory `dir` in this process and waits for its
     /// agent. Host-side settings come from `host` (see `snapshot::host`;
-    /// its config gets [`with_sandbox_defaults`], as for `start`); `key`
+    /// its config gets the defaults [`Sandbox::start`] gives); `key`
     /// checks the snapshot's MAC.
     pub fn restore(dir: &Path, mut host: HostSettings, key: Option<Vec<u8>>) -> Result<Sandbox> {
         let start = Instant::now();
         let scratch = RuntimeDir::create("sandbox")?;
         host.config = host
             .config
-            .map(|c| with_sandbox_defaults(c, scratch.path()));
+            .map(|c| with_sandbox_defaults(c, scratch.path(), true));
         let opts = RestoreOptions {
             vsock_socket: scratch.path().join("vsock.sock"),
             host,
@@ -197,7 +207,7 @@ impl Sandbox {
     /// `VMM_CHILD_BINARY` names.
     pub fn fork(&self, count: u32) -> Result<Vec<Forked>> {
         let info = self.machine.fork(count, None)?;
-        Ok(info.children.into_iter().map(Forked::new).collect())
+        Ok(info.children.into_iter().map(Forked::from).collect())
     }
 
     /// The agent client, for exec, put and get.
@@ -244,8 +254,10 @@ pub struct Forked {
     stopped: bool,
 }
 
-impl Forked {
-    fn new(info: ChildInfo) -> Self {
+impl From<ChildInfo> for Forked {
+    /// The handle of a child a fork made ([`Control::fork`] on
+    /// [`Sandbox::machine`]).
+    fn from(info: ChildInfo) -> Self {
         Forked {
             control: ApiClient::new(&info.api_socket),
             agent: info.vsock_socket.as_deref().map(AgentClient::new),
@@ -253,7 +265,9 @@ impl Forked {
             stopped: false,
         }
     }
+}
 
+impl Forked {
     /// Its id, process and sockets.
     pub fn info(&self) -> &ChildInfo {
         &self.info
