@@ -1,9 +1,8 @@
-//! `vmm bench`: boot-time benchmark against qemu microvm, and the launch
-//! report it reads.
-//!
-//! Each boot is a fresh `vmm launch` process, so "process start" is real.
-//! JSON keys are documented in docs/bench.md.
+//! What the benchmarks share: errors and reports, statistics and tables,
+//! the default guest's artifacts, scratch folders, timing a process to a
+//! console line, and the qemu microvm commands the comparisons run.
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -12,15 +11,14 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use vmm::artifacts::{self, KernelFlavour};
-use vmm::config::{Flavour, SerialOutput, VmConfig};
-
-/// The line the guest init prints when it starts (after the boot-timer write).
-pub const INIT_READY_MARKER: &str = "vmm-init: ready";
+use vmm::config::{Flavour, VmConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot open the hypervisor: {0}")]
     Hypervisor(#[from] vmm::vm::Error),
+    #[error(transparent)]
+    Sandbox(#[from] vmm::sandbox::Error),
     #[error("the default {what} is not built ({path} is missing): run tools/setup.sh first")]
     Missing { what: &'static str, path: PathBuf },
     #[error("cannot run {program}: {source}")]
@@ -39,6 +37,19 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot encode the VM config: {0} (a bug, please report it)")]
+    Encode(#[from] serde_json::Error),
+}
+
+impl Error {
+    /// A guest that printed no figures (`what`: the VMM that ran it).
+    pub fn no_figures(what: &'static str, watched: &Watched) -> Error {
+        Error::Run {
+            what,
+            run: 1,
+            detail: format!("no figures; console:\n{}", tail(&watched.lines)),
+        }
+    }
 }
 
 /// A benchmark's results: machine-readable and readable.
@@ -115,99 +126,166 @@ impl Stats {
     }
 }
 
-pub struct BootBenchOptions {
-    pub runs: u32,
-    pub memory_mib: u64,
-    pub qemu: bool,
+/// One target's figures: a series of values for each of `N` figures, in
+/// the order of the keys the caller names them by.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Figures<const N: usize>(pub [Vec<f64>; N]);
+
+impl<const N: usize> Default for Figures<N> {
+    fn default() -> Self {
+        Figures(std::array::from_fn(|_| Vec::new()))
+    }
 }
 
-/// Results of `vmm bench boot`.
-#[derive(Debug, Default)]
-pub struct BootBench {
-    pub runs: u32,
-    pub memory_mib: u64,
-    pub flavour: String,
-    pub kernel: PathBuf,
-    pub vmm_setup_ms: Vec<f64>,
-    pub boot_to_init_ms: Vec<f64>,
-    pub vmm_spawn_to_ready_ms: Vec<f64>,
-    pub vmm_overhead_rss_kib: Vec<f64>,
-    pub qemu_boot_to_init_ms: Vec<f64>,
-    /// Why there is no qemu figure, when there is none.
-    pub qemu_skipped: Option<String>,
+impl<const N: usize> Figures<N> {
+    /// The arrays at `keys` of `v` (the JSON a guest script printed).
+    pub fn parse(v: &Value, keys: [&str; N]) -> Self {
+        Figures(keys.map(|k| Stats::list(v, k)))
+    }
+
+    pub fn medians(&self) -> [Option<f64>; N] {
+        std::array::from_fn(|i| Stats::median_of(&self.0[i]))
+    }
+
+    /// `{key: {"median","min","max"}}` for each figure.
+    pub fn to_json(&self, keys: [&str; N]) -> Value {
+        let fields = keys
+            .iter()
+            .zip(&self.0)
+            .map(|(k, v)| (k.to_string(), Stats::json_of(v)));
+        Value::Object(fields.collect())
+    }
 }
 
-impl Report for BootBench {
-    fn to_json(&self) -> Value {
-        let stats = |v: &[f64]| Stats::of(v).map(Stats::to_json);
-        let ratio = match (
-            Stats::of(&self.vmm_spawn_to_ready_ms),
-            Stats::of(&self.qemu_boot_to_init_ms),
-        ) {
-            (Some(v), Some(q)) => Some(((v.median / q.median) * 1000.0).round() / 1000.0),
-            _ => None,
+/// A figure with two decimals, "-" when there is none.
+pub fn two_decimals(x: Option<f64>) -> String {
+    x.map_or("-".into(), |x| format!("{x:.2}"))
+}
+
+/// A text table of medians: a title line, a header, one row per target.
+pub struct MedianTable {
+    out: String,
+    widths: Vec<usize>,
+}
+
+impl MedianTable {
+    /// `columns`: (heading, width); the first is the targets' names
+    /// (left-aligned), the others figures (right-aligned).
+    pub fn new(title: &str, columns: &[(&str, usize)]) -> Self {
+        let mut table = MedianTable {
+            out: format!("{title}\n"),
+            widths: columns.iter().map(|&(_, w)| w).collect(),
         };
-        json!({
-            "runs": self.runs,
-            "memory_mib": self.memory_mib,
-            "kernel_flavour": self.flavour,
-            "kernel": self.kernel,
-            "vmm_setup_ms": stats(&self.vmm_setup_ms),
-            "boot_to_init_ms": stats(&self.boot_to_init_ms),
-            "vmm_spawn_to_ready_ms": stats(&self.vmm_spawn_to_ready_ms),
-            "vmm_overhead_rss_kib": stats(&self.vmm_overhead_rss_kib),
-            "qemu_boot_to_init_ms": stats(&self.qemu_boot_to_init_ms),
-            "vmm_vs_qemu_ratio": ratio,
-            "qemu_skipped": self.qemu_skipped,
-        })
+        let headings: Vec<String> = columns.iter().map(|&(h, _)| h.to_string()).collect();
+        table.cells(&headings);
+        table
     }
 
-    fn table(&self) -> String {
-        let mut out = format!(
-            "boot benchmark: {} runs, {} MiB, {} kernel\n{:<34} {:>10} {:>10} {:>10}\n",
-            self.runs, self.memory_mib, self.flavour, "metric", "median", "min", "max"
-        );
-        let rows: [(&str, &[f64]); 5] = [
-            ("vmm_setup_ms", &self.vmm_setup_ms),
-            ("boot_to_init_ms", &self.boot_to_init_ms),
-            ("vmm_spawn_to_ready_ms", &self.vmm_spawn_to_ready_ms),
-            ("qemu_boot_to_init_ms", &self.qemu_boot_to_init_ms),
-            ("vmm_overhead_rss_kib", &self.vmm_overhead_rss_kib),
-        ];
-        for (name, values) in rows {
-            match Stats::of(values) {
-                Some(s) => out.push_str(&format!(
-                    "{name:<34} {:>10.1} {:>10.1} {:>10.1}\n",
-                    s.median, s.min, s.max
-                )),
-                None => out.push_str(&format!("{name:<34} {:>10}\n", "-")),
-            }
+    pub fn row(&mut self, name: &str, medians: &[Option<f64>]) {
+        let mut cells = vec![name.to_string()];
+        cells.extend(medians.iter().map(|&m| two_decimals(m)));
+        self.cells(&cells);
+    }
+
+    fn cells(&mut self, cells: &[String]) {
+        let mut line = Vec::with_capacity(cells.len());
+        for (i, (cell, width)) in cells.iter().zip(&self.widths).enumerate() {
+            line.push(match i {
+                0 => format!("{cell:<width$}"),
+                _ => format!("{cell:>width$}"),
+            });
         }
-        if let Some(r) = self.to_json()["vmm_vs_qemu_ratio"].as_f64() {
-            out.push_str(&format!("vmm / qemu boot (spawn to init line): {r:.3}\n"));
-        }
-        if let Some(why) = &self.qemu_skipped {
-            out.push_str(&format!("qemu: skipped ({why})\n"));
-        }
-        out
+        self.out.push_str(&line.join(" "));
+        self.out.push('\n');
+    }
+
+    /// A line of its own under the rows.
+    pub fn note(&mut self, line: &str) {
+        self.out.push_str(line);
+        self.out.push('\n');
+    }
+
+    pub fn finish(self) -> String {
+        self.out
     }
 }
 
-/// Fails with the setup hint when an artifact the setup command builds is
-/// missing.
-pub(crate) fn require_built(files: &[(&'static str, &PathBuf)]) -> Result<(), Error> {
-    match files.iter().find(|(_, path)| !path.exists()) {
-        Some((what, path)) => Err(Error::Missing {
-            what,
-            path: (*path).clone(),
-        }),
-        None => Ok(()),
+/// The default guest the benchmarks boot: the kernel of the flavour this
+/// host needs, the minimal initramfs and the base image.
+pub struct GuestArtifacts {
+    pub flavour: KernelFlavour,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub base: PathBuf,
+}
+
+impl GuestArtifacts {
+    /// Finds them; fails with the setup hint when one is not built (the
+    /// base image only matters `with_base`).
+    pub fn resolve(with_base: bool) -> Result<Self, Error> {
+        let hv = vmm::open_hypervisor()?;
+        let flavour = KernelFlavour::resolve(Flavour::Auto, hv.kind());
+        drop(hv);
+        let guest = GuestArtifacts {
+            flavour,
+            kernel: artifacts::default_kernel(flavour),
+            initramfs: artifacts::default_minimal_initramfs(),
+            base: artifacts::default_base_image(),
+        };
+        let mut needed = vec![("kernel", &guest.kernel), ("initramfs", &guest.initramfs)];
+        if with_base {
+            needed.push(("base image", &guest.base));
+        }
+        match needed.into_iter().find(|(_, path)| !path.exists()) {
+            Some((what, path)) => Err(Error::Missing {
+                what,
+                path: path.clone(),
+            }),
+            None => Ok(guest),
+        }
+    }
+}
+
+/// A fresh scratch folder under the temporary directory, removed however
+/// the bench ends.
+pub struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    /// `vmm-bench-NAME-PID`, emptied if it was left over.
+    pub fn new(name: &str) -> Result<ScratchDir, Error> {
+        let dir = std::env::temp_dir().join(format!("vmm-bench-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|source| Error::Scratch {
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(ScratchDir(dir))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Writes `contents` into file `name` of the folder; its path.
+    pub fn write(&self, name: &str, contents: impl AsRef<[u8]>) -> Result<PathBuf, Error> {
+        let path = self.0.join(name);
+        std::fs::write(&path, contents).map_err(|source| Error::Scratch {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(path)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
 /// The `vmm` binary the benches start VMs with: `VMM_BIN`, else the one
 /// next to this program (`vmm bench` runs the `vmm-bench` beside it).
-pub(crate) fn vmm_exe() -> Result<PathBuf, Error> {
+fn vmm_exe() -> Result<PathBuf, Error> {
     if let Some(path) = std::env::var_os("VMM_BIN").filter(|p| !p.is_empty()) {
         return Ok(PathBuf::from(path));
     }
@@ -222,7 +300,7 @@ pub(crate) fn vmm_exe() -> Result<PathBuf, Error> {
 const RUN_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// What `time_to_marker` saw of a run.
-pub(crate) struct Watched {
+pub struct Watched {
     /// Spawn to the first stdout line holding the marker.
     pub seen: Option<Duration>,
     /// The process exited successfully.
@@ -236,7 +314,7 @@ pub(crate) struct Watched {
 /// `kill_at_marker` the process is killed once the marker is seen (qemu's
 /// reset path sometimes spins on this host after the guest's reboot; the
 /// figure is taken by then). A run past `RUN_TIMEOUT` is killed.
-pub(crate) fn time_to_marker(
+fn time_to_marker(
     mut cmd: Command,
     marker: &str,
     kill_at_marker: bool,
@@ -283,43 +361,51 @@ pub(crate) fn time_to_marker(
     })
 }
 
+/// `vmm launch --config vm.json` (`config` written into `scratch`) with
+/// `extra` arguments, its console on standard output: what it printed and
+/// how long to the first line holding `marker`. The VMM runs as users run
+/// it, process start included.
+pub fn launch_to_marker(
+    config: &VmConfig,
+    scratch: &ScratchDir,
+    extra: &[&OsStr],
+    marker: &str,
+) -> Result<Watched, Error> {
+    let config_path = scratch.write("vm.json", serde_json::to_string(config)?)?;
+    let exe = vmm_exe()?;
+    let mut cmd = Command::new(&exe);
+    cmd.arg("launch")
+        .arg("--config")
+        .arg(&config_path)
+        .args(extra);
+    time_to_marker(cmd, marker, false).map_err(|source| Error::Spawn {
+        program: exe.display().to_string(),
+        source,
+    })
+}
+
+/// Runs qemu `cmd` to the first console line holding `marker`, then kills
+/// it. A qemu that is not installed is an error of kind NotFound.
+pub fn qemu_to_marker(cmd: Command, marker: &str) -> std::io::Result<Watched> {
+    time_to_marker(cmd, marker, true)
+}
+
+/// The error for qemu that could not be started.
+pub fn qemu_spawn_error(source: std::io::Error) -> Error {
+    Error::Spawn {
+        program: "qemu-system-x86_64".into(),
+        source,
+    }
+}
+
 /// The last 20 console lines (for an error).
-pub(crate) fn tail(lines: &[String]) -> String {
+fn tail(lines: &[String]) -> String {
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
-/// The kernel command line of a qemu microvm guest with `extra` (which may
-/// end with the guest's command, `-- ...`). qemu would append its
-/// virtio-mmio devices after that command, where the kernel no longer reads
-/// them: all eight microvm transports (0xfeb00000 + 512 * i, IRQ 5 + i
-/// without ACPI) are named before it instead; empty ones are skipped by
-/// the guest. Use with `-machine auto-kernel-cmdline=off`.
-pub(crate) fn microvm_cmdline(flavour: KernelFlavour, extra: String) -> String {
-    let transports: Vec<String> = (0..8u64)
-        .map(|i| {
-            format!(
-                "virtio_mmio.device=512@{:#x}:{}",
-                0xfeb0_0000 + 512 * i,
-                5 + i
-            )
-        })
-        .collect();
-    vmm::vm::kernel_cmdline(
-        &vmm::config::VmConfig {
-            cmdline: Some(extra),
-            ..Default::default()
-        },
-        flavour,
-        &transports,
-    )
-}
-
-pub(crate) fn qemu_command(
-    kernel: &Path,
-    initramfs: &Path,
-    cmdline: &str,
-    memory_mib: u64,
-) -> Command {
+/// qemu microvm booting `guest`'s kernel and initramfs with `memory_mib`
+/// and kernel command line `cmdline`, its console on standard output.
+pub fn qemu_command(guest: &GuestArtifacts, cmdline: &str, memory_mib: u64) -> Command {
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args([
         "-M",
@@ -345,131 +431,45 @@ pub(crate) fn qemu_command(
         "-no-reboot",
     ])
     .arg("-kernel")
-    .arg(kernel)
+    .arg(&guest.kernel)
     .arg("-initrd")
-    .arg(initramfs)
+    .arg(&guest.initramfs)
     .arg("-append")
     .arg(cmdline);
     cmd
 }
 
-/// Boots the default kernel and initramfs `runs` times under this VMM and
-/// (when installed) under qemu microvm.
-pub fn boot(opts: &BootBenchOptions) -> Result<BootBench, Error> {
-    let hv = vmm::open_hypervisor()?;
-    let flavour = KernelFlavour::resolve(Flavour::Auto, hv.kind());
-    drop(hv);
-    let kernel = artifacts::default_kernel(flavour);
-    // The init alone: it writes the boot timer, prints its line, powers off.
-    let initramfs = artifacts::default_minimal_initramfs();
-    require_built(&[("kernel", &kernel), ("initramfs", &initramfs)])?;
-    let scratch = std::env::temp_dir().join(format!("vmm-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch).map_err(|source| Error::Scratch {
-        path: scratch.clone(),
-        source,
-    })?;
+/// [`qemu_command`] with `guest`'s base image as a throwaway root disk
+/// and `extra` (which may end with the guest's command, `-- ...`) on our
+/// kernel command line. qemu would append its virtio-mmio devices after
+/// that command, where the kernel no longer reads them: all eight microvm
+/// transports (0xfeb00000 + 512 * i, IRQ 5 + i without ACPI) are named
+/// before it instead (empty ones are skipped by the guest), and qemu's own
+/// additions are turned off.
+pub fn qemu_with_root_disk(guest: &GuestArtifacts, extra: String, memory_mib: u64) -> Command {
+    let transports: Vec<String> = (0..8u64)
+        .map(|i| {
+            format!(
+                "virtio_mmio.device=512@{:#x}:{}",
+                0xfeb0_0000 + 512 * i,
+                5 + i
+            )
+        })
+        .collect();
     let config = VmConfig {
-        memory_mib: opts.memory_mib,
-        kernel: Some(kernel.clone()),
-        initramfs: Some(initramfs.clone()),
-        serial: SerialOutput::Stdout,
+        cmdline: Some(extra),
         ..Default::default()
     };
-    let config_path = scratch.join("vm.json");
-    let report_path = scratch.join("report.json");
-    let scratch_err = |source| Error::Scratch {
-        path: scratch.clone(),
-        source,
-    };
-    std::fs::write(
-        &config_path,
-        serde_json::to_string(&config).unwrap_or_default(),
-    )
-    .map_err(scratch_err)?;
-    let exe = vmm_exe()?;
-
-    let mut result = BootBench {
-        runs: opts.runs,
-        memory_mib: opts.memory_mib,
-        flavour: flavour.name().into(),
-        kernel: kernel.clone(),
-        ..Default::default()
-    };
-    for run in 1..=opts.runs {
-        let _ = std::fs::remove_file(&report_path);
-        let mut cmd = Command::new(&exe);
-        cmd.arg("launch")
-            .arg("--config")
-            .arg(&config_path)
-            .arg("--report")
-            .arg(&report_path);
-        let watched =
-            time_to_marker(cmd, INIT_READY_MARKER, false).map_err(|source| Error::Spawn {
-                program: exe.display().to_string(),
-                source,
-            })?;
-        let (ready, ok) = (watched.seen, watched.success);
-        let report: Value = std::fs::read_to_string(&report_path)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or(Value::Null);
-        let (Some(setup), Some(init), Some(ready), true) = (
-            report["vmm_setup_ms"].as_f64(),
-            report["boot_to_init_ms"].as_f64(),
-            ready,
-            ok,
-        ) else {
-            return Err(Error::Run {
-                what: "vmm",
-                run,
-                detail: format!("no complete boot (report: {report})"),
-            });
-        };
-        result.vmm_setup_ms.push(setup);
-        result.boot_to_init_ms.push(init);
-        result
-            .vmm_spawn_to_ready_ms
-            .push(ready.as_secs_f64() * 1000.0);
-        if let Some(rss) = report["vmm_overhead_rss_kib"].as_f64() {
-            result.vmm_overhead_rss_kib.push(rss);
-        }
-    }
-
-    if !opts.qemu {
-        result.qemu_skipped = Some("--no-qemu".into());
-    } else {
-        let cmdline = vmm::vm::kernel_cmdline(&VmConfig::default(), flavour, &[]);
-        for run in 1..=opts.runs {
-            let cmd = qemu_command(&kernel, &initramfs, &cmdline, opts.memory_mib);
-            match time_to_marker(cmd, INIT_READY_MARKER, true) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    result.qemu_skipped = Some(
-                        "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)"
-                            .into(),
-                    );
-                    break;
-                }
-                Err(source) => {
-                    return Err(Error::Spawn {
-                        program: "qemu-system-x86_64".into(),
-                        source,
-                    })
-                }
-                Ok(Watched { seen: Some(t), .. }) => {
-                    result.qemu_boot_to_init_ms.push(t.as_secs_f64() * 1000.0)
-                }
-                Ok(Watched { seen: None, .. }) => {
-                    return Err(Error::Run {
-                        what: "qemu",
-                        run,
-                        detail: format!("the guest never printed \"{INIT_READY_MARKER}\""),
-                    })
-                }
-            }
-        }
-    }
-    let _ = std::fs::remove_dir_all(&scratch);
-    Ok(result)
+    let cmdline = vmm::vm::kernel_cmdline(&config, guest.flavour, &transports);
+    let mut cmd = qemu_command(guest, &cmdline, memory_mib);
+    cmd.args(["-machine", "auto-kernel-cmdline=off"])
+        .arg("-drive")
+        .arg(format!(
+            "id=root,file={},format=raw,if=none,snapshot=on",
+            guest.base.display()
+        ))
+        .args(["-device", "virtio-blk-device,drive=root"]);
+    cmd
 }
 
 #[cfg(test)]
@@ -485,149 +485,24 @@ mod tests {
     }
 
     #[test]
+    fn figures_and_their_table() {
+        let v = json!({"a": [1.0, 3.0], "b": []});
+        let f = Figures::parse(&v, ["a", "b"]);
+        assert_eq!(f.medians(), [Some(2.0), None]);
+        assert_eq!(f.to_json(["x", "y"])["x"]["median"], 2.0);
+        assert!(f.to_json(["x", "y"])["y"].is_null());
+        let mut t = MedianTable::new("title", &[("target", 6), ("a", 5), ("b", 3)]);
+        t.row("vmm", &f.medians());
+        t.note("end");
+        assert_eq!(
+            t.finish(),
+            "title\ntarget     a   b\nvmm     2.00   -\nend\n"
+        );
+    }
+
+    #[test]
     fn overhead_rss_reads_this_process() {
         let kib = vmm::memory::overhead_rss_kib().unwrap();
         assert!(kib > 0);
-    }
-}
-
-/// Options of `vmm bench agent`.
-pub struct AgentBenchOptions {
-    /// Round trips measured for ping and exec.
-    pub runs: u32,
-    /// MiB moved per throughput measurement.
-    pub mib: u64,
-}
-
-/// Results of `vmm bench agent` (milliseconds and MiB/s).
-#[derive(Debug, Default)]
-pub struct AgentBench {
-    pub boot_to_agent_ms: f64,
-    pub ping_ms: Vec<f64>,
-    pub exec_true_ms: Vec<f64>,
-    pub host_to_guest_mib_s: f64,
-    pub guest_to_host_mib_s: f64,
-    pub blk_write_mib_s: Option<f64>,
-    pub blk_read_mib_s: Option<f64>,
-    pub mib: u64,
-}
-
-/// Parses the elapsed seconds out of GNU dd's summary line
-/// ("... copied, 1.23 s, 54.5 MB/s").
-fn dd_seconds(stderr: &str) -> Option<f64> {
-    let line = stderr.lines().rev().find(|l| l.contains("copied"))?;
-    let before = line.split(" s,").next()?;
-    before.rsplit(", ").next()?.trim().parse().ok()
-}
-
-impl Report for AgentBench {
-    fn to_json(&self) -> Value {
-        let stats = |v: &[f64]| Stats::of(v).map(Stats::to_json);
-        let r = |x: f64| (x * 10.0).round() / 10.0;
-        json!({
-            "boot_to_agent_ms": r(self.boot_to_agent_ms),
-            "agent_ping_ms": stats(&self.ping_ms),
-            "exec_true_ms": stats(&self.exec_true_ms),
-            "vsock_host_to_guest_mib_s": r(self.host_to_guest_mib_s),
-            "vsock_guest_to_host_mib_s": r(self.guest_to_host_mib_s),
-            "blk_seq_write_mib_s": self.blk_write_mib_s.map(r),
-            "blk_seq_read_mib_s": self.blk_read_mib_s.map(r),
-            "transfer_mib": self.mib,
-        })
-    }
-
-    fn table(&self) -> String {
-        let j = self.to_json();
-        let mut out = String::from("agent benchmark\n");
-        for (k, v) in j.as_object().into_iter().flatten() {
-            out.push_str(&format!("{k:<28} {v}\n"));
-        }
-        out
-    }
-}
-
-/// Boots a sandbox (default root disk, vsock) and measures the agent path.
-pub fn agent(opts: &AgentBenchOptions) -> Result<AgentBench, vmm::sandbox::Error> {
-    use std::io::Cursor;
-    use vmm::agent::Exec;
-    let exec = |argv: &[&str]| Exec {
-        argv: argv.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    };
-    let start = Instant::now();
-    let sandbox = vmm::sandbox::Sandbox::start(VmConfig {
-        memory_mib: 256,
-        ..Default::default()
-    })?;
-    let mut result = AgentBench {
-        boot_to_agent_ms: start.elapsed().as_secs_f64() * 1000.0,
-        mib: opts.mib,
-        ..Default::default()
-    };
-    let agent = sandbox.agent();
-    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
-    for _ in 0..opts.runs {
-        let t = Instant::now();
-        agent.ping()?;
-        result.ping_ms.push(ms(t));
-    }
-    for _ in 0..opts.runs {
-        let t = Instant::now();
-        agent.exec(
-            &exec(&["true"]),
-            None,
-            &mut std::io::sink(),
-            &mut std::io::sink(),
-        )?;
-        result.exec_true_ms.push(ms(t));
-    }
-    let bytes = opts.mib << 20;
-    let data = vec![0x5au8; bytes as usize];
-    let t = Instant::now();
-    agent.exec(
-        &exec(&["sh", "-c", "cat > /dev/null"]),
-        Some(Box::new(Cursor::new(data))),
-        &mut std::io::sink(),
-        &mut std::io::sink(),
-    )?;
-    result.host_to_guest_mib_s = opts.mib as f64 / t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    let count = format!("head -c {bytes} /dev/zero");
-    agent.exec(
-        &exec(&["sh", "-c", &count]),
-        None,
-        &mut std::io::sink(),
-        &mut std::io::sink(),
-    )?;
-    result.guest_to_host_mib_s = opts.mib as f64 / t.elapsed().as_secs_f64();
-    let dd = |script: &str| -> Result<Option<f64>, vmm::sandbox::Error> {
-        let mut err = Vec::new();
-        agent.exec(
-            &exec(&["sh", "-c", script]),
-            None,
-            &mut std::io::sink(),
-            &mut err,
-        )?;
-        Ok(dd_seconds(&String::from_utf8_lossy(&err)).map(|s| opts.mib as f64 / s))
-    };
-    result.blk_write_mib_s = dd(&format!(
-        "dd if=/dev/zero of=/root/bench.bin bs=1M count={} conv=fsync",
-        opts.mib
-    ))?;
-    result.blk_read_mib_s =
-        dd("sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/root/bench.bin of=/dev/null bs=1M")?;
-    sandbox.stop()?;
-    Ok(result)
-}
-
-#[cfg(test)]
-mod agent_bench_tests {
-    use super::*;
-
-    #[test]
-    fn dd_summary_is_parsed() {
-        let s = "64+0 records in\n64+0 records out\n67108864 bytes (67 MB, 64 MiB) copied, 1.23 s, 54.5 MB/s\n";
-        assert_eq!(dd_seconds(s), Some(1.23));
-        assert_eq!(dd_seconds("nothing"), None);
     }
 }

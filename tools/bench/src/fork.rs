@@ -1,18 +1,20 @@
 //! `vmm bench fork` and `vmm bench snapshot`: fork latency, parent pause
 //! and memory per child; snapshot create and restore-to-running times;
-//! each against guest memory size. Parents are `vmm launch` processes with
-//! an API socket (busybox initramfs, agent on vsock). JSON keys are
-//! documented in docs/bench.md.
+//! each against guest memory size. Parents run in this process through
+//! the Rust API (busybox initramfs, agent on vsock, no root disk); fork
+//! children are processes of this program, restores run in it too. JSON
+//! keys are documented in docs/bench.md.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use crate::common::{kib_field, private_kib_of, Error, Report, Stats};
-use vmm::action::{Control, ForkInfo, VmState};
-use vmm::api::ApiClient;
+use crate::common::{kib_field, private_kib_of, Error, Report, ScratchDir, Stats};
+use vmm::action::{Control, VmState};
+use vmm::config::{SerialOutput, VmConfig};
+use vmm::sandbox::{Forked, Sandbox};
+use vmm::snapshot::RestoreOptions;
 
 /// Options of `vmm bench fork`.
 pub struct ForkBenchOptions {
@@ -38,8 +40,8 @@ pub struct ForkSize {
     pub memory_mib: u64,
     /// Guest memory the parent had touched when forked (KiB).
     pub parent_guest_rss_kib: u64,
-    /// Request sent -> answer received, which comes once every child's
-    /// vCPUs run.
+    /// The fork call -> its answer, which comes once every child's vCPUs
+    /// run.
     pub fork_ms: Vec<f64>,
     pub parent_pause_ms: Vec<f64>,
     /// Private memory of a child right after the fork (KiB).
@@ -72,7 +74,7 @@ pub struct SnapshotSize {
     pub memory_mib: u64,
     pub create_ms: Vec<f64>,
     pub memory_file_mib: Vec<f64>,
-    /// Restore process start -> vCPU 0 running (from its report).
+    /// Restore started -> every vCPU thread running.
     pub restore_to_running_ms: Vec<f64>,
 }
 
@@ -195,113 +197,40 @@ impl Report for SnapshotBench {
     }
 }
 
-/// A `vmm launch` parent with an API socket, stopped on drop.
-struct ParentVm {
-    process: Child,
-    api: PathBuf,
-}
-
-impl Drop for ParentVm {
-    fn drop(&mut self) {
-        let _ = ApiClient::new(&self.api).stop();
-        let _ = self.process.wait();
-    }
-}
-
-fn scratch_dir(name: &str) -> Result<PathBuf, Error> {
-    let dir = std::env::temp_dir().join(format!("vmm-bench-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|source| Error::Scratch {
-        path: dir.clone(),
-        source,
-    })?;
-    Ok(dir)
-}
-
 fn run_err(what: &'static str, run: u32) -> impl Fn(String) -> Error {
     move |detail| Error::Run { what, run, detail }
 }
 
-/// Starts the vmm binary (the fork children's) with `args`, no stdin or
-/// stdout.
-fn spawn_vmm(args: &[&std::ffi::OsStr]) -> Result<Child, Error> {
-    let exe = vmm::fork::child_binary();
-    Command::new(&exe)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .map_err(|source| Error::Spawn {
-            program: exe.display().to_string(),
-            source,
-        })
+/// Boots a parent of `memory_mib` in this process and waits for its agent.
+fn boot_parent(memory_mib: u64) -> Result<Sandbox, Error> {
+    Ok(Sandbox::start_without_root_disk(VmConfig {
+        memory_mib,
+        serial: SerialOutput::Off,
+        ..Default::default()
+    })?)
 }
 
-/// Boots a parent of `memory_mib` and waits for its agent.
-fn boot_parent(dir: &Path, memory_mib: u64) -> Result<ParentVm, Error> {
-    let config = dir.join(format!("vm-{memory_mib}.json"));
-    std::fs::write(
-        &config,
-        json!({"memory_mib": memory_mib, "serial": "off"}).to_string(),
-    )
-    .map_err(|source| Error::Scratch {
-        path: config.clone(),
-        source,
-    })?;
-    let api = dir.join(format!("parent-{memory_mib}.sock"));
-    let process = spawn_vmm(&[
-        "launch".as_ref(),
-        "--config".as_ref(),
-        config.as_os_str(),
-        "--api-socket".as_ref(),
-        api.as_os_str(),
-    ])?;
-    let mut parent = ParentVm { process, api };
-    let client = ApiClient::new(&parent.api);
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        match client.wait_agent() {
-            Ok(()) => return Ok(parent),
-            Err(vmm::api::Error::Connect { .. }) if Instant::now() < deadline => {
-                if let Ok(Some(status)) = parent.process.try_wait() {
-                    return Err(run_err("boot", 0)(format!(
-                        "the parent VMM exited: {status}"
-                    )));
-                }
-            }
-            Err(e) => return Err(run_err("boot", 0)(e.to_string())),
-        }
-    }
-}
-
-/// Forks `count` children; returns (ms, answer).
-fn fork_once(api: &Path, count: u32, dir: &Path) -> Result<(f64, ForkInfo), String> {
+/// Forks `count` children; returns how long the call took (ms), the
+/// parent's pause (ms) and the children.
+fn fork_once(parent: &Sandbox, count: u32) -> Result<(f64, f64, Vec<Forked>), String> {
     let t = Instant::now();
-    let answer = ApiClient::new(api)
-        .fork(count, Some(dir))
+    let info = parent
+        .machine()
+        .fork(count, None)
         .map_err(|e| e.to_string())?;
-    Ok((t.elapsed().as_secs_f64() * 1e3, answer))
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    let children = info.children.into_iter().map(Forked::from).collect();
+    Ok((ms, info.parent_pause_ms, children))
 }
 
-/// Stops a child VM and waits until its parent has reaped it.
-fn stop_child(api: &Path, pid: u32) {
-    let _ = ApiClient::new(api).stop();
-    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while proc_dir.exists() && Instant::now() < deadline {
-        std::thread::yield_now();
-    }
-}
-
-fn exec_in(api: &Path, script: &str) -> Result<(), String> {
-    let client = ApiClient::new(api);
-    client.wait_agent().map_err(|e| e.to_string())?;
-    let uds = client.vsock_path().map_err(|e| e.to_string())?;
+fn exec_in(child: &Forked, script: &str) -> Result<(), String> {
     let cmd = vmm::agent::Exec {
         argv: vec!["sh".into(), "-c".into(), script.into()],
         ..Default::default()
     };
-    let status = vmm::agent::AgentClient::new(&uds)
+    let status = child
+        .agent()
+        .map_err(|e| e.to_string())?
         .exec(&cmd, None, &mut std::io::sink(), &mut std::io::sink())
         .map_err(|e| e.to_string())?;
     if status != vmm::agent::ExitStatus::Code(0) {
@@ -317,39 +246,37 @@ fn mem_available_kib() -> Option<u64> {
     )
 }
 
-/// Guest memory resident in process `pid` (KiB): its RSS minus the rest.
-fn guest_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+/// Guest memory resident in this process (KiB): its RSS minus the rest.
+fn guest_rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let rss = kib_field(&status, "VmRSS:").unwrap_or(0);
-    rss.saturating_sub(vmm::memory::overhead_rss_kib_of(&pid.to_string()).unwrap_or(0))
+    rss.saturating_sub(vmm::memory::overhead_rss_kib().unwrap_or(0))
 }
 
 pub fn fork(opts: &ForkBenchOptions) -> Result<ForkBench, Error> {
-    let dir = scratch_dir("fork")?;
     let mut result = ForkBench::default();
     for &mib in &opts.sizes_mib {
-        let parent = boot_parent(&dir, mib)?;
+        let parent = boot_parent(mib)?;
         let mut size = ForkSize {
             memory_mib: mib,
-            parent_guest_rss_kib: guest_rss_kib(parent.process.id()),
+            parent_guest_rss_kib: guest_rss_kib(),
             ..Default::default()
         };
         for run in 0..opts.runs {
             let err = run_err("fork", run);
-            let (ms, mut answer) = fork_once(&parent.api, 1, &dir).map_err(&err)?;
+            let (ms, pause_ms, mut children) = fork_once(&parent, 1).map_err(&err)?;
             size.fork_ms.push(ms);
-            size.parent_pause_ms.push(answer.parent_pause_ms);
-            let child = answer
-                .children
+            size.parent_pause_ms.push(pause_ms);
+            let child = children
                 .pop()
                 .ok_or_else(|| err("the fork made no child".into()))?;
-            let (api, pid) = (child.api_socket, child.pid);
+            let pid = child.info().pid;
             if let Some(kib) = private_kib_of(pid) {
                 size.child_private_kib.push(kib as f64);
             }
             if run < opts.write_runs {
                 exec_in(
-                    &api,
+                    &child,
                     "dd if=/dev/zero of=/tmp/bench bs=1M count=10 2>/dev/null",
                 )
                 .map_err(&err)?;
@@ -357,26 +284,23 @@ pub fn fork(opts: &ForkBenchOptions) -> Result<ForkBench, Error> {
                     size.child_private_after_10mib_kib.push(kib as f64);
                 }
             }
-            stop_child(&api, pid);
+            child.stop().map_err(|e| err(e.to_string()))?;
         }
         result.sizes.push(size);
     }
     if let Some(count) = opts.many {
         let mib = 1024;
-        let parent = boot_parent(&dir, mib)?;
+        let parent = boot_parent(mib)?;
         let before = mem_available_kib().unwrap_or(0);
-        let (ms, answer) = fork_once(&parent.api, count, &dir).map_err(run_err("many", 0))?;
-        let children = answer.children;
+        let (ms, _, children) = fork_once(&parent, count).map_err(run_err("many", 0))?;
         let all_alive = children.len() == count as usize
             && children.iter().all(|c| {
-                ApiClient::new(&c.api_socket)
+                c.control()
                     .describe()
                     .is_ok_and(|v| v.state == VmState::Running)
             });
         let after = mem_available_kib().unwrap_or(0);
-        for c in &children {
-            stop_child(&c.api_socket, c.pid);
-        }
+        drop(children);
         result.many = Some(ManyChildren {
             memory_mib: mib,
             children: count,
@@ -385,65 +309,65 @@ pub fn fork(opts: &ForkBenchOptions) -> Result<ForkBench, Error> {
             host_kib_per_child: before.saturating_sub(after) as f64 / f64::from(count.max(1)),
         });
     }
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(result)
 }
 
+/// Restores snapshot `snap` in this process and stops it as soon as its
+/// vCPUs run; how long from the start of the restore to every vCPU thread
+/// running (ms), the moment a fork child reports that it started.
+fn restore_to_running(snap: &Path, scratch: &ScratchDir) -> Result<f64, String> {
+    let start = Instant::now();
+    let opts = RestoreOptions {
+        vsock_socket: scratch.path().join("restored.vsock"),
+        host: Default::default(),
+        key: None,
+    };
+    let source = vmm::snapshot::restore_source(snap, &opts).map_err(|e| e.to_string())?;
+    let hv = vmm::open_hypervisor().map_err(|e| e.to_string())?;
+    let vm = vmm::Vm::restore(source, hv.as_ref(), start).map_err(|e| e.to_string())?;
+    let (tx, running) = std::sync::mpsc::channel();
+    let run = vmm::RunOptions {
+        on_started: Some(Box::new(move |machine| {
+            let _ = tx.send(start.elapsed());
+            // The handle's calls wait for the machine's loop, which runs
+            // after this returns: stop it from another thread.
+            std::thread::spawn(move || machine.stop());
+        })),
+        ..Default::default()
+    };
+    let outcome = vm.run(run).map_err(|e| e.to_string())?;
+    running
+        .try_recv()
+        .map(|d| d.as_secs_f64() * 1e3)
+        .map_err(|_| format!("the restored VM never ran ({})", outcome.reason))
+}
+
 pub fn snapshot(opts: &SnapshotBenchOptions) -> Result<SnapshotBench, Error> {
-    let dir = scratch_dir("snapshot")?;
+    let scratch = ScratchDir::new("snapshot")?;
     let mut result = SnapshotBench::default();
     for &mib in &opts.sizes_mib {
-        let parent = boot_parent(&dir, mib)?;
+        let parent = boot_parent(mib)?;
         let mut size = SnapshotSize {
             memory_mib: mib,
             ..Default::default()
         };
         for run in 0..opts.runs {
             let err = run_err("snapshot", run);
-            let snap = dir.join(format!("snap-{mib}-{run}"));
+            let snap = scratch.path().join(format!("snap-{mib}-{run}"));
             let t = Instant::now();
-            let answer = ApiClient::new(&parent.api)
+            let answer = parent
+                .machine()
                 .snapshot(&snap, None)
                 .map_err(|e| err(e.to_string()))?;
             size.create_ms.push(t.elapsed().as_secs_f64() * 1e3);
             size.memory_file_mib
                 .push(answer.memory_bytes as f64 / f64::from(1 << 20));
-            let api = dir.join(format!("restored-{mib}-{run}.sock"));
-            let report = dir.join(format!("restored-{mib}-{run}.json"));
-            let mut restored = spawn_vmm(&[
-                "restore".as_ref(),
-                "--snapshot".as_ref(),
-                snap.as_os_str(),
-                "--api-socket".as_ref(),
-                api.as_os_str(),
-                "--report".as_ref(),
-                report.as_os_str(),
-            ])?;
-            // The restored VM serves its API once built; stop it at once.
-            let client = ApiClient::new(&api);
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while client.stop().is_err() {
-                if Instant::now() > deadline || matches!(restored.try_wait(), Ok(Some(_))) {
-                    break;
-                }
-            }
-            let status = restored.wait();
-            let report: Value = std::fs::read_to_string(&report)
-                .ok()
-                .and_then(|t| serde_json::from_str(&t).ok())
-                .ok_or_else(|| {
-                    err(format!(
-                        "the restored VM wrote no report (it ended: {status:?})"
-                    ))
-                })?;
-            if let Some(ms) = report["vmm_setup_ms"].as_f64() {
-                size.restore_to_running_ms.push(ms);
-            }
+            let ms = restore_to_running(&snap, &scratch).map_err(&err)?;
+            size.restore_to_running_ms.push(ms);
             let _ = std::fs::remove_dir_all(&snap);
         }
         result.sizes.push(size);
     }
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(result)
 }
 

@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::common::{
-    microvm_cmdline, qemu_command, require_built, tail, time_to_marker, vmm_exe, Error, Report,
-    Stats,
+    launch_to_marker, qemu_spawn_error, qemu_to_marker, qemu_with_root_disk, two_decimals, Error,
+    Figures, GuestArtifacts, MedianTable, Report, ScratchDir,
 };
-use vmm::artifacts::{self, KernelFlavour};
-use vmm::config::{Flavour, RootfsConfig, SerialOutput, ShareConfig, VmConfig};
+use vmm::artifacts;
+use vmm::config::{RootfsConfig, SerialOutput, ShareConfig, VmConfig};
 
 const SCRIPT: &str = include_str!("fsbench.py");
 const DONE: &str = "fsbench-done";
@@ -36,35 +36,9 @@ pub struct FsBenchOptions {
     pub qemu: bool,
 }
 
-/// One target's figures.
-#[derive(Debug, Default, Clone)]
-pub struct Figures {
-    pub write_mibs: Vec<f64>,
-    pub read_mibs: Vec<f64>,
-    pub meta_files_per_s: Vec<f64>,
-}
-
-impl Figures {
-    fn parse(v: &Value) -> Figures {
-        Figures {
-            write_mibs: Stats::list(v, "write_mibs"),
-            read_mibs: Stats::list(v, "read_mibs"),
-            meta_files_per_s: Stats::list(v, "meta_files_per_s"),
-        }
-    }
-
-    fn medians(&self) -> [Option<f64>; 3] {
-        [&self.write_mibs, &self.read_mibs, &self.meta_files_per_s].map(|v| Stats::median_of(v))
-    }
-
-    fn to_json(&self) -> Value {
-        json!({
-            "write_mibs": Stats::json_of(&self.write_mibs),
-            "read_mibs": Stats::json_of(&self.read_mibs),
-            "meta_files_per_s": Stats::json_of(&self.meta_files_per_s),
-        })
-    }
-}
+/// A target's figures, as the guest script prints them and in JSON:
+/// write and read MiB/s, files created+stat'ed+unlinked per second.
+const KEYS: [&str; 3] = ["write_mibs", "read_mibs", "meta_files_per_s"];
 
 /// Results of `vmm bench fs`.
 #[derive(Debug, Default)]
@@ -72,9 +46,9 @@ pub struct FsBench {
     pub mib: u64,
     pub files: u32,
     pub runs: u32,
-    pub vmm_share: Figures,
-    pub vmm_blk: Figures,
-    pub qemu_share: Option<Figures>,
+    pub vmm_share: Figures<3>,
+    pub vmm_blk: Figures<3>,
+    pub qemu_share: Option<Figures<3>>,
     pub qemu_skipped: Option<String>,
 }
 
@@ -94,9 +68,9 @@ impl Report for FsBench {
             "mib": self.mib,
             "files": self.files,
             "runs": self.runs,
-            "vmm_share": self.vmm_share.to_json(),
-            "vmm_blk_root": self.vmm_blk.to_json(),
-            "virtiofsd_qemu_share": self.qemu_share.as_ref().map(Figures::to_json),
+            "vmm_share": self.vmm_share.to_json(KEYS),
+            "vmm_blk_root": self.vmm_blk.to_json(KEYS),
+            "virtiofsd_qemu_share": self.qemu_share.as_ref().map(|q| q.to_json(KEYS)),
             "vmm_vs_virtiofsd": {
                 "write": ratio(0),
                 "read": ratio(1),
@@ -107,37 +81,34 @@ impl Report for FsBench {
     }
 
     fn table(&self) -> String {
-        let mut out = format!(
-            "{} MiB sequential, {} x (create+stat+unlink), {} runs; medians\n{:<28} {:>12} {:>12} {:>14}\n",
-            self.mib, self.files, self.runs, "target", "write MiB/s", "read MiB/s", "meta files/s"
+        let title = format!(
+            "{} MiB sequential, {} x (create+stat+unlink), {} runs; medians",
+            self.mib, self.files, self.runs
         );
-        let mut row = |name: &str, f: &Figures| {
-            let m = f
-                .medians()
-                .map(|x| x.map_or("-".into(), |x| format!("{x:.2}")));
-            out.push_str(&format!(
-                "{name:<28} {:>12} {:>12} {:>14}\n",
-                m[0], m[1], m[2]
-            ));
-        };
-        row("vmm virtio-fs share", &self.vmm_share);
-        row("vmm virtio-blk root (ext4)", &self.vmm_blk);
+        let columns = [
+            ("target", 28),
+            ("write MiB/s", 12),
+            ("read MiB/s", 12),
+            ("meta files/s", 14),
+        ];
+        let mut table = MedianTable::new(&title, &columns);
+        table.row("vmm virtio-fs share", &self.vmm_share.medians());
+        table.row("vmm virtio-blk root (ext4)", &self.vmm_blk.medians());
         if let Some(q) = &self.qemu_share {
-            row("virtiofsd + qemu share", q);
+            table.row("virtiofsd + qemu share", &q.medians());
         }
         if let Some(r) = self.ratios() {
-            let f = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.2}"));
-            out.push_str(&format!(
-                "vmm / virtiofsd: write {}, read {}, meta {}\n",
-                f(r[0]),
-                f(r[1]),
-                f(r[2])
+            table.note(&format!(
+                "vmm / virtiofsd: write {}, read {}, meta {}",
+                two_decimals(r[0]),
+                two_decimals(r[1]),
+                two_decimals(r[2])
             ));
         }
         if let Some(why) = &self.qemu_skipped {
-            out.push_str(&format!("virtiofsd + qemu: skipped ({why})\n"));
+            table.note(&format!("virtiofsd + qemu: skipped ({why})"));
         }
-        out
+        table.finish()
     }
 }
 
@@ -154,7 +125,7 @@ fn guest_command(opts: &FsBenchOptions, targets: &[(&str, &str)]) -> String {
 }
 
 /// The `fsbench` lines of a run, by target.
-fn parse_lines(lines: &[String]) -> Vec<(String, Figures)> {
+fn parse_lines(lines: &[String]) -> Vec<(String, Figures<3>)> {
     lines
         .iter()
         .filter_map(|l| l.split_once("fsbench ").map(|(_, j)| j))
@@ -162,13 +133,13 @@ fn parse_lines(lines: &[String]) -> Vec<(String, Figures)> {
         .map(|v| {
             (
                 v["target"].as_str().unwrap_or("").to_string(),
-                Figures::parse(&v),
+                Figures::parse(&v, KEYS),
             )
         })
         .collect()
 }
 
-fn find(results: &[(String, Figures)], target: &str) -> Option<Figures> {
+fn find(results: &[(String, Figures<3>)], target: &str) -> Option<Figures<3>> {
     results
         .iter()
         .find(|(t, _)| t == target)
@@ -188,15 +159,6 @@ fn virtiofsd() -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
-/// The bench's scratch folder, removed however the bench ends.
-struct ScratchDir(PathBuf);
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Kills a helper process when dropped.
 struct Killed(Child);
 
@@ -208,28 +170,17 @@ impl Drop for Killed {
 }
 
 pub fn fs(opts: &FsBenchOptions) -> Result<FsBench, Error> {
-    let hv = vmm::open_hypervisor()?;
-    let flavour = KernelFlavour::resolve(Flavour::Auto, hv.kind());
-    drop(hv);
-    let kernel = artifacts::default_kernel(flavour);
-    let initramfs = artifacts::default_minimal_initramfs();
-    let base = artifacts::default_base_image();
-    require_built(&[
-        ("kernel", &kernel),
-        ("initramfs", &initramfs),
-        ("base image", &base),
-    ])?;
-    let guard =
-        ScratchDir(std::env::temp_dir().join(format!("vmm-bench-fs-{}", std::process::id())));
-    let scratch = guard.0.clone();
-    let share = scratch.join("share");
-    let scratch_err = |source| Error::Scratch {
-        path: scratch.clone(),
+    let guest = GuestArtifacts::resolve(true)?;
+    let scratch = ScratchDir::new("fs")?;
+    let share = scratch.path().join("share");
+    std::fs::create_dir_all(&share).map_err(|source| Error::Scratch {
+        path: share.clone(),
         source,
-    };
-    let _ = std::fs::remove_dir_all(&scratch);
-    std::fs::create_dir_all(&share).map_err(scratch_err)?;
-    std::fs::write(share.join("fsbench.py"), SCRIPT).map_err(scratch_err)?;
+    })?;
+    std::fs::write(share.join("fsbench.py"), SCRIPT).map_err(|source| Error::Scratch {
+        path: share.clone(),
+        source,
+    })?;
     let mut result = FsBench {
         mib: opts.mib,
         files: opts.files,
@@ -254,26 +205,10 @@ pub fn fs(opts: &FsBenchOptions) -> Result<FsBench, Error> {
         )),
         ..Default::default()
     };
-    let config_path = scratch.join("vm.json");
-    std::fs::write(
-        &config_path,
-        serde_json::to_string(&config).unwrap_or_default(),
-    )
-    .map_err(scratch_err)?;
-    let exe = vmm_exe()?;
-    let mut cmd = Command::new(&exe);
-    cmd.arg("launch").arg("--config").arg(&config_path);
-    let watched = time_to_marker(cmd, DONE, false).map_err(|source| Error::Spawn {
-        program: exe.display().to_string(),
-        source,
-    })?;
+    let watched = launch_to_marker(&config, &scratch, &[], DONE)?;
     let results = parse_lines(&watched.lines);
     let (Some(s), Some(b)) = (find(&results, "share"), find(&results, "blk")) else {
-        return Err(Error::Run {
-            what: "vmm",
-            run: 1,
-            detail: format!("no figures; console:\n{}", tail(&watched.lines)),
-        });
+        return Err(Error::no_figures("vmm", &watched));
     };
     result.vmm_share = s;
     result.vmm_blk = b;
@@ -281,9 +216,7 @@ pub fn fs(opts: &FsBenchOptions) -> Result<FsBench, Error> {
     if !opts.qemu {
         result.qemu_skipped = Some("--no-qemu".into());
     } else if let Some(daemon) = virtiofsd() {
-        result.qemu_share = Some(run_qemu(
-            opts, &daemon, &scratch, &share, &kernel, &initramfs, &base, flavour,
-        )?);
+        result.qemu_share = Some(run_qemu(opts, &daemon, &scratch, &share, &guest)?);
     } else {
         result.qemu_skipped = Some(
             "virtiofsd is not installed (cargo install --root ~/.cache/vmm/virtiofsd virtiofsd; needs libseccomp-dev libcap-ng-dev)"
@@ -293,22 +226,14 @@ pub fn fs(opts: &FsBenchOptions) -> Result<FsBench, Error> {
     Ok(result)
 }
 
-#[allow(clippy::too_many_arguments)]
 fn run_qemu(
     opts: &FsBenchOptions,
     daemon: &Path,
-    scratch: &Path,
+    scratch: &ScratchDir,
     share: &Path,
-    kernel: &Path,
-    initramfs: &Path,
-    base: &Path,
-    flavour: KernelFlavour,
-) -> Result<Figures, Error> {
-    let socket = scratch.join("virtiofsd.sock");
-    let spawn_err = |program: &str| {
-        let program = program.to_string();
-        move |source| Error::Spawn { program, source }
-    };
+    guest: &GuestArtifacts,
+) -> Result<Figures<3>, Error> {
+    let socket = scratch.path().join("virtiofsd.sock");
     let _daemon = Killed(
         Command::new(daemon)
             .arg("--socket-path")
@@ -320,7 +245,10 @@ fn run_qemu(
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(spawn_err("virtiofsd"))?,
+            .map_err(|source| Error::Spawn {
+                program: "virtiofsd".into(),
+                source,
+            })?,
     );
     let deadline = Instant::now() + Duration::from_secs(30);
     while !socket.exists() {
@@ -337,30 +265,19 @@ fn run_qemu(
         "VMM_SHARES={TAG}:{GUEST_DIR} {}",
         guest_command(opts, &[("share", "/mnt/bench/qemu")])
     );
-    let cmdline = microvm_cmdline(flavour, extra);
-    let mut cmd = qemu_command(kernel, initramfs, &cmdline, MEMORY_MIB);
+    let mut cmd = qemu_with_root_disk(guest, extra, MEMORY_MIB);
     let size = format!("{MEMORY_MIB}M");
     cmd.args(["-object"])
         .arg(format!("memory-backend-memfd,id=mem,size={size},share=on"))
-        .args(["-machine", "memory-backend=mem,auto-kernel-cmdline=off"])
-        .arg("-drive")
-        .arg(format!(
-            "id=root,file={},format=raw,if=none,snapshot=on",
-            base.display()
-        ))
-        .args(["-device", "virtio-blk-device,drive=root"])
+        .args(["-machine", "memory-backend=mem"])
         .arg("-chardev")
         .arg(format!("socket,id=vfs,path={}", socket.display()))
         .args([
             "-device",
             &format!("vhost-user-fs-device,chardev=vfs,tag={TAG},queue-size=1024"),
         ]);
-    let watched = time_to_marker(cmd, DONE, true).map_err(spawn_err("qemu-system-x86_64"))?;
-    find(&parse_lines(&watched.lines), "share").ok_or_else(|| Error::Run {
-        what: "qemu",
-        run: 1,
-        detail: format!("no figures; console:\n{}", tail(&watched.lines)),
-    })
+    let watched = qemu_to_marker(cmd, DONE).map_err(qemu_spawn_error)?;
+    find(&parse_lines(&watched.lines), "share").ok_or_else(|| Error::no_figures("qemu", &watched))
 }
 
 #[cfg(test)]
@@ -376,9 +293,9 @@ mod tests {
         ];
         let r = parse_lines(&lines);
         let share = find(&r, "share").unwrap();
-        assert_eq!(share.write_mibs, vec![2.0, 4.0]);
+        assert_eq!(share.0[0], vec![2.0, 4.0]);
         assert_eq!(share.medians()[2], Some(100.0));
-        assert_eq!(find(&r, "blk").unwrap().write_mibs, vec![1.0]);
+        assert_eq!(find(&r, "blk").unwrap().0[0], vec![1.0]);
         assert!(find(&r, "other").is_none());
     }
 }

@@ -1,9 +1,12 @@
 //! `vmm-bench`: the VMM's benchmarks, outside the product. They drive
-//! VMs through the `vmm` library's public API (and, for fork and
-//! snapshot, `vmm launch` processes and their control sockets, the way
-//! users run them). `vmm bench ...` runs this program. Keys and recorded
-//! results: docs/bench.md, docs/results/.
+//! VMs through the `vmm` library's public Rust API; the boot, fs and net
+//! benches start `vmm launch` processes instead, the way users run them,
+//! so that process start counts and qemu's figures compare like with like.
+//! `vmm bench ...` runs this program. Keys and recorded results:
+//! docs/bench.md, docs/results/.
 
+mod agent;
+mod boot;
 mod common;
 mod fork;
 mod fs;
@@ -202,17 +205,16 @@ fn main() -> ExitCode {
             }),
             json,
         ),
-        BenchCommand::Agent { runs, mib, json } => print_bench(
-            common::agent(&common::AgentBenchOptions { runs, mib }),
-            json,
-        ),
+        BenchCommand::Agent { runs, mib, json } => {
+            print_bench(agent::agent(&agent::AgentBenchOptions { runs, mib }), json)
+        }
         BenchCommand::Boot {
             runs,
             json,
             memory_mib,
             no_qemu,
         } => print_bench(
-            common::boot(&common::BootBenchOptions {
+            boot::boot(&boot::BootBenchOptions {
                 runs,
                 memory_mib,
                 qemu: !no_qemu,

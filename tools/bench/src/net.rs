@@ -14,12 +14,11 @@ use std::net::{TcpListener, TcpStream};
 use serde_json::{json, Value};
 
 use crate::common::{
-    microvm_cmdline, qemu_command, require_built, tail, time_to_marker, vmm_exe, Error, Report,
-    Stats,
+    launch_to_marker, qemu_spawn_error, qemu_to_marker, qemu_with_root_disk, two_decimals, Error,
+    Figures, GuestArtifacts, MedianTable, Report, ScratchDir, Watched,
 };
-use vmm::artifacts::{self, KernelFlavour};
 use vmm::config::{
-    EgressConfig, EgressDefault, Flavour, NetworkConfig, RootfsConfig, SerialOutput, VmConfig,
+    EgressConfig, EgressDefault, NetworkConfig, RootfsConfig, SerialOutput, VmConfig,
 };
 
 const SCRIPT: &str = include_str!("netbench.py");
@@ -37,38 +36,18 @@ pub struct NetBenchOptions {
     pub qemu: bool,
 }
 
-/// One target's figures.
-#[derive(Debug, Default, Clone)]
-pub struct Figures {
-    pub rx_mibs: Vec<f64>,
-    pub tx_mibs: Vec<f64>,
-    pub connect_ms: Vec<f64>,
-}
+/// A target's figures, as the guest script prints them and in JSON:
+/// MiB/s each way, ms per connection set-up.
+const KEYS: [&str; 3] = ["host_to_guest_mibs", "guest_to_host_mibs", "connect_ms"];
 
-impl Figures {
-    fn parse(lines: &[String]) -> Option<Figures> {
-        let v: Value = lines
-            .iter()
-            .filter_map(|l| l.split_once("netbench ").map(|(_, j)| j))
-            .find_map(|j| serde_json::from_str(j.trim()).ok())?;
-        Some(Figures {
-            rx_mibs: Stats::list(&v, "rx_mibs"),
-            tx_mibs: Stats::list(&v, "tx_mibs"),
-            connect_ms: Stats::list(&v, "connect_ms"),
-        })
-    }
-
-    fn medians(&self) -> [Option<f64>; 3] {
-        [&self.rx_mibs, &self.tx_mibs, &self.connect_ms].map(|v| Stats::median_of(v))
-    }
-
-    fn to_json(&self) -> Value {
-        json!({
-            "host_to_guest_mibs": Stats::json_of(&self.rx_mibs),
-            "guest_to_host_mibs": Stats::json_of(&self.tx_mibs),
-            "connect_ms": Stats::json_of(&self.connect_ms),
-        })
-    }
+/// The figures on the `netbench` console line of a run.
+fn parse(watched: &Watched) -> Option<Figures<3>> {
+    let v: Value = watched
+        .lines
+        .iter()
+        .filter_map(|l| l.split_once("netbench ").map(|(_, j)| j))
+        .find_map(|j| serde_json::from_str(j.trim()).ok())?;
+    Some(Figures::parse(&v, KEYS))
 }
 
 /// Results of `vmm bench net`.
@@ -76,8 +55,8 @@ impl Figures {
 pub struct NetBench {
     pub mib: u64,
     pub runs: u32,
-    pub vmm: Figures,
-    pub qemu: Option<Figures>,
+    pub vmm: Figures<3>,
+    pub qemu: Option<Figures<3>>,
     pub qemu_skipped: Option<String>,
 }
 
@@ -101,8 +80,8 @@ impl Report for NetBench {
         json!({
             "mib": self.mib,
             "runs": self.runs,
-            "vmm_user_net": self.vmm.to_json(),
-            "qemu_slirp": self.qemu.as_ref().map(Figures::to_json),
+            "vmm_user_net": self.vmm.to_json(KEYS),
+            "qemu_slirp": self.qemu.as_ref().map(|q| q.to_json(KEYS)),
             "vmm_vs_qemu": {
                 "host_to_guest": ratio(0),
                 "guest_to_host": ratio(1),
@@ -113,36 +92,30 @@ impl Report for NetBench {
     }
 
     fn table(&self) -> String {
-        let mut out = format!(
-            "{} MiB per transfer, {} runs; medians\n{:<24} {:>16} {:>16} {:>12}\n",
-            self.mib, self.runs, "target", "host->guest MiB/s", "guest->host MiB/s", "connect ms"
-        );
-        let mut row = |name: &str, f: &Figures| {
-            let m = f
-                .medians()
-                .map(|x| x.map_or("-".into(), |x| format!("{x:.2}")));
-            out.push_str(&format!(
-                "{name:<24} {:>16} {:>16} {:>12}\n",
-                m[0], m[1], m[2]
-            ));
-        };
-        row("vmm user network", &self.vmm);
+        let title = format!("{} MiB per transfer, {} runs; medians", self.mib, self.runs);
+        let columns = [
+            ("target", 24),
+            ("host->guest MiB/s", 16),
+            ("guest->host MiB/s", 16),
+            ("connect ms", 12),
+        ];
+        let mut table = MedianTable::new(&title, &columns);
+        table.row("vmm user network", &self.vmm.medians());
         if let Some(q) = &self.qemu {
-            row("qemu -netdev user", q);
+            table.row("qemu -netdev user", &q.medians());
         }
         if let Some(r) = self.ratios() {
-            let f = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.2}"));
-            out.push_str(&format!(
-                "vmm / qemu: host->guest {}x, guest->host {}x; connect {}x faster\n",
-                f(r[0]),
-                f(r[1]),
-                f(r[2])
+            table.note(&format!(
+                "vmm / qemu: host->guest {}x, guest->host {}x; connect {}x faster",
+                two_decimals(r[0]),
+                two_decimals(r[1]),
+                two_decimals(r[2])
             ));
         }
         if let Some(why) = &self.qemu_skipped {
-            out.push_str(&format!("qemu: skipped ({why})\n"));
+            table.note(&format!("qemu: skipped ({why})"));
         }
-        out
+        table.finish()
     }
 }
 
@@ -221,17 +194,7 @@ impl Servers {
 }
 
 pub fn net(opts: &NetBenchOptions) -> Result<NetBench, Error> {
-    let hv = vmm::open_hypervisor()?;
-    let flavour = KernelFlavour::resolve(Flavour::Auto, hv.kind());
-    drop(hv);
-    let kernel = artifacts::default_kernel(flavour);
-    let initramfs = artifacts::default_minimal_initramfs();
-    let base = artifacts::default_base_image();
-    require_built(&[
-        ("kernel", &kernel),
-        ("initramfs", &initramfs),
-        ("base image", &base),
-    ])?;
+    let guest = GuestArtifacts::resolve(true)?;
     let servers = Servers::start(opts)?;
     let mut result = NetBench {
         mib: opts.mib,
@@ -239,7 +202,6 @@ pub fn net(opts: &NetBenchOptions) -> Result<NetBench, Error> {
         ..Default::default()
     };
 
-    let scratch = std::env::temp_dir().join(format!("vmm-bench-net-{}.json", std::process::id()));
     let config = VmConfig {
         memory_mib: MEMORY_MIB,
         serial: SerialOutput::Stdout,
@@ -257,53 +219,19 @@ pub fn net(opts: &NetBenchOptions) -> Result<NetBench, Error> {
         cmdline: Some(servers.guest_command()),
         ..Default::default()
     };
-    let written = std::fs::write(&scratch, serde_json::to_string(&config).unwrap_or_default());
-    let exe = vmm_exe()?;
-    let mut cmd = std::process::Command::new(&exe);
-    cmd.arg("launch").arg("--config").arg(&scratch);
-    let watched = written
-        .map_err(|source| Error::Scratch {
-            path: scratch.clone(),
-            source,
-        })
-        .and_then(|_| {
-            time_to_marker(cmd, DONE, false).map_err(|source| Error::Spawn {
-                program: exe.display().to_string(),
-                source,
-            })
-        });
-    let _ = std::fs::remove_file(&scratch);
-    let watched = watched?;
-    result.vmm = Figures::parse(&watched.lines).ok_or_else(|| Error::Run {
-        what: "vmm",
-        run: 1,
-        detail: format!("no figures; console:\n{}", tail(&watched.lines)),
-    })?;
+    let watched = launch_to_marker(&config, &ScratchDir::new("net")?, &[], DONE)?;
+    result.vmm = parse(&watched).ok_or_else(|| Error::no_figures("vmm", &watched))?;
 
     if !opts.qemu {
         result.qemu_skipped = Some("--no-qemu".into());
         return Ok(result);
     }
-    let cmdline = microvm_cmdline(flavour, format!("ip=dhcp {}", servers.guest_command()));
-    let mut cmd = qemu_command(&kernel, &initramfs, &cmdline, MEMORY_MIB);
-    cmd.args(["-machine", "auto-kernel-cmdline=off"])
-        .arg("-drive")
-        .arg(format!(
-            "id=root,file={},format=raw,if=none,snapshot=on",
-            base.display()
-        ))
-        .args(["-device", "virtio-blk-device,drive=root"])
-        .args(["-netdev", "user,id=n0"])
+    let extra = format!("ip=dhcp {}", servers.guest_command());
+    let mut cmd = qemu_with_root_disk(&guest, extra, MEMORY_MIB);
+    cmd.args(["-netdev", "user,id=n0"])
         .args(["-device", "virtio-net-device,netdev=n0"]);
-    let watched = time_to_marker(cmd, DONE, true).map_err(|source| Error::Spawn {
-        program: "qemu-system-x86_64".into(),
-        source,
-    })?;
-    result.qemu = Some(Figures::parse(&watched.lines).ok_or_else(|| Error::Run {
-        what: "qemu",
-        run: 1,
-        detail: format!("no figures; console:\n{}", tail(&watched.lines)),
-    })?);
+    let watched = qemu_to_marker(cmd, DONE).map_err(qemu_spawn_error)?;
+    result.qemu = Some(parse(&watched).ok_or_else(|| Error::no_figures("qemu", &watched))?);
     Ok(result)
 }
 
@@ -311,24 +239,28 @@ pub fn net(opts: &NetBenchOptions) -> Result<NetBench, Error> {
 mod tests {
     use super::*;
 
+    fn watched(lines: &[&str]) -> Watched {
+        Watched {
+            seen: None,
+            success: true,
+            lines: lines.iter().map(|l| l.to_string()).collect(),
+        }
+    }
+
     #[test]
     fn figures_are_read_from_the_console_and_ratios_point_the_same_way() {
-        let lines = vec![
-            "noise".to_string(),
-            r#"[ 1.0] netbench {"rx_mibs": [4.0, 6.0], "tx_mibs": [3.0], "connect_ms": [2.0, 4.0, 9.0]}"#.to_string(),
-        ];
-        let f = Figures::parse(&lines).unwrap();
+        let f = parse(&watched(&[
+            "noise",
+            r#"[ 1.0] netbench {"host_to_guest_mibs": [4.0, 6.0], "guest_to_host_mibs": [3.0], "connect_ms": [2.0, 4.0, 9.0]}"#,
+        ]))
+        .unwrap();
         assert_eq!(f.medians(), [Some(5.0), Some(3.0), Some(4.0)]);
         let bench = NetBench {
             vmm: f,
-            qemu: Some(Figures {
-                rx_mibs: vec![2.5],
-                tx_mibs: vec![1.5],
-                connect_ms: vec![8.0],
-            }),
+            qemu: Some(Figures([vec![2.5], vec![1.5], vec![8.0]])),
             ..Default::default()
         };
         assert_eq!(bench.ratios().unwrap(), [Some(2.0), Some(2.0), Some(2.0)]);
-        assert!(Figures::parse(&["netbench-done".to_string()]).is_none());
+        assert!(parse(&watched(&["netbench-done"])).is_none());
     }
 }

@@ -14,7 +14,7 @@ import time
 
 HOST = "10.0.2.2"
 size = MIB << 20
-out = {"rx_mibs": [], "tx_mibs": [], "connect_ms": []}
+out = {"host_to_guest_mibs": [], "guest_to_host_mibs": [], "connect_ms": []}
 view = memoryview(bytearray(1 << 20))
 chunk = bytes(1 << 20)
 
@@ -32,7 +32,7 @@ for _ in range(RUNS):
     s.close()
     if got != size:
         raise SystemExit("netbench: got %d of %d bytes" % (got, size))
-    out["rx_mibs"].append(MIB / dt)
+    out["host_to_guest_mibs"].append(MIB / dt)
 
     s = socket.create_connection((HOST, SINK))
     t = time.monotonic()
@@ -44,7 +44,7 @@ for _ in range(RUNS):
     s.shutdown(socket.SHUT_WR)
     if s.recv(16) != b"ok":
         raise SystemExit("netbench: the sink did not confirm")
-    out["tx_mibs"].append(MIB / (time.monotonic() - t))
+    out["guest_to_host_mibs"].append(MIB / (time.monotonic() - t))
     s.close()
 
 for _ in range(CONNECTS):
