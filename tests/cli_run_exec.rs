@@ -117,6 +117,7 @@ fn launch_exec_stop() {
     }
     let out = exec(&["--timeout", "0.5", "--", "sleep", "600"], None);
     assert_eq!(out.status.code(), Some(124));
+    assert_every_thread_is_filtered(vm.id());
 
     let stop = Command::new(VMM)
         .arg("stop")
@@ -130,6 +131,30 @@ fn launch_exec_stop() {
         String::from_utf8_lossy(&stop.stderr)
     );
     assert_eq!(vm.wait().unwrap().code(), Some(0));
+}
+
+/// Every thread of the running VMM (vCPUs, device loop, control socket,
+/// spawner) runs under a seccomp filter: mode 2 in its status.
+fn assert_every_thread_is_filtered(pid: u32) {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    let mut names = Vec::new();
+    for task in tasks {
+        let dir = task.unwrap().path();
+        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        let mode = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .map(str::trim);
+        assert_eq!(mode, Some("2"), "thread {} is not filtered", name.trim());
+        names.push(name.trim().to_string());
+    }
+    for role in ["vmm", "vcpu0", "vcpu1", "api", "spawner"] {
+        assert!(
+            names.iter().any(|n| n == role),
+            "no {role} thread in {names:?}"
+        );
+    }
 }
 
 /// On PVM hosts the guest kernel cannot save AVX state when it switches

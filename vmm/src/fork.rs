@@ -168,12 +168,10 @@ fn start_child(prepare: bool) -> Result<(std::process::Child, UnixStream)> {
     if prepare {
         cmd.arg(PREPARE_ARG);
     }
-    let process = cmd
-        .stdin(Stdio::from(OwnedFd::from(child_end)))
+    cmd.stdin(Stdio::from(OwnedFd::from(child_end)))
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|source| Error::Spawn { binary, source })?;
+        .stderr(Stdio::inherit());
+    let process = crate::spawner::spawn(cmd).map_err(|source| Error::Spawn { binary, source })?;
     Ok((process, parent_end))
 }
 

@@ -29,6 +29,10 @@ use crate::snapshot::{MachineState, RestoreSource};
 pub fn run_child_if_asked() {
     if std::env::args().nth(1).as_deref() == Some(CHILD_COMMAND) {
         crate::init_logging();
+        // Started under its parent's spawner filter: say so if it trips.
+        if crate::seccomp::filtered() {
+            let _ = crate::seccomp::name_thread("fork child set-up");
+        }
         std::process::exit(match child_main() {
             Ok(()) => 0,
             Err(code) => code,

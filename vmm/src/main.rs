@@ -26,29 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a VM from a JSON config and run it until the guest shuts down.
-    Launch {
-        /// The VM configuration (docs/config.md). With --name and without
-        /// it: `vmm run`'s defaults (the Debian root disk, the agent).
-        #[arg(long, required_unless_present = "name")]
-        config: Option<PathBuf>,
-        /// Write a JSON report (exit reason, boot timings) here when the VM ends.
-        #[arg(long)]
-        report: Option<PathBuf>,
-        /// Serve the control API here (docs/api.yaml) and keep the VM running
-        /// for `vmm exec`; adds a vsock device at `<PATH>.vsock` if the config
-        /// has none.
-        #[arg(long)]
-        api_socket: Option<PathBuf>,
-        /// Name the VM, so other commands find it by name (`vmm exec NAME`,
-        /// `vmm ps`); its sockets and console go into this user's private
-        /// runtime directory.
-        #[arg(long, conflicts_with = "api_socket")]
-        name: Option<String>,
-        /// With --name: run the VM in the background and return once it
-        /// runs (its messages go to `<runtime dir>/vms/NAME.log`).
-        #[arg(long, short = 'd', requires = "name")]
-        detach: bool,
-    },
+    Launch(LaunchArgs),
     /// Run a command in a running VM; exit with its status.
     Exec {
         #[command(flatten)]
@@ -62,6 +40,10 @@ enum Command {
         /// The VM configuration; `{}` (every default) when not given.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Run without seccomp filters (docs/security.md). For debugging
+        /// only: it takes a layer of the boundary away.
+        #[arg(long)]
+        no_seccomp: bool,
         #[command(flatten)]
         cmd: ExecArgs,
     },
@@ -125,6 +107,10 @@ enum Command {
         /// Write a JSON report here when the VM ends.
         #[arg(long)]
         report: Option<PathBuf>,
+        /// Run without seccomp filters (docs/security.md). For debugging
+        /// only: it takes a layer of the boundary away.
+        #[arg(long)]
+        no_seccomp: bool,
     },
     /// Fork a running VM into N children that continue from this instant,
     /// copy-on-write; prints a JSON list of the children and their sockets.
@@ -256,17 +242,43 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
 }
 
 /// What `vmm launch` was given.
+#[derive(clap::Args)]
 struct LaunchArgs {
+    /// The VM configuration (docs/config.md). With --name and without
+    /// it: `vmm run`'s defaults (the Debian root disk, the agent).
+    #[arg(long, required_unless_present = "name")]
     config: Option<PathBuf>,
+    /// Write a JSON report (exit reason, boot timings) here when the VM ends.
+    #[arg(long)]
     report: Option<PathBuf>,
+    /// Serve the control API here (docs/api.yaml) and keep the VM running
+    /// for `vmm exec`; adds a vsock device at `<PATH>.vsock` if the config
+    /// has none.
+    #[arg(long)]
     api_socket: Option<PathBuf>,
+    /// Name the VM, so other commands find it by name (`vmm exec NAME`,
+    /// `vmm ps`); its sockets and console go into this user's private
+    /// runtime directory.
+    #[arg(long, conflicts_with = "api_socket")]
     name: Option<String>,
+    /// With --name: run the VM in the background and return once it
+    /// runs (its messages go to `<runtime dir>/vms/NAME.log`).
+    #[arg(long, short = 'd', requires = "name")]
     detach: bool,
+    /// Run without seccomp filters (docs/security.md). For debugging
+    /// only: it takes a layer of the boundary away.
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 fn launch(args: LaunchArgs, start: Instant) -> ExitCode {
     if let (Some(name), true) = (&args.name, args.detach) {
-        return named::detach(name, args.config.as_deref(), args.report.as_deref());
+        return named::detach(
+            name,
+            args.config.as_deref(),
+            args.report.as_deref(),
+            args.no_seccomp,
+        );
     }
     let mut config = match &args.config {
         Some(path) => match VmConfig::from_file(path) {
@@ -276,6 +288,7 @@ fn launch(args: LaunchArgs, start: Instant) -> ExitCode {
         // Only with --name: what `vmm run` boots (the agent added below).
         None => VmConfig::default(),
     };
+    config.seccomp &= !args.no_seccomp;
     // A named VM holds its name until it ends.
     let (_claim, api_socket) = match &args.name {
         Some(name) => match named::register(name, &mut config) {
@@ -304,14 +317,16 @@ fn launch(args: LaunchArgs, start: Instant) -> ExitCode {
 fn restore(
     snapshot: &std::path::Path,
     opts: &vmm::snapshot::RestoreOptions,
+    no_seccomp: bool,
     api_socket: PathBuf,
     report: Option<PathBuf>,
     start: Instant,
 ) -> ExitCode {
-    let source = match vmm::snapshot::restore_source(snapshot, opts) {
+    let mut source = match vmm::snapshot::restore_source(snapshot, opts) {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
+    source.state.config.seccomp &= !no_seccomp;
     let hv = match vmm::open_hypervisor() {
         Ok(hv) => hv,
         Err(e) => return fail(e),
@@ -391,14 +406,15 @@ fn exec(cmd: &ExecArgs, target: &Target) -> ExitCode {
     }
 }
 
-fn run(config: Option<PathBuf>, cmd: &ExecArgs) -> ExitCode {
-    let config = match config {
+fn run(config: Option<PathBuf>, no_seccomp: bool, cmd: &ExecArgs) -> ExitCode {
+    let mut config = match config {
         Some(path) => match VmConfig::from_file(&path) {
             Ok(c) => c,
             Err(e) => return fail(e),
         },
         None => VmConfig::default(),
     };
+    config.seccomp &= !no_seccomp;
     let sandbox = match vmm::sandbox::Sandbox::start(config) {
         Ok(s) => s,
         Err(e) => return fail(e),
@@ -473,24 +489,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     vmm::init_logging();
     match cli.command {
-        Command::Launch {
-            config,
-            report,
-            api_socket,
-            name,
-            detach,
-        } => launch(
-            LaunchArgs {
-                config,
-                report,
-                api_socket,
-                name,
-                detach,
-            },
-            start,
-        ),
+        Command::Launch(args) => launch(args, start),
         Command::Exec { cmd, target } => exec(&cmd, &target),
-        Command::Run { config, cmd } => run(config, &cmd),
+        Command::Run {
+            config,
+            no_seccomp,
+            cmd,
+        } => run(config, no_seccomp, &cmd),
         Command::Stop { target, force } => stop(&target, force),
         Command::Pause { target } => control(&target, Action::Pause),
         Command::Resume { target } => control(&target, Action::Resume),
@@ -518,6 +523,7 @@ fn main() -> ExitCode {
             trust_snapshot_config,
             snapshot_key,
             report,
+            no_seccomp,
         } => {
             let vsock_socket = vsock_socket
                 .unwrap_or_else(|| PathBuf::from(format!("{}.vsock", api_socket.display())));
@@ -538,7 +544,7 @@ fn main() -> ExitCode {
                 host,
                 key,
             };
-            restore(&snapshot, &opts, api_socket, report, start)
+            restore(&snapshot, &opts, no_seccomp, api_socket, report, start)
         }
         Command::Fork {
             target,

@@ -30,6 +30,8 @@ pub struct VcpuShared {
     pub first_entry: OnceLock<Duration>,
     pub pvm_host: bool,
     pub pause: PauseControl,
+    /// Each vCPU thread installs its seccomp filter first.
+    pub seccomp: bool,
 }
 
 /// Pausing the vCPU threads: a paused thread has finished its last exit,
@@ -195,6 +197,15 @@ fn vcpu_loop(id: u32, mut vcpu: Box<dyn Vcpu>, shared: Arc<VcpuShared>) {
             message: e.to_string(),
         });
         return;
+    }
+    if shared.seccomp {
+        if let Err(e) = crate::seccomp::apply(crate::seccomp::Role::Vcpu) {
+            shared.exit.report(ExitReason::VcpuError {
+                vcpu: id,
+                message: e.to_string(),
+            });
+            return;
+        }
     }
     while !shared.stop.load(Ordering::SeqCst) {
         if shared.pause.is_requested() {

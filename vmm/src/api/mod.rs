@@ -334,15 +334,28 @@ pub struct ApiThread {
 }
 
 impl ApiThread {
-    pub fn spawn(server: ApiServer) -> Result<ApiThread> {
+    /// Starts the control socket's thread; with `seccomp` it installs its
+    /// filter before it takes a connection.
+    pub fn spawn(server: ApiServer, seccomp: bool) -> Result<ApiThread> {
         let stop = server.stop.clone();
         let stopped = server.stopped.clone();
         let mut manager = EventManager::<Arc<Mutex<ApiServer>>>::new()
             .map_err(|e| Error::Thread(format!("{e:?}")))?;
         manager.add_subscriber(Arc::new(Mutex::new(server)));
+        let (filtered_tx, filtered) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
+                if seccomp {
+                    let applied = crate::seccomp::apply(crate::seccomp::Role::Control);
+                    let failed = applied.is_err();
+                    let _ = filtered_tx.send(applied.map_err(|e| e.to_string()));
+                    if failed {
+                        return;
+                    }
+                } else {
+                    let _ = filtered_tx.send(Ok(()));
+                }
                 while !stopped.load(Ordering::SeqCst) {
                     if let Err(e) = manager.run() {
                         tracing::error!("API: the event loop failed: {e:?}");
@@ -351,7 +364,11 @@ impl ApiThread {
                 }
             })
             .map_err(|e| Error::Thread(e.to_string()))?;
-        Ok(ApiThread { stop, thread })
+        match filtered.recv() {
+            Ok(Ok(())) => Ok(ApiThread { stop, thread }),
+            Ok(Err(message)) => Err(Error::Thread(message)),
+            Err(_) => Err(Error::Thread("it ended at start".into())),
+        }
     }
 
     /// Writes the answers already given, then ends the thread.

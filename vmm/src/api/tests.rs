@@ -45,7 +45,7 @@ impl Served {
                 em.run_with_timeout(20).unwrap();
             }
         });
-        let api = ApiThread::spawn(ApiServer::bind(&path, handle).unwrap()).unwrap();
+        let api = ApiThread::spawn(ApiServer::bind(&path, handle).unwrap(), true).unwrap();
         Served {
             dir,
             path,

@@ -63,7 +63,12 @@ pub fn notify_started() {
 
 /// `vmm launch --name NAME --detach`: starts the same launch in the
 /// background, in a session of its own, and returns once the VM runs.
-pub fn detach(name: &str, config: Option<&Path>, report: Option<&Path>) -> ExitCode {
+pub fn detach(
+    name: &str,
+    config: Option<&Path>,
+    report: Option<&Path>,
+    no_seccomp: bool,
+) -> ExitCode {
     let registry = match names::check_name(name).and_then(|()| names::registry()) {
         Ok(r) => r,
         Err(e) => return fail(e),
@@ -102,6 +107,9 @@ pub fn detach(name: &str, config: Option<&Path>, report: Option<&Path>) -> ExitC
     if let Some(r) = report {
         cmd.arg("--report")
             .arg(std::path::absolute(r).unwrap_or(r.to_path_buf()));
+    }
+    if no_seccomp {
+        cmd.arg("--no-seccomp");
     }
     cmd.env(NOTIFY_ENV, "1")
         .stdin(Stdio::null())

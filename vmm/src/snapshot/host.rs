@@ -182,6 +182,13 @@ pub fn resolve(
         })
         .collect::<Result<_>>()?;
 
+    // seccomp: the operator's; a snapshot cannot turn its filters off.
+    out.seccomp = match (op, trust) {
+        (Some(o), _) => o.seccomp,
+        (None, true) => snap.seccomp,
+        (None, false) => true,
+    };
+
     // The console: the operator's, else standard output.
     out.serial = match (op, trust) {
         (Some(o), _) => o.serial.clone(),

@@ -256,6 +256,7 @@ fn finish(config: &VmConfig, start: Instant, p: Parts) -> Vm {
         first_entry: OnceLock::new(),
         pvm_host: p.checked.kind.needs_pvm_guest(),
         pause: PauseControl::default(),
+        seccomp: config.seccomp,
     });
     Vm {
         vcpus: p.vcpus,

@@ -92,6 +92,8 @@ pub enum Error {
     },
     #[error("cannot place a device on the bus: {0}")]
     Bus(#[from] devices::bus::Error),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::Error),
     #[error("cannot set up the VMM event loop: {0}")]
     EventLoop(String),
     #[error("cannot {what}: {source}")]
@@ -329,6 +331,11 @@ impl Vm {
             resolved,
         } = self;
         let vsock_path = config.vsock.as_ref().map(|v| v.uds_path.clone());
+        let seccomp = config.seccomp;
+        if seccomp {
+            // Before any thread narrows: fork children start from it.
+            crate::spawner::start()?;
+        }
         let controller = Controller::new(
             vm,
             ram,
@@ -407,7 +414,10 @@ impl Vm {
             .locked()
             .set_vcpu_threads(threads.iter().map(VcpuThread::pthread).collect());
         let mut loop_error = None;
-        let api = match api_server.map(ApiThread::spawn).transpose() {
+        let api = match api_server
+            .map(|server| ApiThread::spawn(server, seccomp))
+            .transpose()
+        {
             Ok(api) => api,
             Err(e) => {
                 shared.exit.report(ExitReason::Stopped { signal: None });
@@ -419,7 +429,14 @@ impl Vm {
             f(machine.locked().handle());
         }
         if let (Some(done), Some(uds)) = (reseed_done, vsock_path) {
-            reseed_agent(uds, done, shared.exit.clone());
+            reseed_agent(uds, done, shared.exit.clone(), seccomp);
+        }
+        // From here this thread only runs the device loop.
+        if seccomp && loop_error.is_none() {
+            if let Err(e) = crate::seccomp::apply(crate::seccomp::Role::DeviceLoop) {
+                shared.exit.report(ExitReason::Stopped { signal: None });
+                loop_error = Some(Error::from(e));
+            }
         }
 
         while loop_error.is_none() && !control.locked().done {
@@ -471,10 +488,16 @@ impl Vm {
 /// host randomness, on a helper thread, then writes `done`. Connections
 /// the guest resets while it handles the vsock transport reset are tried
 /// again.
-fn reseed_agent(uds: PathBuf, done: EventFd, exit: Arc<ExitSignal>) {
+fn reseed_agent(uds: PathBuf, done: EventFd, exit: Arc<ExitSignal>, seccomp: bool) {
     let spawned = std::thread::Builder::new()
         .name("reseed".into())
         .spawn(move || {
+            if seccomp {
+                if let Err(e) = crate::seccomp::apply(crate::seccomp::Role::Reseed) {
+                    tracing::warn!("the restored guest's agent was not reseeded: {e}");
+                    return;
+                }
+            }
             let agent = crate::agent::AgentClient::new(&uds);
             let mut last = None;
             for _ in 0..20 {
