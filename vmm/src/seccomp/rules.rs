@@ -29,7 +29,8 @@ pub enum Role {
 #[derive(Clone, Copy)]
 enum Args {
     Any,
-    /// ioctl: KVM's (type 0xAE) and FIONBIO/FIOCLEX on sockets and files.
+    /// ioctl: KVM's (type 0xAE), PAGEMAP_SCAN, and FIONBIO/FIOCLEX on
+    /// sockets and files.
     Ioctl,
     /// socket: only these address families (argument 0).
     Families(&'static [i32]),
@@ -392,6 +393,9 @@ fn arg_rules(args: Args) -> Vec<SeccompRule> {
         Args::Ioctl => vec![
             // _IOC type byte 0xAE: KVM's ioctls.
             rule(1, SeccompCmpOp::MaskedEq(0xff00), 0xae00),
+            // PAGEMAP_SCAN (type 'f', number 16): a fork finds the pages
+            // the VM changed since its last fork.
+            rule(1, SeccompCmpOp::MaskedEq(0xffff), 0x6610),
             rule(1, SeccompCmpOp::Eq, libc::FIONBIO),
             rule(1, SeccompCmpOp::Eq, libc::FIOCLEX),
         ],
