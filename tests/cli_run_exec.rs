@@ -8,16 +8,36 @@ use std::process::{Command, Stdio};
 
 use common::{Scratch, VMM};
 
+/// Also: standard input streams to the command, and while the command
+/// runs every thread of `vmm run` (its own, which talks to the agent, and
+/// the one that streams standard input among them) is filtered.
 #[test]
-fn run_boots_runs_python_and_returns_its_output() {
-    let out = Command::new(VMM)
-        .args(["run", "--", "python3", "-c", "print(6*7)"])
-        .stdin(Stdio::null())
-        .output()
+fn run_boots_runs_python_and_streams_standard_input() {
+    let script = "import sys\n\
+        print(sys.stdin.readline().strip(), flush=True)\n\
+        sys.stdin.read()\n\
+        print(6*7)";
+    let mut run = Command::new(VMM)
+        .args(["run", "-i", "--", "python3", "-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    let mut stdin = run.stdin.take().unwrap();
+    stdin.write_all(b"ready\n").unwrap();
+    let mut stdout = std::io::BufReader::new(run.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    assert_every_thread_is_filtered(run.id(), &["vmm", "vcpu0", "spawner"]);
+    drop(stdin);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    let out = run.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "42\n", "{stderr}");
+    assert_eq!(rest, "42\n", "{stderr}");
 }
 
 #[test]
@@ -117,7 +137,7 @@ fn launch_exec_stop() {
     }
     let out = exec(&["--timeout", "0.5", "--", "sleep", "600"], None);
     assert_eq!(out.status.code(), Some(124));
-    assert_every_thread_is_filtered(vm.id());
+    assert_every_thread_is_filtered(vm.id(), &["vmm", "vcpu0", "vcpu1", "api", "spawner"]);
 
     let stop = Command::new(VMM)
         .arg("stop")
@@ -133,9 +153,9 @@ fn launch_exec_stop() {
     assert_eq!(vm.wait().unwrap().code(), Some(0));
 }
 
-/// Every thread of the running VMM (vCPUs, device loop, control socket,
-/// spawner) runs under a seccomp filter: mode 2 in its status.
-fn assert_every_thread_is_filtered(pid: u32) {
+/// Every thread of the running VMM runs under a seccomp filter (mode 2 in
+/// its status), and threads named `names` are among them.
+fn assert_every_thread_is_filtered(pid: u32, names_expected: &[&str]) {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
     let mut names = Vec::new();
     for task in tasks {
@@ -149,9 +169,9 @@ fn assert_every_thread_is_filtered(pid: u32) {
         assert_eq!(mode, Some("2"), "thread {} is not filtered", name.trim());
         names.push(name.trim().to_string());
     }
-    for role in ["vmm", "vcpu0", "vcpu1", "api", "spawner"] {
+    for role in names_expected {
         assert!(
-            names.iter().any(|n| n == role),
+            names.iter().any(|n| n == *role),
             "no {role} thread in {names:?}"
         );
     }

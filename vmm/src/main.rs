@@ -415,10 +415,18 @@ fn run(config: Option<PathBuf>, no_seccomp: bool, cmd: &ExecArgs) -> ExitCode {
         None => VmConfig::default(),
     };
     config.seccomp &= !no_seccomp;
+    let seccomp = config.seccomp;
     let sandbox = match vmm::sandbox::Sandbox::start(config) {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
+    // From here this thread only talks to the guest agent.
+    if seccomp {
+        if let Err(e) = vmm::seccomp::apply(vmm::seccomp::Role::RunClient) {
+            let _ = sandbox.stop();
+            return fail(e);
+        }
+    }
     let code = cmd.run(sandbox.agent());
     if let Err(e) = sandbox.stop() {
         eprintln!("vmm: the VM did not stop cleanly: {e}");

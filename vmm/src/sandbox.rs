@@ -89,9 +89,9 @@ fn with_sandbox_defaults(mut config: VmConfig, scratch: &Path, root_disk: bool) 
 pub struct Sandbox {
     agent: AgentClient,
     machine: MachineHandle,
+    /// Runs the VM; removes the sandbox's scratch folder (its sockets and
+    /// disk layer) when the VM has ended.
     thread: Option<JoinHandle<crate::vm::Result<RunOutcome>>>,
-    /// Holds the vsock sockets; removed when the sandbox is dropped.
-    _scratch: RuntimeDir,
 }
 
 impl Sandbox {
@@ -171,6 +171,9 @@ impl Sandbox {
                 .name("vmm".into())
                 .spawn(move || {
                     let _hv = hv;
+                    // Removed by this thread once the VM has ended (its
+                    // filter allows that; the caller's may not).
+                    let _scratch = scratch;
                     vm.run(opts)
                 })
                 .map_err(Error::Setup)?,
@@ -196,7 +199,6 @@ impl Sandbox {
             agent: AgentClient::new(&uds),
             machine,
             thread,
-            _scratch: scratch,
         })
     }
 

@@ -52,7 +52,7 @@ const ARCH: TargetArch = TargetArch::aarch64;
 thread_local! {
     /// This thread's role, for the report of a forbidden call (read in the
     /// signal handler: constant-initialised, no destructor).
-    static ROLE: Cell<&'static str> = const { Cell::new("unfiltered") };
+    static ROLE: Cell<&'static str> = const { Cell::new("unnamed") };
 }
 
 /// Installs `role`'s filter on the calling thread, for good.
@@ -114,9 +114,11 @@ pub fn name_thread(name: &'static str) -> Result<()> {
     Ok(())
 }
 
-/// The kill filter and `role`'s filter, compiled once per role.
-fn compiled(role: Role) -> Result<&'static [BpfProgram; 2]> {
-    static CACHE: OnceLock<std::sync::Mutex<BTreeMap<&'static str, &'static [BpfProgram; 2]>>> =
+/// The kill filter, the role's ENOSYS filter when it has one, and the
+/// role's filter, compiled once per role. (Where filters disagree the
+/// kernel takes the strictest answer: kill, then trap, then an error.)
+fn compiled(role: Role) -> Result<&'static [BpfProgram]> {
+    static CACHE: OnceLock<std::sync::Mutex<BTreeMap<&'static str, &'static [BpfProgram]>>> =
         OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
     let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
@@ -131,15 +133,29 @@ fn compiled(role: Role) -> Result<&'static [BpfProgram; 2]> {
                 message: e.to_string(),
             })
     };
-    let kill = build(
-        BTreeMap::from([(KILL_CALL, Vec::<SeccompRule>::new())]),
+    let calls = |calls: &[i64]| -> BTreeMap<i64, Vec<SeccompRule>> {
+        calls.iter().map(|&nr| (nr, Vec::new())).collect()
+    };
+    let mut filters = vec![build(
+        calls(&[KILL_CALL]),
         SeccompAction::Allow,
         SeccompAction::KillProcess,
-    )?;
-    let allowed = build(role.rules(), SeccompAction::Trap, SeccompAction::Allow)?;
-    let both: &'static [BpfProgram; 2] = Box::leak(Box::new([kill, allowed]));
-    cache.insert(role.name(), both);
-    Ok(both)
+    )?];
+    if !role.not_implemented().is_empty() {
+        filters.push(build(
+            calls(role.not_implemented()),
+            SeccompAction::Allow,
+            SeccompAction::Errno(libc::ENOSYS as u32),
+        )?);
+    }
+    filters.push(build(
+        role.rules(),
+        SeccompAction::Trap,
+        SeccompAction::Allow,
+    )?);
+    let filters: &'static [BpfProgram] = Vec::leak(filters);
+    cache.insert(role.name(), filters);
+    Ok(filters)
 }
 
 /// Installs [`on_sigsys`] for the process, once.

@@ -23,6 +23,10 @@ pub enum Role {
     /// needs, from start-up on, plus starting a process; each child then
     /// narrows its threads to their roles.
     Spawner,
+    /// `vmm run`'s main thread once its VM runs: the command through the
+    /// guest agent, its output to this process's, and (with `-i`) a thread
+    /// that streams standard input.
+    RunClient,
 }
 
 /// Which arguments of a call are allowed.
@@ -34,6 +38,8 @@ enum Args {
     Ioctl,
     /// socket: only these address families (argument 0).
     Families(&'static [i32]),
+    /// clone: only a thread of this process (CLONE_THREAD in the flags).
+    Thread,
 }
 
 /// One allowed call and why the role needs it.
@@ -262,6 +268,35 @@ const CONTROL: &[Allowed] = &[
     any(libc::SYS_unlink, "its socket at stop"),
 ];
 
+const RUN_CLIENT: &[Allowed] = &[
+    Allowed {
+        nr: libc::SYS_socket,
+        args: Args::Families(&[libc::AF_UNIX]),
+        why: "the vsock socket to the guest agent",
+    },
+    any(libc::SYS_connect, "the vsock socket to the guest agent"),
+    any(libc::SYS_setsockopt, "its timeouts"),
+    any(libc::SYS_getsockopt, "socket errors"),
+    any(libc::SYS_recvfrom, "the command's output"),
+    any(libc::SYS_sendto, "the request, standard input"),
+    any(libc::SYS_shutdown, "the end of standard input"),
+    any(libc::SYS_poll, "waits for the agent"),
+    Allowed {
+        nr: libc::SYS_clone,
+        args: Args::Thread,
+        why: "the thread that streams standard input (threads only)",
+    },
+    any(
+        libc::SYS_clone3,
+        "answered ENOSYS by a filter of its own, so that threads start through clone, whose flags a filter can check",
+    ),
+    any(libc::SYS_set_robust_list, "thread start"),
+    any(
+        libc::SYS_sched_getaffinity,
+        "thread start (Rust reads the new thread's attributes)",
+    ),
+];
+
 const RESEED: &[Allowed] = &[
     Allowed {
         nr: libc::SYS_socket,
@@ -317,12 +352,13 @@ const START: &[Allowed] = &[
 ];
 
 impl Role {
-    pub const ALL: [Role; 5] = [
+    pub const ALL: [Role; 6] = [
         Role::Vcpu,
         Role::DeviceLoop,
         Role::Control,
         Role::Reseed,
         Role::Spawner,
+        Role::RunClient,
     ];
 
     /// The role's name in reports and docs.
@@ -333,6 +369,7 @@ impl Role {
             Role::Control => "control socket",
             Role::Reseed => "reseed",
             Role::Spawner => "spawner",
+            Role::RunClient => "run client",
         }
     }
 
@@ -347,6 +384,17 @@ impl Role {
                 .into_iter()
                 .flatten()
                 .collect(),
+            Role::RunClient => RUN_CLIENT.iter().collect(),
+        }
+    }
+
+    /// Calls the role's filter allows but a filter of their own answers
+    /// ENOSYS: clone3, whose flags sit in memory a filter cannot read, on
+    /// a role that may start threads but not processes.
+    pub(super) fn not_implemented(self) -> &'static [i64] {
+        match self {
+            Role::RunClient => &[libc::SYS_clone3],
+            _ => &[],
         }
     }
 
@@ -403,5 +451,9 @@ fn arg_rules(args: Args) -> Vec<SeccompRule> {
             .iter()
             .map(|&f| rule(0, SeccompCmpOp::Eq, f as u64))
             .collect(),
+        Args::Thread => {
+            let thread = libc::CLONE_THREAD as u64;
+            vec![rule(0, SeccompCmpOp::MaskedEq(thread), thread)]
+        }
     }
 }

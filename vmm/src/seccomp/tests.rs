@@ -3,8 +3,8 @@ use super::*;
 #[test]
 fn every_role_compiles_to_a_filter() {
     for role in Role::ALL {
-        let [kill, allowed] = compiled(role).unwrap();
-        assert!(!kill.is_empty() && !allowed.is_empty(), "{}", role.name());
+        let filters = compiled(role).unwrap();
+        assert!(filters.iter().all(|f| !f.is_empty()), "{}", role.name());
         assert!(role.calls().iter().any(|(name, _)| *name == "futex"));
     }
 }
@@ -93,4 +93,26 @@ fn docs_security_lists_every_roles_calls() {
             path.display()
         );
     }
+}
+
+#[test]
+fn the_run_client_starts_threads_through_clone_and_never_clone3() {
+    let (started, clone3) = std::thread::spawn(|| {
+        apply(Role::RunClient).unwrap();
+        // SAFETY: clone3 with no arguments: the ENOSYS filter answers
+        // before the kernel reads them.
+        let rc = unsafe { libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0usize) };
+        let clone3 = (rc, std::io::Error::last_os_error().raw_os_error());
+        // glibc falls back to clone(CLONE_THREAD | ...), which the filter allows.
+        // (It runs under this thread's filter: seccomp filters are inherited.)
+        let started = std::thread::spawn(|| true).join().unwrap();
+        (started, clone3)
+    })
+    .join()
+    .unwrap();
+    assert!(
+        started,
+        "the thread did not start under its parent's filter"
+    );
+    assert_eq!(clone3, (-1, Some(libc::ENOSYS)));
 }
