@@ -172,6 +172,10 @@ const DEVICE_LOOP: &[Allowed] = &[
         libc::SYS_openat,
         "FUSE LOOKUP/OPEN/CREATE under the share, snapshot files",
     ),
+    any(
+        libc::SYS_openat2,
+        "a fork child's or restored VM's share inodes, opened again by path beneath the share",
+    ),
     any(libc::SYS_newfstatat, "FUSE GETATTR/LOOKUP"),
     any(libc::SYS_fstat, "FUSE GETATTR, disk size"),
     any(libc::SYS_statx, "FUSE GETATTR"),
