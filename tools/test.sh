@@ -11,3 +11,5 @@ cargo clippy --workspace --all-targets --features vmm/seccomp-test-hooks --quiet
 # The seccomp tests' hook (a thread makes a forbidden call on request) is
 # built into test builds only.
 cargo test --workspace --features vmm/seccomp-test-hooks
+# Every fuzz target for a short while (docs/fuzzing.md): a crash fails CI.
+tools/fuzz.sh 15

@@ -146,7 +146,7 @@ pub fn encode(state: &MachineState) -> Result<Vec<u8>> {
 }
 
 /// `body` behind the header (magic, version, length, checksum).
-fn frame(body: &[u8]) -> Vec<u8> {
+pub fn frame(body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + body.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());

@@ -27,7 +27,7 @@
 //! backend's [`NetBackend::fd`].
 
 pub mod policy;
-mod wire;
+pub mod wire;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
