@@ -303,6 +303,11 @@ impl Vm {
     /// Runs the guest until it shuts down, crashes, `opts.stop_evt`
     /// becomes readable or the API asks; then stops every vCPU and returns
     /// why.
+    ///
+    /// The calling thread becomes the VM's device loop: with `seccomp` on
+    /// (the default) it ends under the device loop's filter, for good. An
+    /// embedding program calls this on a thread it gives to the VM, as
+    /// [`crate::sandbox::Sandbox`] does.
     pub fn run(self, opts: RunOptions) -> Result<RunOutcome> {
         let RunOptions {
             stop_evt,
