@@ -307,7 +307,7 @@ impl Vm {
     /// The calling thread becomes the VM's device loop: with `seccomp` on
     /// (the default) it ends under the device loop's filter, for good. An
     /// embedding program calls this on a thread it gives to the VM, as
-    /// [`crate::sandbox::Sandbox`] does.
+    /// the Rust API's `Sandbox` does.
     pub fn run(self, opts: RunOptions) -> Result<RunOutcome> {
         let RunOptions {
             stop_evt,
