@@ -272,7 +272,9 @@ const CONTROL: &[Allowed] = &[
     any(libc::SYS_unlink, "its socket at stop"),
 ];
 
-const RUN_CLIENT: &[Allowed] = &[
+/// A client of the guest agent (`agent::AgentClient`): the reseed helper,
+/// and `vmm run`'s own thread with more below.
+const AGENT_CLIENT: &[Allowed] = &[
     Allowed {
         nr: libc::SYS_socket,
         args: Args::Families(&[libc::AF_UNIX]),
@@ -281,8 +283,18 @@ const RUN_CLIENT: &[Allowed] = &[
     any(libc::SYS_connect, "the vsock socket to the guest agent"),
     any(libc::SYS_setsockopt, "its timeouts"),
     any(libc::SYS_getsockopt, "socket errors"),
-    any(libc::SYS_recvfrom, "the command's output"),
-    any(libc::SYS_sendto, "the request, standard input"),
+    any(
+        libc::SYS_recvfrom,
+        "the agent's answers (a command's output)",
+    ),
+    any(
+        libc::SYS_sendto,
+        "requests (and a command's standard input)",
+    ),
+];
+
+/// `vmm run`'s thread, beyond [`AGENT_CLIENT`].
+const RUN_CLIENT: &[Allowed] = &[
     any(libc::SYS_shutdown, "the end of standard input"),
     any(libc::SYS_poll, "waits for the agent"),
     Allowed {
@@ -299,19 +311,6 @@ const RUN_CLIENT: &[Allowed] = &[
         libc::SYS_sched_getaffinity,
         "thread start (Rust reads the new thread's attributes)",
     ),
-];
-
-const RESEED: &[Allowed] = &[
-    Allowed {
-        nr: libc::SYS_socket,
-        args: Args::Families(&[libc::AF_UNIX]),
-        why: "the vsock socket to the guest agent",
-    },
-    any(libc::SYS_connect, "the vsock socket to the guest agent"),
-    any(libc::SYS_setsockopt, "its timeouts"),
-    any(libc::SYS_getsockopt, "socket errors"),
-    any(libc::SYS_recvfrom, "the agent's answer"),
-    any(libc::SYS_sendto, "the request"),
 ];
 
 /// What starting a VMM process needs beyond the roles above: the Rust
@@ -383,12 +382,12 @@ impl Role {
             Role::Vcpu => VCPU.iter().collect(),
             Role::DeviceLoop => DEVICE_LOOP.iter().collect(),
             Role::Control => CONTROL.iter().collect(),
-            Role::Reseed => RESEED.iter().collect(),
-            Role::Spawner => [VCPU, DEVICE_LOOP, CONTROL, RESEED, START]
+            Role::Reseed => AGENT_CLIENT.iter().collect(),
+            Role::Spawner => [VCPU, DEVICE_LOOP, CONTROL, AGENT_CLIENT, START]
                 .into_iter()
                 .flatten()
                 .collect(),
-            Role::RunClient => RUN_CLIENT.iter().collect(),
+            Role::RunClient => AGENT_CLIENT.iter().chain(RUN_CLIENT).collect(),
         }
     }
 
