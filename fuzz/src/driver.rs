@@ -17,9 +17,19 @@
 
 use std::sync::Arc;
 
-use devices::virtio::mmio::MmioTransport;
+use devices::virtio::mmio::{
+    MmioTransport, NOTIFY_OFFSET, REG_DEVICE_FEATURES, REG_DEVICE_FEATURES_SEL,
+    REG_DRIVER_FEATURES, REG_DRIVER_FEATURES_SEL, REG_QUEUE_DESC_LOW, REG_QUEUE_DEVICE_LOW,
+    REG_QUEUE_DRIVER_LOW, REG_QUEUE_NUM, REG_QUEUE_NUM_MAX, REG_QUEUE_READY, REG_QUEUE_SEL,
+    REG_STATUS,
+};
 use devices::virtio::{Drained, Interrupt, VirtioDevice};
 use devices::{BusDevice, EventFdLine};
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE as ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER as DRIVER,
+    VIRTIO_CONFIG_S_DRIVER_OK as DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK as FEATURES_OK,
+};
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -36,22 +46,6 @@ const MAX_DESC_LEN: usize = 4096;
 /// How often a queue is served after a notification before the driver
 /// moves on (a device that keeps answering Budget must still finish).
 const MAX_RUNS: usize = 64;
-
-const REG_DEVICE_FEATURES: u64 = 0x010;
-const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
-const REG_DRIVER_FEATURES: u64 = 0x020;
-const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
-const REG_QUEUE_SEL: u64 = 0x030;
-const REG_QUEUE_NUM_MAX: u64 = 0x034;
-const REG_QUEUE_NUM: u64 = 0x038;
-const REG_QUEUE_READY: u64 = 0x044;
-const REG_STATUS: u64 = 0x070;
-const REG_QUEUE_DESC_LOW: u64 = 0x080;
-const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
-const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
-
-const VIRTQ_DESC_F_NEXT: u16 = 1;
-const VIRTQ_DESC_F_WRITE: u16 = 2;
 
 /// The driver of one device, over its own guest memory.
 pub struct Driver {
@@ -126,14 +120,14 @@ impl Driver {
     /// place every queue, start the device.
     pub fn setup(&mut self) {
         self.write_reg(REG_STATUS, 0);
-        self.write_reg(REG_STATUS, 1 | 2);
+        self.write_reg(REG_STATUS, ACKNOWLEDGE | DRIVER);
         for sel in 0..2 {
             self.write_reg(REG_DEVICE_FEATURES_SEL, sel);
             let offered = self.read_reg(REG_DEVICE_FEATURES);
             self.write_reg(REG_DRIVER_FEATURES_SEL, sel);
             self.write_reg(REG_DRIVER_FEATURES, offered);
         }
-        self.write_reg(REG_STATUS, 1 | 2 | 8);
+        self.write_reg(REG_STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
         for q in 0..self.queues {
             self.write_reg(REG_QUEUE_SEL, q as u32);
             let max = self.read_reg(REG_QUEUE_NUM_MAX);
@@ -149,7 +143,7 @@ impl Driver {
             }
             self.write_reg(REG_QUEUE_READY, 1);
         }
-        self.write_reg(REG_STATUS, 1 | 2 | 8 | 4);
+        self.write_reg(REG_STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
         assert!(
             self.transport.is_activated(),
             "the standard set-up did not start the device"
@@ -168,7 +162,7 @@ impl Driver {
                     let value = input.u32();
                     self.write_reg(offset, value);
                     // A notification through the register: serve it.
-                    if offset == 0x050 {
+                    if offset == NOTIFY_OFFSET {
                         self.serve(value as usize);
                     }
                 }
@@ -224,10 +218,14 @@ impl Driver {
                 let _ = self.mem.write_slice(&bytes, GuestAddress(addr));
             }
             let slot = (head + i as u16) % QUEUE_SIZE;
-            let mut desc_flags = if writable { VIRTQ_DESC_F_WRITE } else { 0 };
+            let mut desc_flags = if writable {
+                VRING_DESC_F_WRITE as u16
+            } else {
+                0
+            };
             let next = (slot + 1) % QUEUE_SIZE;
             if i + 1 < count {
-                desc_flags |= VIRTQ_DESC_F_NEXT;
+                desc_flags |= VRING_DESC_F_NEXT as u16;
             }
             let mut desc = [0u8; 16];
             desc[..8].copy_from_slice(&addr.to_le_bytes());
