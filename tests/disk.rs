@@ -115,3 +115,47 @@ fn missing_base_image_is_a_clear_error() {
         run.describe()
     );
 }
+
+/// Bytes and seconds from GNU dd's summary line ("N bytes (...) copied,
+/// T s, R kB/s").
+fn dd_summary(text: &str) -> Option<(f64, f64)> {
+    let line = text.lines().find(|l| l.contains(" copied, "))?;
+    let bytes = line.split_whitespace().next()?.parse().ok()?;
+    let secs = line
+        .split(" copied, ")
+        .nth(1)?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()?;
+    Some((bytes, secs))
+}
+
+#[test]
+fn a_rate_limited_disk_reads_at_its_limit() {
+    // 256 KiB per 2 s: 128 KiB/s after the first full bucket. The disk is
+    // read-only so no ext4 write-back shares the budget, and dd reads past
+    // the guest's page cache.
+    const BUCKET: f64 = 256.0 * 1024.0;
+    const LIMIT: f64 = 128.0 * 1024.0;
+    let s = Scratch::new("disk-limit");
+    let run = launch(
+        &s,
+        &vm_with_disk(
+            r#"{"read_only": true, "rate_limit": {"bandwidth": {"size": 262144, "refill_time_ms": 2000}}}"#,
+            "dd if=/dev/vda of=/dev/null bs=64k count=64 iflag=direct 2>&1",
+        ),
+    );
+    assert_eq!(run.code(), Some(0), "{}", run.describe());
+    let (bytes, secs) = dd_summary(&run.stdout).unwrap_or_else(|| panic!("{}", run.describe()));
+    assert_eq!(bytes, 4.0 * 1024.0 * 1024.0, "{}", run.describe());
+    // What the bucket held when dd started came at once; the rest at the
+    // limit.
+    let rate = (bytes - BUCKET) / secs;
+    eprintln!("rate-limited read: {bytes} bytes in {secs} s, {rate:.0} B/s beyond the first bucket (limit {LIMIT})");
+    assert!(
+        (rate - LIMIT).abs() <= 0.15 * LIMIT,
+        "{rate:.0} B/s is not within 15% of {LIMIT}: {}",
+        run.describe()
+    );
+}

@@ -4,6 +4,7 @@
 pub mod bus;
 pub mod interrupt;
 pub mod legacy;
+pub mod rate_limit;
 pub mod sync;
 pub mod timer;
 pub mod unix_socket;

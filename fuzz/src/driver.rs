@@ -182,10 +182,11 @@ impl Driver {
         }
     }
 
-    /// Serves queue `q` until it says it drained (or `MAX_RUNS` runs).
+    /// Serves queue `q` until it says it drained or is held (or `MAX_RUNS`
+    /// runs).
     pub fn serve(&mut self, q: usize) {
         for _ in 0..MAX_RUNS {
-            if self.transport.process_queue(q) == Drained::All {
+            if self.transport.process_queue(q) != Drained::Budget {
                 break;
             }
         }

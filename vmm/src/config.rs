@@ -6,6 +6,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+use devices::rate_limit::RateLimitConfig;
 use devices::virtio::net::user::policy::{EgressPolicy, Rule};
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +37,8 @@ pub enum Error {
     ReservedCid(u64),
     #[error("\"network\": {0}")]
     BadNetwork(String),
+    #[error("rate limit of {0}")]
+    BadRateLimit(#[from] devices::rate_limit::Error),
     #[error("share tag {0:?} is not valid: use 1 to 36 letters, digits, '.', '_' or '-'")]
     BadShareTag(String),
     #[error("share tag {0:?} is used twice: give each share its own tag")]
@@ -115,6 +118,22 @@ pub struct RootfsConfig {
     /// Present the disk read-only to the guest.
     #[serde(default)]
     pub read_only: bool,
+    /// Limits on the guest's disk bandwidth and requests; default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitConfig>,
+}
+
+/// Limits on the guest's network traffic, each way (frames count as
+/// operations, also spelt `packets`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetRateLimit {
+    /// Frames to the guest.
+    #[serde(default)]
+    pub rx: RateLimitConfig,
+    /// Frames from the guest.
+    #[serde(default)]
+    pub tx: RateLimitConfig,
 }
 
 /// The host<->guest channel (virtio-vsock, host side on Unix sockets).
@@ -149,6 +168,9 @@ pub enum NetworkConfig {
         /// The guest's MAC address; default a locally administered one.
         #[serde(default)]
         mac: Option<String>,
+        /// Limits on the guest's traffic; default none.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rate_limit: Option<NetRateLimit>,
     },
     /// A host TAP interface (needs CAP_NET_ADMIN or a TAP device made for
     /// the VMM's user); the guest gets a static address.
@@ -163,6 +185,9 @@ pub enum NetworkConfig {
         /// The guest's MAC address; default a locally administered one.
         #[serde(default)]
         mac: Option<String>,
+        /// Limits on the guest's traffic; default none.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rate_limit: Option<NetRateLimit>,
     },
 }
 
@@ -256,13 +281,24 @@ pub fn parse_dns_server(text: &str) -> Result<SocketAddr> {
 }
 
 impl NetworkConfig {
+    /// The limits on the guest's traffic, if any.
+    pub fn rate_limit(&self) -> Option<&NetRateLimit> {
+        let (NetworkConfig::User { rate_limit, .. } | NetworkConfig::Tap { rate_limit, .. }) = self;
+        rate_limit.as_ref()
+    }
+
     fn validate(&self) -> Result<()> {
+        if let Some(limit) = self.rate_limit() {
+            limit.rx.validate("\"network\" rx")?;
+            limit.tx.validate("\"network\" tx")?;
+        }
         match self {
             NetworkConfig::User {
                 egress,
                 port_forwards,
                 dns,
                 mac,
+                ..
             } => {
                 egress.policy()?;
                 let mut seen = std::collections::HashSet::new();
@@ -522,6 +558,9 @@ impl VmConfig {
             if v.cid < 3 || v.cid > u64::from(u32::MAX) {
                 return Err(Error::ReservedCid(v.cid));
             }
+        }
+        if let Some(limit) = self.rootfs.as_ref().and_then(|r| r.rate_limit.as_ref()) {
+            limit.validate("\"rootfs\"")?;
         }
         if let Some(n) = &self.network {
             n.validate()?;

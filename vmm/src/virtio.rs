@@ -5,6 +5,7 @@
 use devices::sync::Locked;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use devices::virtio::mmio::{MmioTransport, MMIO_LEN, NOTIFY_OFFSET};
 use devices::virtio::{Drained, Interrupt, VirtioDevice};
@@ -13,6 +14,7 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use hypervisor::IoEventAddress;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::x86_64::layout::{IOAPIC_PINS, VIRTIO_IRQ_START, VIRTIO_MMIO_START};
 
@@ -20,7 +22,7 @@ use crate::x86_64::layout::{IOAPIC_PINS, VIRTIO_IRQ_START, VIRTIO_MMIO_START};
 pub enum Error {
     #[error("too many virtio devices: the most is {0}")]
     TooMany(u32),
-    #[error("cannot create an eventfd for a virtio device: {0}")]
+    #[error("cannot create an eventfd or timer for a virtio device: {0}")]
     EventFd(std::io::Error),
     #[error("cannot wire a virtio device to the hypervisor: {0}")]
     Hypervisor(#[from] hypervisor::Error),
@@ -83,6 +85,11 @@ pub struct VirtioSlot {
     pub queue_evts: Vec<EventFd>,
     /// The `virtio_mmio.device=` kernel argument that announces it.
     pub cmdline: String,
+    /// Wakes the queues a rate limit holds ([`Drained::Throttled`]).
+    throttle: TimerFd,
+    throttled: Vec<bool>,
+    /// When the armed throttle timer fires.
+    wake_at: Option<Instant>,
 }
 
 /// Adds virtio devices one after the other: device n gets the n-th MMIO
@@ -131,6 +138,7 @@ impl<'a> VirtioPlacer<'a> {
             )?;
             queue_evts.push(evt);
         }
+        let throttled = vec![false; queue_evts.len()];
         let transport = Arc::new(Mutex::new(transport));
         self.mmio.insert(transport.clone(), base, MMIO_LEN)?;
         Ok(VirtioSlot {
@@ -138,6 +146,9 @@ impl<'a> VirtioPlacer<'a> {
             transport,
             queue_evts,
             cmdline: format!("virtio_mmio.device=4K@{base:#x}:{irq}"),
+            throttle: devices::timer::nonblocking().map_err(Error::EventFd)?,
+            throttled,
+            wake_at: None,
         })
     }
 }
@@ -149,17 +160,52 @@ impl MutEventSubscriber for VirtioSlot {
                 tracing::error!("cannot watch a virtio queue eventfd: {e:?}");
             }
         }
+        if let Err(e) = ops.add(Events::new(&self.throttle, EventSet::IN)) {
+            tracing::error!("cannot watch a virtio device's throttle timer: {e:?}");
+        }
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         let fd = events.fd();
-        if let Some(index) = self.queue_evts.iter().position(|e| e.as_raw_fd() == fd) {
+        if fd == self.throttle.as_raw_fd() {
+            let _ = self.throttle.wait();
+            self.wake_at = None;
+            // Every held queue tries again; one still held re-arms the timer.
+            for index in 0..self.throttled.len() {
+                if std::mem::take(&mut self.throttled[index]) {
+                    self.serve(index);
+                }
+            }
+        } else if let Some(index) = self.queue_evts.iter().position(|e| e.as_raw_fd() == fd) {
             let _ = self.queue_evts[index].read();
-            let drained = self.transport.locked().process_queue(index);
-            if drained == Drained::Budget {
-                // More is queued: come back once the loop served the other
-                // ready descriptors (the control socket among them).
+            self.serve(index);
+        }
+    }
+}
+
+impl VirtioSlot {
+    /// Lets the device work on queue `index` and arranges the next call.
+    fn serve(&mut self, index: usize) {
+        match self.transport.locked().process_queue(index) {
+            Drained::All => {}
+            // More is queued: come back once the loop served the other
+            // ready descriptors (the control socket among them).
+            Drained::Budget => {
                 let _ = self.queue_evts[index].write(1);
+            }
+            // A rate limit holds the queue: come back when it allows more.
+            // The timer keeps the earliest wake-up any held queue asked
+            // for; the others ask again then.
+            Drained::Throttled(wait) => {
+                self.throttled[index] = true;
+                let at = Instant::now() + wait;
+                if self.wake_at.is_some_and(|armed| armed <= at) {
+                    return;
+                }
+                match self.throttle.reset(wait, None) {
+                    Ok(()) => self.wake_at = Some(at),
+                    Err(e) => tracing::error!("{}: cannot arm the rate-limit timer: {e}", self.id),
+                }
             }
         }
     }

@@ -377,7 +377,9 @@ impl MmioTransport {
                 }
             }
             // A trapped notification (no ioeventfd): served here, on the
-            // vCPU thread, with nothing else waiting on this loop.
+            // vCPU thread, with nothing else waiting on this loop. A queue
+            // a rate limit holds waits for the next notification (the VMM
+            // gives every queue an ioeventfd, whose loop has the timer).
             REG_QUEUE_NOTIFY => while self.process_queue(value as usize) == Drained::Budget {},
             REG_INTERRUPT_ACK => self.interrupt.ack(value),
             REG_STATUS => self.set_status(value),

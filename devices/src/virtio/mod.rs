@@ -256,6 +256,9 @@ pub enum Drained {
     All,
     /// The budget ran out: call the device again (after other events).
     Budget,
+    /// A rate limit holds the queue: call the device again after this
+    /// long (from a timer; the requests wait in the ring meanwhile).
+    Throttled(Duration),
 }
 
 /// Completes the guest's available chains on `queue` in order: `handle`

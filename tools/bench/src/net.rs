@@ -215,6 +215,7 @@ pub fn net(opts: &NetBenchOptions) -> Result<NetBench, Error> {
             port_forwards: Vec::new(),
             dns: None,
             mac: None,
+            rate_limit: None,
         }),
         cmdline: Some(servers.guest_command()),
         ..Default::default()

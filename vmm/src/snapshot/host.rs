@@ -5,14 +5,15 @@
 //! guest-visible part (vCPUs, memory, which devices exist: shares by tag
 //! and guest path, the network and its MAC, the root disk) must be what
 //! the restored guest finds, so it is taken from the snapshot. Its
-//! host-side part says what the VMM opens on the host: share folders,
-//! the console file, the egress policy, port forwards and their binds, DNS
-//! servers, the TAP interface and the disk's base image. A snapshot from
-//! elsewhere must not choose those, so they come from the operator: the
-//! restoring config (`vmm restore --config`), else safe defaults (console
-//! on standard output, the default egress policy with its floor, no port
-//! forwards, the host's resolvers, the default base image). A share has no
-//! safe default: the operator names its folder or the restore stops. With
+//! host-side part says what the VMM opens on the host and how much of it
+//! the guest may use: share folders, the console file, the egress policy,
+//! port forwards and their binds, DNS servers, the TAP interface, the
+//! disk's base image, the rate limits. A snapshot from elsewhere must not
+//! choose those, so they come from the operator: the restoring config
+//! (`vmm restore --config`), else safe defaults (console on standard
+//! output, the default egress policy with its floor, no port forwards, the
+//! host's resolvers, the default base image, no rate limits). A share has
+//! no safe default: the operator names its folder or the restore stops. With
 //! `trust_snapshot_config` the snapshot's own host-side settings fill in
 //! what the operator's config does not set.
 
@@ -113,6 +114,7 @@ fn network(
                 egress,
                 port_forwards,
                 dns,
+                rate_limit,
                 ..
             }),
         ) => Some(NetworkConfig::User {
@@ -120,6 +122,7 @@ fn network(
             port_forwards: port_forwards.clone(),
             dns: dns.clone(),
             mac: mac.clone(),
+            rate_limit: rate_limit.clone(),
         }),
         (Some(n @ NetworkConfig::User { .. }), _) if trust => Some(n.clone()),
         (Some(NetworkConfig::User { mac, .. }), _) => Some(NetworkConfig::User {
@@ -127,6 +130,7 @@ fn network(
             port_forwards: Vec::new(),
             dns: None,
             mac: mac.clone(),
+            rate_limit: None,
         }),
         (
             Some(NetworkConfig::Tap { mac, .. }),
@@ -134,6 +138,7 @@ fn network(
                 tap,
                 address,
                 gateway,
+                rate_limit,
                 ..
             }),
         ) => Some(NetworkConfig::Tap {
@@ -141,6 +146,7 @@ fn network(
             address: address.clone(),
             gateway: gateway.clone(),
             mac: mac.clone(),
+            rate_limit: rate_limit.clone(),
         }),
         (Some(n @ NetworkConfig::Tap { .. }), _) if trust => Some(n.clone()),
         (Some(NetworkConfig::Tap { tap, .. }), _) => return Err(Error::Tap(tap.clone())),
@@ -204,15 +210,21 @@ pub fn resolve(
 
     // The disk's base image: the operator's, else the snapshot's when
     // trusted, else the default one. The layer records the base's size
-    // and time, so another image is refused when the disk opens.
+    // and time, so another image is refused when the disk opens. Its rate
+    // limit: the operator's when the config has a disk, else the
+    // snapshot's when trusted, else none.
     let mut base = None;
     if let Some(rootfs) = &mut out.rootfs {
-        rootfs.base = op
-            .and_then(|o| o.rootfs.as_ref())
-            .and_then(|r| r.base.clone());
+        let op_disk = op.and_then(|o| o.rootfs.as_ref());
+        rootfs.base = op_disk.and_then(|r| r.base.clone());
         if rootfs.base.is_none() && trust {
             base = snap_base;
         }
+        rootfs.rate_limit = match (op_disk, trust) {
+            (Some(r), _) => r.rate_limit,
+            (None, true) => rootfs.rate_limit,
+            (None, false) => None,
+        };
     }
     Ok((out, base))
 }
@@ -225,13 +237,16 @@ mod tests {
     fn snapshot_config() -> VmConfig {
         VmConfig::from_json(
             r#"{
-                "vcpus": 2, "memory_mib": 256, "rootfs": {"base": "/elsewhere/base.ext4"},
+                "vcpus": 2, "memory_mib": 256,
+                "rootfs": {"base": "/elsewhere/base.ext4",
+                           "rate_limit": {"ops": {"size": 1, "refill_time_ms": 1000}}},
                 "serial": "/home/victim/.bashrc",
                 "shares": [{"tag": "work", "host_path": "/", "guest_path": "/mnt/work"}],
                 "network": {"mode": "user", "mac": "02:00:00:00:00:07",
                             "egress": {"allow": ["169.254.169.254"]},
                             "port_forwards": [{"host": 22, "guest": 22, "bind": "0.0.0.0"}],
-                            "dns": ["10.0.0.53"]}
+                            "dns": ["10.0.0.53"],
+                            "rate_limit": {"rx": {"packets": {"size": 5, "refill_time_ms": 10}}}}
             }"#,
             std::path::Path::new("snapshot"),
         )
@@ -254,6 +269,7 @@ mod tests {
             port_forwards: Vec::new(),
             dns: None,
             mac: None,
+            rate_limit: None,
         });
         op.rootfs = Some(RootfsConfig::default());
         let settings = HostSettings {
@@ -264,14 +280,20 @@ mod tests {
         assert_eq!(out.shares[0].host_path, PathBuf::from("/srv/project"));
         assert_eq!(out.serial, SerialOutput::Off);
         assert_eq!(out_base, None);
-        assert_eq!(out.rootfs.unwrap().base, None);
+        assert_eq!(
+            out.rootfs.unwrap(),
+            RootfsConfig::default(),
+            "no base, no limit"
+        );
         match out.network.unwrap() {
             NetworkConfig::User {
                 egress,
                 port_forwards,
                 dns,
                 mac,
+                rate_limit,
             } => {
+                assert_eq!(rate_limit, None);
                 assert!(egress.allow.is_empty());
                 assert!(port_forwards.is_empty());
                 assert_eq!(dns, None);
@@ -314,6 +336,10 @@ mod tests {
             trust_snapshot_config: true,
         };
         let (out, out_base) = resolve(&snap, base.clone(), &settings).unwrap();
+        assert_eq!(
+            out.rootfs.as_ref().unwrap().rate_limit,
+            snap.rootfs.as_ref().unwrap().rate_limit
+        );
         assert_eq!(out.shares, snap.shares);
         assert_eq!(out.serial, snap.serial);
         assert_eq!(out.network, snap.network);
@@ -331,9 +357,8 @@ mod tests {
         let (out, out_base) = resolve(&snap, base, &settings).unwrap();
         assert_eq!(out.shares[0].host_path, PathBuf::from("/srv/project"));
         assert_eq!(out_base, None);
-        assert_eq!(
-            out.rootfs.unwrap().base,
-            Some(PathBuf::from("/mine/base.ext4"))
-        );
+        let rootfs = out.rootfs.unwrap();
+        assert_eq!(rootfs.base, Some(PathBuf::from("/mine/base.ext4")));
+        assert_eq!(rootfs.rate_limit, None, "the operator's disk has no limit");
     }
 }

@@ -156,7 +156,10 @@ fn devices(
         let shared_disk = root_disk(rootfs, &base, restore.as_deref_mut())?;
         devices.push((
             DeviceId::RootDisk,
-            Box::new(Block::new(shared_disk.clone(), "rootfs")),
+            Box::new(
+                Block::new(shared_disk.clone(), "rootfs")
+                    .with_rate_limit(&rootfs.rate_limit.unwrap_or_default()),
+            ),
         ));
         disk = Some(shared_disk);
         disk_base = Some(base);
@@ -544,7 +547,13 @@ fn network_device(network: &NetworkConfig, restored: bool) -> Result<Net> {
             })?)
         }
     };
-    Ok(Net::new(mac, backend))
+    let net = Net::new(mac, backend);
+    match network.rate_limit() {
+        Some(limit) => net
+            .with_rate_limit(&limit.rx, &limit.tx)
+            .map_err(io_err("make the network's rate-limit timer")),
+        None => Ok(net),
+    }
 }
 
 /// Every vsock connection, network flow and guest inode a share holds is a

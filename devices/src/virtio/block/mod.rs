@@ -3,6 +3,10 @@
 //!
 //! Request handling (`handle_chain`) works on guest memory and a disk only,
 //! so it is unit-tested on mock guest memory with hostile chains.
+//!
+//! A [`RateLimiter`] may hold requests: each costs its data bytes and one
+//! operation, and one the limiter refuses stays in the ring, with the
+//! requests behind it, until the limiter allows it.
 
 pub mod disk;
 
@@ -17,6 +21,8 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{DescriptorChain, Queue, Reader, Writer};
 use vm_memory::{GuestMemory, GuestMemoryMmap};
+
+use crate::rate_limit::{RateLimitConfig, RateLimiter};
 
 use super::{
     process_requests, read_config_bytes, ActivateError, Drained, Interrupt, QueueSnapshot, Running,
@@ -42,6 +48,7 @@ pub struct Block {
     id: String,
     queue_sizes: [u16; 1],
     running: Option<Running>,
+    limiter: RateLimiter,
 }
 
 impl Block {
@@ -52,7 +59,14 @@ impl Block {
             id: id.chars().take(ID_BYTES).collect(),
             queue_sizes: [QUEUE_SIZE],
             running: None,
+            limiter: RateLimiter::default(),
         }
+    }
+
+    /// Limits the guest's requests (bytes and requests per time).
+    pub fn with_rate_limit(mut self, limit: &RateLimitConfig) -> Self {
+        self.limiter = RateLimiter::new(limit);
+        self
     }
 
     fn disk(&self) -> std::sync::MutexGuard<'_, LayeredDisk> {
@@ -103,6 +117,20 @@ where
         status,
         used_len: data_writer.bytes_written() as u32 + 1,
     })
+}
+
+/// What a request costs a rate limit: its data bytes (every byte of the
+/// chain but the 16-byte header and the status byte, at most what one
+/// request may move).
+pub fn request_cost<M>(chain: &DescriptorChain<M>) -> u64
+where
+    M: std::ops::Deref + Clone,
+    M::Target: GuestMemory + Sized,
+{
+    let total = chain
+        .clone()
+        .fold(0u64, |sum, d| sum.saturating_add(u64::from(d.len())));
+    total.saturating_sub(17).min(MAX_REQUEST_BYTES as u64)
 }
 
 /// A data length must be whole sectors and within the per-request bound.
@@ -197,7 +225,15 @@ impl VirtioDevice for Block {
         };
         let mut disk = self.disk.locked();
         let id = &self.id;
+        let limiter = &mut self.limiter;
+        let mut throttled = None;
         let done = process_requests(&mut run.queues[0], &run.mem, &run.interrupt, |chain| {
+            if !limiter.is_unlimited() {
+                if let Err(wait) = limiter.consume(request_cost(&chain), 1) {
+                    throttled = Some(wait);
+                    return None;
+                }
+            }
             let head = chain.head_index();
             Some(match handle_chain(&run.mem, chain, &mut disk, id) {
                 Some(c) => c.used_len,
@@ -208,11 +244,15 @@ impl VirtioDevice for Block {
             })
         });
         drop(disk);
-        done.unwrap_or_else(|_| {
-            tracing::warn!("virtio-blk: the used ring is broken; the queue stops");
-            self.running = None;
-            Drained::All
-        })
+        match (done, throttled) {
+            (Ok(_), Some(wait)) => Drained::Throttled(wait),
+            (Ok(drained), None) => drained,
+            (Err(_), _) => {
+                tracing::warn!("virtio-blk: the used ring is broken; the queue stops");
+                self.running = None;
+                Drained::All
+            }
+        }
     }
 
     fn reset(&mut self) {
@@ -227,11 +267,12 @@ impl VirtioDevice for Block {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
     use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::QueueT;
-    use vm_memory::{Bytes, GuestAddress};
+    use vm_memory::{Address, Bytes, GuestAddress};
 
     struct Fixture {
         _dir: PathGuard,
@@ -413,6 +454,73 @@ mod tests {
             ),
             None
         );
+    }
+
+    #[test]
+    fn a_rate_limit_holds_requests_in_the_ring_until_it_allows_them() {
+        let f = fixture("limit");
+        let q = MockSplitQueue::new(&f.mem, 16);
+        // Three reads of 1536 bytes under 2048 bytes per 10 s.
+        let mut raw = Vec::new();
+        for i in 0..3u64 {
+            let hdr = 0x1000 + i * 0x100;
+            header(&f, hdr, VIRTIO_BLK_T_IN, i * 2);
+            let w = VRING_DESC_F_WRITE as u16;
+            let next = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+            let at = raw.len() as u16;
+            raw.push(RawDescriptor::from(SplitDescriptor::new(
+                hdr,
+                16,
+                next,
+                at + 1,
+            )));
+            raw.push(RawDescriptor::from(SplitDescriptor::new(
+                0x4000 + i * 0x1000,
+                1536,
+                w | next,
+                at + 2,
+            )));
+            raw.push(RawDescriptor::from(SplitDescriptor::new(
+                0x3000 + i,
+                1,
+                w,
+                0,
+            )));
+        }
+        q.add_desc_chains(&raw, 0).unwrap();
+        let limit = RateLimitConfig {
+            bandwidth: Some(crate::rate_limit::BucketConfig {
+                size: 2048,
+                refill_time_ms: 10_000,
+            }),
+            ops: None,
+        };
+        let mut dev =
+            Block::new(Arc::new(std::sync::Mutex::new(f.disk)), "d").with_rate_limit(&limit);
+        let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let interrupt = Arc::new(Interrupt::new(Box::new(crate::EventFdLine(irq))));
+        dev.activate(f.mem.clone(), interrupt, vec![q.create_queue().unwrap()])
+            .unwrap();
+        let Drained::Throttled(wait) = dev.process_queue(0) else {
+            panic!("the third read is held");
+        };
+        // The second read went ahead into debt: 1024 bytes of it and one
+        // token at 204.8 bytes per second.
+        assert!(
+            (Duration::from_millis(5000)..=Duration::from_millis(5010)).contains(&wait),
+            "{wait:?}"
+        );
+        let used = |mem: &GuestMemoryMmap| -> u16 {
+            mem.read_obj(q.used_addr().checked_add(2).unwrap()).unwrap()
+        };
+        assert_eq!(
+            used(&f.mem),
+            2,
+            "two reads done, the third still in the ring"
+        );
+        // Asked again too early, the queue is still held and nothing moves.
+        assert!(matches!(dev.process_queue(0), Drained::Throttled(_)));
+        assert_eq!(used(&f.mem), 2);
     }
 
     #[test]

@@ -22,14 +22,21 @@
 //! stack's bounded queue and socket buffers), not here. Its descriptor is
 //! watched edge-triggered: a new frame wakes the device, and buffers the
 //! driver posts later drain whatever waited.
+//!
+//! Rate limits ([`Net::with_rate_limit`]) charge each frame its length and
+//! one packet. A transmit frame the limit refuses stays in the ring (the
+//! event loop's timer brings the queue back, [`Drained::Throttled`]); a
+//! received one waits here, the backend unread behind it, until the
+//! device's own receive timer fires. Nothing is dropped for a limit.
 
 pub mod tap;
 pub mod user;
 
 use crate::sync::Locked;
 use std::io::{self, Read, Write};
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
@@ -40,6 +47,9 @@ use virtio_bindings::virtio_net::{
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::rate_limit::{RateLimitConfig, RateLimiter};
 
 use super::{
     process_requests, read_config_bytes, ActivateError, BrokenRing, Drained, Interrupt,
@@ -66,6 +76,12 @@ pub trait NetBackend: Send {
     /// Does pending work: called after a batch of `send`s and whenever
     /// `fd` is readable.
     fn poll(&mut self) {}
+    /// A receive rate limit lets `bytes_per_sec` through to the guest: a
+    /// backend that queues frames for the guest itself keeps its queue to
+    /// a fraction of a second of them, so that the TCP it speaks for the
+    /// host does not time out behind them (the user network). Nothing by
+    /// default (a TAP device's queue is the host kernel's).
+    fn pace(&mut self, _bytes_per_sec: u64) {}
     /// The link's MTU when the backend takes frames larger than Ethernet's
     /// (offered to the driver as VIRTIO_NET_F_MTU).
     fn mtu(&self) -> Option<u16> {
@@ -96,6 +112,14 @@ struct Inner {
     pending: usize,
     /// One frame from the guest (reused: no allocation per frame).
     tx_frame: Vec<u8>,
+    tx_limit: RateLimiter,
+    rx_limit: RateLimiter,
+    /// Whether the frame in `scratch` was charged to `rx_limit`.
+    pending_paid: bool,
+    /// Wakes the receive path a limit holds (only with a receive limit).
+    rx_timer: Option<TimerFd>,
+    /// When the armed `rx_timer` fires.
+    rx_wake_at: Option<Instant>,
 }
 
 impl Inner {
@@ -106,33 +130,45 @@ impl Inner {
             dropped,
             max_frame,
             tx_frame,
+            tx_limit,
             ..
         } = self;
         let Some(run) = running.as_mut() else {
             return Drained::All;
         };
         let mem = &run.mem;
+        let mut throttled = None;
         let done = process_requests(&mut run.queues[TX], mem, &run.interrupt, |chain| {
-            let read = Reader::new(mem, chain).ok().is_some_and(|mut r| {
-                let len = r.available_bytes();
-                if !(HDR_LEN..=HDR_LEN + *max_frame).contains(&len) {
-                    return false;
-                }
-                tx_frame.resize(len, 0);
-                r.read_exact(tx_frame).is_ok()
-            });
-            if !read {
+            let Ok(mut r) = Reader::new(mem, chain) else {
+                *dropped += 1;
+                return Some(0);
+            };
+            let len = r.available_bytes();
+            if !(HDR_LEN..=HDR_LEN + *max_frame).contains(&len) {
+                *dropped += 1;
+                return Some(0);
+            }
+            if let Err(wait) = tx_limit.consume((len - HDR_LEN) as u64, 1) {
+                throttled = Some(wait);
+                return None;
+            }
+            tx_frame.resize(len, 0);
+            if r.read_exact(tx_frame).is_err() {
                 *dropped += 1;
             } else if let Err(e) = backend.send(&tx_frame[HDR_LEN..]) {
                 tracing::debug!("virtio-net: frame not sent: {e}");
             }
             Some(0)
         });
-        let drained = done.unwrap_or_else(|_| {
-            tracing::warn!("virtio-net: the transmit ring is broken; the device stops");
-            *running = None;
-            Drained::All
-        });
+        let drained = match (done, throttled) {
+            (Ok(_), Some(wait)) => Drained::Throttled(wait),
+            (Ok(drained), None) => drained,
+            (Err(_), _) => {
+                tracing::warn!("virtio-net: the transmit ring is broken; the device stops");
+                *running = None;
+                Drained::All
+            }
+        };
         backend.poll();
         self.process_rx();
         drained
@@ -148,6 +184,8 @@ impl Inner {
             mergeable,
             scratch,
             pending,
+            rx_limit,
+            pending_paid,
             ..
         } = self;
         let Some(run) = running.as_mut() else {
@@ -155,6 +193,7 @@ impl Inner {
         };
         scratch.resize(*max_frame, 0);
         let mut used = false;
+        let mut throttled = None;
         loop {
             if *pending == 0 {
                 match backend.recv(scratch) {
@@ -166,11 +205,19 @@ impl Inner {
                     }
                 }
             }
+            if !*pending_paid {
+                if let Err(wait) = rx_limit.consume(*pending as u64, 1) {
+                    throttled = Some(wait);
+                    break;
+                }
+                *pending_paid = true;
+            }
             let frame = &scratch[..*pending];
             let queue = &mut run.queues[RX];
             match deliver(queue, &run.mem, frame, *rx_flags, *mergeable, dropped) {
                 Ok(true) => {
                     *pending = 0;
+                    *pending_paid = false;
                     used = true;
                 }
                 // Not enough buffers: the frame waits for the driver's next.
@@ -185,6 +232,24 @@ impl Inner {
         let queue = &mut run.queues[RX];
         if used && queue.needs_notification(&run.mem).unwrap_or(true) {
             run.interrupt.signal_used_queue();
+        }
+        if let Some(wait) = throttled {
+            self.wake_rx_after(wait);
+        }
+    }
+
+    /// Arms the receive timer to fire in `wait`, unless it fires sooner.
+    fn wake_rx_after(&mut self, wait: Duration) {
+        let Some(timer) = self.rx_timer.as_mut() else {
+            return;
+        };
+        let at = Instant::now() + wait;
+        if self.rx_wake_at.is_some_and(|armed| armed <= at) {
+            return;
+        }
+        match timer.reset(wait, None) {
+            Ok(()) => self.rx_wake_at = Some(at),
+            Err(e) => tracing::error!("virtio-net: cannot arm the receive rate-limit timer: {e}"),
         }
     }
 }
@@ -275,9 +340,32 @@ impl Net {
                 scratch: Vec::new(),
                 pending: 0,
                 tx_frame: Vec::new(),
+                tx_limit: RateLimiter::default(),
+                rx_limit: RateLimiter::default(),
+                pending_paid: false,
+                rx_timer: None,
+                rx_wake_at: None,
             })),
             queue_sizes: [QUEUE_SIZE; 2],
         }
+    }
+
+    /// Limits the guest's traffic each way (bytes and packets per time).
+    /// Fails only when the receive limit's timer cannot be made.
+    pub fn with_rate_limit(self, rx: &RateLimitConfig, tx: &RateLimitConfig) -> io::Result<Self> {
+        {
+            let mut inner = self.lock();
+            inner.tx_limit = RateLimiter::new(tx);
+            inner.rx_limit = RateLimiter::new(rx);
+            if !inner.rx_limit.is_unlimited() {
+                inner.rx_timer = Some(crate::timer::nonblocking()?);
+            }
+            let max_frame = inner.max_frame as u64;
+            if let Some(rate) = rx.bytes_per_sec(max_frame) {
+                inner.backend.pace(rate);
+            }
+        }
+        Ok(self)
     }
 
     /// The event-loop subscriber for the backend's descriptor.
@@ -382,14 +470,28 @@ pub struct NetHandle {
 
 impl MutEventSubscriber for NetHandle {
     fn init(&mut self, ops: &mut EventOps) {
-        let fd = self.inner.locked().backend.fd();
+        let inner = self.inner.locked();
+        let fd = inner.backend.fd();
         if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN | EventSet::EDGE_TRIGGERED)) {
             tracing::error!("virtio-net: cannot watch the backend: {e:?}");
         }
+        if let Some(timer) = &inner.rx_timer {
+            if let Err(e) = ops.add(Events::new(timer, EventSet::IN)) {
+                tracing::error!("virtio-net: cannot watch the receive rate-limit timer: {e:?}");
+            }
+        }
     }
 
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
         let mut inner = self.inner.locked();
+        if let Some(timer) = inner.rx_timer.as_mut() {
+            if timer.as_raw_fd() == events.fd() {
+                let _ = timer.wait();
+                inner.rx_wake_at = None;
+                inner.process_rx();
+                return;
+            }
+        }
         inner.backend.poll();
         inner.process_rx();
     }
@@ -529,6 +631,75 @@ mod tests {
             .unwrap();
         dev.process_queue(RX);
         assert_eq!(used(&mem, &rxq).1[2], (HDR_LEN + 42) as u32);
+    }
+
+    #[test]
+    fn rate_limits_hold_frames_both_ways_and_drop_none() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let rxq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
+        let txq = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 16);
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let to_guest = Arc::new(Mutex::new(VecDeque::new()));
+        let backend = Loop {
+            sent: sent.clone(),
+            to_guest: to_guest.clone(),
+            evt: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        };
+        let packets = |size, refill_time_ms| RateLimitConfig {
+            bandwidth: None,
+            ops: Some(crate::rate_limit::BucketConfig {
+                size,
+                refill_time_ms,
+            }),
+        };
+        // Transmit: 2 frames per minute. Receive: 2 frames per 50 ms.
+        let mut dev = Net::new([2, 0, 0, 0, 0, 1], Box::new(backend))
+            .with_rate_limit(&packets(2, 50), &packets(2, 60_000))
+            .unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let interrupt = Arc::new(Interrupt::new(Box::new(EventFdLine(irq))));
+        let queues = vec![rxq.create_queue().unwrap(), txq.create_queue().unwrap()];
+        dev.activate(mem.clone(), interrupt, queues).unwrap();
+
+        mem.write_slice(&[0u8; HDR_LEN + 4], GuestAddress(0x10_0000))
+            .unwrap();
+        let frame: &[(u64, u32, bool)] = &[(0x10_0000, HDR_LEN as u32 + 4, false)];
+        txq.add_desc_chains(&chains(&[frame, frame, frame], 0), 0)
+            .unwrap();
+        let Drained::Throttled(wait) = dev.process_queue(TX) else {
+            panic!("the third frame is held");
+        };
+        assert!(wait > Duration::from_secs(29), "{wait:?}");
+        assert_eq!(used(&mem, &txq).0, 2, "the third frame stays in the ring");
+        assert_eq!(sent.lock().unwrap().len(), 2);
+
+        to_guest
+            .lock()
+            .unwrap()
+            .extend([vec![1u8; 60], vec![2u8; 60], vec![3u8; 60]]);
+        let bufs: Vec<&[(u64, u32, bool)]> = vec![
+            &[(0x11_0000, 2048, true)],
+            &[(0x12_0000, 2048, true)],
+            &[(0x13_0000, 2048, true)],
+        ];
+        rxq.add_desc_chains(&chains(&bufs, 0), 0).unwrap();
+        dev.process_queue(RX);
+        assert_eq!(used(&mem, &rxq).0, 2, "the third frame waits");
+        assert!(to_guest.lock().unwrap().is_empty(), "read, and held here");
+        // The receive timer is armed; when it fires the frame goes in.
+        let inner = dev.inner.clone();
+        let fd = inner.locked().rx_timer.as_ref().unwrap().as_raw_fd();
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let ready = unsafe { libc::poll(&mut pfd, 1, 5000) };
+        assert_eq!(ready, 1, "the timer fires");
+        inner.locked().process_rx();
+        assert_eq!(used(&mem, &rxq).1[2], (HDR_LEN + 60) as u32);
+        assert_eq!(dev.dropped(), 0);
     }
 
     #[test]

@@ -155,13 +155,16 @@ struct Frames {
     from_guest: VecDeque<Vec<u8>>,
     to_guest: VecDeque<Vec<u8>>,
     to_guest_bytes: usize,
+    /// A smaller cap than [`TO_GUEST_BYTES`] under a receive rate limit
+    /// ([`NetBackend::pace`]).
+    paced_cap: Option<usize>,
     /// Frames dropped because `to_guest` was full.
     dropped: u64,
 }
 
 impl Frames {
     fn room(&self) -> bool {
-        self.to_guest_bytes < TO_GUEST_BYTES
+        self.to_guest_bytes < self.paced_cap.unwrap_or(TO_GUEST_BYTES)
     }
 
     /// The one way into `to_guest`: past [`TO_GUEST_BYTES`] the frame is
@@ -1013,6 +1016,17 @@ impl NetBackend for UserNet {
 
     fn poll(&mut self) {
         self.pump();
+    }
+
+    /// A quarter of a second of frames (a frame is let in whenever less
+    /// waits, so one always can be): the stack's TCP retransmits when an
+    /// answer takes much longer than the round trips it measured (0.7 s
+    /// before the first), so a longer queue only makes it resend what
+    /// still waits, which the limit then charges again (a 4 MiB queue at
+    /// 256 KiB/s cut the goodput to a quarter).
+    fn pace(&mut self, bytes_per_sec: u64) {
+        let quarter = usize::try_from(bytes_per_sec / 4).unwrap_or(usize::MAX);
+        self.frames.paced_cap = Some(quarter.clamp(1, TO_GUEST_BYTES));
     }
 
     fn mtu(&self) -> Option<u16> {
