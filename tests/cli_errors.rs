@@ -145,6 +145,13 @@ fn doctor_gives_a_verdict() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("verdict:"), "{stdout}");
     assert!(stdout.contains("hypervisor:"), "{stdout}");
+    // This machine lets a jail make its namespaces and has Landlock.
+    assert!(
+        stdout.contains("[ok  ] jail: user namespaces: allowed"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("jail: Landlock: ABI version "), "{stdout}");
+    assert!(stdout.contains("jail: cgroup v2: "), "{stdout}");
     // This machine has KVM and the setup command built the artifacts.
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     let out = Command::new(VMM)

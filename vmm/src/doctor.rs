@@ -8,6 +8,7 @@ use hypervisor::{Hypervisor, HypervisorKind};
 
 use crate::artifacts::{self, KernelFlavour};
 use crate::config::Flavour;
+use crate::jail::probe;
 
 /// Outcome of one check.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,6 +162,7 @@ pub fn run() -> Report {
         "base image (for vmm run / rootfs)",
         &artifacts::default_base_image(),
     );
+    jail_checks(&mut report);
     let qemu = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").exists()))
         .unwrap_or(false);
@@ -174,6 +176,28 @@ pub fn run() -> Report {
         Status::Info,
     );
     report
+}
+
+/// What the host allows a jail (none of it stops a launch).
+fn jail_checks(report: &mut Report) {
+    match probe::user_namespaces() {
+        Ok(()) => report.push(
+            "jail: user namespaces",
+            "allowed: the VMM can make its jail's user, mount, PID, IPC and UTS namespaces",
+            Status::Ok,
+        ),
+        Err(e) => report.push("jail: user namespaces", e.to_string(), Status::Info),
+    }
+    let landlock = match probe::landlock_abi() {
+        Some(abi) => format!("ABI version {abi}"),
+        None => "not offered by this kernel (built without it, or not in the lsm= boot list); the jail goes without it".into(),
+    };
+    report.push("jail: Landlock", landlock, Status::Info);
+    let cgroup = match probe::cgroup_delegation() {
+        Ok(dir) => format!("delegated: {} (memory, pids, cpu)", dir.display()),
+        Err(why) => format!("not available, jails go without cgroup limits: {why}"),
+    };
+    report.push("jail: cgroup v2", cgroup, Status::Info);
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@ pub mod doctor;
 pub mod exit;
 pub mod fork;
 pub mod fork_child;
+pub mod jail;
 pub mod machine;
 pub mod memory;
 pub mod names;
