@@ -474,7 +474,16 @@ pub struct VmConfig {
     /// call.
     #[serde(default = "default_seccomp")]
     pub seccomp: bool,
+    /// The jail the VMM process runs in (docs/security.md); none when
+    /// unset (`vmm launch --jail` sets it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail: Option<JailConfig>,
 }
+
+/// The jail's settings: `"jail": {}` jails the VMM with the defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JailConfig {}
 
 fn default_seccomp() -> bool {
     true
@@ -496,6 +505,7 @@ impl Default for VmConfig {
             shares: Vec::new(),
             network: None,
             seccomp: true,
+            jail: None,
         }
     }
 }

@@ -269,6 +269,11 @@ struct LaunchArgs {
     /// only: it takes a layer of the boundary away.
     #[arg(long)]
     no_seccomp: bool,
+    /// Run the VMM in a jail (docs/security.md): its own namespaces, a
+    /// private root with only what the VM uses, no capabilities. The same
+    /// as `"jail": {}` in the config.
+    #[arg(long)]
+    jail: bool,
 }
 
 fn launch(args: LaunchArgs, start: Instant) -> ExitCode {
@@ -304,14 +309,46 @@ fn launch(args: LaunchArgs, start: Instant) -> ExitCode {
             None => config.ensure_agent(vsock),
         }
     }
+    if args.jail {
+        config.jail.get_or_insert_with(Default::default);
+    }
     let hv = match vmm::open_hypervisor() {
         Ok(hv) => hv,
         Err(e) => return fail(e),
     };
+    if config.jail.is_some() {
+        if let Err(e) = jail(
+            &mut config,
+            hv.as_ref(),
+            api_socket.as_deref(),
+            args.report.as_deref(),
+        ) {
+            return fail(e);
+        }
+    }
     match vmm::Vm::build(&config, hv.as_ref(), start) {
         Ok(vm) => run_vm(vm, api_socket, args.report),
         Err(e) => fail(e),
     }
+}
+
+/// Jails this process for the VM of `config` (returns in the jailed VMM;
+/// the launcher exits with its status).
+fn jail(
+    config: &mut VmConfig,
+    hv: &dyn hypervisor::Hypervisor,
+    api_socket: Option<&std::path::Path>,
+    report: Option<&std::path::Path>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let (files, base) = vmm::Vm::boot_files(config, hv)?;
+    vmm::jail::prepare(config);
+    let mut sockets: Vec<&std::path::Path> = api_socket.into_iter().collect();
+    if let Some(v) = &config.vsock {
+        sockets.push(&v.uds_path);
+    }
+    let plan = vmm::jail::Plan::for_vm(config, &files, base.as_deref(), &sockets, report)?;
+    vmm::jail::enter(&plan)?;
+    Ok(())
 }
 
 fn restore(

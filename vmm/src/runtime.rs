@@ -115,8 +115,23 @@ fn user_dir_in(parent: &Path, name: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// A base directory that replaces [`user_dir`]'s choice in this process
+/// (a jailed VMM's: the host's is not in its jail).
+static BASE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Makes `dir` this process's base directory (see [`BASE`]); the first
+/// call wins.
+pub fn set_user_dir(dir: PathBuf) {
+    let _ = BASE.set(dir);
+}
+
 /// This user's private base directory (see the module documentation).
 pub fn user_dir() -> Result<PathBuf> {
+    if let Some(base) = BASE.get() {
+        make_dir(base, false)?;
+        check_private(base)?;
+        return Ok(base.clone());
+    }
     match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
         Some(xdg) => user_dir_in(Path::new(&xdg), "vmm"),
         None => user_dir_in(&std::env::temp_dir(), &format!("vmm-{}", euid())),
@@ -143,6 +158,12 @@ impl RuntimeDir {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The directory's path; it is no longer removed when this is dropped
+    /// (its owner removes it).
+    pub fn keep(self) -> PathBuf {
+        std::mem::ManuallyDrop::new(self).path.clone()
     }
 }
 

@@ -1,7 +1,182 @@
 //! The jail a VMM process runs in (docs/security.md, "The jail"): new
-//! user, mount, PID, IPC and UTS namespaces, a private root with only what
-//! the VM uses, no capabilities, resource limits, Landlock and a cgroup.
+//! user, mount, PID, IPC and UTS namespaces (and network when the VM has
+//! none), a private root with only what the VM uses, no capabilities,
+//! no_new_privs, resource limits and Landlock.
 //!
-//! [`probe`] finds out what this host allows (`vmm doctor` reports it).
+//! [`probe`] finds out what this host allows (`vmm doctor` reports it);
+//! [`Plan::for_vm`] lists what a VM needs to see; [`enter`] builds the
+//! jail and returns in the jailed VMM process ([`process`] has the three
+//! processes a jail is made of).
 
+mod limits;
 pub mod probe;
+mod process;
+mod root;
+
+use std::path::{Path, PathBuf};
+
+use crate::config::{NetworkConfig, SerialOutput, VmConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot jail the VMM: {0}")]
+    Namespaces(#[from] probe::NoNamespaces),
+    #[error("cannot jail the VMM: {path} is missing ({source}); the jail shows the VM only files that exist")]
+    Missing {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot jail the VMM: cannot {what}: {source}")]
+    Setup {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("cannot jail the VMM: Landlock refused the rules: {0}")]
+    Landlock(String),
+    #[error("cannot jail the VMM: {0}")]
+    Runtime(#[from] crate::runtime::Error),
+}
+
+/// A host path the jailed VMM sees, at the same path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exposed {
+    ReadOnly(PathBuf),
+    ReadWrite(PathBuf),
+    /// A device node (read and write).
+    Device(PathBuf),
+}
+
+impl Exposed {
+    pub fn path(&self) -> &Path {
+        match self {
+            Exposed::ReadOnly(p) | Exposed::ReadWrite(p) | Exposed::Device(p) => p,
+        }
+    }
+}
+
+/// What a jail holds and allows.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub exposed: Vec<Exposed>,
+    /// A network namespace of its own (a VM without a network).
+    pub new_network: bool,
+    pub max_file_size: u64,
+    pub max_locked_memory: u64,
+    pub max_open_files: u64,
+}
+
+/// Descriptors a jailed VMM may hold (its soft limit is raised to this).
+const MAX_OPEN_FILES: u64 = 1 << 16;
+/// Locked memory: the VMM locks none.
+const MAX_LOCKED_MEMORY: u64 = 64 << 10;
+
+impl Plan {
+    /// What the VM of `config` needs: `boot_files` (kernel, initramfs), the
+    /// disk's `base` image and the executable (for fork children)
+    /// read-only; the folders of its disk layer, console file, report and
+    /// `sockets` writable; shares as configured; /dev/kvm, /dev/urandom,
+    /// /dev/null and, with a TAP network, /dev/net/tun.
+    pub fn for_vm(
+        config: &VmConfig,
+        boot_files: &[PathBuf],
+        base: Option<&Path>,
+        sockets: &[&Path],
+        report: Option<&Path>,
+    ) -> Result<Plan, Error> {
+        let mut exposed = Vec::new();
+        let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        for f in boot_files.iter().map(PathBuf::as_path).chain(base) {
+            exposed.push(Exposed::ReadOnly(abs(f)));
+        }
+        let exe = std::env::current_exe().map_err(|source| Error::Setup {
+            what: "find the vmm executable".into(),
+            source,
+        })?;
+        exposed.push(Exposed::ReadOnly(exe));
+        // Files the VMM writes or creates: their folders (a file that does
+        // not exist yet has no node to bind).
+        let mut folders: Vec<PathBuf> = sockets.iter().map(|s| parent(&abs(s))).collect();
+        if let Some(layer) = config.rootfs.as_ref().and_then(|r| r.layer.as_ref()) {
+            folders.push(parent(&abs(layer)));
+        }
+        if let SerialOutput::File(p) = &config.serial {
+            folders.push(parent(&abs(p)));
+        }
+        if let Some(r) = report {
+            folders.push(parent(&abs(r)));
+        }
+        folders.sort();
+        folders.dedup();
+        exposed.extend(folders.into_iter().map(Exposed::ReadWrite));
+        for share in &config.shares {
+            let p = abs(&share.host_path);
+            exposed.push(match share.read_only {
+                true => Exposed::ReadOnly(p),
+                false => Exposed::ReadWrite(p),
+            });
+        }
+        for dev in ["/dev/kvm", "/dev/urandom", "/dev/null"] {
+            exposed.push(Exposed::Device(PathBuf::from(dev)));
+        }
+        if let Some(NetworkConfig::Tap { .. }) = &config.network {
+            exposed.push(Exposed::Device(PathBuf::from("/dev/net/tun")));
+        }
+        let disk = base
+            .and_then(|b| std::fs::metadata(b).ok())
+            .map_or(0, |m| m.len());
+        let memory = config.memory_mib << 20;
+        Ok(Plan {
+            exposed,
+            new_network: config.network.is_none(),
+            // A layer grows to the disk's size; a snapshot's memory file to
+            // the guest's; with room for the rest.
+            max_file_size: disk.max(memory) + (1 << 30),
+            max_locked_memory: MAX_LOCKED_MEMORY,
+            max_open_files: MAX_OPEN_FILES,
+        })
+    }
+}
+
+/// Settles what the VMM would read from the host's /etc once jailed: the
+/// user network's DNS servers default to the host's resolvers now.
+pub fn prepare(config: &mut VmConfig) {
+    if let Some(NetworkConfig::User {
+        dns: dns @ None, ..
+    }) = &mut config.network
+    {
+        let servers = devices::virtio::net::user::host_resolvers();
+        *dns = Some(servers.iter().map(|s| s.to_string()).collect());
+    }
+}
+
+fn parent(p: &Path) -> PathBuf {
+    p.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("/"))
+        .to_path_buf()
+}
+
+/// Jails this process as `plan` says. Returns in the jailed VMM only; the
+/// launcher exits with the VMM's status. Call it before the process has
+/// any thread.
+pub fn enter(plan: &Plan) -> Result<(), Error> {
+    let dir = crate::runtime::RuntimeDir::create("jail")?.keep();
+    let root = dir.join("root");
+    let tmp = dir.join("tmp");
+    // The jailed VMM's runtime folder (fork children's sockets), seen at
+    // the same path from the host.
+    let run = dir.join("run");
+    for d in [&root, &tmp, &run] {
+        std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+            .create(d)
+            .map_err(|source| Error::Setup {
+                what: format!("make {}", d.display()),
+                source,
+            })?;
+    }
+    let mut plan = plan.clone();
+    plan.exposed.push(Exposed::ReadWrite(run.clone()));
+    process::enter(&plan, &root, &tmp)?;
+    crate::runtime::set_user_dir(run);
+    Ok(())
+}

@@ -25,24 +25,22 @@ pub struct NoNamespaces {
 /// Whether a process of this user can enter new user, mount, PID, IPC and
 /// UTS namespaces: a child process tries it.
 pub fn user_namespaces() -> Result<(), NoNamespaces> {
-    let errno = match try_in_child(JAIL_NAMESPACES) {
-        Ok(0) => return Ok(()),
-        Ok(errno) => errno,
-        Err(e) => {
-            return Err(NoNamespaces {
-                why: format!("cannot start a probe process: {e}"),
-                fix: "check the process limit (ulimit -u)".into(),
-            })
-        }
-    };
-    let why = format!(
-        "unshare of user, mount, PID, IPC and UTS namespaces failed: {}",
-        io::Error::from_raw_os_error(errno)
-    );
-    Err(NoNamespaces {
-        why,
+    match try_in_child(JAIL_NAMESPACES) {
+        Ok(0) => Ok(()),
+        Ok(errno) => Err(refusal(io::Error::from_raw_os_error(errno))),
+        Err(e) => Err(NoNamespaces {
+            why: format!("cannot start a probe process: {e}"),
+            fix: "check the process limit (ulimit -u)".into(),
+        }),
+    }
+}
+
+/// What to say when making the namespaces failed with `error`.
+pub fn refusal(error: io::Error) -> NoNamespaces {
+    NoNamespaces {
+        why: format!("unshare of user, mount, PID, IPC and UTS namespaces failed: {error}"),
         fix: namespace_fix(Path::new("/proc/sys")),
-    })
+    }
 }
 
 /// The sentence that says how to allow user namespaces, from the knobs

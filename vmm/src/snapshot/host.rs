@@ -195,6 +195,9 @@ pub fn resolve(
         (None, false) => true,
     };
 
+    // The jail: the operator's (a restore is not jailed yet).
+    out.jail = op.and_then(|o| o.jail.clone());
+
     // The console: the operator's, else standard output.
     out.serial = match (op, trust) {
         (Some(o), _) => o.serial.clone(),

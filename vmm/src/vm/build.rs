@@ -577,6 +577,19 @@ fn raise_fd_limit() {
     }
 }
 
+/// The host files a boot of `config` reads, defaults resolved: the kernel
+/// and initramfs, and the root disk's base image.
+pub(super) fn boot_files(
+    config: &VmConfig,
+    hv: &dyn Hypervisor,
+) -> Result<(Vec<PathBuf>, Option<PathBuf>)> {
+    let checked = check(config, hv)?;
+    let mut files = vec![resolve_kernel(config, checked.flavour)?];
+    files.extend(resolve_initramfs(config)?);
+    let base = config.rootfs.as_ref().map(resolve_base).transpose()?;
+    Ok((files, base))
+}
+
 /// `path` when the setup command built it, else the error `missing` makes.
 fn built(path: PathBuf, missing: impl FnOnce(PathBuf) -> Error) -> Result<PathBuf> {
     if path.exists() {

@@ -278,6 +278,15 @@ impl Vm {
         build::boot(config, hv, start)
     }
 
+    /// The host files [`Vm::build`] reads for `config`, defaults
+    /// resolved: the kernel and initramfs, and the root disk's base image.
+    pub fn boot_files(
+        config: &VmConfig,
+        hv: &dyn Hypervisor,
+    ) -> Result<(Vec<PathBuf>, Option<PathBuf>)> {
+        build::boot_files(config, hv)
+    }
+
     /// Builds a VM that continues a saved machine (from a snapshot or a
     /// fork): its memory mapped copy-on-write, its devices and vCPUs in
     /// their saved state.

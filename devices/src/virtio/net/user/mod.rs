@@ -129,8 +129,9 @@ pub fn host_resolvers() -> Vec<SocketAddr> {
 /// The host's own IPv4 addresses (reaching them is like reaching its
 /// loopback).
 fn host_addresses() -> Vec<Ipv4Addr> {
-    // /proc/net/fib_trie lists local addresses as "/32 host LOCAL".
-    let text = std::fs::read_to_string("/proc/net/fib_trie").unwrap_or_default();
+    // fib_trie lists local addresses as "/32 host LOCAL" (through
+    // /proc/self: a jail's /proc has nothing but its processes).
+    let text = std::fs::read_to_string("/proc/self/net/fib_trie").unwrap_or_default();
     let mut out = Vec::new();
     let mut last: Option<Ipv4Addr> = None;
     for line in text.lines() {
