@@ -237,3 +237,51 @@ fn a_host_without_user_namespaces_gets_the_fix_not_an_unjailed_vm() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_snapshot_of_a_jailed_vm_restores_into_a_jail() {
+    use std::process::{Command, Stdio};
+    use vmm::action::Control;
+    let g = jailed();
+    let snapshot = |out: &Path| {
+        Command::new(common::VMM)
+            .args(["snapshot", "--api-socket"])
+            .arg(&g.api)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    // A folder the jail does not see: refused, never written into the
+    // jail's private /tmp.
+    let outside = std::env::temp_dir().join(format!("vmm-jail-outside-{}", std::process::id()));
+    let out = snapshot(&outside);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("outside this jailed VMM's view"),
+        "{stderr}"
+    );
+    assert!(!outside.exists());
+    let snap = g.scratch.path("snap");
+    let out = snapshot(&snap);
+    assert!(out.status.success(), "{}", common::describe(&out));
+
+    let api = g.scratch.path("restored.sock");
+    let mut restored = Command::new(common::VMM)
+        .arg("restore")
+        .arg("--snapshot")
+        .arg(&snap)
+        .arg("--api-socket")
+        .arg(&api)
+        .args(["--trust-snapshot-config", "--jail"])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert_eq!(ok(exec(&api, "echo restored")), "restored");
+    let init = children(restored.id());
+    let vmm = children(init[0]);
+    assert_unprivileged(vmm[0]);
+    vmm::api::ApiClient::new(&api).stop().unwrap();
+    assert_eq!(restored.wait().unwrap().code(), Some(0));
+}

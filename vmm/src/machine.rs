@@ -305,6 +305,7 @@ impl Machine {
     fn snapshot(&mut self, request: SnapshotRequest) -> ActionResult {
         let ready = self.agent_ready;
         self.control()?.check_copyable()?;
+        crate::jail::check_host_sees(&request.dir).map_err(ActionError::BadRequest)?;
         let writer =
             crate::snapshot::Writer::create(&request.dir).map_err(crate::control::Error::from)?;
         let key = request.key.as_deref();
@@ -378,6 +379,11 @@ impl Machine {
     fn fork(&mut self, request: &ForkRequest, responder: Responder, ops: &mut EventOps) {
         if self.forking.is_some() {
             return responder.answer(Err(ActionError::ForkInProgress));
+        }
+        if let Some(dir) = &request.dir {
+            if let Err(e) = crate::jail::check_host_sees(dir) {
+                return responder.answer(Err(ActionError::BadRequest(e)));
+            }
         }
         let ready = self.agent_ready;
         // Paused only while what the children need is captured (memory

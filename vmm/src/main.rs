@@ -111,6 +111,10 @@ enum Command {
         /// only: it takes a layer of the boundary away.
         #[arg(long)]
         no_seccomp: bool,
+        /// Run the restored VMM in a jail (docs/security.md), as
+        /// `vmm launch --jail` does.
+        #[arg(long)]
+        jail: bool,
     },
     /// Fork a running VM into N children that continue from this instant,
     /// copy-on-write; prints a JSON list of the children and their sockets.
@@ -317,12 +321,18 @@ fn launch(args: LaunchArgs, start: Instant) -> ExitCode {
         Err(e) => return fail(e),
     };
     if config.jail.is_some() {
-        if let Err(e) = jail(
-            &mut config,
-            hv.as_ref(),
-            api_socket.as_deref(),
-            args.report.as_deref(),
-        ) {
+        let jailed = vmm::Vm::boot_files(&config, hv.as_ref())
+            .map_err(Into::into)
+            .and_then(|(files, base)| {
+                jail(
+                    &mut config,
+                    &files,
+                    base.as_deref(),
+                    api_socket.as_deref(),
+                    args.report.as_deref(),
+                )
+            });
+        if let Err(e) = jailed {
             return fail(e);
         }
     }
@@ -332,29 +342,36 @@ fn launch(args: LaunchArgs, start: Instant) -> ExitCode {
     }
 }
 
-/// Jails this process for the VM of `config` (returns in the jailed VMM;
-/// the launcher exits with its status).
+/// Jails this process for the VM of `config`, which reads `files` and the
+/// disk's `base` image (returns in the jailed VMM; the launcher exits
+/// with its status).
 fn jail(
     config: &mut VmConfig,
-    hv: &dyn hypervisor::Hypervisor,
+    files: &[PathBuf],
+    base: Option<&std::path::Path>,
     api_socket: Option<&std::path::Path>,
     report: Option<&std::path::Path>,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let (files, base) = vmm::Vm::boot_files(config, hv)?;
     vmm::jail::prepare(config);
     let mut sockets: Vec<&std::path::Path> = api_socket.into_iter().collect();
     if let Some(v) = &config.vsock {
         sockets.push(&v.uds_path);
     }
-    let plan = vmm::jail::Plan::for_vm(config, &files, base.as_deref(), &sockets, report)?;
+    let plan = vmm::jail::Plan::for_vm(config, files, base, &sockets, report)?;
     vmm::jail::enter(&plan)?;
     Ok(())
+}
+
+/// `vmm restore`'s switches.
+struct RestoreFlags {
+    no_seccomp: bool,
+    jail: bool,
 }
 
 fn restore(
     snapshot: &std::path::Path,
     opts: &vmm::snapshot::RestoreOptions,
-    no_seccomp: bool,
+    flags: RestoreFlags,
     api_socket: PathBuf,
     report: Option<PathBuf>,
     start: Instant,
@@ -363,11 +380,33 @@ fn restore(
         Ok(s) => s,
         Err(e) => return fail(e),
     };
-    source.state.config.seccomp &= !no_seccomp;
+    let config = &mut source.state.config;
+    config.seccomp &= !flags.no_seccomp;
+    if flags.jail {
+        config.jail.get_or_insert_with(Default::default);
+    }
     let hv = match vmm::open_hypervisor() {
         Ok(hv) => hv,
         Err(e) => return fail(e),
     };
+    if source.state.config.jail.is_some() {
+        // The memory and the disk's layer are open already: the jail
+        // needs the base image and the folders the VMM writes to.
+        let jailed = vmm::Vm::restore_base(&source)
+            .map_err(Into::into)
+            .and_then(|base| {
+                jail(
+                    &mut source.state.config,
+                    &[],
+                    base.as_deref(),
+                    Some(&api_socket),
+                    report.as_deref(),
+                )
+            });
+        if let Err(e) = jailed {
+            return fail(e);
+        }
+    }
     match vmm::Vm::restore(source, hv.as_ref(), start) {
         Ok(vm) => run_vm(vm, Some(api_socket), report),
         Err(e) => fail(e),
@@ -569,6 +608,7 @@ fn main() -> ExitCode {
             snapshot_key,
             report,
             no_seccomp,
+            jail,
         } => {
             let vsock_socket = vsock_socket
                 .unwrap_or_else(|| PathBuf::from(format!("{}.vsock", api_socket.display())));
@@ -589,7 +629,8 @@ fn main() -> ExitCode {
                 host,
                 key,
             };
-            restore(&snapshot, &opts, no_seccomp, api_socket, report, start)
+            let flags = RestoreFlags { no_seccomp, jail };
+            restore(&snapshot, &opts, flags, api_socket, report, start)
         }
         Command::Fork {
             target,

@@ -8,6 +8,7 @@
 //! jail and returns in the jailed VMM process ([`process`] has the three
 //! processes a jail is made of).
 
+mod folder;
 mod limits;
 pub mod probe;
 mod process;
@@ -156,27 +157,55 @@ fn parent(p: &Path) -> PathBuf {
         .to_path_buf()
 }
 
+/// The read-write folders of this process's jail (unset: not jailed).
+static WRITABLE: std::sync::OnceLock<Vec<PathBuf>> = std::sync::OnceLock::new();
+
+/// Whether what this process writes at `path` is where the host sees it:
+/// always unjailed; jailed, only inside a read-write folder of the jail
+/// (elsewhere it would land in the jail's private `/tmp`, or nowhere).
+pub fn host_sees(path: &Path) -> bool {
+    WRITABLE
+        .get()
+        .is_none_or(|dirs| dirs.iter().any(|d| path.starts_with(d)))
+}
+
+/// [`host_sees`] as a sentence for the API's answer.
+pub fn check_host_sees(path: &Path) -> Result<(), String> {
+    if host_sees(path) {
+        return Ok(());
+    }
+    let dirs: Vec<String> = WRITABLE
+        .get()
+        .into_iter()
+        .flatten()
+        .map(|d| d.display().to_string())
+        .collect();
+    Err(format!(
+        "{} is outside this jailed VMM's view; use a path in one of its folders: {}",
+        path.display(),
+        dirs.join(", ")
+    ))
+}
+
 /// Jails this process as `plan` says. Returns in the jailed VMM only; the
 /// launcher exits with the VMM's status. Call it before the process has
 /// any thread.
 pub fn enter(plan: &Plan) -> Result<(), Error> {
-    let dir = crate::runtime::RuntimeDir::create("jail")?.keep();
-    let root = dir.join("root");
-    let tmp = dir.join("tmp");
-    // The jailed VMM's runtime folder (fork children's sockets), seen at
-    // the same path from the host.
-    let run = dir.join("run");
-    for d in [&root, &tmp, &run] {
-        std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
-            .create(d)
-            .map_err(|source| Error::Setup {
-                what: format!("make {}", d.display()),
-                source,
-            })?;
-    }
+    let folder = folder::JailFolder::create()?;
     let mut plan = plan.clone();
-    plan.exposed.push(Exposed::ReadWrite(run.clone()));
-    process::enter(&plan, &root, &tmp)?;
-    crate::runtime::set_user_dir(run);
+    plan.exposed.push(Exposed::ReadWrite(folder.run.clone()));
+    if let Err(e) = process::enter(&plan, &folder) {
+        // Still the launcher, before any jail process.
+        let _ = std::fs::remove_dir_all(&folder.dir);
+        return Err(e);
+    }
+    crate::runtime::set_user_dir(folder.run.clone());
+    let writable = plan.exposed.iter().filter_map(|e| match e {
+        Exposed::ReadWrite(p) => Some(p.clone()),
+        _ => None,
+    });
+    let _ = WRITABLE.set(writable.collect());
+    // The VMM keeps the folder's lock (its descriptor) while it runs.
+    std::mem::forget(folder);
     Ok(())
 }

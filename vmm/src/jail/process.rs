@@ -20,6 +20,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
+use super::folder::JailFolder;
 use super::{limits, probe, root, Error, Plan};
 
 /// The signals the launcher and the init pass on.
@@ -118,7 +119,7 @@ fn read_signal(fd: &OwnedFd) -> Option<libc::c_int> {
 }
 
 /// Enters the jail. Returns only in the VMM process.
-pub fn enter(plan: &Plan, root_dir: &Path, tmp_dir: &Path) -> Result<(), Error> {
+pub fn enter(plan: &Plan, folder: &JailFolder) -> Result<(), Error> {
     // SAFETY: geteuid/getegid have no preconditions.
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
     // SAFETY: unshare with flags only.
@@ -131,18 +132,13 @@ pub fn enter(plan: &Plan, root_dir: &Path, tmp_dir: &Path) -> Result<(), Error> 
     let init = fork()?;
     if init > 0 {
         drop(status_w);
-        let code = launcher(
-            init,
-            status_r,
-            signals,
-            root_dir.parent().unwrap_or(root_dir),
-        );
+        let code = launcher(init, status_r, signals, &folder.dir);
         std::process::exit(code);
     }
     drop(status_r);
     drop(signals);
     // The jail's init: any failure from here on ends it with a message.
-    if let Err(e) = init_setup(plan, root_dir, tmp_dir) {
+    if let Err(e) = init_setup(plan, &folder.root, &folder.tmp) {
         eprintln!("vmm: error: {e}");
         // SAFETY: _exit ends this process at once.
         unsafe { libc::_exit(1) };
@@ -238,15 +234,17 @@ fn launcher(init: libc::pid_t, status: OwnedFd, signals: OwnedFd, dir: &Path) ->
             continue;
         }
         let mut report = [0u8; 5];
-        if status.read_exact(&mut report).is_err() {
-            eprintln!("vmm: error: the jail ended without the VMM's status");
-            return 1;
-        }
-        if report[4] == 1 {
+        let got = status.read_exact(&mut report);
+        if got.is_err() || report[4] == 1 {
+            // The jail has ended (or is ending): nothing uses its folder.
             let mut ws = 0;
             // SAFETY: waits for the init, which is ending.
             unsafe { libc::waitpid(init, &mut ws, 0) };
             let _ = std::fs::remove_dir_all(dir);
+        }
+        if got.is_err() {
+            eprintln!("vmm: error: the jail ended without the VMM's status");
+            return 1;
         }
         return i32::from_ne_bytes([report[0], report[1], report[2], report[3]]);
     }

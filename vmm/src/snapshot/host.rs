@@ -195,7 +195,7 @@ pub fn resolve(
         (None, false) => true,
     };
 
-    // The jail: the operator's (a restore is not jailed yet).
+    // The jail: the operator's, never the snapshot's.
     out.jail = op.and_then(|o| o.jail.clone());
 
     // The console: the operator's, else standard output.

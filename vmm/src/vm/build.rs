@@ -590,6 +590,17 @@ pub(super) fn boot_files(
     Ok((files, base))
 }
 
+/// The base image a restore of `source` opens (as `devices` does).
+pub(super) fn restore_base(source: &RestoreSource) -> Result<Option<PathBuf>> {
+    let Some(rootfs) = &source.state.config.rootfs else {
+        return Ok(None);
+    };
+    match &source.state.disk_base {
+        Some(path) => Ok(Some(path.clone())),
+        None => resolve_base(rootfs).map(Some),
+    }
+}
+
 /// `path` when the setup command built it, else the error `missing` makes.
 fn built(path: PathBuf, missing: impl FnOnce(PathBuf) -> Error) -> Result<PathBuf> {
     if path.exists() {

@@ -287,6 +287,11 @@ impl Vm {
         build::boot_files(config, hv)
     }
 
+    /// The base image [`Vm::restore`] opens for `source`'s root disk.
+    pub fn restore_base(source: &RestoreSource) -> Result<Option<PathBuf>> {
+        build::restore_base(source)
+    }
+
     /// Builds a VM that continues a saved machine (from a snapshot or a
     /// fork): its memory mapped copy-on-write, its devices and vCPUs in
     /// their saved state.
