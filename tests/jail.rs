@@ -14,7 +14,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
-use common::{exec, fork, ok, stop_now, Guest, Scratch};
+use common::{children, exec, fork, ok, stop_now, Guest, Scratch};
 use serde_json::json;
 
 fn jailed() -> MutexGuard<'static, Guest> {
@@ -34,19 +34,6 @@ fn jailed() -> MutexGuard<'static, Guest> {
             Mutex::new(Guest::boot(scratch, &config))
         })
         .locked()
-}
-
-/// The children of process `pid` (all its threads').
-fn children(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-    {
-        let text = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-        out.extend(text.split_whitespace().map(|p| p.parse::<u32>().unwrap()));
-    }
-    out
 }
 
 /// The jailed VMM's host pid: the launcher's child is the jail's init,
@@ -99,17 +86,35 @@ fn a_jailed_vmm_has_no_privileges_and_sees_only_its_list() {
     assert_eq!(ok(g.sh("echo jailed")), "jailed");
     let pid = vmm_pid(&g);
     assert_unprivileged(pid);
+    // The launcher and the init run under the jail's seccomp filter.
+    let launcher = g.process.id();
+    for p in [launcher, children(launcher)[0]] {
+        assert_eq!(status_field(p, "Seccomp"), "2", "pid {p}");
+    }
     let root = PathBuf::from(format!("/proc/{pid}/root"));
     let top: BTreeSet<String> = std::fs::read_dir(&root)
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    for host_only in ["etc", "usr", "bin", "lib", "home", "var", "sys", "boot"] {
+    for host_only in ["etc", "usr", "bin", "lib", "home", "var", "boot"] {
         assert!(
             !top.contains(host_only),
             "/{host_only} is in the jail: {top:?}"
         );
+    }
+    // Of /sys, at most the PVM module's folder (how the VMM tells a PVM
+    // host's KVM apart).
+    if top.contains("sys") {
+        let sys = tree(&root.join("sys"));
+        assert!(sys.contains(Path::new("module/kvm_pvm")), "{sys:?}");
+        for p in &sys {
+            assert!(
+                p == Path::new("module") || p.starts_with("module/kvm_pvm"),
+                "/sys/{} is in the jail",
+                p.display()
+            );
+        }
     }
     let dev: BTreeSet<String> = std::fs::read_dir(root.join("dev"))
         .unwrap()
@@ -130,7 +135,7 @@ fn a_jailed_vmm_has_no_privileges_and_sees_only_its_list() {
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
     let files: Vec<PathBuf> = tree(&root)
         .into_iter()
-        .filter(|p| !p.starts_with("proc") && !p.starts_with("tmp"))
+        .filter(|p| !["proc", "tmp", "sys"].iter().any(|d| p.starts_with(d)))
         .filter(|p| std::fs::metadata(root.join(p)).is_ok_and(|m| !m.is_dir()))
         .collect();
     for f in &files {
@@ -284,4 +289,38 @@ fn a_snapshot_of_a_jailed_vm_restores_into_a_jail() {
     assert_unprivileged(vmm[0]);
     vmm::api::ApiClient::new(&api).stop().unwrap();
     assert_eq!(restored.wait().unwrap().code(), Some(0));
+}
+
+#[test]
+fn vmm_run_is_jailed_by_default() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let mut run = Command::new(common::VMM)
+        .args(["run", "--", "sleep", "600"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The launcher starts the jail's init, which starts the VMM; the VMM
+    // takes its seccomp filters once its VM runs.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let vmm = loop {
+        let found = children(run.id())
+            .first()
+            .and_then(|&init| children(init).first().copied())
+            .filter(|&p| status_field(p, "Seccomp") == "2");
+        if let Some(p) = found {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "no jailed VMM under vmm run");
+        assert!(run.try_wait().unwrap().is_none(), "vmm run ended");
+        std::thread::yield_now();
+    };
+    assert_unprivileged(vmm);
+    // SIGTERM to the launcher reaches the VMM, which stops.
+    // SAFETY: kill with a pid and signal number.
+    unsafe { libc::kill(run.id() as i32, libc::SIGTERM) };
+    let status = run.wait().unwrap();
+    assert!(!status.success(), "{status:?}");
+    assert!(!Path::new(&format!("/proc/{vmm}")).exists());
 }

@@ -44,6 +44,10 @@ enum Command {
         /// only: it takes a layer of the boundary away.
         #[arg(long)]
         no_seccomp: bool,
+        /// Run without the jail `vmm run` uses wherever the host allows
+        /// user namespaces (docs/security.md).
+        #[arg(long)]
+        no_jail: bool,
         #[command(flatten)]
         cmd: ExecArgs,
     },
@@ -362,6 +366,18 @@ fn jail(
     Ok(())
 }
 
+/// Jails `vmm run` before its sandbox starts: the files are those of the
+/// config with the sandbox's defaults (the root disk, the agent), whose
+/// sockets go into the jail's runtime folder.
+fn jail_run(config: &mut VmConfig) -> Result<(), Box<dyn std::error::Error>> {
+    config.jail.get_or_insert_with(Default::default);
+    let hv = vmm::open_hypervisor()?;
+    let mut planned = config.clone();
+    planned.ensure_agent(PathBuf::from("agent.vsock"));
+    let (files, base) = vmm::Vm::boot_files(&planned, hv.as_ref())?;
+    jail(config, &files, base.as_deref(), None, None)
+}
+
 /// `vmm restore`'s switches.
 struct RestoreFlags {
     no_seccomp: bool,
@@ -482,7 +498,7 @@ fn exec(cmd: &ExecArgs, target: &Target) -> ExitCode {
     }
 }
 
-fn run(config: Option<PathBuf>, no_seccomp: bool, cmd: &ExecArgs) -> ExitCode {
+fn run(config: Option<PathBuf>, no_seccomp: bool, no_jail: bool, cmd: &ExecArgs) -> ExitCode {
     let mut config = match config {
         Some(path) => match VmConfig::from_file(&path) {
             Ok(c) => c,
@@ -491,6 +507,14 @@ fn run(config: Option<PathBuf>, no_seccomp: bool, cmd: &ExecArgs) -> ExitCode {
         None => VmConfig::default(),
     };
     config.seccomp &= !no_seccomp;
+    // Jailed unless asked not to: by the config, else wherever the host
+    // allows user namespaces (a config's "jail" fails where it does not).
+    let jailed = !no_jail && (config.jail.is_some() || vmm::jail::probe::user_namespaces().is_ok());
+    if jailed {
+        if let Err(e) = jail_run(&mut config) {
+            return fail(e);
+        }
+    }
     let seccomp = config.seccomp;
     let sandbox = match vmm::sandbox::Sandbox::start(config) {
         Ok(s) => s,
@@ -578,8 +602,9 @@ fn main() -> ExitCode {
         Command::Run {
             config,
             no_seccomp,
+            no_jail,
             cmd,
-        } => run(config, no_seccomp, &cmd),
+        } => run(config, no_seccomp, no_jail, &cmd),
         Command::Stop { target, force } => stop(&target, force),
         Command::Pause { target } => control(&target, Action::Pause),
         Command::Resume { target } => control(&target, Action::Resume),

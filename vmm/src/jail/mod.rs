@@ -64,6 +64,9 @@ pub struct Plan {
     pub max_file_size: u64,
     pub max_locked_memory: u64,
     pub max_open_files: u64,
+    /// The launcher and the init run under the `jail` seccomp filter once
+    /// the VMM runs (the config's `seccomp`).
+    pub seccomp: bool,
 }
 
 /// Descriptors a jailed VMM may hold (its soft limit is raised to this).
@@ -76,7 +79,8 @@ impl Plan {
     /// disk's `base` image and the executable (for fork children)
     /// read-only; the folders of its disk layer, console file, report and
     /// `sockets` writable; shares as configured; /dev/kvm, /dev/urandom,
-    /// /dev/null and, with a TAP network, /dev/net/tun.
+    /// /dev/null and, with a TAP network, /dev/net/tun; on a PVM host, its
+    /// KVM module's folder in /sys (the sign the VMM detects it by).
     pub fn for_vm(
         config: &VmConfig,
         boot_files: &[PathBuf],
@@ -122,6 +126,11 @@ impl Plan {
         if let Some(NetworkConfig::Tap { .. }) = &config.network {
             exposed.push(Exposed::Device(PathBuf::from("/dev/net/tun")));
         }
+        // How the VMM (and its fork children) tell a PVM host's KVM apart.
+        let pvm = Path::new(hypervisor::kvm::PVM_MODULE_PATH);
+        if pvm.exists() {
+            exposed.push(Exposed::ReadOnly(pvm.to_path_buf()));
+        }
         let disk = base
             .and_then(|b| std::fs::metadata(b).ok())
             .map_or(0, |m| m.len());
@@ -134,6 +143,7 @@ impl Plan {
             max_file_size: disk.max(memory) + (1 << 30),
             max_locked_memory: MAX_LOCKED_MEMORY,
             max_open_files: MAX_OPEN_FILES,
+            seccomp: config.seccomp,
         })
     }
 }

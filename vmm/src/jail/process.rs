@@ -132,6 +132,7 @@ pub fn enter(plan: &Plan, folder: &JailFolder) -> Result<(), Error> {
     let init = fork()?;
     if init > 0 {
         drop(status_w);
+        filter(plan, init);
         let code = launcher(init, status_r, signals, &folder.dir);
         std::process::exit(code);
     }
@@ -169,7 +170,24 @@ pub fn enter(plan: &Plan, folder: &JailFolder) -> Result<(), Error> {
         unblock_signals();
         return Ok(());
     }
+    filter(plan, vmm);
     reap(vmm, status_w, signals)
+}
+
+/// Puts this process (the launcher or the init, one thread) under the
+/// `jail` seccomp filter; if that fails, ends `child` and this process.
+fn filter(plan: &Plan, child: libc::pid_t) {
+    if !plan.seccomp {
+        return;
+    }
+    if let Err(e) = crate::seccomp::apply(crate::seccomp::Role::Jail) {
+        eprintln!("vmm: error: {e}");
+        // SAFETY: kill and _exit with plain arguments.
+        unsafe {
+            libc::kill(child, libc::SIGKILL);
+            libc::_exit(1);
+        }
+    }
 }
 
 /// The jail's init before it starts the VMM.

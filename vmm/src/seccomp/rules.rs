@@ -27,6 +27,10 @@ pub enum Role {
     /// guest agent, its output to this process's, and (with `-i`) a thread
     /// that streams standard input.
     RunClient,
+    /// A jail's launcher and init once the VMM runs (docs/security.md, "The
+    /// jail"): wait for processes, pass signals on, report a status,
+    /// remove the jail's folder.
+    Jail,
 }
 
 /// Which arguments of a call are allowed.
@@ -316,6 +320,21 @@ const RUN_CLIENT: &[Allowed] = &[
 /// What starting a VMM process needs beyond the roles above: the Rust
 /// and glibc start, opening the hypervisor and the VM's files, building
 /// the VM, threads, installing filters, starting a child process.
+/// A jail's launcher and init: each only waits, passes signals on and
+/// reports; the launcher removes the jail's folder at the end.
+const JAIL: &[Allowed] = &[
+    any(libc::SYS_poll, "wait for the status or a signal"),
+    any(libc::SYS_ppoll, "wait for the status or a signal"),
+    any(libc::SYS_kill, "pass a signal on"),
+    any(libc::SYS_wait4, "reap the jail's processes"),
+    any(libc::SYS_openat, "remove the jail's folder"),
+    any(libc::SYS_getdents64, "remove the jail's folder"),
+    any(libc::SYS_newfstatat, "remove the jail's folder"),
+    any(libc::SYS_statx, "remove the jail's folder"),
+    any(libc::SYS_fstat, "remove the jail's folder"),
+    any(libc::SYS_unlinkat, "remove the jail's folder"),
+];
+
 const START: &[Allowed] = &[
     any(libc::SYS_execve, "start `vmm __fork-child`"),
     any(libc::SYS_clone, "start a process or thread"),
@@ -355,13 +374,14 @@ const START: &[Allowed] = &[
 ];
 
 impl Role {
-    pub const ALL: [Role; 6] = [
+    pub const ALL: [Role; 7] = [
         Role::Vcpu,
         Role::DeviceLoop,
         Role::Control,
         Role::Reseed,
         Role::Spawner,
         Role::RunClient,
+        Role::Jail,
     ];
 
     /// The role's name in reports and docs.
@@ -373,6 +393,7 @@ impl Role {
             Role::Reseed => "reseed",
             Role::Spawner => "spawner",
             Role::RunClient => "run client",
+            Role::Jail => "jail",
         }
     }
 
@@ -388,6 +409,7 @@ impl Role {
                 .flatten()
                 .collect(),
             Role::RunClient => AGENT_CLIENT.iter().chain(RUN_CLIENT).collect(),
+            Role::Jail => JAIL.iter().collect(),
         }
     }
 
