@@ -40,13 +40,7 @@ pub struct BootBench {
 impl Report for BootBench {
     fn to_json(&self) -> Value {
         let stats = |v: &[f64]| Stats::of(v).map(Stats::to_json);
-        let ratio = match (
-            Stats::of(&self.vmm_spawn_to_ready_ms),
-            Stats::of(&self.qemu_boot_to_init_ms),
-        ) {
-            (Some(v), Some(q)) => Some(((v.median / q.median) * 1000.0).round() / 1000.0),
-            _ => None,
-        };
+        let ratio = median_ratio(&self.vmm_spawn_to_ready_ms, &self.qemu_boot_to_init_ms);
         json!({
             "runs": self.runs,
             "memory_mib": self.memory_mib,
@@ -93,6 +87,50 @@ impl Report for BootBench {
     }
 }
 
+/// median(a) / median(b), to three places.
+pub fn median_ratio(a: &[f64], b: &[f64]) -> Option<f64> {
+    let (a, b) = (Stats::of(a)?, Stats::of(b)?);
+    Some(((a.median / b.median) * 1000.0).round() / 1000.0)
+}
+
+/// One boot's figures.
+pub struct OneBoot {
+    pub setup_ms: f64,
+    pub init_ms: f64,
+    pub ready_ms: f64,
+    pub rss_kib: Option<f64>,
+}
+
+/// Launches `config` to the init's line and reads its report.
+pub fn boot_once(config: &VmConfig, scratch: &ScratchDir, run: u32) -> Result<OneBoot, Error> {
+    let report_path = scratch.path().join("report.json");
+    let _ = std::fs::remove_file(&report_path);
+    let extra = ["--report".as_ref(), report_path.as_os_str()];
+    let watched = launch_to_marker(config, scratch, &extra, INIT_READY_MARKER)?;
+    let report: Value = std::fs::read_to_string(&report_path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null);
+    let (Some(setup_ms), Some(init_ms), Some(ready), true) = (
+        report["vmm_setup_ms"].as_f64(),
+        report["boot_to_init_ms"].as_f64(),
+        watched.seen,
+        watched.success,
+    ) else {
+        return Err(Error::Run {
+            what: "vmm",
+            run,
+            detail: format!("no complete boot (report: {report})"),
+        });
+    };
+    Ok(OneBoot {
+        setup_ms,
+        init_ms,
+        ready_ms: ready.as_secs_f64() * 1000.0,
+        rss_kib: report["vmm_overhead_rss_kib"].as_f64(),
+    })
+}
+
 /// Boots the default kernel and initramfs `runs` times under this VMM and
 /// (when installed) under qemu microvm.
 pub fn boot(opts: &BootBenchOptions) -> Result<BootBench, Error> {
@@ -106,7 +144,6 @@ pub fn boot(opts: &BootBenchOptions) -> Result<BootBench, Error> {
         serial: SerialOutput::Stdout,
         ..Default::default()
     };
-    let report_path = scratch.path().join("report.json");
     let mut result = BootBench {
         runs: opts.runs,
         memory_mib: opts.memory_mib,
@@ -115,34 +152,11 @@ pub fn boot(opts: &BootBenchOptions) -> Result<BootBench, Error> {
         ..Default::default()
     };
     for run in 1..=opts.runs {
-        let _ = std::fs::remove_file(&report_path);
-        let extra = ["--report".as_ref(), report_path.as_os_str()];
-        let watched = launch_to_marker(&config, &scratch, &extra, INIT_READY_MARKER)?;
-        let (ready, ok) = (watched.seen, watched.success);
-        let report: Value = std::fs::read_to_string(&report_path)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or(Value::Null);
-        let (Some(setup), Some(init), Some(ready), true) = (
-            report["vmm_setup_ms"].as_f64(),
-            report["boot_to_init_ms"].as_f64(),
-            ready,
-            ok,
-        ) else {
-            return Err(Error::Run {
-                what: "vmm",
-                run,
-                detail: format!("no complete boot (report: {report})"),
-            });
-        };
-        result.vmm_setup_ms.push(setup);
-        result.boot_to_init_ms.push(init);
-        result
-            .vmm_spawn_to_ready_ms
-            .push(ready.as_secs_f64() * 1000.0);
-        if let Some(rss) = report["vmm_overhead_rss_kib"].as_f64() {
-            result.vmm_overhead_rss_kib.push(rss);
-        }
+        let b = boot_once(&config, &scratch, run)?;
+        result.vmm_setup_ms.push(b.setup_ms);
+        result.boot_to_init_ms.push(b.init_ms);
+        result.vmm_spawn_to_ready_ms.push(b.ready_ms);
+        result.vmm_overhead_rss_kib.extend(b.rss_kib);
     }
 
     if !opts.qemu {

@@ -285,7 +285,7 @@ impl Drop for ScratchDir {
 
 /// The `vmm` binary the benches start VMs with: `VMM_BIN`, else the one
 /// next to this program (`vmm bench` runs the `vmm-bench` beside it).
-fn vmm_exe() -> Result<PathBuf, Error> {
+pub fn vmm_exe() -> Result<PathBuf, Error> {
     if let Some(path) = std::env::var_os("VMM_BIN").filter(|p| !p.is_empty()) {
         return Ok(PathBuf::from(path));
     }

@@ -8,6 +8,7 @@
 mod agent;
 mod boot;
 mod common;
+mod confinement;
 mod fork;
 mod fs;
 mod net;
@@ -39,6 +40,16 @@ enum BenchCommand {
         /// Skip the qemu comparison.
         #[arg(long)]
         no_qemu: bool,
+    },
+    /// What seccomp and the jail cost: boot (spawn to the init's line) and
+    /// fork latency with both and with neither, in turns.
+    Confinement {
+        /// Boots and forks of each kind.
+        #[arg(long, default_value_t = 5)]
+        runs: u32,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// The agent path: ping and `exec true` round trips, vsock throughput
     /// both ways, sequential block I/O in the guest.
@@ -221,6 +232,9 @@ fn main() -> ExitCode {
             }),
             json,
         ),
+        BenchCommand::Confinement { runs, json } => {
+            print_bench(confinement::confinement(runs), json)
+        }
     }
 }
 
