@@ -324,3 +324,15 @@ fn vmm_run_is_jailed_by_default() {
     assert!(!status.success(), "{status:?}");
     assert!(!Path::new(&format!("/proc/{vmm}")).exists());
 }
+
+#[test]
+fn a_named_vm_is_refused_a_jail_rather_than_shown_the_registry() {
+    let out = std::process::Command::new(common::VMM)
+        .args(["launch", "--name", "jail-refused", "--jail"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot be jailed yet"), "{stderr}");
+}

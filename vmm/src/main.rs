@@ -302,6 +302,14 @@ fn launch(args: LaunchArgs, start: Instant) -> ExitCode {
         None => VmConfig::default(),
     };
     config.seccomp &= !args.no_seccomp;
+    if args.jail {
+        config.jail.get_or_insert_with(Default::default);
+    }
+    if config.jail.is_some() && args.name.is_some() {
+        // Its sockets would sit in the registry folder with every other
+        // named VM's, which the jail would then see.
+        return fail("a named VM (--name) cannot be jailed yet: launch it with --api-socket in a folder of its own and --jail");
+    }
     // A named VM holds its name until it ends.
     let (_claim, api_socket) = match &args.name {
         Some(name) => match named::register(name, &mut config) {
@@ -316,9 +324,6 @@ fn launch(args: LaunchArgs, start: Instant) -> ExitCode {
             Some(_) => config.ensure_vsock(vsock),
             None => config.ensure_agent(vsock),
         }
-    }
-    if args.jail {
-        config.jail.get_or_insert_with(Default::default);
     }
     let hv = match vmm::open_hypervisor() {
         Ok(hv) => hv,
