@@ -7,7 +7,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -70,6 +70,48 @@ impl AsRawFd for Ticker {
     }
 }
 
+/// A one-shot non-blocking timer for waits several callers may ask for
+/// (rate limits holding queues): it keeps the earliest wake-up asked for
+/// since it last fired; the callers that asked later ask again then.
+pub struct Alarm {
+    timer: TimerFd,
+    at: Option<Instant>,
+}
+
+impl Alarm {
+    pub fn new() -> io::Result<Self> {
+        Ok(Alarm {
+            timer: nonblocking()?,
+            at: None,
+        })
+    }
+
+    /// Fires in `wait` unless it already fires sooner; failures are
+    /// logged as `owner`'s.
+    pub fn wake_after(&mut self, wait: Duration, owner: impl std::fmt::Display) {
+        let at = Instant::now() + wait;
+        if self.at.is_some_and(|armed| armed <= at) {
+            return;
+        }
+        match self.timer.reset(wait, None) {
+            Ok(()) => self.at = Some(at),
+            Err(e) => tracing::error!("{owner}: cannot arm its timer: {e}"),
+        }
+    }
+
+    /// Takes the expiration (the descriptor was readable).
+    pub fn acknowledge(&mut self) {
+        let _ = self.timer.wait();
+        self.at = None;
+    }
+}
+
+impl AsRawFd for Alarm {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.timer.as_raw_fd()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,5 +126,23 @@ mod tests {
         timer.clear().unwrap();
         assert!(timer.wait().is_err());
         assert!(start.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn an_alarm_keeps_the_earliest_wake_up() {
+        let mut alarm = Alarm::new().unwrap();
+        alarm.wake_after(Duration::from_secs(60), "test");
+        alarm.wake_after(Duration::from_millis(1), "test");
+        alarm.wake_after(Duration::from_secs(30), "test");
+        let mut pfd = libc::pollfd {
+            fd: alarm.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let ready = unsafe { libc::poll(&mut pfd, 1, 5000) };
+        assert_eq!(ready, 1, "the 1 ms wake-up fires, not the later ones");
+        alarm.acknowledge();
+        assert_eq!(alarm.at, None);
     }
 }

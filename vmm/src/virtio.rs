@@ -5,8 +5,8 @@
 use devices::sync::Locked;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
+use devices::timer::Alarm;
 use devices::virtio::mmio::{MmioTransport, MMIO_LEN, NOTIFY_OFFSET};
 use devices::virtio::{Drained, Interrupt, VirtioDevice};
 use devices::{Bus, EventFdLine};
@@ -14,7 +14,6 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use hypervisor::IoEventAddress;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::timerfd::TimerFd;
 
 use crate::x86_64::layout::{IOAPIC_PINS, VIRTIO_IRQ_START, VIRTIO_MMIO_START};
 
@@ -86,10 +85,8 @@ pub struct VirtioSlot {
     /// The `virtio_mmio.device=` kernel argument that announces it.
     pub cmdline: String,
     /// Wakes the queues a rate limit holds ([`Drained::Throttled`]).
-    throttle: TimerFd,
+    throttle: Alarm,
     throttled: Vec<bool>,
-    /// When the armed throttle timer fires.
-    wake_at: Option<Instant>,
 }
 
 /// Adds virtio devices one after the other: device n gets the n-th MMIO
@@ -146,9 +143,8 @@ impl<'a> VirtioPlacer<'a> {
             transport,
             queue_evts,
             cmdline: format!("virtio_mmio.device=4K@{base:#x}:{irq}"),
-            throttle: devices::timer::nonblocking().map_err(Error::EventFd)?,
+            throttle: Alarm::new().map_err(Error::EventFd)?,
             throttled,
-            wake_at: None,
         })
     }
 }
@@ -168,8 +164,7 @@ impl MutEventSubscriber for VirtioSlot {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         let fd = events.fd();
         if fd == self.throttle.as_raw_fd() {
-            let _ = self.throttle.wait();
-            self.wake_at = None;
+            self.throttle.acknowledge();
             // Every held queue tries again; one still held re-arms the timer.
             for index in 0..self.throttled.len() {
                 if std::mem::take(&mut self.throttled[index]) {
@@ -198,14 +193,7 @@ impl VirtioSlot {
             // for; the others ask again then.
             Drained::Throttled(wait) => {
                 self.throttled[index] = true;
-                let at = Instant::now() + wait;
-                if self.wake_at.is_some_and(|armed| armed <= at) {
-                    return;
-                }
-                match self.throttle.reset(wait, None) {
-                    Ok(()) => self.wake_at = Some(at),
-                    Err(e) => tracing::error!("{}: cannot arm the rate-limit timer: {e}", self.id),
-                }
+                self.throttle.wake_after(wait, &self.id);
             }
         }
     }

@@ -281,18 +281,25 @@ where
 /// [`process_chains`] for request queues the guest fills (block, fs,
 /// transmit): at most [`MAX_CHAINS_PER_RUN`] chains and
 /// [`MAX_TIME_PER_RUN`] per call, so one guest cannot hold the event loop
-/// (and with it the control socket and the other devices).
+/// (and with it the control socket and the other devices). `handle`
+/// returns how many bytes it wrote into a chain, or how long a rate limit
+/// holds it: the chain and the ones after it then stay in the ring, and
+/// the call returns [`Drained::Throttled`].
 pub fn process_requests<F>(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     interrupt: &Interrupt,
-    handle: F,
+    mut handle: F,
 ) -> Result<Drained, BrokenRing>
 where
-    F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> Option<u32>,
+    F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> Result<u32, Duration>,
 {
     let until = Instant::now() + MAX_TIME_PER_RUN;
-    run_chains(queue, mem, interrupt, Some(until), handle)
+    let mut held = None;
+    let drained = run_chains(queue, mem, interrupt, Some(until), |chain| {
+        handle(chain).map_err(|wait| held = Some(wait)).ok()
+    })?;
+    Ok(held.map_or(drained, Drained::Throttled))
 }
 
 fn run_chains<F>(
@@ -374,7 +381,7 @@ mod tests {
             let before = seen;
             let drained = process_requests(&mut queue, &mem, &interrupt, |_| {
                 seen += 1;
-                Some(0)
+                Ok(0)
             })
             .unwrap();
             runs.push(seen - before);
@@ -392,7 +399,7 @@ mod tests {
             slow += 1;
             let t = Instant::now();
             while t.elapsed() < MAX_TIME_PER_RUN / 2 {}
-            Some(0)
+            Ok(0)
         })
         .unwrap();
         assert_eq!(drained, Drained::Budget);

@@ -226,16 +226,12 @@ impl VirtioDevice for Block {
         let mut disk = self.disk.locked();
         let id = &self.id;
         let limiter = &mut self.limiter;
-        let mut throttled = None;
         let done = process_requests(&mut run.queues[0], &run.mem, &run.interrupt, |chain| {
             if !limiter.is_unlimited() {
-                if let Err(wait) = limiter.consume(request_cost(&chain), 1) {
-                    throttled = Some(wait);
-                    return None;
-                }
+                limiter.consume(request_cost(&chain), 1)?;
             }
             let head = chain.head_index();
-            Some(match handle_chain(&run.mem, chain, &mut disk, id) {
+            Ok(match handle_chain(&run.mem, chain, &mut disk, id) {
                 Some(c) => c.used_len,
                 None => {
                     tracing::warn!("virtio-blk: malformed request chain {head} from the guest");
@@ -244,15 +240,11 @@ impl VirtioDevice for Block {
             })
         });
         drop(disk);
-        match (done, throttled) {
-            (Ok(_), Some(wait)) => Drained::Throttled(wait),
-            (Ok(drained), None) => drained,
-            (Err(_), _) => {
-                tracing::warn!("virtio-blk: the used ring is broken; the queue stops");
-                self.running = None;
-                Drained::All
-            }
-        }
+        done.unwrap_or_else(|_| {
+            tracing::warn!("virtio-blk: the used ring is broken; the queue stops");
+            self.running = None;
+            Drained::All
+        })
     }
 
     fn reset(&mut self) {

@@ -100,10 +100,10 @@ impl VirtioDevice for Fs {
         let done = process_requests(queue, mem, &run.interrupt, |chain| match IoBuf::from_chain(
             mem, chain,
         ) {
-            Ok((req, mut reply)) => Some(server.handle(&req, &mut reply) as u32),
+            Ok((req, mut reply)) => Ok(server.handle(&req, &mut reply) as u32),
             Err(e) => {
                 tracing::warn!("virtio-fs: dropped a request: {e}");
-                Some(0)
+                Ok(0)
             }
         });
         done.unwrap_or_else(|_| {

@@ -36,7 +36,6 @@ use crate::sync::Locked;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
@@ -47,9 +46,9 @@ use virtio_bindings::virtio_net::{
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::timerfd::TimerFd;
 
 use crate::rate_limit::{RateLimitConfig, RateLimiter};
+use crate::timer::Alarm;
 
 use super::{
     process_requests, read_config_bytes, ActivateError, BrokenRing, Drained, Interrupt,
@@ -117,9 +116,7 @@ struct Inner {
     /// Whether the frame in `scratch` was charged to `rx_limit`.
     pending_paid: bool,
     /// Wakes the receive path a limit holds (only with a receive limit).
-    rx_timer: Option<TimerFd>,
-    /// When the armed `rx_timer` fires.
-    rx_wake_at: Option<Instant>,
+    rx_timer: Option<Alarm>,
 }
 
 impl Inner {
@@ -137,38 +134,30 @@ impl Inner {
             return Drained::All;
         };
         let mem = &run.mem;
-        let mut throttled = None;
         let done = process_requests(&mut run.queues[TX], mem, &run.interrupt, |chain| {
             let Ok(mut r) = Reader::new(mem, chain) else {
                 *dropped += 1;
-                return Some(0);
+                return Ok(0);
             };
             let len = r.available_bytes();
             if !(HDR_LEN..=HDR_LEN + *max_frame).contains(&len) {
                 *dropped += 1;
-                return Some(0);
+                return Ok(0);
             }
-            if let Err(wait) = tx_limit.consume((len - HDR_LEN) as u64, 1) {
-                throttled = Some(wait);
-                return None;
-            }
+            tx_limit.consume((len - HDR_LEN) as u64, 1)?;
             tx_frame.resize(len, 0);
             if r.read_exact(tx_frame).is_err() {
                 *dropped += 1;
             } else if let Err(e) = backend.send(&tx_frame[HDR_LEN..]) {
                 tracing::debug!("virtio-net: frame not sent: {e}");
             }
-            Some(0)
+            Ok(0)
         });
-        let drained = match (done, throttled) {
-            (Ok(_), Some(wait)) => Drained::Throttled(wait),
-            (Ok(drained), None) => drained,
-            (Err(_), _) => {
-                tracing::warn!("virtio-net: the transmit ring is broken; the device stops");
-                *running = None;
-                Drained::All
-            }
-        };
+        let drained = done.unwrap_or_else(|_| {
+            tracing::warn!("virtio-net: the transmit ring is broken; the device stops");
+            *running = None;
+            Drained::All
+        });
         backend.poll();
         self.process_rx();
         drained
@@ -233,23 +222,8 @@ impl Inner {
         if used && queue.needs_notification(&run.mem).unwrap_or(true) {
             run.interrupt.signal_used_queue();
         }
-        if let Some(wait) = throttled {
-            self.wake_rx_after(wait);
-        }
-    }
-
-    /// Arms the receive timer to fire in `wait`, unless it fires sooner.
-    fn wake_rx_after(&mut self, wait: Duration) {
-        let Some(timer) = self.rx_timer.as_mut() else {
-            return;
-        };
-        let at = Instant::now() + wait;
-        if self.rx_wake_at.is_some_and(|armed| armed <= at) {
-            return;
-        }
-        match timer.reset(wait, None) {
-            Ok(()) => self.rx_wake_at = Some(at),
-            Err(e) => tracing::error!("virtio-net: cannot arm the receive rate-limit timer: {e}"),
+        if let (Some(wait), Some(timer)) = (throttled, self.rx_timer.as_mut()) {
+            timer.wake_after(wait, "virtio-net receive rate limit");
         }
     }
 }
@@ -344,7 +318,6 @@ impl Net {
                 rx_limit: RateLimiter::default(),
                 pending_paid: false,
                 rx_timer: None,
-                rx_wake_at: None,
             })),
             queue_sizes: [QUEUE_SIZE; 2],
         }
@@ -358,7 +331,7 @@ impl Net {
             inner.tx_limit = RateLimiter::new(tx);
             inner.rx_limit = RateLimiter::new(rx);
             if !inner.rx_limit.is_unlimited() {
-                inner.rx_timer = Some(crate::timer::nonblocking()?);
+                inner.rx_timer = Some(Alarm::new()?);
             }
             let max_frame = inner.max_frame as u64;
             if let Some(rate) = rx.bytes_per_sec(max_frame) {
@@ -486,8 +459,7 @@ impl MutEventSubscriber for NetHandle {
         let mut inner = self.inner.locked();
         if let Some(timer) = inner.rx_timer.as_mut() {
             if timer.as_raw_fd() == events.fd() {
-                let _ = timer.wait();
-                inner.rx_wake_at = None;
+                timer.acknowledge();
                 inner.process_rx();
                 return;
             }
@@ -502,6 +474,7 @@ mod tests {
     use super::*;
     use crate::interrupt::EventFdLine;
     use std::collections::VecDeque;
+    use std::time::Duration;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;

@@ -57,7 +57,7 @@ impl Inner {
                 Some((hdr, payload)) => muxer.handle_guest_packet(&hdr, &payload),
                 None => tracing::warn!("vsock: dropped a malformed packet from the guest"),
             }
-            Some(0)
+            Ok(0)
         });
         done.unwrap_or_else(|_| {
             tracing::warn!("vsock: the transmit ring is broken; the device stops");
