@@ -336,3 +336,23 @@ fn a_named_vm_is_refused_a_jail_rather_than_shown_the_registry() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("cannot be jailed yet"), "{stderr}");
 }
+
+#[test]
+fn vmm_run_goes_unjailed_where_the_host_forbids_user_namespaces() {
+    // As in the test above: a user namespace whose limit on user
+    // namespaces is 0. `vmm run` jails by default only where it can.
+    let out = std::process::Command::new("unshare")
+        .args(["-Ur", "sh", "-c"])
+        .arg("echo 0 > /proc/sys/user/max_user_namespaces && exec \"$0\" run -- echo unjailed")
+        .arg(common::VMM)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("unshare (util-linux) runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "unjailed\n",
+        "{stderr}"
+    );
+}

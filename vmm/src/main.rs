@@ -383,6 +383,15 @@ fn jail_run(config: &mut VmConfig) -> Result<(), Box<dyn std::error::Error>> {
     jail(config, &files, base.as_deref(), None, None)
 }
 
+/// Whether `e` says the host forbids the jail's namespaces (nothing was
+/// changed then: the process may go on unjailed).
+fn is_namespace_refusal(e: &(dyn std::error::Error + 'static)) -> bool {
+    matches!(
+        e.downcast_ref::<vmm::jail::Error>(),
+        Some(vmm::jail::Error::Namespaces(_))
+    )
+}
+
 /// `vmm restore`'s switches.
 struct RestoreFlags {
     no_seccomp: bool,
@@ -512,12 +521,17 @@ fn run(config: Option<PathBuf>, no_seccomp: bool, no_jail: bool, cmd: &ExecArgs)
         None => VmConfig::default(),
     };
     config.seccomp &= !no_seccomp;
-    // Jailed unless asked not to: by the config, else wherever the host
-    // allows user namespaces (a config's "jail" fails where it does not).
-    let jailed = !no_jail && (config.jail.is_some() || vmm::jail::probe::user_namespaces().is_ok());
-    if jailed {
-        if let Err(e) = jail_run(&mut config) {
-            return fail(e);
+    // Jailed unless asked not to. Where the host forbids user namespaces,
+    // a config's "jail" fails; the default runs unjailed.
+    if !no_jail {
+        let asked = config.jail.is_some();
+        match jail_run(&mut config) {
+            Ok(()) => {}
+            Err(e) if !asked && is_namespace_refusal(e.as_ref()) => {
+                tracing::info!("{e}; the VM runs unjailed");
+                config.jail = None;
+            }
+            Err(e) => return fail(e),
         }
     }
     let seccomp = config.seccomp;
