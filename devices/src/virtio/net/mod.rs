@@ -482,9 +482,12 @@ mod tests {
     use vmm_sys_util::eventfd::EventFd;
 
     /// Frames in both directions, kept in memory.
+    type Sent = Arc<Mutex<Vec<Vec<u8>>>>;
+    type ToGuest = Arc<Mutex<VecDeque<Vec<u8>>>>;
+
     struct Loop {
-        sent: Arc<Mutex<Vec<Vec<u8>>>>,
-        to_guest: Arc<Mutex<VecDeque<Vec<u8>>>>,
+        sent: Sent,
+        to_guest: ToGuest,
         evt: EventFd,
     }
 
@@ -540,26 +543,42 @@ mod tests {
         (idx, lens)
     }
 
-    #[test]
-    fn frames_flow_both_ways_and_hostile_chains_are_dropped() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
-        let rxq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
-        let txq = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 16);
-        let sent = Arc::new(Mutex::new(Vec::new()));
-        let to_guest = Arc::new(Mutex::new(VecDeque::new()));
+    /// A backend, and the frames it sent and has for the guest.
+    fn looped() -> (Box<Loop>, Sent, ToGuest) {
+        let sent = Sent::default();
+        let to_guest = ToGuest::default();
         let backend = Loop {
             sent: sent.clone(),
             to_guest: to_guest.clone(),
             evt: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
         };
-        let mut dev = Net::new([2, 0, 0, 0, 0, 1], Box::new(backend));
-        let mut cfg = [0u8; 12];
-        dev.read_config(0, &mut cfg);
-        assert_eq!(cfg, [2, 0, 0, 0, 0, 1, 1, 0, 1, 0, 0xdc, 0x05]);
+        (Box::new(backend), sent, to_guest)
+    }
+
+    /// Activates `dev` with the receive and transmit queues on `mem`.
+    fn activate(
+        dev: &mut Net,
+        mem: &GuestMemoryMmap,
+        rxq: &MockSplitQueue<GuestMemoryMmap>,
+        txq: &MockSplitQueue<GuestMemoryMmap>,
+    ) {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let interrupt = Arc::new(Interrupt::new(Box::new(EventFdLine(irq))));
         let queues = vec![rxq.create_queue().unwrap(), txq.create_queue().unwrap()];
         dev.activate(mem.clone(), interrupt, queues).unwrap();
+    }
+
+    #[test]
+    fn frames_flow_both_ways_and_hostile_chains_are_dropped() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let rxq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
+        let txq = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 16);
+        let (backend, sent, to_guest) = looped();
+        let mut dev = Net::new([2, 0, 0, 0, 0, 1], backend);
+        let mut cfg = [0u8; 12];
+        dev.read_config(0, &mut cfg);
+        assert_eq!(cfg, [2, 0, 0, 0, 0, 1, 1, 0, 1, 0, 0xdc, 0x05]);
+        activate(&mut dev, &mem, &rxq, &txq);
 
         // Transmit: a good frame split over two buffers; one shorter than
         // the header; one past the largest frame; one outside memory.
@@ -611,13 +630,7 @@ mod tests {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
         let rxq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
         let txq = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 16);
-        let sent = Arc::new(Mutex::new(Vec::new()));
-        let to_guest = Arc::new(Mutex::new(VecDeque::new()));
-        let backend = Loop {
-            sent: sent.clone(),
-            to_guest: to_guest.clone(),
-            evt: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-        };
+        let (backend, sent, to_guest) = looped();
         let packets = |size, refill_time_ms| RateLimitConfig {
             bandwidth: None,
             ops: Some(crate::rate_limit::BucketConfig {
@@ -626,13 +639,10 @@ mod tests {
             }),
         };
         // Transmit: 2 frames per minute. Receive: 2 frames per 50 ms.
-        let mut dev = Net::new([2, 0, 0, 0, 0, 1], Box::new(backend))
+        let mut dev = Net::new([2, 0, 0, 0, 0, 1], backend)
             .with_rate_limit(&packets(2, 50), &packets(2, 60_000))
             .unwrap();
-        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let interrupt = Arc::new(Interrupt::new(Box::new(EventFdLine(irq))));
-        let queues = vec![rxq.create_queue().unwrap(), txq.create_queue().unwrap()];
-        dev.activate(mem.clone(), interrupt, queues).unwrap();
+        activate(&mut dev, &mem, &rxq, &txq);
 
         mem.write_slice(&[0u8; HDR_LEN + 4], GuestAddress(0x10_0000))
             .unwrap();
@@ -680,19 +690,11 @@ mod tests {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
         let rxq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
         let txq = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 16);
-        let to_guest = Arc::new(Mutex::new(VecDeque::new()));
-        let backend = Loop {
-            sent: Arc::new(Mutex::new(Vec::new())),
-            to_guest: to_guest.clone(),
-            evt: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-        };
-        let mut dev = Net::new([2, 0, 0, 0, 0, 1], Box::new(backend));
+        let (backend, _, to_guest) = looped();
+        let mut dev = Net::new([2, 0, 0, 0, 0, 1], backend);
         assert_ne!(dev.features() & (1 << VIRTIO_NET_F_MRG_RXBUF), 0);
         dev.ack_features((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MRG_RXBUF));
-        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let interrupt = Arc::new(Interrupt::new(Box::new(EventFdLine(irq))));
-        let queues = vec![rxq.create_queue().unwrap(), txq.create_queue().unwrap()];
-        dev.activate(mem.clone(), interrupt, queues).unwrap();
+        activate(&mut dev, &mem, &rxq, &txq);
 
         // 100 bytes behind the 12-byte header need three 50-byte buffers;
         // with two posted the frame waits and nothing is used.
