@@ -17,15 +17,17 @@ use super::{Error, Exposed, Plan};
 /// for it, and an older kernel enforces what it knows of them.
 const LANDLOCK_ABI: ABI = ABI::V5;
 
-/// Sets the resource limits of `plan`.
+/// Descriptors a jailed VMM may hold (its soft limit is raised to this).
+const MAX_OPEN_FILES: u64 = 1 << 16;
+/// Locked memory: the VMM locks none.
+const MAX_LOCKED_MEMORY: u64 = 64 << 10;
+
+/// Sets the resource limits: `plan`'s file size, and the jail's own for
+/// locked memory and open files.
 pub fn set_rlimits(plan: &Plan) -> Result<(), Error> {
     for (resource, value, name) in [
         (libc::RLIMIT_FSIZE, plan.max_file_size, "file size"),
-        (
-            libc::RLIMIT_MEMLOCK,
-            plan.max_locked_memory,
-            "locked memory",
-        ),
+        (libc::RLIMIT_MEMLOCK, MAX_LOCKED_MEMORY, "locked memory"),
     ] {
         let lim = libc::rlimit {
             rlim_cur: value,
@@ -47,9 +49,8 @@ pub fn set_rlimits(plan: &Plan) -> Result<(), Error> {
     };
     // SAFETY: getrlimit and setrlimit on a valid rlimit.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_max > plan.max_open_files
-        {
-            lim.rlim_max = plan.max_open_files;
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_max > MAX_OPEN_FILES {
+            lim.rlim_max = MAX_OPEN_FILES;
             lim.rlim_cur = lim.rlim_cur.min(lim.rlim_max);
             if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
                 return Err(Error::Setup {

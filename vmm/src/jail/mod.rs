@@ -62,17 +62,10 @@ pub struct Plan {
     /// A network namespace of its own (a VM without a network).
     pub new_network: bool,
     pub max_file_size: u64,
-    pub max_locked_memory: u64,
-    pub max_open_files: u64,
     /// The launcher and the init run under the `jail` seccomp filter once
     /// the VMM runs (the config's `seccomp`).
     pub seccomp: bool,
 }
-
-/// Descriptors a jailed VMM may hold (its soft limit is raised to this).
-const MAX_OPEN_FILES: u64 = 1 << 16;
-/// Locked memory: the VMM locks none.
-const MAX_LOCKED_MEMORY: u64 = 64 << 10;
 
 impl Plan {
     /// What the VM of `config` needs: `boot_files` (kernel, initramfs), the
@@ -141,8 +134,6 @@ impl Plan {
             // A layer grows to the disk's size; a snapshot's memory file to
             // the guest's; with room for the rest.
             max_file_size: disk.max(memory) + (1 << 30),
-            max_locked_memory: MAX_LOCKED_MEMORY,
-            max_open_files: MAX_OPEN_FILES,
             seccomp: config.seccomp,
         })
     }
