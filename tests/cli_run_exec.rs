@@ -139,7 +139,10 @@ fn launch_exec_stop() {
         );
         assert_no_avx_in_glibc(&String::from_utf8_lossy(&out.stdout));
     } else {
-        eprintln!("skipped: the glibc AVX check is for PVM hosts (no /sys/module/kvm_pvm here)");
+        common::skipped(
+            "the glibc AVX check",
+            "it is for PVM hosts (no /sys/module/kvm_pvm here)",
+        );
     }
     let out = exec(&["--timeout", "0.5", "--", "sleep", "600"], None);
     assert_eq!(out.status.code(), Some(124));

@@ -192,7 +192,7 @@ fn sync_storm(g: &Guest) {
 fn other_user(g: &Guest) {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("other-user part skipped: switching to uid 65534 needs root");
+        common::skipped("the other-user part", "switching to uid 65534 needs root");
         return;
     }
     let uds = format!("{}.vsock", g.api.display());

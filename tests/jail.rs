@@ -326,18 +326,6 @@ fn vmm_run_is_jailed_by_default() {
 }
 
 #[test]
-fn a_named_vm_is_refused_a_jail_rather_than_shown_the_registry() {
-    let out = std::process::Command::new(common::VMM)
-        .args(["launch", "--name", "jail-refused", "--jail"])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("cannot be jailed yet"), "{stderr}");
-}
-
-#[test]
 fn vmm_run_goes_unjailed_where_the_host_forbids_user_namespaces() {
     // As in the test above: a user namespace whose limit on user
     // namespaces is 0. `vmm run` jails by default only where it can.
@@ -355,4 +343,61 @@ fn vmm_run_goes_unjailed_where_the_host_forbids_user_namespaces() {
         "unjailed\n",
         "{stderr}"
     );
+}
+
+#[test]
+fn cgroup_limits_hold_the_jail_or_the_launch_is_refused() {
+    use std::process::{Command, Stdio};
+    let s = Scratch::new("jail-cgroup");
+    let limits = json!({"memory_max_mib": 384, "pids_max": 64, "cpu_max_percent": 150});
+    let config = json!({"memory_mib": 256, "rootfs": {}, "serial": "off", "jail": limits});
+    let controllers = vmm::jail::probe::CGROUP_CONTROLLERS;
+    let Ok(delegated) = vmm::jail::probe::cgroup_delegation(&controllers) else {
+        // The refusal, for real: the launch fails before anything runs
+        // and says why, never running without the limits asked for.
+        let why = vmm::jail::probe::cgroup_delegation(&controllers).unwrap_err();
+        common::skipped(
+            "the cgroup limits themselves (the refusal is checked instead)",
+            &format!("this host has no delegated cgroup v2: {why}"),
+        );
+        let path = s.file("vm.json", &config.to_string());
+        let out = Command::new(common::VMM)
+            .args(["launch", "--config"])
+            .arg(&path)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("cannot jail the VMM: its cgroup limits need a delegated cgroup v2")
+                && stderr.contains(&why),
+            "{stderr}"
+        );
+        // `vmm run` with the same config: refused too, not run unjailed.
+        let out = Command::new(common::VMM)
+            .args(["run", "--config"])
+            .arg(&path)
+            .args(["--", "true"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}", common::describe(&out));
+        return;
+    };
+    let g = Guest::boot(s, &config);
+    let vmm = vmm_pid(&g);
+    let own = std::fs::read_to_string(format!("/proc/{vmm}/cgroup")).unwrap();
+    let path = own.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
+    let name = Path::new(path).file_name().unwrap().to_string_lossy();
+    assert!(name.starts_with("vmm-jail-"), "{own}");
+    let dir = delegated.join(&*name);
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+    assert_eq!(read("memory.max").trim(), (384u64 << 20).to_string());
+    assert_eq!(read("pids.max").trim(), "64");
+    assert_eq!(read("cpu.max").trim(), "150000 100000");
+    assert_eq!(ok(exec(&g.api, "echo limited")), "limited");
+    // The launcher, the init, the VMM: all in it.
+    let procs = read("cgroup.procs");
+    assert!(procs.lines().count() >= 3, "{procs}");
 }

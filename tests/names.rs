@@ -1,8 +1,10 @@
 //! Named VMs as a user drives them: `vmm launch --name NAME --detach`,
 //! `vmm ps`, `vmm exec NAME`, `vmm pause/resume NAME`, `vmm fork NAME`
 //! (children `NAME-1`, ...), `vmm logs NAME`, `vmm stop NAME`. One VM (and
-//! one fork child) serves the whole file; the registry lives in a private
-//! runtime directory of the test's own (`XDG_RUNTIME_DIR`).
+//! one fork child) serves the whole file, jailed (`--jail`: its sockets in
+//! a folder of its own, its children reported with host pids); the
+//! registry lives in a private runtime directory of the test's own
+//! (`XDG_RUNTIME_DIR`).
 
 mod common;
 
@@ -90,12 +92,45 @@ impl Drop for Cli {
     }
 }
 
+/// The pids `pid` has in its PID namespace and those above it.
+fn ns_pids(pid: i64) -> Vec<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find_map(|l| l.strip_prefix("NSpid:"));
+    line.unwrap()
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect()
+}
+
+/// What a process sees in folder `dir` (through its /proc/PID/root).
+fn seen(pid: u32, dir: &std::path::Path) -> Vec<String> {
+    let inside = PathBuf::from(format!("/proc/{pid}/root")).join(dir.strip_prefix("/").unwrap());
+    let mut names: Vec<String> = std::fs::read_dir(inside)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
 #[test]
 fn a_named_vm_is_found_by_name_forked_listed_and_stopped() {
     let cli = Cli::new();
-    let started: Value = serde_json::from_str(&cli.ok(&["launch", "--name", "dev", "-d"])).unwrap();
+    let started: Value =
+        serde_json::from_str(&cli.ok(&["launch", "--name", "dev", "-d", "--jail"])).unwrap();
     assert_eq!(started["name"], "dev");
     let pid = started["pid"].as_i64().unwrap();
+    // Jailed: its sockets and console in a folder of its own, which is
+    // all of the registry its jail sees.
+    let registry = cli.runtime.join("vmm/vms");
+    let folder = registry.join("dev.jail");
+    assert_eq!(
+        started["api_socket"],
+        folder.join("api.sock").to_str().unwrap()
+    );
+    let init = common::children(pid as u32)[0];
+    let vmm = common::children(init)[0];
+    assert_eq!(seen(vmm, &registry), ["dev.jail"]);
 
     // The name is held while the VM runs.
     let err = cli.refused(&["launch", "--name", "dev", "-d"]);
@@ -130,6 +165,14 @@ fn a_named_vm_is_found_by_name_forked_listed_and_stopped() {
     let child = cli.row("dev-1");
     assert_eq!(child["parent"], "dev");
     assert_eq!(child["state"], "running");
+    // Registered with its pid on the host, not the jail's.
+    let child_pids = ns_pids(child["pid"].as_i64().unwrap());
+    assert_eq!(child_pids.len(), 2, "{child_pids:?}");
+    assert_eq!(
+        u64::from(child_pids[1]),
+        forked["children"][0]["pid"].as_u64().unwrap()
+    );
+    assert!(folder.join("dev-1.api.sock").exists());
     assert_eq!(cli.ok(&["exec", "dev-1", "--", "cat", "/tmp/mark"]), "hi\n");
 
     // The console so far: the guest init says it is ready.

@@ -35,8 +35,9 @@ fn hooks_built_in() -> bool {
     if cfg!(feature = "seccomp-test-hooks") {
         return true;
     }
-    eprintln!(
-        "skipped: build the tests with --features vmm/seccomp-test-hooks (tools/test.sh does)"
+    common::skipped(
+        "seccomp hook tests",
+        "build the tests with --features vmm/seccomp-test-hooks (tools/test.sh does)",
     );
     false
 }

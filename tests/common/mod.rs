@@ -11,6 +11,14 @@ use vmm::action::Control;
 
 pub const VMM: &str = env!("CARGO_BIN_EXE_vmm");
 
+/// Says that (part of) a test was skipped, and why, where the test
+/// harness does not hide it: straight to standard error, which the
+/// harness captures only through `eprintln!`.
+pub fn skipped(what: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {what}: {why}");
+}
+
 /// A scratch directory removed when dropped.
 pub struct Scratch(pub PathBuf);
 

@@ -45,6 +45,8 @@ pub enum Error {
     DuplicateShareTag(String),
     #[error("share {tag:?}: \"guest_path\" {path:?} must be an absolute path other than /, without spaces, ',' or ':'")]
     BadGuestPath { tag: String, path: PathBuf },
+    #[error("\"jail\": {0}")]
+    BadJail(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -481,9 +483,62 @@ pub struct VmConfig {
 }
 
 /// The jail's settings: `"jail": {}` jails the VMM with the defaults.
+/// The limits are those of a cgroup v2 the jail makes for itself (they
+/// need cgroup delegation; docs/security.md): they hold for the jail as
+/// a whole, the VMM and the fork children it starts.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct JailConfig {}
+pub struct JailConfig {
+    /// `memory.max`, in MiB: more than the guest's memory, which is
+    /// charged as the guest touches it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_max_mib: Option<u64>,
+    /// `pids.max`: processes and threads (each vCPU is a thread, each
+    /// fork child a VMM of its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids_max: Option<u64>,
+    /// `cpu.max`, in percent of one CPU (150: one and a half CPUs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_max_percent: Option<u64>,
+}
+
+/// Threads and processes a jailed VMM has besides its vCPUs (measured: the
+/// jail's launcher and init; the VMM's main, spawner and control threads,
+/// KVM's worker thread and the spawner's helper process), with room to
+/// spare. Each fork child adds its vCPUs and 4.
+pub const JAIL_BASE_PIDS: u64 = 12;
+
+impl JailConfig {
+    /// Whether it asks for any cgroup limit.
+    pub fn has_limits(&self) -> bool {
+        self.memory_max_mib.is_some() || self.pids_max.is_some() || self.cpu_max_percent.is_some()
+    }
+
+    /// Checks the limits against the VM they hold (`memory_mib` of guest
+    /// memory, `vcpus` threads).
+    pub fn validate(&self, memory_mib: u64, vcpus: u32) -> Result<()> {
+        let bad = |s: String| Err(Error::BadJail(s));
+        if let Some(m) = self.memory_max_mib {
+            if m <= memory_mib {
+                return bad(format!("\"memory_max_mib\" is {m}, not above the guest's {memory_mib} MiB: the VMM would be killed once the guest uses its memory; give it the guest's memory plus at least 64"));
+            }
+        }
+        if let Some(p) = self.pids_max {
+            let least = u64::from(vcpus) + JAIL_BASE_PIDS;
+            if p < least {
+                return bad(format!("\"pids_max\" is {p}: a jailed VMM needs a thread per vCPU besides its own threads and the jail's processes; give it at least {least} (vCPUs + {JAIL_BASE_PIDS}), and more for fork children"));
+            }
+        }
+        if let Some(c) = self.cpu_max_percent {
+            if !(1..=100 * 1024).contains(&c) {
+                return bad(format!(
+                    "\"cpu_max_percent\" is {c}: give 1 (a hundredth of a CPU) to 102400"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
 
 fn default_seccomp() -> bool {
     true
@@ -582,6 +637,9 @@ impl VmConfig {
                 return Err(Error::DuplicateShareTag(share.tag.clone()));
             }
         }
+        if let Some(j) = &self.jail {
+            j.validate(self.memory_mib, self.vcpus)?;
+        }
         Ok(())
     }
 }
@@ -645,6 +703,34 @@ mod tests {
             }
         }
         assert!(seen >= 4, "{seen} examples in {}", dir.display());
+    }
+
+    #[test]
+    fn jail_limits_are_checked_against_the_vm() {
+        let jail = |body: &str| {
+            parse(&format!(
+                r#"{{"memory_mib": 256, "vcpus": 2, "jail": {body}}}"#
+            ))
+        };
+        let c = jail(r#"{"memory_max_mib": 320, "pids_max": 14, "cpu_max_percent": 50}"#).unwrap();
+        assert!(c.jail.unwrap().has_limits());
+        assert!(!jail("{}").unwrap().jail.unwrap().has_limits());
+        for (bad, says) in [
+            (
+                r#"{"memory_max_mib": 256}"#,
+                "not above the guest's 256 MiB",
+            ),
+            (r#"{"pids_max": 13}"#, "at least 14"),
+            (r#"{"cpu_max_percent": 0}"#, "give 1"),
+            (r#"{"cpu_max_percent": 102401}"#, "give 1"),
+        ] {
+            let err = jail(bad).unwrap_err().to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+        assert!(
+            jail(r#"{"memory": 1}"#).is_err(),
+            "unknown fields are refused"
+        );
     }
 
     #[test]

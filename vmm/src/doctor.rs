@@ -193,9 +193,9 @@ fn jail_checks(report: &mut Report) {
         None => "not offered by this kernel (built without it, or not in the lsm= boot list); the jail goes without it".into(),
     };
     report.push("jail: Landlock", landlock, Status::Info);
-    let cgroup = match probe::cgroup_delegation() {
+    let cgroup = match probe::cgroup_delegation(&probe::CGROUP_CONTROLLERS) {
         Ok(dir) => format!("delegated: {} (memory, pids, cpu)", dir.display()),
-        Err(why) => format!("not available, jails go without cgroup limits: {why}"),
+        Err(why) => format!("not available, so a jail with memory, pids or cpu limits (\"jail\" in the config) is refused: {why}"),
     };
     report.push("jail: cgroup v2", cgroup, Status::Info);
 }

@@ -182,8 +182,8 @@ impl Target {
             (None, name) => {
                 let name = name.as_deref().unwrap_or_default();
                 let registry = vmm::names::registry()?;
-                vmm::names::lookup(&registry, name)?;
-                Ok(vmm::names::api_socket(&registry, name))
+                let entry = vmm::names::lookup(&registry, name)?;
+                Ok(vmm::names::entry_api_socket(&registry, &entry))
             }
         }
     }
@@ -291,6 +291,7 @@ fn launch(args: LaunchArgs, start: Instant) -> ExitCode {
             args.config.as_deref(),
             args.report.as_deref(),
             args.no_seccomp,
+            args.jail,
         );
     }
     let mut config = match &args.config {
@@ -304,11 +305,6 @@ fn launch(args: LaunchArgs, start: Instant) -> ExitCode {
     config.seccomp &= !args.no_seccomp;
     if args.jail {
         config.jail.get_or_insert_with(Default::default);
-    }
-    if config.jail.is_some() && args.name.is_some() {
-        // Its sockets would sit in the registry folder with every other
-        // named VM's, which the jail would then see.
-        return fail("a named VM (--name) cannot be jailed yet: launch it with --api-socket in a folder of its own and --jail");
     }
     // A named VM holds its name until it ends.
     let (_claim, api_socket) = match &args.name {

@@ -4,7 +4,10 @@
 //!
 //! The registry is the folder `<runtime dir>/vms`: for VM `NAME`, the
 //! entry `NAME.json` ([`Entry`]: pid, the process's start time, parent,
-//! console file) and the control socket `NAME.api.sock`. An entry is
+//! console file, control socket) and the control socket `NAME.api.sock`.
+//! A jailed VM's sockets and console are in a folder of its own,
+//! `NAME.jail` (the jail sees that folder, not the registry), and so are
+//! its fork children's; their entries say where. An entry is
 //! created exclusively, so two VMs never hold one name; an entry whose
 //! process is gone (killed, or a fork child that stopped) is stale and is
 //! removed by whoever meets it next.
@@ -51,6 +54,9 @@ pub struct Entry {
     pub started_unix: u64,
     /// Where its console goes, for `vmm logs`.
     pub console: Option<PathBuf>,
+    /// Its control socket, when not `NAME.api.sock` in the registry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_socket: Option<PathBuf>,
 }
 
 /// Checks that `name` is a valid VM name.
@@ -90,6 +96,29 @@ pub fn api_socket(registry: &Path, name: &str) -> PathBuf {
     registry.join(format!("{name}.api.sock"))
 }
 
+/// The control socket of the VM `entry` names.
+pub fn entry_api_socket(registry: &Path, entry: &Entry) -> PathBuf {
+    entry
+        .api_socket
+        .clone()
+        .unwrap_or_else(|| api_socket(registry, &entry.name))
+}
+
+/// The folder of jailed VM `name`'s sockets and console (created 0700).
+pub fn jail_folder(registry: &Path, name: &str) -> Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = registry.join(format!("{name}.jail"));
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => Ok(dir),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(dir),
+        Err(source) => Err(Error::Io {
+            what: "create",
+            path: dir,
+            source,
+        }),
+    }
+}
+
 /// The console file a named VM gets when its config names none.
 pub fn console_file(registry: &Path, name: &str) -> PathBuf {
     registry.join(format!("{name}.console"))
@@ -112,6 +141,50 @@ pub fn process_start(pid: u32) -> Option<u64> {
     rest.nth(18)?.parse().ok()
 }
 
+/// The parent and the pids (outermost first, as `NSpid` lists them) of
+/// process `pid`.
+fn parent_and_pids(pid: u32) -> Option<(u32, Vec<u32>)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().filter_map(|n| n.parse().ok()))
+    };
+    let parent = field("PPid:")?.next()?;
+    Some((parent, field("NSpid:")?.collect()))
+}
+
+/// The pid here of the process that a jail started under process
+/// `ancestor` (a jail's launcher) knows as `inner` (fork children of a
+/// jailed VMM are reported with the jail's pids). `inner` itself when
+/// no descendant of `ancestor` has it as its pid in a namespace below.
+pub fn host_pid(ancestor: u32, inner: u32) -> u32 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return inner;
+    };
+    let procs: Vec<(u32, u32, Vec<u32>)> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter_map(|pid| parent_and_pids(pid).map(|(ppid, ns)| (pid, ppid, ns)))
+        .collect();
+    let descends = |mut pid: u32| {
+        // The chain ends at pid 0; a bound keeps a racing reuse finite.
+        for _ in 0..procs.len() {
+            match procs.iter().find(|(p, _, _)| *p == pid) {
+                Some((_, ppid, _)) if *ppid == ancestor => return true,
+                Some((_, ppid, _)) if *ppid != 0 => pid = *ppid,
+                _ => return false,
+            }
+        }
+        false
+    };
+    procs
+        .iter()
+        .find(|(pid, _, ns)| ns.len() > 1 && ns.last() == Some(&inner) && descends(*pid))
+        .map_or(inner, |(pid, _, _)| *pid)
+}
+
 fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -128,6 +201,7 @@ impl Entry {
             parent,
             started_unix: now_unix(),
             console,
+            api_socket: None,
         }
     }
 
@@ -184,10 +258,16 @@ impl Claim {
     }
 
     /// Records that another process (a fork child, whose console is
-    /// `console`) now holds the name.
-    pub fn hand_over(mut self, pid: u32, console: Option<PathBuf>) -> Result<()> {
+    /// `console` and control socket `api_socket`) now holds the name.
+    pub fn hand_over(
+        mut self,
+        pid: u32,
+        console: Option<PathBuf>,
+        api_socket: Option<PathBuf>,
+    ) -> Result<()> {
         self.entry.pid = pid;
         self.entry.console = console;
+        self.entry.api_socket = api_socket;
         self.entry.pid_start = process_start(pid).unwrap_or(0);
         write_entry(&self.path, &self.entry, false).map_err(|source| Error::Io {
             what: "write",
@@ -236,10 +316,16 @@ fn read_entry(path: &Path) -> Option<Entry> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
 
-/// Removes a stale entry and its socket.
+/// Removes a stale entry and its control socket (its console stays, and
+/// so does a jailed VM's folder, where its fork children may still run).
 fn remove_stale(registry: &Path, name: &str) {
-    let _ = std::fs::remove_file(entry_path(registry, name));
-    let _ = std::fs::remove_file(api_socket(registry, name));
+    let path = entry_path(registry, name);
+    let socket = read_entry(&path).filter(|e| e.name == name).map_or_else(
+        || api_socket(registry, name),
+        |e| entry_api_socket(registry, &e),
+    );
+    let _ = std::fs::remove_file(path);
+    let _ = std::fs::remove_file(socket);
 }
 
 /// Takes `entry.name` for `entry`: refused while a live VM holds it; a
@@ -363,6 +449,19 @@ mod tests {
     }
 
     #[test]
+    fn a_pid_outside_any_jail_is_its_own_host_pid() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        // Not in a namespace below ours: the answer is the pid it was given.
+        assert_eq!(host_pid(std::process::id(), child.id()), child.id());
+        assert_eq!(host_pid(std::process::id(), u32::MAX), u32::MAX);
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    #[test]
     fn names_are_checked() {
         for good in ["dev", "a", "web-1", "x.y_z", "0abc"] {
             check_name(good).unwrap();
@@ -406,7 +505,7 @@ mod tests {
         let names: Vec<&str> = series.iter().map(|c| c.entry().name.as_str()).collect();
         assert_eq!(names, ["dev-2", "dev-3"]);
         for c in series {
-            c.hand_over(me, None).unwrap();
+            c.hand_over(me, None, None).unwrap();
         }
         let listed = list(&dir).unwrap();
         assert_eq!(listed.len(), 3);

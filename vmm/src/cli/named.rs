@@ -23,22 +23,34 @@ const PS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Takes `name` for this process: the VM's control socket and (when the
 /// config sends the console to stdout) its console file go into the
-/// registry. Returns the claim (held while the VM runs) and the socket.
+/// registry, or for a jailed VM into its folder there. Returns the claim
+/// (held while the VM runs) and the socket.
 pub fn register(name: &str, config: &mut VmConfig) -> Result<(Claim, PathBuf), names::Error> {
     names::check_name(name)?;
     let registry = names::registry()?;
+    let (api_socket, console_file) = match config.jail {
+        Some(_) => {
+            let dir = names::jail_folder(&registry, name)?;
+            (dir.join("api.sock"), dir.join("console"))
+        }
+        None => (
+            names::api_socket(&registry, name),
+            names::console_file(&registry, name),
+        ),
+    };
     let console = match &config.serial {
         SerialOutput::Stdout => {
-            let file = names::console_file(&registry, name);
+            let file = console_file;
             config.serial = SerialOutput::File(file.clone());
             Some(file)
         }
         SerialOutput::File(f) => Some(f.clone()),
         SerialOutput::Off => None,
     };
-    let entry = Entry::new(name, std::process::id(), None, console);
+    let mut entry = Entry::new(name, std::process::id(), None, console);
+    entry.api_socket = config.jail.as_ref().map(|_| api_socket.clone());
     let claim = names::claim(&registry, entry)?;
-    Ok((claim, names::api_socket(&registry, name)))
+    Ok((claim, api_socket))
 }
 
 /// The live VM called `name`, if there is one.
@@ -68,6 +80,7 @@ pub fn detach(
     config: Option<&Path>,
     report: Option<&Path>,
     no_seccomp: bool,
+    jail: bool,
 ) -> ExitCode {
     let registry = match names::check_name(name).and_then(|()| names::registry()) {
         Ok(r) => r,
@@ -111,6 +124,9 @@ pub fn detach(
     if no_seccomp {
         cmd.arg("--no-seccomp");
     }
+    if jail {
+        cmd.arg("--jail");
+    }
     cmd.env(NOTIFY_ENV, "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -152,7 +168,8 @@ pub fn detach(
     let started = serde_json::json!({
         "name": name,
         "pid": child.id(),
-        "api_socket": names::api_socket(&registry, name),
+        "api_socket": names::lookup(&registry, name)
+            .map_or_else(|_| names::api_socket(&registry, name), |e| names::entry_api_socket(&registry, &e)),
         "log": log_path,
     });
     println!(
@@ -194,7 +211,7 @@ pub fn ps(json: bool) -> ExitCode {
     let rows: Vec<Row> = entries
         .into_iter()
         .map(|e| {
-            let api = names::api_socket(&registry, &e.name);
+            let api = names::entry_api_socket(&registry, &e);
             let vm = ApiClient::new(&api)
                 .with_timeout(PS_TIMEOUT)
                 .describe()
@@ -269,16 +286,22 @@ pub fn fork(api: &Path, parent: Option<&str>, prefix: &str, count: u32) -> ExitC
         Ok(r) => r,
         Err(e) => return fail(e),
     };
-    let parent_console = parent
-        .and_then(|p| names::lookup(&registry, p).ok())
-        .and_then(|e| e.console);
+    let parent_entry = parent.and_then(|p| names::lookup(&registry, p).ok());
+    // The children's sockets go next to the parent's: the registry, or a
+    // jailed parent's folder (its jail sees no other).
+    let dir = match &parent_entry {
+        Some(e) => names::entry_api_socket(&registry, e)
+            .parent()
+            .map_or_else(|| registry.clone(), Path::to_path_buf),
+        None => registry.clone(),
+    };
     let claims = match names::claim_series(&registry, prefix, count, parent) {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
     let request = ForkRequest {
         count,
-        dir: Some(registry.clone()),
+        dir: Some(dir.clone()),
         names: Some(claims.iter().map(|c| c.entry().name.clone()).collect()),
     };
     // On failure the claims are dropped: the names are free again.
@@ -288,10 +311,16 @@ pub fn fork(api: &Path, parent: Option<&str>, prefix: &str, count: u32) -> ExitC
     };
     for (claim, child) in claims.into_iter().zip(&info.children) {
         // A child's console is its parent's file with `.<id>` appended.
-        let console = parent_console
+        let console = parent_entry
             .as_ref()
+            .and_then(|e| e.console.as_ref())
             .map(|c| PathBuf::from(format!("{}.{}", c.display(), child.id)));
-        if let Err(e) = claim.hand_over(child.pid, console) {
+        // A jailed parent reports the jail's pid of its children.
+        let pid = parent_entry
+            .as_ref()
+            .map_or(child.pid, |e| names::host_pid(e.pid, child.pid));
+        let api = (dir != registry).then(|| child.api_socket.clone());
+        if let Err(e) = claim.hand_over(pid, console, api) {
             eprintln!("vmm: child {} runs but is not registered: {e}", child.id);
         }
     }

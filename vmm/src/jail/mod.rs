@@ -1,13 +1,15 @@
 //! The jail a VMM process runs in (docs/security.md, "The jail"): new
 //! user, mount, PID, IPC and UTS namespaces (and network when the VM has
 //! none), a private root with only what the VM uses, no capabilities,
-//! no_new_privs, resource limits and Landlock.
+//! no_new_privs, resource limits, Landlock, and the cgroup limits the
+//! config asks for.
 //!
 //! [`probe`] finds out what this host allows (`vmm doctor` reports it);
 //! [`Plan::for_vm`] lists what a VM needs to see; [`enter`] builds the
 //! jail and returns in the jailed VMM process ([`process`] has the three
 //! processes a jail is made of).
 
+mod cgroup;
 mod folder;
 mod limits;
 pub mod probe;
@@ -32,6 +34,8 @@ pub enum Error {
         what: String,
         source: std::io::Error,
     },
+    #[error("cannot jail the VMM: {0}")]
+    Cgroup(String),
     #[error("cannot jail the VMM: Landlock refused the rules: {0}")]
     Landlock(String),
     #[error("cannot jail the VMM: {0}")]
@@ -65,6 +69,8 @@ pub struct Plan {
     /// The launcher and the init run under the `jail` seccomp filter once
     /// the VMM runs (the config's `seccomp`).
     pub seccomp: bool,
+    /// The cgroup limits (none: no cgroup of its own).
+    pub cgroup: Option<cgroup::Limits>,
 }
 
 impl Plan {
@@ -81,6 +87,12 @@ impl Plan {
         sockets: &[&Path],
         report: Option<&Path>,
     ) -> Result<Plan, Error> {
+        if let Some(j) = &config.jail {
+            // Again here: a restore's guest is the snapshot's, not the
+            // operator's config's.
+            j.validate(config.memory_mib, config.vcpus)
+                .map_err(|e| Error::Cgroup(e.to_string()))?;
+        }
         let mut exposed = Vec::new();
         let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
         for f in boot_files.iter().map(PathBuf::as_path).chain(base) {
@@ -135,6 +147,7 @@ impl Plan {
             // the guest's; with room for the rest.
             max_file_size: disk.max(memory) + (1 << 30),
             seccomp: config.seccomp,
+            cgroup: config.jail.as_ref().and_then(cgroup::Limits::from_config),
         })
     }
 }
@@ -193,6 +206,13 @@ pub fn check_host_sees(path: &Path) -> Result<(), String> {
 /// any thread.
 pub fn enter(plan: &Plan) -> Result<(), Error> {
     let folder = folder::JailFolder::create()?;
+    if let Some(limits) = &plan.cgroup {
+        let name = folder.dir.file_name().unwrap_or_default().to_string_lossy();
+        if let Err(e) = cgroup::join(limits, &name) {
+            let _ = std::fs::remove_dir_all(&folder.dir);
+            return Err(e);
+        }
+    }
     let mut plan = plan.clone();
     plan.exposed.push(Exposed::ReadWrite(folder.run.clone()));
     if let Err(e) = process::enter(&plan, &folder) {

@@ -119,12 +119,15 @@ pub fn landlock_abi() -> Option<u32> {
     u32::try_from(abi).ok().filter(|&v| v > 0)
 }
 
-/// Where this process could make a cgroup v2 of its own with memory, pids
-/// and cpu limits, or why not.
-pub fn cgroup_delegation() -> Result<PathBuf, String> {
+/// The controllers of the jail's cgroup limits.
+pub const CGROUP_CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
+
+/// Where this process could make a cgroup v2 of its own with the `needed`
+/// controllers (the cgroup it is in), or why not.
+pub fn cgroup_delegation(needed: &[&str]) -> Result<PathBuf, String> {
     let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    delegated_cgroup(&own, &mounts, |p| {
+    delegated_cgroup(&own, &mounts, needed, |p| {
         std::fs::read_to_string(p)
             .ok()
             .map(|t| t.trim().to_string())
@@ -136,6 +139,7 @@ pub fn cgroup_delegation() -> Result<PathBuf, String> {
 fn delegated_cgroup(
     own: &str,
     mountinfo: &str,
+    needed: &[&str],
     read: impl Fn(&Path) -> Option<String>,
 ) -> Result<PathBuf, String> {
     let path = own
@@ -157,10 +161,32 @@ fn delegated_cgroup(
         rel => Path::new(mount).join(rel),
     };
     let controllers = read(&dir.join("cgroup.controllers")).unwrap_or_default();
-    let missing: Vec<&str> = ["memory", "pids", "cpu"]
-        .into_iter()
+    let missing: Vec<&str> = needed
+        .iter()
+        .copied()
         .filter(|c| !controllers.split_whitespace().any(|x| x == *c))
         .collect();
+    // A hybrid host: cgroup v1 hierarchies hold the controllers.
+    let in_v1: Vec<&str> = missing
+        .iter()
+        .copied()
+        .filter(|c| {
+            mountinfo.lines().any(|l| {
+                l.split(" - ").nth(1).is_some_and(|t| {
+                    t.starts_with("cgroup ")
+                        && t.rsplit(' ')
+                            .next()
+                            .is_some_and(|o| o.split(',').any(|x| x == *c))
+                })
+            })
+        })
+        .collect();
+    if !in_v1.is_empty() {
+        return Err(format!(
+            "cgroup v1 hierarchies hold the {} controller(s) (a hybrid host), so no cgroup v2 can have them; boot the host with systemd.unified_cgroup_hierarchy=1 to move them to cgroup v2",
+            in_v1.join(", ")
+        ));
+    }
     if !missing.is_empty() {
         return Err(format!(
             "the cgroup {} does not offer the {} controller(s); systemd delegates them with `systemd-run --user --scope -p Delegate=yes vmm ...`",
@@ -214,25 +240,34 @@ mod tests {
         if let Some(abi) = landlock_abi() {
             assert!(abi >= 1);
         }
-        let _ = cgroup_delegation();
+        let _ = cgroup_delegation(&CGROUP_CONTROLLERS);
     }
 
     #[test]
     fn cgroup_delegation_needs_v2_the_controllers_and_write_access() {
         let mounts = "30 25 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n";
         let v1 = "4:memory:/user.slice\n";
-        assert!(delegated_cgroup(v1, mounts, |_| None)
+        assert!(delegated_cgroup(v1, mounts, &CGROUP_CONTROLLERS, |_| None)
             .unwrap_err()
             .contains("cgroup v1 only"));
         let own = "0::/user.slice/vmm\n";
-        assert!(delegated_cgroup(own, "", |_| None)
+        assert!(delegated_cgroup(own, "", &CGROUP_CONTROLLERS, |_| None)
             .unwrap_err()
             .contains("no cgroup v2"));
-        let err = delegated_cgroup(own, mounts, |_| Some("cpu io".into())).unwrap_err();
+        let hybrid =
+            format!("{mounts}35 31 0:32 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n");
+        let err = delegated_cgroup(own, &hybrid, &CGROUP_CONTROLLERS, |_| Some("cpu".into()));
+        assert!(err
+            .unwrap_err()
+            .contains("v1 hierarchies hold the memory controller"));
+        let err = delegated_cgroup(own, mounts, &CGROUP_CONTROLLERS, |_| Some("cpu io".into()))
+            .unwrap_err();
         assert!(err.contains("memory, pids controller(s)"), "{err}");
         // All controllers; whether /sys/fs/cgroup/user.slice/vmm is
         // writable decides the rest (it does not exist here).
-        let err = delegated_cgroup(own, mounts, |p| {
+        let only_cpu = delegated_cgroup(own, mounts, &["cpu"], |_| Some("cpu io".into()));
+        assert!(only_cpu.unwrap_err().contains("not writable"));
+        let err = delegated_cgroup(own, mounts, &CGROUP_CONTROLLERS, |p| {
             assert_eq!(
                 p,
                 Path::new("/sys/fs/cgroup/user.slice/vmm/cgroup.controllers")
