@@ -46,20 +46,53 @@ fn run_boots_runs_python_and_streams_standard_input() {
     assert_eq!(rest, "42\n", "{stderr}");
 }
 
+/// Also: the first run of a configuration builds its default template
+/// (saying so), the next starts from it. The configuration is this test
+/// run's own (its command line names the test process), and its template
+/// is removed at the end.
 #[test]
 fn run_returns_the_commands_exit_status() {
     let s = Scratch::new("run-status");
-    let config = s.file("vm.json", r#"{"vcpus": 1, "memory_mib": 192}"#);
-    let out = Command::new(VMM)
-        .args(["run", "--config"])
-        .arg(&config)
-        .args(["--", "sh", "-c", "echo out; echo err >&2; exit 3"])
-        .stdin(Stdio::null())
+    let config = s.file(
+        "vm.json",
+        &format!(
+            r#"{{"vcpus": 1, "memory_mib": 192, "cmdline": "vmmtest={}"}}"#,
+            std::process::id()
+        ),
+    );
+    let run = || {
+        Command::new(VMM)
+            .args(["run", "--config"])
+            .arg(&config)
+            .args(["--", "sh", "-c", "echo out; echo err >&2; exit 3"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let first = run();
+    let stderr = String::from_utf8_lossy(&first.stderr).into_owned();
+    assert_eq!(first.status.code(), Some(3), "{stderr}");
+    assert_eq!(first.stdout, b"out\n");
+    let template = stderr
+        .split("building the template ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("the first run says it builds a template: {stderr}"))
+        .to_string();
+    assert!(stderr.ends_with("err\n"), "{stderr}");
+    let second = run();
+    let removed = Command::new(VMM)
+        .args(["template", "rm", &template])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(3));
-    assert_eq!(out.stdout, b"out\n");
-    assert_eq!(out.stderr, b"err\n");
+    assert_eq!(second.status.code(), Some(3));
+    assert_eq!(second.stdout, b"out\n");
+    assert_eq!(
+        String::from_utf8_lossy(&second.stderr),
+        "err\n",
+        "the second run starts from the template, silently"
+    );
+    assert!(removed.status.success());
 }
 
 #[test]

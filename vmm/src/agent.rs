@@ -274,12 +274,19 @@ impl AgentClient {
         }
     }
 
-    /// Gives the guest fresh randomness and has it reseed its generator
-    /// (after a fork or restore).
-    pub fn reseed(&self, seed: &[u8]) -> Result<()> {
+    /// Gives the guest fresh randomness and has it reseed its generator,
+    /// and steps its wall clock to `now` (after a fork or restore).
+    pub fn reseed(&self, seed: &[u8], now: Option<std::time::SystemTime>) -> Result<()> {
         let mut s = self.connect()?;
         let seed = seed.iter().map(|b| format!("{b:02x}")).collect();
-        write_json(&mut s, FrameType::Request, &Request::Reseed { seed })?;
+        let unix_ns = now
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos() as u64);
+        write_json(
+            &mut s,
+            FrameType::Request,
+            &Request::Reseed { seed, unix_ns },
+        )?;
         Self::finish(&mut s, |_, _| Ok(()))?;
         Ok(())
     }

@@ -34,6 +34,7 @@ pub mod seccomp;
 pub mod signals;
 pub mod snapshot;
 pub mod spawner;
+pub mod template;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;

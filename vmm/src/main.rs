@@ -8,6 +8,8 @@ use clap::{Parser, Subcommand};
 
 #[path = "cli/named.rs"]
 mod named;
+#[path = "cli/template.rs"]
+mod template;
 
 use vmm::action::{Action, Control, ForkRequest, SnapshotRequest};
 use vmm::config::VmConfig;
@@ -40,6 +42,15 @@ enum Command {
         /// The VM configuration; `{}` (every default) when not given.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Start from this template (`vmm template create`) instead of
+        /// booting: a restore, with the host-side settings of --config (or
+        /// of the template's own config).
+        #[arg(long, conflicts_with = "cold")]
+        template: Option<String>,
+        /// Boot from scratch instead of starting from the configuration's
+        /// default template (which the first run builds).
+        #[arg(long)]
+        cold: bool,
         /// Run without seccomp filters (docs/security.md). For debugging
         /// only: it takes a layer of the boundary away.
         #[arg(long)]
@@ -151,6 +162,12 @@ enum Command {
         /// The VM's name.
         name: String,
     },
+    /// Templates: VMs snapshotted once their agent is ready, which
+    /// sandboxes start from in milliseconds (docs/templates.md).
+    Template {
+        #[command(subcommand)]
+        command: template::TemplateCommand,
+    },
     /// Check that this host can run VMs and say how to fix what is missing.
     Doctor,
     /// Benchmarks (`vmm bench --help`): runs the `vmm-bench` program
@@ -253,9 +270,14 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
 #[derive(clap::Args)]
 struct LaunchArgs {
     /// The VM configuration (docs/config.md). With --name and without
-    /// it: `vmm run`'s defaults (the Debian root disk, the agent).
-    #[arg(long, required_unless_present = "name")]
+    /// it: `vmm run`'s defaults (the Debian root disk, the agent). With
+    /// --template: the host-side settings (default: the template's).
+    #[arg(long, required_unless_present_any = ["name", "template"])]
     config: Option<PathBuf>,
+    /// Start from this template (`vmm template create`) instead of
+    /// booting; needs --api-socket or --name.
+    #[arg(long)]
+    template: Option<String>,
     /// Write a JSON report (exit reason, boot timings) here when the VM ends.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -292,7 +314,11 @@ fn launch(args: LaunchArgs, start: Instant) -> ExitCode {
             args.report.as_deref(),
             args.no_seccomp,
             args.jail,
+            args.template.as_deref(),
         );
+    }
+    if let Some(name) = args.template.clone() {
+        return launch_template(&name, args, start);
     }
     let mut config = match &args.config {
         Some(path) => match VmConfig::from_file(path) {
@@ -347,6 +373,55 @@ fn launch(args: LaunchArgs, start: Instant) -> ExitCode {
     }
 }
 
+/// `vmm launch --template NAME`: restores the template as a new VM with
+/// the host-side settings of --config (or the template's own).
+fn launch_template(name: &str, args: LaunchArgs, start: Instant) -> ExitCode {
+    let config = match args.config.as_deref().map(VmConfig::from_file).transpose() {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let (t, config) = match template::for_run(name, config) {
+        Ok(found) => found,
+        Err(e) => return fail(e),
+    };
+    // The root disk and the agent's vsock device, as the template has.
+    let mut config = vmm::template::sandbox_config(&config);
+    if args.jail {
+        config.jail.get_or_insert_with(Default::default);
+    }
+    // A named VM holds its name until it ends.
+    let (_claim, api_socket) = match (&args.name, args.api_socket) {
+        (Some(vm), _) => match named::register(vm, &mut config) {
+            Ok((claim, api)) => (Some(claim), api),
+            Err(e) => return fail(e),
+        },
+        (None, Some(api)) => (None, api),
+        (None, None) => {
+            return fail("--template needs --api-socket or --name: the restored VM is driven through its control socket")
+        }
+    };
+    let opts = vmm::snapshot::RestoreOptions {
+        vsock_socket: PathBuf::from(format!("{}.vsock", api_socket.display())),
+        host: vmm::snapshot::host::HostSettings {
+            config: Some(config),
+            trust_snapshot_config: false,
+        },
+        key: None,
+    };
+    let flags = RestoreFlags {
+        no_seccomp: args.no_seccomp,
+        jail: args.jail,
+    };
+    restore(
+        &t.snapshot_dir(),
+        &opts,
+        flags,
+        api_socket,
+        args.report,
+        start,
+    )
+}
+
 /// Jails this process for the VM of `config`, which reads `files` and the
 /// disk's `base` image (returns in the jailed VMM; the launcher exits
 /// with its status).
@@ -368,14 +443,18 @@ fn jail(
 }
 
 /// Jails `vmm run` before its sandbox starts: the files are those of the
-/// config with the sandbox's defaults (the root disk, the agent), whose
-/// sockets go into the jail's runtime folder.
-fn jail_run(config: &mut VmConfig) -> Result<(), Box<dyn std::error::Error>> {
+/// config with the sandbox's defaults (the root disk, the agent), and the
+/// template's `snapshot` it restores; its sockets go into the jail's
+/// runtime folder.
+fn jail_run(
+    config: &mut VmConfig,
+    snapshot: Option<&std::path::Path>,
+) -> Result<(), Box<dyn std::error::Error>> {
     config.jail.get_or_insert_with(Default::default);
     let hv = vmm::open_hypervisor()?;
-    let mut planned = config.clone();
-    planned.ensure_agent(PathBuf::from("agent.vsock"));
-    let (files, base) = vmm::Vm::boot_files(&planned, hv.as_ref())?;
+    let planned = vmm::template::sandbox_config(config);
+    let (mut files, base) = vmm::Vm::boot_files(&planned, hv.as_ref())?;
+    files.extend(snapshot.map(std::path::Path::to_path_buf));
     jail(config, &files, base.as_deref(), None, None)
 }
 
@@ -508,20 +587,53 @@ fn exec(cmd: &ExecArgs, target: &Target) -> ExitCode {
     }
 }
 
-fn run(config: Option<PathBuf>, no_seccomp: bool, no_jail: bool, cmd: &ExecArgs) -> ExitCode {
-    let mut config = match config {
-        Some(path) => match VmConfig::from_file(&path) {
-            Ok(c) => c,
+/// How `vmm run` starts its sandbox.
+enum RunStart {
+    /// From the configuration's default template, built on first use.
+    Default,
+    /// From a named template.
+    Template(String),
+    /// Booting (`--cold`).
+    Cold,
+}
+
+fn run(
+    config: Option<PathBuf>,
+    start: RunStart,
+    no_seccomp: bool,
+    no_jail: bool,
+    cmd: &ExecArgs,
+) -> ExitCode {
+    let config = match config.as_deref().map(VmConfig::from_file).transpose() {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    // A user's own disk layer outlives the run: only a boot writes to it.
+    let own_layer = config
+        .as_ref()
+        .and_then(|c| c.rootfs.as_ref())
+        .is_some_and(|r| r.layer.is_some());
+    // A template is checked against this run before anything starts.
+    let (snapshot, mut config) = match start {
+        RunStart::Template(name) => match template::for_run(&name, config) {
+            Ok((t, c)) => (Some(t.snapshot_dir()), c),
             Err(e) => return fail(e),
         },
-        None => VmConfig::default(),
+        RunStart::Default if !own_layer => {
+            let config = config.unwrap_or_default();
+            match template::default_for(&config) {
+                Ok(t) => (Some(t.snapshot_dir()), config),
+                Err(e) => return fail(e),
+            }
+        }
+        RunStart::Default | RunStart::Cold => (None, config.unwrap_or_default()),
     };
     config.seccomp &= !no_seccomp;
     // Jailed unless asked not to. Where the host forbids user namespaces,
     // a config's "jail" fails; the default runs unjailed.
     if !no_jail {
         let asked = config.jail.is_some();
-        match jail_run(&mut config) {
+        match jail_run(&mut config, snapshot.as_deref()) {
             Ok(()) => {}
             Err(e) if !asked && is_namespace_refusal(e.as_ref()) => {
                 tracing::info!("{e}; the VM runs unjailed");
@@ -531,7 +643,17 @@ fn run(config: Option<PathBuf>, no_seccomp: bool, no_jail: bool, cmd: &ExecArgs)
         }
     }
     let seccomp = config.seccomp;
-    let sandbox = match vmm::sandbox::Sandbox::start(config) {
+    let started = match snapshot {
+        Some(dir) => {
+            let host = vmm::snapshot::host::HostSettings {
+                config: Some(config),
+                trust_snapshot_config: false,
+            };
+            vmm::sandbox::Sandbox::restore(&dir, host, None)
+        }
+        None => vmm::sandbox::Sandbox::start(config),
+    };
+    let sandbox = match started {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
@@ -543,7 +665,13 @@ fn run(config: Option<PathBuf>, no_seccomp: bool, no_jail: bool, cmd: &ExecArgs)
         }
     }
     let code = cmd.run(sandbox.agent());
-    if let Err(e) = sandbox.stop() {
+    // Without a layer of the user's, the disk is thrown away: the VM can
+    // stop at once, without a guest shutdown.
+    let stopped = match own_layer {
+        true => sandbox.stop(),
+        false => sandbox.discard(),
+    };
+    if let Err(e) = stopped {
         eprintln!("vmm: the VM did not stop cleanly: {e}");
     }
     code
@@ -616,10 +744,20 @@ fn main() -> ExitCode {
         Command::Exec { cmd, target } => exec(&cmd, &target),
         Command::Run {
             config,
+            template,
+            cold,
             no_seccomp,
             no_jail,
             cmd,
-        } => run(config, no_seccomp, no_jail, &cmd),
+        } => {
+            let start = match (template, cold) {
+                (Some(name), _) => RunStart::Template(name),
+                (None, true) => RunStart::Cold,
+                (None, false) => RunStart::Default,
+            };
+            run(config, start, no_seccomp, no_jail, &cmd)
+        }
+        Command::Template { command } => template::command(command),
         Command::Stop { target, force } => stop(&target, force),
         Command::Pause { target } => control(&target, Action::Pause),
         Command::Resume { target } => control(&target, Action::Resume),

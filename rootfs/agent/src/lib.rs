@@ -81,8 +81,14 @@ pub enum Request {
     Shutdown,
     /// The VM was forked or restored: mix `seed` (fresh host randomness,
     /// hex) into the kernel's random pool and reseed its generator, so the
-    /// copies of one VM do not produce the same random bytes.
-    Reseed { seed: String },
+    /// copies of one VM do not produce the same random bytes; and step the
+    /// wall clock to `unix_ns` (the host's time, nanoseconds since the Unix
+    /// epoch), which stood still while the VM was saved.
+    Reseed {
+        seed: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        unix_ns: Option<u64>,
+    },
 }
 
 fn default_mode() -> u32 {

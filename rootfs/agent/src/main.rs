@@ -16,6 +16,7 @@
 //! also passes the boot parameters it does not know (such as `noxsave`) to
 //! init as arguments, so argv cannot tell them from the command.
 
+mod identity;
 mod server;
 
 use std::ffi::CString;
@@ -143,11 +144,6 @@ fn write_resolv_conf() {
     if let Err(e) = std::fs::write("/etc/resolv.conf", servers) {
         eprintln!("vmm-init: cannot write /etc/resolv.conf: {e}");
     }
-}
-
-fn set_hostname(name: &str) {
-    // SAFETY: the pointer and length describe `name`'s bytes.
-    unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
 }
 
 /// Writes the boot-timer magic byte at guest physical address `addr`.
@@ -288,7 +284,9 @@ fn main() {
         mount_shares(&shares);
     }
     write_resolv_conf();
-    set_hostname("sandbox");
+    if let Err(e) = identity::renew() {
+        eprintln!("vmm-init: cannot set the machine id and hostname: {e}");
+    }
     let cpus = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
     println!("{READY} cpus-online={}", cpus.trim());
     let _ = std::io::stdout().flush();

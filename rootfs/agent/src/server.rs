@@ -135,9 +135,16 @@ fn handle(conn: File) -> io::Result<()> {
             &writer,
         ),
         Ok(Request::Put { path, mode }) => put(&path, mode, &mut reader),
-        Ok(Request::Reseed { seed }) => match reseed(&seed) {
-            Ok(()) => Response::default(),
+        Ok(Request::Reseed { seed, unix_ns }) => match reseed(&seed) {
             Err(e) => Response::error(format!("cannot reseed the random generator: {e}")),
+            Ok(()) => match unix_ns.map(set_clock).transpose() {
+                Err(e) => Response::error(format!("cannot set the wall clock: {e}")),
+                // A copy of a VM is a new machine.
+                Ok(_) => match crate::identity::renew() {
+                    Ok(_) => Response::default(),
+                    Err(e) => Response::error(format!("cannot renew the machine id: {e}")),
+                },
+            },
         },
         Ok(Request::Get { path }) => get(&path, &writer),
         Ok(Request::Shutdown) => {
@@ -183,6 +190,19 @@ fn reseed(seed_hex: &str) -> io::Result<()> {
     }
     // SAFETY: RNDRESEEDCRNG takes no argument.
     if unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG as _) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Steps the wall clock (CLOCK_REALTIME) to `unix_ns`.
+fn set_clock(unix_ns: u64) -> io::Result<()> {
+    let ts = libc::timespec {
+        tv_sec: (unix_ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (unix_ns % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: clock_settime reads one valid timespec.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())

@@ -81,6 +81,7 @@ pub fn detach(
     report: Option<&Path>,
     no_seccomp: bool,
     jail: bool,
+    template: Option<&str>,
 ) -> ExitCode {
     let registry = match names::check_name(name).and_then(|()| names::registry()) {
         Ok(r) => r,
@@ -126,6 +127,9 @@ pub fn detach(
     }
     if jail {
         cmd.arg("--jail");
+    }
+    if let Some(t) = template {
+        cmd.args(["--template", t]);
     }
     cmd.env(NOTIFY_ENV, "1")
         .stdin(Stdio::null())
@@ -193,7 +197,7 @@ struct Row {
     parent: Option<String>,
 }
 
-fn uptime(s: u64) -> String {
+pub fn uptime(s: u64) -> String {
     match s {
         0..60 => format!("{s}s"),
         60..3600 => format!("{}m{:02}s", s / 60, s % 60),

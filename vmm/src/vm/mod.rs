@@ -504,9 +504,10 @@ impl Vm {
 }
 
 /// Has the restored guest's agent reseed its random generator with fresh
-/// host randomness, on a helper thread, then writes `done`. Connections
-/// the guest resets while it handles the vsock transport reset are tried
-/// again.
+/// host randomness and step its wall clock to the host's, on a helper
+/// thread, then writes `done`. Connections the guest resets while it
+/// handles the vsock transport reset are tried again. An agent older than
+/// the clock step (a snapshot of an older build) is reseeded without it.
 fn reseed_agent(uds: PathBuf, done: EventFd, exit: Arc<ExitSignal>, seccomp: bool) {
     let spawned = std::thread::Builder::new()
         .name("reseed".into())
@@ -527,7 +528,12 @@ fn reseed_agent(uds: PathBuf, done: EventFd, exit: Arc<ExitSignal>, seccomp: boo
                     last = Some("the host has no randomness to give".to_string());
                     break;
                 }
-                match agent.reseed(&seed) {
+                let mut answer = agent.reseed(&seed, Some(std::time::SystemTime::now()));
+                if matches!(&answer, Err(crate::agent::Error::Agent(m)) if m.contains("unknown field")) {
+                    tracing::warn!("the restored guest's agent cannot set its clock (an older agent): its wall clock lags by the time the VM was saved");
+                    answer = agent.reseed(&seed, None);
+                }
+                match answer {
                     Ok(()) => {
                         let _ = done.write(1);
                         return;

@@ -1,0 +1,237 @@
+//! Templates on a real guest (docs/templates.md): one template is built
+//! for the whole file, with a warm-up, a share slot and a network, from a
+//! config whose initramfs is a copy of the test's own; sandboxes start from
+//! it with other host folders, each fresh (its own writes, its own random
+//! bytes, machine id and hostname, the host's time); a config that no
+//! longer fits, or a changed
+//! initramfs, is refused with a sentence.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use common::{describe, Scratch, VMM};
+use devices::sync::Locked;
+use serde_json::{json, Value};
+
+/// The file's template: its name, the scratch folder (with the initramfs
+/// copy it was built from) and the config it was built from.
+struct Built {
+    name: String,
+    scratch: Scratch,
+}
+
+impl Drop for Built {
+    fn drop(&mut self) {
+        let _ = vmm(&["template", "rm", &self.name]);
+    }
+}
+
+fn vmm(args: &[&str]) -> Output {
+    Command::new(VMM)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn config(s: &Scratch, memory: u64, share: &Path) -> PathBuf {
+    let body = json!({
+        "memory_mib": memory,
+        "initramfs": s.path("initramfs.cpio"),
+        "rootfs": {},
+        "serial": "off",
+        "shares": [{"tag": "work", "host_path": share, "guest_path": "/mnt/work"}],
+        "network": {"mode": "user", "egress": {"default": "deny"}},
+    });
+    let path = s.path(&format!(
+        "vm-{memory}-{}.json",
+        share.file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::write(&path, body.to_string()).unwrap();
+    path
+}
+
+fn built() -> MutexGuard<'static, Built> {
+    static BUILT: OnceLock<Mutex<Built>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let s = Scratch::new("template");
+            std::fs::copy(
+                vmm::artifacts::default_minimal_initramfs(),
+                s.path("initramfs.cpio"),
+            )
+            .unwrap();
+            for folder in ["built-with", "run-with"] {
+                std::fs::create_dir(s.path(folder)).unwrap();
+                std::fs::write(s.path(folder).join(folder), folder).unwrap();
+            }
+            let name = format!("test-{}", std::process::id());
+            let cfg = config(&s, 256, &s.path("built-with"));
+            let out = vmm(&[
+                "template",
+                "create",
+                &name,
+                "--config",
+                cfg.to_str().unwrap(),
+                "--warmup",
+                "echo warm > /root/warm && head -c 16 /dev/urandom | od -An -tx1 > /root/seed",
+            ]);
+            assert!(out.status.success(), "{}", describe(&out));
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(stderr.contains("built in"), "progress lines: {stderr}");
+            Mutex::new(Built { name, scratch: s })
+        })
+        .locked()
+}
+
+fn now_s() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+#[test]
+fn sandboxes_start_from_the_template_each_fresh_and_with_the_runs_folders() {
+    let b = built();
+    let s = &b.scratch;
+    let listed: Vec<Value> =
+        serde_json::from_slice(&vmm(&["template", "ls", "--json"]).stdout).unwrap();
+    let row = listed
+        .iter()
+        .find(|r| r["name"] == b.name.as_str())
+        .unwrap();
+    assert_eq!(row["memory_mib"], 256);
+    assert!(row["size_bytes"].as_u64().unwrap() > 0);
+
+    let run_cfg = config(s, 256, &s.path("run-with"));
+    let script = "cat /root/warm; test -e /root/mine && echo SEEN-AN-EARLIER-RUN; \
+                  echo mine > /root/mine; ls /mnt/work; date +%s.%N; \
+                  head -c 16 /dev/urandom | od -An -tx1; cat /root/seed; \
+                  hostname; cat /etc/machine-id";
+    let mut seen_random = std::collections::BTreeSet::new();
+    let mut seen_ids = std::collections::BTreeSet::new();
+    let mut template_seed = None;
+    for i in 0..20 {
+        let before = now_s();
+        let out = vmm(&[
+            "run",
+            "--template",
+            &b.name,
+            "--config",
+            run_cfg.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            script,
+        ]);
+        let after = now_s();
+        assert!(out.status.success(), "run {i}: {}", describe(&out));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            !text.contains("SEEN-AN-EARLIER-RUN"),
+            "run {i} sees an earlier run's write: {text}"
+        );
+        assert_eq!(lines.len(), 7, "run {i}: {text}");
+        assert_eq!(lines[0], "warm", "the warm-up's state: {text}");
+        // The run's folder, not the one the template was built with.
+        assert_eq!(lines[1], "run-with", "run {i}: {text}");
+        let guest: f64 = lines[2].parse().unwrap();
+        assert!(
+            guest > before - 2.0 && guest < after + 2.0,
+            "run {i}: the guest's clock says {guest}, the host's was {before}..{after}"
+        );
+        assert!(
+            seen_random.insert(lines[3].to_string()),
+            "run {i} repeats random bytes: {text}"
+        );
+        // Every run sees the bytes the warm-up drew, as saved.
+        assert_eq!(*template_seed.get_or_insert(lines[4].to_string()), lines[4]);
+        // A machine of its own: hostname and machine id.
+        assert_eq!(
+            lines[5],
+            format!("sandbox-{}", &lines[6][..8]),
+            "run {i}: {text}"
+        );
+        assert!(
+            seen_ids.insert(lines[6].to_string()),
+            "run {i} repeats a machine id: {text}"
+        );
+    }
+    assert!(!seen_random.contains(template_seed.as_deref().unwrap()));
+}
+
+#[test]
+fn a_template_that_does_not_fit_the_run_is_refused_with_the_reason() {
+    let b = built();
+    let s = &b.scratch;
+    // Another memory size: the guest would not find its machine.
+    let bigger = config(s, 512, &s.path("run-with"));
+    let out = vmm(&[
+        "run",
+        "--template",
+        &b.name,
+        "--config",
+        bigger.to_str().unwrap(),
+        "--",
+        "true",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("memory is 512 MiB, the template's 256 MiB")
+            && stderr.contains("--replace"),
+        "{stderr}"
+    );
+    let out = vmm(&["run", "--template", "no-such-template", "--", "true"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no template named"),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn a_changed_initramfs_makes_the_template_stale() {
+    let b = built();
+    let s = &b.scratch;
+    let cfg = config(s, 256, &s.path("run-with"));
+    let initramfs = s.path("initramfs.cpio");
+    let saved = std::fs::read(&initramfs).unwrap();
+    let modified = std::fs::metadata(&initramfs).unwrap().modified().unwrap();
+    let mut changed = saved.clone();
+    changed.extend_from_slice(&[0; 512]);
+    std::fs::write(&initramfs, &changed).unwrap();
+    let out = vmm(&[
+        "run",
+        "--template",
+        &b.name,
+        "--config",
+        cfg.to_str().unwrap(),
+        "--",
+        "true",
+    ]);
+    // Put back as it was, bytes and modification time (the file keeps its
+    // inode), for the other tests.
+    std::fs::write(&initramfs, &saved).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&initramfs)
+        .unwrap()
+        .set_modified(modified)
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "the initramfs {} changed since it was built",
+            std::fs::canonicalize(&initramfs).unwrap().display()
+        )),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,225 @@
+//! The CLI's template commands: `vmm template create|ls|rm`, and what
+//! `vmm run --template` and `vmm launch --template` check before they
+//! restore one (docs/templates.md, `vmm::template`).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use serde::Serialize;
+use vmm::config::VmConfig;
+use vmm::template::{self, Build, Template};
+
+use super::fail;
+
+/// `vmm template ...`.
+#[derive(clap::Subcommand)]
+pub enum TemplateCommand {
+    /// Boot a VM, wait for its agent, run the warm-up commands, and
+    /// snapshot it as template NAME (in `~/.cache/vmm/templates`).
+    Create {
+        /// The template's name.
+        name: String,
+        /// The VM configuration (docs/config.md); without it, what `vmm
+        /// run` boots. A sandbox started from the template must have the
+        /// same vCPUs, memory and devices; its host-side settings are its
+        /// own.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// A command the guest runs (`sh -c`) before the snapshot, so what
+        /// it loads is in the template's memory (repeatable).
+        #[arg(long = "warmup", value_name = "CMD")]
+        warmup: Vec<String>,
+        /// Replace a template of that name.
+        #[arg(long, conflicts_with = "if_missing")]
+        replace: bool,
+        /// Succeed without building when a template of that name exists
+        /// (how `vmm run` builds its default templates).
+        #[arg(long, hide = true)]
+        if_missing: bool,
+    },
+    /// List the templates: name, size on disk, memory, what each was
+    /// built from, age.
+    Ls {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a template (sandboxes running from it are not affected).
+    Rm {
+        /// The template's name.
+        name: String,
+    },
+}
+
+pub fn command(cmd: TemplateCommand) -> ExitCode {
+    match cmd {
+        TemplateCommand::Create {
+            name,
+            config,
+            warmup,
+            replace,
+            if_missing,
+        } => create(&name, config.as_deref(), warmup, replace, if_missing),
+        TemplateCommand::Ls { json } => ls(json),
+        TemplateCommand::Rm { name } => match template::remove(&name) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e),
+        },
+    }
+}
+
+fn create(
+    name: &str,
+    config: Option<&Path>,
+    warmup: Vec<String>,
+    replace: bool,
+    if_missing: bool,
+) -> ExitCode {
+    let config = match config.map(VmConfig::from_file).transpose() {
+        Ok(c) => c.unwrap_or_default(),
+        Err(e) => return fail(e),
+    };
+    let build = Build {
+        name,
+        config,
+        warmup,
+        replace,
+        if_missing,
+    };
+    match template::create(build, &mut |line| eprintln!("vmm: {line}")) {
+        Ok(t) => {
+            println!("{}", t.dir.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
+/// One row of `vmm template ls`.
+#[derive(Serialize)]
+struct Row {
+    name: String,
+    /// Bytes its files take on disk.
+    size_bytes: u64,
+    memory_mib: u64,
+    vcpus: u32,
+    kernel: PathBuf,
+    initramfs: Option<PathBuf>,
+    base: Option<PathBuf>,
+    warmup: Vec<String>,
+    created_unix: u64,
+    age_s: u64,
+}
+
+fn ls(json: bool) -> ExitCode {
+    let templates = match template::list() {
+        Ok(t) => t,
+        Err(e) => return fail(e),
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let rows: Vec<Row> = templates
+        .iter()
+        .map(|t| {
+            let r = &t.record;
+            Row {
+                name: r.name.clone(),
+                size_bytes: t.size_on_disk(),
+                memory_mib: r.inputs.layout.memory_mib,
+                vcpus: r.inputs.layout.vcpus,
+                kernel: r.inputs.kernel.path.clone(),
+                initramfs: r.inputs.initramfs.as_ref().map(|f| f.path.clone()),
+                base: r.inputs.base.as_ref().map(|f| f.path.clone()),
+                warmup: r.warmup.clone(),
+                created_unix: r.created_unix,
+                age_s: now.saturating_sub(r.created_unix),
+            }
+        })
+        .collect();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).unwrap_or_default()
+        );
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "{:<24} {:>8} {:>8} {:>6}  {:<32} BASE",
+        "NAME", "SIZE", "MEMORY", "AGE", "KERNEL"
+    );
+    let short = |p: &Path| {
+        // The cache's folders are named by hash: the last two parts say
+        // which build it is.
+        let parts: Vec<_> = p.iter().rev().take(2).collect();
+        parts
+            .iter()
+            .rev()
+            .map(|s| s.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join("/")
+    };
+    for r in rows {
+        println!(
+            "{:<24} {:>7}M {:>7}M {:>6}  {:<32} {}",
+            r.name,
+            r.size_bytes >> 20,
+            r.memory_mib,
+            super::named::uptime(r.age_s),
+            short(&r.kernel),
+            r.base.as_deref().map_or_else(|| "-".into(), short)
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+/// Template `name` checked against the sandbox a run of `config` would
+/// be: the template and the config to restore it with (`config`, or the
+/// template's own when none is given).
+pub fn for_run(name: &str, config: Option<VmConfig>) -> Result<(Template, VmConfig), String> {
+    let t = Template::open(name).map_err(|e| e.to_string())?;
+    let config = config.unwrap_or_else(|| t.record.config.clone());
+    let hv = vmm::open_hypervisor().map_err(|e| e.to_string())?;
+    let now = template::inputs_of(&config, hv.as_ref()).map_err(|e| e.to_string())?;
+    t.check(&now).map_err(|e| e.to_string())?;
+    Ok((t, config))
+}
+
+/// The default template of a run of `config` (`default-<digest of its
+/// inputs>`), built on first use. The build runs as a `vmm template
+/// create` process of its own, so that this process stays as it was (one
+/// thread, no filter) for the jail it may enter next.
+pub fn default_for(config: &VmConfig) -> Result<Template, String> {
+    let hv = vmm::open_hypervisor().map_err(|e| e.to_string())?;
+    let inputs = template::inputs_of(config, hv.as_ref()).map_err(|e| e.to_string())?;
+    drop(hv);
+    let name = template::default_name(&inputs);
+    match Template::open(&name) {
+        Ok(t) => return Ok(t),
+        Err(template::Error::NoSuchTemplate(_)) => {}
+        Err(e) => return Err(e.to_string()),
+    }
+    eprintln!(
+        "vmm: building the template {name} for this configuration, once: later runs start from it in milliseconds (`vmm run --cold` boots instead)"
+    );
+    let scratch = vmm::runtime::RuntimeDir::create("template").map_err(|e| e.to_string())?;
+    let file = scratch.path().join("config.json");
+    let json = serde_json::to_vec(config).map_err(|e| e.to_string())?;
+    std::fs::write(&file, json).map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find the vmm binary: {e}"))?;
+    let status = std::process::Command::new(exe)
+        .args(["template", "create", &name, "--if-missing", "--config"])
+        .arg(&file)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .map_err(|e| format!("cannot start the template build: {e}"))?;
+    if !status.success() {
+        return Err(format!(
+            "building the template {name} failed ({status}); `vmm run --cold` boots without it"
+        ));
+    }
+    let t = Template::open(&name).map_err(|e| e.to_string())?;
+    t.check(&inputs).map_err(|e| e.to_string())?;
+    Ok(t)
+}
