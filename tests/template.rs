@@ -17,16 +17,24 @@ use common::{describe, Scratch, VMM};
 use devices::sync::Locked;
 use serde_json::{json, Value};
 
-/// The file's template: its name, the scratch folder (with the initramfs
-/// copy it was built from) and the config it was built from.
+/// The file's template (`test-<pid>`, removed by the next run of this
+/// file) and the scratch folder with the initramfs copy it was built
+/// from.
 struct Built {
     name: String,
     scratch: Scratch,
 }
 
-impl Drop for Built {
-    fn drop(&mut self) {
-        let _ = vmm(&["template", "rm", &self.name]);
+fn remove_ended_test_templates() {
+    for t in vmm::template::list().unwrap_or_default() {
+        let pid = t
+            .record
+            .name
+            .strip_prefix("test-")
+            .and_then(|p| p.parse().ok());
+        if pid.is_some_and(|p: u32| !Path::new(&format!("/proc/{p}")).exists()) {
+            let _ = vmm(&["template", "rm", &t.record.name]);
+        }
     }
 }
 
@@ -69,6 +77,10 @@ fn built() -> MutexGuard<'static, Built> {
                 std::fs::create_dir(s.path(folder)).unwrap();
                 std::fs::write(s.path(folder).join(folder), folder).unwrap();
             }
+            // Templates of earlier runs of this file whose process is gone
+            // (a static's value is never dropped, so each run removes what
+            // the ones before left).
+            remove_ended_test_templates();
             let name = format!("test-{}", std::process::id());
             let cfg = config(&s, 256, &s.path("built-with"));
             let out = vmm(&[

@@ -198,8 +198,8 @@ fn reseed(seed_hex: &str) -> io::Result<()> {
 /// Steps the wall clock (CLOCK_REALTIME) to `unix_ns`.
 fn set_clock(unix_ns: u64) -> io::Result<()> {
     let ts = libc::timespec {
-        tv_sec: (unix_ns / 1_000_000_000) as libc::time_t,
-        tv_nsec: (unix_ns % 1_000_000_000) as libc::c_long,
+        tv_sec: (unix_ns / 1_000_000_000) as _,
+        tv_nsec: (unix_ns % 1_000_000_000) as _,
     };
     // SAFETY: clock_settime reads one valid timespec.
     if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {

@@ -75,6 +75,17 @@ pub fn kib_field(text: &str, name: &str) -> Option<u64> {
         .ok()
 }
 
+/// The p-th percentile (nearest rank) of `v`.
+pub fn percentile(v: &[f64], p: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * s.len() as f64).ceil() as usize;
+    Some(s[rank.clamp(1, s.len()) - 1])
+}
+
 /// Median, min and max of a series, in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Stats {
@@ -498,6 +509,15 @@ mod tests {
             t.finish(),
             "title\ntarget     a   b\nvmm     2.00   -\nend\n"
         );
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), Some(50.0));
+        assert_eq!(percentile(&v, 99.0), Some(99.0));
+        assert_eq!(percentile(&[3.0], 99.0), Some(3.0));
+        assert_eq!(percentile(&[], 50.0), None);
     }
 
     #[test]

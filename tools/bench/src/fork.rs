@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use crate::common::{kib_field, private_kib_of, Error, Report, ScratchDir, Stats};
+use crate::common::{kib_field, percentile, private_kib_of, Error, Report, ScratchDir, Stats};
 use vmm::action::{Control, VmState};
 use vmm::config::{SerialOutput, VmConfig};
 use vmm::sandbox::{Forked, Sandbox};
@@ -86,17 +86,6 @@ pub struct SnapshotBench {
 
 fn stats(v: &[f64]) -> Value {
     Stats::of(v).map_or(Value::Null, Stats::to_json)
-}
-
-/// The p-th percentile (nearest rank) of `v`.
-fn percentile(v: &[f64], p: f64) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let rank = ((p / 100.0) * s.len() as f64).ceil() as usize;
-    Some(s[rank.clamp(1, s.len()) - 1])
 }
 
 fn r1(x: f64) -> f64 {
@@ -373,18 +362,4 @@ pub fn snapshot(opts: &SnapshotBenchOptions) -> Result<SnapshotBench, Error> {
         result.sizes.push(size);
     }
     Ok(result)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn percentiles_are_nearest_rank() {
-        let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&v, 50.0), Some(50.0));
-        assert_eq!(percentile(&v, 99.0), Some(99.0));
-        assert_eq!(percentile(&[3.0], 99.0), Some(3.0));
-        assert_eq!(percentile(&[], 50.0), None);
-    }
 }

@@ -12,6 +12,7 @@ mod confinement;
 mod fork;
 mod fs;
 mod net;
+mod start;
 
 use std::process::ExitCode;
 
@@ -40,6 +41,18 @@ enum BenchCommand {
         /// Skip the qemu comparison.
         #[arg(long)]
         no_qemu: bool,
+    },
+    /// Sandbox start: `vmm run --cold`, `vmm run --template`, a fork of a
+    /// warm parent and `vmm exec` into a running VM, for `true` and a
+    /// python one-liner; the breakdown of a template start; memory per
+    /// started sandbox.
+    Start {
+        /// Starts of each kind.
+        #[arg(long, default_value_t = 5)]
+        runs: u32,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// What seccomp and the jail cost: boot (spawn to the init's line) and
     /// fork latency with both and with neither, in turns.
@@ -235,6 +248,7 @@ fn main() -> ExitCode {
         BenchCommand::Confinement { runs, json } => {
             print_bench(confinement::confinement(runs), json)
         }
+        BenchCommand::Start { runs, json } => print_bench(start::start(runs), json),
     }
 }
 

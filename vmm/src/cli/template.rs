@@ -178,10 +178,7 @@ fn ls(json: bool) -> ExitCode {
 /// template's own when none is given).
 pub fn for_run(name: &str, config: Option<VmConfig>) -> Result<(Template, VmConfig), String> {
     let t = Template::open(name).map_err(|e| e.to_string())?;
-    let config = config.unwrap_or_else(|| t.record.config.clone());
-    let hv = vmm::open_hypervisor().map_err(|e| e.to_string())?;
-    let now = template::inputs_of(&config, hv.as_ref()).map_err(|e| e.to_string())?;
-    t.check(&now).map_err(|e| e.to_string())?;
+    let config = t.fit(config).map_err(|e| e.to_string())?;
     Ok((t, config))
 }
 
@@ -210,6 +207,7 @@ pub fn default_for(config: &VmConfig) -> Result<Template, String> {
     let status = std::process::Command::new(exe)
         .args(["template", "create", &name, "--if-missing", "--config"])
         .arg(&file)
+        .args(["--warmup", template::DEFAULT_WARMUP])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .status()

@@ -1,0 +1,125 @@
+//! `vmm run`: one sandbox, one command, its exit status. It starts from
+//! the configuration's default template (built on first use), a named
+//! template, or a boot (`--cold`); jailed where the host allows it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use vmm::config::VmConfig;
+
+use super::{fail, jail, template, ExecArgs};
+
+/// How `vmm run` starts its sandbox.
+pub enum RunStart {
+    /// From the configuration's default template, built on first use.
+    Default,
+    /// From a named template.
+    Template(String),
+    /// Booting (`--cold`).
+    Cold,
+}
+
+pub fn run(
+    config: Option<PathBuf>,
+    start: RunStart,
+    no_seccomp: bool,
+    no_jail: bool,
+    cmd: &ExecArgs,
+) -> ExitCode {
+    let config = match config.as_deref().map(VmConfig::from_file).transpose() {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    // A user's own disk layer outlives the run: only a boot writes to it.
+    let own_layer = config
+        .as_ref()
+        .and_then(|c| c.rootfs.as_ref())
+        .is_some_and(|r| r.layer.is_some());
+    // A template is checked against this run before anything starts.
+    let (snapshot, mut config) = match start {
+        RunStart::Template(name) => match template::for_run(&name, config) {
+            Ok((t, c)) => (Some(t.snapshot_dir()), c),
+            Err(e) => return fail(e),
+        },
+        RunStart::Default if !own_layer => {
+            let config = config.unwrap_or_default();
+            match template::default_for(&config) {
+                Ok(t) => (Some(t.snapshot_dir()), config),
+                Err(e) => return fail(e),
+            }
+        }
+        RunStart::Default | RunStart::Cold => (None, config.unwrap_or_default()),
+    };
+    config.seccomp &= !no_seccomp;
+    // Jailed unless asked not to. Where the host forbids user namespaces,
+    // a config's "jail" fails; the default runs unjailed.
+    if !no_jail {
+        let asked = config.jail.is_some();
+        match jail_run(&mut config, snapshot.as_deref()) {
+            Ok(()) => {}
+            Err(e) if !asked && is_namespace_refusal(e.as_ref()) => {
+                tracing::info!("{e}; the VM runs unjailed");
+                config.jail = None;
+            }
+            Err(e) => return fail(e),
+        }
+    }
+    let seccomp = config.seccomp;
+    let started = match snapshot {
+        Some(dir) => {
+            let host = vmm::snapshot::host::HostSettings {
+                config: Some(config),
+                trust_snapshot_config: false,
+            };
+            vmm::sandbox::Sandbox::restore(&dir, host, None)
+        }
+        None => vmm::sandbox::Sandbox::start(config),
+    };
+    let sandbox = match started {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    // From here this thread only talks to the guest agent.
+    if seccomp {
+        if let Err(e) = vmm::seccomp::apply(vmm::seccomp::Role::RunClient) {
+            let _ = sandbox.stop();
+            return fail(e);
+        }
+    }
+    let code = cmd.run(sandbox.agent());
+    // Without a layer of the user's, the disk is thrown away: the VM can
+    // stop at once, without a guest shutdown.
+    let stopped = match own_layer {
+        true => sandbox.stop(),
+        false => sandbox.discard(),
+    };
+    if let Err(e) = stopped {
+        eprintln!("vmm: the VM did not stop cleanly: {e}");
+    }
+    code
+}
+
+/// Jails `vmm run` before its sandbox starts: the files are those of the
+/// config with the sandbox's defaults (the root disk, the agent), and the
+/// template's `snapshot` it restores; its sockets go into the jail's
+/// runtime folder.
+fn jail_run(
+    config: &mut VmConfig,
+    snapshot: Option<&std::path::Path>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    config.jail.get_or_insert_with(Default::default);
+    let hv = vmm::open_hypervisor()?;
+    let planned = vmm::template::sandbox_config(config);
+    let (mut files, base) = vmm::Vm::boot_files(&planned, hv.as_ref())?;
+    files.extend(snapshot.map(std::path::Path::to_path_buf));
+    jail(config, &files, base.as_deref(), None, None)
+}
+
+/// Whether `e` says the host forbids the jail's namespaces (nothing was
+/// changed then: the process may go on unjailed).
+fn is_namespace_refusal(e: &(dyn std::error::Error + 'static)) -> bool {
+    matches!(
+        e.downcast_ref::<vmm::jail::Error>(),
+        Some(vmm::jail::Error::Namespaces(_))
+    )
+}
