@@ -377,42 +377,15 @@ pub fn create(build: Build, progress: &mut dyn FnMut(&str)) -> Result<Template> 
         progress(&format!("template {name}: warm-up `{command}`"));
         warm_up(&sandbox, name, command)?;
     }
-    let partial = store.join(format!(
-        ".{name}.partial-{}-{}",
-        std::process::id(),
-        crate::runtime::random_hex(4)
-    ));
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&partial)
-        .map_err(io("create", &partial))?;
-    let made = snapshot_into(&sandbox, &partial).and_then(|memory_bytes| {
-        let record = Record {
-            name: name.to_string(),
-            created_unix: now_unix(),
-            build_ms: started.elapsed().as_millis() as u64,
-            warmup: build.warmup.clone(),
-            inputs,
-            config: build.config,
-            memory_bytes,
-        };
-        write_record(&partial, &record)?;
-        install(&partial, &store.join(name), build.replace)?;
-        Ok(record)
-    });
+    let made = save(&sandbox, &store, &build, inputs, started);
     // The VM is not needed any more, whatever happened.
     let _ = sandbox.machine().stop();
     drop(sandbox);
     let record = match made {
         Ok(r) => r,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&partial);
-            // Another build of the same template finished first.
-            if matches!(e, Error::Exists(_)) && build.if_missing {
-                return Template::open_in(&store, name);
-            }
-            return Err(e);
-        }
+        // Another build of the same template finished first.
+        Err(Error::Exists(_)) if build.if_missing => return Template::open_in(&store, name),
+        Err(e) => return Err(e),
     };
     if name.starts_with(DEFAULT_PREFIX) {
         sweep_defaults(&store, &record);
@@ -427,6 +400,46 @@ pub fn create(build: Build, progress: &mut dyn FnMut(&str)) -> Result<Template> 
         template.size_on_disk() >> 20
     ));
     Ok(template)
+}
+
+/// Snapshots the sandbox and writes its record into a partial folder of
+/// the store, then installs that as the template (the folder is removed
+/// if anything fails).
+fn save(
+    sandbox: &Sandbox,
+    store: &Path,
+    build: &Build,
+    inputs: Inputs,
+    started: Instant,
+) -> Result<Record> {
+    let partial = store.join(format!(
+        ".{}.partial-{}-{}",
+        build.name,
+        std::process::id(),
+        crate::runtime::random_hex(4)
+    ));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&partial)
+        .map_err(io("create", &partial))?;
+    let saved = snapshot_into(sandbox, &partial).and_then(|memory_bytes| {
+        let record = Record {
+            name: build.name.to_string(),
+            created_unix: now_unix(),
+            build_ms: started.elapsed().as_millis() as u64,
+            warmup: build.warmup.clone(),
+            inputs,
+            config: build.config.clone(),
+            memory_bytes,
+        };
+        write_record(&partial, &record)?;
+        install(&partial, &store.join(build.name), build.replace)?;
+        Ok(record)
+    });
+    if saved.is_err() {
+        let _ = std::fs::remove_dir_all(&partial);
+    }
+    saved
 }
 
 /// Runs one warm-up command; its failure fails the build.
