@@ -8,8 +8,9 @@ vmm="$repo/target/x86_64-unknown-linux-gnu/release/vmm"
 "$vmm" doctor
 echo "demo: booting examples/demo.json (initramfs only, a command from the kernel command line)" >&2
 "$vmm" launch --config "$repo/examples/demo.json"
-echo "demo: vmm run -- python3 -c 'print(6*7)' (Debian root disk, agent over vsock)" >&2
+echo "demo: vmm run -- python3 -c 'print(6*7)' (Debian root disk, agent over vsock; the first run of a configuration builds its template, docs/templates.md)" >&2
 "$vmm" run -- python3 -c 'import platform; print(6*7, platform.platform())'
-echo "demo: vmm run -- sh -c 'exit 3' exits with the command's status" >&2
+echo "demo: vmm run -- sh -c 'exit 3' starts from that template and exits with the command's status" >&2
 status=0; "$vmm" run -- sh -c 'exit 3' || status=$?
 echo "demo: exit status $status" >&2
+"$vmm" template ls
