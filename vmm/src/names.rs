@@ -185,7 +185,8 @@ pub fn host_pid(ancestor: u32, inner: u32) -> u32 {
         .map_or(inner, |(pid, _, _)| *pid)
 }
 
-fn now_unix() -> u64 {
+/// Seconds since the Unix epoch.
+pub fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())

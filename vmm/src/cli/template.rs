@@ -116,9 +116,7 @@ fn ls(json: bool) -> ExitCode {
         Ok(t) => t,
         Err(e) => return fail(e),
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = vmm::names::now_unix();
     let rows: Vec<Row> = templates
         .iter()
         .map(|t| {

@@ -425,7 +425,7 @@ fn save(
     let saved = snapshot_into(sandbox, &partial).and_then(|memory_bytes| {
         let record = Record {
             name: build.name.to_string(),
-            created_unix: now_unix(),
+            created_unix: crate::names::now_unix(),
             build_ms: started.elapsed().as_millis() as u64,
             warmup: build.warmup.clone(),
             inputs,
@@ -592,12 +592,6 @@ fn sweep_partials(store: &Path) {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
-}
-
-fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]
