@@ -176,26 +176,27 @@ fn host_and_guest_see_each_others_edits_without_a_remount() {
 }
 
 #[test]
-fn a_64_mib_file_keeps_its_checksum_both_ways() {
+fn a_16_mib_file_keeps_its_checksum_both_ways() {
     let g = guest();
     let sum = ok(g.sh(
         // Random bytes from user space (the guest kernel's generator is slow
-        // under PVM's emulation), written 1 MiB at a time.
+        // under PVM's emulation), written 1 MiB at a time: many requests
+        // of the largest size the guest sends.
         "python3 -c \"
 import random
 random.seed(7)
 with open('/mnt/work/big.bin', 'wb') as f:
-    for _ in range(64):
+    for _ in range(16):
         f.write(random.randbytes(1 << 20))
 \" && sha256sum /mnt/work/big.bin | cut -d' ' -f1",
     ));
     assert_eq!(sum, host_sha256(&work(&g, "big.bin")));
     assert_eq!(
         std::fs::metadata(work(&g, "big.bin")).unwrap().len(),
-        64 << 20
+        16 << 20
     );
     // And from the host to the guest.
-    let data: Vec<u8> = (0..64u32 << 20)
+    let data: Vec<u8> = (0..16u32 << 20)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
     std::fs::write(work(&g, "host.bin"), &data).unwrap();
@@ -206,18 +207,19 @@ with open('/mnt/work/big.bin', 'wb') as f:
 }
 
 #[test]
-fn two_thousand_small_files_are_created_listed_and_removed() {
+fn six_hundred_small_files_are_created_listed_and_removed() {
     let g = guest();
     let listed = ok(
         g.sh("mkdir /mnt/work/many && cd /mnt/work/many && python3 -c \"
-for i in range(2000):
+for i in range(600):
     open(f'f{i}', 'w').write(str(i))
 \" && ls | wc -l"),
     );
-    assert_eq!(listed, "2000");
+    // More entries than one READDIR answer holds.
+    assert_eq!(listed, "600");
     let dir = work(&g, "many");
-    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2000);
-    assert_eq!(std::fs::read_to_string(dir.join("f1234")).unwrap(), "1234");
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 600);
+    assert_eq!(std::fs::read_to_string(dir.join("f567")).unwrap(), "567");
     assert_eq!(
         ok(g.sh("rm -r /mnt/work/many && ls /mnt/work | grep -c '^many$' || true")),
         "0"
@@ -231,15 +233,15 @@ fn concurrent_appends_lose_nothing() {
     ok(g.sh("cd /mnt/work && for w in A B; do python3 -c \"
 import os
 fd = os.open('log', os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-for i in range(1500):
+for i in range(500):
     os.write(fd, ('$w%05d' % i).ljust(63, '.').encode() + b'\\n')
 \" & done; wait"));
     let log = std::fs::read_to_string(work(&g, "log")).unwrap();
     let lines: Vec<&str> = log.lines().collect();
-    assert_eq!(lines.len(), 3000);
+    assert_eq!(lines.len(), 1000);
     for w in ['A', 'B'] {
         let mine: Vec<&&str> = lines.iter().filter(|l| l.starts_with(w)).collect();
-        assert_eq!(mine.len(), 1500);
+        assert_eq!(mine.len(), 500);
         for (i, line) in mine.iter().enumerate() {
             assert_eq!(line.len(), 63, "torn line {line:?}");
             assert!(

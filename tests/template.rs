@@ -1,10 +1,10 @@
 //! Templates on a real guest (docs/templates.md): one template is built
 //! for the whole file, with a warm-up, a share slot and a network, from a
 //! config whose initramfs is a copy of the test's own; sandboxes start from
-//! it with other host folders, each fresh (its own writes, its own random
-//! bytes, machine id and hostname, the host's time); a config that no
-//! longer fits, or a changed
-//! initramfs, is refused with a sentence.
+//! it with other host folders and egress rules, each fresh (its own
+//! writes, its own random bytes, machine id, hostname and MAC address, the
+//! host's time); a config that no longer fits, or a changed initramfs, is
+//! refused with a sentence.
 
 mod common;
 
@@ -47,13 +47,17 @@ fn vmm(args: &[&str]) -> Output {
 }
 
 fn config(s: &Scratch, memory: u64, share: &Path) -> PathBuf {
+    config_with(s, memory, share, json!({"default": "deny"}))
+}
+
+fn config_with(s: &Scratch, memory: u64, share: &Path, egress: Value) -> PathBuf {
     let body = json!({
         "memory_mib": memory,
         "initramfs": s.path("initramfs.cpio"),
         "rootfs": {},
         "serial": "off",
         "shares": [{"tag": "work", "host_path": share, "guest_path": "/mnt/work"}],
-        "network": {"mode": "user", "egress": {"default": "deny"}},
+        "network": {"mode": "user", "egress": egress},
     });
     let path = s.path(&format!(
         "vm-{memory}-{}.json",
@@ -120,11 +124,28 @@ fn sandboxes_start_from_the_template_each_fresh_and_with_the_runs_folders() {
     assert_eq!(row["memory_mib"], 256);
     assert!(row["size_bytes"].as_u64().unwrap() > 0);
 
-    let run_cfg = config(s, 256, &s.path("run-with"));
+    // The run's egress rules (the template's deny everything) let the
+    // guest reach this listener through 10.0.2.2.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let _ = std::io::Write::write_all(&mut conn.unwrap(), b"hello from the host\n");
+        }
+    });
+    let run_cfg = config_with(
+        s,
+        256,
+        &s.path("run-with"),
+        json!({"default": "deny", "allow": [format!("10.0.2.2:{port}")]}),
+    );
     let script = "cat /root/warm; test -e /root/mine && echo SEEN-AN-EARLIER-RUN; \
                   echo mine > /root/mine; ls /mnt/work; date +%s.%N; \
                   head -c 16 /dev/urandom | od -An -tx1; cat /root/seed; \
-                  hostname; cat /etc/machine-id";
+                  hostname; cat /etc/machine-id; cat /sys/class/net/eth0/address";
+    // The first run also talks to the host, from its new address.
+    let first_script = format!("{script}; exec 3<>/dev/tcp/10.0.2.2/{port} && head -n 1 <&3");
+    let mut seen_macs = std::collections::BTreeSet::new();
     let mut seen_random = std::collections::BTreeSet::new();
     let mut seen_ids = std::collections::BTreeSet::new();
     let mut template_seed = None;
@@ -137,9 +158,9 @@ fn sandboxes_start_from_the_template_each_fresh_and_with_the_runs_folders() {
             "--config",
             run_cfg.to_str().unwrap(),
             "--",
-            "sh",
+            "bash",
             "-c",
-            script,
+            if i == 0 { &first_script } else { script },
         ]);
         let after = now_s();
         assert!(out.status.success(), "run {i}: {}", describe(&out));
@@ -149,7 +170,7 @@ fn sandboxes_start_from_the_template_each_fresh_and_with_the_runs_folders() {
             !text.contains("SEEN-AN-EARLIER-RUN"),
             "run {i} sees an earlier run's write: {text}"
         );
-        assert_eq!(lines.len(), 7, "run {i}: {text}");
+        assert_eq!(lines.len(), if i == 0 { 9 } else { 8 }, "run {i}: {text}");
         assert_eq!(lines[0], "warm", "the warm-up's state: {text}");
         // The run's folder, not the one the template was built with.
         assert_eq!(lines[1], "run-with", "run {i}: {text}");
@@ -174,6 +195,14 @@ fn sandboxes_start_from_the_template_each_fresh_and_with_the_runs_folders() {
             seen_ids.insert(lines[6].to_string()),
             "run {i} repeats a machine id: {text}"
         );
+        // A MAC address of its own, not the template's (the default).
+        assert!(
+            lines[7] != "02:56:4d:4d:00:01" && seen_macs.insert(lines[7].to_string()),
+            "run {i} has an address another VM had: {text}"
+        );
+        if i == 0 {
+            assert_eq!(lines[8], "hello from the host", "run {i}: {text}");
+        }
     }
     assert!(!seen_random.contains(template_seed.as_deref().unwrap()));
 }

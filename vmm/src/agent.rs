@@ -275,17 +275,24 @@ impl AgentClient {
     }
 
     /// Gives the guest fresh randomness and has it reseed its generator,
-    /// and steps its wall clock to `now` (after a fork or restore).
-    pub fn reseed(&self, seed: &[u8], now: Option<std::time::SystemTime>) -> Result<()> {
+    /// steps its wall clock to `now` and moves its network interface to
+    /// `mac` (after a fork or restore).
+    pub fn reseed(
+        &self,
+        seed: &[u8],
+        now: Option<std::time::SystemTime>,
+        mac: Option<[u8; 6]>,
+    ) -> Result<()> {
         let mut s = self.connect()?;
         let seed = seed.iter().map(|b| format!("{b:02x}")).collect();
         let unix_ns = now
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map(|d| d.as_nanos() as u64);
+        let mac = mac.map(|m| crate::config::format_mac(&m));
         write_json(
             &mut s,
             FrameType::Request,
-            &Request::Reseed { seed, unix_ns },
+            &Request::Reseed { seed, unix_ns, mac },
         )?;
         Self::finish(&mut s, |_, _| Ok(()))?;
         Ok(())

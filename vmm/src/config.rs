@@ -378,6 +378,14 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6]> {
     Ok(mac)
 }
 
+/// `mac` as text, the way [`parse_mac`] reads it.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 /// A host folder shared with the guest over virtio-fs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -30,25 +30,36 @@ fn euid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+/// Fills `buf` from the kernel's random generator.
+pub fn fill_random(buf: &mut [u8]) -> io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: getrandom writes at most `rest.len()` bytes into `rest`.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n > 0 {
+            filled += n as usize;
+        } else {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Random hex, for names nobody can guess.
 pub fn random_hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
-    let mut filled = 0;
-    while filled < bytes {
-        // SAFETY: getrandom writes at most `bytes - filled` bytes into the
-        // rest of `buf`.
-        let n = unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), bytes - filled, 0) };
-        if n > 0 {
-            filled += n as usize;
-        } else if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-            // No entropy source at all: fall back to time and pid (still
-            // unique, not secret; mkdir's exclusivity is what protects).
-            let t = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0);
-            return format!("{:x}{:x}", t, std::process::id());
-        }
+    if fill_random(&mut buf).is_err() {
+        // No entropy source at all: fall back to time and pid (still
+        // unique, not secret; mkdir's exclusivity is what protects).
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        return format!("{:x}{:x}", t, std::process::id());
     }
     buf.iter().map(|b| format!("{b:02x}")).collect()
 }

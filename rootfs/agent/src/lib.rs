@@ -84,10 +84,14 @@ pub enum Request {
     /// copies of one VM do not produce the same random bytes; and step the
     /// wall clock to `unix_ns` (the host's time, nanoseconds since the Unix
     /// epoch), which stood still while the VM was saved.
+    /// With `mac`, the VM's network interface takes that address (a copy
+    /// of a VM gets one of its own).
     Reseed {
         seed: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         unix_ns: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mac: Option<String>,
     },
 }
 

@@ -135,16 +135,9 @@ fn handle(conn: File) -> io::Result<()> {
             &writer,
         ),
         Ok(Request::Put { path, mode }) => put(&path, mode, &mut reader),
-        Ok(Request::Reseed { seed, unix_ns }) => match reseed(&seed) {
-            Err(e) => Response::error(format!("cannot reseed the random generator: {e}")),
-            Ok(()) => match unix_ns.map(set_clock).transpose() {
-                Err(e) => Response::error(format!("cannot set the wall clock: {e}")),
-                // A copy of a VM is a new machine.
-                Ok(_) => match crate::identity::renew() {
-                    Ok(_) => Response::default(),
-                    Err(e) => Response::error(format!("cannot renew the machine id: {e}")),
-                },
-            },
+        Ok(Request::Reseed { seed, unix_ns, mac }) => match renew(&seed, unix_ns, mac.as_deref()) {
+            Ok(()) => Response::default(),
+            Err(e) => Response::error(e),
         },
         Ok(Request::Get { path }) => get(&path, &writer),
         Ok(Request::Shutdown) => {
@@ -160,6 +153,22 @@ fn handle(conn: File) -> io::Result<()> {
         }
     };
     respond(&writer, &response)
+}
+
+/// A copy of a VM is a new machine: its random generator reseeded with
+/// `seed_hex`, its wall clock stepped to `unix_ns`, a new machine id and
+/// hostname, and its network interface moved to `mac`.
+fn renew(seed_hex: &str, unix_ns: Option<u64>, mac: Option<&str>) -> Result<(), String> {
+    reseed(seed_hex).map_err(|e| format!("cannot reseed the random generator: {e}"))?;
+    if let Some(ns) = unix_ns {
+        set_clock(ns).map_err(|e| format!("cannot set the wall clock: {e}"))?;
+    }
+    if let Some(mac) = mac {
+        crate::identity::set_mac(mac)
+            .map_err(|e| format!("cannot give the network interface its new address: {e}"))?;
+    }
+    crate::identity::renew().map_err(|e| format!("cannot renew the machine id: {e}"))?;
+    Ok(())
 }
 
 /// Credits `seed_hex` to the input pool (RNDADDENTROPY) and forces a

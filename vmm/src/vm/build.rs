@@ -132,6 +132,8 @@ struct Devices {
     backends: Vec<Backend>,
     disk: Option<SharedDisk>,
     disk_base: Option<PathBuf>,
+    /// The new MAC address a restored guest's interface is to take.
+    new_mac: Option<[u8; 6]>,
 }
 
 /// Creates the configuration's virtio devices and puts them on the bus: in
@@ -165,6 +167,7 @@ fn devices(
         disk_base = Some(base);
     }
     let mut backends: Vec<Backend> = Vec::new();
+    let mut new_mac = None;
     if let Some(v) = &config.vsock {
         let vsock = Vsock::new(v.cid, &v.uds_path).map_err(|source| Error::VsockSocket {
             path: v.uds_path.clone(),
@@ -174,7 +177,9 @@ fn devices(
         devices.push((DeviceId::Vsock, Box::new(vsock)));
     }
     if let Some(network) = &config.network {
-        let net = network_device(network, restore.is_some())?;
+        let (mac, new) = guest_mac(network, restore.is_some())?;
+        new_mac = new.then_some(mac);
+        let net = network_device(network, mac, restore.is_some())?;
         backends.push(Arc::new(Mutex::new(net.handle())));
         devices.push((DeviceId::Network, Box::new(net)));
     }
@@ -215,6 +220,7 @@ fn devices(
         backends,
         disk,
         disk_base,
+        new_mac,
     })
 }
 
@@ -271,6 +277,7 @@ fn finish(config: &VmConfig, start: Instant, p: Parts) -> Vm {
         cpuid: p.cpuid,
         config: config.clone(),
         restored_agent: p.restored_agent,
+        new_mac: p.devices.new_mac,
         serial: p.platform.serial,
         panic: p.platform.panic,
         boot_time: p.platform.boot_time,
@@ -471,9 +478,30 @@ pub(super) fn restore(
     ))
 }
 
-/// The guest's MAC address unless the config names one (locally
+/// A booted guest's MAC address unless the config names one (locally
 /// administered, unicast).
 const DEFAULT_MAC: [u8; 6] = [0x02, 0x56, 0x4d, 0x4d, 0x00, 0x01];
+
+/// The guest's MAC address, and whether it is new: the config's when it
+/// names one; else [`DEFAULT_MAC`] for a booted guest and a random one
+/// for a restored or forked guest (whose agent moves its interface to
+/// it), so no two copies of a VM share an address.
+fn guest_mac(network: &NetworkConfig, restored: bool) -> Result<([u8; 6], bool)> {
+    let (NetworkConfig::Tap { mac, .. } | NetworkConfig::User { mac, .. }) = network;
+    if let Some(m) = mac {
+        return Ok((crate::config::parse_mac(m)?, false));
+    }
+    if !restored {
+        return Ok((DEFAULT_MAC, false));
+    }
+    let mut mac = [0u8; 6];
+    crate::runtime::fill_random(&mut mac).map_err(io_err(
+        "draw a MAC address from the host's random generator",
+    ))?;
+    // Unicast, locally administered.
+    mac[0] = (mac[0] & !0x01) | 0x02;
+    Ok((mac, true))
+}
 
 /// `VMM_SHARES=tag:guest_path[:ro],...` for the guest init (the config
 /// checked that tags and paths have no separators or spaces).
@@ -502,12 +530,7 @@ fn ip_arg(address: &str, gateway: Option<&str>) -> Result<String> {
 /// user-mode network of its own (no connections carried over); its port
 /// forwards are bound when the ports are free, else left out with a
 /// warning (the original VM may still hold them).
-fn network_device(network: &NetworkConfig, restored: bool) -> Result<Net> {
-    let (NetworkConfig::Tap { mac, .. } | NetworkConfig::User { mac, .. }) = network;
-    let mac = match mac {
-        Some(m) => crate::config::parse_mac(m)?,
-        None => DEFAULT_MAC,
-    };
+fn network_device(network: &NetworkConfig, mac: [u8; 6], restored: bool) -> Result<Net> {
     let backend: Box<dyn NetBackend> = match network {
         NetworkConfig::Tap { tap, .. } => Box::new(Tap::open(tap)?),
         NetworkConfig::User {
@@ -696,4 +719,37 @@ fn serial_writer(serial: &SerialOutput) -> Result<Box<dyn std::io::Write + Send>
                 })?,
         ),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn network(json: &str) -> NetworkConfig {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn copies_of_a_vm_get_their_own_mac_unless_the_config_names_one() {
+        let unnamed = network(r#"{"mode": "user"}"#);
+        assert_eq!(guest_mac(&unnamed, false).unwrap(), (DEFAULT_MAC, false));
+        let (a, new_a) = guest_mac(&unnamed, true).unwrap();
+        let (b, new_b) = guest_mac(&unnamed, true).unwrap();
+        assert!(new_a && new_b);
+        assert_ne!(a, b);
+        for mac in [a, b] {
+            assert_eq!(mac[0] & 0x03, 0x02, "unicast, locally administered");
+            assert_eq!(
+                crate::config::parse_mac(&crate::config::format_mac(&mac)).unwrap(),
+                mac
+            );
+        }
+        let named = network(r#"{"mode": "user", "mac": "02:00:00:00:00:07"}"#);
+        for restored in [false, true] {
+            assert_eq!(
+                guest_mac(&named, restored).unwrap(),
+                ([2, 0, 0, 0, 0, 7], false)
+            );
+        }
+    }
 }

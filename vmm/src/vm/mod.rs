@@ -237,6 +237,8 @@ pub struct Vm {
     /// Restored from a machine whose agent was up: reseed it, then report
     /// it ready.
     restored_agent: bool,
+    /// The new address a restored guest's network interface takes.
+    new_mac: Option<[u8; 6]>,
     serial: Arc<Mutex<SerialDevice>>,
     panic: GuestPanic,
     boot_time: BootTime,
@@ -339,6 +341,7 @@ impl Vm {
             cpuid,
             config,
             restored_agent,
+            new_mac,
             serial,
             panic,
             boot_time,
@@ -448,7 +451,7 @@ impl Vm {
             f(machine.locked().handle());
         }
         if let (Some(done), Some(uds)) = (reseed_done, vsock_path) {
-            reseed_agent(uds, done, shared.exit.clone(), seccomp);
+            reseed_agent(uds, done, new_mac, shared.exit.clone(), seccomp);
         }
         // From here this thread only runs the device loop.
         if seccomp && loop_error.is_none() {
@@ -504,11 +507,18 @@ impl Vm {
 }
 
 /// Has the restored guest's agent reseed its random generator with fresh
-/// host randomness and step its wall clock to the host's, on a helper
-/// thread, then writes `done`. Connections the guest resets while it
-/// handles the vsock transport reset are tried again. An agent older than
-/// the clock step (a snapshot of an older build) is reseeded without it.
-fn reseed_agent(uds: PathBuf, done: EventFd, exit: Arc<ExitSignal>, seccomp: bool) {
+/// host randomness, step its wall clock to the host's and move its network
+/// interface to `mac`, on a helper thread, then writes `done`. Connections
+/// the guest resets while it handles the vsock transport reset are tried
+/// again. An agent older than the clock step (a snapshot of an older
+/// build) is reseeded without it.
+fn reseed_agent(
+    uds: PathBuf,
+    done: EventFd,
+    mac: Option<[u8; 6]>,
+    exit: Arc<ExitSignal>,
+    seccomp: bool,
+) {
     let spawned = std::thread::Builder::new()
         .name("reseed".into())
         .spawn(move || {
@@ -522,16 +532,14 @@ fn reseed_agent(uds: PathBuf, done: EventFd, exit: Arc<ExitSignal>, seccomp: boo
             let mut last = None;
             for _ in 0..20 {
                 let mut seed = [0u8; 64];
-                // SAFETY: getrandom fills at most `seed.len()` bytes of `seed`.
-                let n = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
-                if n != seed.len() as isize {
-                    last = Some("the host has no randomness to give".to_string());
+                if let Err(e) = crate::runtime::fill_random(&mut seed) {
+                    last = Some(format!("the host has no randomness to give: {e}"));
                     break;
                 }
-                let mut answer = agent.reseed(&seed, Some(std::time::SystemTime::now()));
+                let mut answer = agent.reseed(&seed, Some(std::time::SystemTime::now()), mac);
                 if matches!(&answer, Err(crate::agent::Error::Agent(m)) if m.contains("unknown field")) {
-                    tracing::warn!("the restored guest's agent cannot set its clock (an older agent): its wall clock lags by the time the VM was saved");
-                    answer = agent.reseed(&seed, None);
+                    tracing::warn!("the restored guest's agent cannot set its clock or address (an older agent): its wall clock lags by the time the VM was saved, and it keeps the saved VM's MAC address");
+                    answer = agent.reseed(&seed, None, None);
                 }
                 match answer {
                     Ok(()) => {

@@ -468,6 +468,11 @@ impl UserNet {
         let Ok(eth) = EthernetFrame::new_checked(frame) else {
             return;
         };
+        // The guest's interface may change its address (a restored or
+        // forked VM takes a new one): the frames made here follow it.
+        if eth.src_addr().is_unicast() {
+            self.guest_mac = eth.src_addr();
+        }
         match eth.ethertype() {
             EthernetProtocol::Arp => {
                 // Only the gateway and the DNS forwarder answer ARP (any_ip
@@ -1265,6 +1270,31 @@ mod tests {
             .iter()
             .filter(|f| tcp_flags(f) == Some((true, false)))
             .count()
+    }
+
+    #[test]
+    fn frames_made_for_the_guest_go_to_the_address_it_sends_from() {
+        let mut net = net(EgressPolicy::default(), Vec::new());
+        let refused = "10.0.0.7".parse::<Ipv4Addr>().unwrap();
+        let dst_of_reset = |net: &mut UserNet, from: Option<[u8; 6]>| {
+            let mut frame = syn(refused, 30_000, 80);
+            if let Some(mac) = from {
+                frame[6..12].copy_from_slice(&mac);
+            }
+            net.send(&frame).unwrap();
+            net.poll();
+            let frames = drain(net);
+            let reset = frames
+                .iter()
+                .find(|f| tcp_flags(f) == Some((true, false)))
+                .expect("the refused SYN is reset");
+            EthernetFrame::new_checked(&reset[..]).unwrap().dst_addr().0
+        };
+        assert_eq!(dst_of_reset(&mut net, None), GUEST_MAC);
+        let moved = [2, 0x11, 0x22, 0x33, 0x44, 0x55];
+        assert_eq!(dst_of_reset(&mut net, Some(moved)), moved);
+        // A multicast source is no address to answer to: ignored.
+        assert_eq!(dst_of_reset(&mut net, Some([3, 0, 0, 0, 0, 1])), moved);
     }
 
     #[test]
