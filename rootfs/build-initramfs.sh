@@ -32,7 +32,7 @@ if readelf -l "$busybox" | grep -q INTERP; then die "$busybox is not static: apt
 command -v cpio >/dev/null || die "cpio is missing: apt-get install cpio"
 
 cargo build --quiet --release --manifest-path "$repo/Cargo.toml" --target "$target" -p vmm-agent
-agent="$repo/target/$target/release/vmm-agent"
+agent="${CARGO_TARGET_DIR:-$repo/target}/$target/release/vmm-agent"
 
 key="$(cat "$agent" "$busybox" "${BASH_SOURCE[0]}" | sha256sum | cut -c1-16)"
 out="$cache/initramfs/$key"

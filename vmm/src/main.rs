@@ -268,6 +268,28 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(1)
 }
 
+/// Prints a listing (`vmm ps`, `vmm template ls`): `rows` as JSON, or a
+/// table of `header` and each row's `line`.
+fn print_listing<R: serde::Serialize>(
+    json: bool,
+    rows: Vec<R>,
+    header: &str,
+    line: impl Fn(R) -> String,
+) -> ExitCode {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).unwrap_or_default()
+        );
+    } else {
+        println!("{header}");
+        for r in rows {
+            println!("{}", line(r));
+        }
+    }
+    ExitCode::SUCCESS
+}
+
 /// What `vmm launch` was given.
 #[derive(clap::Args)]
 struct LaunchArgs {

@@ -3,12 +3,43 @@
 //! made again when the VM was forked or restored (after the random
 //! generator is reseeded), so no two sandboxes share them; and the network
 //! interface's MAC address, which the host picks for a copy of a VM.
+//!
+//! The two files live in memory (`/run/vmm-identity`, bound over the ones
+//! in `/etc` at boot): renewing them after a restore writes no root disk,
+//! whose file system work was most of a template start's renewal.
 
 use std::io::{self, Read};
 
-/// Makes a new machine id and hostname; returns the hostname. The
-/// hostname is set even where the files cannot be written (a read-only
-/// root disk: they stay the image's).
+/// Where the identity files are kept.
+const DIR: &str = "/run/vmm-identity";
+/// The files in /etc, each bound to its namesake in [`DIR`].
+const FILES: [&str; 2] = ["machine-id", "hostname"];
+
+/// At boot: binds the memory-backed identity files over /etc's. Where an
+/// /etc file cannot be made (a read-only root disk without it), it stays
+/// the image's.
+pub fn set_up() -> io::Result<()> {
+    std::fs::create_dir_all(DIR)?;
+    for name in FILES {
+        let kept = format!("{DIR}/{name}");
+        let etc = format!("/etc/{name}");
+        std::fs::write(&kept, "")?;
+        // A symlink (to a daemon's file) would be bound through: it is
+        // replaced with a file.
+        let regular = std::fs::symlink_metadata(&etc).is_ok_and(|m| m.is_file());
+        if !regular {
+            let _ = std::fs::remove_file(&etc);
+            let _ = std::fs::write(&etc, "");
+        }
+        if let Err(e) = crate::sys_mount(&kept, &etc, "", libc::MS_BIND) {
+            eprintln!("vmm-init: {etc} stays the root disk's (cannot bind {kept} over it: {e})");
+        }
+    }
+    Ok(())
+}
+
+/// Makes a new machine id and hostname; returns the hostname.
+/// Fails only when the hostname cannot be set.
 pub fn renew() -> io::Result<String> {
     let mut bytes = [0u8; 16];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
@@ -18,11 +49,10 @@ pub fn renew() -> io::Result<String> {
     if unsafe { libc::sethostname(hostname.as_ptr().cast(), hostname.len()) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    // On a read-only root disk the files stay the image's. A symlink
-    // would be written through: it is replaced with a file.
-    let _ = std::fs::remove_file("/etc/machine-id");
-    let _ = std::fs::write("/etc/machine-id", format!("{id}\n"));
-    let _ = std::fs::write("/etc/hostname", format!("{hostname}\n"));
+    // Without the files (their folder could not be made at boot) the
+    // hostname is still set.
+    let _ = std::fs::write(format!("{DIR}/machine-id"), format!("{id}\n"));
+    let _ = std::fs::write(format!("{DIR}/hostname"), format!("{hostname}\n"));
     Ok(hostname)
 }
 

@@ -284,7 +284,7 @@ fn main() {
         mount_shares(&shares);
     }
     write_resolv_conf();
-    if let Err(e) = identity::renew() {
+    if let Err(e) = identity::set_up().and_then(|_| identity::renew()) {
         eprintln!("vmm-init: cannot set the machine id and hostname: {e}");
     }
     let cpus = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();

@@ -236,20 +236,13 @@ pub fn ps(json: bool) -> ExitCode {
             }
         })
         .collect();
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&rows).unwrap_or_default()
-        );
-        return ExitCode::SUCCESS;
-    }
     let dash = || "-".to_string();
-    println!(
+    let header = format!(
         "{:<20} {:>8} {:<11} {:>5} {:>8} {:>8}  PARENT",
         "NAME", "PID", "STATE", "VCPUS", "MEMORY", "UPTIME"
     );
-    for r in rows {
-        println!(
+    super::print_listing(json, rows, &header, |r| {
+        format!(
             "{:<20} {:>8} {:<11} {:>5} {:>8} {:>8}  {}",
             r.name,
             r.pid,
@@ -258,9 +251,8 @@ pub fn ps(json: bool) -> ExitCode {
             r.memory_mib.map_or_else(dash, |m| format!("{m}M")),
             uptime(r.uptime_s),
             r.parent.unwrap_or_else(dash)
-        );
-    }
-    ExitCode::SUCCESS
+        )
+    })
 }
 
 /// `vmm logs NAME`: the console output so far.

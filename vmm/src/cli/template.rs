@@ -135,14 +135,7 @@ fn ls(json: bool) -> ExitCode {
             }
         })
         .collect();
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&rows).unwrap_or_default()
-        );
-        return ExitCode::SUCCESS;
-    }
-    println!(
+    let header = format!(
         "{:<24} {:>8} {:>8} {:>6}  {:<32} BASE",
         "NAME", "SIZE", "MEMORY", "AGE", "KERNEL"
     );
@@ -157,8 +150,8 @@ fn ls(json: bool) -> ExitCode {
             .collect::<Vec<_>>()
             .join("/")
     };
-    for r in rows {
-        println!(
+    super::print_listing(json, rows, &header, |r| {
+        format!(
             "{:<24} {:>7}M {:>7}M {:>6}  {:<32} {}",
             r.name,
             r.size_bytes >> 20,
@@ -166,9 +159,8 @@ fn ls(json: bool) -> ExitCode {
             super::named::uptime(r.age_s),
             short(&r.kernel),
             r.base.as_deref().map_or_else(|| "-".into(), short)
-        );
-    }
-    ExitCode::SUCCESS
+        )
+    })
 }
 
 /// Template `name` checked against the sandbox a run of `config` would

@@ -377,6 +377,7 @@ pub fn create(build: Build, progress: &mut dyn FnMut(&str)) -> Result<Template> 
         progress(&format!("template {name}: warm-up `{command}`"));
         warm_up(&sandbox, name, command)?;
     }
+    write_back(&sandbox);
     let made = save(&sandbox, &store, &build, inputs, started);
     // The VM is not needed any more, whatever happened.
     let _ = sandbox.machine().stop();
@@ -463,6 +464,27 @@ fn warm_up(sandbox: &Sandbox, name: &str, command: &str) -> Result<()> {
         status: format!("exit status {}", status.shell_code()),
         output: String::from_utf8_lossy(&output).into_owned(),
     })
+}
+
+/// Has the guest write its dirty pages back before the snapshot. Writeback
+/// left pending (the warm-up's files, written seconds before) would run in
+/// the first seconds of every sandbox started from the template: `vmm run
+/// -- true` took 3.7 s from one build and 2.0 s from the next on the PVM
+/// host, depending on whether its snapshot caught writeback pending.
+fn write_back(sandbox: &Sandbox) {
+    let exec = crate::agent::Exec {
+        argv: vec!["sync".into()],
+        ..Default::default()
+    };
+    let (mut output, mut errors) = (Vec::new(), Vec::new());
+    match sandbox.agent().exec(&exec, None, &mut output, &mut errors) {
+        Ok(s) if s.shell_code() == 0 => {}
+        Ok(_) => tracing::warn!(
+            "the guest's sync failed ({}); sandboxes may start slower",
+            String::from_utf8_lossy(&errors).trim()
+        ),
+        Err(e) => tracing::warn!("cannot run sync in the guest ({e}); sandboxes may start slower"),
+    }
 }
 
 /// Snapshots the sandbox into `<partial>/snapshot`; the memory bytes.
