@@ -157,15 +157,16 @@ fn handle(conn: File) -> io::Result<()> {
 
 /// A copy of a VM is a new machine: its random generator reseeded with
 /// `seed_hex`, its wall clock stepped to `unix_ns`, a new machine id and
-/// hostname, and its network interface moved to `mac`.
+/// hostname, and its network interface moved to `mac` where it can be.
 fn renew(seed_hex: &str, unix_ns: Option<u64>, mac: Option<&str>) -> Result<(), String> {
     reseed(seed_hex).map_err(|e| format!("cannot reseed the random generator: {e}"))?;
     if let Some(ns) = unix_ns {
         set_clock(ns).map_err(|e| format!("cannot set the wall clock: {e}"))?;
     }
-    if let Some(mac) = mac {
-        crate::identity::set_mac(mac)
-            .map_err(|e| format!("cannot give the network interface its new address: {e}"))?;
+    // A guest that moved or renamed its interface away keeps its address;
+    // the sandbox still starts (the user network follows any address).
+    if let Err(e) = mac.map(crate::identity::set_mac).transpose() {
+        eprintln!("vmm-agent: the network interface keeps its address: {e}");
     }
     crate::identity::renew().map_err(|e| format!("cannot renew the machine id: {e}"))?;
     Ok(())
