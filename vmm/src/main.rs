@@ -456,14 +456,35 @@ fn jail(
     api_socket: Option<&std::path::Path>,
     report: Option<&std::path::Path>,
 ) -> Result<(), Box<dyn std::error::Error>> {
+    let plan = jail_plan(config, files, base, api_socket, report)?;
+    vmm::jail::enter(&plan)?;
+    Ok(())
+}
+
+/// What [`jail`] enters: the plan of the VM of `config`, its sockets'
+/// folders writable.
+fn jail_plan(
+    config: &mut VmConfig,
+    files: &[PathBuf],
+    base: Option<&std::path::Path>,
+    api_socket: Option<&std::path::Path>,
+    report: Option<&std::path::Path>,
+) -> Result<vmm::jail::Plan, vmm::jail::Error> {
     vmm::jail::prepare(config);
     let mut sockets: Vec<&std::path::Path> = api_socket.into_iter().collect();
     if let Some(v) = &config.vsock {
         sockets.push(&v.uds_path);
     }
-    let plan = vmm::jail::Plan::for_vm(config, files, base, &sockets, report)?;
-    vmm::jail::enter(&plan)?;
-    Ok(())
+    vmm::jail::Plan::for_vm(config, files, base, &sockets, report)
+}
+
+/// Whether `e` says the host forbids the jail's namespaces (nothing was
+/// changed then: the process may go on unjailed).
+fn is_namespace_refusal(e: &(dyn std::error::Error + 'static)) -> bool {
+    matches!(
+        e.downcast_ref::<vmm::jail::Error>(),
+        Some(vmm::jail::Error::Namespaces(_))
+    )
 }
 
 /// `vmm restore`'s switches.

@@ -2,12 +2,12 @@
 //! the configuration's default template (built on first use), a named
 //! template, or a boot (`--cold`); jailed where the host allows it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use vmm::config::VmConfig;
 
-use super::{fail, jail, template, ExecArgs};
+use super::{fail, is_namespace_refusal, jail_plan, template, ExecArgs};
 
 /// How `vmm run` starts its sandbox.
 pub enum RunStart {
@@ -43,7 +43,7 @@ pub fn run(
         },
         RunStart::Default if !own_layer => {
             let config = config.unwrap_or_default();
-            match template::default_for(&config) {
+            match template::default_for(&config, no_jail) {
                 Ok(t) => (Some(t.snapshot_dir()), config),
                 Err(e) => return fail(e),
             }
@@ -51,18 +51,8 @@ pub fn run(
         RunStart::Default | RunStart::Cold => (None, config.unwrap_or_default()),
     };
     config.seccomp &= !no_seccomp;
-    // Jailed unless asked not to. Where the host forbids user namespaces,
-    // a config's "jail" fails; the default runs unjailed.
-    if !no_jail {
-        let asked = config.jail.is_some();
-        match jail_run(&mut config, snapshot.as_deref()) {
-            Ok(()) => {}
-            Err(e) if !asked && is_namespace_refusal(e.as_ref()) => {
-                tracing::info!("{e}; the VM runs unjailed");
-                config.jail = None;
-            }
-            Err(e) => return fail(e),
-        }
+    if let Err(e) = jail_sandbox(no_jail, &mut config, snapshot.as_deref(), None) {
+        return fail(e);
     }
     let seccomp = config.seccomp;
     let started = match snapshot {
@@ -99,27 +89,47 @@ pub fn run(
     code
 }
 
-/// Jails `vmm run` before its sandbox starts: the files are those of the
-/// config with the sandbox's defaults (the root disk, the agent), and the
-/// template's `snapshot` it restores; its sockets go into the jail's
-/// runtime folder.
-fn jail_run(
+/// Jails this process before the sandbox of `config` starts, unless
+/// `no_jail`: the jail shows the files of the config with the sandbox's
+/// defaults (the root disk, the agent) and `read` (a template's snapshot)
+/// read-only, the VM's own folders and `write` (a template store)
+/// writable; the sockets go into its runtime folder. Where the host
+/// forbids user namespaces, a config's "jail" fails; without one the
+/// sandbox runs unjailed.
+pub fn jail_sandbox(
+    no_jail: bool,
     config: &mut VmConfig,
-    snapshot: Option<&std::path::Path>,
+    read: Option<&Path>,
+    write: Option<&Path>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    if no_jail {
+        return Ok(());
+    }
+    let asked = config.jail.is_some();
+    match enter_jail(config, read, write) {
+        Err(e) if !asked && is_namespace_refusal(e.as_ref()) => {
+            tracing::info!("{e}; the VM runs unjailed");
+            config.jail = None;
+            Ok(())
+        }
+        entered => entered,
+    }
+}
+
+fn enter_jail(
+    config: &mut VmConfig,
+    read: Option<&Path>,
+    write: Option<&Path>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     config.jail.get_or_insert_with(Default::default);
     let hv = vmm::open_hypervisor()?;
     let planned = vmm::template::sandbox_config(config);
     let (mut files, base) = vmm::Vm::boot_files(&planned, hv.as_ref())?;
-    files.extend(snapshot.map(std::path::Path::to_path_buf));
-    jail(config, &files, base.as_deref(), None, None)
-}
-
-/// Whether `e` says the host forbids the jail's namespaces (nothing was
-/// changed then: the process may go on unjailed).
-fn is_namespace_refusal(e: &(dyn std::error::Error + 'static)) -> bool {
-    matches!(
-        e.downcast_ref::<vmm::jail::Error>(),
-        Some(vmm::jail::Error::Namespaces(_))
-    )
+    drop(hv);
+    files.extend(read.map(Path::to_path_buf));
+    let mut plan = jail_plan(config, &files, base.as_deref(), None, None)?;
+    plan.exposed
+        .extend(write.map(|w| vmm::jail::Exposed::ReadWrite(w.to_path_buf())));
+    vmm::jail::enter(&plan)?;
+    Ok(())
 }

@@ -7,9 +7,10 @@ use std::process::ExitCode;
 
 use serde::Serialize;
 use vmm::config::VmConfig;
-use vmm::template::{self, Build, Template};
+use vmm::template::{self, Build, Prepared, Template};
 
 use super::fail;
+use super::run::jail_sandbox;
 
 /// `vmm template ...`.
 #[derive(clap::Subcommand)]
@@ -36,6 +37,10 @@ pub enum TemplateCommand {
         /// (how `vmm run` builds its default templates).
         #[arg(long, hide = true)]
         if_missing: bool,
+        /// Build without the jail the VM otherwise boots in wherever the
+        /// host allows user namespaces (docs/security.md).
+        #[arg(long)]
+        no_jail: bool,
     },
     /// List the templates: name, size on disk, memory, what each was
     /// built from, age.
@@ -59,7 +64,21 @@ pub fn command(cmd: TemplateCommand) -> ExitCode {
             warmup,
             replace,
             if_missing,
-        } => create(&name, config.as_deref(), warmup, replace, if_missing),
+            no_jail,
+        } => {
+            let config = match config.as_deref().map(VmConfig::from_file).transpose() {
+                Ok(c) => c.unwrap_or_default(),
+                Err(e) => return fail(e),
+            };
+            let build = Build {
+                name: &name,
+                config,
+                warmup,
+                replace,
+                if_missing,
+            };
+            create(build, no_jail)
+        }
         TemplateCommand::Ls { json } => ls(json),
         TemplateCommand::Rm { name } => match template::remove(&name) {
             Ok(()) => ExitCode::SUCCESS,
@@ -68,25 +87,21 @@ pub fn command(cmd: TemplateCommand) -> ExitCode {
     }
 }
 
-fn create(
-    name: &str,
-    config: Option<&Path>,
-    warmup: Vec<String>,
-    replace: bool,
-    if_missing: bool,
-) -> ExitCode {
-    let config = match config.map(VmConfig::from_file).transpose() {
-        Ok(c) => c.unwrap_or_default(),
-        Err(e) => return fail(e),
+/// Builds the template in a jail (as `vmm run` boots): it sees the VM's
+/// files, and the store as its one writable folder besides the VM's own.
+fn create(build: Build, no_jail: bool) -> ExitCode {
+    let made = match template::prepare(build) {
+        Ok(Prepared::Exists(t)) => Ok(t),
+        Ok(Prepared::Pending(mut pending)) => {
+            let store = pending.store().to_path_buf();
+            if let Err(e) = jail_sandbox(no_jail, &mut pending.boot, None, Some(&store)) {
+                return fail(e);
+            }
+            pending.run(&mut |line| eprintln!("vmm: {line}"))
+        }
+        Err(e) => Err(e),
     };
-    let build = Build {
-        name,
-        config,
-        warmup,
-        replace,
-        if_missing,
-    };
-    match template::create(build, &mut |line| eprintln!("vmm: {line}")) {
+    match made {
         Ok(t) => {
             println!("{}", t.dir.display());
             ExitCode::SUCCESS
@@ -176,7 +191,7 @@ pub fn for_run(name: &str, config: Option<VmConfig>) -> Result<(Template, VmConf
 /// inputs>`), built on first use. The build runs as a `vmm template
 /// create` process of its own, so that this process stays as it was (one
 /// thread, no filter) for the jail it may enter next.
-pub fn default_for(config: &VmConfig) -> Result<Template, String> {
+pub fn default_for(config: &VmConfig, no_jail: bool) -> Result<Template, String> {
     let hv = vmm::open_hypervisor().map_err(|e| e.to_string())?;
     let inputs = template::inputs_of(config, hv.as_ref()).map_err(|e| e.to_string())?;
     drop(hv);
@@ -198,6 +213,7 @@ pub fn default_for(config: &VmConfig) -> Result<Template, String> {
         .args(["template", "create", &name, "--if-missing", "--config"])
         .arg(&file)
         .args(["--warmup", template::DEFAULT_WARMUP])
+        .args(no_jail.then_some("--no-jail"))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .status()

@@ -6,7 +6,7 @@
 //! template `NAME` is the folder `NAME/` holding `template.json` (a
 //! [`Record`]: what it was built from, when, how) and `snapshot/` (a
 //! snapshot directory, docs/snapshot.md). It is built in a folder of its
-//! own, `.NAME.partial-<pid>-<random>`, and renamed into place once
+//! own, `.NAME.partial-<random>` (locked while its build runs), and renamed into place once
 //! complete, so a template is either whole or absent; a rebuild swaps the
 //! new folder in at once (`RENAME_EXCHANGE`), and sandboxes still running
 //! from the old one keep its files open.
@@ -339,8 +339,40 @@ pub struct Build<'a> {
 
 /// Boots `build.config`, waits for the agent, runs the warm-up commands,
 /// snapshots the VM into the store and stops it. `progress` gets a line
-/// for each step.
+/// for each step. ([`prepare`] and [`Pending::run`] in one.)
 pub fn create(build: Build, progress: &mut dyn FnMut(&str)) -> Result<Template> {
+    match prepare(build)? {
+        Prepared::Exists(t) => Ok(t),
+        Prepared::Pending(p) => p.run(progress),
+    }
+}
+
+/// What [`prepare`] found.
+// Made once per build, and both variants are large (a config each).
+#[allow(clippy::large_enum_variant)]
+pub enum Prepared<'a> {
+    /// The build is `if_missing` and the template exists.
+    Exists(Template),
+    /// The build is checked and ready to boot.
+    Pending(Pending<'a>),
+}
+
+/// A build checked against the store, its inputs read: what is left
+/// boots the VM and writes nothing but the store (so it can run in a
+/// jail that shows it the VM's files and the store only).
+pub struct Pending<'a> {
+    build: Build<'a>,
+    /// The config the VM boots with: the build's, with what a jail fills
+    /// in (the template records the build's own).
+    pub boot: VmConfig,
+    store: PathBuf,
+    inputs: Inputs,
+    started: Instant,
+}
+
+/// Checks the build's name against the store (creating the store) and
+/// reads the inputs the template will record, before anything boots.
+pub fn prepare(build: Build) -> Result<Prepared> {
     let started = Instant::now();
     let name = build.name;
     check_name(name)?;
@@ -348,7 +380,7 @@ pub fn create(build: Build, progress: &mut dyn FnMut(&str)) -> Result<Template> 
     sweep_partials(&store);
     if build.if_missing {
         if let Ok(t) = Template::open_in(&store, name) {
-            return Ok(t);
+            return Ok(Prepared::Exists(t));
         }
     }
     if !build.replace && store.join(name).exists() {
@@ -356,51 +388,77 @@ pub fn create(build: Build, progress: &mut dyn FnMut(&str)) -> Result<Template> 
     }
     let hv = crate::open_hypervisor()?;
     let inputs = inputs_of(&build.config, hv.as_ref())?;
-    drop(hv);
-    progress(&format!(
-        "template {name}: booting {} vCPU(s), {} MiB, kernel {}{}",
-        inputs.layout.vcpus,
-        inputs.layout.memory_mib,
-        inputs.kernel.path.display(),
-        inputs
-            .base
-            .as_ref()
-            .map(|b| format!(", base image {}", b.path.display()))
-            .unwrap_or_default()
-    ));
-    let sandbox = Sandbox::start(build.config.clone())?;
-    progress(&format!(
-        "template {name}: agent ready after {:.1} s",
-        started.elapsed().as_secs_f64()
-    ));
-    for command in &build.warmup {
-        progress(&format!("template {name}: warm-up `{command}`"));
-        warm_up(&sandbox, name, command)?;
+    Ok(Prepared::Pending(Pending {
+        boot: build.config.clone(),
+        build,
+        store,
+        inputs,
+        started,
+    }))
+}
+
+impl Pending<'_> {
+    /// The store the template is written into.
+    pub fn store(&self) -> &Path {
+        &self.store
     }
-    write_back(&sandbox);
-    let made = save(&sandbox, &store, &build, inputs, started);
-    // The VM is not needed any more, whatever happened.
-    let _ = sandbox.machine().stop();
-    drop(sandbox);
-    let record = match made {
-        Ok(r) => r,
-        // Another build of the same template finished first.
-        Err(Error::Exists(_)) if build.if_missing => return Template::open_in(&store, name),
-        Err(e) => return Err(e),
-    };
-    if name.starts_with(DEFAULT_PREFIX) {
-        sweep_defaults(&store, &record);
+
+    /// Boots the VM, waits for its agent, runs the warm-up commands,
+    /// snapshots it into the store and stops it.
+    pub fn run(self, progress: &mut dyn FnMut(&str)) -> Result<Template> {
+        let Pending {
+            build,
+            boot,
+            store,
+            inputs,
+            started,
+        } = self;
+        let name = build.name;
+        progress(&format!(
+            "template {name}: booting {} vCPU(s), {} MiB, kernel {}{}",
+            inputs.layout.vcpus,
+            inputs.layout.memory_mib,
+            inputs.kernel.path.display(),
+            inputs
+                .base
+                .as_ref()
+                .map(|b| format!(", base image {}", b.path.display()))
+                .unwrap_or_default()
+        ));
+        let sandbox = Sandbox::start(boot)?;
+        progress(&format!(
+            "template {name}: agent ready after {:.1} s",
+            started.elapsed().as_secs_f64()
+        ));
+        for command in &build.warmup {
+            progress(&format!("template {name}: warm-up `{command}`"));
+            warm_up(&sandbox, name, command)?;
+        }
+        write_back(&sandbox);
+        let made = save(&sandbox, &store, &build, inputs, started);
+        // The VM is not needed any more, whatever happened.
+        let _ = sandbox.machine().stop();
+        drop(sandbox);
+        let record = match made {
+            Ok(r) => r,
+            // Another build of the same template finished first.
+            Err(Error::Exists(_)) if build.if_missing => return Template::open_in(&store, name),
+            Err(e) => return Err(e),
+        };
+        if name.starts_with(DEFAULT_PREFIX) {
+            sweep_defaults(&store, &record);
+        }
+        let template = Template {
+            dir: store.join(name),
+            record,
+        };
+        progress(&format!(
+            "template {name}: built in {:.1} s, {} MiB on disk",
+            started.elapsed().as_secs_f64(),
+            template.size_on_disk() >> 20
+        ));
+        Ok(template)
     }
-    let template = Template {
-        dir: store.join(name),
-        record,
-    };
-    progress(&format!(
-        "template {name}: built in {:.1} s, {} MiB on disk",
-        started.elapsed().as_secs_f64(),
-        template.size_on_disk() >> 20
-    ));
-    Ok(template)
 }
 
 /// Snapshots the sandbox and writes its record into a partial folder of
@@ -413,16 +471,8 @@ fn save(
     inputs: Inputs,
     started: Instant,
 ) -> Result<Record> {
-    let partial = store.join(format!(
-        ".{}.partial-{}-{}",
-        build.name,
-        std::process::id(),
-        crate::runtime::random_hex(4)
-    ));
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&partial)
-        .map_err(io("create", &partial))?;
+    // Held until the template is installed: a sweep leaves it alone.
+    let (partial, _held) = new_partial(store, build.name)?;
     let saved = snapshot_into(sandbox, &partial).and_then(|memory_bytes| {
         let record = Record {
             name: build.name.to_string(),
@@ -602,15 +652,46 @@ fn sweep_defaults(store: &Path, new: &Record) {
     }
 }
 
-/// Removes the partial folders of builds whose process has ended.
+/// The prefix of a partial folder's name after the template's name.
+const PARTIAL: &str = ".partial-";
+
+/// A new partial folder for template `name`, locked for as long as the
+/// returned descriptor is open. The lock, not a process id, tells a live
+/// build: jailed builds run in PID namespaces of their own.
+fn new_partial(store: &Path, name: &str) -> Result<(PathBuf, std::fs::File)> {
+    let mut tries = 0;
+    loop {
+        let partial = store.join(format!(".{name}{PARTIAL}{}", crate::runtime::random_hex(8)));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&partial)
+            .map_err(io("create", &partial))?;
+        let held = std::fs::File::open(&partial).map_err(io("open", &partial))?;
+        held.lock().map_err(io("lock", &partial))?;
+        // A sweep that took the lock first (between the folder's making
+        // and the lock) removed it.
+        let inode = held.metadata().map_err(io("read", &partial))?.ino();
+        if std::fs::symlink_metadata(&partial).is_ok_and(|m| m.ino() == inode) {
+            return Ok((partial, held));
+        }
+        tries += 1;
+        if tries == 3 {
+            return Err(io("keep", &partial)(std::io::ErrorKind::NotFound.into()));
+        }
+    }
+}
+
+/// Removes the partial folders no build holds locked ([`new_partial`]):
+/// those of builds that ended without installing them.
 fn sweep_partials(store: &Path) {
     for entry in std::fs::read_dir(store).into_iter().flatten().flatten() {
-        let file = entry.file_name().to_string_lossy().into_owned();
-        let Some((_, rest)) = file.split_once(".partial-") else {
+        if !entry.file_name().to_string_lossy().contains(PARTIAL) {
+            continue;
+        }
+        let Ok(folder) = std::fs::File::open(entry.path()) else {
             continue;
         };
-        let pid: Option<u32> = rest.split('-').next().and_then(|p| p.parse().ok());
-        if pid.is_some_and(|p| crate::names::process_start(p).is_none()) {
+        if folder.try_lock().is_ok() {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
@@ -654,14 +735,19 @@ mod tests {
     #[test]
     fn partials_of_ended_builds_are_swept_and_live_ones_kept() {
         let store = scratch("sweep");
-        let live = store.join(format!(".t.partial-{}-ab", std::process::id()));
-        let ended = store.join(format!(".t.partial-{}-cd", u32::MAX - 1));
+        let (live, held) = new_partial(&store, "t").unwrap();
+        // An ended build's folder: nobody holds it (an old build's name
+        // with a process id is swept the same way).
+        let ended = store.join(".t.partial-4294967294-cd");
         let other = store.join("t");
-        for d in [&live, &ended, &other] {
+        for d in [&ended, &other] {
             std::fs::create_dir(d).unwrap();
         }
         sweep_partials(&store);
         assert!(live.exists() && other.exists() && !ended.exists());
+        drop(held);
+        sweep_partials(&store);
+        assert!(!live.exists() && other.exists());
         std::fs::remove_dir_all(&store).unwrap();
     }
 
