@@ -87,21 +87,50 @@ fn built() -> MutexGuard<'static, Built> {
             remove_ended_test_templates();
             let name = format!("test-{}", std::process::id());
             let cfg = config(&s, 256, &s.path("built-with"));
-            let out = vmm(&[
-                "template",
-                "create",
-                &name,
-                "--config",
-                cfg.to_str().unwrap(),
-                "--warmup",
-                "echo warm > /root/warm && head -c 16 /dev/urandom | od -An -tx1 > /root/seed",
-            ]);
-            assert!(out.status.success(), "{}", describe(&out));
-            let stderr = String::from_utf8_lossy(&out.stderr);
+            let cfg = cfg.to_str().unwrap();
+            let warmup =
+                "echo warm > /root/warm && head -c 16 /dev/urandom | od -An -tx1 > /root/seed";
+            let stderr = build_jailed(&["--config", cfg, "--warmup", warmup], &name);
             assert!(stderr.contains("built in"), "progress lines: {stderr}");
             Mutex::new(Built { name, scratch: s })
         })
         .locked()
+}
+
+/// Runs `vmm template create NAME ARGS`, checking that the build runs
+/// jailed (this host allows it): by its first progress line, printed by
+/// the VMM, the process it started is the jail's launcher, whose one
+/// child (the init) has one child (the VMM), all in a user namespace of
+/// their own. Its standard error.
+fn build_jailed(args: &[&str], name: &str) -> String {
+    let mut build = Command::new(VMM)
+        .args(["template", "create", name])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(build.stderr.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut stderr, &mut first).unwrap();
+    assert!(first.contains("booting"), "first line: {first}");
+    let init = common::children(build.id());
+    assert_eq!(init.len(), 1, "the launcher has one child, the jail's init");
+    let jailed = common::children(init[0]);
+    assert_eq!(jailed.len(), 1, "the jail's init has one child, the VMM");
+    let ns = |pid: u32| std::fs::read_link(format!("/proc/{pid}/ns/user")).unwrap();
+    assert_ne!(
+        ns(jailed[0]),
+        ns(std::process::id()),
+        "the build's VMM is in a user namespace of its own"
+    );
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    let out = build.wait_with_output().unwrap();
+    let all = format!("{first}{rest}");
+    assert!(out.status.success(), "status {:?}: {all}", out.status);
+    all
 }
 
 fn now_s() -> f64 {
@@ -143,9 +172,16 @@ fn sandboxes_start_from_the_template_each_fresh_and_with_the_runs_folders() {
                   echo mine > /root/mine; ls /mnt/work; date +%s.%N; \
                   head -c 16 /dev/urandom | od -An -tx1; cat /root/seed; \
                   hostname; cat /etc/machine-id; cat /sys/class/net/eth0/address";
+    // The first three also read their vsock context id
+    // (IOCTL_VM_SOCKETS_GET_LOCAL_CID; perl costs seconds on this host).
+    let cid_script = format!(
+        "{script}; perl -e 'open(my $f, \"<\", \"/dev/vsock\") or die \"$!\"; \
+         my $b = pack(\"L\", 0); ioctl($f, 0x7b9, $b) or die \"$!\"; print unpack(\"L\", $b), \"\\n\"'"
+    );
     // The first run also talks to the host, from its new address.
-    let first_script = format!("{script}; exec 3<>/dev/tcp/10.0.2.2/{port} && head -n 1 <&3");
+    let first_script = format!("{cid_script}; exec 3<>/dev/tcp/10.0.2.2/{port} && head -n 1 <&3");
     let mut seen_macs = std::collections::BTreeSet::new();
+    let mut seen_cids = std::collections::BTreeSet::new();
     let mut seen_random = std::collections::BTreeSet::new();
     let mut seen_ids = std::collections::BTreeSet::new();
     let mut template_seed = None;
@@ -160,7 +196,11 @@ fn sandboxes_start_from_the_template_each_fresh_and_with_the_runs_folders() {
             "--",
             "bash",
             "-c",
-            if i == 0 { &first_script } else { script },
+            match i {
+                0 => &first_script,
+                1 | 2 => &cid_script,
+                _ => script,
+            },
         ]);
         let after = now_s();
         assert!(out.status.success(), "run {i}: {}", describe(&out));
@@ -170,7 +210,12 @@ fn sandboxes_start_from_the_template_each_fresh_and_with_the_runs_folders() {
             !text.contains("SEEN-AN-EARLIER-RUN"),
             "run {i} sees an earlier run's write: {text}"
         );
-        assert_eq!(lines.len(), if i == 0 { 9 } else { 8 }, "run {i}: {text}");
+        let expected = match i {
+            0 => 10,
+            1 | 2 => 9,
+            _ => 8,
+        };
+        assert_eq!(lines.len(), expected, "run {i}: {text}");
         assert_eq!(lines[0], "warm", "the warm-up's state: {text}");
         // The run's folder, not the one the template was built with.
         assert_eq!(lines[1], "run-with", "run {i}: {text}");
@@ -200,8 +245,16 @@ fn sandboxes_start_from_the_template_each_fresh_and_with_the_runs_folders() {
             lines[7] != "02:56:4d:4d:00:01" && seen_macs.insert(lines[7].to_string()),
             "run {i} has an address another VM had: {text}"
         );
+        // A vsock context id of its own, not the template's (the
+        // default, 3).
+        if i < 3 {
+            assert!(
+                lines[8] != "3" && seen_cids.insert(lines[8].to_string()),
+                "run {i} has a context id another VM had: {text}"
+            );
+        }
         if i == 0 {
-            assert_eq!(lines[8], "hello from the host", "run {i}: {text}");
+            assert_eq!(lines[9], "hello from the host", "run {i}: {text}");
         }
     }
     assert!(!seen_random.contains(template_seed.as_deref().unwrap()));

@@ -288,7 +288,7 @@ impl AgentClient {
         let unix_ns = now
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map(|d| d.as_nanos() as u64);
-        let mac = mac.map(|m| crate::config::format_mac(&m));
+        let mac = mac.map(|m| vmm_agent::format_mac(&m));
         write_json(
             &mut s,
             FrameType::Request,

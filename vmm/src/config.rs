@@ -33,7 +33,7 @@ pub enum Error {
     NoMemory,
     #[error("\"memory_mib\" is {0}: the most this VMM supports is {MAX_MEMORY_MIB} MiB")]
     TooMuchMemory(u64),
-    #[error("\"vsock\": \"cid\" is {0}; context ids 0, 1 and 2 are reserved, use 3 or more")]
+    #[error("\"vsock\": \"cid\" is {0}; context ids 0, 1, 2 and 4294967295 are reserved, use 3 to 4294967294")]
     ReservedCid(u64),
     #[error("\"network\": {0}")]
     BadNetwork(String),
@@ -142,11 +142,29 @@ pub struct NetRateLimit {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VsockConfig {
-    /// The guest's context id (3 or more; 0-2 are reserved).
+    /// The guest's context id (3 to 2^32 - 2; 0-2 and 2^32 - 1 are
+    /// reserved).
     pub cid: u64,
     /// Host clients connect here (`CONNECT <port>\n`); guest connections to
     /// host port P go to `<uds_path>_<P>`.
     pub uds_path: PathBuf,
+}
+
+impl VsockConfig {
+    /// Gives a copy of a VM (a restore, a fork child) a context id of its
+    /// own: a random one. Its guest reads it again on the transport reset
+    /// every restore sends.
+    pub fn renew_cid(&mut self) {
+        let mut bytes = [0u8; 4];
+        let drawn = match crate::runtime::fill_random(&mut bytes) {
+            Ok(()) => u32::from_le_bytes(bytes),
+            // getrandom does not fail once the host has booted; the
+            // process id is unique among running VMs all the same.
+            Err(_) => std::process::id(),
+        };
+        // 3 to u32::MAX - 1.
+        self.cid = u64::from(drawn % (u32::MAX - 3)) + 3;
+    }
 }
 
 /// How the guest's network interface (virtio-net) is connected.
@@ -359,31 +377,13 @@ pub fn parse_cidr(text: &str) -> Result<(Ipv4Addr, u8)> {
 
 /// "02:00:00:00:00:01" as bytes.
 pub fn parse_mac(text: &str) -> Result<[u8; 6]> {
-    let bad = || {
-        Error::BadNetwork(format!(
+    match vmm_agent::parse_mac(text) {
+        // A multicast address cannot be an interface's.
+        Some(mac) if mac[0] & 1 == 0 => Ok(mac),
+        _ => Err(Error::BadNetwork(format!(
             "mac {text:?} is not six hex bytes like 02:00:00:00:00:01"
-        ))
-    };
-    let parts: Vec<&str> = text.split(':').collect();
-    if parts.len() != 6 {
-        return Err(bad());
+        ))),
     }
-    let mut mac = [0u8; 6];
-    for (b, p) in mac.iter_mut().zip(parts) {
-        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
-    }
-    if mac[0] & 1 != 0 {
-        return Err(bad());
-    }
-    Ok(mac)
-}
-
-/// `mac` as text, the way [`parse_mac`] reads it.
-pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 /// A host folder shared with the guest over virtio-fs.
@@ -628,7 +628,7 @@ impl VmConfig {
             return Err(Error::TooMuchMemory(self.memory_mib));
         }
         if let Some(v) = &self.vsock {
-            if v.cid < 3 || v.cid > u64::from(u32::MAX) {
+            if !(3..u64::from(u32::MAX)).contains(&v.cid) {
                 return Err(Error::ReservedCid(v.cid));
             }
         }
@@ -804,6 +804,26 @@ mod tests {
             parse(r#"{"vsock": {"cid": 2, "uds_path": "/tmp/v"}}"#),
             Err(Error::ReservedCid(2))
         ));
+        assert!(matches!(
+            parse(r#"{"vsock": {"cid": 4294967295, "uds_path": "/tmp/v"}}"#),
+            Err(Error::ReservedCid(4294967295))
+        ));
         assert!(parse(r#"{"vsock": {"cid": 3, "uds_path": "/tmp/v"}}"#).is_ok());
+        assert!(parse(r#"{"vsock": {"cid": 4294967294, "uds_path": "/tmp/v"}}"#).is_ok());
+    }
+
+    #[test]
+    fn a_renewed_cid_is_a_usable_one() {
+        let mut v = VsockConfig {
+            cid: DEFAULT_CID,
+            uds_path: "v".into(),
+        };
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..64 {
+            v.renew_cid();
+            assert!((3..u64::from(u32::MAX)).contains(&v.cid), "{}", v.cid);
+            seen.insert(v.cid);
+        }
+        assert!(seen.len() > 60, "random context ids repeat: {seen:?}");
     }
 }

@@ -220,12 +220,11 @@ pub fn child_binary() -> PathBuf {
 
 /// The configuration of child `id`: the parent's, with its own sockets and
 /// CID, a throwaway disk layer and its own console file (if any).
-fn child_config(parent: &VmConfig, id: &str, pid: u32, dir: &Path) -> VmConfig {
+fn child_config(parent: &VmConfig, id: &str, dir: &Path) -> VmConfig {
     let mut config = parent.clone();
     if let Some(v) = &mut config.vsock {
         v.uds_path = dir.join(format!("{id}.vsock"));
-        // Process ids are unique among running VMs on this host.
-        v.cid = u64::from(pid).max(3);
+        v.renew_cid();
     }
     if let Some(r) = &mut config.rootfs {
         r.layer = None;
@@ -284,7 +283,7 @@ pub fn spawn_children(
             }
         };
         let pid = process.id();
-        let config = child_config(&state.config, &id, pid, dir);
+        let config = child_config(&state.config, &id, dir);
         let info = ChildInfo {
             id: id.clone(),
             pid,

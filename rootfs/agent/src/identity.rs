@@ -59,20 +59,12 @@ pub fn renew() -> io::Result<String> {
 /// Moves the VM's network interface (the one the virtio-net driver runs)
 /// to `mac` (six hex bytes, `02:...`).
 pub fn set_mac(mac: &str) -> io::Result<()> {
-    let bad = || {
+    let bytes = vmm_agent::parse_mac(mac).ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("{mac:?} is not a MAC address"),
         )
-    };
-    let parts: Vec<&str> = mac.split(':').collect();
-    if parts.len() != 6 {
-        return Err(bad());
-    }
-    let mut bytes = [0u8; 6];
-    for (b, p) in bytes.iter_mut().zip(parts) {
-        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
-    }
+    })?;
     let name = virtio_interface()?;
     // SAFETY: an all-zero ifreq is valid (a name and a zeroed union).
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };

@@ -99,6 +99,28 @@ fn default_mode() -> u32 {
     0o644
 }
 
+/// A MAC address from its text (six hex bytes, `02:00:00:00:00:01`), as
+/// configs and `Reseed`'s `mac` write it; `None` when it is not one.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for b in &mut mac {
+        let part = parts
+            .next()
+            .filter(|p| p.bytes().all(|c| c.is_ascii_hexdigit()))?;
+        *b = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// `mac` as text, the way [`parse_mac`] reads it.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 /// The agent's answer, the last frame of a connection.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -197,6 +219,25 @@ mod tests {
             (FrameType::Stdin, vec![])
         );
         assert!(read_frame(&mut r).unwrap().is_none());
+    }
+
+    #[test]
+    fn mac_text_round_trips_and_bad_text_is_refused() {
+        let mac = [0x02, 0xab, 0, 0x10, 0xff, 1];
+        assert_eq!(format_mac(&mac), "02:ab:00:10:ff:01");
+        assert_eq!(parse_mac("02:ab:00:10:ff:01"), Some(mac));
+        assert_eq!(parse_mac("02:AB:0:10:ff:1"), Some(mac));
+        for bad in [
+            "",
+            "02:ab:00:10:ff",
+            "02:ab:00:10:ff:01:02",
+            "02:ab:00:10:ff:100",
+            "02:ab:00:10:ff:zz",
+            "02-ab-00-10-ff-01",
+            "02:+b:00:10:ff:01",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

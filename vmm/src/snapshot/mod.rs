@@ -398,8 +398,10 @@ pub fn restore_source(dir: &Path, opts: &RestoreOptions) -> Result<RestoreSource
     let (config, disk_base) = host::resolve(&state.config, state.disk_base.take(), &opts.host)?;
     state.config = config;
     state.disk_base = disk_base;
+    // A copy of the VM: a socket and a context id of its own.
     if let Some(v) = &mut state.config.vsock {
         v.uds_path = opts.vsock_socket.clone();
+        v.renew_cid();
     }
     // The disk continues from the snapshot's layer with a throwaway layer
     // on top: the snapshot itself never changes.

@@ -740,7 +740,7 @@ mod tests {
         for mac in [a, b] {
             assert_eq!(mac[0] & 0x03, 0x02, "unicast, locally administered");
             assert_eq!(
-                crate::config::parse_mac(&crate::config::format_mac(&mac)).unwrap(),
+                crate::config::parse_mac(&vmm_agent::format_mac(&mac)).unwrap(),
                 mac
             );
         }
