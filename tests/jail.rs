@@ -302,12 +302,19 @@ fn vmm_run_is_jailed_by_default() {
         .spawn()
         .unwrap();
     // The launcher starts the jail's init, which starts the VMM; the VMM
-    // takes its seccomp filters once its VM runs.
+    // takes its seccomp filters once its VM runs. (A first run of this
+    // configuration starts a `vmm template create` of its own first, in a
+    // jail of its own: not the one looked for.)
+    let is_build = |p: u32| {
+        std::fs::read(format!("/proc/{p}/cmdline"))
+            .is_ok_and(|c| c.split(|&b| b == 0).any(|a| a == b"template"))
+    };
     let deadline = Instant::now() + Duration::from_secs(300);
     let vmm = loop {
         let found = children(run.id())
-            .first()
-            .and_then(|&init| children(init).first().copied())
+            .into_iter()
+            .find(|&p| !is_build(p))
+            .and_then(|init| children(init).first().copied())
             .filter(|&p| status_field(p, "Seccomp") == "2");
         if let Some(p) = found {
             break p;
