@@ -158,8 +158,9 @@ impl VsockConfig {
         let mut bytes = [0u8; 4];
         let drawn = match crate::runtime::fill_random(&mut bytes) {
             Ok(()) => u32::from_le_bytes(bytes),
-            // getrandom does not fail once the host has booted; the
-            // process id is unique among running VMs all the same.
+            // getrandom does not fail once the host has booted; should it,
+            // the process id still differs from the saved VM's CID (3)
+            // most of the time, and any CID in range works.
             Err(_) => std::process::id(),
         };
         // 3 to u32::MAX - 1.

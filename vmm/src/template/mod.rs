@@ -6,10 +6,10 @@
 //! template `NAME` is the folder `NAME/` holding `template.json` (a
 //! [`Record`]: what it was built from, when, how) and `snapshot/` (a
 //! snapshot directory, docs/snapshot.md). It is built in a folder of its
-//! own, `.NAME.partial-<random>` (locked while its build runs), and renamed into place once
-//! complete, so a template is either whole or absent; a rebuild swaps the
-//! new folder in at once (`RENAME_EXCHANGE`), and sandboxes still running
-//! from the old one keep its files open.
+//! own, `.NAME.partial-<random>` (locked while its build runs), and
+//! renamed into place once complete, so a template is either whole or
+//! absent; a rebuild swaps the new folder in at once (`RENAME_EXCHANGE`),
+//! and sandboxes still running from the old one keep its files open.
 //!
 //! Before a template is used, [`Template::check`] compares its
 //! [`inputs::Inputs`] with the run's: a template whose kernel, initramfs,
@@ -745,6 +745,9 @@ mod tests {
         }
         sweep_partials(&store);
         assert!(live.exists() && other.exists() && !ended.exists());
+        // Unlocked explicitly: a process another test forks meanwhile holds
+        // a copy of the descriptor, which would keep the lock past a drop.
+        held.unlock().unwrap();
         drop(held);
         sweep_partials(&store);
         assert!(!live.exists() && other.exists());
