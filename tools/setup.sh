@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Sets up a fresh Debian 12 machine to build and run the VMM:
 #  - Debian packages: kernel source and build tools, busybox-static, cpio,
-#    qemu-system-x86 (for boot-time comparisons), debootstrap;
+#    qemu-system-x86 (for boot-time comparisons), debootstrap, e2fsprogs
+#    (mkfs.ext4 and debugfs write imported images), docker-registry and
+#    skopeo (the image pull tests run a registry on 127.0.0.1 and push to it);
 #  - the Rust musl target (the guest agent is a static binary);
 #  - the guest kernel for this host's flavour, the default initramfs and the
 #    Debian base image, cached outside the repository (see
@@ -13,7 +15,8 @@ set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 packages=(linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev cpio
-          busybox-static qemu-system-x86 debootstrap e2fsprogs binutils)
+          busybox-static qemu-system-x86 debootstrap e2fsprogs binutils
+          docker-registry skopeo)
 
 missing=()
 for p in "${packages[@]}"; do

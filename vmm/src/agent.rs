@@ -75,8 +75,14 @@ impl ExitStatus {
 #[derive(Debug, Clone, Default)]
 pub struct Exec {
     pub argv: Vec<String>,
+    /// Variables set over the image's (an OCI image's `Env`) and the
+    /// agent's PATH.
     pub env: BTreeMap<String, String>,
+    /// Default: the image's `WorkingDir`, else /.
     pub cwd: Option<String>,
+    /// `NAME`, `UID`, `NAME:GROUP` or `UID:GID`; default: the image's
+    /// `User`, else root.
+    pub user: Option<String>,
     pub timeout: Option<Duration>,
 }
 
@@ -188,6 +194,7 @@ impl AgentClient {
             argv: cmd.argv.clone(),
             env: cmd.env.clone(),
             cwd: cmd.cwd.clone(),
+            user: cmd.user.clone(),
             stdin: stdin.is_some(),
             timeout_ms: cmd.timeout.map(|t| t.as_millis() as u64),
         };

@@ -35,6 +35,8 @@ pub enum Error {
     TooMuchMemory(u64),
     #[error("\"vsock\": \"cid\" is {0}; context ids 0, 1, 2 and 4294967295 are reserved, use 3 to 4294967294")]
     ReservedCid(u64),
+    #[error("\"rootfs\" gives both \"base\" and \"image\": give one (an image is a base)")]
+    BaseAndImage,
     #[error("\"network\": {0}")]
     BadNetwork(String),
     #[error("rate limit of {0}")]
@@ -113,6 +115,11 @@ pub struct RootfsConfig {
     /// builds. Never written.
     #[serde(default)]
     pub base: Option<PathBuf>,
+    /// An imported image (`vmm image import`) as the base, by name or
+    /// digest, instead of `base`. Its configuration's `Env`, `WorkingDir`
+    /// and `User` become every exec's defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
     /// This VM's layer file, created when missing; keep it to keep the VM's
     /// writes across restarts. Default: a throwaway layer deleted at exit.
     #[serde(default)]
@@ -633,8 +640,13 @@ impl VmConfig {
                 return Err(Error::ReservedCid(v.cid));
             }
         }
-        if let Some(limit) = self.rootfs.as_ref().and_then(|r| r.rate_limit.as_ref()) {
-            limit.validate("\"rootfs\"")?;
+        if let Some(r) = &self.rootfs {
+            if r.base.is_some() && r.image.is_some() {
+                return Err(Error::BaseAndImage);
+            }
+            if let Some(limit) = &r.rate_limit {
+                limit.validate("\"rootfs\"")?;
+            }
         }
         if let Some(n) = &self.network {
             n.validate()?;

@@ -162,6 +162,19 @@ pub fn run() -> Report {
         "base image (for vmm run / rootfs)",
         &artifacts::default_base_image(),
     );
+    let images = crate::image::list(&[]).unwrap_or_default();
+    let image_bytes: u64 = images.iter().map(|l| l.image.size_on_disk()).sum();
+    report.push(
+        "disk: artifact cache",
+        format!(
+            "{} in {} ({} imported images: {}; `vmm image prune` removes unused ones)",
+            crate::image::human(crate::image::cache_usage()),
+            artifacts::cache_dir().display(),
+            images.len(),
+            crate::image::human(image_bytes),
+        ),
+        Status::Info,
+    );
     jail_checks(&mut report);
     let qemu = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").exists()))

@@ -6,6 +6,8 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 
+#[path = "cli/image.rs"]
+mod image;
 #[path = "cli/named.rs"]
 mod named;
 #[path = "cli/run.rs"]
@@ -49,6 +51,10 @@ enum Command {
         /// of the template's own config).
         #[arg(long, conflicts_with = "cold")]
         template: Option<String>,
+        /// Boot this imported image (`vmm image ls`) as the root disk; with
+        /// no command, run its entrypoint and command (docs/images.md).
+        #[arg(long, conflicts_with = "template")]
+        image: Option<String>,
         /// Boot from scratch instead of starting from the configuration's
         /// default template (which the first run builds).
         #[arg(long)]
@@ -170,6 +176,12 @@ enum Command {
         #[command(subcommand)]
         command: template::TemplateCommand,
     },
+    /// Images: OCI and Docker images imported as root disks
+    /// (docs/images.md).
+    Image {
+        #[command(subcommand)]
+        command: image::ImageCommand,
+    },
     /// Check that this host can run VMs and say how to fix what is missing.
     Doctor,
     /// Benchmarks (`vmm bench --help`): runs the `vmm-bench` program
@@ -208,14 +220,18 @@ impl Target {
     }
 }
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 struct ExecArgs {
     /// Environment variables for the command (repeatable).
     #[arg(long = "env", short = 'e', value_name = "K=V")]
     env: Vec<String>,
-    /// Working directory in the guest.
+    /// Working directory in the guest (default: the image's, else /).
     #[arg(long)]
     cwd: Option<String>,
+    /// Run as this user: NAME, UID, NAME:GROUP or UID:GID (default: the
+    /// image's, else root).
+    #[arg(long, short = 'u')]
+    user: Option<String>,
     /// Kill the command after this many seconds (exit status 124).
     #[arg(long)]
     timeout: Option<f64>,
@@ -223,12 +239,15 @@ struct ExecArgs {
     #[arg(long, short = 'i')]
     interactive: bool,
     /// The command and its arguments.
-    #[arg(last = true, required = true)]
+    #[arg(last = true)]
     argv: Vec<String>,
 }
 
 impl ExecArgs {
     fn to_exec(&self) -> Result<vmm::agent::Exec, String> {
+        if self.argv.is_empty() {
+            return Err("no command: give it after `--` (vmm exec -- CMD ARGS...)".into());
+        }
         let mut env = std::collections::BTreeMap::new();
         for kv in &self.env {
             let (k, v) = kv
@@ -240,6 +259,7 @@ impl ExecArgs {
             argv: self.argv.clone(),
             env,
             cwd: self.cwd.clone(),
+            user: self.user.clone(),
             timeout: self.timeout.map(std::time::Duration::from_secs_f64),
         })
     }
@@ -675,6 +695,7 @@ fn main() -> ExitCode {
         Command::Run {
             config,
             template,
+            image,
             cold,
             no_seccomp,
             no_jail,
@@ -685,9 +706,16 @@ fn main() -> ExitCode {
                 (None, true) => run::RunStart::Cold,
                 (None, false) => run::RunStart::Default,
             };
-            run::run(config, start, no_seccomp, no_jail, &cmd)
+            let how = run::RunHow {
+                start,
+                image,
+                no_seccomp,
+                no_jail,
+            };
+            run::run(config, how, &cmd)
         }
         Command::Template { command } => template::command(command),
+        Command::Image { command } => image::command(command),
         Command::Stop { target, force } => stop(&target, force),
         Command::Pause { target } => control(&target, Action::Pause),
         Command::Resume { target } => control(&target, Action::Resume),

@@ -68,6 +68,11 @@ pub enum Request {
         /// Kill the command (SIGKILL) after this many milliseconds.
         #[serde(default)]
         timeout_ms: Option<u64>,
+        /// Run as this user: `NAME`, `UID`, `NAME:GROUP` or `UID:GID`
+        /// (names from the guest's /etc/passwd and /etc/group). Default:
+        /// the image's user (see [`ImageDefaults`]), else root.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
     },
     /// Write a file from the `Stdin` frames that follow.
     Put {
@@ -93,6 +98,27 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         mac: Option<String>,
     },
+}
+
+/// Where the VMM puts an image's exec defaults, in a small archive it adds
+/// to the initramfs of a VM booted from an OCI image. The agent reads it
+/// before switching to the root disk.
+pub const IMAGE_DEFAULTS_PATH: &str = "/vmm/image.json";
+
+/// What an OCI image's configuration says every command runs with, unless
+/// an exec request says otherwise.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageDefaults {
+    /// `K=V` entries; a request's variable of the same name wins.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// The working directory (created when the image lacks it).
+    #[serde(default)]
+    pub working_dir: Option<String>,
+    /// The user, as [`Request::Exec`]'s `user`.
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 fn default_mode() -> u32 {

@@ -16,6 +16,7 @@
 //! also passes the boot parameters it does not know (such as `noxsave`) to
 //! init as arguments, so argv cannot tell them from the command.
 
+mod command;
 mod identity;
 mod server;
 
@@ -222,11 +223,13 @@ fn command_after_dashes(cmdline: &str) -> Vec<String> {
     words
 }
 
-/// Starts `argv` with the agent's PATH, after `configure` set it up. A bare
-/// name the image has no binary for is run as a busybox applet (the
-/// initramfs has no link per applet).
+/// Starts `argv` with the agent's PATH, the image's defaults and
+/// `settings` over them, after `configure` set it up. A bare name the image
+/// has no binary for is run as a busybox applet (the initramfs has no link
+/// per applet).
 pub(crate) fn spawn_command(
     argv: &[String],
+    settings: &command::Settings,
     configure: impl Fn(&mut Command),
 ) -> std::io::Result<std::process::Child> {
     let (program, rest) = argv
@@ -235,6 +238,7 @@ pub(crate) fn spawn_command(
     let spawn = |program: &str, args: &[String]| {
         let mut cmd = Command::new(program);
         cmd.args(args).env("PATH", PATH);
+        command::apply(&mut cmd, settings)?;
         configure(&mut cmd);
         cmd.spawn()
     };
@@ -279,6 +283,7 @@ fn main() {
     }
     mount("proc", "/proc", "proc");
     mount("sysfs", "/sys", "sysfs");
+    command::load_defaults();
     assemble_root();
     if let Ok(shares) = std::env::var("VMM_SHARES") {
         mount_shares(&shares);
@@ -293,7 +298,8 @@ fn main() {
 
     let args = command_after_dashes(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
     if let Some(program) = args.first() {
-        match spawn_command(&args, |_| {}).and_then(|mut child| child.wait()) {
+        let settings = command::Settings::default();
+        match spawn_command(&args, &settings, |_| {}).and_then(|mut child| child.wait()) {
             Ok(s) => println!("vmm-init: command exited: {s}"),
             Err(e) => println!("vmm-init: cannot run {program}: {e}"),
         }

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use vmm_agent::{read_frame, write_frame, write_json, FrameType, Request, Response};
 
+use crate::command::Settings;
 use crate::{power_off, spawn_command};
 
 /// Listens on vsock `port` and serves requests until the VM powers off.
@@ -125,15 +126,15 @@ fn handle(conn: File) -> io::Result<()> {
             cwd,
             stdin,
             timeout_ms,
-        }) => exec(
-            &argv,
-            &env,
-            cwd.as_deref(),
-            stdin,
-            timeout_ms,
-            reader,
-            &writer,
-        ),
+            user,
+        }) => {
+            let settings = Settings {
+                env: Some(&env),
+                cwd: cwd.as_deref(),
+                user: user.as_deref(),
+            };
+            exec(&argv, &settings, stdin, timeout_ms, reader, &writer)
+        }
         Ok(Request::Put { path, mode }) => put(&path, mode, &mut reader),
         Ok(Request::Reseed { seed, unix_ns, mac }) => match renew(&seed, unix_ns, mac.as_deref()) {
             Ok(()) => Response::default(),
@@ -243,20 +244,11 @@ fn respond(writer: &Mutex<File>, response: &Response) -> io::Result<()> {
     Ok(())
 }
 
-fn spawn(
-    argv: &[String],
-    env: &std::collections::BTreeMap<String, String>,
-    cwd: Option<&str>,
-    stdin: bool,
-) -> io::Result<std::process::Child> {
-    spawn_command(argv, |cmd| {
-        cmd.envs(env)
-            .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+fn spawn(argv: &[String], settings: &Settings, stdin: bool) -> io::Result<std::process::Child> {
+    spawn_command(argv, settings, |cmd| {
+        cmd.stdin(if stdin { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        if let Some(dir) = cwd {
-            cmd.current_dir(dir);
-        }
     })
 }
 
@@ -280,14 +272,13 @@ fn pump(mut src: impl Read, kind: FrameType, writer: Arc<Mutex<File>>) {
 
 fn exec(
     argv: &[String],
-    env: &std::collections::BTreeMap<String, String>,
-    cwd: Option<&str>,
+    settings: &Settings,
     stdin: bool,
     timeout_ms: Option<u64>,
     mut reader: File,
     writer: &Arc<Mutex<File>>,
 ) -> Response {
-    let mut child = match spawn(argv, env, cwd, stdin) {
+    let mut child = match spawn(argv, settings, stdin) {
         Ok(c) => c,
         Err(e) => {
             let name = argv.first().map(String::as_str).unwrap_or("");

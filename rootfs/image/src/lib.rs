@@ -6,6 +6,7 @@ pub mod ext4;
 pub mod fixture;
 pub mod import;
 pub mod layer;
+pub mod pull;
 pub mod source;
 pub mod tree;
 

@@ -368,34 +368,7 @@ fn pick_manifest(
     name: &mut Option<String>,
     depth: usize,
 ) -> Result<ImageManifest, Error> {
-    let arch = host_arch();
-    let candidates: Vec<&Descriptor> = entries
-        .iter()
-        .filter(|d| match d.platform() {
-            Some(p) => *p.os() == Os::Linux && *p.architecture() == arch,
-            None => true,
-        })
-        .collect();
-    let distinct: std::collections::HashSet<String> =
-        candidates.iter().map(|d| d.digest().to_string()).collect();
-    if distinct.len() > 1 {
-        return Err(Error::SeveralImages(distinct.len()));
-    }
-    let Some(chosen) = candidates.first() else {
-        let found: Vec<String> = entries
-            .iter()
-            .filter_map(|d| d.platform().as_ref())
-            .map(|p| format!("{}/{}", p.os(), p.architecture()))
-            .collect();
-        return Err(Error::NoPlatform {
-            arch: arch_name(),
-            found: if found.is_empty() {
-                "nothing".into()
-            } else {
-                found.join(", ")
-            },
-        });
-    };
+    let chosen = host_entry(entries)?;
     if let Some(annotations) = chosen.annotations() {
         if let Some(n) = annotations
             .get(IMAGE_NAME)
@@ -427,6 +400,39 @@ fn pick_manifest(
         return pick_manifest(files, index.manifests(), name, depth + 1);
     }
     ImageManifest::from_reader(&bytes[..]).map_err(|e| invalid(&member, e))
+}
+
+/// The entry of an index for this host: Linux on this architecture, or
+/// one without a platform; refused when several distinct images fit.
+pub fn host_entry(entries: &[Descriptor]) -> Result<&Descriptor, Error> {
+    let arch = host_arch();
+    let candidates: Vec<&Descriptor> = entries
+        .iter()
+        .filter(|d| match d.platform() {
+            Some(p) => *p.os() == Os::Linux && *p.architecture() == arch,
+            None => true,
+        })
+        .collect();
+    let distinct: std::collections::HashSet<String> =
+        candidates.iter().map(|d| d.digest().to_string()).collect();
+    if distinct.len() > 1 {
+        return Err(Error::SeveralImages(distinct.len()));
+    }
+    candidates.first().copied().ok_or_else(|| {
+        let found: Vec<String> = entries
+            .iter()
+            .filter_map(|d| d.platform().as_ref())
+            .map(|p| format!("{}/{}", p.os(), p.architecture()))
+            .collect();
+        Error::NoPlatform {
+            arch: arch_name(),
+            found: if found.is_empty() {
+                "nothing".into()
+            } else {
+                found.join(", ")
+            },
+        }
+    })
 }
 
 fn host_arch() -> Arch {
@@ -529,5 +535,21 @@ fn decompress<'a>(stored: &'a mut dyn Read) -> std::io::Result<Box<dyn Read + 'a
         Box::new(zstd::stream::read::Decoder::with_buffer(buffered)?)
     } else {
         Box::new(buffered)
+    })
+}
+
+/// A reader of the decompressed contents of the file at `path` when it is
+/// gzip or zstd compressed (by its first bytes); `None` when it is not.
+pub fn decompressed(path: &Path) -> std::io::Result<Option<Box<dyn Read>>> {
+    let mut head = [0u8; 4];
+    let n = File::open(path)?.read(&mut head)?;
+    let head = &head[..n];
+    let file = File::open(path)?;
+    Ok(if head.starts_with(&[0x1f, 0x8b]) {
+        Some(Box::new(flate2::read::MultiGzDecoder::new(file)))
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Some(Box::new(zstd::stream::read::Decoder::new(file)?))
+    } else {
+        None
     })
 }

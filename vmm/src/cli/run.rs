@@ -19,17 +19,45 @@ pub enum RunStart {
     Cold,
 }
 
-pub fn run(
-    config: Option<PathBuf>,
-    start: RunStart,
-    no_seccomp: bool,
-    no_jail: bool,
-    cmd: &ExecArgs,
-) -> ExitCode {
-    let config = match config.as_deref().map(VmConfig::from_file).transpose() {
+/// `vmm run`'s switches.
+pub struct RunHow {
+    pub start: RunStart,
+    /// `--image`: the root disk, and the command when none is given.
+    pub image: Option<String>,
+    pub no_seccomp: bool,
+    pub no_jail: bool,
+}
+
+pub fn run(config: Option<PathBuf>, how: RunHow, cmd: &ExecArgs) -> ExitCode {
+    let RunHow {
+        start,
+        image,
+        no_seccomp,
+        no_jail,
+    } = how;
+    let mut config = match config.as_deref().map(VmConfig::from_file).transpose() {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
+    let mut owned_cmd;
+    let mut cmd = cmd;
+    if let Some(name) = image {
+        let record = match vmm::image::open(&name) {
+            Ok(i) => i.record,
+            Err(e) => return fail(e),
+        };
+        let c = config.get_or_insert_with(VmConfig::default);
+        let rootfs = c.rootfs.get_or_insert_with(Default::default);
+        rootfs.base = None;
+        rootfs.image = Some(name);
+        // As `docker run`: the entrypoint, then the arguments or `Cmd`.
+        owned_cmd = cmd.clone();
+        owned_cmd.argv = record.command(&cmd.argv);
+        if owned_cmd.argv.is_empty() {
+            return fail("the image names no command (no Entrypoint or Cmd): give one after `--`");
+        }
+        cmd = &owned_cmd;
+    }
     // A user's own disk layer outlives the run: only a boot writes to it.
     let own_layer = config
         .as_ref()

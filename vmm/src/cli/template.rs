@@ -26,6 +26,10 @@ pub enum TemplateCommand {
         /// own.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Build from this imported image (`vmm image ls`) as the root
+        /// disk, in place of the config's.
+        #[arg(long)]
+        image: Option<String>,
         /// A command the guest runs (`sh -c`) before the snapshot, so what
         /// it loads is in the template's memory (repeatable).
         #[arg(long = "warmup", value_name = "CMD")]
@@ -61,15 +65,21 @@ pub fn command(cmd: TemplateCommand) -> ExitCode {
         TemplateCommand::Create {
             name,
             config,
+            image,
             warmup,
             replace,
             if_missing,
             no_jail,
         } => {
-            let config = match config.as_deref().map(VmConfig::from_file).transpose() {
+            let mut config = match config.as_deref().map(VmConfig::from_file).transpose() {
                 Ok(c) => c.unwrap_or_default(),
                 Err(e) => return fail(e),
             };
+            if let Some(name) = image {
+                let rootfs = config.rootfs.get_or_insert_with(Default::default);
+                rootfs.base = None;
+                rootfs.image = Some(name);
+            }
             let build = Build {
                 name: &name,
                 config,
@@ -212,7 +222,12 @@ pub fn default_for(config: &VmConfig, no_jail: bool) -> Result<Template, String>
     let status = std::process::Command::new(exe)
         .args(["template", "create", &name, "--if-missing", "--config"])
         .arg(&file)
-        .args(["--warmup", template::DEFAULT_WARMUP])
+        // An image may have no shell to run the warm-up with.
+        .args(
+            ["--warmup", template::DEFAULT_WARMUP]
+                .into_iter()
+                .filter(|_| config.rootfs.as_ref().is_none_or(|r| r.image.is_none())),
+        )
         .args(no_jail.then_some("--no-jail"))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())

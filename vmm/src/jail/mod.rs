@@ -96,7 +96,11 @@ impl Plan {
         let mut exposed = Vec::new();
         let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
         for f in boot_files.iter().map(PathBuf::as_path).chain(base) {
-            exposed.push(Exposed::ReadOnly(abs(f)));
+            // Once each: a second bind of one file fails on the first.
+            let file = Exposed::ReadOnly(abs(f));
+            if !exposed.contains(&file) {
+                exposed.push(file);
+            }
         }
         let exe = std::env::current_exe().map_err(|source| Error::Setup {
             what: "find the vmm executable".into(),

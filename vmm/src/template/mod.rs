@@ -75,6 +75,8 @@ pub enum Error {
     Agent(#[from] crate::agent::Error),
     #[error("building the template: {0}")]
     Action(#[from] crate::action::ActionError),
+    #[error(transparent)]
+    Partial(#[from] crate::partial::Error),
     #[error("the warm parent's fork answered without a child (a bug: please report it)")]
     NoChild,
 }
@@ -296,6 +298,16 @@ pub fn list() -> Result<Vec<Template>> {
     }
 }
 
+/// (name, base image path) of every template: what `vmm::image` needs to
+/// tell which images templates use.
+pub fn bases() -> Vec<(String, PathBuf)> {
+    list()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|t| Some((t.record.name.clone(), t.record.inputs.base.clone()?.path)))
+        .collect()
+}
+
 fn list_in(store: &Path) -> Vec<Template> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(store).into_iter().flatten().flatten() {
@@ -377,7 +389,7 @@ pub fn prepare(build: Build) -> Result<Prepared> {
     let name = build.name;
     check_name(name)?;
     let store = store()?;
-    sweep_partials(&store);
+    crate::partial::sweep(&store);
     if build.if_missing {
         if let Ok(t) = Template::open_in(&store, name) {
             return Ok(Prepared::Exists(t));
@@ -472,7 +484,7 @@ fn save(
     started: Instant,
 ) -> Result<Record> {
     // Held until the template is installed: a sweep leaves it alone.
-    let (partial, _held) = new_partial(store, build.name)?;
+    let (partial, _held) = crate::partial::create(store, build.name)?;
     let saved = snapshot_into(sandbox, &partial).and_then(|memory_bytes| {
         let record = Record {
             name: build.name.to_string(),
@@ -652,51 +664,6 @@ fn sweep_defaults(store: &Path, new: &Record) {
     }
 }
 
-/// The prefix of a partial folder's name after the template's name.
-const PARTIAL: &str = ".partial-";
-
-/// A new partial folder for template `name`, locked for as long as the
-/// returned descriptor is open. The lock, not a process id, tells a live
-/// build: jailed builds run in PID namespaces of their own.
-fn new_partial(store: &Path, name: &str) -> Result<(PathBuf, std::fs::File)> {
-    let mut tries = 0;
-    loop {
-        let partial = store.join(format!(".{name}{PARTIAL}{}", crate::runtime::random_hex(8)));
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&partial)
-            .map_err(io("create", &partial))?;
-        let held = std::fs::File::open(&partial).map_err(io("open", &partial))?;
-        held.lock().map_err(io("lock", &partial))?;
-        // A sweep that took the lock first (between the folder's making
-        // and the lock) removed it.
-        let inode = held.metadata().map_err(io("read", &partial))?.ino();
-        if std::fs::symlink_metadata(&partial).is_ok_and(|m| m.ino() == inode) {
-            return Ok((partial, held));
-        }
-        tries += 1;
-        if tries == 3 {
-            return Err(io("keep", &partial)(std::io::ErrorKind::NotFound.into()));
-        }
-    }
-}
-
-/// Removes the partial folders no build holds locked ([`new_partial`]):
-/// those of builds that ended without installing them.
-fn sweep_partials(store: &Path) {
-    for entry in std::fs::read_dir(store).into_iter().flatten().flatten() {
-        if !entry.file_name().to_string_lossy().contains(PARTIAL) {
-            continue;
-        }
-        let Ok(folder) = std::fs::File::open(entry.path()) else {
-            continue;
-        };
-        if folder.try_lock().is_ok() {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -729,28 +696,6 @@ mod tests {
         install(&b, &target, true).unwrap();
         assert_eq!(std::fs::read_to_string(target.join("mark")).unwrap(), "b");
         assert!(!b.exists());
-        std::fs::remove_dir_all(&store).unwrap();
-    }
-
-    #[test]
-    fn partials_of_ended_builds_are_swept_and_live_ones_kept() {
-        let store = scratch("sweep");
-        let (live, held) = new_partial(&store, "t").unwrap();
-        // An ended build's folder: nobody holds it (an old build's name
-        // with a process id is swept the same way).
-        let ended = store.join(".t.partial-4294967294-cd");
-        let other = store.join("t");
-        for d in [&ended, &other] {
-            std::fs::create_dir(d).unwrap();
-        }
-        sweep_partials(&store);
-        assert!(live.exists() && other.exists() && !ended.exists());
-        // Unlocked explicitly: a process another test forks meanwhile holds
-        // a copy of the descriptor, which would keep the lock past a drop.
-        held.unlock().unwrap();
-        drop(held);
-        sweep_partials(&store);
-        assert!(!live.exists() && other.exists());
         std::fs::remove_dir_all(&store).unwrap();
     }
 

@@ -317,7 +317,18 @@ pub(super) fn boot(config: &VmConfig, hv: &dyn Hypervisor, start: Instant) -> Re
             })?,
         ),
     };
-    let initramfs_size = initramfs.as_ref().map_or(0, |(_, size)| *size);
+    // An image's exec defaults reach the agent as a second archive after
+    // the initramfs (the kernel unpacks both).
+    let defaults = match (
+        &initramfs,
+        config.rootfs.as_ref().and_then(|r| r.image.as_deref()),
+    ) {
+        (Some(_), Some(image)) => image_defaults_archive(image)?,
+        _ => Vec::new(),
+    };
+    let initramfs_size = initramfs
+        .as_ref()
+        .map_or(0, |(_, size)| boot::with_extra(*size, defaults.len()));
     boot::check_memory(&kernel, initramfs_size, mem_size)?;
     phase(start, "config checked");
 
@@ -357,7 +368,12 @@ pub(super) fn boot(config: &VmConfig, hv: &dyn Hypervisor, start: Instant) -> Re
     let cmdline = kernel_cmdline(config, checked.flavour, &device_args);
     let initramfs = initramfs
         .zip(initramfs_path.as_deref())
-        .map(|((file, size), path)| (path, file, size));
+        .map(|((file, size), path)| boot::Initramfs {
+            path,
+            file,
+            size,
+            extra: &defaults,
+        });
     let loaded = boot::load(&ram.memory, mem_size, kernel, initramfs, &cmdline)?;
     phase(start, "kernel and initramfs loaded");
     mptable::setup(&ram.memory, config.vcpus)?;
@@ -609,6 +625,9 @@ pub(super) fn boot_files(
     let checked = check(config, hv)?;
     let mut files = vec![resolve_kernel(config, checked.flavour)?];
     files.extend(resolve_initramfs(config)?);
+    if let Some(image) = config.rootfs.as_ref().and_then(|r| r.image.as_deref()) {
+        files.extend(crate::image::boot_files(image)?);
+    }
     let base = config.rootfs.as_ref().map(resolve_base).transpose()?;
     Ok((files, base))
 }
@@ -662,12 +681,46 @@ fn resolve_initramfs(config: &VmConfig) -> Result<Option<PathBuf>> {
 }
 
 fn resolve_base(rootfs: &RootfsConfig) -> Result<PathBuf> {
+    if let Some(name) = &rootfs.image {
+        let image = crate::image::open(name)?;
+        image.mark_used();
+        return Ok(image.disk());
+    }
     match &rootfs.base {
         Some(path) => Ok(path.clone()),
         None => built(artifacts::default_base_image(), |path| {
             Error::DefaultBaseMissing { path }
         }),
     }
+}
+
+/// A newc cpio archive holding image `name`'s exec defaults at
+/// `vmm_agent::IMAGE_DEFAULTS_PATH`.
+fn image_defaults_archive(name: &str) -> Result<Vec<u8>> {
+    let image = crate::image::open(name)?;
+    let json = serde_json::to_vec(&image.record.defaults).unwrap_or_default();
+    let path = vmm_agent::IMAGE_DEFAULTS_PATH.trim_start_matches('/');
+    let dir = path.rsplit_once('/').map_or("", |(d, _)| d);
+    let entries = [
+        (
+            cpio::NewcBuilder::new(dir).mode(0o040_755).nlink(2).ino(1),
+            Vec::new(),
+        ),
+        (
+            cpio::NewcBuilder::new(path).mode(0o100_444).nlink(1).ino(2),
+            json,
+        ),
+    ];
+    let archive = cpio::write_cpio(
+        entries
+            .into_iter()
+            .map(|(b, data)| (b, std::io::Cursor::new(data))),
+        Vec::new(),
+    );
+    archive.map_err(|e| Error::Initramfs {
+        path: PathBuf::from(vmm_agent::IMAGE_DEFAULTS_PATH),
+        source: e,
+    })
 }
 
 /// The root disk: from the config, or (restoring) the saved frozen layer

@@ -38,6 +38,8 @@ pub enum Error {
     #[error(transparent)]
     Config(#[from] crate::config::Error),
     #[error(transparent)]
+    Image(#[from] crate::image::Error),
+    #[error(transparent)]
     Hypervisor(#[from] hypervisor::Error),
     #[error("\"vcpus\" is {asked}, but this host allows at most {max} vCPUs per VM")]
     TooManyVcpus { asked: u32, max: u32 },

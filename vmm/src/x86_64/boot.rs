@@ -199,13 +199,32 @@ pub fn e820_map(mem_size: u64) -> Vec<(u64, u64, u32)> {
     map
 }
 
+/// An initramfs file to load, and a second archive to load after it.
+pub struct Initramfs<'a> {
+    pub path: &'a Path,
+    pub file: File,
+    pub size: u64,
+    /// Loaded after the file, 4-byte aligned (the kernel unpacks
+    /// concatenated archives); may be empty.
+    pub extra: &'a [u8],
+}
+
+/// The bytes an initramfs of `size` takes with `extra` bytes after it.
+pub fn with_extra(size: u64, extra: usize) -> u64 {
+    if extra == 0 {
+        size
+    } else {
+        size.next_multiple_of(4) + extra as u64
+    }
+}
+
 /// Loads the kernel, the initramfs (at the top of low memory) and the
 /// command line, and writes the zero page.
 pub fn load(
     mem: &GuestMemoryMmap,
     mem_size: u64,
     mut kernel: KernelImage,
-    initramfs: Option<(&Path, File, u64)>,
+    initramfs: Option<Initramfs>,
     cmdline: &str,
 ) -> Result<LoadedKernel> {
     let load_err = |source| Error::LoadKernel {
@@ -236,15 +255,29 @@ pub fn load(
     hdr.header = 0x5372_6448; // "HdrS"
     hdr.kernel_alignment = 0x100_0000;
 
-    if let Some((path, mut file, size)) = initramfs {
-        let addr = initramfs_addr(mem_size, size);
+    if let Some(Initramfs {
+        path,
+        mut file,
+        size,
+        extra,
+    }) = initramfs
+    {
+        let total = with_extra(size, extra.len());
+        let addr = initramfs_addr(mem_size, total);
         mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
             .map_err(|e| Error::LoadInitramfs {
                 path: path.to_path_buf(),
                 source: std::io::Error::other(e.to_string()),
             })?;
+        if !extra.is_empty() {
+            mem.write_slice(extra, GuestAddress(addr + size.next_multiple_of(4)))
+                .map_err(|source| Error::Write {
+                    what: "the image's exec defaults",
+                    source,
+                })?;
+        }
         hdr.ramdisk_image = addr as u32;
-        hdr.ramdisk_size = size as u32;
+        hdr.ramdisk_size = total as u32;
     }
 
     if cmdline.len() >= CMDLINE_MAX_SIZE {
