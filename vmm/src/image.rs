@@ -34,6 +34,8 @@ pub enum Error {
     Import(#[from] vmm_image::import::Error),
     #[error("cannot read the image: {0}")]
     Source(#[from] vmm_image::source::Error),
+    #[error("cannot pull the image: {0}")]
+    Pull(#[from] vmm_image::pull::Error),
     #[error("cannot {what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -231,31 +233,98 @@ pub fn import(
     let store = store()?;
     crate::partial::sweep(&store);
     let (work, _held) = crate::partial::create(&store, "import")?;
-    let result = import_in(&store, &work, input, name, progress);
+    let shown = match input {
+        Input::Path(p) => p.display().to_string(),
+        Input::Stdin => "-".to_owned(),
+    };
+    let result = import_in(&store, &work, input, &shown, name, progress);
     let _ = std::fs::remove_dir_all(&work);
     result
 }
 
+/// Pulls `reference` from its registry and imports it, named
+/// `name` (default: the reference as given). Layers of an image imported
+/// before are not downloaded. Partial downloads stay in the store's
+/// `downloads` folder, so a pull run again resumes them.
+pub fn pull(
+    reference: &str,
+    name: Option<&str>,
+    options: &vmm_image::pull::Options,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Imported> {
+    let name = name.unwrap_or(reference);
+    check_name(name)?;
+    let store = store()?;
+    crate::partial::sweep(&store);
+    let (work, _held) = crate::partial::create(&store, "pull")?;
+    let layout = work.join("layout");
+    let have = |digest: &str| store.join(folder_of(digest)).join(DISK).exists();
+    let mut events = |e: vmm_image::pull::Event| match e {
+        vmm_image::pull::Event::Config { digest } => progress(&format!("image {digest}")),
+        vmm_image::pull::Event::Blob {
+            digest,
+            done,
+            total,
+        } => progress(&format!(
+            "downloading {} {} of {}",
+            &digest[..digest.len().min(19)],
+            human(done),
+            human(total)
+        )),
+        vmm_image::pull::Event::Resume { digest, from } => {
+            progress(&format!("resuming {digest} from byte {from}"))
+        }
+        vmm_image::pull::Event::Retry {
+            digest,
+            attempt,
+            error,
+        } => progress(&format!(
+            "retrying {digest} (attempt {attempt} failed: {error})"
+        )),
+    };
+    let result = vmm_image::pull::pull(
+        reference,
+        &layout,
+        &store.join("downloads"),
+        options,
+        &have,
+        &mut events,
+    )
+    .map_err(Error::from)
+    .and_then(|pulled| {
+        if pulled.complete {
+            let input = Input::Path(&layout);
+            return import_in(&store, &work, input, reference, Some(name), progress);
+        }
+        let digest = pulled.config_digest;
+        set_name(&store, name, &digest, &work)?;
+        Ok(Imported {
+            image: StoredImage::open_dir(&store.join(folder_of(&digest)))?,
+            name: Some(name.to_owned()),
+            existed: true,
+        })
+    });
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+/// Imports `input` (shown as `source` in its record) using the partial
+/// folder `work`.
 fn import_in(
     store: &Path,
     work: &Path,
     input: Input,
+    source: &str,
     name: Option<&str>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Imported> {
-    let (path, source) = match input {
-        Input::Path(p) => (
-            spool_if_compressed(p, work, progress)?,
-            p.display().to_string(),
-        ),
+    let path = match input {
+        Input::Path(p) => spool_if_compressed(p, work, progress)?,
         Input::Stdin => {
             let spooled = work.join("stdin.tar");
             progress("reading the image from standard input");
             spool(&mut std::io::stdin().lock(), &spooled)?;
-            (
-                spool_if_compressed(&spooled, work, progress)?,
-                "-".to_owned(),
-            )
+            spool_if_compressed(&spooled, work, progress)?
         }
     };
     let image = vmm_image::Image::open(&path)?;
@@ -281,7 +350,7 @@ fn import_in(
         let config = image.config.config().clone().unwrap_or_default();
         let record = Record {
             digest: image.config_digest.clone(),
-            source,
+            source: source.to_owned(),
             imported: SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
@@ -508,11 +577,15 @@ pub fn remove(reference: &str, templates: &TemplateBases) -> Result<Removed> {
 }
 
 /// Removes the images nothing uses: no name and no template (with `all`,
-/// named ones no template uses too), and the folders of imports that
-/// ended unfinished. Returns the digests removed and the bytes freed.
+/// named ones no template uses too), the folders of imports that ended
+/// unfinished, and the partial downloads of pulls that did. Returns the digests removed and the bytes freed.
 pub fn prune(all: bool, templates: &TemplateBases) -> Result<(Vec<String>, u64)> {
     let store = store()?;
     crate::partial::sweep(&store);
+    let downloads = store.join("downloads");
+    if downloads.exists() {
+        std::fs::remove_dir_all(&downloads).map_err(io("remove", &downloads))?;
+    }
     let mut removed = Vec::new();
     let mut freed = 0;
     for listed in list(templates)? {

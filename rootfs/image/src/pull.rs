@@ -35,7 +35,7 @@ pub enum Error {
         "{0:?} is not an image reference (like python:3.12 or localhost:5000/team/app:1): {1}"
     )]
     Reference(String, String),
-    #[error("the registry {registry} answered: {detail}")]
+    #[error("registry {registry}: {detail}")]
     Registry { registry: String, detail: String },
     #[error("{what} {digest} from {registry} does not match its digest (got {actual}): the registry sent corrupt data; nothing was imported")]
     Corrupt {
@@ -85,6 +85,9 @@ pub enum Event {
         done: u64,
         total: u64,
     },
+    /// A download continues from byte `from`, where an earlier one
+    /// stopped.
+    Resume { digest: String, from: u64 },
     /// A download failed and is tried again (from where it stopped).
     Retry {
         digest: String,
@@ -93,10 +96,19 @@ pub enum Event {
     },
 }
 
+/// What a pull got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pulled {
+    /// The image's configuration digest: its identity.
+    pub config_digest: String,
+    /// The layout holds the whole image (false: `have` said it is
+    /// imported already, and its layers were not downloaded).
+    pub complete: bool,
+}
+
 /// Pulls `reference` into the OCI layout folder `layout` (created), with
 /// partial blobs kept in `downloads`. `have(config_digest)` says the image
-/// is imported already: then its layers are not downloaded, and `false`
-/// comes back; else `true` when the layout is complete.
+/// is imported already: then its layers are not downloaded.
 pub fn pull(
     reference: &str,
     layout: &Path,
@@ -104,7 +116,7 @@ pub fn pull(
     options: &Options,
     have: &dyn Fn(&str) -> bool,
     progress: &mut dyn FnMut(Event),
-) -> Result<bool, Error> {
+) -> Result<Pulled, Error> {
     let image: Reference = reference
         .parse()
         .map_err(|e: oci_client::ParseError| Error::Reference(reference.into(), e.to_string()))?;
@@ -114,6 +126,11 @@ pub fn pull(
         .map_err(Error::Runtime)?;
     let puller = Puller::new(&image, options);
     runtime.block_on(puller.run(reference, layout, downloads, have, progress))
+}
+
+/// Whether `text` reads as an image reference a pull could fetch.
+pub fn is_reference(text: &str) -> bool {
+    text.parse::<Reference>().is_ok()
 }
 
 /// Whether a registry host is this machine (plain HTTP allowed).
@@ -155,10 +172,19 @@ impl<'a> Puller<'a> {
         }
     }
 
-    fn registry_error(&self, e: impl std::fmt::Display) -> Error {
+    fn registry_error(&self, e: impl std::error::Error) -> Error {
+        // The causes say what went wrong (connection refused, a TLS
+        // failure): the top error only names the request.
+        let mut detail = e.to_string();
+        let mut cause = e.source();
+        while let Some(c) = cause {
+            detail.push_str(": ");
+            detail.push_str(&c.to_string());
+            cause = c.source();
+        }
         Error::Registry {
             registry: self.registry.clone(),
-            detail: e.to_string(),
+            detail,
         }
     }
 
@@ -169,7 +195,7 @@ impl<'a> Puller<'a> {
         downloads: &Path,
         have: &dyn Fn(&str) -> bool,
         progress: &mut dyn FnMut(Event),
-    ) -> Result<bool, Error> {
+    ) -> Result<Pulled, Error> {
         let blobs = layout.join("blobs/sha256");
         std::fs::create_dir_all(&blobs).map_err(io(&blobs))?;
         std::fs::create_dir_all(downloads).map_err(io(downloads))?;
@@ -206,7 +232,10 @@ impl<'a> Puller<'a> {
             digest: config_digest.clone(),
         });
         if have(&config_digest) {
-            return Ok(false);
+            return Ok(Pulled {
+                config_digest,
+                complete: false,
+            });
         }
         for layer in manifest.layers() {
             let digest = layer.digest().to_string();
@@ -214,7 +243,10 @@ impl<'a> Puller<'a> {
                 .await?;
         }
         write_layout(layout, &top_digest, &top_type, top.len(), reference)?;
-        Ok(true)
+        Ok(Pulled {
+            config_digest,
+            complete: true,
+        })
     }
 
     /// A manifest's bytes and its digest (computed here, not taken from
@@ -249,7 +281,10 @@ impl<'a> Puller<'a> {
                 Err(e) => last = Some(e),
             }
         }
-        Err(self.registry_error(last.map_or_else(String::new, |e| e.to_string())))
+        match last {
+            Some(e) => Err(self.registry_error(e)),
+            None => Err(self.registry_error(std::io::Error::other("no attempt was made"))),
+        }
     }
 
     fn check(&self, what: &'static str, expected: &str, actual: &str) -> Result<(), Error> {
@@ -331,7 +366,13 @@ impl<'a> Puller<'a> {
             .await
             .map_err(|e| self.registry_error(e))?;
         let mut stream = match response {
-            BlobResponse::Partial(s) => s.stream,
+            BlobResponse::Partial(s) => {
+                progress(Event::Resume {
+                    digest: digest.to_owned(),
+                    from: have,
+                });
+                s.stream
+            }
             // The registry sent it all: start over.
             BlobResponse::Full(s) => {
                 file.set_len(0).map_err(io(partial))?;
@@ -374,8 +415,12 @@ fn is_final(e: &oci_client::errors::OciDistributionError) -> bool {
         E::AuthenticationFailure(_)
             | E::UnauthorizedError { .. }
             | E::ImageManifestNotFoundError(_)
-    ) || e.to_string().contains("MANIFEST_UNKNOWN")
-        || e.to_string().contains("NAME_UNKNOWN")
+    ) || {
+        let text = e.to_string().to_ascii_lowercase();
+        ["manifest unknown", "name unknown", "unauthorized", "denied"]
+            .iter()
+            .any(|w| text.contains(w))
+    }
 }
 
 fn is_index(bytes: &[u8]) -> bool {

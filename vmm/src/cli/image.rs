@@ -24,6 +24,22 @@ pub enum ImageCommand {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Pull an image from a registry (OCI distribution protocol) and
+    /// import it, named as the reference (e.g. python:3.12,
+    /// localhost:5000/team/app:1). Takes the host's entry of a
+    /// multi-architecture image; credentials from ~/.docker/config.json;
+    /// an interrupted pull resumes when run again.
+    Pull {
+        /// The image reference.
+        reference: String,
+        /// The image's name (default: the reference).
+        #[arg(long)]
+        name: Option<String>,
+        /// Allow plain HTTP to this registry (always allowed for
+        /// localhost registries).
+        #[arg(long)]
+        insecure: bool,
+    },
     /// List the images: names, digest, size on disk, last use.
     Ls {
         /// Print a JSON array instead of a table.
@@ -37,7 +53,7 @@ pub enum ImageCommand {
         image: String,
     },
     /// Remove the images no name and no template uses (with --all: every
-    /// image no template uses), and unfinished imports.
+    /// image no template uses), unfinished imports and partial downloads.
     Prune {
         #[arg(long)]
         all: bool,
@@ -47,6 +63,20 @@ pub enum ImageCommand {
 pub fn command(cmd: ImageCommand) -> ExitCode {
     match cmd {
         ImageCommand::Import { path, name } => import(&path, name.as_deref()),
+        ImageCommand::Pull {
+            reference,
+            name,
+            insecure,
+        } => {
+            let options = vmm_image::pull::Options {
+                insecure,
+                docker_config: None,
+            };
+            report(
+                std::time::Instant::now(),
+                image::pull(&reference, name.as_deref(), &options, &mut progress()),
+            )
+        }
         ImageCommand::Ls { json } => ls(json),
         ImageCommand::Rm { image } => match image::remove(&image, &vmm::template::bases()) {
             Ok(Removed::Name) => {
@@ -79,15 +109,23 @@ fn import(path: &std::path::Path, name: Option<&str>) -> ExitCode {
         Input::Path(path)
     };
     let started = std::time::Instant::now();
+    report(started, image::import(input, name, &mut progress()))
+}
+
+/// Progress lines: on a terminal each step (long only for large layers),
+/// elsewhere only resumed and retried downloads.
+fn progress() -> impl FnMut(&str) {
     let verbose = std::io::stderr().is_terminal();
-    let mut progress = |line: &str| {
-        // Each step is long only for large layers: always said on a
-        // terminal, kept out of logs otherwise.
-        if verbose {
+    move |line: &str| {
+        if verbose || line.starts_with("retrying") || line.starts_with("resuming") {
             eprintln!("vmm: {line}");
         }
-    };
-    match image::import(input, name, &mut progress) {
+    }
+}
+
+/// Says what an import or pull did.
+fn report(started: std::time::Instant, result: image::Result<image::Imported>) -> ExitCode {
+    match result {
         Ok(imported) => {
             let record = &imported.image.record;
             let what = if imported.existed {
@@ -189,4 +227,28 @@ fn ls(json: bool) -> ExitCode {
         );
     }
     code
+}
+
+/// The image `name` names, pulled first when there is none and `name` is
+/// a registry reference (`vmm run --image python:3.12`). The pull runs as
+/// a `vmm image pull` process of its own: its download threads must not
+/// be in this process, which may enter a jail next (a namespace needs a
+/// single-threaded process).
+pub fn open_or_pull(name: &str) -> Result<image::StoredImage, String> {
+    match image::open(name) {
+        Err(image::Error::NotFound(_)) if vmm_image::pull::is_reference(name) => {}
+        other => return other.map_err(|e| e.to_string()),
+    }
+    eprintln!("vmm: no image {name} here: pulling it");
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find the vmm binary: {e}"))?;
+    let status = std::process::Command::new(exe)
+        .args(["image", "pull", name])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .map_err(|e| format!("cannot start the pull: {e}"))?;
+    if !status.success() {
+        return Err(format!("pulling {name} failed ({status})"));
+    }
+    image::open(name).map_err(|e| e.to_string())
 }

@@ -42,7 +42,7 @@ pub fn run(config: Option<PathBuf>, how: RunHow, cmd: &ExecArgs) -> ExitCode {
     let mut owned_cmd;
     let mut cmd = cmd;
     if let Some(name) = image {
-        let record = match vmm::image::open(&name) {
+        let record = match super::image::open_or_pull(&name) {
             Ok(i) => i.record,
             Err(e) => return fail(e),
         };

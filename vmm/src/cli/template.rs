@@ -76,6 +76,9 @@ pub fn command(cmd: TemplateCommand) -> ExitCode {
                 Err(e) => return fail(e),
             };
             if let Some(name) = image {
+                if let Err(e) = super::image::open_or_pull(&name) {
+                    return fail(e);
+                }
                 let rootfs = config.rootfs.get_or_insert_with(Default::default);
                 rootfs.base = None;
                 rootfs.image = Some(name);
