@@ -272,3 +272,40 @@ def main():
 
 if __name__ == "__main__":
     main()
+
+
+# --- image layers (fuzz_targets/image_layer.rs) ---------------------------
+
+def layer_seed():
+    """A tar with what layers hold: folders, files, a symlink out of the
+    tree and a path through it, a hard link, whiteouts, an opaque folder,
+    a device node, PAX extended attributes."""
+    import io
+    import tarfile
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        def add(name, kind=tarfile.REGTYPE, data=b"", link="", pax=None):
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            info.size = len(data)
+            info.linkname = link
+            info.mode = 0o4755 if kind == tarfile.REGTYPE else 0o755
+            info.mtime = 1000000000
+            if pax:
+                info.pax_headers = pax
+            t.addfile(info, io.BytesIO(data) if data else None)
+        add("etc", tarfile.DIRTYPE)
+        add("etc/passwd", data=b"root:x:0:0::/root:/bin/sh\n")
+        add("up", tarfile.SYMTYPE, link="../../..")
+        add("up/escaped", data=b"x")
+        add("abs", tarfile.SYMTYPE, link="/etc")
+        add("abs/through", data=b"y")
+        add("etc/again", tarfile.LNKTYPE, link="etc/passwd")
+        add("etc/.wh.gone")
+        add("opaque/.wh..wh..opq")
+        add("dev/null", tarfile.CHRTYPE)
+        add("bin/ping", data=b"cap", pax={"SCHILY.xattr.security.capability": "\x01\x00\x00\x02"})
+    return buf.getvalue()
+
+
+write("image_layer", "kinds", layer_seed())

@@ -48,7 +48,10 @@ used_kib="$(du -sk "$tree" | cut -f1)"
 # writes go to its own layer anyway.
 size_mib=$(( (used_kib * 5 / 4) / 1024 + 32 ))
 mkdir -p "$out.tmp"
-mkfs.ext4 -q -F -L sandbox-root -d "$tree" -E root_owner=0:0 "$out.tmp/base.ext4" "${size_mib}M"
+# 4 KiB blocks: below 512 MiB mkfs would pick 1 KiB blocks, which made
+# `vmm run --cold -- true` 30% slower on a PVM host (29.6 s against 22.8 s
+# for the same files in an imported image with 4 KiB blocks; vmm bench image).
+mkfs.ext4 -q -F -b 4096 -L sandbox-root -d "$tree" -E root_owner=0:0 "$out.tmp/base.ext4" "${size_mib}M"
 rm -rf "$out" && mv "$out.tmp" "$out"
 ln -sfn "$key" "$cache/base/current"
 echo "base-image: built $out/base.ext4: ${size_mib} MiB apparent, $(du -h "$out/base.ext4" | cut -f1) on disk" >&2

@@ -44,9 +44,7 @@ fuzz_target!(|data: &[u8]| {
         0 => {
             let exec = Exec {
                 argv: vec!["true".into()],
-                env: Default::default(),
-                cwd: None,
-                timeout: None,
+                ..Default::default()
             };
             let (mut out, mut err) = (Vec::new(), Vec::new());
             let _ = client.exec(&exec, None, &mut out, &mut err);

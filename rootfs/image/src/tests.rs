@@ -256,13 +256,15 @@ fn an_unprivileged_user_imports_the_same_image() {
         // Already unprivileged: the other tests ran this way.
         return;
     }
+    use std::os::unix::fs::PermissionsExt;
     let scratch = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(
-        scratch.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
-    )
-    .unwrap();
-    let out = Command::new(std::env::current_exe().unwrap())
+    std::fs::set_permissions(scratch.path(), PermissionsExt::from_mode(0o1777)).unwrap();
+    // A copy of this test binary user 65534 can reach wherever the build
+    // folder is (a private clone, a 0700 home).
+    let exe = scratch.path().join("tests");
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    std::fs::set_permissions(&exe, PermissionsExt::from_mode(0o755)).unwrap();
+    let out = Command::new(&exe)
         .args([
             "--exact",
             "tests::oci_layout_with_every_kind_of_change",

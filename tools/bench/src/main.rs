@@ -11,6 +11,7 @@ mod common;
 mod confinement;
 mod fork;
 mod fs;
+mod image;
 mod net;
 mod start;
 
@@ -136,6 +137,18 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Images: `vmm image import` of the Debian base as an OCI image
+    /// against `tar -xzf` + `mkfs.ext4 -d` of its layers, the disk each
+    /// takes, and `vmm run --cold -- true` on the imported image against
+    /// the Debian base.
+    Image {
+        /// Imports and boots of each kind.
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Snapshot create time and restore-to-running time against memory size.
     Snapshot {
         #[arg(long, value_delimiter = ',', default_value = "256,1024,4096")]
@@ -249,6 +262,7 @@ fn main() -> ExitCode {
             print_bench(confinement::confinement(runs), json)
         }
         BenchCommand::Start { runs, json } => print_bench(start::start(runs), json),
+        BenchCommand::Image { runs, json } => print_bench(image::image(runs), json),
     }
 }
 
