@@ -228,7 +228,7 @@ pub fn image(runs: u32) -> Result<ImageBench, Error> {
                     .arg(&naive),
             )?;
         }
-        let size_mib = (disk_bytes(&naive) * 5 / 4 >> 20) + 32;
+        let size_mib = ((disk_bytes(&naive) * 5 / 4) >> 20) + 32;
         run(
             "mkfs.ext4 -d",
             i,
