@@ -214,6 +214,16 @@ fn pulls_the_hosts_image_of_an_index_verified_resumed_and_once() {
     let again = format!("{}/team/app:again", registry.addr);
     let out = ok(vmm(&cache, &["image", "pull", &again]));
     assert!(out.starts_with("already imported"), "{out}");
+
+    // Named images stay through a prune; `--all` takes what no template
+    // uses.
+    assert!(ok(vmm(&cache, &["image", "prune"])).contains("0 images removed"));
+    let out = ok(vmm(&cache, &["image", "prune", "--all"]));
+    assert!(
+        out.contains(&digest) && out.contains("1 image removed"),
+        "{out}"
+    );
+    assert_eq!(ok(vmm(&cache, &["image", "ls", "--json"])), "[]");
 }
 
 #[test]

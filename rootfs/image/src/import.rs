@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use crate::ext4::{self, Built};
-use crate::layer::{self, Applied};
+use crate::layer;
 use crate::source::{self, Image};
 use crate::tree::{self, Tree};
 
@@ -72,7 +72,7 @@ pub fn build_disk(
             count,
             size: l.size,
         });
-        let applied: Result<Applied, LayerFailure> = image.read_layer(l, |tar| {
+        let applied: Result<(), LayerFailure> = image.read_layer(l, |tar| {
             layer::apply(&mut tree, tar).map_err(LayerFailure::Apply)
         });
         match applied {

@@ -41,20 +41,10 @@ fn write_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     }
 }
 
-/// Counts of what one layer did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Applied {
-    pub entries: u64,
-    pub whiteouts: u64,
-    /// Bytes of file contents written.
-    pub bytes: u64,
-}
-
 /// Applies the tar stream `layer` to `tree`.
-pub fn apply(tree: &mut Tree, layer: impl Read) -> Result<Applied, Error> {
+pub fn apply(tree: &mut Tree, layer: impl Read) -> Result<(), Error> {
     let mut archive = tar::Archive::new(layer);
     let mut ours: HashSet<PathBuf> = HashSet::new();
-    let mut applied = Applied::default();
     for entry in archive.entries().map_err(Error::Read)? {
         let mut entry = entry.map_err(Error::Read)?;
         let raw = entry.path_bytes().into_owned();
@@ -68,7 +58,6 @@ pub fn apply(tree: &mut Tree, layer: impl Read) -> Result<Applied, Error> {
         };
         let name_bytes = name.as_bytes();
         if name_bytes == OPAQUE {
-            applied.whiteouts += 1;
             if let Some(dir) = tree.parent_of(&path, &parts, false)? {
                 empty_below(&dir, &ours)?;
             }
@@ -78,7 +67,6 @@ pub fn apply(tree: &mut Tree, layer: impl Read) -> Result<Applied, Error> {
             continue;
         }
         if let Some(hidden) = name_bytes.strip_prefix(WHITEOUT) {
-            applied.whiteouts += 1;
             if let Some(dir) = tree.parent_of(&path, &parts, false)? {
                 tree::remove(&dir.join(std::ffi::OsStr::from_bytes(hidden)))?;
             }
@@ -88,11 +76,10 @@ pub fn apply(tree: &mut Tree, layer: impl Read) -> Result<Applied, Error> {
             .parent_of(&path, &parts, true)?
             .expect("a path with a last component has a parent");
         let host = dir.join(&name);
-        applied.bytes += add(tree, &mut entry, &path, &host)?;
-        applied.entries += 1;
+        add(tree, &mut entry, &path, &host)?;
         ours.insert(host);
     }
-    Ok(applied)
+    Ok(())
 }
 
 /// Removes everything in `dir` that this layer did not add.
@@ -110,13 +97,13 @@ fn empty_below(dir: &Path, ours: &HashSet<PathBuf>) -> Result<(), Error> {
     Ok(())
 }
 
-/// Adds one entry at host path `host`; returns the bytes written.
+/// Adds one entry at host path `host`.
 fn add<R: Read>(
     tree: &mut Tree,
     entry: &mut tar::Entry<R>,
     path: &Path,
     host: &Path,
-) -> Result<u64, Error> {
+) -> Result<(), Error> {
     use tar::EntryType as T;
     let kind = entry.header().entry_type();
     let existing = std::fs::symlink_metadata(host).ok();
@@ -124,7 +111,6 @@ fn add<R: Read>(
     if existing.is_some() && !merge {
         tree::remove(host)?;
     }
-    let mut written = 0;
     let mut special = None;
     match kind {
         T::Directory => {
@@ -138,7 +124,7 @@ fn add<R: Read>(
         }
         T::Link => {
             let target = link_target(entry)?;
-            return hard_link(tree, path, &target, host).map(|_| 0);
+            return hard_link(tree, path, &target, host);
         }
         T::Char | T::Block => {
             let (major, minor) = device(entry)?;
@@ -161,13 +147,13 @@ fn add<R: Read>(
         // files, GNU sparse files) is stored as a regular file.
         _ => {
             let mut file = placeholder(host)?;
-            written = std::io::copy(entry, &mut file).map_err(Error::Read)?;
+            std::io::copy(entry, &mut file).map_err(Error::Read)?;
         }
     }
     let mut meta = meta_of(entry)?;
     meta.special = special;
     tree.record(host, meta)?;
-    Ok(written)
+    Ok(())
 }
 
 /// Creates a new empty host file only its owner can use.

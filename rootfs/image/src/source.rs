@@ -215,8 +215,6 @@ pub struct Layer {
 /// An image found in a source: its configuration and layers.
 pub struct Image {
     files: Files,
-    /// The configuration document as stored.
-    pub config_bytes: Vec<u8>,
     /// `sha256:` and the hex digest of `config_bytes`: the image's identity.
     pub config_digest: String,
     pub config: ImageConfiguration,
@@ -285,7 +283,6 @@ impl Image {
             .collect::<Result<_, Error>>()?;
         Ok(Image {
             files,
-            config_bytes,
             config_digest,
             config,
             layers,
@@ -323,7 +320,6 @@ impl Image {
         let name = entry.repo_tags.and_then(|tags| tags.into_iter().next());
         Ok(Image {
             files,
-            config_bytes,
             config_digest,
             config,
             layers,

@@ -94,7 +94,9 @@ pub fn command(cmd: ImageCommand) -> ExitCode {
                 for digest in &removed {
                     println!("removed {digest}");
                 }
-                println!("{} images removed, {} freed", removed.len(), human(freed));
+                let n = removed.len();
+                let noun = if n == 1 { "image" } else { "images" };
+                println!("{n} {noun} removed, {} freed", human(freed));
                 ExitCode::SUCCESS
             }
             Err(e) => fail(e),
