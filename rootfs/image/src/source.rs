@@ -261,13 +261,7 @@ impl Image {
             &config_digest,
         )?;
         let config = parse_config(&config_bytes)?;
-        let diff_ids = config.rootfs().diff_ids();
-        if diff_ids.len() != manifest.layers().len() {
-            return Err(Error::LayerCount {
-                layers: manifest.layers().len(),
-                diff_ids: diff_ids.len(),
-            });
-        }
+        let diff_ids = diff_ids(&config, manifest.layers().len())?;
         let layers = manifest
             .layers()
             .iter()
@@ -300,13 +294,7 @@ impl Image {
         let entry = entries.remove(0);
         let (config_bytes, config_digest) = read_config(&files, &entry.config)?;
         let config = parse_config(&config_bytes)?;
-        let diff_ids = config.rootfs().diff_ids();
-        if diff_ids.len() != entry.layers.len() {
-            return Err(Error::LayerCount {
-                layers: entry.layers.len(),
-                diff_ids: diff_ids.len(),
-            });
-        }
+        let diff_ids = diff_ids(&config, entry.layers.len())?;
         let mut layers = Vec::new();
         for (member, diff_id) in entry.layers.iter().zip(diff_ids) {
             let (_, size) = files.reader(member)?;
@@ -462,6 +450,18 @@ fn read_config(files: &Files, name: &str) -> Result<(Vec<u8>, String), Error> {
     Ok((bytes, digest))
 }
 
+/// The configuration's layer digests, which must be one per layer.
+fn diff_ids(config: &ImageConfiguration, layers: usize) -> Result<&[String], Error> {
+    let diff_ids = config.rootfs().diff_ids();
+    if diff_ids.len() != layers {
+        return Err(Error::LayerCount {
+            layers,
+            diff_ids: diff_ids.len(),
+        });
+    }
+    Ok(diff_ids)
+}
+
 fn parse_config(bytes: &[u8]) -> Result<ImageConfiguration, Error> {
     ImageConfiguration::from_reader(bytes).map_err(|e| invalid("the image configuration", e))
 }
@@ -520,32 +520,38 @@ impl<R: Read> Read for Hashing<R> {
     }
 }
 
-/// The uncompressed stream of a layer: gzip and zstd by their magic bytes,
-/// else as is.
-fn decompress<'a>(stored: &'a mut dyn Read) -> std::io::Result<Box<dyn Read + 'a>> {
-    let mut buffered = std::io::BufReader::with_capacity(1 << 20, stored);
-    let head = std::io::BufRead::fill_buf(&mut buffered)?;
-    Ok(if head.starts_with(&[0x1f, 0x8b]) {
+const GZIP_MAGIC: &[u8] = &[0x1f, 0x8b];
+const ZSTD_MAGIC: &[u8] = &[0x28, 0xb5, 0x2f, 0xfd];
+
+/// Whether a stream's first bytes say gzip or zstd.
+fn is_compressed(head: &[u8]) -> bool {
+    head.starts_with(GZIP_MAGIC) || head.starts_with(ZSTD_MAGIC)
+}
+
+/// The uncompressed stream of `buffered`: gzip and zstd by their magic
+/// bytes, else as is.
+fn decoder<'a, R: std::io::BufRead + 'a>(mut buffered: R) -> std::io::Result<Box<dyn Read + 'a>> {
+    let head = buffered.fill_buf()?;
+    Ok(if head.starts_with(GZIP_MAGIC) {
         Box::new(flate2::bufread::MultiGzDecoder::new(buffered))
-    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+    } else if head.starts_with(ZSTD_MAGIC) {
         Box::new(zstd::stream::read::Decoder::with_buffer(buffered)?)
     } else {
         Box::new(buffered)
     })
 }
 
+/// The uncompressed stream of a layer.
+fn decompress<'a>(stored: &'a mut dyn Read) -> std::io::Result<Box<dyn Read + 'a>> {
+    decoder(std::io::BufReader::with_capacity(1 << 20, stored))
+}
+
 /// A reader of the decompressed contents of the file at `path` when it is
 /// gzip or zstd compressed (by its first bytes); `None` when it is not.
 pub fn decompressed(path: &Path) -> std::io::Result<Option<Box<dyn Read>>> {
-    let mut head = [0u8; 4];
-    let n = File::open(path)?.read(&mut head)?;
-    let head = &head[..n];
-    let file = File::open(path)?;
-    Ok(if head.starts_with(&[0x1f, 0x8b]) {
-        Some(Box::new(flate2::read::MultiGzDecoder::new(file)))
-    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Some(Box::new(zstd::stream::read::Decoder::new(file)?))
-    } else {
-        None
-    })
+    let mut file = std::io::BufReader::new(File::open(path)?);
+    if !is_compressed(std::io::BufRead::fill_buf(&mut file)?) {
+        return Ok(None);
+    }
+    decoder(file).map(Some)
 }

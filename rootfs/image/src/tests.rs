@@ -259,26 +259,64 @@ fn an_unprivileged_user_imports_the_same_image() {
     use std::os::unix::fs::PermissionsExt;
     let scratch = tempfile::tempdir().unwrap();
     std::fs::set_permissions(scratch.path(), PermissionsExt::from_mode(0o1777)).unwrap();
-    // A copy of this test binary user 65534 can reach wherever the build
-    // folder is (a private clone, a 0700 home).
+    // This test binary where user 65534 can reach it wherever the build
+    // folder is (a private clone, a 0700 home): a hard link (a copy across
+    // file systems).
     let exe = scratch.path().join("tests");
-    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
-    std::fs::set_permissions(&exe, PermissionsExt::from_mode(0o755)).unwrap();
-    let out = Command::new(&exe)
-        .args([
-            "--exact",
-            "tests::oci_layout_with_every_kind_of_change",
-            "--test-threads=1",
-        ])
-        .env("TMPDIR", scratch.path())
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .unwrap();
+    let me = std::env::current_exe().unwrap();
+    if std::fs::hard_link(&me, &exe).is_err() {
+        std::fs::copy(&me, &exe).unwrap();
+        std::fs::set_permissions(&exe, PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let run = || {
+        Command::new(&exe)
+            .args([
+                "--exact",
+                "tests::oci_layout_with_every_kind_of_change",
+                "--test-threads=1",
+            ])
+            .env("TMPDIR", scratch.path())
+            .uid(65534)
+            .gid(65534)
+            .output()
+    };
+    // A copy just written may still be open for writing in a process
+    // another test thread forked meanwhile (until it execs): ETXTBSY.
+    let mut tries = 0;
+    let out = loop {
+        match run() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 1000 => tries += 1,
+            other => break other.unwrap(),
+        }
+    };
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && text.contains("1 passed"),
         "{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn compressed_archives_are_told_by_their_first_bytes() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("plain.tar");
+    std::fs::write(&plain, b"not compressed").unwrap();
+    assert!(source::decompressed(&plain).unwrap().is_none());
+    let gz = dir.path().join("a.tar.gz");
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    enc.write_all(b"gzip inside").unwrap();
+    std::fs::write(&gz, enc.finish().unwrap()).unwrap();
+    let zst = dir.path().join("a.tar.zst");
+    std::fs::write(&zst, zstd::encode_all(&b"zstd inside"[..], 1).unwrap()).unwrap();
+    for (path, want) in [(gz, "gzip inside"), (zst, "zstd inside")] {
+        let mut text = String::new();
+        source::decompressed(&path)
+            .unwrap()
+            .expect("compressed")
+            .read_to_string(&mut text)
+            .unwrap();
+        assert_eq!(text, want);
+    }
 }
