@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
-use common::{describe, ok, Guest, Scratch, VMM};
+use common::{describe, ok, vmm, Guest, Scratch, VMM};
 use serde_json::json;
 use vmm_image::fixture::{self, Compression, Layer};
 
@@ -19,14 +19,6 @@ use vmm_image::fixture::{self, Compression, Layer};
 const CAP_NET_BIND_SERVICE: &[u8] = &[
     0x01, 0x00, 0x00, 0x02, 0x00, 0x04, 0x00, 0x00, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
 ];
-
-fn vmm(args: &[&str]) -> Output {
-    Command::new(VMM)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
 
 fn busybox() -> Vec<u8> {
     std::fs::read("/usr/bin/busybox")

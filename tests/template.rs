@@ -9,11 +9,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::{describe, Scratch, VMM};
+use common::{describe, vmm, Scratch, VMM};
 use devices::sync::Locked;
 use serde_json::{json, Value};
 
@@ -36,14 +36,6 @@ fn remove_ended_test_templates() {
             let _ = vmm(&["template", "rm", &t.record.name]);
         }
     }
-}
-
-fn vmm(args: &[&str]) -> Output {
-    Command::new(VMM)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
 }
 
 fn config(s: &Scratch, memory: u64, share: &Path) -> PathBuf {

@@ -245,6 +245,15 @@ pub fn exec(api: &Path, script: &str) -> Output {
     }
 }
 
+/// `vmm ARGS...` with no standard input; its output.
+pub fn vmm(args: &[&str]) -> Output {
+    Command::new(VMM)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
 pub fn text(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
