@@ -40,6 +40,17 @@ rm -rf "$tree"/var/cache/apt/* "$tree"/var/lib/apt/lists/* "$tree"/var/log/* \
        "$tree"/usr/share/locale/* "$tree"/tmp/*
 find "$tree" -name __pycache__ -type d -prune -exec rm -rf {} +
 echo "sandbox" > "$tree/etc/hostname"
+# An unprivileged user, `user` (uid 1000, home /home/user), as E2B's
+# sandboxes have: commands run as root unless a request names it
+# (docs/agents.md).
+chroot "$tree" useradd --create-home --uid 1000 --shell /bin/bash user
+# Login shells (the E2B SDKs run every command as `bash -l -c`) start a
+# process for `id -u` in /etc/profile and for `mesg n` in root's
+# .profile: about a second each on a PVM host. Bash knows its uid, and a
+# sandbox has no terminal to protect.
+sed -i 's/"$(id -u)"/"${EUID:-$(id -u)}"/' "$tree/etc/profile"
+sed -i '/^mesg n/d' "$tree/root/.profile"
+grep -q 'EUID:-' "$tree/etc/profile" || die "/etc/profile changed upstream: update the id -u edit"
 # The VMM's guest agent mounts these itself.
 mkdir -p "$tree"/proc "$tree"/sys "$tree"/dev "$tree"/tmp "$tree"/run
 

@@ -3,20 +3,25 @@
 #  - Debian packages: kernel source and build tools, busybox-static, cpio,
 #    qemu-system-x86 (for boot-time comparisons), debootstrap, e2fsprogs
 #    (mkfs.ext4 and debugfs write imported images), docker-registry and
-#    skopeo (the image pull tests run a registry on 127.0.0.1 and push to it);
+#    skopeo (the image pull tests run a registry on 127.0.0.1 and push to it),
+#    python3-venv (the E2B and MCP tests install the official SDKs from PyPI);
 #  - the Rust musl target (the guest agent is a static binary);
 #  - the guest kernel for this host's flavour, the default initramfs and the
 #    Debian base image, cached outside the repository (see
 #    guest-kernel/build.sh and rootfs/), reused when their inputs did not
 #    change;
-#  - the VMM itself (release build).
+#  - the VMM itself (release build; `--no-release` skips it: the test suite
+#    builds its own debug binaries).
 # Idempotent: run it again any time.
 set -euo pipefail
+
+release=1
+[ "${1:-}" = --no-release ] && release=0
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 packages=(linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev cpio
           busybox-static qemu-system-x86 debootstrap e2fsprogs binutils
-          docker-registry skopeo)
+          docker-registry skopeo python3 python3-venv)
 
 missing=()
 for p in "${packages[@]}"; do
@@ -35,5 +40,9 @@ rustup target add x86_64-unknown-linux-musl >/dev/null 2>&1 || rustup target add
 "$repo/guest-kernel/build.sh" host
 "$repo/rootfs/build-initramfs.sh"
 "$repo/rootfs/build-base-image.sh"
-cargo build --quiet --release --manifest-path "$repo/Cargo.toml" -p vmm -p vmm-bench
-echo "setup: done; the VMM is $repo/target/x86_64-unknown-linux-gnu/release/vmm" >&2
+if [ "$release" = 1 ]; then
+    cargo build --quiet --release --manifest-path "$repo/Cargo.toml" -p vmm -p vmm-bench
+    echo "setup: done; the VMM is $repo/target/x86_64-unknown-linux-gnu/release/vmm" >&2
+else
+    echo "setup: done (no release build)" >&2
+fi

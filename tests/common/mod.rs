@@ -47,6 +47,29 @@ impl Drop for Scratch {
     }
 }
 
+/// Starts `cmd` from a thread that lives as long as this test process,
+/// with `signal` sent to it when the process ends (PR_SET_PDEATHSIG
+/// follows the thread that spawned): statics are never dropped, so this
+/// is what stops a VM or server that tests share.
+pub fn spawn_for_the_tests(mut cmd: Command, signal: i32) -> std::io::Result<Child> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // SAFETY: prctl is async-signal-safe and touches nothing of the
+        // parent's memory.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, signal);
+                Ok(())
+            });
+        }
+        let _ = tx.send(cmd.spawn());
+        loop {
+            std::thread::park();
+        }
+    });
+    rx.recv().map_err(std::io::Error::other)?
+}
+
 /// Result of one `vmm launch`.
 pub struct Launch {
     pub output: Output,
@@ -123,41 +146,20 @@ impl Guest {
     pub fn boot_with(scratch: Scratch, config: &serde_json::Value, wrapper: &[&str]) -> Guest {
         let config_path = scratch.file("vm.json", &config.to_string());
         let api = scratch.path("api.sock");
-        // The VMM is started by a thread that lives as long as this test
-        // process and dies with it (PR_SET_PDEATHSIG follows the thread
-        // that spawned): statics are never dropped, so this is what
-        // stops a shared VM when the tests end.
-        let (tx, rx) = std::sync::mpsc::channel();
-        let api_path = api.clone();
-        let wrapper: Vec<String> = wrapper.iter().map(|s| s.to_string()).collect();
-        std::thread::spawn(move || {
-            let mut cmd = match wrapper.split_first() {
-                None => Command::new(VMM),
-                Some((program, args)) => {
-                    let mut c = Command::new(program);
-                    c.args(args).arg(VMM);
-                    c
-                }
-            };
-            cmd.args(["launch", "--config"])
-                .arg(&config_path)
-                .arg("--api-socket")
-                .arg(&api_path)
-                .stdin(Stdio::null());
-            // SAFETY: prctl is async-signal-safe and touches nothing of
-            // the parent's memory.
-            unsafe {
-                std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    Ok(())
-                });
+        let mut cmd = match wrapper.split_first() {
+            None => Command::new(VMM),
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(VMM);
+                c
             }
-            tx.send(cmd.spawn()).unwrap();
-            loop {
-                std::thread::park();
-            }
-        });
-        let process = rx.recv().unwrap().unwrap();
+        };
+        cmd.args(["launch", "--config"])
+            .arg(&config_path)
+            .arg("--api-socket")
+            .arg(&api)
+            .stdin(Stdio::null());
+        let process = spawn_for_the_tests(cmd, libc::SIGKILL).unwrap();
         let mut guest = Guest {
             scratch,
             api,
@@ -310,4 +312,36 @@ pub fn children(pid: u32) -> Vec<u32> {
         );
     }
     out
+}
+
+/// A Python virtual environment with the packages of `requirements` (a
+/// pinned requirements file), made once and cached outside the
+/// repository (`<cache>/python/<hash of the file>`). Panics with the
+/// reason when it cannot be made (no python3, no network to PyPI).
+pub fn python_env(requirements: &Path) -> PathBuf {
+    use sha2::Digest;
+    let text = std::fs::read(requirements).unwrap();
+    let hash: String = sha2::Sha256::digest(&text)[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let dir = vmm::artifacts::cache_dir().join("python").join(hash);
+    if dir.join("ready").exists() {
+        return dir;
+    }
+    // Made in place (a venv's scripts name its folder); a partial one
+    // from an interrupted run has no `ready` and is made again.
+    let _ = std::fs::remove_dir_all(&dir);
+    let run = |cmd: &mut Command| {
+        let out = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+        assert!(out.status.success(), "{cmd:?} failed: {}", describe(&out));
+    };
+    run(Command::new("python3").args(["-m", "venv"]).arg(&dir));
+    run(Command::new(dir.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
+        .arg(requirements));
+    std::fs::write(dir.join("ready"), b"").unwrap();
+    dir
 }

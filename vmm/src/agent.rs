@@ -158,6 +158,8 @@ impl AgentClient {
                 Some((kind @ (FrameType::Stdout | FrameType::Stderr), data)) => {
                     on_data(kind, &data)?
                 }
+                // The command's pid: this client has no use for it.
+                Some((FrameType::Started, _)) => {}
                 Some((kind, _)) => {
                     return Err(Error::Protocol(format!("unexpected {kind:?} frame")))
                 }
@@ -241,6 +243,8 @@ impl AgentClient {
             &Request::Put {
                 path: path.into(),
                 mode,
+                user: None,
+                parents: false,
             },
         )?;
         let mut buf = vec![0u8; 64 * 1024];
@@ -262,7 +266,10 @@ impl AgentClient {
         write_json(
             &mut s,
             FrameType::Request,
-            &Request::Get { path: path.into() },
+            &Request::Get {
+                path: path.into(),
+                user: None,
+            },
         )?;
         let mut got = 0u64;
         let resp = Self::finish(&mut s, |_, data| {

@@ -33,6 +33,7 @@ pub mod pidfd;
 pub mod runtime;
 pub mod sandbox;
 pub mod seccomp;
+pub mod serve;
 pub mod signals;
 pub mod snapshot;
 pub mod spawner;

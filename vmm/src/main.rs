@@ -12,6 +12,8 @@ mod image;
 mod named;
 #[path = "cli/run.rs"]
 mod run;
+#[path = "cli/serve.rs"]
+mod serve;
 #[path = "cli/template.rs"]
 mod template;
 
@@ -182,6 +184,9 @@ enum Command {
         #[command(subcommand)]
         command: image::ImageCommand,
     },
+    /// Serve the E2B sandbox API on a local port: any E2B SDK pointed at
+    /// it (E2B_API_URL, E2B_SANDBOX_URL) gets sandboxes here (docs/agents.md).
+    Serve(serve::ServeArgs),
     /// Check that this host can run VMs and say how to fix what is missing.
     Doctor,
     /// Benchmarks (`vmm bench --help`): runs the `vmm-bench` program
@@ -716,6 +721,7 @@ fn main() -> ExitCode {
         }
         Command::Template { command } => template::command(command),
         Command::Image { command } => image::command(command),
+        Command::Serve(args) => serve::serve(args),
         Command::Stop { target, force } => stop(&target, force),
         Command::Pause { target } => control(&target, Action::Pause),
         Command::Resume { target } => control(&target, Action::Resume),

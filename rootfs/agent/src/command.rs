@@ -74,14 +74,7 @@ pub fn apply(cmd: &mut Command, settings: &Settings) -> std::io::Result<()> {
     if let Some(dir) = cwd {
         cmd.current_dir(dir);
     }
-    if let Some(spec) = settings
-        .user
-        .or(d.user.as_deref())
-        .filter(|u| !u.is_empty())
-    {
-        let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-        let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
-        let who = resolve(spec, &passwd, &group)?;
+    if let Some(who) = credentials(settings.user)? {
         if let Some(home) = &who.home {
             env.entry("HOME".into()).or_insert_with(|| home.clone());
         }
@@ -105,6 +98,29 @@ pub fn apply(cmd: &mut Command, settings: &Settings) -> std::io::Result<()> {
     }
     cmd.envs(env);
     Ok(())
+}
+
+/// The user a request runs as: `user` (`NAME`, `UID`, `NAME:GROUP`,
+/// `UID:GID`), else the image's; `None` for root by default.
+pub fn credentials(user: Option<&str>) -> std::io::Result<Option<Credentials>> {
+    let Some(spec) = user
+        .or(defaults().user.as_deref())
+        .filter(|u| !u.is_empty())
+    else {
+        return Ok(None);
+    };
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    resolve(spec, &passwd, &group).map(Some)
+}
+
+/// The home folder relative paths of `user`'s file requests start from:
+/// theirs from /etc/passwd, else /root for root, else /.
+pub fn home(user: Option<&str>) -> std::io::Result<String> {
+    Ok(match credentials(user)? {
+        None => "/root".into(),
+        Some(c) => c.home.unwrap_or_else(|| "/".into()),
+    })
 }
 
 /// Resolves `NAME`, `UID`, `NAME:GROUP` or `UID:GID` with the given

@@ -33,6 +33,9 @@ pub enum FrameType {
     Stderr = 4,
     /// Guest to host, last frame: a JSON [`Response`].
     Response = 5,
+    /// Guest to host, exec only, before any output: a JSON [`Started`]
+    /// (the command's process id, for `signal`).
+    Started = 6,
 }
 
 impl FrameType {
@@ -43,6 +46,7 @@ impl FrameType {
             3 => FrameType::Stdout,
             4 => FrameType::Stderr,
             5 => FrameType::Response,
+            6 => FrameType::Started,
             _ => return None,
         })
     }
@@ -74,14 +78,64 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         user: Option<String>,
     },
-    /// Write a file from the `Stdin` frames that follow.
+    /// Write a file from the `Stdin` frames that follow. A relative path
+    /// is taken from `user`'s home (see [`Request::Stat`]); with `user`
+    /// the file is theirs; with `parents` missing folders are made.
     Put {
         path: String,
         #[serde(default = "default_mode")]
         mode: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        parents: bool,
     },
     /// Read a file; its bytes come back in `Stdout` frames.
-    Get { path: String },
+    Get {
+        path: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
+    },
+    /// Send `signal` to the process `pid` (one an exec started: its
+    /// [`Started`] frame names it).
+    Signal { pid: i32, signal: i32 },
+    /// Describe one path (the link itself for a symbolic link), in
+    /// `entries`. A relative path is taken from the home folder of `user`
+    /// (default: the image's user, else root), as every file request does.
+    Stat {
+        path: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
+    },
+    /// The entries of a folder, in `entries`, down to `depth` levels
+    /// (1: the folder's own entries; at most [`MAX_LIST_DEPTH`]).
+    List {
+        path: String,
+        #[serde(default = "default_depth")]
+        depth: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
+    },
+    /// Make a folder and its missing parents; `entries` holds it. An
+    /// existing folder is an error (`exists: true` in the response).
+    Mkdir {
+        path: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
+    },
+    /// Rename `from` to `to`; `entries` holds the result.
+    Move {
+        from: String,
+        to: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
+    },
+    /// Remove a file, link or whole folder.
+    Remove {
+        path: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
+    },
     /// Sync and power the VM off.
     Shutdown,
     /// The VM was forked or restored: mix `seed` (fresh host randomness,
@@ -123,6 +177,45 @@ pub struct ImageDefaults {
 
 fn default_mode() -> u32 {
     0o644
+}
+
+fn default_depth() -> u32 {
+    1
+}
+
+/// The deepest `list` a request may ask for.
+pub const MAX_LIST_DEPTH: u32 = 16;
+/// The most entries one `list` answers with (a frame holds at most
+/// [`MAX_FRAME`] bytes): past it the answer says `truncated`.
+pub const MAX_LIST_ENTRIES: usize = 2000;
+
+/// The [`FrameType::Started`] frame's payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Started {
+    pub pid: i32,
+}
+
+/// What a file request says about one path.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    /// The last component.
+    pub name: String,
+    /// The absolute path.
+    pub path: String,
+    /// `file`, `dir`, `symlink` or `other`.
+    pub kind: String,
+    pub size: u64,
+    /// The permission bits (`st_mode & 0o7777`).
+    pub mode: u32,
+    /// The owner's and group's names (numbers when the guest has no name).
+    pub owner: String,
+    pub group: String,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub symlink_target: Option<String>,
 }
 
 /// A MAC address from its text (six hex bytes, `02:00:00:00:00:01`), as
@@ -169,6 +262,18 @@ pub struct Response {
     /// Put/get: the file size in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
+    /// Put, stat, list, mkdir, move: the entries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entries: Option<Vec<Entry>>,
+    /// List: there were more than [`MAX_LIST_ENTRIES`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+    /// The error is "no such file or folder".
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub not_found: bool,
+    /// The error is "it exists already" (mkdir).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub exists: bool,
 }
 
 impl Response {
@@ -180,9 +285,9 @@ impl Response {
     }
 }
 
-/// Writes one frame.
-pub fn write_frame(w: &mut impl Write, kind: FrameType, payload: &[u8]) -> io::Result<()> {
-    if payload.len() > MAX_FRAME {
+/// A frame's 5-byte head for a payload of `len` bytes.
+pub fn frame_head(kind: FrameType, len: usize) -> io::Result<[u8; 5]> {
+    if len > MAX_FRAME {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "frame too large",
@@ -190,8 +295,28 @@ pub fn write_frame(w: &mut impl Write, kind: FrameType, payload: &[u8]) -> io::R
     }
     let mut head = [0u8; 5];
     head[0] = kind as u8;
-    head[1..].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-    w.write_all(&head)?;
+    head[1..].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(head)
+}
+
+/// The type and payload length a frame's head announces; an unknown type
+/// or a length past [`MAX_FRAME`] is an error.
+pub fn parse_head(head: &[u8; 5]) -> io::Result<(FrameType, usize)> {
+    let kind = FrameType::from_byte(head[0])
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unknown frame type"))?;
+    let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    if len > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "frame too large",
+        ));
+    }
+    Ok((kind, len))
+}
+
+/// Writes one frame.
+pub fn write_frame(w: &mut impl Write, kind: FrameType, payload: &[u8]) -> io::Result<()> {
+    w.write_all(&frame_head(kind, payload.len())?)?;
     w.write_all(payload)
 }
 
@@ -210,15 +335,7 @@ pub fn read_frame(r: &mut impl Read) -> io::Result<Option<(FrameType, Vec<u8>)>>
         Err(e) => return Err(e),
     }
     r.read_exact(&mut head[1..])?;
-    let kind = FrameType::from_byte(head[0])
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unknown frame type"))?;
-    let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
-    if len > MAX_FRAME {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "frame too large",
-        ));
-    }
+    let (kind, len) = parse_head(&head)?;
     let mut payload = vec![0u8; len];
     r.read_exact(&mut payload)?;
     Ok(Some((kind, payload)))

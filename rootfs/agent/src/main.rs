@@ -17,6 +17,7 @@
 //! init as arguments, so argv cannot tell them from the command.
 
 mod command;
+mod files;
 mod identity;
 mod server;
 

@@ -4,16 +4,15 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::os::unix::fs::OpenOptionsExt;
 use std::process::Stdio;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use vmm_agent::{read_frame, write_frame, write_json, FrameType, Request, Response};
+use vmm_agent::{read_frame, write_frame, write_json, FrameType, Request, Response, Started};
 
 use crate::command::Settings;
-use crate::{power_off, spawn_command};
+use crate::{files, power_off, spawn_command};
 
 /// Listens on vsock `port` and serves requests until the VM powers off.
 pub fn serve(port: u32) -> io::Result<()> {
@@ -135,12 +134,31 @@ fn handle(conn: File) -> io::Result<()> {
             };
             exec(&argv, &settings, stdin, timeout_ms, reader, &writer)
         }
-        Ok(Request::Put { path, mode }) => put(&path, mode, &mut reader),
+        Ok(Request::Put {
+            path,
+            mode,
+            user,
+            parents,
+        }) => {
+            let req = files::PutRequest {
+                path: &path,
+                mode,
+                user: user.as_deref(),
+                parents,
+            };
+            files::put(req, &mut reader)
+        }
         Ok(Request::Reseed { seed, unix_ns, mac }) => match renew(&seed, unix_ns, mac.as_deref()) {
             Ok(()) => Response::default(),
             Err(e) => Response::error(e),
         },
-        Ok(Request::Get { path }) => get(&path, &writer),
+        Ok(Request::Get { path, user }) => files::get(&path, user.as_deref(), &writer),
+        Ok(Request::Signal { pid, signal }) => send_signal(pid, signal),
+        Ok(Request::Stat { path, user }) => files::stat(&path, user.as_deref()),
+        Ok(Request::List { path, depth, user }) => files::list(&path, depth, user.as_deref()),
+        Ok(Request::Mkdir { path, user }) => files::mkdir(&path, user.as_deref()),
+        Ok(Request::Move { from, to, user }) => files::rename(&from, &to, user.as_deref()),
+        Ok(Request::Remove { path, user }) => files::remove(&path, user.as_deref()),
         Ok(Request::Shutdown) => {
             respond(&writer, &Response::default())?;
             // Power off once the host has the answer: it closes the
@@ -252,8 +270,24 @@ fn spawn(argv: &[String], settings: &Settings, stdin: bool) -> io::Result<std::p
     })
 }
 
+/// Sends `signal` to `pid`. Only processes, not groups: the pid must be
+/// positive, and the signal a real one.
+fn send_signal(pid: i32, signal: i32) -> Response {
+    if pid <= 1 || !(1..=64).contains(&signal) {
+        return Response::error(format!("cannot send signal {signal} to process {pid}"));
+    }
+    // SAFETY: kill(2) with a positive pid and a valid signal number.
+    if unsafe { libc::kill(pid, signal) } != 0 {
+        let e = io::Error::last_os_error();
+        let mut r = Response::error(format!("cannot signal process {pid}: {e}"));
+        r.not_found = e.raw_os_error() == Some(libc::ESRCH);
+        return r;
+    }
+    Response::default()
+}
+
 /// Copies `src` into frames of `kind` until end of file.
-fn pump(mut src: impl Read, kind: FrameType, writer: Arc<Mutex<File>>) {
+pub(crate) fn pump(mut src: impl Read, kind: FrameType, writer: Arc<Mutex<File>>) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         match src.read(&mut buf) {
@@ -286,6 +320,11 @@ fn exec(
         }
     };
     let pid = child.id() as libc::pid_t;
+    {
+        let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
+        // The host may have gone; the command still runs to its end.
+        let _ = write_json(&mut *w, FrameType::Started, &Started { pid });
+    }
     let out = child.stdout.take().map(|o| {
         let w = writer.clone();
         std::thread::spawn(move || pump(o, FrameType::Stdout, w))
@@ -333,51 +372,5 @@ fn exec(
             ..Default::default()
         },
         Err(e) => Response::error(format!("wait failed: {e}")),
-    }
-}
-
-fn put(path: &str, mode: u32, reader: &mut File) -> Response {
-    let mut file = match std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(path)
-    {
-        Ok(f) => f,
-        Err(e) => return Response::error(format!("cannot create {path}: {e}")),
-    };
-    let mut size = 0u64;
-    loop {
-        match read_frame(reader) {
-            Ok(Some((FrameType::Stdin, data))) if data.is_empty() => break,
-            Ok(Some((FrameType::Stdin, data))) => {
-                if let Err(e) = file.write_all(&data) {
-                    return Response::error(format!("cannot write {path}: {e}"));
-                }
-                size += data.len() as u64;
-            }
-            _ => return Response::error("the file data ended early"),
-        }
-    }
-    if let Err(e) = file.sync_all() {
-        return Response::error(format!("cannot sync {path}: {e}"));
-    }
-    Response {
-        size: Some(size),
-        ..Default::default()
-    }
-}
-
-fn get(path: &str, writer: &Arc<Mutex<File>>) -> Response {
-    let file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) => return Response::error(format!("cannot open {path}: {e}")),
-    };
-    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-    pump(file, FrameType::Stdout, writer.clone());
-    Response {
-        size: Some(size),
-        ..Default::default()
     }
 }

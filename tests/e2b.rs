@@ -1,0 +1,333 @@
+//! `vmm serve` driven by clients nobody here wrote: the official E2B
+//! Python SDK (pinned in tests/e2b/requirements.txt) runs
+//! tests/e2b/sdk_test.py against it; and hostile input on its port
+//! (malformed Connect frames, huge lengths, unknown sandboxes, another
+//! sandbox's token) gets errors while the server keeps serving. One
+//! server is shared by the file's tests.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use common::{describe, python_env, spawn_for_the_tests, Scratch, VMM};
+
+struct Server {
+    _scratch: Scratch,
+    _process: Child,
+    addr: String,
+    key: String,
+}
+
+/// The shared `vmm serve` (it builds the `base` template on first use).
+fn server() -> &'static Server {
+    static SERVER: OnceLock<Server> = OnceLock::new();
+    SERVER.get_or_init(|| {
+        let scratch = Scratch::new("e2b");
+        let mut cmd = Command::new(VMM);
+        cmd.args(["serve", "--listen", "127.0.0.1:0"])
+            .env("XDG_CONFIG_HOME", scratch.path("config"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped());
+        // SIGTERM when the tests end: the server kills its sandboxes.
+        let mut process = spawn_for_the_tests(cmd, libc::SIGTERM).unwrap();
+        let mut lines = BufReader::new(process.stdout.take().unwrap()).lines();
+        let mut env = std::collections::HashMap::new();
+        while env.len() < 3 {
+            let line = lines
+                .next()
+                .expect("vmm serve ended before it listened")
+                .unwrap();
+            let (k, v) = line
+                .strip_prefix("export ")
+                .unwrap()
+                .split_once('=')
+                .unwrap();
+            env.insert(k.to_string(), v.to_string());
+        }
+        let url = &env["E2B_API_URL"];
+        assert_eq!(url, &env["E2B_SANDBOX_URL"]);
+        let key = env["E2B_API_KEY"].clone();
+        assert!(key.starts_with("e2b_") && key.len() == 44, "{key}");
+        let mode = std::fs::metadata(scratch.path("config/vmm/serve.key")).unwrap();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+            0o600
+        );
+        Server {
+            addr: url.strip_prefix("http://").unwrap().to_string(),
+            key,
+            _scratch: scratch,
+            _process: process,
+        }
+    })
+}
+
+/// One HTTP/1.1 request; the status and body.
+fn request(addr: &str, head: &str, body: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    write!(
+        s,
+        "{head}\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn json_call(method: &str, path: &str, body: &str, key: &str) -> (u16, serde_json::Value) {
+    let s = server();
+    let head =
+        format!("{method} {path} HTTP/1.1\r\nX-API-Key: {key}\r\nContent-Type: application/json");
+    let (status, text) = request(&s.addr, &head, body.as_bytes());
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+#[test]
+fn the_official_python_sdk_drives_sandboxes() {
+    let s = server();
+    let requirements = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2b/requirements.txt");
+    let venv = python_env(std::path::Path::new(requirements));
+    let out = Command::new(venv.join("bin/python"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/e2b/sdk_test.py"
+        ))
+        .env("E2B_API_URL", format!("http://{}", s.addr))
+        .env("E2B_SANDBOX_URL", format!("http://{}", s.addr))
+        .env("E2B_API_KEY", &s.key)
+        .output()
+        .unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "the SDK script failed: {}",
+        describe(&out)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("all done"));
+}
+
+/// A sandbox made through the control API: its id and access token.
+fn new_sandbox() -> (String, String) {
+    let key = &server().key;
+    let (status, body) = json_call(
+        "POST",
+        "/sandboxes",
+        r#"{"templateID":"base","timeout":300}"#,
+        key,
+    );
+    assert_eq!(status, 201, "{body}");
+    (
+        body["sandboxID"].as_str().unwrap().into(),
+        body["envdAccessToken"].as_str().unwrap().into(),
+    )
+}
+
+fn rpc(id: &str, token: &str, method: &str, content_type: &str, body: &[u8]) -> (u16, String) {
+    let head = format!(
+        "POST /{method} HTTP/1.1\r\nE2b-Sandbox-Id: {id}\r\nX-Access-Token: {token}\r\nContent-Type: {content_type}\r\nConnect-Protocol-Version: 1"
+    );
+    request(&server().addr, &head, body)
+}
+
+#[test]
+fn hostile_requests_get_errors_and_the_server_keeps_serving() {
+    let key = server().key.clone();
+    // The control API without the key, with a wrong one, with garbage.
+    assert_eq!(json_call("GET", "/sandboxes", "", "").0, 401);
+    assert_eq!(
+        json_call("GET", "/sandboxes", "", &format!("e2b_{}", "1".repeat(40))).0,
+        401
+    );
+    let (status, body) = json_call("POST", "/sandboxes", "{not json", &key);
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = json_call(
+        "POST",
+        "/sandboxes",
+        r#"{"templateID":"no-such-template"}"#,
+        &key,
+    );
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("vmm template create"),
+        "{body}"
+    );
+    assert_eq!(json_call("GET", "/sandboxes/nosuch", "", &key).0, 404);
+    assert_eq!(json_call("DELETE", "/sandboxes/nosuch", "", &key).0, 404);
+    let (status, body) = json_call("POST", "/sandboxes/x/fork", "{}", &key);
+    assert_eq!(status, 501, "{body}");
+    let big = format!(
+        r#"{{"templateID":"base","metadata":{{"a":"{}"}}}}"#,
+        "x".repeat(2 << 20)
+    );
+    assert_eq!(json_call("POST", "/sandboxes", &big, &key).0, 413);
+
+    let (a, token_a) = new_sandbox();
+    let (b, _token_b) = new_sandbox();
+    let list = br#"{}"#;
+    // Unknown sandbox; another sandbox's token; no token.
+    assert_eq!(
+        rpc(
+            "nosuch",
+            &token_a,
+            "process.Process/List",
+            "application/json",
+            list
+        )
+        .0,
+        502
+    );
+    assert_eq!(
+        rpc(
+            &b,
+            &token_a,
+            "process.Process/List",
+            "application/json",
+            list
+        )
+        .0,
+        401
+    );
+    assert_eq!(
+        rpc(&a, "", "process.Process/List", "application/json", list).0,
+        401
+    );
+    assert_eq!(
+        rpc(
+            &a,
+            &token_a,
+            "process.Process/List",
+            "application/json",
+            list
+        )
+        .0,
+        200
+    );
+    // Malformed messages and envelopes.
+    let (status, body) = rpc(
+        &a,
+        &token_a,
+        "process.Process/List",
+        "application/proto",
+        b"\xff\xff\xff",
+    );
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = rpc(
+        &a,
+        &token_a,
+        "process.Process/SendSignal",
+        "application/json",
+        b"[1,2",
+    );
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = rpc(&a, &token_a, "process.Process/List", "text/plain", b"");
+    assert_eq!(status, 400, "{body}");
+    for envelope in [
+        &[0u8, 0xff, 0xff, 0xff, 0xff][..], // 4 GiB announced
+        &[0u8, 0, 0, 0, 9, b'{'][..],       // shorter than announced
+        &[1u8, 0, 0, 0, 2, b'{', b'}'][..], // compressed
+        &[][..],                            // nothing
+    ] {
+        let (status, body) = rpc(
+            &a,
+            &token_a,
+            "process.Process/Start",
+            "application/connect+json",
+            envelope,
+        );
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("\"error\""), "{envelope:?}: {body}");
+    }
+    let (_, body) = rpc(
+        &a,
+        &token_a,
+        "process.Process/Start",
+        "application/connect+json",
+        b"\x00\x00\x00\x00\x02{}",
+    );
+    assert!(body.contains("no process"), "{body}");
+    // A unary method called as a stream, an unknown method, a bad signal.
+    let (_, body) = rpc(
+        &a,
+        &token_a,
+        "process.Process/List",
+        "application/connect+json",
+        b"\x00\x00\x00\x00\x02{}",
+    );
+    assert!(body.contains("unary"), "{body}");
+    assert_eq!(
+        rpc(
+            &a,
+            &token_a,
+            "process.Process/Nope",
+            "application/json",
+            list
+        )
+        .0,
+        501
+    );
+    let sig = br#"{"process":{"pid":1},"signal":"SIGNAL_SIGKILL"}"#;
+    assert_eq!(
+        rpc(
+            &a,
+            &token_a,
+            "process.Process/SendSignal",
+            "application/json",
+            sig
+        )
+        .0,
+        404
+    );
+    // Files: a missing path, a missing file, a folder.
+    let files = |q: &str| {
+        let head =
+            format!("GET /files{q} HTTP/1.1\r\nE2b-Sandbox-Id: {a}\r\nX-Access-Token: {token_a}");
+        request(&server().addr, &head, b"").0
+    };
+    assert_eq!(files(""), 400);
+    assert_eq!(files("?path=/nonexistent"), 404);
+    assert_eq!(files("?path=/etc"), 400);
+    // Still serving: the sandbox runs a command.
+    let start = br#"{"process":{"cmd":"/bin/echo","args":["still here"]}}"#;
+    let mut env = vec![0u8];
+    env.extend_from_slice(&(start.len() as u32).to_be_bytes());
+    env.extend_from_slice(start);
+    let (status, body) = rpc(
+        &a,
+        &token_a,
+        "process.Process/Start",
+        "application/connect+json",
+        &env,
+    );
+    assert_eq!(status, 200);
+    assert!(body.contains("c3RpbGwgaGVyZQo="), "{body}"); // base64 of "still here\n"
+    for id in [a, b] {
+        assert_eq!(
+            json_call("DELETE", &format!("/sandboxes/{id}"), "", &key).0,
+            204
+        );
+    }
+}

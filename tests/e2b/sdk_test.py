@@ -1,0 +1,123 @@
+"""Drives `vmm serve` with the official E2B Python SDK (tests/e2b.rs runs
+it with E2B_API_URL, E2B_SANDBOX_URL and E2B_API_KEY pointing at the
+server). Each check prints `ok NAME`; the first failure raises."""
+
+import os
+import time
+
+from e2b import (
+    AuthenticationException,
+    CommandExitException,
+    NotFoundException,
+    Sandbox,
+    TimeoutException,
+)
+
+
+def ok(name, cond=True, detail=""):
+    if not cond:
+        raise AssertionError(f"{name}: {detail}")
+    print(f"ok {name}", flush=True)
+
+
+t0 = time.monotonic()
+sbx = Sandbox.create(envs={"FROM_CREATE": "yes"}, metadata={"suite": "e2b"}, timeout=600)
+ok("create", len(sbx.sandbox_id) == 20, sbx.sandbox_id)
+print(f"create took {time.monotonic() - t0:.2f} s", flush=True)
+
+# Commands: output, streaming, exit codes, env, cwd.
+r = sbx.commands.run("python3 -c 'print(6*7)'")
+ok("run", r.stdout == "42\n" and r.exit_code == 0, repr(r))
+
+chunks = []
+r = sbx.commands.run(
+    "for i in 1 2 3; do echo line$i; sleep 0.2; done; echo oops >&2",
+    on_stdout=chunks.append,
+)
+ok("streamed stdout", "".join(chunks) == "line1\nline2\nline3\n", repr(chunks))
+ok("stderr", r.stderr == "oops\n", repr(r.stderr))
+
+try:
+    sbx.commands.run("exit 3")
+    ok("exit code", False, "no exception")
+except CommandExitException as e:
+    ok("exit code", e.exit_code == 3, repr(e))
+
+r = sbx.commands.run("echo $FOO $FROM_CREATE; pwd", envs={"FOO": "bar"}, cwd="/tmp")
+ok("env and cwd", r.stdout == "bar yes\n/tmp\n", repr(r.stdout))
+
+r = sbx.commands.run("id -un", user="user")
+ok("named user", r.stdout == "user\n", repr(r.stdout))
+
+try:
+    sbx.commands.run("sleep 60", timeout=2)
+    ok("timeout", False, "no exception")
+except TimeoutException:
+    ok("timeout")
+# The server kills a command whose call timed out: attach to it (if it
+# has not ended yet) and wait for its end.
+for p in sbx.commands.list():
+    if "sleep 60" in " ".join(p.args):
+        try:
+            sbx.commands.connect(p.pid).wait()
+        except CommandExitException:
+            pass
+ok("timed-out command killed", not any("sleep 60" in " ".join(p.args) for p in sbx.commands.list()))
+
+h = sbx.commands.run("sleep 300", background=True)
+ok("background", h.pid in [p.pid for p in sbx.commands.list()])
+ok("kill background", h.kill())
+try:
+    h.wait()
+    ok("killed background ended", False, "it exited cleanly")
+except CommandExitException as e:
+    ok("killed background ended", e.exit_code == -1 and "killed" in (e.error or ""), repr(e))
+ok("background gone", h.pid not in [p.pid for p in sbx.commands.list()])
+
+h = sbx.commands.run("read line; echo got:$line", background=True, stdin=True)
+sbx.commands.send_stdin(h.pid, "hello\n")
+r = h.wait()
+ok("stdin", r.stdout == "got:hello\n", repr(r.stdout))
+
+# Files.
+sbx.files.write("/tmp/e2b/hello.txt", "hi there")
+ok("write and read", sbx.files.read("/tmp/e2b/hello.txt") == "hi there")
+blob = os.urandom(3 << 20)
+sbx.files.write("/tmp/e2b/blob.bin", blob)
+ok("binary round trip", bytes(sbx.files.read("/tmp/e2b/blob.bin", format="bytes")) == blob)
+ok("list", sorted(e.name for e in sbx.files.list("/tmp/e2b")) == ["blob.bin", "hello.txt"])
+ok("exists", sbx.files.exists("/tmp/e2b/hello.txt") and not sbx.files.exists("/tmp/e2b/nope"))
+ok("make_dir", sbx.files.make_dir("/tmp/e2b/d/e"))
+ok("make_dir again", sbx.files.make_dir("/tmp/e2b/d/e") is False)
+info = sbx.files.rename("/tmp/e2b/hello.txt", "/tmp/e2b/d/e/h.txt")
+ok("rename", info.path == "/tmp/e2b/d/e/h.txt" and info.size == 8, repr(info))
+ok("nested list", "h.txt" in [e.name for e in sbx.files.list("/tmp/e2b", depth=3)])
+sbx.files.remove("/tmp/e2b/d")
+ok("remove", not sbx.files.exists("/tmp/e2b/d"))
+try:
+    sbx.files.read("/tmp/e2b/missing")
+    ok("missing file", False, "no exception")
+except NotFoundException:
+    ok("missing file")
+sbx.files.write("relative.txt", "home")
+ok("relative paths start at home", sbx.commands.run("cat /root/relative.txt").stdout == "home")
+
+# Pause, then connect: the sandbox is as it was.
+sbx.files.write("/tmp/state", "before pause")
+sbx.pause()
+ok("paused", Sandbox.get_info(sbx.sandbox_id).state.value == "paused")
+again = Sandbox.connect(sbx.sandbox_id)
+ok("resumed", again.commands.run("cat /tmp/state").stdout == "before pause")
+
+# The list, a bad key, kill.
+ids = [s.sandbox_id for s in Sandbox.list().next_items()]
+ok("list sandboxes", sbx.sandbox_id in ids, repr(ids))
+try:
+    Sandbox.list(api_key="e2b_" + "0" * 40).next_items()
+    ok("bad key refused", False, "listed")
+except AuthenticationException:
+    ok("bad key refused")
+ok("kill", sbx.kill())
+ok("killed", sbx.sandbox_id not in [s.sandbox_id for s in Sandbox.list().next_items()])
+ok("kill unknown", Sandbox.kill("nosuchsandbox") is False)
+print("all done", flush=True)

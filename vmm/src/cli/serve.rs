@@ -1,0 +1,81 @@
+//! `vmm serve`: the E2B-compatible sandbox server (docs/agents.md).
+
+use std::net::SocketAddr;
+use std::process::{Command, ExitCode};
+
+use super::fail;
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Where to listen: one port for both E2B APIs.
+    #[arg(long, default_value = vmm::serve::DEFAULT_LISTEN)]
+    listen: SocketAddr,
+    /// The API key clients must send (X-API-Key); default: the one in
+    /// ~/.config/vmm/serve.key, made on first start.
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Run sandboxes without the jail (docs/security.md).
+    #[arg(long)]
+    no_jail: bool,
+    /// Do not build the `base` template (E2B's default) when it is missing.
+    #[arg(long)]
+    no_base: bool,
+}
+
+pub fn serve(args: ServeArgs) -> ExitCode {
+    if !args.no_base {
+        if let Err(e) = ensure_base() {
+            return fail(e);
+        }
+    }
+    let opts = vmm::serve::Options {
+        listen: args.listen,
+        api_key: args.api_key,
+        jail: !args.no_jail,
+    };
+    let ran = vmm::serve::run(opts, |addr, key| {
+        eprintln!("vmm serve: listening on http://{addr}; point an E2B SDK at it with:");
+        println!("export E2B_API_URL=http://{addr}");
+        println!("export E2B_SANDBOX_URL=http://{addr}");
+        println!("export E2B_API_KEY={key}");
+    });
+    match ran {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+/// Builds the `base` template when it is missing, and again when what it
+/// was built from changed (a rebuilt kernel, initramfs or base image),
+/// in a process of its own: this one stays free of VM threads. Its
+/// warm-up runs what the E2B SDKs run first (a login shell, Python), so
+/// their first command finds it in memory.
+fn ensure_base() -> Result<(), String> {
+    use vmm::template::{self, Template};
+    let name = vmm::serve::DEFAULT_TEMPLATE;
+    let flag = match Template::open(name).and_then(|t| t.fit(None)) {
+        Ok(_) => return Ok(()),
+        Err(template::Error::NoSuchTemplate(_)) => "--if-missing",
+        Err(template::Error::Stale { changes, .. }) => {
+            eprintln!(
+                "vmm serve: rebuilding the template {name}: {}",
+                changes.join("; ")
+            );
+            "--replace"
+        }
+        Err(e) => return Err(format!("{e} (or start with --no-base)")),
+    };
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find the vmm binary: {e}"))?;
+    let status = Command::new(exe)
+        .args(["template", "create", name, flag, "--warmup"])
+        .arg(vmm::serve::WARMUP)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .map_err(|e| format!("cannot build the template {name}: {e}"))?;
+    match status.success() {
+        true => Ok(()),
+        false => Err(format!(
+            "building the template {name} failed ({status}); see above, or start with --no-base"
+        )),
+    }
+}

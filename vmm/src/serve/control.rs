@@ -1,0 +1,354 @@
+//! The E2B control API (the REST routes of e2b-dev/infra's spec/openapi.yml
+//! the `e2b` SDKs call): create, list, get, kill, timeout, pause, resume
+//! and connect. Bodies are E2B's, errors `{"code", "message"}` with its
+//! statuses; a route this server does not have answers 501, not a hang.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use hyper::{Method, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::http::{self, HttpBody};
+use super::sandboxes::{self, Sandbox, Spec, State};
+use super::{Server, ENVD_VERSION};
+
+/// E2B's default sandbox timeout (seconds), and the longest it allows
+/// (24 h, its Pro tier's limit).
+const DEFAULT_TIMEOUT: u64 = 300;
+const MAX_TIMEOUT: u64 = 24 * 3600;
+/// The client id every sandbox reports (E2B's is its cluster node's).
+const CLIENT_ID: &str = "vmm";
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NewSandbox {
+    #[serde(rename = "templateID")]
+    template_id: String,
+    #[serde(default)]
+    timeout: Option<u64>,
+    #[serde(default)]
+    metadata: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    env_vars: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    auto_pause: Option<bool>,
+    #[serde(default)]
+    secure: Option<bool>,
+    #[serde(default, rename = "allow_internet_access")]
+    allow_internet_access: Option<bool>,
+    #[serde(default)]
+    network: Option<Value>,
+    #[serde(default)]
+    volume_mounts: Option<Vec<Value>>,
+    #[serde(default)]
+    mcp: Option<Value>,
+    #[serde(flatten)]
+    _rest: BTreeMap<String, Value>,
+}
+
+#[derive(Deserialize)]
+struct Timeout {
+    #[serde(default)]
+    timeout: Option<u64>,
+}
+
+/// An RFC 3339 UTC time, as E2B writes `startedAt`/`endAt`.
+pub fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+fn state_name(s: State) -> &'static str {
+    match s {
+        State::Running => "running",
+        State::Paused => "paused",
+    }
+}
+
+/// The create/connect answer (E2B's `Sandbox`).
+fn created(s: &Sandbox) -> Value {
+    json!({
+        "templateID": s.template,
+        "sandboxID": s.id,
+        "clientID": CLIENT_ID,
+        "envdVersion": ENVD_VERSION,
+        "envdAccessToken": s.access_token,
+        "alias": s.template,
+        "domain": null,
+    })
+}
+
+/// A listed sandbox (E2B's `ListedSandbox`; `detail` adds `SandboxDetail`'s).
+fn listed(s: &Sandbox, detail: bool) -> Value {
+    let mut v = json!({
+        "templateID": s.template,
+        "alias": s.template,
+        "sandboxID": s.id,
+        "clientID": CLIENT_ID,
+        "startedAt": rfc3339(s.started_at),
+        "endAt": rfc3339(s.end_at()),
+        "cpuCount": s.vcpus,
+        "memoryMB": s.memory_mib,
+        "diskSizeMB": s.disk_mib,
+        "state": state_name(s.state()),
+        "envdVersion": ENVD_VERSION,
+        "metadata": s.metadata,
+    });
+    if detail {
+        v["envdAccessToken"] = json!(s.access_token);
+        v["domain"] = Value::Null;
+    }
+    v
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Response<HttpBody>> {
+    let body = if body.is_empty() {
+        b"{}".as_slice()
+    } else {
+        body
+    };
+    serde_json::from_slice(body)
+        .map_err(|e| http::error(StatusCode::BAD_REQUEST, format!("bad request body: {e}")))
+}
+
+fn timeout_of(t: Option<u64>) -> Result<Duration, Response<HttpBody>> {
+    let secs = t.unwrap_or(DEFAULT_TIMEOUT);
+    if secs > MAX_TIMEOUT {
+        return Err(http::error(
+            StatusCode::BAD_REQUEST,
+            format!("a timeout of {secs} s is longer than the {MAX_TIMEOUT} s allowed"),
+        ));
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+fn not_found(id: &str) -> Response<HttpBody> {
+    http::error(StatusCode::NOT_FOUND, format!("sandbox {id:?} not found"))
+}
+
+fn unsupported(what: &str) -> Response<HttpBody> {
+    http::error(
+        StatusCode::NOT_IMPLEMENTED,
+        format!("{what} is not supported by vmm serve (docs/agents.md lists what is)"),
+    )
+}
+
+/// Answers one control API request (already authenticated).
+pub async fn handle(
+    server: &Arc<Server>,
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+    body: &[u8],
+) -> Response<HttpBody> {
+    let path = path.strip_prefix("/v2").unwrap_or(path);
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (method, parts.as_slice()) {
+        (&Method::POST, ["sandboxes"]) => create(server, body).await,
+        (&Method::GET, ["sandboxes"]) => list(server, query),
+        (&Method::GET, ["sandboxes", id]) => match server.sandboxes.get(id) {
+            Some(s) => http::json(StatusCode::OK, &listed(&s, true)),
+            None => not_found(id),
+        },
+        (&Method::DELETE, ["sandboxes", id]) => match server.sandboxes.kill(id).await {
+            true => http::empty(StatusCode::NO_CONTENT),
+            false => not_found(id),
+        },
+        (&Method::POST, ["sandboxes", id, "timeout"]) => {
+            let Some(s) = server.sandboxes.get(id) else {
+                return not_found(id);
+            };
+            let t = match parse::<Timeout>(body).and_then(|t| timeout_of(t.timeout)) {
+                Ok(t) => t,
+                Err(r) => return r,
+            };
+            s.set_timeout(t);
+            http::empty(StatusCode::NO_CONTENT)
+        }
+        (&Method::POST, ["sandboxes", id, "refreshes"]) => {
+            let Some(s) = server.sandboxes.get(id) else {
+                return not_found(id);
+            };
+            #[derive(Deserialize)]
+            struct Refresh {
+                #[serde(default)]
+                duration: Option<u64>,
+            }
+            let t = match parse::<Refresh>(body).and_then(|r| timeout_of(r.duration)) {
+                Ok(t) => t,
+                Err(r) => return r,
+            };
+            if SystemTime::now() + t > s.end_at() {
+                s.set_timeout(t);
+            }
+            http::empty(StatusCode::NO_CONTENT)
+        }
+        (&Method::POST, ["sandboxes", id, "pause"]) => pause(server, id).await,
+        (&Method::POST, ["sandboxes", id, "resume" | "connect"]) => {
+            let timeout = match parse::<Timeout>(body).and_then(|t| timeout_of(t.timeout)) {
+                Ok(t) => t,
+                Err(r) => return r,
+            };
+            connect(server, id, timeout).await
+        }
+        (_, ["sandboxes", _, "fork"]) => unsupported("forking a sandbox"),
+        (_, ["sandboxes", _, "snapshots"]) | (_, ["snapshots", ..]) => unsupported("snapshots"),
+        (_, ["sandboxes", _, "metrics"]) | (_, ["sandboxes", "metrics"]) => unsupported("metrics"),
+        (_, ["sandboxes", _, "logs"]) => unsupported("sandbox logs"),
+        (_, ["sandboxes", _, "network"]) => unsupported("changing a sandbox's network"),
+        (_, ["templates", ..]) => unsupported("the template API (use `vmm template`)"),
+        (_, ["volumes", ..]) | (_, ["secrets", ..]) => unsupported("this route"),
+        _ => http::error(StatusCode::NOT_FOUND, format!("no route {method} {path}")),
+    }
+}
+
+async fn create(server: &Arc<Server>, body: &[u8]) -> Response<HttpBody> {
+    let req: NewSandbox = match parse(body) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    if req.auto_pause == Some(true) {
+        return unsupported("autoPause");
+    }
+    if req.volume_mounts.as_ref().is_some_and(|v| !v.is_empty()) {
+        return unsupported("volume mounts");
+    }
+    if req.mcp.as_ref().is_some_and(|m| !m.is_null()) {
+        return unsupported("an MCP gateway in the sandbox");
+    }
+    if req.allow_internet_access == Some(false)
+        || req.network.as_ref().is_some_and(|n| !n.is_null())
+    {
+        return unsupported("network rules at create");
+    }
+    let _ = req.secure;
+    let timeout = match timeout_of(req.timeout) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let spec = Spec {
+        template: req.template_id,
+        timeout,
+        metadata: req.metadata.unwrap_or_default(),
+        env_vars: req.env_vars.unwrap_or_default(),
+    };
+    match server.sandboxes.create(spec).await {
+        Ok(s) => http::json(StatusCode::CREATED, &created(&s)),
+        Err(e @ (sandboxes::Error::NoTemplate(_) | sandboxes::Error::BadTemplate { .. })) => {
+            http::error(StatusCode::NOT_FOUND, e.to_string())
+        }
+        Err(e @ sandboxes::Error::Full) => {
+            http::error(StatusCode::TOO_MANY_REQUESTS, e.to_string())
+        }
+        Err(e) => http::error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+fn list(server: &Arc<Server>, query: Option<&str>) -> Response<HttpBody> {
+    let states = http::query_param(query, "state");
+    let wanted: Option<Vec<String>> = states.map(|s| s.split(',').map(str::to_string).collect());
+    // `metadata=k1%3Dv1%26k2%3Dv2`: every pair must match.
+    let metadata: Vec<(String, String)> = http::query_param(query, "metadata")
+        .map(|m| {
+            m.split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .filter_map(|(k, v)| Some((http::decode(k)?, http::decode(v)?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let out: Vec<Value> = server
+        .sandboxes
+        .all()
+        .iter()
+        .filter(|s| {
+            wanted
+                .as_ref()
+                .is_none_or(|w| w.iter().any(|x| x == state_name(s.state())))
+        })
+        .filter(|s| metadata.iter().all(|(k, v)| s.metadata.get(k) == Some(v)))
+        .map(|s| listed(s, false))
+        .collect();
+    http::json(StatusCode::OK, &out)
+}
+
+async fn pause(server: &Arc<Server>, id: &str) -> Response<HttpBody> {
+    let Some(s) = server.sandboxes.get(id) else {
+        return not_found(id);
+    };
+    if s.state() == State::Paused {
+        return http::error(
+            StatusCode::CONFLICT,
+            format!("sandbox {id:?} is paused already"),
+        );
+    }
+    match s.control(crate::action::Control::pause).await {
+        Ok(()) => {
+            *s.state.lock().unwrap_or_else(|e| e.into_inner()) = State::Paused;
+            http::empty(StatusCode::NO_CONTENT)
+        }
+        Err(e) => http::error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot pause sandbox {id:?}: {e}"),
+        ),
+    }
+}
+
+/// Connect (and the older resume): a running sandbox answers 200 with its
+/// timeout renewed; a paused one is resumed and answers 201.
+async fn connect(server: &Arc<Server>, id: &str, timeout: Duration) -> Response<HttpBody> {
+    let Some(s) = server.sandboxes.get(id) else {
+        return not_found(id);
+    };
+    let status = match s.state() {
+        State::Running => StatusCode::OK,
+        State::Paused => {
+            if let Err(e) = s.control(crate::action::Control::resume).await {
+                return http::error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("cannot resume sandbox {id:?}: {e}"),
+                );
+            }
+            *s.state.lock().unwrap_or_else(|e| e.into_inner()) = State::Running;
+            StatusCode::CREATED
+        }
+    };
+    if SystemTime::now() + timeout > s.end_at() {
+        s.set_timeout(timeout);
+    }
+    http::json(status, &created(&s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_rfc3339() {
+        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_796_563_445_123);
+        assert_eq!(rfc3339(t), "2026-12-06T13:24:05.123Z");
+        let leap = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400);
+        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
+    }
+}

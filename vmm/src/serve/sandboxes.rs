@@ -1,0 +1,348 @@
+//! The sandboxes one `vmm serve` owns: each a VM in its own VMM process
+//! (`vmm launch --template T --api-socket ...`), started from a template,
+//! driven through its control socket (pause, resume, stop) and its
+//! agent's vsock socket (commands, files). The registry is the only
+//! state the server keeps; a sandbox ends when it is killed, when its
+//! timeout passes, or when the server stops.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::action::Control;
+use crate::api::ApiClient;
+
+use super::process::Processes;
+
+/// How long a sandbox may take from its process start to its agent
+/// answering (a restore from a template takes about a second here; a
+/// loaded host more).
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a killed sandbox's VMM gets to end after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most sandboxes one server runs at once.
+pub const MAX_SANDBOXES: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("template {0:?} not found: make it with `vmm template create {0}` (`vmm template ls` lists them)")]
+    NoTemplate(String),
+    #[error("template {name:?} cannot be used: {reason}")]
+    BadTemplate { name: String, reason: String },
+    #[error("this server runs {MAX_SANDBOXES} sandboxes already: kill one first")]
+    Full,
+    #[error("cannot start the sandbox's VMM: {0}")]
+    Spawn(std::io::Error),
+    #[error("the sandbox's VMM failed to start: {0}")]
+    Start(String),
+    #[error("the sandbox's VMM did not start within {0:?}")]
+    StartTimeout(Duration),
+    #[error("the sandbox's control socket failed: {0}")]
+    Api(String),
+    #[error("cannot make the sandbox's folder {path}: {source}")]
+    Folder {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// What a create request asks for.
+#[derive(Debug, Clone, Default)]
+pub struct Spec {
+    pub template: String,
+    pub timeout: Duration,
+    pub metadata: BTreeMap<String, String>,
+    pub env_vars: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Running,
+    Paused,
+}
+
+/// One sandbox.
+pub struct Sandbox {
+    pub id: String,
+    pub template: String,
+    /// Sent by the SDK as `X-Access-Token` on every in-sandbox request.
+    pub access_token: String,
+    pub started_at: SystemTime,
+    pub end_at: Mutex<SystemTime>,
+    pub metadata: BTreeMap<String, String>,
+    pub env_vars: BTreeMap<String, String>,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub disk_mib: u64,
+    pub state: Mutex<State>,
+    /// The VM's control socket and its agent's vsock socket.
+    pub api_socket: PathBuf,
+    pub vsock: PathBuf,
+    /// The sandbox's folder (sockets, the VMM's log).
+    pub dir: PathBuf,
+    pub processes: Processes,
+    child: tokio::sync::Mutex<Option<Child>>,
+}
+
+impl Sandbox {
+    pub fn api(&self) -> ApiClient {
+        ApiClient::new(&self.api_socket)
+    }
+
+    pub fn state(&self) -> State {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn end_at(&self) -> SystemTime {
+        *self.end_at.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set_timeout(&self, timeout: Duration) {
+        *self.end_at.lock().unwrap_or_else(|e| e.into_inner()) = SystemTime::now() + timeout;
+    }
+
+    /// Runs one control action on a blocking thread.
+    pub async fn control<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&ApiClient) -> std::result::Result<T, crate::api::Error> + Send + 'static,
+    ) -> Result<T> {
+        let api = self.api();
+        tokio::task::spawn_blocking(move || f(&api))
+            .await
+            .map_err(|e| Error::Api(e.to_string()))?
+            .map_err(|e| Error::Api(e.to_string()))
+    }
+
+    /// Ends the VMM: SIGTERM (the VM stops), SIGKILL if it lingers; then
+    /// removes the sandbox's folder.
+    async fn stop(&self) {
+        let mut guard = self.child.lock().await;
+        if let Some(mut child) = guard.take() {
+            if let Some(pid) = child.id() {
+                // SAFETY: kill(2) on our own child, not yet reaped (we hold it).
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+            }
+            if tokio::time::timeout(STOP_TIMEOUT, child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.kill().await;
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Every sandbox of the server.
+pub struct Registry {
+    /// Where sandboxes' folders go.
+    root: PathBuf,
+    /// The `vmm` binary the sandboxes run.
+    exe: PathBuf,
+    jail: bool,
+    sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
+}
+
+impl Registry {
+    pub fn new(root: PathBuf, exe: PathBuf, jail: bool) -> Registry {
+        Registry {
+            root,
+            exe,
+            jail,
+            sandboxes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Sandbox>>> {
+        self.sandboxes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Sandbox>> {
+        self.map().get(id).cloned()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Sandbox>> {
+        let mut all: Vec<_> = self.map().values().cloned().collect();
+        all.sort_by_key(|s| s.started_at);
+        all
+    }
+
+    /// Starts a sandbox from `spec.template`; returns once its agent
+    /// answers.
+    pub async fn create(&self, spec: Spec) -> Result<Arc<Sandbox>> {
+        if self.map().len() >= MAX_SANDBOXES {
+            return Err(Error::Full);
+        }
+        let template = spec.template.clone();
+        let found = tokio::task::spawn_blocking(move || crate::template::Template::open(&template))
+            .await
+            .map_err(|e| Error::Start(e.to_string()))?;
+        let t = match found {
+            Ok(t) => t,
+            Err(crate::template::Error::NoSuchTemplate(_)) => {
+                return Err(Error::NoTemplate(spec.template))
+            }
+            Err(e) => {
+                return Err(Error::BadTemplate {
+                    name: spec.template,
+                    reason: e.to_string(),
+                })
+            }
+        };
+        let id = new_id();
+        let dir = self.root.join(&id);
+        std::fs::create_dir_all(&dir).map_err(|source| Error::Folder {
+            path: dir.clone(),
+            source,
+        })?;
+        let api_socket = dir.join("api.sock");
+        let started = self.spawn(&spec.template, &api_socket, &dir).await;
+        let (child, vsock) = match started {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        let config = &t.record.config;
+        let sandbox = Arc::new(Sandbox {
+            id: id.clone(),
+            template: spec.template,
+            access_token: crate::runtime::random_hex(20),
+            started_at: SystemTime::now(),
+            end_at: Mutex::new(SystemTime::now() + spec.timeout),
+            metadata: spec.metadata,
+            env_vars: spec.env_vars,
+            vcpus: config.vcpus as u32,
+            memory_mib: config.memory_mib as u32,
+            disk_mib: t.size_on_disk() >> 20,
+            state: Mutex::new(State::Running),
+            api_socket,
+            vsock,
+            dir,
+            processes: Processes::default(),
+            child: tokio::sync::Mutex::new(Some(child)),
+        });
+        self.map().insert(id, sandbox.clone());
+        Ok(sandbox)
+    }
+
+    /// Starts the VMM process and waits for its agent; returns the process
+    /// and the agent's vsock socket.
+    async fn spawn(
+        &self,
+        template: &str,
+        api_socket: &Path,
+        dir: &Path,
+    ) -> Result<(Child, PathBuf)> {
+        let log = std::fs::File::create(dir.join("vmm.log")).map_err(Error::Spawn)?;
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("launch")
+            .arg("--template")
+            .arg(template)
+            .arg("--api-socket")
+            .arg(api_socket)
+            .env("VMM_LAUNCH_NOTIFY", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true);
+        if self.jail {
+            cmd.arg("--jail");
+        }
+        let mut child = cmd.spawn().map_err(Error::Spawn)?;
+        let stdout = child.stdout.take();
+        let api = ApiClient::new(api_socket);
+        let ready = async {
+            // The VMM prints `ready` once the VM runs and its socket serves.
+            let mut line = String::new();
+            if let Some(out) = stdout {
+                let _ = BufReader::new(out).read_line(&mut line).await;
+            }
+            if line.trim() != "ready" {
+                let why = std::fs::read_to_string(dir.join("vmm.log")).unwrap_or_default();
+                let why = why
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("it exited");
+                return Err(Error::Start(why.to_string()));
+            }
+            tokio::task::spawn_blocking(move || api.wait_agent().and_then(|()| api.vsock_path()))
+                .await
+                .map_err(|e| Error::Api(e.to_string()))?
+                .map_err(|e| Error::Api(e.to_string()))
+        };
+        match tokio::time::timeout(START_TIMEOUT, ready).await {
+            Ok(Ok(vsock)) => Ok((child, vsock)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(Error::StartTimeout(START_TIMEOUT)),
+        }
+    }
+
+    /// Kills one sandbox; false when there is none of that id.
+    pub async fn kill(&self, id: &str) -> bool {
+        let Some(sandbox) = self.map().remove(id) else {
+            return false;
+        };
+        sandbox.processes.close_all();
+        sandbox.stop().await;
+        true
+    }
+
+    /// Kills every sandbox whose timeout has passed.
+    pub async fn reap_expired(&self) {
+        let now = SystemTime::now();
+        let expired: Vec<String> = self
+            .map()
+            .values()
+            .filter(|s| s.end_at() <= now)
+            .map(|s| s.id.clone())
+            .collect();
+        for id in expired {
+            tracing::info!("sandbox {id}: its timeout passed; killing it");
+            self.kill(&id).await;
+        }
+    }
+
+    /// Kills every sandbox (the server stops).
+    pub async fn kill_all(&self) {
+        let ids: Vec<String> = self.map().keys().cloned().collect();
+        for id in ids {
+            self.kill(&id).await;
+        }
+    }
+}
+
+/// A sandbox id: 20 lowercase letters and digits, as E2B's look.
+fn new_id() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut bytes = [0u8; 20];
+    let _ = crate::runtime::fill_random(&mut bytes);
+    bytes
+        .iter()
+        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_look_like_e2b_ones_and_differ() {
+        let a = new_id();
+        assert_eq!(a.len(), 20);
+        assert!(a
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()));
+        assert_ne!(a, new_id());
+    }
+}
