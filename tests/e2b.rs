@@ -177,7 +177,8 @@ fn hostile_requests_get_errors_and_the_server_keeps_serving() {
     );
     assert_eq!(json_call("GET", "/sandboxes/nosuch", "", &key).0, 404);
     assert_eq!(json_call("DELETE", "/sandboxes/nosuch", "", &key).0, 404);
-    let (status, body) = json_call("POST", "/sandboxes/x/fork", "{}", &key);
+    assert_eq!(json_call("POST", "/sandboxes/x/fork", "{}", &key).0, 404);
+    let (status, body) = json_call("GET", "/sandboxes/x/logs", "", &key);
     assert_eq!(status, 501, "{body}");
     let big = format!(
         r#"{{"templateID":"base","metadata":{{"a":"{}"}}}}"#,

@@ -2,12 +2,15 @@
 it with E2B_API_URL, E2B_SANDBOX_URL and E2B_API_KEY pointing at the
 server). Each check prints `ok NAME`; the first failure raises."""
 
+import asyncio
 import os
 import time
 
 from e2b import (
+    AsyncSandbox,
     AuthenticationException,
     CommandExitException,
+    FilesystemEventType,
     NotFoundException,
     Sandbox,
     TimeoutException,
@@ -102,12 +105,54 @@ except NotFoundException:
 sbx.files.write("relative.txt", "home")
 ok("relative paths start at home", sbx.commands.run("cat /root/relative.txt").stdout == "home")
 
+# Directory watches: polled (the sync SDK) and streamed (the async one).
+sbx.files.make_dir("/tmp/watched")
+w = sbx.files.watch_dir("/tmp/watched")
+sbx.commands.run("echo x > /tmp/watched/new.txt")
+seen, deadline = [], time.monotonic() + 30
+while not any(e.name == "new.txt" and e.type == FilesystemEventType.CREATE for e in seen):
+    ok("watch sees a command's file", time.monotonic() < deadline, repr(seen))
+    seen += w.get_new_events()
+    time.sleep(0.1)
+w.stop()
+ok("watch sees a command's file")
+
+
+async def streamed_watch():
+    asbx = await AsyncSandbox.connect(sbx.sandbox_id)
+    got = asyncio.Queue()
+    handle = await asbx.files.watch_dir("/tmp/watched", on_event=got.put_nowait, recursive=True)
+    await asbx.commands.run("mkdir -p /tmp/watched/sub && touch /tmp/watched/sub/deep.txt")
+    while True:
+        ev = await asyncio.wait_for(got.get(), 30)
+        if ev.name == "sub/deep.txt":
+            break
+    await handle.stop()
+
+
+asyncio.run(streamed_watch())
+ok("streamed recursive watch")
+
 # Pause, then connect: the sandbox is as it was.
 sbx.files.write("/tmp/state", "before pause")
 sbx.pause()
 ok("paused", Sandbox.get_info(sbx.sandbox_id).state.value == "paused")
 again = Sandbox.connect(sbx.sandbox_id)
 ok("resumed", again.commands.run("cat /tmp/state").stdout == "before pause")
+
+# Fork: children continue from the parent's state and diverge.
+sbx.files.write("/tmp/fork-state", "from the parent")
+kids = sbx.fork(count=2)
+ok("fork", len(kids) == 2 and all(isinstance(k, Sandbox) for k in kids), repr(kids))
+for i, kid in enumerate(kids):
+    kid.files.write("/tmp/mine", f"child {i}")
+for i, kid in enumerate(kids):
+    ok(f"child {i} has the parent's state", kid.files.read("/tmp/fork-state") == "from the parent")
+    ok(f"child {i} diverged", kid.commands.run("cat /tmp/mine").stdout == f"child {i}")
+ok("parent untouched", not sbx.files.exists("/tmp/mine"))
+ok("children differ", len({kid.commands.run("cat /etc/machine-id").stdout for kid in kids}) == 2)
+ok("kill a child", kids[0].kill())
+ok("parent still runs", sbx.commands.run("echo alive").stdout == "alive\n")
 
 # The list, a bad key, kill.
 ids = [s.sandbox_id for s in Sandbox.list().next_items()]
@@ -119,5 +164,7 @@ except AuthenticationException:
     ok("bad key refused")
 ok("kill", sbx.kill())
 ok("killed", sbx.sandbox_id not in [s.sandbox_id for s in Sandbox.list().next_items()])
+ok("a child outlives its parent", kids[1].commands.run("echo alive").stdout == "alive\n")
+ok("kill the other child", kids[1].kill())
 ok("kill unknown", Sandbox.kill("nosuchsandbox") is False)
 print("all done", flush=True)

@@ -36,6 +36,8 @@ pub enum FrameType {
     /// Guest to host, exec only, before any output: a JSON [`Started`]
     /// (the command's process id, for `signal`).
     Started = 6,
+    /// Guest to host, watch only: a JSON [`WatchEvent`].
+    Event = 7,
 }
 
 impl FrameType {
@@ -47,6 +49,7 @@ impl FrameType {
             4 => FrameType::Stderr,
             5 => FrameType::Response,
             6 => FrameType::Started,
+            7 => FrameType::Event,
             _ => return None,
         })
     }
@@ -130,6 +133,16 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         user: Option<String>,
     },
+    /// Stream the changes in a folder (and its subfolders, with
+    /// `recursive`) as [`WatchEvent`]s until the host closes the
+    /// connection, or the folder goes (then the response comes).
+    Watch {
+        path: String,
+        #[serde(default)]
+        recursive: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
+    },
     /// Remove a file, link or whole folder.
     Remove {
         path: String,
@@ -194,6 +207,17 @@ pub const MAX_LIST_ENTRIES: usize = 2000;
 #[serde(deny_unknown_fields)]
 pub struct Started {
     pub pid: i32,
+}
+
+/// A change a watch saw.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchEvent {
+    /// The path, relative to the watched folder (empty for `start`).
+    pub name: String,
+    /// `start` (the first, once the watch is on), `create`, `write`,
+    /// `remove`, `rename` (moved away) or `chmod`.
+    pub kind: String,
 }
 
 /// What a file request says about one path.

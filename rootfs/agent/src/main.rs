@@ -20,6 +20,7 @@ mod command;
 mod files;
 mod identity;
 mod server;
+mod watch;
 
 use std::ffi::CString;
 use std::io::Write;

@@ -159,6 +159,14 @@ fn handle(conn: File) -> io::Result<()> {
         Ok(Request::Mkdir { path, user }) => files::mkdir(&path, user.as_deref()),
         Ok(Request::Move { from, to, user }) => files::rename(&from, &to, user.as_deref()),
         Ok(Request::Remove { path, user }) => files::remove(&path, user.as_deref()),
+        Ok(Request::Watch {
+            path,
+            recursive,
+            user,
+        }) => match files::resolve(&path, user.as_deref()) {
+            Ok(p) => crate::watch::watch(&p, recursive, &mut reader, &writer),
+            Err(e) => Response::error(format!("cannot resolve {path}: {e}")),
+        },
         Ok(Request::Shutdown) => {
             respond(&writer, &Response::default())?;
             // Power off once the host has the answer: it closes the

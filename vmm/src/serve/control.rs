@@ -212,7 +212,7 @@ pub async fn handle(
             };
             connect(server, id, timeout).await
         }
-        (_, ["sandboxes", _, "fork"]) => unsupported("forking a sandbox"),
+        (&Method::POST, ["sandboxes", id, "fork"]) => fork(server, id, body).await,
         (_, ["sandboxes", _, "snapshots"]) | (_, ["snapshots", ..]) => unsupported("snapshots"),
         (_, ["sandboxes", _, "metrics"]) | (_, ["sandboxes", "metrics"]) => unsupported("metrics"),
         (_, ["sandboxes", _, "logs"]) => unsupported("sandbox logs"),
@@ -290,6 +290,62 @@ fn list(server: &Arc<Server>, query: Option<&str>) -> Response<HttpBody> {
         .map(|s| listed(s, false))
         .collect();
     http::json(StatusCode::OK, &out)
+}
+
+/// E2B's largest fork count.
+const MAX_FORK: u32 = 20;
+
+async fn fork(server: &Arc<Server>, id: &str, body: &[u8]) -> Response<HttpBody> {
+    #[derive(Deserialize)]
+    struct Fork {
+        #[serde(default)]
+        timeout: Option<u64>,
+        #[serde(default)]
+        count: Option<u32>,
+    }
+    let Some(parent) = server.sandboxes.get(id) else {
+        return not_found(id);
+    };
+    let req: Fork = match parse(body) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let count = req.count.unwrap_or(1);
+    if !(1..=MAX_FORK).contains(&count) {
+        return http::error(
+            StatusCode::BAD_REQUEST,
+            format!("count must be 1 to {MAX_FORK}, not {count}"),
+        );
+    }
+    let timeout = match timeout_of(req.timeout) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    if parent.state() == State::Paused {
+        return http::error(
+            StatusCode::CONFLICT,
+            format!("sandbox {id:?} is paused: connect to it first"),
+        );
+    }
+    match server.sandboxes.fork(&parent, count, timeout).await {
+        Ok(children) => {
+            let out: Vec<Value> = children
+                .iter()
+                .map(|c| match c {
+                    Ok(s) => json!({"sandbox": created(s)}),
+                    Err(e) => json!({"error": {"code": 500, "message": e.to_string()}}),
+                })
+                .collect();
+            http::json(StatusCode::CREATED, &out)
+        }
+        Err(e @ sandboxes::Error::Full) => {
+            http::error(StatusCode::TOO_MANY_REQUESTS, e.to_string())
+        }
+        Err(e) => http::error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot fork sandbox {id:?}: {e}"),
+        ),
+    }
 }
 
 async fn pause(server: &Arc<Server>, id: &str) -> Response<HttpBody> {

@@ -1,6 +1,9 @@
 //! envd's `filesystem.Filesystem` service and its HTTP `/files` upload
 //! and download, over the guest agent's file requests.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -8,7 +11,7 @@ use hyper::{HeaderMap, Response, StatusCode};
 use vmm_agent::{Entry, FrameType, Request};
 
 use super::connect::{Code, Error, Result};
-use super::envd::filesystem::{EntryInfo, FileType};
+use super::envd::filesystem::{EntryInfo, EventType, FileType, FilesystemEvent};
 use super::guest;
 use super::http::{self, HttpBody};
 use super::sandboxes::Sandbox;
@@ -281,6 +284,128 @@ where
         .into_iter()
         .next()
         .ok_or_else(|| Error::new(Code::Internal, "the agent answered without the entry"))
+}
+
+/// The most events a polled watcher keeps between two reads; past it,
+/// newer ones are dropped until the next read.
+const MAX_PENDING_EVENTS: usize = 10_000;
+
+/// Starts a watch of `path` in the guest; returns once it is on.
+/// The write half goes with it: closing it ends the watch.
+pub async fn open_watch(
+    sandbox: &Sandbox,
+    path: String,
+    recursive: bool,
+    user: Option<String>,
+) -> Result<(guest::Reader, guest::Writer)> {
+    let req = Request::Watch {
+        path,
+        recursive,
+        user,
+    };
+    let (mut reader, writer) = guest::open(&sandbox.vsock, &req)
+        .await
+        .map_err(agent_error)?;
+    match reader.next().await.map_err(agent_error)? {
+        guest::Frame::Event(e) if e.kind == "start" => Ok((reader, writer)),
+        guest::Frame::Response(r) => Err(agent_error(guest::Error::Agent(r))),
+        other => Err(Error::new(
+            Code::Internal,
+            format!("the agent answered {other:?} first"),
+        )),
+    }
+}
+
+/// The next change a watch saw; `None` when the watch ended.
+pub async fn next_event(reader: &mut guest::Reader) -> Option<FilesystemEvent> {
+    loop {
+        let guest::Frame::Event(e) = reader.next().await.ok()? else {
+            return None;
+        };
+        let kind = match e.kind.as_str() {
+            "create" => EventType::Create,
+            "write" => EventType::Write,
+            "remove" => EventType::Remove,
+            "rename" => EventType::Rename,
+            "chmod" => EventType::Chmod,
+            _ => continue,
+        };
+        return Some(FilesystemEvent {
+            name: e.name,
+            r#type: kind as i32,
+            entry: None,
+        });
+    }
+}
+
+/// A watch the SDK polls (`CreateWatcher`, `GetWatcherEvents`,
+/// `RemoveWatcher`): its events wait here between reads.
+struct Watcher {
+    events: Arc<Mutex<Vec<FilesystemEvent>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// A sandbox's polled watchers.
+#[derive(Default)]
+pub struct Watchers(Mutex<HashMap<String, Watcher>>);
+
+impl Watchers {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Watcher>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts one; its id.
+    pub async fn create(
+        &self,
+        sandbox: &Sandbox,
+        path: String,
+        recursive: bool,
+        user: Option<String>,
+    ) -> Result<String> {
+        let (mut reader, writer) = open_watch(sandbox, path, recursive, user).await?;
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let sink = events.clone();
+        let task = tokio::spawn(async move {
+            let _writer = writer;
+            while let Some(ev) = next_event(&mut reader).await {
+                let mut q = sink.lock().unwrap_or_else(|e| e.into_inner());
+                if q.len() < MAX_PENDING_EVENTS {
+                    q.push(ev);
+                }
+            }
+        });
+        let id = crate::runtime::random_hex(16);
+        self.map().insert(id.clone(), Watcher { events, task });
+        Ok(id)
+    }
+
+    /// The events since the last read.
+    pub fn take(&self, id: &str) -> Result<Vec<FilesystemEvent>> {
+        let map = self.map();
+        let w = map
+            .get(id)
+            .ok_or_else(|| Error::new(Code::NotFound, format!("no watcher {id:?}")))?;
+        let mut q = w.events.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(std::mem::take(&mut *q))
+    }
+
+    /// Stops one (its connection to the agent closes, which ends the
+    /// watch in the guest).
+    pub fn remove(&self, id: &str) -> Result<()> {
+        let w = self
+            .map()
+            .remove(id)
+            .ok_or_else(|| Error::new(Code::NotFound, format!("no watcher {id:?}")))?;
+        w.task.abort();
+        Ok(())
+    }
+
+    /// Stops them all (the sandbox ends).
+    pub fn close_all(&self) {
+        for (_, w) in self.map().drain() {
+            w.task.abort();
+        }
+    }
 }
 
 #[cfg(test)]

@@ -44,6 +44,7 @@ pub enum Frame {
     Started(i32),
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
+    Event(vmm_agent::WatchEvent),
     Response(Response),
 }
 
@@ -124,6 +125,7 @@ impl Reader {
                 let s: vmm_agent::Started = serde_json::from_slice(&payload).map_err(json_err)?;
                 Frame::Started(s.pid)
             }
+            FrameType::Event => Frame::Event(serde_json::from_slice(&payload).map_err(json_err)?),
             FrameType::Stdout => Frame::Stdout(payload),
             FrameType::Stderr => Frame::Stderr(payload),
             FrameType::Response => {
@@ -142,7 +144,7 @@ impl Reader {
                     Frame::Response(r) if r.error.is_some() => return Err(Error::Agent(r)),
                     Frame::Response(r) => return Ok(r),
                     Frame::Stdout(d) | Frame::Stderr(d) => on_data(d),
-                    Frame::Started(_) => {}
+                    Frame::Started(_) | Frame::Event(_) => {}
                 }
             }
         };

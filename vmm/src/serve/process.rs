@@ -225,7 +225,7 @@ async fn pump(sandbox: Arc<Sandbox>, proc: Arc<Proc>, mut reader: guest::Reader)
             Ok(Frame::Stdout(d)) => (data(Output::Stdout(d)), false),
             Ok(Frame::Stderr(d)) => (data(Output::Stderr(d)), false),
             Ok(Frame::Response(r)) => (end_event(&r), true),
-            Ok(Frame::Started(_)) => continue,
+            Ok(Frame::Started(_) | Frame::Event(_)) => continue,
             Err(e) => (
                 event(process_event::Event::End(process_event::EndEvent {
                     exit_code: -1,

@@ -173,6 +173,13 @@ async fn rpc_call(
             );
             connect::unary::<proc_pb::UpdateResponse>(codec, Err(e))
         }
+        "filesystem.Filesystem/WatchDir" => {
+            let req = request!(fs::WatchDirRequest, headers, body, codec, true);
+            let (stream, resp) = Stream::open(codec);
+            let info = call_info(headers);
+            tokio::spawn(watch_dir(sandbox, req, info, stream));
+            resp
+        }
         fs_method if fs_method.starts_with("filesystem.Filesystem/") => {
             filesystem_call(
                 &sandbox,
@@ -279,14 +286,30 @@ async fn filesystem_call(
             .await;
             connect::unary(codec, r.map(|_| fs::RemoveResponse {}))
         }
-        "WatchDir" => connect::failed(
-            codec,
-            true,
-            Error::new(
-                Code::Unimplemented,
-                "directory watches are not supported yet",
-            ),
-        ),
+        "CreateWatcher" => {
+            let req = request!(fs::CreateWatcherRequest, headers, body, codec, false);
+            let r = sandbox
+                .watchers
+                .create(sandbox, req.path, req.recursive, user)
+                .await;
+            connect::unary(
+                codec,
+                r.map(|watcher_id| fs::CreateWatcherResponse { watcher_id }),
+            )
+        }
+        "GetWatcherEvents" => {
+            let req = request!(fs::GetWatcherEventsRequest, headers, body, codec, false);
+            let r = sandbox.watchers.take(&req.watcher_id);
+            connect::unary(
+                codec,
+                r.map(|events| fs::GetWatcherEventsResponse { events }),
+            )
+        }
+        "RemoveWatcher" => {
+            let req = request!(fs::RemoveWatcherRequest, headers, body, codec, false);
+            let r = sandbox.watchers.remove(&req.watcher_id);
+            connect::unary(codec, r.map(|()| fs::RemoveWatcherResponse {}))
+        }
         other => connect::failed(
             codec,
             false,
@@ -295,6 +318,51 @@ async fn filesystem_call(
                 format!("no method filesystem.Filesystem/{other}"),
             ),
         ),
+    }
+}
+
+/// `WatchDir`: the folder's changes, streamed until the caller leaves,
+/// its deadline passes or the folder goes.
+async fn watch_dir(
+    sandbox: Arc<Sandbox>,
+    req: fs::WatchDirRequest,
+    info: CallInfo,
+    mut stream: Stream,
+) {
+    use fs::watch_dir_response::{Event, KeepAlive, StartEvent};
+    let wrap = |e| fs::WatchDirResponse { event: Some(e) };
+    let (mut reader, _writer) =
+        match filesystem::open_watch(&sandbox, req.path, req.recursive, info.user.clone()).await {
+            Ok(w) => w,
+            Err(e) => return stream.end(Some(e)).await,
+        };
+    if !stream.send(&wrap(Event::Start(StartEvent {}))).await {
+        return;
+    }
+    let keepalive = info.keepalive.unwrap_or(Duration::from_secs(3600));
+    let deadline =
+        tokio::time::Instant::now() + info.deadline.unwrap_or(Duration::from_secs(365 * 86400));
+    loop {
+        let next = tokio::time::timeout_at(
+            deadline,
+            tokio::time::timeout(keepalive, filesystem::next_event(&mut reader)),
+        );
+        let sent = match next.await {
+            Err(_) => {
+                return stream
+                    .end(Some(Error::new(
+                        Code::DeadlineExceeded,
+                        "the watch's timeout passed",
+                    )))
+                    .await
+            }
+            Ok(Err(_quiet)) => stream.send(&wrap(Event::Keepalive(KeepAlive {}))).await,
+            Ok(Ok(None)) => return stream.end(None).await,
+            Ok(Ok(Some(ev))) => stream.send(&wrap(Event::Filesystem(ev))).await,
+        };
+        if !sent {
+            return;
+        }
     }
 }
 

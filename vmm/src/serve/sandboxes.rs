@@ -85,9 +85,14 @@ pub struct Sandbox {
     /// The VM's control socket and its agent's vsock socket.
     pub api_socket: PathBuf,
     pub vsock: PathBuf,
-    /// The sandbox's folder (sockets, the VMM's log).
+    /// The folder of the sandbox's sockets (and, for one this server
+    /// started, its VMM's log): a fork's children put theirs in their
+    /// parent's, which goes when the last of them does.
     pub dir: PathBuf,
     pub processes: Processes,
+    pub watchers: super::filesystem::Watchers,
+    /// The VMM process, for a sandbox this server started; a fork child
+    /// is its parent VMM's child, stopped through its control socket.
     child: tokio::sync::Mutex<Option<Child>>,
 }
 
@@ -120,23 +125,35 @@ impl Sandbox {
             .map_err(|e| Error::Api(e.to_string()))
     }
 
-    /// Ends the VMM: SIGTERM (the VM stops), SIGKILL if it lingers; then
-    /// removes the sandbox's folder.
-    async fn stop(&self) {
+    /// Ends the VMM: SIGTERM (the VM stops), SIGKILL if it lingers; a
+    /// fork child through its control socket. Then removes its sockets,
+    /// and its folder once nothing else is in it.
+    async fn stop(self: &Arc<Self>) {
         let mut guard = self.child.lock().await;
-        if let Some(mut child) = guard.take() {
-            if let Some(pid) = child.id() {
-                // SAFETY: kill(2) on our own child, not yet reaped (we hold it).
-                unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        match guard.take() {
+            Some(mut child) => {
+                if let Some(pid) = child.id() {
+                    // SAFETY: kill(2) on our own child, not yet reaped (we hold it).
+                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+                }
+                if tokio::time::timeout(STOP_TIMEOUT, child.wait())
+                    .await
+                    .is_err()
+                {
+                    let _ = child.kill().await;
+                }
+                let _ = std::fs::remove_file(self.dir.join("vmm.log"));
             }
-            if tokio::time::timeout(STOP_TIMEOUT, child.wait())
-                .await
-                .is_err()
-            {
-                let _ = child.kill().await;
+            None => {
+                // A VM that is gone already is as good as stopped.
+                let _ = self.control(Control::stop).await;
             }
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        let ready = crate::agent::ready_socket_path(&self.vsock);
+        for socket in [&self.api_socket, &self.vsock, &ready] {
+            let _ = std::fs::remove_file(socket);
+        }
+        let _ = std::fs::remove_dir(&self.dir);
     }
 }
 
@@ -228,6 +245,7 @@ impl Registry {
             vsock,
             dir,
             processes: Processes::default(),
+            watchers: Default::default(),
             child: tokio::sync::Mutex::new(Some(child)),
         });
         self.map().insert(id, sandbox.clone());
@@ -287,12 +305,86 @@ impl Registry {
         }
     }
 
+    /// Forks `parent` into `count` new sandboxes that continue from this
+    /// instant (its memory shared copy-on-write); each answers once its
+    /// agent does. A child whose agent does not come up is an error in
+    /// its place.
+    pub async fn fork(
+        &self,
+        parent: &Arc<Sandbox>,
+        count: u32,
+        timeout: Duration,
+    ) -> Result<Vec<Result<Arc<Sandbox>>>> {
+        if self.map().len() + count as usize > MAX_SANDBOXES {
+            return Err(Error::Full);
+        }
+        let ids: Vec<String> = (0..count).map(|_| new_id()).collect();
+        let req = crate::action::ForkRequest {
+            count,
+            dir: Some(parent.dir.clone()),
+            names: Some(ids),
+        };
+        let info = parent
+            .control(
+                move |api| match api.perform(crate::action::Action::Fork(req))? {
+                    crate::action::Reply::Fork(info) => Ok(info),
+                    other => Err(<ApiClient as Control>::unexpected(other)),
+                },
+            )
+            .await?;
+        let mut out = Vec::new();
+        for child in info.children {
+            let api = ApiClient::new(&child.api_socket);
+            let ready = tokio::task::spawn_blocking(move || {
+                api.wait_agent().and_then(|()| api.vsock_path())
+            });
+            let vsock = match tokio::time::timeout(START_TIMEOUT, ready).await {
+                Ok(Ok(Ok(v))) => v,
+                Ok(Ok(Err(e))) => {
+                    out.push(Err(Error::Api(e.to_string())));
+                    continue;
+                }
+                Ok(Err(e)) => {
+                    out.push(Err(Error::Api(e.to_string())));
+                    continue;
+                }
+                Err(_) => {
+                    out.push(Err(Error::StartTimeout(START_TIMEOUT)));
+                    continue;
+                }
+            };
+            let sandbox = Arc::new(Sandbox {
+                id: child.id.clone(),
+                template: parent.template.clone(),
+                access_token: crate::runtime::random_hex(20),
+                started_at: SystemTime::now(),
+                end_at: Mutex::new(SystemTime::now() + timeout),
+                metadata: parent.metadata.clone(),
+                env_vars: parent.env_vars.clone(),
+                vcpus: parent.vcpus,
+                memory_mib: parent.memory_mib,
+                disk_mib: parent.disk_mib,
+                state: Mutex::new(State::Running),
+                api_socket: child.api_socket,
+                vsock,
+                dir: parent.dir.clone(),
+                processes: Processes::default(),
+                watchers: Default::default(),
+                child: tokio::sync::Mutex::new(None),
+            });
+            self.map().insert(child.id, sandbox.clone());
+            out.push(Ok(sandbox));
+        }
+        Ok(out)
+    }
+
     /// Kills one sandbox; false when there is none of that id.
     pub async fn kill(&self, id: &str) -> bool {
         let Some(sandbox) = self.map().remove(id) else {
             return false;
         };
         sandbox.processes.close_all();
+        sandbox.watchers.close_all();
         sandbox.stop().await;
         true
     }
