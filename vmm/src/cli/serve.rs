@@ -28,6 +28,12 @@ pub fn serve(args: ServeArgs) -> ExitCode {
             return fail(e);
         }
     }
+    if !args.listen.ip().is_loopback() {
+        eprintln!(
+            "vmm serve: warning: listening on {}, not loopback: the API is plain HTTP, so its key crosses the network in clear; put a TLS proxy in front",
+            args.listen
+        );
+    }
     let opts = vmm::serve::Options {
         listen: args.listen,
         api_key: args.api_key,
