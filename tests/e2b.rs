@@ -1,5 +1,5 @@
 //! `vmm serve` driven by clients nobody here wrote: the official E2B
-//! Python SDK (pinned in tests/e2b/requirements.txt) runs
+//! Python SDK (pinned in tests/python/requirements.txt) runs
 //! tests/e2b/sdk_test.py against it; and hostile input on its port
 //! (malformed Connect frames, huge lengths, unknown sandboxes, another
 //! sandbox's token) gets errors while the server keeps serving. One
@@ -106,8 +106,7 @@ fn json_call(method: &str, path: &str, body: &str, key: &str) -> (u16, serde_jso
 #[test]
 fn the_official_python_sdk_drives_sandboxes() {
     let s = server();
-    let requirements = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2b/requirements.txt");
-    let venv = python_env(std::path::Path::new(requirements));
+    let venv = python_env();
     let out = Command::new(venv.join("bin/python"))
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),

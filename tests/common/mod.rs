@@ -314,18 +314,30 @@ pub fn children(pid: u32) -> Vec<u32> {
     out
 }
 
-/// A Python virtual environment with the packages of `requirements` (a
-/// pinned requirements file), made once and cached outside the
-/// repository (`<cache>/python/<hash of the file>`). Panics with the
-/// reason when it cannot be made (no python3, no network to PyPI).
-pub fn python_env(requirements: &Path) -> PathBuf {
+/// The Python virtual environment with the official clients of
+/// tests/python/requirements.txt (pinned), made once and cached outside
+/// the repository (`<cache>/python/<hash of the file>`); test processes
+/// that need it at once take turns (a lock file). Panics with the reason
+/// when it cannot be made (no python3, no network to PyPI).
+pub fn python_env() -> PathBuf {
     use sha2::Digest;
+    use std::os::fd::AsRawFd;
+    let requirements = Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/python/requirements.txt"
+    ));
     let text = std::fs::read(requirements).unwrap();
     let hash: String = sha2::Sha256::digest(&text)[..8]
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    let dir = vmm::artifacts::cache_dir().join("python").join(hash);
+    let root = vmm::artifacts::cache_dir().join("python");
+    std::fs::create_dir_all(&root).unwrap();
+    let dir = root.join(&hash);
+    let lock = std::fs::File::create(root.join(format!("{hash}.lock"))).unwrap();
+    // SAFETY: flock(2) on a descriptor this function owns; released when
+    // the file is closed at the end.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
     if dir.join("ready").exists() {
         return dir;
     }

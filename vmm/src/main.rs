@@ -187,6 +187,9 @@ enum Command {
     /// Serve the E2B sandbox API on a local port: any E2B SDK pointed at
     /// it (E2B_API_URL, E2B_SANDBOX_URL) gets sandboxes here (docs/agents.md).
     Serve(serve::ServeArgs),
+    /// Serve MCP on stdin/stdout: tools that create sandboxes, run
+    /// commands, move files, fork and destroy (docs/agents.md).
+    Mcp(serve::McpArgs),
     /// Check that this host can run VMs and say how to fix what is missing.
     Doctor,
     /// Benchmarks (`vmm bench --help`): runs the `vmm-bench` program
@@ -722,6 +725,7 @@ fn main() -> ExitCode {
         Command::Template { command } => template::command(command),
         Command::Image { command } => image::command(command),
         Command::Serve(args) => serve::serve(args),
+        Command::Mcp(args) => serve::mcp(args),
         Command::Stop { target, force } => stop(&target, force),
         Command::Pause { target } => control(&target, Action::Pause),
         Command::Resume { target } => control(&target, Action::Resume),

@@ -22,6 +22,30 @@ pub struct ServeArgs {
     no_base: bool,
 }
 
+#[derive(clap::Args)]
+pub struct McpArgs {
+    /// Run sandboxes without the jail (docs/security.md).
+    #[arg(long)]
+    no_jail: bool,
+    /// Do not build the `base` template (the default one) when it is missing.
+    #[arg(long)]
+    no_base: bool,
+}
+
+/// `vmm mcp`: the MCP server on stdio (docs/agents.md). Standard output
+/// is the protocol's: messages go to standard error.
+pub fn mcp(args: McpArgs) -> ExitCode {
+    if !args.no_base {
+        if let Err(e) = ensure_base() {
+            return fail(e);
+        }
+    }
+    match vmm::serve::run_mcp(!args.no_jail) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
 pub fn serve(args: ServeArgs) -> ExitCode {
     if !args.no_base {
         if let Err(e) = ensure_base() {

@@ -19,19 +19,6 @@ use super::sandboxes::Sandbox;
 /// The largest file upload accepted, in bytes.
 pub const MAX_UPLOAD: u64 = 1 << 30;
 
-fn agent_error(e: guest::Error) -> Error {
-    match e {
-        guest::Error::Agent(r) if r.not_found => {
-            Error::new(Code::NotFound, r.error.unwrap_or_default())
-        }
-        guest::Error::Agent(r) if r.exists => {
-            Error::new(Code::AlreadyExists, r.error.unwrap_or_default())
-        }
-        guest::Error::Agent(r) => Error::new(Code::InvalidArgument, r.error.unwrap_or_default()),
-        other => Error::new(Code::Unavailable, other.to_string()),
-    }
-}
-
 /// An agent entry as envd describes it.
 pub fn entry_info(e: Entry) -> EntryInfo {
     let kind = match e.kind.as_str() {
@@ -77,9 +64,7 @@ fn permissions(kind: &str, mode: u32) -> String {
 
 /// One file request; its entries.
 pub async fn call(sandbox: &Sandbox, req: &Request) -> Result<Vec<Entry>> {
-    let resp = guest::call(&sandbox.vsock, req)
-        .await
-        .map_err(agent_error)?;
+    let resp = guest::call(&sandbox.vsock, req).await?;
     Ok(resp.entries.unwrap_or_default())
 }
 
@@ -116,15 +101,15 @@ pub async fn download(sandbox: &Sandbox, query: Option<&str>) -> Response<HttpBo
     let req = Request::Get { path, user };
     let (mut reader, _w) = match guest::open(&sandbox.vsock, &req).await {
         Ok(c) => c,
-        Err(e) => return files_error(agent_error(e)),
+        Err(e) => return files_error(Error::from(e)),
     };
     // The first frame tells an error (a response) from data.
     let first = match reader.next().await {
         Ok(guest::Frame::Response(r)) if r.error.is_some() => {
-            return files_error(agent_error(guest::Error::Agent(r)))
+            return files_error(Error::from(guest::Error::Agent(r)))
         }
         Ok(f) => f,
-        Err(e) => return files_error(agent_error(e)),
+        Err(e) => return files_error(Error::from(e)),
     };
     let (mut tx, body) = http::channel(8);
     tokio::spawn(async move {
@@ -242,9 +227,7 @@ where
         user,
         parents: true,
     };
-    let (mut reader, mut writer) = guest::open(&sandbox.vsock, &req)
-        .await
-        .map_err(agent_error)?;
+    let (mut reader, mut writer) = guest::open(&sandbox.vsock, &req).await?;
     let mut data = data;
     let mut total = 0u64;
     loop {
@@ -260,10 +243,7 @@ where
                 if chunk.is_empty() {
                     continue;
                 }
-                writer
-                    .send(FrameType::Stdin, &chunk)
-                    .await
-                    .map_err(agent_error)?;
+                writer.send(FrameType::Stdin, &chunk).await?;
             }
             Some(Err(e)) => {
                 return Err(Error::new(
@@ -274,11 +254,8 @@ where
             None => break,
         }
     }
-    writer
-        .send(FrameType::Stdin, &[])
-        .await
-        .map_err(agent_error)?;
-    let resp = reader.finish(|_| {}).await.map_err(agent_error)?;
+    writer.send(FrameType::Stdin, &[]).await?;
+    let resp = reader.finish(|_| {}).await?;
     resp.entries
         .unwrap_or_default()
         .into_iter()
@@ -303,12 +280,10 @@ pub async fn open_watch(
         recursive,
         user,
     };
-    let (mut reader, writer) = guest::open(&sandbox.vsock, &req)
-        .await
-        .map_err(agent_error)?;
-    match reader.next().await.map_err(agent_error)? {
+    let (mut reader, writer) = guest::open(&sandbox.vsock, &req).await?;
+    match reader.next().await? {
         guest::Frame::Event(e) if e.kind == "start" => Ok((reader, writer)),
-        guest::Frame::Response(r) => Err(agent_error(guest::Error::Agent(r))),
+        guest::Frame::Response(r) => Err(Error::from(guest::Error::Agent(r))),
         other => Err(Error::new(
             Code::Internal,
             format!("the agent answered {other:?} first"),

@@ -154,6 +154,26 @@ impl Reader {
     }
 }
 
+/// How a failed request reaches an envd caller: the agent's "not found"
+/// and "exists" keep their meaning, its other refusals are the caller's
+/// mistake, and a broken connection means the sandbox is unreachable.
+impl From<Error> for super::connect::Error {
+    fn from(e: Error) -> Self {
+        use super::connect::Code;
+        match e {
+            Error::Agent(r) => {
+                let code = match (r.not_found, r.exists) {
+                    (true, _) => Code::NotFound,
+                    (_, true) => Code::AlreadyExists,
+                    _ => Code::InvalidArgument,
+                };
+                super::connect::Error::new(code, r.error.unwrap_or_default())
+            }
+            other => super::connect::Error::new(Code::Unavailable, other.to_string()),
+        }
+    }
+}
+
 /// One request without data: its answer.
 pub async fn call(uds: &Path, request: &Request) -> Result<Response> {
     let (mut r, _w) = open(uds, request).await?;

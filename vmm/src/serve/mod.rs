@@ -11,6 +11,7 @@ pub mod filesystem;
 pub mod guest;
 pub mod http;
 pub mod key;
+pub mod mcp;
 pub mod process;
 pub mod sandbox_api;
 pub mod sandboxes;
@@ -57,6 +58,8 @@ pub enum Error {
     Folder(#[from] crate::runtime::Error),
     #[error("cannot find this program to start sandboxes with: {0}")]
     Exe(std::io::Error),
+    #[error("{0}")]
+    Mcp(String),
 }
 
 /// How `vmm serve` runs.
@@ -73,7 +76,42 @@ pub struct Options {
 /// The server's shared state.
 pub struct Server {
     api_key: String,
-    pub sandboxes: Registry,
+    pub sandboxes: Arc<Registry>,
+}
+
+/// What both servers run on: a runtime, the sandbox registry (in a
+/// private runtime folder of its own) and a task that kills sandboxes
+/// whose timeout passed.
+struct Host {
+    runtime: tokio::runtime::Runtime,
+    registry: Arc<Registry>,
+    _folder: crate::runtime::RuntimeDir,
+}
+
+impl Host {
+    fn new(jail: bool) -> Result<Host, Error> {
+        let exe = std::env::current_exe().map_err(Error::Exe)?;
+        let folder = crate::runtime::RuntimeDir::create("serve")?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(Error::Runtime)?;
+        let registry = Arc::new(Registry::new(folder.path().to_path_buf(), exe, jail));
+        let reaped = registry.clone();
+        runtime.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                reaped.reap_expired().await;
+            }
+        });
+        Ok(Host {
+            runtime,
+            registry,
+            _folder: folder,
+        })
+    }
 }
 
 /// Runs the server until SIGINT or SIGTERM; every sandbox is killed then.
@@ -83,18 +121,12 @@ pub fn run(opts: Options, on_listening: impl FnOnce(SocketAddr, &str)) -> Result
         Some(k) => k,
         None => key::load_or_create(&key::default_path())?,
     };
-    let exe = std::env::current_exe().map_err(Error::Exe)?;
-    let folder = crate::runtime::RuntimeDir::create("serve")?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(Error::Runtime)?;
+    let host = Host::new(opts.jail)?;
     let server = Arc::new(Server {
         api_key,
-        sandboxes: Registry::new(folder.path().to_path_buf(), exe, opts.jail),
+        sandboxes: host.registry.clone(),
     });
-    runtime.block_on(async move {
+    host.runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(opts.listen)
             .await
             .map_err(|source| Error::Listen {
@@ -103,23 +135,18 @@ pub fn run(opts: Options, on_listening: impl FnOnce(SocketAddr, &str)) -> Result
             })?;
         let addr = listener.local_addr().map_err(Error::Runtime)?;
         on_listening(addr, &server.api_key);
-        let reaper = {
-            let s = server.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(1));
-                loop {
-                    tick.tick().await;
-                    s.sandboxes.reap_expired().await;
-                }
-            })
-        };
         serve(listener, server.clone()).await;
-        reaper.abort();
         server.sandboxes.kill_all().await;
         Ok::<(), Error>(())
-    })?;
-    drop(folder);
-    Ok(())
+    })
+}
+
+/// Runs the MCP server on stdin/stdout until the client closes it.
+pub fn run_mcp(jail: bool) -> Result<(), Error> {
+    let host = Host::new(jail)?;
+    host.runtime
+        .block_on(mcp::serve_stdio(host.registry.clone()))
+        .map_err(Error::Mcp)
 }
 
 /// Accepts connections until a stop signal.

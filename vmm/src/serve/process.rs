@@ -92,16 +92,6 @@ fn event(e: process_event::Event) -> ProcessEvent {
     ProcessEvent { event: Some(e) }
 }
 
-fn agent_error(e: guest::Error) -> Error {
-    match e {
-        guest::Error::Agent(r) if r.not_found => {
-            Error::new(Code::NotFound, r.error.unwrap_or_default())
-        }
-        guest::Error::Agent(r) => Error::new(Code::InvalidArgument, r.error.unwrap_or_default()),
-        other => Error::new(Code::Unavailable, other.to_string()),
-    }
-}
-
 /// `Start`: runs the process and streams its events to `stream`.
 pub async fn start(sandbox: Arc<Sandbox>, req: StartRequest, info: CallInfo, stream: Stream) {
     let wrap = |e| super::envd::process::StartResponse { event: Some(e) };
@@ -174,12 +164,10 @@ async fn launch(
         timeout_ms: None,
         user: info.user.clone(),
     };
-    let (mut reader, mut writer) = guest::open(&sandbox.vsock, &exec)
-        .await
-        .map_err(agent_error)?;
-    let pid = match reader.next().await.map_err(agent_error)? {
+    let (mut reader, mut writer) = guest::open(&sandbox.vsock, &exec).await?;
+    let pid = match reader.next().await? {
         Frame::Started(pid) => pid as u32,
-        Frame::Response(r) => return Err(agent_error(guest::Error::Agent(r))),
+        Frame::Response(r) => return Err(Error::from(guest::Error::Agent(r))),
         other => {
             return Err(Error::new(
                 Code::Internal,
@@ -364,7 +352,7 @@ async fn signal(sandbox: &Sandbox, proc: &Proc, sig: i32) -> Result<()> {
     };
     guest::call(&sandbox.vsock, &req)
         .await
-        .map_err(agent_error)
+        .map_err(Error::from)
         .map(drop)
 }
 
