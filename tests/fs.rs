@@ -176,7 +176,7 @@ fn host_and_guest_see_each_others_edits_without_a_remount() {
 }
 
 #[test]
-fn a_16_mib_file_keeps_its_checksum_both_ways() {
+fn a_4_mib_file_keeps_its_checksum_both_ways() {
     let g = guest();
     let sum = ok(g.sh(
         // Random bytes from user space (the guest kernel's generator is slow
@@ -186,17 +186,17 @@ fn a_16_mib_file_keeps_its_checksum_both_ways() {
 import random
 random.seed(7)
 with open('/mnt/work/big.bin', 'wb') as f:
-    for _ in range(16):
+    for _ in range(4):
         f.write(random.randbytes(1 << 20))
 \" && sha256sum /mnt/work/big.bin | cut -d' ' -f1",
     ));
     assert_eq!(sum, host_sha256(&work(&g, "big.bin")));
     assert_eq!(
         std::fs::metadata(work(&g, "big.bin")).unwrap().len(),
-        16 << 20
+        4 << 20
     );
     // And from the host to the guest.
-    let data: Vec<u8> = (0..16u32 << 20)
+    let data: Vec<u8> = (0..4u32 << 20)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
     std::fs::write(work(&g, "host.bin"), &data).unwrap();
@@ -207,19 +207,19 @@ with open('/mnt/work/big.bin', 'wb') as f:
 }
 
 #[test]
-fn six_hundred_small_files_are_created_listed_and_removed() {
+fn two_hundred_small_files_are_created_listed_and_removed() {
     let g = guest();
     let listed = ok(
         g.sh("mkdir /mnt/work/many && cd /mnt/work/many && python3 -c \"
-for i in range(600):
+for i in range(200):
     open(f'f{i}', 'w').write(str(i))
 \" && ls | wc -l"),
     );
     // More entries than one READDIR answer holds.
-    assert_eq!(listed, "600");
+    assert_eq!(listed, "200");
     let dir = work(&g, "many");
-    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 600);
-    assert_eq!(std::fs::read_to_string(dir.join("f567")).unwrap(), "567");
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 200);
+    assert_eq!(std::fs::read_to_string(dir.join("f167")).unwrap(), "167");
     assert_eq!(
         ok(g.sh("rm -r /mnt/work/many && ls /mnt/work | grep -c '^many$' || true")),
         "0"
@@ -233,15 +233,15 @@ fn concurrent_appends_lose_nothing() {
     ok(g.sh("cd /mnt/work && for w in A B; do python3 -c \"
 import os
 fd = os.open('log', os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-for i in range(500):
+for i in range(200):
     os.write(fd, ('$w%05d' % i).ljust(63, '.').encode() + b'\\n')
 \" & done; wait"));
     let log = std::fs::read_to_string(work(&g, "log")).unwrap();
     let lines: Vec<&str> = log.lines().collect();
-    assert_eq!(lines.len(), 1000);
+    assert_eq!(lines.len(), 400);
     for w in ['A', 'B'] {
         let mine: Vec<&&str> = lines.iter().filter(|l| l.starts_with(w)).collect();
-        assert_eq!(mine.len(), 500);
+        assert_eq!(mine.len(), 200);
         for (i, line) in mine.iter().enumerate() {
             assert_eq!(line.len(), 63, "torn line {line:?}");
             assert!(
@@ -424,9 +424,9 @@ fn read_only_shares_refuse_writes_on_the_host_side() {
     assert_eq!(ok(g.sh("cat /mnt/ro/file")), "read only");
     let err = fails(g.sh("echo x > /mnt/ro/file"));
     assert!(err.contains("Read-only file system"), "{err}");
-    // Even with the guest's mount made writable, the VMM refuses.
-    ok(g.sh("mount -o remount,rw /mnt/ro"));
-    for cmd in [
+    // Even with the guest's mount made writable, the VMM refuses. (One
+    // guest command for all: each costs seconds under PVM.)
+    let attempts = [
         "echo x > /mnt/ro/file",
         "echo x >> /mnt/ro/file",
         "touch /mnt/ro/new",
@@ -435,9 +435,16 @@ fn read_only_shares_refuse_writes_on_the_host_side() {
         "mkdir /mnt/ro/d",
         "truncate -s 0 /mnt/ro/file",
         "chmod 777 /mnt/ro/file",
-    ] {
-        let err = fails(g.sh(cmd));
-        assert!(err.contains("Read-only file system"), "{cmd}: {err}");
+    ];
+    let script: String = attempts
+        .iter()
+        .map(|cmd| format!("if {{ {cmd}; }} 2>/tmp/ro.err; then echo WROTE; else read -r l </tmp/ro.err; echo \"$l\"; fi\n"))
+        .collect();
+    let out = ok(g.sh(&format!("mount -o remount,rw /mnt/ro\n{script}")));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), attempts.len(), "{out}");
+    for (cmd, line) in attempts.iter().zip(lines) {
+        assert!(line.contains("Read-only file system"), "{cmd}: {line}");
     }
     assert_eq!(
         std::fs::read_to_string(g.scratch.path("ro/file")).unwrap(),

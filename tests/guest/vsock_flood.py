@@ -1,9 +1,10 @@
 """A hostile guest's vsock flood, run inside the guest by tests/hostile.rs.
 
 Usage: python3 vsock_flood.py COUNT OUT RELEASE. Opens COUNT stream
-connections to host ports (three in five to 5000, where the test listens
-and keeps every connection; one in five to the VMM's own ready port 1023,
-which closes them; one in five to 5001, where nobody listens), holds every
+connections to host ports (eleven in thirteen to 5000, where the test
+listens and keeps every connection: past the VMM's cap of 1024 for 1300;
+one in thirteen to the VMM's own ready port 1023, which closes them; one in
+thirteen to 5001, where nobody listens), holds every
 one that connects, writes a summary line "opened <results>" to OUT, then holds
 them until the file RELEASE exists (or 300 s pass) and closes them all.
 """
@@ -16,10 +17,11 @@ import time
 
 count, out, release = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 resource.setrlimit(resource.RLIMIT_NOFILE, (count + 256, count + 256))
+PORTS = (5000,) * 11 + (1023, 5001)
 held = []
 results = {}
 for i in range(count):
-    port = (5000, 5000, 5000, 1023, 5001)[i % 5]
+    port = PORTS[i % len(PORTS)]
     # A blocking connect: the guest kernel bounds it (vsock's connect
     # timeout, 2 s by default), and the interpreter's non-blocking connect
     # path with a timeout is where python3.11 crashed twice in this flood
