@@ -14,9 +14,18 @@ const READY: &str = "vmm-init: ready";
 #[test]
 fn guest_boots_prints_its_line_and_powers_off() {
     let scratch = Scratch::new("boot-default");
-    let run = launch(&scratch, "{}");
+    let run = launch(&scratch, r#"{"cmdline": "loglevel=6 printk.time=1"}"#);
     assert_eq!(run.code(), Some(0), "{}", run.describe());
     assert!(run.stdout.contains(READY), "{}", run.describe());
+    // The VMM's boot seed made the kernel's random generator ready before
+    // its clock ran (no seconds of jitter gathering).
+    assert!(
+        run.stdout
+            .lines()
+            .any(|l| l.starts_with("[    0.000000] random: crng init done")),
+        "{}",
+        run.describe()
+    );
     // The boot timer saw the init's write, after the first vCPU entry.
     let report = run.report.as_ref().expect("a launch report");
     let setup = report["vmm_setup_ms"].as_f64().expect("vmm_setup_ms");

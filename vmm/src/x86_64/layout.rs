@@ -3,7 +3,8 @@
 //! ```text
 //! 0x0000_0500  GDT               0x0000_0520  IDT
 //! 0x0000_7000  boot_params       0x0000_8ff0  boot stack top
-//! 0x0000_9000  PML4, PDPT, PD    0x0002_0000  kernel command line
+//! 0x0000_9000  PML4, PDPT, PD    0x0000_c000  random seed (setup_data)
+//! 0x0002_0000  kernel command line
 //! 0x0009_fc00  MP table (reserved to 0xa_0000)
 //! 0x0010_0000  high memory: kernel (ELF at its link address, 16 MiB), initramfs at the top of RAM
 //! 0xc000_0000  MMIO gap to 4 GiB: boot timer, virtio-mmio devices, IOAPIC, local APIC
@@ -17,6 +18,8 @@ pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
 pub const PML4_START: u64 = 0x9000;
 pub const PDPTE_START: u64 = 0xa000;
 pub const PDE_START: u64 = 0xb000;
+/// The boot-time random seed (a `setup_data` entry the zero page points to).
+pub const RNG_SEED_START: u64 = 0xc000;
 pub const CMDLINE_START: u64 = 0x2_0000;
 /// Linux's x86 COMMAND_LINE_SIZE.
 pub const CMDLINE_MAX_SIZE: usize = 2048;
