@@ -4,7 +4,8 @@
 # says how long it took: CI runs this on a clean clone with a budget of 45
 # minutes on 2 cores, so a test file shares one booted guest between its
 # tests and keeps each guest process count low (under PVM every process a
-# guest starts costs about a second).
+# guest starts costs about a second). tools/test-times.sh shows where a
+# test file spends its time.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
