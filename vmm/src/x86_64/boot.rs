@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, SETUP_RNG_SEED};
 use linux_loader::loader::{BzImage, Cmdline, Elf, KernelLoader};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -328,8 +328,6 @@ pub fn load(
 
 /// Bytes of host randomness the guest kernel gets at boot.
 const RNG_SEED_BYTES: usize = 32;
-/// Linux's `SETUP_RNG_SEED` setup_data type (arch/x86/include/uapi/asm/bootparam.h).
-const SETUP_RNG_SEED: u32 = 9;
 
 /// A `setup_data` entry carrying `seed`: next (none), type, length, data.
 /// The kernel credits it to its random generator at boot when it trusts
