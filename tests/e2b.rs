@@ -1,6 +1,7 @@
 //! `vmm serve` driven by clients nobody here wrote: the official E2B
 //! Python SDK (pinned in tests/python/requirements.txt) runs
-//! tests/e2b/sdk_test.py against it; and hostile input on its port
+//! tests/e2b/sdk_test.py against it, the official JavaScript SDK (pinned
+//! in tests/node/package.json) runs tests/e2b/sdk_test.cjs; and hostile input on its port
 //! (malformed Connect frames, huge lengths, unknown sandboxes, another
 //! sandbox's token) gets errors while the server keeps serving. One
 //! server is shared by the file's tests.
@@ -13,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use common::{describe, python_env, spawn_for_the_tests, Scratch, VMM};
+use common::{client_env, describe, spawn_for_the_tests, Scratch, VMM};
 
 struct Server {
     _scratch: Scratch,
@@ -103,15 +104,11 @@ fn json_call(method: &str, path: &str, body: &str, key: &str) -> (u16, serde_jso
     )
 }
 
-#[test]
-fn the_official_python_sdk_drives_sandboxes() {
+/// Runs an SDK script against the shared server; fails unless it ends
+/// with `all done`.
+fn run_sdk_script(mut cmd: Command) {
     let s = server();
-    let venv = python_env();
-    let out = Command::new(venv.join("bin/python"))
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../tests/e2b/sdk_test.py"
-        ))
+    let out = cmd
         .env("E2B_API_URL", format!("http://{}", s.addr))
         .env("E2B_SANDBOX_URL", format!("http://{}", s.addr))
         .env("E2B_API_KEY", &s.key)
@@ -124,6 +121,27 @@ fn the_official_python_sdk_drives_sandboxes() {
         describe(&out)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("all done"));
+}
+
+#[test]
+fn the_official_python_sdk_drives_sandboxes() {
+    let mut cmd = Command::new(client_env("python").join("bin/python"));
+    cmd.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/e2b/sdk_test.py"
+    ));
+    run_sdk_script(cmd);
+}
+
+#[test]
+fn the_official_javascript_sdk_drives_sandboxes() {
+    let mut cmd = Command::new("node");
+    cmd.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/e2b/sdk_test.cjs"
+    ))
+    .env("NODE_PATH", client_env("node").join("node_modules"));
+    run_sdk_script(cmd);
 }
 
 /// A sandbox made through the control API: its id and access token.

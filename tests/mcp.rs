@@ -6,11 +6,11 @@ mod common;
 
 use std::process::Command;
 
-use common::{describe, python_env, Scratch, VMM};
+use common::{client_env, describe, Scratch, VMM};
 
 #[test]
 fn the_official_mcp_client_calls_every_tool() {
-    let venv = python_env();
+    let venv = client_env("python");
     let scratch = Scratch::new("mcp");
     let out = Command::new(venv.join("bin/python"))
         .arg(concat!(

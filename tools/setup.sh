@@ -4,7 +4,9 @@
 #    qemu-system-x86 (for boot-time comparisons), debootstrap, e2fsprogs
 #    (mkfs.ext4 and debugfs write imported images), docker-registry and
 #    skopeo (the image pull tests run a registry on 127.0.0.1 and push to it),
-#    python3-venv (the E2B and MCP tests install the official SDKs from PyPI);
+#    python3-venv (the E2B and MCP tests install the official SDKs from PyPI;
+#    the JavaScript E2B test needs Node.js 20.18+ and npm, which this machine
+#    kind has: tools/client-env.sh checks);
 #  - the Rust musl target (the guest agent is a static binary);
 #  - the guest kernel for this host's flavour, the default initramfs and the
 #    Debian base image, cached outside the repository (see

@@ -314,46 +314,22 @@ pub fn children(pid: u32) -> Vec<u32> {
     out
 }
 
-/// The Python virtual environment with the official clients of
-/// tests/python/requirements.txt (pinned), made once and cached outside
-/// the repository (`<cache>/python/<hash of the file>`); test processes
-/// that need it at once take turns (a lock file). Panics with the reason
-/// when it cannot be made (no python3, no network to PyPI).
-pub fn python_env() -> PathBuf {
-    use sha2::Digest;
-    use std::os::fd::AsRawFd;
-    let requirements = Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tests/python/requirements.txt"
-    ));
-    let text = std::fs::read(requirements).unwrap();
-    let hash: String = sha2::Sha256::digest(&text)[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let root = vmm::artifacts::cache_dir().join("python");
-    std::fs::create_dir_all(&root).unwrap();
-    let dir = root.join(&hash);
-    let lock = std::fs::File::create(root.join(format!("{hash}.lock"))).unwrap();
-    // SAFETY: flock(2) on a descriptor this function owns; released when
-    // the file is closed at the end.
-    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
-    if dir.join("ready").exists() {
-        return dir;
-    }
-    // Made in place (a venv's scripts name its folder); a partial one
-    // from an interrupted run has no `ready` and is made again.
-    let _ = std::fs::remove_dir_all(&dir);
-    let run = |cmd: &mut Command| {
-        let out = cmd
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-        assert!(out.status.success(), "{cmd:?} failed: {}", describe(&out));
-    };
-    run(Command::new("python3").args(["-m", "venv"]).arg(&dir));
-    run(Command::new(dir.join("bin/pip"))
-        .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
-        .arg(requirements));
-    std::fs::write(dir.join("ready"), b"").unwrap();
-    dir
+/// The folder of the official clients of one kind (`python`: a virtual
+/// environment from tests/python/requirements.txt; `node`: node_modules
+/// from tests/node/package.json), made once by tools/client-env.sh and
+/// cached outside the repository. Panics with the reason when they cannot
+/// be installed (no python3 or npm, no network to the registry).
+pub fn client_env(kind: &str) -> PathBuf {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tools/client-env.sh");
+    let out = Command::new(script)
+        .arg(kind)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {script}: {e}"));
+    assert!(
+        out.status.success(),
+        "{script} {kind} failed: {}",
+        describe(&out)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
