@@ -13,7 +13,9 @@ mod fork;
 mod fs;
 mod image;
 mod net;
+mod serve;
 mod start;
+mod vmm_process;
 
 use std::process::ExitCode;
 
@@ -149,6 +151,24 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// `vmm serve` and the E2B SDK: create, `python3 -c 'print(1)'` and
+    /// kill through the official Python SDK against `vmm exec` of the same
+    /// command into a running VM; with `--many N`, N sandboxes alive at
+    /// once under one server, each answering, and their memory.
+    Serve {
+        /// Runs of each way.
+        #[arg(long, default_value_t = 5)]
+        runs: u32,
+        /// Also hold this many sandboxes alive at once.
+        #[arg(long)]
+        many: Option<u32>,
+        /// Of those, created and driven at a time.
+        #[arg(long, default_value_t = 10)]
+        parallel: u32,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Snapshot create time and restore-to-running time against memory size.
     Snapshot {
         #[arg(long, value_delimiter = ',', default_value = "256,1024,4096")]
@@ -263,6 +283,19 @@ fn main() -> ExitCode {
         }
         BenchCommand::Start { runs, json } => print_bench(start::start(runs), json),
         BenchCommand::Image { runs, json } => print_bench(image::image(runs), json),
+        BenchCommand::Serve {
+            runs,
+            many,
+            parallel,
+            json,
+        } => print_bench(
+            serve::serve(&serve::ServeBenchOptions {
+                runs,
+                many,
+                parallel,
+            }),
+            json,
+        ),
     }
 }
 

@@ -19,12 +19,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use crate::common::{kib_field, percentile, vmm_exe, Error, Report, ScratchDir};
+use crate::vmm_process::{spawn_err, timed_vmm, Running};
 use vmm::action::{Action, Control};
 use vmm::agent::{AgentClient, Exec};
 use vmm::api::ApiClient;
@@ -175,34 +176,6 @@ fn private_dirty_kib(pid: u32) -> Option<f64> {
     kib_field(&rollup, "Private_Dirty:").map(|k| k as f64)
 }
 
-fn spawn_err(program: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Spawn {
-        program: program.display().to_string(),
-        source,
-    }
-}
-
-/// Runs `vmm ARGS` to its end; the wall time (ms).
-fn timed_vmm(exe: &Path, args: &[&str], what: &'static str, run: u32) -> Result<f64, Error> {
-    let t = Instant::now();
-    let out = Command::new(exe)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .map_err(spawn_err(exe))?;
-    let ms = t.elapsed().as_secs_f64() * 1e3;
-    if !out.status.success() {
-        return Err(Error::Run {
-            what,
-            run,
-            detail: format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr)),
-        });
-    }
-    Ok(ms)
-}
-
 fn exec_argv(argv: &[&str]) -> Exec {
     Exec {
         argv: argv.iter().map(|s| s.to_string()).collect(),
@@ -269,52 +242,6 @@ impl Drop for BenchTemplate {
         let _ = Command::new(&self.exe)
             .args(["template", "rm", &self.name])
             .output();
-    }
-}
-
-/// A `vmm launch --template T --api-socket S` VM, stopped when dropped.
-struct Running {
-    process: Child,
-    api: PathBuf,
-}
-
-impl Running {
-    fn launch(
-        exe: &Path,
-        template: &str,
-        scratch: &ScratchDir,
-        name: &str,
-    ) -> Result<Running, Error> {
-        let api = scratch.path().join(format!("{name}.sock"));
-        let process = Command::new(exe)
-            .args(["launch", "--template", template, "--api-socket"])
-            .arg(&api)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .map_err(spawn_err(exe))?;
-        let running = Running { process, api };
-        let err = |detail: String| Error::Run {
-            what: "running VM",
-            run: 0,
-            detail,
-        };
-        loop {
-            match ApiClient::new(&running.api).wait_agent() {
-                Ok(()) => return Ok(running),
-                Err(vmm::api::Error::Connect { .. }) => std::thread::yield_now(),
-                Err(e) => return Err(err(e.to_string())),
-            }
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if ApiClient::new(&self.api).stop().is_err() {
-            let _ = self.process.kill();
-        }
-        let _ = self.process.wait();
     }
 }
 
