@@ -86,6 +86,30 @@ pub struct Exec {
     pub timeout: Option<Duration>,
 }
 
+/// What a host connection sends first to reach the agent through the
+/// VMM's vsock socket (Firecracker's host-initiated scheme).
+pub fn connect_line() -> String {
+    format!("CONNECT {AGENT_PORT}\n")
+}
+
+/// The longest answer line read back.
+const CONNECT_ANSWER_MAX: usize = 64;
+
+/// Whether `line`, the answer read so far, is complete.
+pub fn connect_answer_done(line: &[u8]) -> bool {
+    line.last() == Some(&b'\n') || line.len() >= CONNECT_ANSWER_MAX
+}
+
+/// The VMM's answer: `OK <port>` when it reached the agent, else the
+/// refusal's text.
+pub fn connect_answer(line: &[u8]) -> std::result::Result<(), String> {
+    let text = String::from_utf8_lossy(line).trim().to_string();
+    match text.starts_with("OK ") {
+        true => Ok(()),
+        false => Err(text),
+    }
+}
+
 /// Talks to the agent of one VM through its vsock Unix socket.
 ///
 /// The guest is not trusted: every wait for the agent is bounded by the
@@ -121,20 +145,17 @@ impl AgentClient {
         })?;
         stream.set_read_timeout(Some(self.timeout))?;
         stream.set_write_timeout(Some(self.timeout))?;
-        stream.write_all(format!("CONNECT {AGENT_PORT}\n").as_bytes())?;
+        stream.write_all(connect_line().as_bytes())?;
         let mut line = Vec::new();
-        // Read the `OK <port>` line byte by byte: nothing after it may be lost.
+        // Byte by byte: nothing after the answer's line may be lost.
         let mut byte = [0u8; 1];
-        while byte[0] != b'\n' && line.len() < 64 {
+        while !connect_answer_done(&line) {
             if stream.read(&mut byte).map_err(|e| timed(e, self.timeout))? == 0 {
                 break;
             }
             line.push(byte[0]);
         }
-        let text = String::from_utf8_lossy(&line).trim().to_string();
-        if !text.starts_with("OK ") {
-            return Err(Error::Refused(text));
-        }
+        connect_answer(&line).map_err(Error::Refused)?;
         Ok(stream)
     }
 
@@ -395,6 +416,18 @@ impl Drop for ReadyListener {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connect_answers_are_read_to_their_line_and_checked() {
+        assert_eq!(connect_line(), "CONNECT 1024\n");
+        assert!(!connect_answer_done(b"OK 10"));
+        assert!(connect_answer_done(b"OK 1024\n"));
+        // A peer that never ends its line stops being read at 64 bytes.
+        assert!(connect_answer_done(&[b'x'; 64]));
+        assert_eq!(connect_answer(b"OK 1024\n"), Ok(()));
+        assert_eq!(connect_answer(b"NO\n"), Err("NO".to_string()));
+        assert_eq!(connect_answer(b""), Err(String::new()));
+    }
     use std::time::Instant;
 
     /// A scratch directory with a hostile "VMM side" of the vsock socket.

@@ -8,10 +8,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::agent;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
-use vmm_agent::{frame_head, parse_head, FrameType, Request, Response, AGENT_PORT};
+use vmm_agent::{frame_head, parse_head, FrameType, Request, Response};
 
 /// How long the agent gets to answer a request that is not a command.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
@@ -62,22 +63,18 @@ pub async fn open(uds: &Path, request: &Request) -> Result<(Reader, Writer)> {
                 path: uds.to_path_buf(),
                 source,
             })?;
-        s.write_all(format!("CONNECT {AGENT_PORT}\n").as_bytes())
-            .await?;
-        // The `OK <port>` line, byte by byte: nothing after it may be lost.
+        s.write_all(agent::connect_line().as_bytes()).await?;
+        // Byte by byte: nothing after the answer's line may be lost.
         let mut line = Vec::new();
         let mut byte = [0u8; 1];
-        while line.last() != Some(&b'\n') && line.len() < 64 {
+        while !agent::connect_answer_done(&line) {
             if s.read(&mut byte).await? == 0 {
                 break;
             }
             line.push(byte[0]);
         }
-        let text = String::from_utf8_lossy(&line).trim().to_string();
-        if !text.starts_with("OK ") {
-            return Err(Error::Refused(text));
-        }
-        Ok(s)
+        agent::connect_answer(&line).map_err(Error::Refused)?;
+        Ok::<_, Error>(s)
     };
     let stream = tokio::time::timeout(ANSWER_TIMEOUT, connect)
         .await
