@@ -293,10 +293,7 @@ impl Registry {
                     .unwrap_or("it exited");
                 return Err(Error::Start(why.to_string()));
             }
-            tokio::task::spawn_blocking(move || api.wait_agent().and_then(|()| api.vsock_path()))
-                .await
-                .map_err(|e| Error::Api(e.to_string()))?
-                .map_err(|e| Error::Api(e.to_string()))
+            agent_ready(api).await
         };
         match tokio::time::timeout(START_TIMEOUT, ready).await {
             Ok(Ok(vsock)) => Ok((child, vsock)),
@@ -334,22 +331,10 @@ impl Registry {
             .await?;
         let mut out = Vec::new();
         for child in info.children {
-            let api = ApiClient::new(&child.api_socket);
-            let ready = tokio::task::spawn_blocking(move || {
-                api.wait_agent().and_then(|()| api.vsock_path())
-            });
-            let vsock = match tokio::time::timeout(START_TIMEOUT, ready).await {
-                Ok(Ok(Ok(v))) => v,
-                Ok(Ok(Err(e))) => {
-                    out.push(Err(Error::Api(e.to_string())));
-                    continue;
-                }
-                Ok(Err(e)) => {
-                    out.push(Err(Error::Api(e.to_string())));
-                    continue;
-                }
-                Err(_) => {
-                    out.push(Err(Error::StartTimeout(START_TIMEOUT)));
+            let vsock = match agent_ready(ApiClient::new(&child.api_socket)).await {
+                Ok(v) => v,
+                Err(e) => {
+                    out.push(Err(e));
                     continue;
                 }
             };
@@ -410,6 +395,19 @@ impl Registry {
         for id in ids {
             self.kill(&id).await;
         }
+    }
+}
+
+/// Waits for the agent of the VM behind `api` (at most [`START_TIMEOUT`]);
+/// its vsock socket.
+async fn agent_ready(api: ApiClient) -> Result<PathBuf> {
+    let ready =
+        tokio::task::spawn_blocking(move || api.wait_agent().and_then(|()| api.vsock_path()));
+    match tokio::time::timeout(START_TIMEOUT, ready).await {
+        Ok(Ok(Ok(vsock))) => Ok(vsock),
+        Ok(Ok(Err(e))) => Err(Error::Api(e.to_string())),
+        Ok(Err(e)) => Err(Error::Api(e.to_string())),
+        Err(_) => Err(Error::StartTimeout(START_TIMEOUT)),
     }
 }
 
