@@ -173,6 +173,28 @@ pub fn two_decimals(x: Option<f64>) -> String {
     x.map_or("-".into(), |x| format!("{x:.2}"))
 }
 
+/// A figure with one decimal, "-" when there is none.
+pub fn one_decimal(x: Option<f64>) -> String {
+    x.map_or("-".into(), |x| format!("{x:.1}"))
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// `{"p50","p99","n"}` of a series (two decimals), null when it is empty.
+pub fn p50_p99(v: &[f64]) -> Value {
+    match (percentile(v, 50.0), percentile(v, 99.0)) {
+        (Some(p50), Some(p99)) => json!({"p50": round2(p50), "p99": round2(p99), "n": v.len()}),
+        _ => Value::Null,
+    }
+}
+
+/// The ratio of two series' medians (p50), two decimals.
+pub fn p50_ratio(a: &[f64], b: &[f64]) -> Option<f64> {
+    Some(round2(percentile(a, 50.0)? / percentile(b, 50.0)?))
+}
+
 /// A text table of medians: a title line, a header, one row per target.
 pub struct MedianTable {
     out: String,

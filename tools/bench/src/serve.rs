@@ -28,7 +28,10 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use crate::common::{kib_field, percentile, private_kib_of, vmm_exe, Error, Report, ScratchDir};
+use crate::common::{
+    kib_field, one_decimal, p50_p99, p50_ratio, percentile, private_kib_of, vmm_exe, Error, Report,
+    ScratchDir, Stats,
+};
 use crate::vmm_process::{spawn_err, timed_vmm, Running};
 
 /// The template `vmm serve` starts sandboxes from by default.
@@ -67,17 +70,6 @@ pub struct ServeBench {
     pub many: Option<Value>,
 }
 
-fn stats(v: &[f64]) -> Value {
-    match (percentile(v, 50.0), percentile(v, 99.0)) {
-        (Some(p50), Some(p99)) => json!({"p50": r1(p50), "p99": r1(p99), "n": v.len()}),
-        _ => Value::Null,
-    }
-}
-
-fn r1(x: f64) -> f64 {
-    (x * 10.0).round() / 10.0
-}
-
 impl ServeBench {
     fn series(&self) -> [(&'static str, &[f64]); 7] {
         [
@@ -91,12 +83,10 @@ impl ServeBench {
         ]
     }
 
-    /// The goal: the SDK script at most 1.5 times `vmm exec` (p50s).
-    fn e2b_over(&self, exec: &[f64]) -> Option<f64> {
-        Some(
-            (percentile(&self.e2b_script_ms, 50.0)? / percentile(exec, 50.0)? * 100.0).round()
-                / 100.0,
-        )
+    /// The SDK script's p50 over another way's (the goal: at most 1.5
+    /// over `vmm exec`).
+    fn e2b_over(&self, other: &[f64]) -> Option<f64> {
+        p50_ratio(&self.e2b_script_ms, other)
     }
 }
 
@@ -110,7 +100,7 @@ impl Report for ServeBench {
             "many": self.many,
         });
         for (name, v) in self.series() {
-            out[name] = stats(v);
+            out[name] = p50_p99(v);
         }
         out
     }
@@ -121,7 +111,7 @@ impl Report for ServeBench {
             self.runs, "", "p50", "p99"
         );
         for (name, v) in self.series() {
-            let cell = |p| percentile(v, p).map_or("-".into(), |x| format!("{x:.1}"));
+            let cell = |p| one_decimal(percentile(v, p));
             out.push_str(&format!(
                 "{name:<18} {:>10} {:>10}\n",
                 cell(50.0),
@@ -228,10 +218,7 @@ fn python_env() -> Result<PathBuf, Error> {
         .arg("python")
         .stderr(Stdio::inherit())
         .output()
-        .map_err(|source| Error::Spawn {
-            program: CLIENT_ENV.into(),
-            source,
-        })?;
+        .map_err(spawn_err(Path::new(CLIENT_ENV)))?;
     if !out.status.success() {
         return Err(run_err("client-env.sh python", 0)(out.status.to_string()));
     }
@@ -284,11 +271,7 @@ fn many(serve: &Serve, venv: &Path, count: u32, parallel: u32) -> Result<Value, 
         drop(stdin);
         let killed = json_line(lines.next(), "many")?;
         for key in ["create_ms", "command_ms"] {
-            let v: Vec<f64> = figures[key]
-                .as_array()
-                .map(|a| a.iter().filter_map(Value::as_f64).collect())
-                .unwrap_or_default();
-            figures[key] = stats(&v);
+            figures[key] = p50_p99(&Stats::list(&figures, key));
         }
         figures["parallel"] = json!(parallel);
         figures["kill_all_ms"] = killed["kill_all_ms"].clone();

@@ -24,7 +24,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::common::{kib_field, percentile, vmm_exe, Error, Report, ScratchDir};
+use crate::common::{
+    kib_field, one_decimal, p50_p99, p50_ratio, percentile, vmm_exe, Error, Report, ScratchDir,
+};
 use crate::vmm_process::{spawn_err, timed_vmm, Running};
 use vmm::action::{Action, Control};
 use vmm::agent::{AgentClient, Exec};
@@ -67,21 +69,6 @@ pub struct StartBench {
     pub fork_private_dirty_kib: Vec<f64>,
 }
 
-fn stats(v: &[f64]) -> Value {
-    match (percentile(v, 50.0), percentile(v, 99.0)) {
-        (Some(p50), Some(p99)) => json!({"p50": r2(p50), "p99": r2(p99), "n": v.len()}),
-        _ => Value::Null,
-    }
-}
-
-fn r2(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
-}
-
-fn ratio(a: &[f64], b: &[f64]) -> Option<f64> {
-    Some(r2(percentile(a, 50.0)? / percentile(b, 50.0)?))
-}
-
 impl StartBench {
     fn wall(&self, command: &str, way: &str) -> &[f64] {
         self.wall_ms
@@ -108,10 +95,10 @@ impl StartBench {
     /// The goals' ratios (docs/templates.md).
     fn ratios(&self) -> Value {
         json!({
-            "template_over_exec_true": ratio(self.wall("true", "template"), self.wall("true", "exec")),
-            "cold_over_template_true": ratio(self.wall("true", "cold"), self.wall("true", "template")),
-            "fork_over_template_true": ratio(self.wall("true", "fork"), self.wall("true", "template")),
-            "agent_ready_over_ping": ratio(&self.agent_ready_ms, &self.ping_ms),
+            "template_over_exec_true": p50_ratio(self.wall("true", "template"), self.wall("true", "exec")),
+            "cold_over_template_true": p50_ratio(self.wall("true", "cold"), self.wall("true", "template")),
+            "fork_over_template_true": p50_ratio(self.wall("true", "fork"), self.wall("true", "template")),
+            "agent_ready_over_ping": p50_ratio(&self.agent_ready_ms, &self.ping_ms),
         })
     }
 }
@@ -121,12 +108,12 @@ impl Report for StartBench {
         let mut wall = json!({});
         for (command, ways) in &self.wall_ms {
             for (way, values) in ways {
-                wall[command][way] = stats(values);
+                wall[command][way] = p50_p99(values);
             }
         }
         let mut out = json!({"runs": self.runs, "wall_ms": wall, "ratios": self.ratios()});
         for (name, values) in self.breakdown() {
-            out[name] = stats(values);
+            out[name] = p50_p99(values);
         }
         out
     }
@@ -141,8 +128,8 @@ impl Report for StartBench {
                 let v = ways.get(way).map_or(&[][..], Vec::as_slice);
                 out.push_str(&format!(
                     "{command:<10} {way:<10} {:>10} {:>10}\n",
-                    fmt(percentile(v, 50.0)),
-                    fmt(percentile(v, 99.0))
+                    one_decimal(percentile(v, 50.0)),
+                    one_decimal(percentile(v, 99.0))
                 ));
             }
         }
@@ -153,8 +140,8 @@ impl Report for StartBench {
         for (name, v) in self.breakdown() {
             out.push_str(&format!(
                 "{name:<38} {:>10} {:>10}\n",
-                fmt(percentile(v, 50.0)),
-                fmt(percentile(v, 99.0))
+                one_decimal(percentile(v, 50.0)),
+                one_decimal(percentile(v, 99.0))
             ));
         }
         if let Some(ratios) = self.ratios().as_object() {
@@ -164,10 +151,6 @@ impl Report for StartBench {
         }
         out
     }
-}
-
-fn fmt(x: Option<f64>) -> String {
-    x.map_or_else(|| "-".into(), |v| format!("{v:.1}"))
 }
 
 /// Private_Dirty of process `pid` (KiB).
