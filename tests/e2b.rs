@@ -160,6 +160,27 @@ fn new_sandbox() -> (String, String) {
     )
 }
 
+/// `vmm serve` keeps one warm spare of `base` (`--warm`, default 1): one
+/// is ready whenever none is starting, and a create's is replaced.
+#[test]
+fn a_warm_spare_is_ready_and_replaced_after_a_create() {
+    let key = server().key.clone();
+    let settled = || {
+        let (status, body) = json_call("GET", "/vmm/pool?wait=1", "", &key);
+        assert_eq!(status, 200, "{body}");
+        body
+    };
+    let before = settled();
+    assert_eq!(before["per_template"], 1, "{before}");
+    assert_eq!(before["templates"]["base"]["ready"], 1, "{before}");
+    let (id, _) = new_sandbox();
+    let path = format!("/sandboxes/{id}");
+    assert_eq!(json_call("DELETE", &path, "", &key).0, 204);
+    let after = settled();
+    assert_eq!(after["templates"]["base"]["ready"], 1, "{after}");
+    assert_eq!(json_call("GET", "/vmm/pool", "", "").0, 401);
+}
+
 fn rpc(id: &str, token: &str, method: &str, content_type: &str, body: &[u8]) -> (u16, String) {
     let head = format!(
         "POST /{method} HTTP/1.1\r\nE2b-Sandbox-Id: {id}\r\nX-Access-Token: {token}\r\nContent-Type: {content_type}\r\nConnect-Protocol-Version: 1"

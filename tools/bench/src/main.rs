@@ -165,6 +165,11 @@ enum BenchCommand {
         /// Of those, created and driven at a time.
         #[arg(long, default_value_t = 10)]
         parallel: u32,
+        /// The server's spares per template (`vmm serve --warm`); the
+        /// bench waits for them to be ready before each E2B run and after
+        /// it, so that a refill never runs beside what it times.
+        #[arg(long, default_value_t = 1)]
+        warm: u32,
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
@@ -287,12 +292,14 @@ fn main() -> ExitCode {
             runs,
             many,
             parallel,
+            warm,
             json,
         } => print_bench(
             serve::serve(&serve::ServeBenchOptions {
                 runs,
                 many,
                 parallel,
+                warm,
             }),
             json,
         ),

@@ -16,12 +16,16 @@
 //!   a sandbox started from the same template for that one command, with
 //!   no server (what the server adds is the difference to `e2b`).
 //!
-//! The four take turns within each run. With `--many N`, the script's
+//! The four take turns within each run. The server keeps `--warm N` spare
+//! sandboxes per template (`vmm serve --warm`, default 1): the E2B run's
+//! create takes one, and the bench waits until the server has started and
+//! warmed its replacement before it times anything else. With `--many N`, the script's
 //! `many N` mode then holds N sandboxes alive at once under the same
 //! server, each answering a command, and the bench measures the memory of
 //! the server's VMM processes while they are.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Instant;
@@ -49,12 +53,15 @@ pub struct ServeBenchOptions {
     pub many: Option<u32>,
     /// Of those, created (and driven) at a time.
     pub parallel: u32,
+    /// The server's spares per template.
+    pub warm: u32,
 }
 
 /// Results of `vmm bench serve`.
 #[derive(Debug, Default)]
 pub struct ServeBench {
     pub runs: u32,
+    pub warm: u32,
     /// The SDK script, spawn to exit (ms).
     pub e2b_script_ms: Vec<f64>,
     /// Its phases as it timed them (ms): create, run, kill.
@@ -94,6 +101,7 @@ impl Report for ServeBench {
     fn to_json(&self) -> Value {
         let mut out = json!({
             "runs": self.runs,
+            "warm": self.warm,
             "e2b_script_over_exec": self.e2b_over(&self.exec_ms),
             "e2b_script_over_exec_as_sdk": self.e2b_over(&self.exec_as_sdk_ms),
             "e2b_script_over_template_as_sdk": self.e2b_over(&self.template_as_sdk_ms),
@@ -107,8 +115,8 @@ impl Report for ServeBench {
 
     fn table(&self) -> String {
         let mut out = format!(
-            "serve benchmark: {} runs, python3 -c 'print(1)' (ms)\n{:<18} {:>10} {:>10}\n",
-            self.runs, "", "p50", "p99"
+            "serve benchmark: {} runs, {} spare(s) per template, python3 -c 'print(1)' (ms)\n{:<18} {:>10} {:>10}\n",
+            self.runs, self.warm, "", "p50", "p99"
         );
         for (name, v) in self.series() {
             let cell = |p| one_decimal(percentile(v, p));
@@ -152,10 +160,16 @@ struct Serve {
 }
 
 impl Serve {
-    fn start(exe: &Path, scratch: &ScratchDir) -> Result<Serve, Error> {
+    fn start(exe: &Path, scratch: &ScratchDir, warm: u32) -> Result<Serve, Error> {
         // Its progress (the `base` template's build) goes to stderr.
         let mut process = Command::new(exe)
-            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--warm",
+                &warm.to_string(),
+            ])
             .env("XDG_CONFIG_HOME", scratch.path().join("config"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -183,6 +197,38 @@ impl Serve {
         let mut cmd = Command::new(venv.join("bin/python"));
         cmd.arg(SCRIPT).args(args).envs(self.env.iter().cloned());
         cmd
+    }
+
+    fn env_var(&self, name: &str) -> Option<&str> {
+        self.env
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Returns once the server starts no spare (`GET /vmm/pool?wait=1`).
+    fn settle(&self, run: u32) -> Result<(), Error> {
+        let fail = run_err("waiting for the spares", run);
+        let addr = self
+            .env_var("E2B_API_URL")
+            .and_then(|u| u.strip_prefix("http://"))
+            .ok_or_else(|| fail("the server printed no E2B_API_URL".into()))?;
+        let key = self.env_var("E2B_API_KEY").unwrap_or_default();
+        let mut stream = TcpStream::connect(addr).map_err(|e| fail(e.to_string()))?;
+        let request = format!(
+            "GET /vmm/pool?wait=1 HTTP/1.1\r\nHost: {addr}\r\nX-API-Key: {key}\r\nConnection: close\r\n\r\n"
+        );
+        stream
+            .write_all(request.as_bytes())
+            .map_err(|e| fail(e.to_string()))?;
+        let mut answer = String::new();
+        stream
+            .read_to_string(&mut answer)
+            .map_err(|e| fail(e.to_string()))?;
+        match answer.starts_with("HTTP/1.1 200") {
+            true => Ok(()),
+            false => Err(fail(format!("the server answered {answer:?}"))),
+        }
     }
 
     /// Every process under the server (its sandboxes' VMMs).
@@ -293,15 +339,17 @@ pub fn serve(opts: &ServeBenchOptions) -> Result<ServeBench, Error> {
     let exe = vmm_exe()?;
     let venv = python_env()?;
     let scratch = ScratchDir::new("serve")?;
-    let server = Serve::start(&exe, &scratch)?;
+    let server = Serve::start(&exe, &scratch, opts.warm)?;
     // After the server: it builds `base` when it is missing or stale.
     let running = Running::launch(&exe, TEMPLATE, &scratch, "exec")?;
     let api = running.api.to_string_lossy().into_owned();
     let mut result = ServeBench {
         runs: opts.runs,
+        warm: opts.warm,
         ..Default::default()
     };
     for run in 1..=opts.runs {
+        server.settle(run)?;
         let t = Instant::now();
         let out = server
             .client(&venv, &["one"])
@@ -326,6 +374,7 @@ pub fn serve(opts: &ServeBenchOptions) -> Result<ServeBench, Error> {
         ] {
             into.extend(phases[key].as_f64());
         }
+        server.settle(run)?;
         let exec = ["exec", "--api-socket", &api];
         let plain = [&exec[..], &["--", "python3", "-c", "print(1)"]].concat();
         result.exec_ms.push(timed_vmm(&exe, &plain, "exec", run)?);

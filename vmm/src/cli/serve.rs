@@ -20,6 +20,10 @@ pub struct ServeArgs {
     /// Do not build the `base` template (E2B's default) when it is missing.
     #[arg(long)]
     no_base: bool,
+    /// Spare sandboxes kept started and warm per template, so a create
+    /// takes one at once (0: none; each costs a running VM's memory)
+    #[arg(long, default_value_t = 1)]
+    warm: usize,
 }
 
 #[derive(clap::Args)]
@@ -30,6 +34,10 @@ pub struct McpArgs {
     /// Do not build the `base` template (the default one) when it is missing.
     #[arg(long)]
     no_base: bool,
+    /// Spare sandboxes kept started and warm per template, so a create
+    /// takes one at once (0: none; each costs a running VM's memory)
+    #[arg(long, default_value_t = 1)]
+    warm: usize,
 }
 
 /// `vmm mcp`: the MCP server on stdio (docs/agents.md). Standard output
@@ -40,7 +48,7 @@ pub fn mcp(args: McpArgs) -> ExitCode {
             return fail(e);
         }
     }
-    match vmm::serve::run_mcp(!args.no_jail) {
+    match vmm::serve::run_mcp(!args.no_jail, args.warm) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }
@@ -62,6 +70,7 @@ pub fn serve(args: ServeArgs) -> ExitCode {
         listen: args.listen,
         api_key: args.api_key,
         jail: !args.no_jail,
+        warm: args.warm,
     };
     let ran = vmm::serve::run(opts, |addr, key| {
         eprintln!("vmm serve: listening on http://{addr}; point an E2B SDK at it with:");

@@ -19,6 +19,8 @@ use super::{Server, ENVD_VERSION};
 /// (24 h, its Pro tier's limit).
 const DEFAULT_TIMEOUT: u64 = 300;
 const MAX_TIMEOUT: u64 = 24 * 3600;
+/// The longest `GET /vmm/pool?wait=1` waits for starting spares.
+const POOL_WAIT: Duration = Duration::from_secs(300);
 /// The client id every sandbox reports (E2B's is its cluster node's).
 const CLIENT_ID: &str = "vmm";
 
@@ -108,9 +110,9 @@ fn listed(s: &Sandbox, detail: bool) -> Value {
         "clientID": CLIENT_ID,
         "startedAt": rfc3339(s.started_at),
         "endAt": rfc3339(s.end_at()),
-        "cpuCount": s.vcpus,
-        "memoryMB": s.memory_mib,
-        "diskSizeMB": s.disk_mib,
+        "cpuCount": s.sizes.vcpus,
+        "memoryMB": s.sizes.memory_mib,
+        "diskSizeMB": s.sizes.disk_mib,
         "state": state_name(s.state()),
         "envdVersion": ENVD_VERSION,
         "metadata": s.metadata,
@@ -213,6 +215,7 @@ pub async fn handle(
             connect(server, id, timeout).await
         }
         (&Method::POST, ["sandboxes", id, "fork"]) => fork(server, id, body).await,
+        (&Method::GET, ["vmm", "pool"]) => pool(server, query).await,
         (_, ["sandboxes", _, "snapshots"]) | (_, ["snapshots", ..]) => unsupported("snapshots"),
         (_, ["sandboxes", _, "metrics"]) | (_, ["sandboxes", "metrics"]) => unsupported("metrics"),
         (_, ["sandboxes", _, "logs"]) => unsupported("sandbox logs"),
@@ -221,6 +224,18 @@ pub async fn handle(
         (_, ["volumes", ..]) | (_, ["secrets", ..]) => unsupported("this route"),
         _ => http::error(StatusCode::NOT_FOUND, format!("no route {method} {path}")),
     }
+}
+
+/// This server's own route (not E2B's): its spares per template; with
+/// `wait=1`, once none is starting (at most [`POOL_WAIT`]).
+async fn pool(server: &Arc<Server>, query: Option<&str>) -> Response<HttpBody> {
+    let wait = query.is_some_and(|q| q.split('&').any(|kv| kv == "wait=1" || kv == "wait=true"));
+    let pool = &server.sandboxes.pool;
+    let status = match wait {
+        true => tokio::time::timeout(POOL_WAIT, pool.settled()).await.ok(),
+        false => None,
+    };
+    http::json(StatusCode::OK, &status.unwrap_or_else(|| pool.status()))
 }
 
 async fn create(server: &Arc<Server>, body: &[u8]) -> Response<HttpBody> {

@@ -64,7 +64,7 @@ fn permissions(kind: &str, mode: u32) -> String {
 
 /// One file request; its entries.
 pub async fn call(sandbox: &Sandbox, req: &Request) -> Result<Vec<Entry>> {
-    let resp = guest::call(&sandbox.vsock, req).await?;
+    let resp = guest::call(&sandbox.vm.vsock, req).await?;
     Ok(resp.entries.unwrap_or_default())
 }
 
@@ -99,7 +99,7 @@ pub async fn download(sandbox: &Sandbox, query: Option<&str>) -> Response<HttpBo
     };
     let user = http::query_param(query, "username").filter(|u| !u.is_empty());
     let req = Request::Get { path, user };
-    let (mut reader, _w) = match guest::open(&sandbox.vsock, &req).await {
+    let (mut reader, _w) = match guest::open(&sandbox.vm.vsock, &req).await {
         Ok(c) => c,
         Err(e) => return files_error(Error::from(e)),
     };
@@ -227,7 +227,7 @@ where
         user,
         parents: true,
     };
-    let (mut reader, mut writer) = guest::open(&sandbox.vsock, &req).await?;
+    let (mut reader, mut writer) = guest::open(&sandbox.vm.vsock, &req).await?;
     let mut data = data;
     let mut total = 0u64;
     loop {
@@ -280,7 +280,7 @@ pub async fn open_watch(
         recursive,
         user,
     };
-    let (mut reader, writer) = guest::open(&sandbox.vsock, &req).await?;
+    let (mut reader, writer) = guest::open(&sandbox.vm.vsock, &req).await?;
     match reader.next().await? {
         guest::Frame::Event(e) if e.kind == "start" => Ok((reader, writer)),
         guest::Frame::Response(r) => Err(Error::from(guest::Error::Agent(r))),

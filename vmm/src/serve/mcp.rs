@@ -127,7 +127,7 @@ impl Mcp {
 
     async fn file_call(&self, id: &str, req: Request) -> Result<vmm_agent::Response, String> {
         let sandbox = self.sandbox(id)?;
-        guest::call(&sandbox.vsock, &req)
+        guest::call(&sandbox.vm.vsock, &req)
             .await
             .map_err(|e| e.to_string())
     }
@@ -183,7 +183,7 @@ impl Mcp {
             timeout_ms: Some(timeout * 1000),
             user: None,
         };
-        let (mut reader, _w) = match guest::open(&sandbox.vsock, &req).await {
+        let (mut reader, _w) = match guest::open(&sandbox.vm.vsock, &req).await {
             Ok(c) => c,
             Err(e) => return failure(e.to_string()),
         };
@@ -226,7 +226,7 @@ impl Mcp {
             path: a.path,
             user: None,
         };
-        let (mut reader, _w) = match guest::open(&sandbox.vsock, &req).await {
+        let (mut reader, _w) = match guest::open(&sandbox.vm.vsock, &req).await {
             Ok(c) => c,
             Err(e) => return failure(e.to_string()),
         };
@@ -255,7 +255,7 @@ impl Mcp {
             parents: true,
         };
         let written = async {
-            let (mut reader, mut writer) = guest::open(&sandbox.vsock, &req).await?;
+            let (mut reader, mut writer) = guest::open(&sandbox.vm.vsock, &req).await?;
             writer.send(FrameType::Stdin, a.content.as_bytes()).await?;
             if !a.content.is_empty() {
                 writer.send(FrameType::Stdin, &[]).await?;

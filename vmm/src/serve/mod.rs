@@ -12,6 +12,7 @@ pub mod guest;
 pub mod http;
 pub mod key;
 pub mod mcp;
+pub mod pool;
 pub mod process;
 pub mod sandbox_api;
 pub mod sandboxes;
@@ -71,6 +72,8 @@ pub struct Options {
     pub api_key: Option<String>,
     /// Run each sandbox's VMM in a jail (docs/security.md).
     pub jail: bool,
+    /// Spare sandboxes kept ready per template (`sandboxes::Pool`).
+    pub warm: usize,
 }
 
 /// The server's shared state.
@@ -89,7 +92,8 @@ struct Host {
 }
 
 impl Host {
-    fn new(jail: bool) -> Result<Host, Error> {
+    /// `warm` spares per template; the default template's start now.
+    fn new(jail: bool, warm: usize) -> Result<Host, Error> {
         let exe = std::env::current_exe().map_err(Error::Exe)?;
         let folder = crate::runtime::RuntimeDir::create("serve")?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -97,9 +101,12 @@ impl Host {
             .enable_all()
             .build()
             .map_err(Error::Runtime)?;
-        let registry = Arc::new(Registry::new(folder.path().to_path_buf(), exe, jail));
+        let registry = Arc::new(Registry::new(folder.path().to_path_buf(), exe, jail, warm));
         let reaped = registry.clone();
         runtime.spawn(async move {
+            if crate::template::Template::open(DEFAULT_TEMPLATE).is_ok() {
+                reaped.refill(DEFAULT_TEMPLATE);
+            }
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
@@ -121,7 +128,7 @@ pub fn run(opts: Options, on_listening: impl FnOnce(SocketAddr, &str)) -> Result
         Some(k) => k,
         None => key::load_or_create(&key::default_path())?,
     };
-    let host = Host::new(opts.jail)?;
+    let host = Host::new(opts.jail, opts.warm)?;
     let server = Arc::new(Server {
         api_key,
         sandboxes: host.registry.clone(),
@@ -142,8 +149,8 @@ pub fn run(opts: Options, on_listening: impl FnOnce(SocketAddr, &str)) -> Result
 }
 
 /// Runs the MCP server on stdin/stdout until the client closes it.
-pub fn run_mcp(jail: bool) -> Result<(), Error> {
-    let host = Host::new(jail)?;
+pub fn run_mcp(jail: bool, warm: usize) -> Result<(), Error> {
+    let host = Host::new(jail, warm)?;
     host.runtime
         .block_on(mcp::serve_stdio(host.registry.clone()))
         .map_err(Error::Mcp)

@@ -164,7 +164,7 @@ async fn launch(
         timeout_ms: None,
         user: info.user.clone(),
     };
-    let (mut reader, mut writer) = guest::open(&sandbox.vsock, &exec).await?;
+    let (mut reader, mut writer) = guest::open(&sandbox.vm.vsock, &exec).await?;
     let pid = match reader.next().await? {
         Frame::Started(pid) => pid as u32,
         Frame::Response(r) => return Err(Error::from(guest::Error::Agent(r))),
@@ -350,7 +350,7 @@ async fn signal(sandbox: &Sandbox, proc: &Proc, sig: i32) -> Result<()> {
         pid: proc.pid as i32,
         signal: sig,
     };
-    guest::call(&sandbox.vsock, &req)
+    guest::call(&sandbox.vm.vsock, &req)
         .await
         .map_err(Error::from)
         .map(drop)

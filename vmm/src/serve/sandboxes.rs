@@ -17,6 +17,8 @@ use tokio::process::{Child, Command};
 use crate::action::Control;
 use crate::api::ApiClient;
 
+use super::guest;
+use super::pool::{Pool, Spare, Version};
 use super::process::Processes;
 
 /// How long a sandbox may take from its process start to its agent
@@ -44,6 +46,8 @@ pub enum Error {
     StartTimeout(Duration),
     #[error("the sandbox's control socket failed: {0}")]
     Api(String),
+    #[error("the spare's warm-up failed: {0}")]
+    Warm(String),
     #[error("cannot make the sandbox's folder {path}: {source}")]
     Folder {
         path: PathBuf,
@@ -68,6 +72,115 @@ pub enum State {
     Paused,
 }
 
+/// Its size, as the template made it.
+#[derive(Debug, Clone, Copy)]
+pub struct Sizes {
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub disk_mib: u64,
+}
+
+impl Sizes {
+    fn of(t: &crate::template::Template) -> Sizes {
+        Sizes {
+            vcpus: t.record.config.vcpus,
+            memory_mib: t.record.config.memory_mib as u32,
+            disk_mib: t.size_on_disk() >> 20,
+        }
+    }
+}
+
+/// A running VM: its control and agent sockets, its folder and, for one
+/// this server started, its VMM process.
+pub struct Machine {
+    pub api_socket: PathBuf,
+    pub vsock: PathBuf,
+    /// The folder of the VM's sockets (and, for one this server started,
+    /// its VMM's log): a fork's children put theirs in their parent's,
+    /// which goes when the last of them does.
+    pub dir: PathBuf,
+    /// The VMM process, for a VM this server started; a fork child is its
+    /// parent VMM's child, stopped through its control socket.
+    child: tokio::sync::Mutex<Option<Child>>,
+}
+
+impl Machine {
+    pub fn new(api_socket: PathBuf, vsock: PathBuf, dir: PathBuf, child: Option<Child>) -> Self {
+        Machine {
+            api_socket,
+            vsock,
+            dir,
+            child: tokio::sync::Mutex::new(child),
+        }
+    }
+
+    pub fn api(&self) -> ApiClient {
+        ApiClient::new(&self.api_socket)
+    }
+
+    /// Ends the VMM: SIGTERM (the VM stops), SIGKILL if it lingers; a
+    /// fork child through its control socket. Then removes its sockets,
+    /// and its folder once nothing else is in it.
+    async fn stop(&self) {
+        let mut guard = self.child.lock().await;
+        match guard.take() {
+            Some(mut child) => {
+                if let Some(pid) = child.id() {
+                    // SAFETY: kill(2) on our own child, not yet reaped (we hold it).
+                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+                }
+                if tokio::time::timeout(STOP_TIMEOUT, child.wait())
+                    .await
+                    .is_err()
+                {
+                    let _ = child.kill().await;
+                }
+                let _ = std::fs::remove_file(self.dir.join("vmm.log"));
+            }
+            None => {
+                // A VM that is gone already is as good as stopped.
+                let api = self.api();
+                let _ = tokio::task::spawn_blocking(move || Control::stop(&api)).await;
+            }
+        }
+        let ready = crate::agent::ready_socket_path(&self.vsock);
+        for socket in [&self.api_socket, &self.vsock, &ready] {
+            let _ = std::fs::remove_file(socket);
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+
+    /// Runs `command` (`sh -c`) in the VM and checks it succeeds: a VM's
+    /// first commands after a restore are slow until they have touched
+    /// what they use.
+    async fn warm(&self, command: &str) -> Result<()> {
+        let req = vmm_agent::Request::Exec {
+            argv: vec!["/bin/sh".into(), "-c".into(), command.into()],
+            env: Default::default(),
+            cwd: None,
+            stdin: false,
+            timeout_ms: None,
+            user: None,
+        };
+        let run = async {
+            let (mut answers, _w) = guest::open(&self.vsock, &req).await?;
+            loop {
+                if let guest::Frame::Response(r) = answers.next().await? {
+                    return Ok(r);
+                }
+            }
+        };
+        let answer: guest::Result<_> = tokio::time::timeout(START_TIMEOUT, run)
+            .await
+            .map_err(|_| guest::Error::Timeout(START_TIMEOUT))
+            .and_then(|r| r);
+        match answer.map_err(|e| Error::Warm(e.to_string()))? {
+            r if r.exit_code == Some(0) => Ok(()),
+            r => Err(Error::Warm(format!("`{command}` ended with {r:?}"))),
+        }
+    }
+}
+
 /// One sandbox.
 pub struct Sandbox {
     pub id: String,
@@ -78,27 +191,34 @@ pub struct Sandbox {
     pub end_at: Mutex<SystemTime>,
     pub metadata: BTreeMap<String, String>,
     pub env_vars: BTreeMap<String, String>,
-    pub vcpus: u32,
-    pub memory_mib: u32,
-    pub disk_mib: u64,
+    pub sizes: Sizes,
     pub state: Mutex<State>,
-    /// The VM's control socket and its agent's vsock socket.
-    pub api_socket: PathBuf,
-    pub vsock: PathBuf,
-    /// The folder of the sandbox's sockets (and, for one this server
-    /// started, its VMM's log): a fork's children put theirs in their
-    /// parent's, which goes when the last of them does.
-    pub dir: PathBuf,
+    pub vm: Machine,
     pub processes: Processes,
     pub watchers: super::filesystem::Watchers,
-    /// The VMM process, for a sandbox this server started; a fork child
-    /// is its parent VMM's child, stopped through its control socket.
-    child: tokio::sync::Mutex<Option<Child>>,
 }
 
 impl Sandbox {
+    /// A sandbox of `vm`, as `spec` asks (its template already chosen).
+    fn new(id: String, vm: Machine, spec: Spec, sizes: Sizes) -> Arc<Sandbox> {
+        Arc::new(Sandbox {
+            id,
+            template: spec.template,
+            access_token: crate::runtime::random_hex(20),
+            started_at: SystemTime::now(),
+            end_at: Mutex::new(SystemTime::now() + spec.timeout),
+            metadata: spec.metadata,
+            env_vars: spec.env_vars,
+            sizes,
+            state: Mutex::new(State::Running),
+            vm,
+            processes: Processes::default(),
+            watchers: Default::default(),
+        })
+    }
+
     pub fn api(&self) -> ApiClient {
-        ApiClient::new(&self.api_socket)
+        self.vm.api()
     }
 
     pub fn state(&self) -> State {
@@ -124,40 +244,9 @@ impl Sandbox {
             .map_err(|e| Error::Api(e.to_string()))?
             .map_err(|e| Error::Api(e.to_string()))
     }
-
-    /// Ends the VMM: SIGTERM (the VM stops), SIGKILL if it lingers; a
-    /// fork child through its control socket. Then removes its sockets,
-    /// and its folder once nothing else is in it.
-    async fn stop(self: &Arc<Self>) {
-        let mut guard = self.child.lock().await;
-        match guard.take() {
-            Some(mut child) => {
-                if let Some(pid) = child.id() {
-                    // SAFETY: kill(2) on our own child, not yet reaped (we hold it).
-                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
-                }
-                if tokio::time::timeout(STOP_TIMEOUT, child.wait())
-                    .await
-                    .is_err()
-                {
-                    let _ = child.kill().await;
-                }
-                let _ = std::fs::remove_file(self.dir.join("vmm.log"));
-            }
-            None => {
-                // A VM that is gone already is as good as stopped.
-                let _ = self.control(Control::stop).await;
-            }
-        }
-        let ready = crate::agent::ready_socket_path(&self.vsock);
-        for socket in [&self.api_socket, &self.vsock, &ready] {
-            let _ = std::fs::remove_file(socket);
-        }
-        let _ = std::fs::remove_dir(&self.dir);
-    }
 }
 
-/// Every sandbox of the server.
+/// Every sandbox of the server, and its spares.
 pub struct Registry {
     /// Where sandboxes' folders go.
     root: PathBuf,
@@ -165,15 +254,18 @@ pub struct Registry {
     exe: PathBuf,
     jail: bool,
     sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
+    pub pool: Pool,
 }
 
 impl Registry {
-    pub fn new(root: PathBuf, exe: PathBuf, jail: bool) -> Registry {
+    /// `warm`: the spares kept ready per template ([`Pool`]).
+    pub fn new(root: PathBuf, exe: PathBuf, jail: bool, warm: usize) -> Registry {
         Registry {
             root,
             exe,
             jail,
             sandboxes: Mutex::new(HashMap::new()),
+            pool: Pool::new(warm),
         }
     }
 
@@ -191,65 +283,112 @@ impl Registry {
         all
     }
 
-    /// Starts a sandbox from `spec.template`; returns once its agent
-    /// answers.
-    pub async fn create(&self, spec: Spec) -> Result<Arc<Sandbox>> {
+    /// VMs this server runs or is starting: sandboxes and spares.
+    fn vms(&self) -> usize {
+        self.map().len() + self.pool.count()
+    }
+
+    /// Starts a sandbox from `spec.template` (a ready spare of it when
+    /// there is one); returns once its agent answers. Then tops up the
+    /// template's spares.
+    pub async fn create(self: &Arc<Self>, spec: Spec) -> Result<Arc<Sandbox>> {
         if self.map().len() >= MAX_SANDBOXES {
             return Err(Error::Full);
         }
-        let template = spec.template.clone();
-        let found = tokio::task::spawn_blocking(move || crate::template::Template::open(&template))
-            .await
-            .map_err(|e| Error::Start(e.to_string()))?;
-        let t = match found {
-            Ok(t) => t,
-            Err(crate::template::Error::NoSuchTemplate(_)) => {
-                return Err(Error::NoTemplate(spec.template))
+        let t = open_template(&spec.template).await?;
+        let room = MAX_SANDBOXES.saturating_sub(self.vms());
+        let taken = self.pool.take(&spec.template, Version::of(&t), room);
+        for old in taken.stale {
+            tokio::spawn(async move { old.vm.stop().await });
+        }
+        let (id, vm) = match taken.spare {
+            Some(spare) => {
+                self.start_spares(&spec.template, taken.start);
+                (spare.id, spare.vm)
             }
-            Err(e) => {
-                return Err(Error::BadTemplate {
-                    name: spec.template,
-                    reason: e.to_string(),
-                })
+            None => {
+                if self.vms() >= MAX_SANDBOXES {
+                    return Err(Error::Full);
+                }
+                let id = new_id();
+                let vm = self.start(&spec.template, &id).await?;
+                // After this start, not beside it.
+                self.refill(&spec.template);
+                (id, vm)
             }
         };
+        let sandbox = Sandbox::new(id.clone(), vm, spec, Sizes::of(&t));
+        self.map().insert(id, sandbox.clone());
+        Ok(sandbox)
+    }
+
+    /// Starts spares of `template` in the background until it has its
+    /// count (none when the pool is off, closed or the server is full).
+    pub fn refill(self: &Arc<Self>, template: &str) {
+        let room = MAX_SANDBOXES.saturating_sub(self.vms());
+        self.start_spares(template, self.pool.reserve(template, room));
+    }
+
+    /// Starts `count` spares the pool has counted as starting.
+    fn start_spares(self: &Arc<Self>, template: &str, count: usize) {
+        for _ in 0..count {
+            let registry = self.clone();
+            let template = template.to_string();
+            tokio::spawn(async move {
+                match registry.start_spare(&template).await {
+                    Ok(spare) => {
+                        if let Some(late) = registry.pool.put(&template, spare) {
+                            late.vm.stop().await;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("a spare of the template {template} did not start: {e}");
+                        registry.pool.failed(&template);
+                    }
+                }
+            });
+        }
+    }
+
+    /// One spare: started, and warmed. Its template's warm-up is not run
+    /// again (it may change things: an install, a file), except the one
+    /// `vmm serve` gives `base`, which only reads; any other spare runs
+    /// `true`.
+    async fn start_spare(&self, template: &str) -> Result<Spare> {
+        let t = open_template(template).await?;
         let id = new_id();
-        let dir = self.root.join(&id);
+        let vm = self.start(template, &id).await?;
+        let command = match t.record.warmup.as_slice() {
+            [only] if only == super::WARMUP => super::WARMUP,
+            _ => "true",
+        };
+        if let Err(e) = vm.warm(command).await {
+            vm.stop().await;
+            return Err(e);
+        }
+        Ok(Spare {
+            id,
+            vm,
+            version: Version::of(&t),
+        })
+    }
+
+    /// Starts a VM from `template` in a folder named `id`; returns once its
+    /// agent answers.
+    async fn start(&self, template: &str, id: &str) -> Result<Machine> {
+        let dir = self.root.join(id);
         std::fs::create_dir_all(&dir).map_err(|source| Error::Folder {
             path: dir.clone(),
             source,
         })?;
         let api_socket = dir.join("api.sock");
-        let started = self.spawn(&spec.template, &api_socket, &dir).await;
-        let (child, vsock) = match started {
-            Ok(c) => c,
+        match self.spawn(template, &api_socket, &dir).await {
+            Ok((child, vsock)) => Ok(Machine::new(api_socket, vsock, dir, Some(child))),
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
-                return Err(e);
+                Err(e)
             }
-        };
-        let config = &t.record.config;
-        let sandbox = Arc::new(Sandbox {
-            id: id.clone(),
-            template: spec.template,
-            access_token: crate::runtime::random_hex(20),
-            started_at: SystemTime::now(),
-            end_at: Mutex::new(SystemTime::now() + spec.timeout),
-            metadata: spec.metadata,
-            env_vars: spec.env_vars,
-            vcpus: config.vcpus as u32,
-            memory_mib: config.memory_mib as u32,
-            disk_mib: t.size_on_disk() >> 20,
-            state: Mutex::new(State::Running),
-            api_socket,
-            vsock,
-            dir,
-            processes: Processes::default(),
-            watchers: Default::default(),
-            child: tokio::sync::Mutex::new(Some(child)),
-        });
-        self.map().insert(id, sandbox.clone());
-        Ok(sandbox)
+        }
     }
 
     /// Starts the VMM process and waits for its agent; returns the process
@@ -312,13 +451,13 @@ impl Registry {
         count: u32,
         timeout: Duration,
     ) -> Result<Vec<Result<Arc<Sandbox>>>> {
-        if self.map().len() + count as usize > MAX_SANDBOXES {
+        if self.vms() + count as usize > MAX_SANDBOXES {
             return Err(Error::Full);
         }
         let ids: Vec<String> = (0..count).map(|_| new_id()).collect();
         let req = crate::action::ForkRequest {
             count,
-            dir: Some(parent.dir.clone()),
+            dir: Some(parent.vm.dir.clone()),
             names: Some(ids),
         };
         let info = parent
@@ -338,25 +477,14 @@ impl Registry {
                     continue;
                 }
             };
-            let sandbox = Arc::new(Sandbox {
-                id: child.id.clone(),
+            let vm = Machine::new(child.api_socket, vsock, parent.vm.dir.clone(), None);
+            let spec = Spec {
                 template: parent.template.clone(),
-                access_token: crate::runtime::random_hex(20),
-                started_at: SystemTime::now(),
-                end_at: Mutex::new(SystemTime::now() + timeout),
+                timeout,
                 metadata: parent.metadata.clone(),
                 env_vars: parent.env_vars.clone(),
-                vcpus: parent.vcpus,
-                memory_mib: parent.memory_mib,
-                disk_mib: parent.disk_mib,
-                state: Mutex::new(State::Running),
-                api_socket: child.api_socket,
-                vsock,
-                dir: parent.dir.clone(),
-                processes: Processes::default(),
-                watchers: Default::default(),
-                child: tokio::sync::Mutex::new(None),
-            });
+            };
+            let sandbox = Sandbox::new(child.id.clone(), vm, spec, parent.sizes);
             self.map().insert(child.id, sandbox.clone());
             out.push(Ok(sandbox));
         }
@@ -370,7 +498,7 @@ impl Registry {
         };
         sandbox.processes.close_all();
         sandbox.watchers.close_all();
-        sandbox.stop().await;
+        sandbox.vm.stop().await;
         true
     }
 
@@ -389,12 +517,31 @@ impl Registry {
         }
     }
 
-    /// Kills every sandbox (the server stops).
+    /// Kills every sandbox and spare (the server stops).
     pub async fn kill_all(&self) {
+        for spare in self.pool.close() {
+            spare.vm.stop().await;
+        }
         let ids: Vec<String> = self.map().keys().cloned().collect();
         for id in ids {
             self.kill(&id).await;
         }
+    }
+}
+
+/// Opens a template by name, off the event loop.
+async fn open_template(name: &str) -> Result<crate::template::Template> {
+    let owned = name.to_string();
+    let found = tokio::task::spawn_blocking(move || crate::template::Template::open(&owned))
+        .await
+        .map_err(|e| Error::Start(e.to_string()))?;
+    match found {
+        Ok(t) => Ok(t),
+        Err(crate::template::Error::NoSuchTemplate(_)) => Err(Error::NoTemplate(name.to_string())),
+        Err(e) => Err(Error::BadTemplate {
+            name: name.to_string(),
+            reason: e.to_string(),
+        }),
     }
 }
 
