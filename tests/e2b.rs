@@ -9,8 +9,10 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -29,7 +31,7 @@ fn server() -> &'static Server {
     SERVER.get_or_init(|| {
         let scratch = Scratch::new("e2b");
         let mut cmd = Command::new(VMM);
-        cmd.args(["serve", "--listen", "127.0.0.1:0"])
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--keep-paused", "3"])
             .env("XDG_CONFIG_HOME", scratch.path("config"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped());
@@ -125,12 +127,25 @@ fn run_sdk_script(mut cmd: Command) {
 
 #[test]
 fn the_official_python_sdk_drives_sandboxes() {
+    // The sandboxes' network checks connect to the host's loopback here.
+    let host = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = host.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    std::thread::spawn(move || {
+        for _ in host.incoming().flatten() {
+            counted.fetch_add(1, Ordering::SeqCst);
+        }
+    });
     let mut cmd = Command::new(client_env("python").join("bin/python"));
     cmd.arg(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../tests/e2b/sdk_test.py"
-    ));
+    ))
+    .env("HOST_PORT", port.to_string());
     run_sdk_script(cmd);
+    // The two allowed connections arrived; the refused ones never left.
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
 
 #[test]
@@ -223,6 +238,25 @@ fn hostile_requests_get_errors_and_the_server_keeps_serving() {
         "x".repeat(2 << 20)
     );
     assert_eq!(json_call("POST", "/sandboxes", &big, &key).0, 413);
+    // Network settings it cannot apply are refused before anything starts.
+    for (network, want) in [
+        (r#"{"denyOut":["example.com"]}"#, 400),
+        (
+            r#"{"allowOut":["203.0.113.5"],"denyOut":["203.0.113.0/24"]}"#,
+            400,
+        ),
+        (r#"{"allowOut":["no such rule!"]}"#, 400),
+        (r#"{"allowOut":5}"#, 400),
+        (r#"{"egressProxy":{"address":"socks5://127.0.0.1:1"}}"#, 501),
+    ] {
+        let create = format!(r#"{{"templateID":"base","network":{network}}}"#);
+        let (status, body) = json_call("POST", "/sandboxes", &create, &key);
+        assert_eq!(status, want, "{network}: {body}");
+    }
+    assert_eq!(
+        json_call("PUT", "/sandboxes/nosuch/network", "{}", &key).0,
+        404
+    );
 
     let (a, token_a) = new_sandbox();
     let (b, _token_b) = new_sandbox();

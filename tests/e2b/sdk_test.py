@@ -3,8 +3,10 @@ it with E2B_API_URL, E2B_SANDBOX_URL and E2B_API_KEY pointing at the
 server). Each check prints `ok NAME`; the first failure raises."""
 
 import asyncio
+import json
 import os
 import time
+import urllib.request
 
 from e2b import (
     AsyncSandbox,
@@ -140,6 +142,31 @@ ok("paused", Sandbox.get_info(sbx.sandbox_id).state.value == "paused")
 again = Sandbox.connect(sbx.sandbox_id)
 ok("resumed", again.commands.run("cat /tmp/state").stdout == "before pause")
 
+
+def vmm_state(sandbox_id):
+    """This server's own view (GET /vmm/sandboxes/ID): running, paused, on_disk."""
+    req = urllib.request.Request(
+        f"{os.environ['E2B_API_URL']}/vmm/sandboxes/{sandbox_id}",
+        headers={"X-API-Key": os.environ["E2B_API_KEY"]},
+    )
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.load(r)["state"]
+
+
+# Paused past the server's limit (tests/e2b.rs: --keep-paused 3), the
+# sandbox moves to disk; a connect restores it as it was.
+sbx.files.write("/tmp/state", "before disk")
+sbx.pause()
+deadline = time.monotonic() + 120
+while (state := vmm_state(sbx.sandbox_id)) != "on_disk":
+    ok("moved to disk", time.monotonic() < deadline and state == "paused", state)
+    time.sleep(0.2)
+ok("moved to disk")
+ok("paused on disk", Sandbox.get_info(sbx.sandbox_id).state.value == "paused")
+again = Sandbox.connect(sbx.sandbox_id)
+ok("back from disk", again.commands.run("cat /tmp/state").stdout == "before disk")
+ok("running again", vmm_state(sbx.sandbox_id) == "running")
+
 # Fork: children continue from the parent's state and diverge.
 sbx.files.write("/tmp/fork-state", "from the parent")
 kids = sbx.fork(count=2)
@@ -153,6 +180,32 @@ ok("parent untouched", not sbx.files.exists("/tmp/mine"))
 ok("children differ", len({kid.commands.run("cat /etc/machine-id").stdout for kid in kids}) == 2)
 ok("kill a child", kids[0].kill())
 ok("parent still runs", sbx.commands.run("echo alive").stdout == "alive\n")
+
+# Network: the host's loopback (10.0.2.2, where tests/e2b.rs listens on
+# HOST_PORT) opens only to a rule that names it.
+connect = f"exec 3<>/dev/tcp/10.0.2.2/{os.environ['HOST_PORT']} && echo connected"
+
+
+def reaches(s):
+    try:
+        return s.commands.run(connect).stdout == "connected\n"
+    except CommandExitException:
+        return False
+
+
+ok("the host is closed by default", not reaches(sbx))
+sbx.update_network({"allow_out": ["10.0.2.2"]})
+ok("update_network opens it", reaches(sbx))
+sbx.update_network({"deny_out": ["0.0.0.0/0"]})
+ok("update_network closes it", not reaches(sbx))
+net = Sandbox.create(allow_internet_access=False, network={"allow_out": ["10.0.2.2"]}, timeout=120)
+ok("create with network rules", reaches(net))
+net.kill()
+
+# Metrics: one sample, as the guest sees itself.
+m = sbx.get_metrics()
+ok("metrics", len(m) == 1 and m[0].cpu_count >= 1 and 0 <= m[0].cpu_used_pct <= 100
+   and 0 < m[0].mem_used < m[0].mem_total and 0 < m[0].disk_used < m[0].disk_total, repr(m))
 
 # The list, a bad key, kill.
 ids = [s.sandbox_id for s in Sandbox.list().next_items()]

@@ -31,6 +31,8 @@ pub enum Action {
     Snapshot(SnapshotRequest),
     /// Start children that continue from this instant.
     Fork(ForkRequest),
+    /// Replace the user-mode network's egress policy (docs/network.md).
+    SetEgress(crate::config::EgressConfig),
     /// Stop the VM at once.
     Stop,
 }
@@ -144,6 +146,8 @@ impl ActionError {
             ActionError::NoAnswer(_) => 504,
             ActionError::Unexpected(_) => 500,
             ActionError::Control(crate::control::Error::TapNetwork) => 409,
+            ActionError::Control(crate::control::Error::NoUserNetwork) => 409,
+            ActionError::Control(crate::control::Error::BadEgress(_)) => 400,
             ActionError::Control(_) => 500,
         }
     }
@@ -158,17 +162,19 @@ pub enum Kind {
     Resume,
     Snapshot,
     Fork,
+    SetEgress,
     Stop,
 }
 
 /// Every action's HTTP method and path.
-pub const ROUTES: [(&str, &str, Kind); 7] = [
+pub const ROUTES: [(&str, &str, Kind); 8] = [
     ("GET", "/vm", Kind::Describe),
     ("GET", "/vm/agent", Kind::WaitAgent),
     ("PUT", "/vm/pause", Kind::Pause),
     ("PUT", "/vm/resume", Kind::Resume),
     ("PUT", "/vm/snapshot", Kind::Snapshot),
     ("PUT", "/vm/fork", Kind::Fork),
+    ("PUT", "/vm/egress", Kind::SetEgress),
     ("PUT", "/vm/stop", Kind::Stop),
 ];
 
@@ -181,6 +187,7 @@ impl Action {
             Action::Resume => Kind::Resume,
             Action::Snapshot(_) => Kind::Snapshot,
             Action::Fork(_) => Kind::Fork,
+            Action::SetEgress(_) => Kind::SetEgress,
             Action::Stop => Kind::Stop,
         }
     }
@@ -200,6 +207,7 @@ impl Action {
         let body = match self {
             Action::Snapshot(r) => serde_json::to_value(r),
             Action::Fork(r) => serde_json::to_value(r),
+            Action::SetEgress(r) => serde_json::to_value(r),
             _ => return None,
         };
         // Plain structs of paths, numbers and strings always encode.
@@ -226,6 +234,7 @@ impl Action {
             Kind::Stop => Action::Stop,
             Kind::Snapshot => Action::Snapshot(parse_body(body, "snapshot")?),
             Kind::Fork => Action::Fork(parse_body(body, "fork")?),
+            Kind::SetEgress => Action::SetEgress(parse_body(body, "egress")?),
         };
         action.check()?;
         Ok(action)
@@ -253,6 +262,10 @@ impl Action {
                     .try_for_each(|n| crate::names::check_name(n))
                     .map_err(|e| ActionError::BadRequest(e.to_string()))
             }
+            Action::SetEgress(egress) => egress
+                .policy()
+                .map(drop)
+                .map_err(|e| ActionError::BadRequest(e.to_string())),
             Action::Snapshot(SnapshotRequest { key: Some(k), .. })
                 if k.len() < auth::MIN_KEY_BYTES =>
             {
@@ -292,7 +305,7 @@ impl Reply {
             Kind::WaitAgent => Reply::Agent(serde_json::from_value(body)?),
             Kind::Snapshot => Reply::Snapshot(serde_json::from_value(body)?),
             Kind::Fork => Reply::Fork(serde_json::from_value(body)?),
-            Kind::Pause | Kind::Resume | Kind::Stop => Reply::Done,
+            Kind::Pause | Kind::Resume | Kind::SetEgress | Kind::Stop => Reply::Done,
         })
     }
 }
@@ -395,5 +408,11 @@ pub trait Control {
             Reply::Fork(info) => Ok(info),
             other => Err(Self::unexpected(other)),
         }
+    }
+
+    /// Replaces the user-mode network's egress policy; it applies to
+    /// connections that start from now on.
+    fn set_egress(&self, egress: crate::config::EgressConfig) -> Result<(), Self::Error> {
+        self.perform(Action::SetEgress(egress)).map(drop)
     }
 }

@@ -41,6 +41,10 @@ pub enum Error {
     Runtime(#[from] crate::runtime::Error),
     #[error("this VM's network is a TAP interface, which belongs to one VM: fork and snapshot need \"network\": {{\"mode\": \"user\"}}")]
     TapNetwork,
+    #[error("this VM has no user-mode network (\"network\": {{\"mode\": \"user\"}}), so it has no egress policy to change")]
+    NoUserNetwork,
+    #[error("bad egress policy: {0}")]
+    BadEgress(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -59,6 +63,8 @@ pub struct Controller {
     pub(crate) cpuid: Vec<Vec<CpuidEntry>>,
     pub(crate) config: VmConfig,
     pub(crate) cmdline: String,
+    /// The user-mode network's egress policy (none without one).
+    pub(crate) egress: Option<devices::virtio::net::user::policy::SharedPolicy>,
     fork_seq: u64,
     /// A child process started ahead of the next fork (see `fork::Spare`).
     spares: Vec<fork::Spare>,
@@ -93,9 +99,27 @@ impl Controller {
             cpuid,
             config,
             cmdline,
+            egress: None,
             fork_seq: 0,
             spares: Vec::new(),
         }
+    }
+
+    /// Replaces the user-mode network's egress policy: for connections
+    /// that start from now on, and for the snapshots and fork children
+    /// taken from now on.
+    pub fn set_egress(&mut self, egress: crate::config::EgressConfig) -> Result<()> {
+        let (Some(shared), Some(crate::config::NetworkConfig::User { egress: kept, .. })) =
+            (&self.egress, self.config.network.as_mut())
+        else {
+            return Err(Error::NoUserNetwork);
+        };
+        let policy = egress
+            .policy()
+            .map_err(|e| Error::BadEgress(e.to_string()))?;
+        shared.set(policy);
+        *kept = egress;
+        Ok(())
     }
 
     /// Stops every vCPU at an instruction boundary; returns their saved

@@ -370,6 +370,10 @@ impl Machine {
             Action::Pause => self.pause(),
             Action::Resume => self.resume(),
             Action::Snapshot(request) => self.snapshot(request),
+            Action::SetEgress(egress) => self
+                .control()
+                .and_then(|c| Ok(c.set_egress(egress)?))
+                .map(|()| Reply::Done),
             Action::Fork(request) => return self.fork(&request, responder, ops),
         };
         responder.answer(result);

@@ -90,6 +90,21 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Replace a running VM's egress policy (docs/network.md); it applies
+    /// to connections that start from now on.
+    Egress {
+        #[command(flatten)]
+        target: Target,
+        /// What a destination no rule names gets: allow or deny.
+        #[arg(long, default_value = "allow", value_parser = ["allow", "deny"])]
+        default: String,
+        /// A destination to allow: CIDR, NAME, *.NAME, optionally :PORT (repeatable).
+        #[arg(long)]
+        allow: Vec<String>,
+        /// A destination to deny, as --allow (repeatable).
+        #[arg(long)]
+        deny: Vec<String>,
+    },
     /// Write a snapshot of a running VM into a new directory; the VM
     /// continues (docs/snapshot.md).
     Snapshot {
@@ -729,6 +744,23 @@ fn main() -> ExitCode {
         Command::Stop { target, force } => stop(&target, force),
         Command::Pause { target } => control(&target, Action::Pause),
         Command::Resume { target } => control(&target, Action::Resume),
+        Command::Egress {
+            target,
+            default,
+            allow,
+            deny,
+        } => {
+            let default = match default.as_str() {
+                "deny" => vmm::config::EgressDefault::Deny,
+                _ => vmm::config::EgressDefault::Allow,
+            };
+            let egress = vmm::config::EgressConfig {
+                default,
+                allow,
+                deny,
+            };
+            control(&target, Action::SetEgress(egress))
+        }
         Command::Snapshot {
             target,
             out,

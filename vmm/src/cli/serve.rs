@@ -24,6 +24,10 @@ pub struct ServeArgs {
     /// takes one at once (0: none; each costs a running VM's memory)
     #[arg(long, default_value_t = 1)]
     warm: usize,
+    /// Seconds a paused sandbox stays in memory; then it is snapshotted to
+    /// disk and its VMM ends, until a connect restores it (0: never)
+    #[arg(long, default_value_t = 600)]
+    keep_paused: u64,
 }
 
 #[derive(clap::Args)]
@@ -48,7 +52,11 @@ pub fn mcp(args: McpArgs) -> ExitCode {
             return fail(e);
         }
     }
-    match vmm::serve::run_mcp(!args.no_jail, args.warm) {
+    match vmm::serve::run_mcp(vmm::serve::sandboxes::Settings {
+        jail: !args.no_jail,
+        warm: args.warm,
+        keep_paused: None,
+    }) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }
@@ -69,8 +77,12 @@ pub fn serve(args: ServeArgs) -> ExitCode {
     let opts = vmm::serve::Options {
         listen: args.listen,
         api_key: args.api_key,
-        jail: !args.no_jail,
-        warm: args.warm,
+        sandboxes: vmm::serve::sandboxes::Settings {
+            jail: !args.no_jail,
+            warm: args.warm,
+            keep_paused: (args.keep_paused > 0)
+                .then(|| std::time::Duration::from_secs(args.keep_paused)),
+        },
     };
     let ran = vmm::serve::run(opts, |addr, key| {
         eprintln!("vmm serve: listening on http://{addr}; point an E2B SDK at it with:");
@@ -85,15 +97,22 @@ pub fn serve(args: ServeArgs) -> ExitCode {
 }
 
 /// Builds the `base` template when it is missing, and again when what it
-/// was built from changed (a rebuilt kernel, initramfs or base image),
-/// in a process of its own: this one stays free of VM threads. Its
-/// warm-up runs what the E2B SDKs run first (a login shell, Python), so
-/// their first command finds it in memory.
+/// was built from changed (a rebuilt kernel, initramfs or base image) or
+/// it has no network (one built before sandboxes had one), in a process
+/// of its own: this one stays free of VM threads. It has the user-mode
+/// network (E2B sandboxes reach the internet by default; a create's or an
+/// update's rules narrow it), and its warm-up runs what the E2B SDKs run
+/// first (a login shell, Python), so their first command finds it in
+/// memory.
 fn ensure_base() -> Result<(), String> {
     use vmm::template::{self, Template};
     let name = vmm::serve::DEFAULT_TEMPLATE;
-    let flag = match Template::open(name).and_then(|t| t.fit(None)) {
-        Ok(_) => return Ok(()),
+    let flag = match Template::open(name).and_then(|t| t.fit(None).map(|c| c.network)) {
+        Ok(Some(_)) => return Ok(()),
+        Ok(None) => {
+            eprintln!("vmm serve: rebuilding the template {name} with a network");
+            "--replace"
+        }
         Err(template::Error::NoSuchTemplate(_)) => "--if-missing",
         Err(template::Error::Stale { changes, .. }) => {
             eprintln!(
@@ -104,9 +123,15 @@ fn ensure_base() -> Result<(), String> {
         }
         Err(e) => return Err(format!("{e} (or start with --no-base)")),
     };
+    let scratch = vmm::runtime::RuntimeDir::create("serve-base").map_err(|e| e.to_string())?;
+    let config = scratch.path().join("config.json");
+    std::fs::write(&config, vmm::serve::BASE_CONFIG)
+        .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
     let exe = std::env::current_exe().map_err(|e| format!("cannot find the vmm binary: {e}"))?;
     let status = Command::new(exe)
-        .args(["template", "create", name, flag, "--warmup"])
+        .args(["template", "create", name, flag, "--config"])
+        .arg(&config)
+        .arg("--warmup")
         .arg(vmm::serve::WARMUP)
         .stdout(std::process::Stdio::null())
         .status()

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::http::{self, HttpBody};
+use super::network::{self, E2bNetwork, Refusal};
 use super::sandboxes::{self, Sandbox, Spec, State};
 use super::{Server, ENVD_VERSION};
 
@@ -42,7 +43,7 @@ struct NewSandbox {
     #[serde(default, rename = "allow_internet_access")]
     allow_internet_access: Option<bool>,
     #[serde(default)]
-    network: Option<Value>,
+    network: Option<E2bNetwork>,
     #[serde(default)]
     volume_mounts: Option<Vec<Value>>,
     #[serde(default)]
@@ -84,7 +85,7 @@ pub fn rfc3339(t: SystemTime) -> String {
 fn state_name(s: State) -> &'static str {
     match s {
         State::Running => "running",
-        State::Paused => "paused",
+        State::Paused | State::OnDisk => "paused",
     }
 }
 
@@ -216,10 +217,22 @@ pub async fn handle(
         }
         (&Method::POST, ["sandboxes", id, "fork"]) => fork(server, id, body).await,
         (&Method::GET, ["vmm", "pool"]) => pool(server, query).await,
+        (&Method::GET, ["vmm", "sandboxes", id]) => match server.sandboxes.get(id) {
+            Some(s) => {
+                let state = match s.state() {
+                    State::Running => "running",
+                    State::Paused => "paused",
+                    State::OnDisk => "on_disk",
+                };
+                http::json(StatusCode::OK, &json!({"sandboxID": s.id, "state": state}))
+            }
+            None => not_found(id),
+        },
         (_, ["sandboxes", _, "snapshots"]) | (_, ["snapshots", ..]) => unsupported("snapshots"),
-        (_, ["sandboxes", _, "metrics"]) | (_, ["sandboxes", "metrics"]) => unsupported("metrics"),
+        (&Method::GET, ["sandboxes", id, "metrics"]) => metrics(server, id).await,
+        (_, ["sandboxes", "metrics"]) => unsupported("metrics of many sandboxes at once"),
         (_, ["sandboxes", _, "logs"]) => unsupported("sandbox logs"),
-        (_, ["sandboxes", _, "network"]) => unsupported("changing a sandbox's network"),
+        (&Method::PUT, ["sandboxes", id, "network"]) => update_network(server, id, body).await,
         (_, ["templates", ..]) => unsupported("the template API (use `vmm template`)"),
         (_, ["volumes", ..]) | (_, ["secrets", ..]) => unsupported("this route"),
         _ => http::error(StatusCode::NOT_FOUND, format!("no route {method} {path}")),
@@ -238,6 +251,53 @@ async fn pool(server: &Arc<Server>, query: Option<&str>) -> Response<HttpBody> {
     http::json(StatusCode::OK, &status.unwrap_or_else(|| pool.status()))
 }
 
+/// One metrics sample of a running sandbox (E2B answers a series).
+async fn metrics(server: &Arc<Server>, id: &str) -> Response<HttpBody> {
+    let Some(s) = server.sandboxes.get(id) else {
+        return not_found(id);
+    };
+    if s.state().is_paused() {
+        return http::json(StatusCode::OK, &json!([]));
+    }
+    match super::metrics::sample(&s).await {
+        Ok(m) => http::json(StatusCode::OK, &json!([m])),
+        Err(e) => http::error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+/// Network settings this server cannot apply: 501 for a feature it does
+/// not have, 400 for settings it cannot express or that are wrong.
+fn refused(r: Refusal) -> Response<HttpBody> {
+    match r {
+        Refusal::Unsupported(what) => unsupported(what),
+        Refusal::Bad(message) => http::error(StatusCode::BAD_REQUEST, message),
+    }
+}
+
+/// `PUT /sandboxes/{id}/network`: a new egress policy, in place at once
+/// for new connections.
+async fn update_network(server: &Arc<Server>, id: &str, body: &[u8]) -> Response<HttpBody> {
+    let Some(s) = server.sandboxes.get(id) else {
+        return not_found(id);
+    };
+    let egress = match parse::<E2bNetwork>(body).map(|n| network::at_update(&n)) {
+        Ok(Ok(e)) => e,
+        Ok(Err(r)) => return refused(r),
+        Err(r) => return r,
+    };
+    if !s.sizes.network {
+        let e = sandboxes::Error::NoNetwork(s.template.clone());
+        return http::error(StatusCode::BAD_REQUEST, e.to_string());
+    }
+    match s
+        .control(move |api| crate::action::Control::set_egress(api, egress))
+        .await
+    {
+        Ok(()) => http::empty(StatusCode::NO_CONTENT),
+        Err(e) => http::error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
 async fn create(server: &Arc<Server>, body: &[u8]) -> Response<HttpBody> {
     let req: NewSandbox = match parse(body) {
         Ok(r) => r,
@@ -252,11 +312,10 @@ async fn create(server: &Arc<Server>, body: &[u8]) -> Response<HttpBody> {
     if req.mcp.as_ref().is_some_and(|m| !m.is_null()) {
         return unsupported("an MCP gateway in the sandbox");
     }
-    if req.allow_internet_access == Some(false)
-        || req.network.as_ref().is_some_and(|n| !n.is_null())
-    {
-        return unsupported("network rules at create");
-    }
+    let egress = match network::at_create(req.allow_internet_access, req.network.as_ref()) {
+        Ok(e) => e,
+        Err(r) => return refused(r),
+    };
     let _ = req.secure;
     let timeout = match timeout_of(req.timeout) {
         Ok(t) => t,
@@ -267,6 +326,7 @@ async fn create(server: &Arc<Server>, body: &[u8]) -> Response<HttpBody> {
         timeout,
         metadata: req.metadata.unwrap_or_default(),
         env_vars: req.env_vars.unwrap_or_default(),
+        egress,
     };
     match server.sandboxes.create(spec).await {
         Ok(s) => http::json(StatusCode::CREATED, &created(&s)),
@@ -275,6 +335,9 @@ async fn create(server: &Arc<Server>, body: &[u8]) -> Response<HttpBody> {
         }
         Err(e @ sandboxes::Error::Full) => {
             http::error(StatusCode::TOO_MANY_REQUESTS, e.to_string())
+        }
+        Err(e @ sandboxes::Error::NoNetwork(_)) => {
+            http::error(StatusCode::BAD_REQUEST, e.to_string())
         }
         Err(e) => http::error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
@@ -336,7 +399,9 @@ async fn fork(server: &Arc<Server>, id: &str, body: &[u8]) -> Response<HttpBody>
         Ok(t) => t,
         Err(r) => return r,
     };
-    if parent.state() == State::Paused {
+    // Not paused, and not moving to disk while it forks.
+    let _changing = parent.transition.lock().await;
+    if parent.state().is_paused() {
         return http::error(
             StatusCode::CONFLICT,
             format!("sandbox {id:?} is paused: connect to it first"),
@@ -367,7 +432,8 @@ async fn pause(server: &Arc<Server>, id: &str) -> Response<HttpBody> {
     let Some(s) = server.sandboxes.get(id) else {
         return not_found(id);
     };
-    if s.state() == State::Paused {
+    let _changing = s.transition.lock().await;
+    if s.state().is_paused() {
         return http::error(
             StatusCode::CONFLICT,
             format!("sandbox {id:?} is paused already"),
@@ -375,7 +441,7 @@ async fn pause(server: &Arc<Server>, id: &str) -> Response<HttpBody> {
     }
     match s.control(crate::action::Control::pause).await {
         Ok(()) => {
-            *s.state.lock().unwrap_or_else(|e| e.into_inner()) = State::Paused;
+            s.set_state(State::Paused);
             http::empty(StatusCode::NO_CONTENT)
         }
         Err(e) => http::error(
@@ -386,24 +452,32 @@ async fn pause(server: &Arc<Server>, id: &str) -> Response<HttpBody> {
 }
 
 /// Connect (and the older resume): a running sandbox answers 200 with its
-/// timeout renewed; a paused one is resumed and answers 201.
+/// timeout renewed; a paused one is resumed (from disk if it moved there)
+/// and answers 201.
 async fn connect(server: &Arc<Server>, id: &str, timeout: Duration) -> Response<HttpBody> {
     let Some(s) = server.sandboxes.get(id) else {
         return not_found(id);
     };
-    let status = match s.state() {
-        State::Running => StatusCode::OK,
-        State::Paused => {
-            if let Err(e) = s.control(crate::action::Control::resume).await {
-                return http::error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("cannot resume sandbox {id:?}: {e}"),
-                );
-            }
-            *s.state.lock().unwrap_or_else(|e| e.into_inner()) = State::Running;
+    let changing = s.transition.lock().await;
+    let resumed = match s.state() {
+        State::Running => None,
+        State::Paused => Some(s.control(crate::action::Control::resume).await),
+        State::OnDisk => Some(server.sandboxes.from_disk(&s).await),
+    };
+    let status = match resumed {
+        None => StatusCode::OK,
+        Some(Ok(())) => {
+            s.set_state(State::Running);
             StatusCode::CREATED
         }
+        Some(Err(e)) => {
+            return http::error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot resume sandbox {id:?}: {e}"),
+            )
+        }
     };
+    drop(changing);
     if SystemTime::now() + timeout > s.end_at() {
         s.set_timeout(timeout);
     }

@@ -33,6 +33,36 @@ pub struct CreateArgs {
     /// Debian image with Python.
     #[serde(default)]
     pub template: Option<String>,
+    /// Whether the sandbox may reach the internet (default true; never the
+    /// host or private networks unless `allow` names them).
+    #[serde(default)]
+    pub internet: Option<bool>,
+    /// Destinations to allow: "1.2.3.4", "10.0.0.0/8", "pypi.org",
+    /// "*.example.com", each optionally with ":PORT"; "10.0.2.2:PORT" is
+    /// the host's loopback.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Destinations to deny, as `allow`; a denied one wins.
+    #[serde(default)]
+    pub deny: Vec<String>,
+}
+
+impl CreateArgs {
+    /// The egress policy asked for; `None`: the template's.
+    fn egress(&self) -> Option<crate::config::EgressConfig> {
+        use crate::config::{EgressConfig, EgressDefault};
+        if self.internet.is_none() && self.allow.is_empty() && self.deny.is_empty() {
+            return None;
+        }
+        Some(EgressConfig {
+            default: match self.internet {
+                Some(false) => EgressDefault::Deny,
+                _ => EgressDefault::Allow,
+            },
+            allow: self.allow.clone(),
+            deny: self.deny.clone(),
+        })
+    }
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -143,13 +173,14 @@ impl Mcp {
     }
 
     #[tool(
-        description = "Create a sandbox: a Linux microVM started from a template (default `base`: Debian with Python 3). Returns its id."
+        description = "Create a sandbox: a Linux microVM started from a template (default `base`: Debian with Python 3, on the internet but not the host or private networks; `internet`, `allow` and `deny` change that). Returns its id."
     )]
     async fn create_sandbox(
         &self,
         Parameters(a): Parameters<CreateArgs>,
     ) -> Result<CallToolResult, ErrorData> {
         let spec = Spec {
+            egress: a.egress(),
             template: a.template.unwrap_or_else(|| super::DEFAULT_TEMPLATE.into()),
             timeout: SANDBOX_TIMEOUT,
             ..Default::default()
@@ -391,6 +422,27 @@ pub async fn serve_stdio(registry: Arc<Registry>) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn create_arguments_become_an_egress_policy() {
+        let args = |v: serde_json::Value| serde_json::from_value::<CreateArgs>(v).unwrap();
+        assert_eq!(args(serde_json::json!({})).egress(), None);
+        let closed = args(serde_json::json!({"internet": false, "allow": ["pypi.org:443"]}));
+        let want = crate::config::EgressConfig {
+            default: crate::config::EgressDefault::Deny,
+            allow: vec!["pypi.org:443".into()],
+            deny: vec![],
+        };
+        assert_eq!(closed.egress(), Some(want));
+        let denied = args(serde_json::json!({"deny": ["203.0.113.0/24"]})).egress();
+        assert_eq!(
+            denied.map(|e| (e.default, e.deny)),
+            Some((
+                crate::config::EgressDefault::Allow,
+                vec!["203.0.113.0/24".to_string()]
+            ))
+        );
+    }
 
     #[test]
     fn long_output_is_cut_with_a_note() {

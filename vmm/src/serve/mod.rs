@@ -12,10 +12,13 @@ pub mod guest;
 pub mod http;
 pub mod key;
 pub mod mcp;
+pub mod metrics;
+pub mod network;
 pub mod pool;
 pub mod process;
 pub mod sandbox_api;
 pub mod sandboxes;
+pub mod suspend;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -38,6 +41,10 @@ pub const ENVD_VERSION: &str = "0.5.7";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:49999";
 /// The template a create without one starts (E2B's default is `base`).
 pub const DEFAULT_TEMPLATE: &str = "base";
+/// The configuration of the `base` template `vmm serve` builds: `vmm
+/// run`'s defaults and the user-mode network with its default egress (the
+/// internet, not the host or private networks).
+pub const BASE_CONFIG: &str = r#"{"network": {"mode": "user"}}"#;
 /// The warm-up of the `base` template `vmm serve` builds: what the E2B
 /// SDKs' first commands run (every command is `bash -l -c`).
 pub const WARMUP: &str = "bash -l -c 'python3 -c \"import json, os, subprocess\"'";
@@ -70,10 +77,8 @@ pub struct Options {
     /// The API key; `None`: the one in `~/.config/vmm/serve.key`, made on
     /// first start.
     pub api_key: Option<String>,
-    /// Run each sandbox's VMM in a jail (docs/security.md).
-    pub jail: bool,
-    /// Spare sandboxes kept ready per template (`sandboxes::Pool`).
-    pub warm: usize,
+    /// How sandboxes run.
+    pub sandboxes: sandboxes::Settings,
 }
 
 /// The server's shared state.
@@ -92,8 +97,8 @@ struct Host {
 }
 
 impl Host {
-    /// `warm` spares per template; the default template's start now.
-    fn new(jail: bool, warm: usize) -> Result<Host, Error> {
+    /// The default template's spares start now.
+    fn new(settings: sandboxes::Settings) -> Result<Host, Error> {
         let exe = std::env::current_exe().map_err(Error::Exe)?;
         let folder = crate::runtime::RuntimeDir::create("serve")?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -101,7 +106,7 @@ impl Host {
             .enable_all()
             .build()
             .map_err(Error::Runtime)?;
-        let registry = Arc::new(Registry::new(folder.path().to_path_buf(), exe, jail, warm));
+        let registry = Arc::new(Registry::new(folder.path().to_path_buf(), exe, settings));
         let reaped = registry.clone();
         runtime.spawn(async move {
             if crate::template::Template::open(DEFAULT_TEMPLATE).is_ok() {
@@ -111,6 +116,7 @@ impl Host {
             loop {
                 tick.tick().await;
                 reaped.reap_expired().await;
+                reaped.move_paused_to_disk().await;
             }
         });
         Ok(Host {
@@ -128,7 +134,7 @@ pub fn run(opts: Options, on_listening: impl FnOnce(SocketAddr, &str)) -> Result
         Some(k) => k,
         None => key::load_or_create(&key::default_path())?,
     };
-    let host = Host::new(opts.jail, opts.warm)?;
+    let host = Host::new(opts.sandboxes)?;
     let server = Arc::new(Server {
         api_key,
         sandboxes: host.registry.clone(),
@@ -149,8 +155,8 @@ pub fn run(opts: Options, on_listening: impl FnOnce(SocketAddr, &str)) -> Result
 }
 
 /// Runs the MCP server on stdin/stdout until the client closes it.
-pub fn run_mcp(jail: bool, warm: usize) -> Result<(), Error> {
-    let host = Host::new(jail, warm)?;
+pub fn run_mcp(settings: sandboxes::Settings) -> Result<(), Error> {
+    let host = Host::new(settings)?;
     host.runtime
         .block_on(mcp::serve_stdio(host.registry.clone()))
         .map_err(Error::Mcp)

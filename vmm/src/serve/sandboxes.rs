@@ -48,6 +48,8 @@ pub enum Error {
     Api(String),
     #[error("the spare's warm-up failed: {0}")]
     Warm(String),
+    #[error("the template {0:?} has no network, so there is no egress to allow or deny: build it with \"network\": {{\"mode\": \"user\"}} in its config (docs/agents.md)")]
+    NoNetwork(String),
     #[error("cannot make the sandbox's folder {path}: {source}")]
     Folder {
         path: PathBuf,
@@ -64,28 +66,47 @@ pub struct Spec {
     pub timeout: Duration,
     pub metadata: BTreeMap<String, String>,
     pub env_vars: BTreeMap<String, String>,
+    /// An egress policy to set; `None`: the template's.
+    pub egress: Option<crate::config::EgressConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
     Running,
+    /// Paused, in memory.
     Paused,
+    /// Paused past the server's limit: snapshotted to disk, its VMM gone
+    /// (`suspend.rs`).
+    OnDisk,
 }
 
-/// Its size, as the template made it.
+impl State {
+    pub fn is_paused(self) -> bool {
+        self != State::Running
+    }
+}
+
+/// Its size and devices, as the template made them.
 #[derive(Debug, Clone, Copy)]
 pub struct Sizes {
     pub vcpus: u32,
     pub memory_mib: u32,
     pub disk_mib: u64,
+    /// It has a user-mode network, whose egress policy can be set.
+    pub network: bool,
 }
 
 impl Sizes {
     fn of(t: &crate::template::Template) -> Sizes {
+        let config = &t.record.config;
         Sizes {
-            vcpus: t.record.config.vcpus,
-            memory_mib: t.record.config.memory_mib as u32,
+            vcpus: config.vcpus,
+            memory_mib: config.memory_mib as u32,
             disk_mib: t.size_on_disk() >> 20,
+            network: matches!(
+                config.network,
+                Some(crate::config::NetworkConfig::User { .. })
+            ),
         }
     }
 }
@@ -102,6 +123,8 @@ pub struct Machine {
     /// The VMM process, for a VM this server started; a fork child is its
     /// parent VMM's child, stopped through its control socket.
     child: tokio::sync::Mutex<Option<Child>>,
+    /// This server started its VMM process (it is no fork child).
+    pub own_process: bool,
 }
 
 impl Machine {
@@ -110,8 +133,14 @@ impl Machine {
             api_socket,
             vsock,
             dir,
+            own_process: child.is_some(),
             child: tokio::sync::Mutex::new(child),
         }
+    }
+
+    /// The VMM process that now runs this VM (restored from disk).
+    pub async fn set_process(&self, child: Child) {
+        *self.child.lock().await = Some(child);
     }
 
     pub fn api(&self) -> ApiClient {
@@ -121,7 +150,7 @@ impl Machine {
     /// Ends the VMM: SIGTERM (the VM stops), SIGKILL if it lingers; a
     /// fork child through its control socket. Then removes its sockets,
     /// and its folder once nothing else is in it.
-    async fn stop(&self) {
+    pub async fn stop(&self) {
         let mut guard = self.child.lock().await;
         match guard.take() {
             Some(mut child) => {
@@ -193,17 +222,27 @@ pub struct Sandbox {
     pub env_vars: BTreeMap<String, String>,
     pub sizes: Sizes,
     pub state: Mutex<State>,
+    /// When it was paused, while it is.
+    pub paused_at: Mutex<Option<std::time::Instant>>,
+    /// Held across a change of state (pause, resume, a move to disk), so
+    /// that two never interleave.
+    pub transition: tokio::sync::Mutex<()>,
     pub vm: Machine,
     pub processes: Processes,
     pub watchers: super::filesystem::Watchers,
+    /// The previous metrics sample's CPU times.
+    pub last_cpu: super::metrics::LastCpu,
 }
 
 impl Sandbox {
-    /// A sandbox of `vm`, as `spec` asks (its template already chosen).
+    /// A sandbox of `vm`, as `spec` asks (its template chosen, its
+    /// egress policy set).
     fn new(id: String, vm: Machine, spec: Spec, sizes: Sizes) -> Arc<Sandbox> {
         Arc::new(Sandbox {
             id,
             template: spec.template,
+            paused_at: Mutex::new(None),
+            transition: tokio::sync::Mutex::new(()),
             access_token: crate::runtime::random_hex(20),
             started_at: SystemTime::now(),
             end_at: Mutex::new(SystemTime::now() + spec.timeout),
@@ -214,6 +253,7 @@ impl Sandbox {
             vm,
             processes: Processes::default(),
             watchers: Default::default(),
+            last_cpu: Default::default(),
         })
     }
 
@@ -223,6 +263,13 @@ impl Sandbox {
 
     pub fn state(&self) -> State {
         *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a new state (the caller holds `transition`).
+    pub fn set_state(&self, state: State) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = state;
+        *self.paused_at.lock().unwrap_or_else(|e| e.into_inner()) =
+            (state == State::Paused).then(std::time::Instant::now);
     }
 
     pub fn end_at(&self) -> SystemTime {
@@ -246,26 +293,47 @@ impl Sandbox {
     }
 }
 
+/// How a server runs its sandboxes.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Each sandbox's VMM in a jail (docs/security.md).
+    pub jail: bool,
+    /// Spares kept ready per template ([`Pool`]).
+    pub warm: usize,
+    /// How long a paused sandbox stays in memory before it moves to disk
+    /// (`None`: for ever).
+    pub keep_paused: Option<Duration>,
+}
+
+/// How a sandbox's VMM starts.
+pub(super) enum Boot<'a> {
+    Template(&'a str),
+    /// Restored from a snapshot this server took (its host-side settings
+    /// trusted).
+    Snapshot {
+        dir: &'a Path,
+    },
+}
+
 /// Every sandbox of the server, and its spares.
 pub struct Registry {
     /// Where sandboxes' folders go.
     root: PathBuf,
     /// The `vmm` binary the sandboxes run.
     exe: PathBuf,
-    jail: bool,
+    pub(super) settings: Settings,
     sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
     pub pool: Pool,
 }
 
 impl Registry {
-    /// `warm`: the spares kept ready per template ([`Pool`]).
-    pub fn new(root: PathBuf, exe: PathBuf, jail: bool, warm: usize) -> Registry {
+    pub fn new(root: PathBuf, exe: PathBuf, settings: Settings) -> Registry {
         Registry {
             root,
             exe,
-            jail,
+            pool: Pool::new(settings.warm),
+            settings,
             sandboxes: Mutex::new(HashMap::new()),
-            pool: Pool::new(warm),
         }
     }
 
@@ -296,6 +364,10 @@ impl Registry {
             return Err(Error::Full);
         }
         let t = open_template(&spec.template).await?;
+        let sizes = Sizes::of(&t);
+        if spec.egress.is_some() && !sizes.network {
+            return Err(Error::NoNetwork(spec.template));
+        }
         let room = MAX_SANDBOXES.saturating_sub(self.vms());
         let taken = self.pool.take(&spec.template, Version::of(&t), room);
         for old in taken.stale {
@@ -317,7 +389,18 @@ impl Registry {
                 (id, vm)
             }
         };
-        let sandbox = Sandbox::new(id.clone(), vm, spec, Sizes::of(&t));
+        if let Some(egress) = spec.egress.clone() {
+            let api = vm.api();
+            let set = tokio::task::spawn_blocking(move || api.set_egress(egress)).await;
+            if let Err(e) = set
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()))
+            {
+                vm.stop().await;
+                return Err(Error::Api(e));
+            }
+        }
+        let sandbox = Sandbox::new(id.clone(), vm, spec, sizes);
         self.map().insert(id, sandbox.clone());
         Ok(sandbox)
     }
@@ -382,7 +465,10 @@ impl Registry {
             source,
         })?;
         let api_socket = dir.join("api.sock");
-        match self.spawn(template, &api_socket, &dir).await {
+        match self
+            .spawn(Boot::Template(template), &api_socket, &dir)
+            .await
+        {
             Ok((child, vsock)) => Ok(Machine::new(api_socket, vsock, dir, Some(child))),
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
@@ -393,25 +479,29 @@ impl Registry {
 
     /// Starts the VMM process and waits for its agent; returns the process
     /// and the agent's vsock socket.
-    async fn spawn(
+    pub(super) async fn spawn(
         &self,
-        template: &str,
+        boot: Boot<'_>,
         api_socket: &Path,
         dir: &Path,
     ) -> Result<(Child, PathBuf)> {
         let log = std::fs::File::create(dir.join("vmm.log")).map_err(Error::Spawn)?;
         let mut cmd = Command::new(&self.exe);
-        cmd.arg("launch")
-            .arg("--template")
-            .arg(template)
-            .arg("--api-socket")
+        match boot {
+            Boot::Template(name) => cmd.args(["launch", "--template", name]),
+            Boot::Snapshot { dir } => cmd
+                .args(["restore", "--snapshot"])
+                .arg(dir)
+                .arg("--trust-snapshot-config"),
+        };
+        cmd.arg("--api-socket")
             .arg(api_socket)
             .env("VMM_LAUNCH_NOTIFY", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .kill_on_drop(true);
-        if self.jail {
+        if self.settings.jail {
             cmd.arg("--jail");
         }
         let mut child = cmd.spawn().map_err(Error::Spawn)?;
@@ -483,6 +573,8 @@ impl Registry {
                 timeout,
                 metadata: parent.metadata.clone(),
                 env_vars: parent.env_vars.clone(),
+                // They keep the parent's policy.
+                egress: None,
             };
             let sandbox = Sandbox::new(child.id.clone(), vm, spec, parent.sizes);
             self.map().insert(child.id, sandbox.clone());
@@ -499,6 +591,7 @@ impl Registry {
         sandbox.processes.close_all();
         sandbox.watchers.close_all();
         sandbox.vm.stop().await;
+        super::suspend::remove_snapshot(&sandbox);
         true
     }
 

@@ -17,6 +17,7 @@ use devices::sync::Locked;
 use devices::virtio::block::{Block, LayeredDisk, SharedDisk};
 use devices::virtio::fs::{Fs, PassthroughFs};
 use devices::virtio::net::tap::Tap;
+use devices::virtio::net::user::policy::SharedPolicy;
 use devices::virtio::net::user::{self, UserNet, UserNetConfig};
 use devices::virtio::net::{Net, NetBackend};
 use devices::virtio::vsock::Vsock;
@@ -134,6 +135,8 @@ struct Devices {
     disk_base: Option<PathBuf>,
     /// The new MAC address a restored guest's interface is to take.
     new_mac: Option<[u8; 6]>,
+    /// The user-mode network's egress policy, to change while it runs.
+    egress: Option<SharedPolicy>,
 }
 
 /// Creates the configuration's virtio devices and puts them on the bus: in
@@ -168,6 +171,7 @@ fn devices(
     }
     let mut backends: Vec<Backend> = Vec::new();
     let mut new_mac = None;
+    let mut egress = None;
     if let Some(v) = &config.vsock {
         let vsock = Vsock::new(v.cid, &v.uds_path).map_err(|source| Error::VsockSocket {
             path: v.uds_path.clone(),
@@ -179,7 +183,8 @@ fn devices(
     if let Some(network) = &config.network {
         let (mac, new) = guest_mac(network, restore.is_some())?;
         new_mac = new.then_some(mac);
-        let net = network_device(network, mac, restore.is_some())?;
+        let (net, policy) = network_device(network, mac, restore.is_some())?;
+        egress = policy;
         backends.push(Arc::new(Mutex::new(net.handle())));
         devices.push((DeviceId::Network, Box::new(net)));
     }
@@ -221,6 +226,7 @@ fn devices(
         disk,
         disk_base,
         new_mac,
+        egress,
     })
 }
 
@@ -278,6 +284,7 @@ fn finish(config: &VmConfig, start: Instant, p: Parts) -> Vm {
         config: config.clone(),
         restored_agent: p.restored_agent,
         new_mac: p.devices.new_mac,
+        egress: p.devices.egress,
         serial: p.platform.serial,
         panic: p.platform.panic,
         boot_time: p.platform.boot_time,
@@ -545,8 +552,14 @@ fn ip_arg(address: &str, gateway: Option<&str>) -> Result<String> {
 /// The virtio-net device for `network`. A restored or forked machine gets a
 /// user-mode network of its own (no connections carried over); its port
 /// forwards are bound when the ports are free, else left out with a
-/// warning (the original VM may still hold them).
-fn network_device(network: &NetworkConfig, mac: [u8; 6], restored: bool) -> Result<Net> {
+/// warning (the original VM may still hold them). Also the user-mode
+/// network's egress policy, which may change while the VM runs.
+fn network_device(
+    network: &NetworkConfig,
+    mac: [u8; 6],
+    restored: bool,
+) -> Result<(Net, Option<SharedPolicy>)> {
+    let mut policy = None;
     let backend: Box<dyn NetBackend> = match network {
         NetworkConfig::Tap { tap, .. } => Box::new(Tap::open(tap)?),
         NetworkConfig::User {
@@ -578,21 +591,24 @@ fn network_device(network: &NetworkConfig, mac: [u8; 6], restored: bool) -> Resu
                     Err(e) => return Err(e.into()),
                 }
             }
-            Box::new(UserNet::new(UserNetConfig {
+            let user = UserNet::new(UserNetConfig {
                 guest_mac: mac,
                 policy: egress.policy()?,
                 dns,
                 port_forwards: forwards,
-            })?)
+            })?;
+            policy = Some(user.policy());
+            Box::new(user)
         }
     };
     let net = Net::new(mac, backend);
-    match network.rate_limit() {
+    let net = match network.rate_limit() {
         Some(limit) => net
             .with_rate_limit(&limit.rx, &limit.tx)
-            .map_err(io_err("make the network's rate-limit timer")),
-        None => Ok(net),
-    }
+            .map_err(io_err("make the network's rate-limit timer"))?,
+        None => net,
+    };
+    Ok((net, policy))
 }
 
 /// Every vsock connection, network flow and guest inode a share holds is a

@@ -241,6 +241,8 @@ pub struct Vm {
     restored_agent: bool,
     /// The new address a restored guest's network interface takes.
     new_mac: Option<[u8; 6]>,
+    /// The user-mode network's egress policy, to change while it runs.
+    egress: Option<devices::virtio::net::user::policy::SharedPolicy>,
     serial: Arc<Mutex<SerialDevice>>,
     panic: GuestPanic,
     boot_time: BootTime,
@@ -344,6 +346,7 @@ impl Vm {
             config,
             restored_agent,
             new_mac,
+            egress,
             serial,
             panic,
             boot_time,
@@ -360,7 +363,7 @@ impl Vm {
             // Before any thread narrows: fork children start from it.
             crate::spawner::start()?;
         }
-        let controller = Controller::new(
+        let mut controller = Controller::new(
             vm,
             ram,
             shared.clone(),
@@ -374,6 +377,7 @@ impl Vm {
             config,
             resolved.cmdline.clone(),
         );
+        controller.egress = egress;
         let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
             EventManager::new().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
         // A restored guest's agent is reseeded before it is reported ready.

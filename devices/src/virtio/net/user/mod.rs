@@ -47,7 +47,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::NetBackend;
-use policy::{EgressPolicy, LearnedNames};
+use policy::{EgressPolicy, LearnedNames, SharedPolicy};
 
 pub use policy::GATEWAY;
 /// The DNS forwarder's address.
@@ -310,7 +310,7 @@ pub struct UserNet {
     udp: HashMap<u64, UdpFlow>,
     udp_keys: HashMap<FlowKey, u64>,
     listeners: Vec<(TcpListener, u16)>,
-    policy: EgressPolicy,
+    policy: SharedPolicy,
     names: LearnedNames,
     dns: Option<SocketAddr>,
     guest_mac: EthernetAddress,
@@ -378,7 +378,7 @@ impl UserNet {
             udp: HashMap::new(),
             udp_keys: HashMap::new(),
             listeners,
-            policy: config.policy,
+            policy: SharedPolicy::new(config.policy),
             names: LearnedNames::default(),
             dns: config.dns.first().copied(),
             guest_mac: EthernetAddress(config.guest_mac),
@@ -389,6 +389,11 @@ impl UserNet {
             last_sweep: Instant::now(),
             refused: 0,
         })
+    }
+
+    /// The VM's egress policy, to change while it runs.
+    pub fn policy(&self) -> SharedPolicy {
+        self.policy.clone()
     }
 
     fn now(&self) -> smoltcp::time::Instant {
@@ -452,7 +457,7 @@ impl UserNet {
             self.host_addrs = (host_addresses(), Instant::now());
         }
         let host_own = self.host_addrs.0.contains(&dst);
-        if !self.policy.allows(dst, port, host_own, &self.names) {
+        if !self.policy.get().allows(dst, port, host_own, &self.names) {
             return Err(Refusal::Policy);
         }
         let host = if dst == GATEWAY {
@@ -782,7 +787,7 @@ impl UserNet {
             let (src_port, remote, remote_port) = flow.key;
             let dns = flow.is_dns();
             let data = &buf[..n.min(usize::from(MTU) - 28)];
-            if dns && self.policy.has_name_rules() {
+            if dns && self.policy.get().has_name_rules() {
                 if let Some(answer) = wire::dns_answers(data) {
                     for (a, ttl) in answer.addrs {
                         self.names
@@ -1151,6 +1156,24 @@ mod tests {
         );
         net.host_addrs.1 -= HOST_ADDRS_TTL * 2;
         assert_eq!(net.host_target(own, 80), Err(Refusal::Policy), "read again");
+    }
+
+    #[test]
+    fn a_policy_changed_while_running_applies_to_new_connections() {
+        let mut net = net(EgressPolicy::default(), Vec::new());
+        let handle = net.policy();
+        let public = Ipv4Addr::new(203, 0, 113, 7);
+        assert!(net.host_target(public, 80).is_ok());
+        assert_eq!(net.host_target(GATEWAY, 8000), Err(Refusal::Policy));
+        handle.set(EgressPolicy {
+            default_allow: false,
+            allow: vec![policy::Rule::parse("10.0.2.2:8000").unwrap()],
+            deny: Vec::new(),
+        });
+        assert_eq!(net.host_target(public, 80), Err(Refusal::Policy));
+        assert!(net.host_target(GATEWAY, 8000).is_ok());
+        handle.set(EgressPolicy::default());
+        assert!(net.host_target(public, 80).is_ok());
     }
 
     #[test]

@@ -19,6 +19,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// The gateway address, standing for the host's loopback.
@@ -223,6 +224,27 @@ impl EgressPolicy {
             .iter()
             .chain(&self.deny)
             .any(|r| matches!(r.target, Target::Name { .. }))
+    }
+}
+
+/// One VM's egress policy, shared between its network (which reads it)
+/// and its controller (which may replace it while the VM runs). A new
+/// policy applies to connections and flows that start after it;
+/// connections already open stay open.
+#[derive(Debug, Clone, Default)]
+pub struct SharedPolicy(Arc<Mutex<EgressPolicy>>);
+
+impl SharedPolicy {
+    pub fn new(policy: EgressPolicy) -> SharedPolicy {
+        SharedPolicy(Arc::new(Mutex::new(policy)))
+    }
+
+    pub fn set(&self, policy: EgressPolicy) {
+        *self.get() = policy;
+    }
+
+    pub fn get(&self) -> MutexGuard<'_, EgressPolicy> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
