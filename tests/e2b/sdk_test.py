@@ -207,6 +207,19 @@ m = sbx.get_metrics()
 ok("metrics", len(m) == 1 and m[0].cpu_count >= 1 and 0 <= m[0].cpu_used_pct <= 100
    and 0 < m[0].mem_used < m[0].mem_total and 0 < m[0].disk_used < m[0].disk_total, repr(m))
 
+# Snapshots: the sandbox's state as a template, which sandboxes start from.
+sbx.files.write("/tmp/snap-state", "in the snapshot")
+snap = sbx.create_snapshot()
+ok("create_snapshot", snap.snapshot_id.startswith("snapshot-"), repr(snap))
+sbx.files.write("/tmp/snap-state", "after the snapshot")
+from_snap = Sandbox.create(snap.snapshot_id, timeout=120)
+ok("a sandbox from the snapshot", from_snap.files.read("/tmp/snap-state") == "in the snapshot")
+ok("the source ran on", sbx.files.read("/tmp/snap-state") == "after the snapshot")
+from_snap.kill()
+ok("list_snapshots", [s.snapshot_id for s in sbx.list_snapshots().next_items()] == [snap.snapshot_id])
+ok("delete_snapshot", Sandbox.delete_snapshot(snap.snapshot_id))
+ok("deleted", snap.snapshot_id not in [s.snapshot_id for s in Sandbox.list_snapshots().next_items()])
+
 # The list, a bad key, kill.
 ids = [s.sandbox_id for s in Sandbox.list().next_items()]
 ok("list sandboxes", sbx.sandbox_id in ids, repr(ids))

@@ -30,6 +30,11 @@ fn examples() -> Vec<Action> {
             dir: Some("/tmp/kids".into()),
             names: Some(vec!["a-1".into(), "a-2".into()]),
         }),
+        Action::SetEgress(crate::config::EgressConfig {
+            default: crate::config::EgressDefault::Deny,
+            allow: vec!["pypi.org:443".into(), "10.0.2.2".into()],
+            deny: vec!["203.0.113.0/24".into()],
+        }),
     ]
 }
 
@@ -66,6 +71,12 @@ fn bad_requests_get_their_status() {
         400
     );
     assert_eq!(status("PUT", "/vm/snapshot", r#"{"key": "00"}"#), 400);
+    assert_eq!(
+        status("PUT", "/vm/egress", r#"{"allow": ["no rule!"]}"#),
+        400
+    );
+    assert_eq!(status("PUT", "/vm/egress", r#"{"default": "maybe"}"#), 400);
+    assert_eq!(status("PUT", "/vm/egress", r#"{"allow": [], "x": 1}"#), 400);
     let err = Action::from_http("PUT", "/vm/fork", b"{")
         .unwrap_err()
         .to_string();
@@ -231,6 +242,8 @@ fn the_openapi_file_matches_the_action_types() {
         names: Some(vec!["a".into()]),
     };
     assert_eq!(json_at("/vm/fork", &request), keys_of(fork));
+    let egress = crate::config::EgressConfig::default();
+    assert_eq!(json_at("/vm/egress", &request), keys_of(egress));
     let written = SnapshotInfo {
         dir: "/s".into(),
         memory_bytes: 0,

@@ -228,7 +228,14 @@ pub async fn handle(
             }
             None => not_found(id),
         },
-        (_, ["sandboxes", _, "snapshots"]) | (_, ["snapshots", ..]) => unsupported("snapshots"),
+        (&Method::POST, ["sandboxes", id, "snapshots"]) => {
+            super::snapshots::create(server, id, body).await
+        }
+        (&Method::GET, ["snapshots"]) => super::snapshots::list(query).await,
+        (&Method::DELETE, ["templates", name]) => super::snapshots::delete(server, name).await,
+        (_, ["sandboxes", _, "snapshots"]) | (_, ["snapshots", ..]) => {
+            unsupported("this snapshot route")
+        }
         (&Method::GET, ["sandboxes", id, "metrics"]) => metrics(server, id).await,
         (_, ["sandboxes", "metrics"]) => unsupported("metrics of many sandboxes at once"),
         (_, ["sandboxes", _, "logs"]) => unsupported("sandbox logs"),

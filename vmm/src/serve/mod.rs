@@ -18,6 +18,7 @@ pub mod pool;
 pub mod process;
 pub mod sandbox_api;
 pub mod sandboxes;
+pub mod snapshots;
 pub mod suspend;
 
 use std::convert::Infallible;
@@ -106,7 +107,12 @@ impl Host {
             .enable_all()
             .build()
             .map_err(Error::Runtime)?;
-        let registry = Arc::new(Registry::new(folder.path().to_path_buf(), exe, settings));
+        // Sockets in the private runtime folder; snapshots on disk, in a
+        // folder of the cache named as that one.
+        let name = folder.path().file_name().unwrap_or_default();
+        let state = crate::artifacts::cache_dir().join("serve").join(name);
+        let root = folder.path().to_path_buf();
+        let registry = Arc::new(Registry::new(root, state, exe, settings));
         let reaped = registry.clone();
         runtime.spawn(async move {
             if crate::template::Template::open(DEFAULT_TEMPLATE).is_ok() {

@@ -168,6 +168,20 @@ impl Pool {
         self.changed.send_replace(());
     }
 
+    /// Takes every ready spare of `template`, for the caller to stop, and
+    /// keeps none of it until a create asks again.
+    pub fn forget(&self, template: &str) -> Vec<Spare> {
+        let mut state = self.state();
+        let gone = match state.slots.get_mut(template) {
+            Some(slot) if slot.starting == 0 => state.slots.remove(template).map(|s| s.ready),
+            Some(slot) => Some(std::mem::take(&mut slot.ready)),
+            None => None,
+        };
+        drop(state);
+        self.changed.send_replace(());
+        gone.unwrap_or_default()
+    }
+
     /// Spares ready or starting, of every template (they count against
     /// the server's limit).
     pub fn count(&self) -> usize {
@@ -256,6 +270,7 @@ mod tests {
                 format!("/nonexistent/{id}.sock").into(),
                 format!("/nonexistent/{id}.vsock").into(),
                 "/nonexistent".into(),
+                "/nonexistent".into(),
                 None,
             ),
             version,
@@ -308,6 +323,17 @@ mod tests {
         // Nothing taken, nothing to replace (a cold create refills after).
         assert_eq!(taken.start, 0);
         assert!(pool.take("never-asked", V1, 10).spare.is_none());
+    }
+
+    #[test]
+    fn a_forgotten_template_gives_its_spares_back() {
+        let pool = Pool::new(1);
+        assert_eq!(pool.reserve("snap", 10), 1);
+        assert!(pool.put("snap", spare("a", V1)).is_none());
+        let gone = pool.forget("snap");
+        assert_eq!(gone.len(), 1);
+        assert!(!pool.status().templates.contains_key("snap"));
+        assert!(pool.forget("never").is_empty());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! timeout passes, or when the server stops.
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -120,6 +121,9 @@ pub struct Machine {
     /// its VMM's log): a fork's children put theirs in their parent's,
     /// which goes when the last of them does.
     pub dir: PathBuf,
+    /// A folder on disk its VMM may write even when jailed (its exit
+    /// report's; a fork child's is its parent's): its snapshots go here.
+    pub state: PathBuf,
     /// The VMM process, for a VM this server started; a fork child is its
     /// parent VMM's child, stopped through its control socket.
     child: tokio::sync::Mutex<Option<Child>>,
@@ -128,11 +132,18 @@ pub struct Machine {
 }
 
 impl Machine {
-    pub fn new(api_socket: PathBuf, vsock: PathBuf, dir: PathBuf, child: Option<Child>) -> Self {
+    pub fn new(
+        api_socket: PathBuf,
+        vsock: PathBuf,
+        dir: PathBuf,
+        state: PathBuf,
+        child: Option<Child>,
+    ) -> Self {
         Machine {
             api_socket,
             vsock,
             dir,
+            state,
             own_process: child.is_some(),
             child: tokio::sync::Mutex::new(child),
         }
@@ -317,8 +328,10 @@ pub(super) enum Boot<'a> {
 
 /// Every sandbox of the server, and its spares.
 pub struct Registry {
-    /// Where sandboxes' folders go.
+    /// Where sandboxes' folders go (sockets: the runtime folder).
     root: PathBuf,
+    /// Where their folders on disk go (snapshots).
+    state_root: PathBuf,
     /// The `vmm` binary the sandboxes run.
     exe: PathBuf,
     pub(super) settings: Settings,
@@ -327,9 +340,10 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn new(root: PathBuf, exe: PathBuf, settings: Settings) -> Registry {
+    pub fn new(root: PathBuf, state_root: PathBuf, exe: PathBuf, settings: Settings) -> Registry {
         Registry {
             root,
+            state_root,
             exe,
             pool: Pool::new(settings.warm),
             settings,
@@ -456,22 +470,19 @@ impl Registry {
         })
     }
 
-    /// Starts a VM from `template` in a folder named `id`; returns once its
+    /// Starts a VM from `template` in folders named `id`; returns once its
     /// agent answers.
     async fn start(&self, template: &str, id: &str) -> Result<Machine> {
-        let dir = self.root.join(id);
-        std::fs::create_dir_all(&dir).map_err(|source| Error::Folder {
-            path: dir.clone(),
-            source,
-        })?;
+        let (dir, state) = (self.root.join(id), self.state_root.join(id));
+        make_folder(&dir)?;
+        make_folder(&state)?;
         let api_socket = dir.join("api.sock");
-        match self
-            .spawn(Boot::Template(template), &api_socket, &dir)
-            .await
-        {
-            Ok((child, vsock)) => Ok(Machine::new(api_socket, vsock, dir, Some(child))),
+        let boot = Boot::Template(template);
+        match self.spawn(boot, &api_socket, &dir, &state).await {
+            Ok((child, vsock)) => Ok(Machine::new(api_socket, vsock, dir, state, Some(child))),
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
+                let _ = std::fs::remove_dir_all(&state);
                 Err(e)
             }
         }
@@ -484,6 +495,7 @@ impl Registry {
         boot: Boot<'_>,
         api_socket: &Path,
         dir: &Path,
+        state: &Path,
     ) -> Result<(Child, PathBuf)> {
         let log = std::fs::File::create(dir.join("vmm.log")).map_err(Error::Spawn)?;
         let mut cmd = Command::new(&self.exe);
@@ -494,8 +506,12 @@ impl Registry {
                 .arg(dir)
                 .arg("--trust-snapshot-config"),
         };
+        // The report's folder is one the jailed VMM may write: its
+        // snapshots go there.
         cmd.arg("--api-socket")
             .arg(api_socket)
+            .arg("--report")
+            .arg(state.join("report.json"))
             .env("VMM_LAUNCH_NOTIFY", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -567,7 +583,8 @@ impl Registry {
                     continue;
                 }
             };
-            let vm = Machine::new(child.api_socket, vsock, parent.vm.dir.clone(), None);
+            let (dir, state) = (parent.vm.dir.clone(), parent.vm.state.clone());
+            let vm = Machine::new(child.api_socket, vsock, dir, state, None);
             let spec = Spec {
                 template: parent.template.clone(),
                 timeout,
@@ -592,21 +609,35 @@ impl Registry {
         sandbox.watchers.close_all();
         sandbox.vm.stop().await;
         super::suspend::remove_snapshot(&sandbox);
+        if sandbox.vm.own_process {
+            let _ = std::fs::remove_file(sandbox.vm.state.join("report.json"));
+        }
+        // Once nothing else (a fork child's snapshot) is in it.
+        let _ = std::fs::remove_dir(&sandbox.vm.state);
         true
     }
 
-    /// Kills every sandbox whose timeout has passed.
+    /// Kills every running sandbox whose timeout has passed.
     pub async fn reap_expired(&self) {
         let now = SystemTime::now();
         let expired: Vec<String> = self
             .map()
             .values()
-            .filter(|s| s.end_at() <= now)
+            // A paused sandbox waits for its connect, which sets a new
+            // timeout (E2B keeps paused sandboxes too).
+            .filter(|s| s.end_at() <= now && !s.state().is_paused())
             .map(|s| s.id.clone())
             .collect();
         for id in expired {
             tracing::info!("sandbox {id}: its timeout passed; killing it");
             self.kill(&id).await;
+        }
+    }
+
+    /// Stops the spares of `template` (it was removed or replaced).
+    pub async fn drop_spares(&self, template: &str) {
+        for spare in self.pool.forget(template) {
+            spare.vm.stop().await;
         }
     }
 
@@ -619,11 +650,24 @@ impl Registry {
         for id in ids {
             self.kill(&id).await;
         }
+        let _ = std::fs::remove_dir_all(&self.state_root);
     }
 }
 
+/// Makes a private folder (and its parents) if missing.
+pub(super) fn make_folder(path: &Path) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(|source| Error::Folder {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
 /// Opens a template by name, off the event loop.
-async fn open_template(name: &str) -> Result<crate::template::Template> {
+pub(super) async fn open_template(name: &str) -> Result<crate::template::Template> {
     let owned = name.to_string();
     let found = tokio::task::spawn_blocking(move || crate::template::Template::open(&owned))
         .await

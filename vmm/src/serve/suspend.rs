@@ -1,5 +1,5 @@
 //! Paused sandboxes past the server's limit (`--keep-paused SECS`) move to
-//! disk: the VM is snapshotted into its folder and its VMM process ends,
+//! disk: the VM is snapshotted into its folder on disk and its VMM ends,
 //! so it holds no memory. A connect brings it back: a VMM restored from
 //! that snapshot under the same sockets, with the host-side settings it
 //! had (its egress policy as last set among them).
@@ -8,11 +8,11 @@
 
 use std::sync::Arc;
 
-use super::sandboxes::{Boot, Error, Registry, Result, Sandbox, State};
+use super::sandboxes::{make_folder, Boot, Error, Registry, Result, Sandbox, State};
 
-/// The snapshot of a sandbox on disk, in its folder.
+/// The snapshot of a sandbox on disk, in its folder there.
 fn snapshot_dir(s: &Sandbox) -> std::path::PathBuf {
-    s.vm.dir.join(format!("{}.paused", s.id))
+    s.vm.state.join(format!("{}.paused", s.id))
 }
 
 impl Registry {
@@ -45,22 +45,28 @@ impl Registry {
                     Ok(()) => {
                         tracing::info!("sandbox {}: paused past the limit; on disk now", s.id)
                     }
-                    Err(e) => tracing::warn!("sandbox {}: cannot move it to disk: {e}", s.id),
+                    Err(e) => {
+                        tracing::warn!("sandbox {}: cannot move it to disk: {e}", s.id);
+                        // Tried again after another limit's time, not every tick.
+                        s.set_state(State::Paused);
+                    }
                 }
             });
         }
     }
 
-    /// Brings a sandbox on disk back, running (the caller holds its
-    /// `transition`). The snapshot is this server's own, so its host-side
+    /// Brings a sandbox on disk back (the caller holds its `transition`
+    /// and records it running). The snapshot is this server's own, so its host-side
     /// settings (the egress policy as last set among them) are trusted.
     pub async fn from_disk(&self, s: &Sandbox) -> Result<()> {
         let snapshot = snapshot_dir(s);
         let boot = Boot::Snapshot { dir: &snapshot };
-        let (child, _vsock) = self.spawn(boot, &s.vm.api_socket, &s.vm.dir).await?;
+        let vm = &s.vm;
+        // Its socket folder went with its VMM.
+        make_folder(&vm.dir)?;
+        let (child, _vsock) = self.spawn(boot, &vm.api_socket, &vm.dir, &vm.state).await?;
         s.vm.set_process(child).await;
         let _ = std::fs::remove_dir_all(&snapshot);
-        s.set_state(State::Running);
         Ok(())
     }
 }
@@ -87,5 +93,4 @@ async fn to_disk(s: &Sandbox) -> Result<()> {
 /// Removes what a sandbox on disk left (it is killed).
 pub fn remove_snapshot(s: &Sandbox) {
     let _ = std::fs::remove_dir_all(snapshot_dir(s));
-    let _ = std::fs::remove_dir(&s.vm.dir);
 }

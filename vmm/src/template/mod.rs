@@ -16,7 +16,10 @@
 //! base image or guest-visible machine differs is refused with a sentence
 //! naming each difference, never used.
 
+mod adopt;
 pub mod inputs;
+
+pub use adopt::adopt;
 
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -105,6 +108,10 @@ pub struct Record {
     pub config: VmConfig,
     /// Guest memory bytes in the snapshot (the rest are holes).
     pub memory_bytes: u64,
+    /// The sandbox it was snapshotted from while it ran (`adopt`), for a
+    /// template made that way; none for a built one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_sandbox: Option<String>,
 }
 
 /// A template in the store.
@@ -494,6 +501,7 @@ fn save(
             inputs,
             config: build.config.clone(),
             memory_bytes,
+            from_sandbox: None,
         };
         write_record(&partial, &record)?;
         install(&partial, &store.join(build.name), build.replace)?;
@@ -699,7 +707,7 @@ mod tests {
         std::fs::remove_dir_all(&store).unwrap();
     }
 
-    fn record(name: &str, kernel: &Path, memory_mib: u64) -> Record {
+    pub(super) fn record(name: &str, kernel: &Path, memory_mib: u64) -> Record {
         let layout = Layout::of(&VmConfig::default(), "console=ttyS0");
         Record {
             name: name.into(),
@@ -723,6 +731,7 @@ mod tests {
             },
             config: VmConfig::default(),
             memory_bytes: 0,
+            from_sandbox: None,
         }
     }
 
