@@ -30,8 +30,8 @@ const _: () = assert!(TO_5000 > devices::virtio::vsock::muxer::MAX_GUEST_CONNECT
 /// follows has ended.
 const WAIT_PIDS: &str = "wait_pids() { for p in $(cat \"$1\"); do while kill -0 $p 2>/dev/null; do sleep 0.2; done; done; }; wait_pids";
 
-fn boot() -> Guest {
-    let scratch = Scratch::new("hostile");
+fn boot(name: &str) -> Guest {
+    let scratch = Scratch::new(name);
     // Like /tmp: others may enter the folder, so only the sockets' own
     // protections keep them out.
     use std::os::unix::fs::PermissionsExt;
@@ -231,14 +231,8 @@ for path in sys.argv[1:]:
     g.assert_healthy("another user's attempts");
 }
 
-#[test]
-fn a_hostile_guest_cannot_stall_crash_or_bloat_the_vmm() {
-    let mut g = boot();
-    g.assert_healthy("boot");
-    vsock_flood(&g);
-    sync_storm(&g);
-    other_user(&g);
-    // `vmm stop` still ends the VM (the agent syncs and powers off).
+/// `vmm stop` still ends the VM (the agent syncs and powers off).
+fn stop(mut g: Guest) {
     let out = Command::new(VMM)
         .arg("stop")
         .arg("--api-socket")
@@ -268,4 +262,23 @@ fn a_hostile_guest_cannot_stall_crash_or_bloat_the_vmm() {
         .expect("the VMM did not end after `vmm stop`");
     let status = g.process.wait().unwrap();
     assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+// Two guests, one per test, so that the two run side by side.
+
+#[test]
+fn a_vsock_flood_cannot_stall_crash_or_bloat_the_vmm() {
+    let g = boot("hostile-flood");
+    g.assert_healthy("boot");
+    vsock_flood(&g);
+    stop(g);
+}
+
+#[test]
+fn a_sync_storm_and_another_user_cannot_stall_or_reach_the_vmm() {
+    let g = boot("hostile-storm");
+    g.assert_healthy("boot");
+    sync_storm(&g);
+    other_user(&g);
+    stop(g);
 }

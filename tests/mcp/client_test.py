@@ -33,7 +33,11 @@ async def main(vmm):
             async def call(name, **args):
                 return await session.call_tool(name, args)
 
-            r = await call("create_sandbox")
+            # Off the internet, the host's port 9 allowed: the arguments
+            # reach the sandbox's egress policy (a bad rule is a tool error).
+            r = await call("create_sandbox", internet=False, allow=["no rule!"])
+            ok("a bad rule is refused", r.is_error, text(r))
+            r = await call("create_sandbox", internet=False, allow=["10.0.2.2:9"])
             m = re.search(r"sandbox_id: (\w+)", text(r))
             ok("create_sandbox", not r.is_error and m, text(r))
             sid = m.group(1)

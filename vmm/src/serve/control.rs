@@ -343,7 +343,7 @@ async fn create(server: &Arc<Server>, body: &[u8]) -> Response<HttpBody> {
         Err(e @ sandboxes::Error::Full) => {
             http::error(StatusCode::TOO_MANY_REQUESTS, e.to_string())
         }
-        Err(e @ sandboxes::Error::NoNetwork(_)) => {
+        Err(e @ (sandboxes::Error::NoNetwork(_) | sandboxes::Error::BadEgress(_))) => {
             http::error(StatusCode::BAD_REQUEST, e.to_string())
         }
         Err(e) => http::error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),

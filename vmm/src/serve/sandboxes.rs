@@ -51,6 +51,8 @@ pub enum Error {
     Warm(String),
     #[error("the template {0:?} has no network, so there is no egress to allow or deny: build it with \"network\": {{\"mode\": \"user\"}} in its config (docs/agents.md)")]
     NoNetwork(String),
+    #[error("bad egress rules: {0} (docs/network.md lists the rule forms)")]
+    BadEgress(String),
     #[error("cannot make the sandbox's folder {path}: {source}")]
     Folder {
         path: PathBuf,
@@ -379,8 +381,14 @@ impl Registry {
         }
         let t = open_template(&spec.template).await?;
         let sizes = Sizes::of(&t);
-        if spec.egress.is_some() && !sizes.network {
-            return Err(Error::NoNetwork(spec.template));
+        if let Some(egress) = &spec.egress {
+            if !sizes.network {
+                return Err(Error::NoNetwork(spec.template));
+            }
+            // Before a VM is taken for it.
+            egress
+                .policy()
+                .map_err(|e| Error::BadEgress(e.to_string()))?;
         }
         let room = MAX_SANDBOXES.saturating_sub(self.vms());
         let taken = self.pool.take(&spec.template, Version::of(&t), room);
