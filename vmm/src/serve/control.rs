@@ -249,7 +249,10 @@ pub async fn handle(
 /// This server's own route (not E2B's): its spares per template; with
 /// `wait=1`, once none is starting (at most [`POOL_WAIT`]).
 async fn pool(server: &Arc<Server>, query: Option<&str>) -> Response<HttpBody> {
-    let wait = query.is_some_and(|q| q.split('&').any(|kv| kv == "wait=1" || kv == "wait=true"));
+    let wait = matches!(
+        http::query_param(query, "wait").as_deref(),
+        Some("1" | "true")
+    );
     let pool = &server.sandboxes.pool;
     let status = match wait {
         true => tokio::time::timeout(POOL_WAIT, pool.settled()).await.ok(),
@@ -295,6 +298,14 @@ async fn update_network(server: &Arc<Server>, id: &str, body: &[u8]) -> Response
     if !s.sizes.network {
         let e = sandboxes::Error::NoNetwork(s.template.clone());
         return http::error(StatusCode::BAD_REQUEST, e.to_string());
+    }
+    // Its VMM is there (not moved to disk, nor moving) while it changes.
+    let _changing = s.transition.lock().await;
+    if s.state() == State::OnDisk {
+        return http::error(
+            StatusCode::CONFLICT,
+            format!("sandbox {id:?} is paused on disk: connect to it first"),
+        );
     }
     match s
         .control(move |api| crate::action::Control::set_egress(api, egress))
