@@ -26,6 +26,10 @@ use super::process::Processes;
 /// answering (a restore from a template takes about a second here; a
 /// loaded host more).
 const START_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a spare's warm-up may take. It runs in the background, and on
+/// a loaded host (many sandboxes starting) it can take minutes; cutting it
+/// short throws the work away and starts it again.
+const WARM_TIMEOUT: Duration = Duration::from_secs(900);
 /// How long a killed sandbox's VMM gets to end after SIGTERM.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most sandboxes one server runs at once.
@@ -212,9 +216,9 @@ impl Machine {
                 }
             }
         };
-        let answer: guest::Result<_> = tokio::time::timeout(START_TIMEOUT, run)
+        let answer: guest::Result<_> = tokio::time::timeout(WARM_TIMEOUT, run)
             .await
-            .map_err(|_| guest::Error::Timeout(START_TIMEOUT))
+            .map_err(|_| guest::Error::Timeout(WARM_TIMEOUT))
             .and_then(|r| r);
         match answer.map_err(|e| Error::Warm(e.to_string()))? {
             r if r.exit_code == Some(0) => Ok(()),
