@@ -134,7 +134,16 @@ impl Reader {
 
     /// Reads to the response, within [`ANSWER_TIMEOUT`]; data frames go to
     /// `on_data`. An error answer is [`Error::Agent`].
-    pub async fn finish(&mut self, mut on_data: impl FnMut(Vec<u8>)) -> Result<Response> {
+    pub async fn finish(&mut self, on_data: impl FnMut(Vec<u8>)) -> Result<Response> {
+        self.finish_within(ANSWER_TIMEOUT, on_data).await
+    }
+
+    /// [`Reader::finish`] with a deadline of the caller's.
+    pub async fn finish_within(
+        &mut self,
+        timeout: Duration,
+        mut on_data: impl FnMut(Vec<u8>),
+    ) -> Result<Response> {
         let read = async {
             loop {
                 match self.next().await? {
@@ -145,9 +154,9 @@ impl Reader {
                 }
             }
         };
-        tokio::time::timeout(ANSWER_TIMEOUT, read)
+        tokio::time::timeout(timeout, read)
             .await
-            .map_err(|_| Error::Timeout(ANSWER_TIMEOUT))?
+            .map_err(|_| Error::Timeout(timeout))?
     }
 }
 

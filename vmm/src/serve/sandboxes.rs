@@ -208,18 +208,11 @@ impl Machine {
             timeout_ms: None,
             user: None,
         };
-        let run = async {
+        let answer = async {
             let (mut answers, _w) = guest::open(&self.vsock, &req).await?;
-            loop {
-                if let guest::Frame::Response(r) = answers.next().await? {
-                    return Ok(r);
-                }
-            }
-        };
-        let answer: guest::Result<_> = tokio::time::timeout(WARM_TIMEOUT, run)
-            .await
-            .map_err(|_| guest::Error::Timeout(WARM_TIMEOUT))
-            .and_then(|r| r);
+            answers.finish_within(WARM_TIMEOUT, |_| {}).await
+        }
+        .await;
         match answer.map_err(|e| Error::Warm(e.to_string()))? {
             r if r.exit_code == Some(0) => Ok(()),
             r => Err(Error::Warm(format!("`{command}` ended with {r:?}"))),
