@@ -43,6 +43,18 @@ async function main() {
   await sbx.files.remove('/tmp/js/a.txt')
   ok('files remove', !(await sbx.files.exists('/tmp/js/a.txt')))
 
+  const shown = []
+  const term = await sbx.pty.create({
+    cols: 100,
+    rows: 30,
+    timeoutMs: 300_000,
+    onData: (d) => shown.push(Buffer.from(d).toString()),
+  })
+  await sbx.pty.sendInput(term.pid, new TextEncoder().encode('stty size; echo js-$((6*7)); exit\n'))
+  const ended = await term.wait()
+  const screen = shown.join('')
+  ok('pty', ended.exitCode === 0 && screen.includes('30 100') && screen.includes('js-42'), JSON.stringify(screen))
+
   const listed = await Sandbox.list().nextItems()
   ok('list', listed.some((s) => s.sandboxId === sbx.sandboxId), JSON.stringify(listed))
 

@@ -14,6 +14,7 @@ from e2b import (
     CommandExitException,
     FilesystemEventType,
     NotFoundException,
+    PtySize,
     Sandbox,
     TimeoutException,
 )
@@ -83,6 +84,34 @@ h = sbx.commands.run("read line; echo got:$line", background=True, stdin=True)
 sbx.commands.send_stdin(h.pid, "hello\n")
 r = h.wait()
 ok("stdin", r.stdout == "got:hello\n", repr(r.stdout))
+
+# A terminal (the SDK's pty: bash -i -l on a PTY): typed into, resized,
+# interrupted with ^C, ended by its shell's exit.
+term = sbx.pty.create(PtySize(rows=24, cols=80), timeout=300)
+screen, shown = iter(term), bytearray()
+
+
+def shows(marker):
+    while marker not in shown:
+        _, _, chunk = next(screen)
+        shown.extend(chunk or b"")
+    return True
+
+
+sbx.pty.send_stdin(term.pid, b"stty size; tty; echo pty-$((6*7))\n")
+ok("pty", shows(b"pty-42"))
+ok("pty is a terminal", b"24 80" in shown and b"/dev/pts/" in shown, repr(bytes(shown)))
+shown.clear()
+sbx.pty.resize(term.pid, PtySize(rows=40, cols=120))
+sbx.pty.send_stdin(term.pid, b"stty size\n")
+ok("pty resize", shows(b"40 120"))
+sbx.pty.send_stdin(term.pid, b"echo nap-$((2+3)); sleep 600\n")
+shows(b"nap-5")
+sbx.pty.send_stdin(term.pid, b"\x03")
+sbx.pty.send_stdin(term.pid, b"echo after-$((1+1))\n")
+ok("pty ^C stops the foreground command", shows(b"after-2"))
+sbx.pty.send_stdin(term.pid, b"exit\n")
+ok("pty exit", term.wait().exit_code == 0)
 
 # Files.
 sbx.files.write("/tmp/e2b/hello.txt", "hi there")

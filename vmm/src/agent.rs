@@ -218,6 +218,7 @@ impl AgentClient {
             env: cmd.env.clone(),
             cwd: cmd.cwd.clone(),
             user: cmd.user.clone(),
+            pty: None,
             stdin: stdin.is_some(),
             timeout_ms: cmd.timeout.map(|t| t.as_millis() as u64),
         };

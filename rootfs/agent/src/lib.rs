@@ -38,6 +38,9 @@ pub enum FrameType {
     Started = 6,
     /// Guest to host, watch only: a JSON [`WatchEvent`].
     Event = 7,
+    /// Host to guest, exec on a terminal only: a JSON [`PtySize`], the
+    /// terminal's new size.
+    Resize = 8,
 }
 
 impl FrameType {
@@ -50,6 +53,7 @@ impl FrameType {
             5 => FrameType::Response,
             6 => FrameType::Started,
             7 => FrameType::Event,
+            8 => FrameType::Resize,
             _ => return None,
         })
     }
@@ -80,6 +84,12 @@ pub enum Request {
         /// the image's user (see [`ImageDefaults`]), else root.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         user: Option<String>,
+        /// Run the command on a new terminal of this size: its stdin,
+        /// stdout and stderr are the terminal, its output comes in
+        /// `Stdout` frames, `Stdin` frames are typed into it (`stdin` is
+        /// implied) and `Resize` frames change its size.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pty: Option<PtySize>,
     },
     /// Write a file from the `Stdin` frames that follow. A relative path
     /// is taken from `user`'s home (see [`Request::Stat`]); with `user`
@@ -207,6 +217,14 @@ pub const MAX_LIST_ENTRIES: usize = 2000;
 #[serde(deny_unknown_fields)]
 pub struct Started {
     pub pid: i32,
+}
+
+/// A terminal's size, in characters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PtySize {
+    pub cols: u16,
+    pub rows: u16,
 }
 
 /// A change a watch saw.

@@ -3,8 +3,8 @@
 //! Boot: mount devtmpfs, write the boot timer (the VMM passes its address in
 //! the `VMM_BOOT_TIMER` environment variable, from the kernel command line),
 //! mount proc and sysfs, switch to the root disk when there is one, mount
-//! the shared folders (`VMM_SHARES`), print one ready line with the online
-//! CPUs. Then:
+//! devpts and the shared folders (`VMM_SHARES`), print one ready line with
+//! the online CPUs. Then:
 //! - a command given after `--` on the kernel command line is run, and the
 //!   VM powers off;
 //! - else, when the VMM gave the VM a vsock device (`VMM_AGENT_PORT`), the
@@ -19,6 +19,7 @@
 mod command;
 mod files;
 mod identity;
+mod pty;
 mod server;
 mod watch;
 
@@ -41,23 +42,32 @@ fn sys_mount(
     fstype: &str,
     flags: libc::c_ulong,
 ) -> std::io::Result<()> {
-    let (Ok(src), Ok(dst), Ok(fs)) = (
+    sys_mount_with(source, target, fstype, flags, "")
+}
+
+/// mount(2) with `data`, the file system's options (none when empty).
+fn sys_mount_with(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> std::io::Result<()> {
+    let (Ok(src), Ok(dst), Ok(fs), Ok(opts)) = (
         CString::new(source),
         CString::new(target),
         CString::new(fstype),
+        CString::new(data),
     ) else {
         return Err(std::io::ErrorKind::InvalidInput.into());
     };
-    // SAFETY: all three are valid NUL-terminated strings; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            dst.as_ptr(),
-            fs.as_ptr(),
-            flags,
-            std::ptr::null(),
-        )
+    let opts_ptr = if data.is_empty() {
+        std::ptr::null()
+    } else {
+        opts.as_ptr().cast()
     };
+    // SAFETY: all four are valid NUL-terminated strings (or null data).
+    let rc = unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), fs.as_ptr(), flags, opts_ptr) };
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -106,6 +116,20 @@ fn assemble_root() {
     }
     mount("tmpfs", "/tmp", "tmpfs");
     mount("tmpfs", "/run", "tmpfs");
+}
+
+/// Mounts the terminals' file system (/dev/pts, which /dev/ptmx opens
+/// terminals in): commands on a terminal (exec with `pty`) and programs
+/// that make their own (`script`, Python's `pty`) need it.
+fn mount_devpts() {
+    let target = "/dev/pts";
+    let _ = std::fs::create_dir_all(target);
+    let flags = libc::MS_NOSUID | libc::MS_NOEXEC;
+    if let Err(e) = sys_mount_with("devpts", target, "devpts", flags, "mode=0620,ptmxmode=0666") {
+        if e.raw_os_error() != Some(libc::EBUSY) {
+            eprintln!("vmm-init: mount devpts on {target}: {e}");
+        }
+    }
 }
 
 /// Mounts the VMM's shared folders: `VMM_SHARES=tag:path[:ro],...`.
@@ -287,6 +311,7 @@ fn main() {
     mount("sysfs", "/sys", "sysfs");
     command::load_defaults();
     assemble_root();
+    mount_devpts();
     if let Ok(shares) = std::env::var("VMM_SHARES") {
         mount_shares(&shares);
     }

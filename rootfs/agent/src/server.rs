@@ -126,13 +126,18 @@ fn handle(conn: File) -> io::Result<()> {
             stdin,
             timeout_ms,
             user,
+            pty,
         }) => {
             let settings = Settings {
                 env: Some(&env),
                 cwd: cwd.as_deref(),
                 user: user.as_deref(),
             };
-            exec(&argv, &settings, stdin, timeout_ms, reader, &writer)
+            let io = match pty {
+                Some(size) => Io::Terminal(size),
+                None => Io::Pipes { stdin },
+            };
+            exec(&argv, &settings, io, timeout_ms, reader, &writer)
         }
         Ok(Request::Put {
             path,
@@ -312,15 +317,27 @@ pub(crate) fn pump(mut src: impl Read, kind: FrameType, writer: Arc<Mutex<File>>
     }
 }
 
+/// How a command's stdio reaches the host.
+enum Io {
+    /// Pipes: stdout and stderr frames, stdin frames when `stdin`.
+    Pipes { stdin: bool },
+    /// A terminal of this size (crate::pty).
+    Terminal(vmm_agent::PtySize),
+}
+
 fn exec(
     argv: &[String],
     settings: &Settings,
-    stdin: bool,
+    io: Io,
     timeout_ms: Option<u64>,
-    mut reader: File,
+    reader: File,
     writer: &Arc<Mutex<File>>,
 ) -> Response {
-    let mut child = match spawn(argv, settings, stdin) {
+    let spawned = match io {
+        Io::Pipes { stdin } => spawn(argv, settings, stdin).map(|c| (c, None)),
+        Io::Terminal(size) => crate::pty::spawn(argv, settings, size).map(|(c, t)| (c, Some(t))),
+    };
+    let (mut child, terminal) = match spawned {
         Ok(c) => c,
         Err(e) => {
             let name = argv.first().map(String::as_str).unwrap_or("");
@@ -333,6 +350,60 @@ fn exec(
         // The host may have gone; the command still runs to its end.
         let _ = write_json(&mut *w, FrameType::Started, &Started { pid });
     }
+    let (pumps, exited) = match terminal {
+        Some(t) => match terminal_pumps(t, reader, writer) {
+            Ok((pump, exited)) => (vec![pump], Some(exited)),
+            Err(e) => {
+                // SAFETY: kill(2) on our unreaped child.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                let _ = child.wait();
+                return Response::error(format!("cannot serve the terminal: {e}"));
+            }
+        },
+        None => (pipe_pumps(&mut child, reader, writer), None),
+    };
+    let (cancel, cancelled) = mpsc::channel::<()>();
+    let timed_out = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Some(ms) = timeout_ms {
+        let flag = timed_out.clone();
+        std::thread::spawn(move || {
+            if let Err(mpsc::RecvTimeoutError::Timeout) =
+                cancelled.recv_timeout(Duration::from_millis(ms))
+            {
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                // SAFETY: kill(2) on the command's pid, which is not reaped
+                // before the cancel message is sent.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        });
+    }
+    let status = child.wait();
+    let _ = cancel.send(());
+    // The terminal's pump drains what is left, then ends.
+    drop(exited);
+    for t in pumps {
+        let _ = t.join();
+    }
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(s) => Response {
+            exit_code: s.code(),
+            signal: s.signal(),
+            timed_out: timed_out.load(std::sync::atomic::Ordering::SeqCst),
+            ..Default::default()
+        },
+        Err(e) => Response::error(format!("wait failed: {e}")),
+    }
+}
+
+/// Threads that copy a piped command's stdout and stderr into frames (the
+/// ones returned; they end with the command's output) and its stdin frames
+/// into its stdin.
+fn pipe_pumps(
+    child: &mut std::process::Child,
+    mut reader: File,
+    writer: &Arc<Mutex<File>>,
+) -> Vec<std::thread::JoinHandle<()>> {
     let out = child.stdout.take().map(|o| {
         let w = writer.clone();
         std::thread::spawn(move || pump(o, FrameType::Stdout, w))
@@ -351,34 +422,115 @@ fn exec(
             // Dropping the pipe is the command's end of input.
         });
     }
-    let (cancel, cancelled) = mpsc::channel::<()>();
-    let timed_out = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    if let Some(ms) = timeout_ms {
-        let flag = timed_out.clone();
-        std::thread::spawn(move || {
-            if let Err(mpsc::RecvTimeoutError::Timeout) =
-                cancelled.recv_timeout(Duration::from_millis(ms))
-            {
-                flag.store(true, std::sync::atomic::Ordering::SeqCst);
-                // SAFETY: kill(2) on the command's pid, which is not reaped
-                // before the cancel message is sent.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+    [out, err].into_iter().flatten().collect()
+}
+
+/// Threads for a command on a terminal: the output pump (returned) and the
+/// input pump; and the write end of the pipe to drop when the command has
+/// ended.
+fn terminal_pumps(
+    terminal: File,
+    reader: File,
+    writer: &Arc<Mutex<File>>,
+) -> io::Result<(std::thread::JoinHandle<()>, File)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2(2) fills two descriptors; the result is checked.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both are new descriptors nothing else owns.
+    let (exited_r, exited_w) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+    let input = terminal.try_clone()?;
+    std::thread::spawn(move || crate::pty::pump_input(reader, input));
+    let w = writer.clone();
+    let out = std::thread::spawn(move || crate::pty::pump_output(terminal, exited_r, w));
+    Ok((out, exited_w))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixStream;
+    use std::time::Instant;
+
+    use vmm_agent::{write_frame, PtySize};
+
+    use super::*;
+
+    /// Runs `script` on a terminal of 80x24 the way an exec request does
+    /// (a terminal is plain Linux: this runs on the host), with `frames`
+    /// already sent; what the terminal showed, the answer and how long it
+    /// took.
+    fn on_terminal(script: &str, frames: &[(FrameType, &[u8])]) -> (String, Response, Duration) {
+        let (mut host, guest) = UnixStream::pair().unwrap();
+        for (kind, payload) in frames {
+            write_frame(&mut host, *kind, payload).unwrap();
+        }
+        let guest = File::from(std::os::fd::OwnedFd::from(guest));
+        let reader = guest.try_clone().unwrap();
+        let writer = Arc::new(Mutex::new(guest));
+        let argv = ["sh", "-c", script].map(String::from);
+        let size = PtySize { cols: 80, rows: 24 };
+        let start = Instant::now();
+        let response = exec(
+            &argv,
+            &Settings::default(),
+            Io::Terminal(size),
+            None,
+            reader,
+            &writer,
+        );
+        let took = start.elapsed();
+        // Every frame was written before exec returned.
+        host.set_nonblocking(true).unwrap();
+        let mut shown = Vec::new();
+        while let Ok(Some((kind, payload))) = read_frame(&mut host) {
+            match kind {
+                FrameType::Stdout => shown.extend_from_slice(&payload),
+                FrameType::Started => {}
+                other => panic!("a terminal sent a {other:?} frame"),
             }
-        });
+        }
+        (String::from_utf8_lossy(&shown).into_owned(), response, took)
     }
-    let status = child.wait();
-    let _ = cancel.send(());
-    for t in [out, err].into_iter().flatten() {
-        let _ = t.join();
+
+    #[test]
+    fn a_command_on_a_terminal_sees_one_of_the_size_asked() {
+        let (shown, response, _) = on_terminal("stty size; tty; exit 3", &[]);
+        assert_eq!(response.exit_code, Some(3), "{response:?}");
+        assert!(
+            shown.contains("24 80") && shown.contains("/dev/pts/"),
+            "{shown:?}"
+        );
     }
-    use std::os::unix::process::ExitStatusExt;
-    match status {
-        Ok(s) => Response {
-            exit_code: s.code(),
-            signal: s.signal(),
-            timed_out: timed_out.load(std::sync::atomic::Ordering::SeqCst),
-            ..Default::default()
-        },
-        Err(e) => Response::error(format!("wait failed: {e}")),
+
+    #[test]
+    fn resize_frames_change_the_size_and_stdin_frames_are_typed() {
+        let resize = serde_json::to_vec(&PtySize {
+            cols: 120,
+            rows: 40,
+        })
+        .unwrap();
+        let frames = [
+            (FrameType::Resize, &resize[..]),
+            (FrameType::Resize, &b"not json"[..]),
+            (FrameType::Stdin, &b"go\n"[..]),
+        ];
+        let (shown, response, _) = on_terminal("read line; echo got-$line; stty size", &frames);
+        assert_eq!(response.exit_code, Some(0), "{response:?}");
+        assert!(
+            shown.contains("got-go") && shown.contains("40 120"),
+            "{shown:?}"
+        );
+    }
+
+    #[test]
+    fn a_background_process_holding_the_terminal_does_not_hold_the_answer() {
+        // The background sleep ignores (from its start) the hangup its
+        // session's end sends, and keeps the terminal open for 30 s.
+        let script = "trap '' HUP; sleep 30 & echo started";
+        let (shown, response, took) = on_terminal(script, &[]);
+        assert_eq!(response.exit_code, Some(0), "{response:?}");
+        assert!(shown.contains("started"), "{shown:?}");
+        assert!(took < Duration::from_secs(15), "the answer took {took:?}");
     }
 }

@@ -213,6 +213,7 @@ impl Mcp {
             stdin: false,
             timeout_ms: Some(timeout * 1000),
             user: None,
+            pty: None,
         };
         let (mut reader, _w) = match guest::open(&sandbox.vm.vsock, &req).await {
             Ok(c) => c,

@@ -2,8 +2,11 @@
 //! process is an agent `exec` whose connection this server holds. Its
 //! output fans out to every caller attached to it (the `Start` call and
 //! any `Connect` calls), its stdin is fed from `SendInput`/`StreamInput`,
-//! and signals go through the agent's `signal` request. A process lives
-//! in the table from its start event to its end event.
+//! and signals go through the agent's `signal` request. A process started
+//! with a PTY runs on a terminal in the guest (the agent's exec with
+//! `pty`): its output is `pty` data, `pty` input is typed into it and
+//! `Update` resizes it. A process lives in the table from its start event
+//! to its end event.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,12 +15,13 @@ use std::time::Duration;
 
 use hyper::body::Incoming;
 use tokio::sync::mpsc;
-use vmm_agent::{FrameType, Request, Response};
+use vmm_agent::{FrameType, PtySize, Request, Response};
 
 use super::connect::{Code, Codec, Envelopes, Error, Msg, Result, Stream};
 use super::envd::process::{
     process_event, process_input, process_selector, stream_input_request, ListResponse,
-    ProcessConfig, ProcessEvent, ProcessInfo, ProcessInput, ProcessSelector, Signal, StartRequest,
+    ProcessConfig, ProcessEvent, ProcessInfo, ProcessInput, ProcessSelector, Pty, Signal,
+    StartRequest,
 };
 use super::guest::{self, Frame};
 use super::sandboxes::Sandbox;
@@ -31,8 +35,12 @@ struct Proc {
     pid: u32,
     tag: Option<String>,
     config: ProcessConfig,
-    /// Its stdin (an empty chunk closes it); `None` when started without.
-    stdin: Option<mpsc::Sender<Vec<u8>>>,
+    /// It runs on a terminal.
+    pty: bool,
+    /// Frames for its connection to the agent: stdin (an empty chunk
+    /// closes it) or terminal input and resizes; `None` when started
+    /// without stdin.
+    input: Option<mpsc::Sender<(FrameType, Vec<u8>)>>,
     subscribers: Mutex<Vec<mpsc::Sender<ProcessEvent>>>,
 }
 
@@ -136,12 +144,7 @@ async fn launch(
     if sandbox.processes.closed.load(Ordering::SeqCst) {
         return Err(Error::new(Code::Unavailable, "the sandbox is ending"));
     }
-    if req.pty.is_some() {
-        return Err(Error::new(
-            Code::Unimplemented,
-            "PTYs are not supported yet: run the command without one",
-        ));
-    }
+    let pty = req.pty.map(|p| pty_size(&p));
     let config = req
         .process
         .ok_or_else(|| Error::new(Code::InvalidArgument, "the request has no process"))?;
@@ -153,7 +156,8 @@ async fn launch(
     }
     let mut env = sandbox.env_vars.clone();
     env.extend(config.envs.iter().map(|(k, v)| (k.clone(), v.clone())));
-    let stdin = req.stdin.unwrap_or(true);
+    // A terminal always takes input.
+    let stdin = pty.is_some() || req.stdin.unwrap_or(true);
     let exec = Request::Exec {
         argv: std::iter::once(config.cmd.clone())
             .chain(config.args.iter().cloned())
@@ -163,6 +167,7 @@ async fn launch(
         stdin,
         timeout_ms: None,
         user: info.user.clone(),
+        pty,
     };
     let (mut reader, mut writer) = guest::open(&sandbox.vm.vsock, &exec).await?;
     let pid = match reader.next().await? {
@@ -175,12 +180,12 @@ async fn launch(
             ))
         }
     };
-    let stdin_tx = stdin.then(|| {
-        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(16);
+    let input = stdin.then(|| {
+        let (tx, mut rx) = mpsc::channel::<(FrameType, Vec<u8>)>(16);
         tokio::spawn(async move {
-            while let Some(chunk) = rx.recv().await {
-                let end = chunk.is_empty();
-                if writer.send(FrameType::Stdin, &chunk).await.is_err() || end {
+            while let Some((kind, chunk)) = rx.recv().await {
+                let end = kind == FrameType::Stdin && chunk.is_empty();
+                if writer.send(kind, &chunk).await.is_err() || end {
                     break;
                 }
             }
@@ -195,7 +200,8 @@ async fn launch(
         pid,
         tag: req.tag,
         config,
-        stdin: stdin_tx,
+        pty: pty.is_some(),
+        input,
         subscribers: Mutex::new(vec![tx]),
     });
     sandbox.processes.map().insert(pid, proc.clone());
@@ -210,6 +216,7 @@ async fn pump(sandbox: Arc<Sandbox>, proc: Arc<Proc>, mut reader: guest::Reader)
     use process_event::data_event::Output;
     loop {
         let (ev, last) = match reader.next().await {
+            Ok(Frame::Stdout(d)) if proc.pty => (data(Output::Pty(d)), false),
             Ok(Frame::Stdout(d)) => (data(Output::Stdout(d)), false),
             Ok(Frame::Stderr(d)) => (data(Output::Stderr(d)), false),
             Ok(Frame::Response(r)) => (end_event(&r), true),
@@ -376,6 +383,17 @@ pub async fn send_signal(
     signal(sandbox, &proc, sig).await
 }
 
+/// A terminal size as the agent takes it (larger numbers are cut to the
+/// largest a terminal has).
+fn pty_size(pty: &Pty) -> PtySize {
+    let size = pty.size.unwrap_or_default();
+    let cut = |n: u32| u16::try_from(n).unwrap_or(u16::MAX);
+    PtySize {
+        cols: cut(size.cols),
+        rows: cut(size.rows),
+    }
+}
+
 /// `SendInput` and `CloseStdin` (`input` None).
 pub async fn send_input(
     sandbox: &Sandbox,
@@ -383,26 +401,64 @@ pub async fn send_input(
     input: Option<ProcessInput>,
 ) -> Result<()> {
     let proc = sandbox.processes.find(selector.as_ref())?;
-    let chunk = match input.and_then(|i| i.input) {
-        None => Vec::new(),
-        Some(process_input::Input::Stdin(d)) if d.is_empty() => return Ok(()),
-        Some(process_input::Input::Stdin(d)) => d,
-        Some(process_input::Input::Pty(_)) => {
-            return Err(Error::new(
-                Code::Unimplemented,
-                "PTYs are not supported yet",
-            ))
+    let refuse = |msg: &str| Err(Error::new(Code::FailedPrecondition, msg));
+    let chunk = match (input.and_then(|i| i.input), proc.pty) {
+        (Some(process_input::Input::Stdin(d) | process_input::Input::Pty(d)), _)
+            if d.is_empty() =>
+        {
+            return Ok(())
+        }
+        (Some(process_input::Input::Stdin(d)), false) => d,
+        (Some(process_input::Input::Pty(d)), true) => d,
+        (None, false) => Vec::new(),
+        (Some(process_input::Input::Stdin(_)), true) => {
+            return refuse("the process runs on a terminal: send its input as pty input")
+        }
+        (Some(process_input::Input::Pty(_)), false) => {
+            return refuse("the process has no terminal: send its input as stdin")
+        }
+        (None, true) => {
+            return refuse(
+                "a terminal has no end of input to close: send ^D (0x04) as pty input, \
+                 or kill the process",
+            )
         }
     };
-    let tx = proc.stdin.as_ref().ok_or_else(|| {
+    feed(&proc, FrameType::Stdin, chunk).await
+}
+
+/// Queues one frame for the process's connection to the agent.
+async fn feed(proc: &Proc, kind: FrameType, payload: Vec<u8>) -> Result<()> {
+    let tx = proc.input.as_ref().ok_or_else(|| {
         Error::new(
             Code::FailedPrecondition,
             "the process was started without stdin: start it with stdin=True",
         )
     })?;
-    tx.send(chunk)
+    tx.send((kind, payload))
         .await
         .map_err(|_| Error::new(Code::FailedPrecondition, "the process's stdin is closed"))
+}
+
+/// `Update`: resizes the process's terminal (nothing else can change).
+pub async fn update(
+    sandbox: &Sandbox,
+    selector: Option<ProcessSelector>,
+    pty: Option<Pty>,
+) -> Result<()> {
+    let proc = sandbox.processes.find(selector.as_ref())?;
+    let Some(pty) = pty else {
+        return Ok(());
+    };
+    if !proc.pty {
+        return Err(Error::new(
+            Code::FailedPrecondition,
+            "the process has no terminal to resize: start it with a PTY",
+        ));
+    }
+    let size = serde_json::to_vec(&pty_size(&pty))
+        .map_err(|e| Error::new(Code::Internal, e.to_string()))?;
+    feed(&proc, FrameType::Resize, size).await
 }
 
 /// `StreamInput`: a start event naming the process, then data events.

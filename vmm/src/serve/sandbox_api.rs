@@ -167,11 +167,9 @@ async fn rpc_call(
             connect::unary(codec, r.map(|()| proc_pb::CloseStdinResponse {}))
         }
         "process.Process/Update" => {
-            let e = Error::new(
-                Code::Unimplemented,
-                "PTYs are not supported yet, so there is nothing to resize",
-            );
-            connect::unary::<proc_pb::UpdateResponse>(codec, Err(e))
+            let req = request!(proc_pb::UpdateRequest, headers, body, codec, false);
+            let r = process::update(&sandbox, req.process, req.pty).await;
+            connect::unary(codec, r.map(|()| proc_pb::UpdateResponse {}))
         }
         "filesystem.Filesystem/WatchDir" => {
             let req = request!(fs::WatchDirRequest, headers, body, codec, true);

@@ -207,6 +207,7 @@ impl Machine {
             stdin: false,
             timeout_ms: None,
             user: None,
+            pty: None,
         };
         let answer = async {
             let (mut answers, _w) = guest::open(&self.vsock, &req).await?;
