@@ -20,53 +20,70 @@ use common::{client_env, describe, spawn_for_the_tests, Scratch, VMM};
 
 struct Server {
     _scratch: Scratch,
-    _process: Child,
+    process: Child,
     addr: String,
     key: String,
 }
 
+/// A server a test started for itself stops (with its sandboxes) when
+/// the test ends; the shared one, a static, when the test process does.
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        unsafe { libc::kill(self.process.id() as i32, libc::SIGTERM) };
+        let _ = self.process.wait();
+    }
+}
+
 /// The shared `vmm serve` (it builds the `base` template on first use).
+/// It keeps no warm spares: a spare's warm-up is guest work the other
+/// tests would wait behind; the spare test starts its own server.
 fn server() -> &'static Server {
     static SERVER: OnceLock<Server> = OnceLock::new();
-    SERVER.get_or_init(|| {
-        let scratch = Scratch::new("e2b");
-        let mut cmd = Command::new(VMM);
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--keep-paused", "3"])
-            .env("XDG_CONFIG_HOME", scratch.path("config"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped());
-        // SIGTERM when the tests end: the server kills its sandboxes.
-        let mut process = spawn_for_the_tests(cmd, libc::SIGTERM).unwrap();
-        let mut lines = BufReader::new(process.stdout.take().unwrap()).lines();
-        let mut env = std::collections::HashMap::new();
-        while env.len() < 3 {
-            let line = lines
-                .next()
-                .expect("vmm serve ended before it listened")
-                .unwrap();
-            let (k, v) = line
-                .strip_prefix("export ")
-                .unwrap()
-                .split_once('=')
-                .unwrap();
-            env.insert(k.to_string(), v.to_string());
-        }
-        let url = &env["E2B_API_URL"];
-        assert_eq!(url, &env["E2B_SANDBOX_URL"]);
-        let key = env["E2B_API_KEY"].clone();
-        assert!(key.starts_with("e2b_") && key.len() == 44, "{key}");
-        let mode = std::fs::metadata(scratch.path("config/vmm/serve.key")).unwrap();
-        assert_eq!(
-            std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
-            0o600
-        );
-        Server {
-            addr: url.strip_prefix("http://").unwrap().to_string(),
-            key,
-            _scratch: scratch,
-            _process: process,
-        }
-    })
+    SERVER.get_or_init(|| start_server("e2b", &["--keep-paused", "3", "--warm", "0"]))
+}
+
+/// Starts `vmm serve` with `args` in a scratch folder named `name`; once
+/// it listens, checks the environment it prints and its key file.
+fn start_server(name: &str, args: &[&str]) -> Server {
+    let scratch = Scratch::new(name);
+    let mut cmd = Command::new(VMM);
+    cmd.args(["serve", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .env("XDG_CONFIG_HOME", scratch.path("config"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    // SIGTERM when the tests end: the server kills its sandboxes.
+    let mut process = spawn_for_the_tests(cmd, libc::SIGTERM).unwrap();
+    let mut lines = BufReader::new(process.stdout.take().unwrap()).lines();
+    let mut env = std::collections::HashMap::new();
+    while env.len() < 3 {
+        let line = lines
+            .next()
+            .expect("vmm serve ended before it listened")
+            .unwrap();
+        let (k, v) = line
+            .strip_prefix("export ")
+            .unwrap()
+            .split_once('=')
+            .unwrap();
+        env.insert(k.to_string(), v.to_string());
+    }
+    let url = &env["E2B_API_URL"];
+    assert_eq!(url, &env["E2B_SANDBOX_URL"]);
+    let key = env["E2B_API_KEY"].clone();
+    assert!(key.starts_with("e2b_") && key.len() == 44, "{key}");
+    let mode = std::fs::metadata(scratch.path("config/vmm/serve.key")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+    Server {
+        addr: url.strip_prefix("http://").unwrap().to_string(),
+        key,
+        _scratch: scratch,
+        process,
+    }
 }
 
 /// One HTTP/1.1 request; the status and body.
@@ -96,7 +113,16 @@ fn request(addr: &str, head: &str, body: &[u8]) -> (u16, String) {
 }
 
 fn json_call(method: &str, path: &str, body: &str, key: &str) -> (u16, serde_json::Value) {
-    let s = server();
+    json_call_to(server(), method, path, body, key)
+}
+
+fn json_call_to(
+    s: &Server,
+    method: &str,
+    path: &str,
+    body: &str,
+    key: &str,
+) -> (u16, serde_json::Value) {
     let head =
         format!("{method} {path} HTTP/1.1\r\nX-API-Key: {key}\r\nContent-Type: application/json");
     let (status, text) = request(&s.addr, &head, body.as_bytes());
@@ -161,8 +187,13 @@ fn the_official_javascript_sdk_drives_sandboxes() {
 
 /// A sandbox made through the control API: its id and access token.
 fn new_sandbox() -> (String, String) {
-    let key = &server().key;
-    let (status, body) = json_call(
+    new_sandbox_on(server())
+}
+
+fn new_sandbox_on(s: &Server) -> (String, String) {
+    let key = &s.key;
+    let (status, body) = json_call_to(
+        s,
         "POST",
         "/sandboxes",
         r#"{"templateID":"base","timeout":300}"#,
@@ -175,25 +206,27 @@ fn new_sandbox() -> (String, String) {
     )
 }
 
-/// `vmm serve` keeps one warm spare of `base` (`--warm`, default 1): one
-/// is ready whenever none is starting, and a create's is replaced.
+/// `vmm serve --warm 1` keeps one warm spare of `base`: one is ready
+/// whenever none is starting, and a create's is replaced.
 #[test]
 fn a_warm_spare_is_ready_and_replaced_after_a_create() {
-    let key = server().key.clone();
+    // After the shared server has built `base`, so the two do not both.
+    server();
+    let s = start_server("e2b-warm", &["--warm", "1"]);
     let settled = || {
-        let (status, body) = json_call("GET", "/vmm/pool?wait=1", "", &key);
+        let (status, body) = json_call_to(&s, "GET", "/vmm/pool?wait=1", "", &s.key);
         assert_eq!(status, 200, "{body}");
         body
     };
     let before = settled();
     assert_eq!(before["per_template"], 1, "{before}");
     assert_eq!(before["templates"]["base"]["ready"], 1, "{before}");
-    let (id, _) = new_sandbox();
+    let (id, _) = new_sandbox_on(&s);
     let path = format!("/sandboxes/{id}");
-    assert_eq!(json_call("DELETE", &path, "", &key).0, 204);
+    assert_eq!(json_call_to(&s, "DELETE", &path, "", &s.key).0, 204);
     let after = settled();
     assert_eq!(after["templates"]["base"]["ready"], 1, "{after}");
-    assert_eq!(json_call("GET", "/vmm/pool", "", "").0, 401);
+    assert_eq!(json_call_to(&s, "GET", "/vmm/pool", "", "").0, 401);
 }
 
 fn rpc(id: &str, token: &str, method: &str, content_type: &str, body: &[u8]) -> (u16, String) {
@@ -231,8 +264,20 @@ fn hostile_requests_get_errors_and_the_server_keeps_serving() {
     assert_eq!(json_call("GET", "/sandboxes/nosuch", "", &key).0, 404);
     assert_eq!(json_call("DELETE", "/sandboxes/nosuch", "", &key).0, 404);
     assert_eq!(json_call("POST", "/sandboxes/x/fork", "{}", &key).0, 404);
-    let (status, body) = json_call("GET", "/sandboxes/x/logs", "", &key);
-    assert_eq!(status, 501, "{body}");
+    assert_eq!(json_call("GET", "/sandboxes/x/logs", "", &key).0, 404);
+    let (status, body) = json_call("GET", "/sandboxes/metrics", "", &key);
+    assert_eq!(status, 400, "{body}");
+    let ids = vec!["x"; 101].join(",");
+    let (status, body) = json_call(
+        "GET",
+        &format!("/sandboxes/metrics?sandbox_ids={ids}"),
+        "",
+        &key,
+    );
+    assert_eq!(status, 200, "duplicates count once: {body}");
+    let ids: Vec<String> = (0..101).map(|i| format!("s{i}")).collect();
+    let path = format!("/sandboxes/metrics?sandbox_ids={}", ids.join(","));
+    assert_eq!(json_call("GET", &path, "", &key).0, 400);
     let big = format!(
         r#"{{"templateID":"base","metadata":{{"a":"{}"}}}}"#,
         "x".repeat(2 << 20)
@@ -260,6 +305,10 @@ fn hostile_requests_get_errors_and_the_server_keeps_serving() {
 
     let (a, token_a) = new_sandbox();
     let (b, _token_b) = new_sandbox();
+    for bad in ["level=loud", "limit=5000", "direction=up", "cursor=soon"] {
+        let path = format!("/v2/sandboxes/{a}/logs?{bad}");
+        assert_eq!(json_call("GET", &path, "", &key).0, 400, "{bad}");
+    }
     let list = br#"{}"#;
     // Unknown sandbox; another sandbox's token; no token.
     assert_eq!(

@@ -8,6 +8,11 @@ import os
 import time
 import urllib.request
 
+from e2b.api.client.api.sandboxes import get_sandboxes_metrics, get_v_2_sandboxes_sandbox_id_logs
+from e2b.api.client.models import LogsDirection
+from e2b.connection_config import ConnectionConfig
+from e2b.sandbox_sync.paginator import get_api_client
+
 from e2b import (
     AsyncSandbox,
     AuthenticationException,
@@ -235,6 +240,20 @@ net.kill()
 m = sbx.get_metrics()
 ok("metrics", len(m) == 1 and m[0].cpu_count >= 1 and 0 <= m[0].cpu_used_pct <= 100
    and 0 < m[0].mem_used < m[0].mem_total and 0 < m[0].disk_used < m[0].disk_total, repr(m))
+
+# Metrics of many sandboxes and logs, through the SDK's own API client.
+api = get_api_client(ConnectionConfig())
+many = get_sandboxes_metrics.sync(client=api, sandbox_ids=[sbx.sandbox_id, kids[1].sandbox_id, "nosuch"])
+ok("metrics of many", sorted(many.sandboxes) == sorted([sbx.sandbox_id, kids[1].sandbox_id])
+   and all(m["memTotal"] > 0 for m in many.sandboxes.values()), repr(many))
+logs = get_v_2_sandboxes_sandbox_id_logs.sync(sbx.sandbox_id, client=api)
+said = [e.message for e in logs.logs]
+ok("logs", said[0] == "Sandbox started" and {"Process started", "Process ended", "Sandbox paused",
+   "Sandbox resumed", "Network rules changed"} <= set(said), repr(said))
+ended = get_v_2_sandboxes_sandbox_id_logs.sync(sbx.sandbox_id, client=api, search="Process ended",
+                                               direction=LogsDirection.BACKWARD, limit=1)
+ok("logs searched", len(ended.logs) == 1 and ended.logs[0].fields["status"].startswith("exit status"),
+   repr(ended))
 
 # Snapshots: the sandbox's state as a template, which sandboxes start from.
 sbx.files.write("/tmp/snap-state", "in the snapshot")

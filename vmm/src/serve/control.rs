@@ -24,6 +24,8 @@ const MAX_TIMEOUT: u64 = 24 * 3600;
 const POOL_WAIT: Duration = Duration::from_secs(300);
 /// The client id every sandbox reports (E2B's is its cluster node's).
 const CLIENT_ID: &str = "vmm";
+/// The most sandboxes one metrics request names (E2B's limit).
+const MAX_METRICS_IDS: usize = 100;
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -165,11 +167,13 @@ pub async fn handle(
     query: Option<&str>,
     body: &[u8],
 ) -> Response<HttpBody> {
+    let v2 = path.starts_with("/v2/");
     let path = path.strip_prefix("/v2").unwrap_or(path);
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (method, parts.as_slice()) {
         (&Method::POST, ["sandboxes"]) => create(server, body).await,
         (&Method::GET, ["sandboxes"]) => list(server, query),
+        (&Method::GET, ["sandboxes", "metrics"]) => many_metrics(server, query).await,
         (&Method::GET, ["sandboxes", id]) => match server.sandboxes.get(id) {
             Some(s) => http::json(StatusCode::OK, &listed(&s, true)),
             None => not_found(id),
@@ -237,8 +241,7 @@ pub async fn handle(
             unsupported("this snapshot route")
         }
         (&Method::GET, ["sandboxes", id, "metrics"]) => metrics(server, id).await,
-        (_, ["sandboxes", "metrics"]) => unsupported("metrics of many sandboxes at once"),
-        (_, ["sandboxes", _, "logs"]) => unsupported("sandbox logs"),
+        (&Method::GET, ["sandboxes", id, "logs"]) => logs(server, id, query, v2),
         (&Method::PUT, ["sandboxes", id, "network"]) => update_network(server, id, body).await,
         (_, ["templates", ..]) => unsupported("the template API (use `vmm template`)"),
         (_, ["volumes", ..]) | (_, ["secrets", ..]) => unsupported("this route"),
@@ -272,6 +275,50 @@ async fn metrics(server: &Arc<Server>, id: &str) -> Response<HttpBody> {
     match super::metrics::sample(&s).await {
         Ok(m) => http::json(StatusCode::OK, &json!([m])),
         Err(e) => http::error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+/// `GET /sandboxes/metrics?sandbox_ids=A,B`: one sample of each running
+/// sandbox named, taken side by side; unknown and paused ones are left out.
+async fn many_metrics(server: &Arc<Server>, query: Option<&str>) -> Response<HttpBody> {
+    let asked = http::query_param(query, "sandbox_ids").unwrap_or_default();
+    let mut ids: Vec<&str> = asked.split(',').filter(|i| !i.is_empty()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.is_empty() || ids.len() > MAX_METRICS_IDS {
+        let e = format!("give 1 to {MAX_METRICS_IDS} sandbox ids in sandbox_ids=ID,ID");
+        return http::error(StatusCode::BAD_REQUEST, e);
+    }
+    let running: Vec<_> = ids
+        .iter()
+        .filter_map(|id| server.sandboxes.get(id))
+        .filter(|s| !s.state().is_paused())
+        .collect();
+    let samples =
+        futures_util::future::join_all(running.iter().map(|s| super::metrics::sample(s))).await;
+    let mut out = serde_json::Map::new();
+    for (s, sample) in running.iter().zip(samples) {
+        match sample {
+            Ok(m) => {
+                out.insert(s.id.clone(), m);
+            }
+            Err(e) => return http::error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        }
+    }
+    http::json(StatusCode::OK, &json!({ "sandboxes": out }))
+}
+
+/// `GET /sandboxes/{id}/logs` (v1: `start`, `limit`) and
+/// `GET /v2/sandboxes/{id}/logs` (`cursor`, `limit`, `direction`,
+/// `level`, `search`).
+fn logs(server: &Arc<Server>, id: &str, query: Option<&str>, v2: bool) -> Response<HttpBody> {
+    let Some(s) = server.sandboxes.get(id) else {
+        return not_found(id);
+    };
+    match super::logs::Query::parse(query) {
+        Ok(q) if v2 => http::json(StatusCode::OK, &s.log.v2(&q)),
+        Ok(q) => http::json(StatusCode::OK, &s.log.v1(&q)),
+        Err(e) => http::error(StatusCode::BAD_REQUEST, e.to_string()),
     }
 }
 
@@ -311,7 +358,11 @@ async fn update_network(server: &Arc<Server>, id: &str, body: &[u8]) -> Response
         .control(move |api| crate::action::Control::set_egress(api, egress))
         .await
     {
-        Ok(()) => http::empty(StatusCode::NO_CONTENT),
+        Ok(()) => {
+            s.log
+                .add(super::logs::Level::Info, "Network rules changed", &[]);
+            http::empty(StatusCode::NO_CONTENT)
+        }
         Err(e) => http::error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

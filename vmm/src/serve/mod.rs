@@ -11,6 +11,7 @@ pub mod filesystem;
 pub mod guest;
 pub mod http;
 pub mod key;
+pub mod logs;
 pub mod mcp;
 pub mod metrics;
 pub mod network;

@@ -204,6 +204,18 @@ async fn launch(
         input,
         subscribers: Mutex::new(vec![tx]),
     });
+    let cmd = std::iter::once(&proc.config.cmd)
+        .chain(&proc.config.args)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut fields = vec![("pid", pid.to_string()), ("cmd", cmd)];
+    if proc.pty {
+        fields.push(("pty", "true".into()));
+    }
+    sandbox
+        .log
+        .add(super::logs::Level::Info, "Process started", &fields);
     sandbox.processes.map().insert(pid, proc.clone());
     let (sb, p) = (sandbox.clone(), proc.clone());
     tokio::spawn(async move { pump(sb, p, reader).await });
@@ -235,6 +247,17 @@ async fn pump(sandbox: Arc<Sandbox>, proc: Arc<Proc>, mut reader: guest::Reader)
             // Gone from the table before its end is seen, so a caller
             // that saw the end never finds it again.
             sandbox.processes.map().remove(&proc.pid);
+            if let Some(process_event::Event::End(end)) = &ev.event {
+                let (level, message) = match end.status.as_str() {
+                    "unknown" => (super::logs::Level::Warn, "Process lost"),
+                    _ => (super::logs::Level::Info, "Process ended"),
+                };
+                let fields = [
+                    ("pid", proc.pid.to_string()),
+                    ("status", end.status.clone()),
+                ];
+                sandbox.log.add(level, message, &fields);
+            }
         }
         let subscribers: Vec<_> = proc
             .subscribers

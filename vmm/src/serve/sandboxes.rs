@@ -243,12 +243,20 @@ pub struct Sandbox {
     pub watchers: super::filesystem::Watchers,
     /// The previous metrics sample's CPU times.
     pub last_cpu: super::metrics::LastCpu,
+    /// What happened to it and in it (`GET /sandboxes/{id}/logs`).
+    pub log: super::logs::Log,
 }
 
 impl Sandbox {
     /// A sandbox of `vm`, as `spec` asks (its template chosen, its
     /// egress policy set).
     fn new(id: String, vm: Machine, spec: Spec, sizes: Sizes) -> Arc<Sandbox> {
+        let log = super::logs::Log::default();
+        log.add(
+            super::logs::Level::Info,
+            "Sandbox started",
+            &[("template", spec.template.clone())],
+        );
         Arc::new(Sandbox {
             id,
             template: spec.template,
@@ -265,6 +273,7 @@ impl Sandbox {
             processes: Processes::default(),
             watchers: Default::default(),
             last_cpu: Default::default(),
+            log,
         })
     }
 
@@ -278,7 +287,18 @@ impl Sandbox {
 
     /// Records a new state (the caller holds `transition`).
     pub fn set_state(&self, state: State) {
-        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = state;
+        let was = std::mem::replace(
+            &mut *self.state.lock().unwrap_or_else(|e| e.into_inner()),
+            state,
+        );
+        let what = match state {
+            State::Running => "Sandbox resumed",
+            State::Paused => "Sandbox paused",
+            State::OnDisk => "Sandbox moved to disk (its VMM process ended)",
+        };
+        if was != state {
+            self.log.add(super::logs::Level::Info, what, &[]);
+        }
         *self.paused_at.lock().unwrap_or_else(|e| e.into_inner()) =
             (state == State::Paused).then(std::time::Instant::now);
     }
