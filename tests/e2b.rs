@@ -29,9 +29,11 @@ struct Server {
 /// the test ends; the shared one, a static, when the test process does.
 impl Drop for Server {
     fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child, not yet reaped.
-        unsafe { libc::kill(self.process.id() as i32, libc::SIGTERM) };
-        let _ = self.process.wait();
+        if let Ok(None) = self.process.try_wait() {
+            // SAFETY: kill(2) on our own child, not yet reaped.
+            unsafe { libc::kill(self.process.id() as i32, libc::SIGTERM) };
+            let _ = self.process.wait();
+        }
     }
 }
 
@@ -227,6 +229,75 @@ fn a_warm_spare_is_ready_and_replaced_after_a_create() {
     let after = settled();
     assert_eq!(after["templates"]["base"]["ready"], 1, "{after}");
     assert_eq!(json_call_to(&s, "GET", "/vmm/pool", "", "").0, 401);
+    killed_servers_leave_nothing(s);
+}
+
+/// A server killed outright (SIGKILL: no clean-up of its own) takes its
+/// sandboxes' VMM processes with it, and the next server to start removes
+/// the folders it left.
+fn killed_servers_leave_nothing(mut s: Server) {
+    let server = s.process.id();
+    let processes = descendants(server);
+    assert!(!processes.is_empty(), "the server runs its spare's VMM");
+    // Its folders: the one its sandboxes' sockets are in (a VMM's
+    // --api-socket is <folder>/<sandbox>/api.sock) and its state folder.
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", processes[0])).unwrap();
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let socket = &args[args.iter().position(|a| a == "--api-socket").unwrap() + 1];
+    let folder = std::path::Path::new(socket).ancestors().nth(2).unwrap();
+    let name = folder.file_name().unwrap().to_owned();
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(&std::env::var_os("HOME").unwrap()).join(".cache"));
+    let state = cache.join("vmm/serve").join(&name);
+    assert!(folder.exists() && state.exists(), "{folder:?} {state:?}");
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    unsafe { libc::kill(server as i32, libc::SIGKILL) };
+    s.process.wait().unwrap();
+    for pid in processes {
+        assert!(
+            common::wait_for_exit(pid, Duration::from_secs(30)),
+            "process {pid} of the killed server still runs"
+        );
+    }
+    assert!(folder.exists(), "nothing cleaned up yet");
+    let next = start_server("e2b-next", &["--warm", "0"]);
+    assert!(
+        !folder.exists() && !state.exists(),
+        "{folder:?} {state:?} left"
+    );
+    drop(next);
+}
+
+/// The processes below `pid` (children first), from /proc.
+fn descendants(pid: u32) -> Vec<u32> {
+    let parent_of = |p: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+        // pid (comm) state ppid ...: comm may hold spaces and parentheses.
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let all: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        let p = found[i];
+        found.extend(all.iter().filter(|c| parent_of(**c) == Some(p)));
+        i += 1;
+    }
+    found.remove(0);
+    found
 }
 
 fn rpc(id: &str, token: &str, method: &str, content_type: &str, body: &[u8]) -> (u16, String) {

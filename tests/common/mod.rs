@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -332,4 +333,26 @@ pub fn client_env(kind: &str) -> PathBuf {
         describe(&out)
     );
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// Waits until process `pid` (any, not only a child) has ended, at most
+/// `timeout`; false if it still runs then.
+pub fn wait_for_exit(pid: u32, timeout: Duration) -> bool {
+    // SAFETY: pidfd_open(2) takes a pid and flags; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        // ESRCH: it has ended (and was reaped) already.
+        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+    }
+    // SAFETY: a new descriptor nothing else owns.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    let mut poll = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: poll(2) on one valid pollfd; a pidfd is readable once the
+    // process has ended.
+    unsafe { libc::poll(&mut poll, 1, ms) == 1 }
 }

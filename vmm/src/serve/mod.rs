@@ -11,6 +11,7 @@ pub mod filesystem;
 pub mod guest;
 pub mod http;
 pub mod key;
+pub mod leftovers;
 pub mod logs;
 pub mod mcp;
 pub mod metrics;
@@ -66,6 +67,13 @@ pub enum Error {
     Runtime(std::io::Error),
     #[error(transparent)]
     Folder(#[from] crate::runtime::Error),
+    #[error(transparent)]
+    Claim(#[from] leftovers::Error),
+    #[error("cannot make the server's folder {path}: {source}")]
+    State {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot find this program to start sandboxes with: {0}")]
     Exe(std::io::Error),
     #[error("{0}")]
@@ -96,13 +104,19 @@ struct Host {
     runtime: tokio::runtime::Runtime,
     registry: Arc<Registry>,
     _folder: crate::runtime::RuntimeDir,
+    _claim: leftovers::Claim,
 }
 
 impl Host {
     /// The default template's spares start now.
     fn new(settings: sandboxes::Settings) -> Result<Host, Error> {
         let exe = std::env::current_exe().map_err(Error::Exe)?;
-        let folder = crate::runtime::RuntimeDir::create("serve")?;
+        let states = crate::artifacts::cache_dir().join("serve");
+        let stopped = leftovers::sweep(&crate::runtime::user_dir()?, &states);
+        if stopped > 0 {
+            eprintln!("vmm serve: stopped {stopped} sandbox(es) left by a server that ended");
+        }
+        let folder = crate::runtime::RuntimeDir::create(leftovers::PREFIX)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -111,7 +125,15 @@ impl Host {
         // Sockets in the private runtime folder; snapshots on disk, in a
         // folder of the cache named as that one.
         let name = folder.path().file_name().unwrap_or_default();
-        let state = crate::artifacts::cache_dir().join("serve").join(name);
+        let state = states.join(name);
+        // Private: paused sandboxes' memory goes here.
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(&state)
+            .map_err(|source| Error::State {
+                path: state.clone(),
+                source,
+            })?;
+        let claim = leftovers::claim(&[folder.path(), &state])?;
         let root = folder.path().to_path_buf();
         let registry = Arc::new(Registry::new(root, state, exe, settings));
         let reaped = registry.clone();
@@ -130,6 +152,7 @@ impl Host {
             runtime,
             registry,
             _folder: folder,
+            _claim: claim,
         })
     }
 }

@@ -546,7 +546,7 @@ impl Registry {
         if self.settings.jail {
             cmd.arg("--jail");
         }
-        let mut child = cmd.spawn().map_err(Error::Spawn)?;
+        let mut child = super::leftovers::spawn(cmd).await.map_err(Error::Spawn)?;
         let stdout = child.stdout.take();
         let api = ApiClient::new(api_socket);
         let ready = async {
