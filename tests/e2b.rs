@@ -249,10 +249,7 @@ fn killed_servers_leave_nothing(mut s: Server) {
     let socket = &args[args.iter().position(|a| a == "--api-socket").unwrap() + 1];
     let folder = std::path::Path::new(socket).ancestors().nth(2).unwrap();
     let name = folder.file_name().unwrap().to_owned();
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::Path::new(&std::env::var_os("HOME").unwrap()).join(".cache"));
-    let state = cache.join("vmm/serve").join(&name);
+    let state = vmm::artifacts::cache_dir().join("serve").join(&name);
     assert!(folder.exists() && state.exists(), "{folder:?} {state:?}");
     // SAFETY: kill(2) on our own child, not yet reaped.
     unsafe { libc::kill(server as i32, libc::SIGKILL) };

@@ -13,6 +13,13 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 seconds="${1:-60}"
+# FUZZ_BUILD=dev: an unoptimised build, which compiles several times
+# faster (CI's short runs); the default is optimised (long runs).
+case "${FUZZ_BUILD:-release}" in
+    release) mode=-O ;;
+    dev) mode=--dev ;;
+    *) echo "fuzz: FUZZ_BUILD is release or dev, not ${FUZZ_BUILD}" >&2; exit 2 ;;
+esac
 shift || true
 cd "$repo/fuzz"
 
@@ -25,7 +32,7 @@ fi
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || mapfile -t targets < <(cargo +nightly fuzz list)
 echo "fuzz: building ${#targets[@]} targets" >&2
-cargo +nightly fuzz build -O >&2
+cargo +nightly fuzz build "$mode" >&2
 
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/vmm/fuzz"
 logs="$(mktemp -d)"
@@ -35,7 +42,7 @@ run_one() {
     local t="$1" corpus="$cache/$1" log="$logs/$1.log"
     mkdir -p "$corpus"
     # -timeout: an input that takes this long is a hang, a finding.
-    if cargo +nightly fuzz run -O "$t" "$corpus" "seeds/$t" -- \
+    if cargo +nightly fuzz run "$mode" "$t" "$corpus" "seeds/$t" -- \
         -max_total_time="$seconds" -timeout=20 -rss_limit_mb=2048 \
         -print_final_stats=1 >"$log" 2>&1; then
         local runs cov
@@ -45,12 +52,12 @@ run_one() {
     else
         echo "fuzz: $t: FOUND A CRASH; its log:" >&2
         grep -E 'ERROR|panicked|SUMMARY|Test unit written|artifact_prefix' "$log" >&2 || tail -30 "$log" >&2
-        echo "fuzz: reproduce with: (cd fuzz && cargo +nightly fuzz run -O $t <the file above>)" >&2
+        echo "fuzz: reproduce with: (cd fuzz && cargo +nightly fuzz run $mode $t <the file above>)" >&2
         return 1
     fi
 }
 export -f run_one
-export seconds cache logs
+export seconds cache logs mode
 
 printf '%s\n' "${targets[@]}" |
     xargs -P "${FUZZ_JOBS:-$(nproc)}" -I{} bash -c 'run_one {}'

@@ -12,13 +12,22 @@
 #    Debian base image, cached outside the repository (see
 #    guest-kernel/build.sh and rootfs/), reused when their inputs did not
 #    change;
+#  - with `--clients`, the official clients the E2B and MCP tests drive
+#    (tools/client-env.sh), made while the kernel compiles;
 #  - the VMM itself (release build; `--no-release` skips it: the test suite
 #    builds its own debug binaries).
 # Idempotent: run it again any time.
 set -euo pipefail
 
 release=1
-[ "${1:-}" = --no-release ] && release=0
+clients=0
+for arg in "$@"; do
+    case $arg in
+        --no-release) release=0 ;;
+        --clients) clients=1 ;;
+        *) echo "usage: $0 [--no-release] [--clients]" >&2; exit 2 ;;
+    esac
+done
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 packages=(linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev cpio
@@ -39,9 +48,22 @@ fi
 
 rustup target add x86_64-unknown-linux-musl >/dev/null 2>&1 || rustup target add x86_64-unknown-linux-musl
 
+# The base image and the test clients (downloads and unpacking: mostly
+# waiting on the network and the disk) are made while the kernel compiles.
+background=("$repo/rootfs/build-base-image.sh")
+if [ "$clients" = 1 ]; then
+    background+=("$repo/tools/client-env.sh python" "$repo/tools/client-env.sh node")
+fi
+pids=()
+for job in "${background[@]}"; do
+    $job >/dev/null &
+    pids+=($!)
+done
 "$repo/guest-kernel/build.sh" host
 "$repo/rootfs/build-initramfs.sh"
-"$repo/rootfs/build-base-image.sh"
+for i in "${!pids[@]}"; do
+    wait "${pids[$i]}" || { echo "setup: ${background[$i]} failed (its error is above)" >&2; exit 1; }
+done
 if [ "$release" = 1 ]; then
     cargo build --quiet --release --manifest-path "$repo/Cargo.toml" -p vmm -p vmm-bench
     echo "setup: done; the VMM is $repo/target/x86_64-unknown-linux-gnu/release/vmm" >&2
