@@ -138,7 +138,7 @@ pub fn run() -> Report {
     report.push(
         "max vCPUs per VM",
         hv.max_vcpus()
-            .min(crate::x86_64::mptable::max_cpus())
+            .min(crate::arch::mptable::max_cpus())
             .to_string(),
         Status::Info,
     );

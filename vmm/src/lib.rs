@@ -16,6 +16,7 @@
 pub mod action;
 pub mod agent;
 pub mod api;
+pub mod arch;
 pub mod artifacts;
 pub mod config;
 pub mod control;
@@ -41,7 +42,6 @@ pub mod template;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;
-pub mod x86_64;
 
 pub use config::VmConfig;
 pub use exit::ExitReason;

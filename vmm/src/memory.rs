@@ -12,7 +12,7 @@ use vm_memory::{
     GuestRegionMmap,
 };
 
-use crate::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
+use crate::arch::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

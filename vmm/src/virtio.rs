@@ -15,7 +15,7 @@ use hypervisor::IoEventAddress;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::x86_64::layout::{IOAPIC_PINS, VIRTIO_IRQ_START, VIRTIO_MMIO_START};
+use crate::arch::layout::{IOAPIC_PINS, VIRTIO_IRQ_START, VIRTIO_MMIO_START};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

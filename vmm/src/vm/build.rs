@@ -27,6 +27,7 @@ use hypervisor::{CpuidEntry, Hypervisor, HypervisorKind, Vcpu};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{io_err, kernel_cmdline, Backend, Error, Prepared, ResolvedBoot, Result, Vm};
+use crate::arch::{boot, cpuid, layout, mptable, regs};
 use crate::artifacts::{self, KernelFlavour};
 use crate::config::{NetworkConfig, RootfsConfig, SerialOutput, VmConfig};
 use crate::exit::ExitSignal;
@@ -35,7 +36,6 @@ use crate::memory::GuestRam;
 use crate::snapshot::RestoreSource;
 use crate::vcpu::{PauseControl, VcpuShared};
 use crate::virtio::{order_as_saved, DeviceId, VirtioPlacer, VirtioSlot};
-use crate::x86_64::{boot, cpuid, layout, mptable, regs};
 
 /// What both paths check first.
 struct Checked {

@@ -17,6 +17,7 @@ use hypervisor::{CpuidEntry, Hypervisor, HypervisorKind, Vcpu};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::{ApiServer, ApiThread};
+use crate::arch::{boot, layout, mptable, regs};
 use crate::artifacts::KernelFlavour;
 use crate::config::VmConfig;
 use crate::control::Controller;
@@ -26,7 +27,6 @@ use crate::memory::{GuestRam, MemoryImage};
 use crate::snapshot::RestoreSource;
 use crate::vcpu::{VcpuShared, VcpuThread};
 use crate::virtio::{DeviceId, VirtioSlot};
-use crate::x86_64::{boot, layout, mptable, regs};
 use devices::virtio::block::SharedDisk;
 
 /// An event-loop subscriber for a device's host side.
