@@ -9,14 +9,18 @@ use std::fmt;
 
 use vmm_sys_util::eventfd::EventFd;
 
+#[cfg(target_arch = "x86_64")]
 pub mod x86_64;
 
 #[cfg(target_os = "linux")]
 pub mod kvm;
 
+/// The traits of this build's architecture, which the shared ones extend:
+/// `HypervisorArch` (of [`Hypervisor`]) and `VcpuArch` (of [`Vcpu`]).
+#[cfg(target_arch = "x86_64")]
 pub use x86_64::{
-    CpuidEntry, DescriptorTable, FpuState, MsrEntry, SegmentRegister, SpecialRegisters,
-    StandardRegisters,
+    CpuidEntry, DescriptorTable, FpuState, HypervisorArch, MsrEntry, SegmentRegister,
+    SpecialRegisters, StandardRegisters, VcpuArch,
 };
 
 /// Errors from any hypervisor backend.
@@ -174,15 +178,13 @@ pub enum SystemEventKind {
 }
 
 /// A KVM-style hypervisor: opens VMs.
-pub trait Hypervisor: Send + Sync {
+pub trait Hypervisor: HypervisorArch + Send + Sync {
     /// What kind of hypervisor and host this is.
     fn kind(&self) -> HypervisorKind;
     /// The capabilities the VMM relies on, with their presence.
     fn capabilities(&self) -> Vec<Capability>;
     /// The most vCPUs one VM may have on this host.
     fn max_vcpus(&self) -> u32;
-    /// The CPUID leaves the hypervisor can present to a guest.
-    fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>>;
     /// Creates an empty VM.
     fn create_vm(&self) -> Result<Box<dyn Vm>>;
 }
@@ -219,23 +221,13 @@ pub trait Vm: Send + Sync {
 }
 
 /// One virtual CPU. It runs on its own thread.
-pub trait Vcpu: Send {
+pub trait Vcpu: VcpuArch + Send {
     /// Runs the guest until it exits to the VMM.
     fn run(&mut self) -> Result<VcpuExit<'_>>;
     /// Arranges for `run` to return `VcpuExit::Interrupted` promptly when
     /// the calling thread receives `signal` (also when the signal arrives
     /// just before the guest is entered). Call it on the vCPU's own thread.
     fn enable_kick_signal(&mut self, signal: i32) -> Result<()>;
-    fn get_regs(&self) -> Result<StandardRegisters>;
-    fn set_regs(&self, regs: &StandardRegisters) -> Result<()>;
-    fn get_sregs(&self) -> Result<SpecialRegisters>;
-    fn set_sregs(&self, sregs: &SpecialRegisters) -> Result<()>;
-    fn set_fpu(&self, fpu: &FpuState) -> Result<()>;
-    fn set_cpuid(&self, entries: &[CpuidEntry]) -> Result<()>;
-    fn set_msrs(&self, msrs: &[MsrEntry]) -> Result<()>;
-    /// Sets up the local APIC the way the boot protocol expects: LINT0 as
-    /// ExtINT (the legacy PIC) and LINT1 as NMI.
-    fn configure_lapic(&self) -> Result<()>;
     /// Finishes an I/O or MMIO exit the VMM has handled without running
     /// more guest code, so that the saved state is consistent. Call it on
     /// the vCPU's thread before `save_state`.

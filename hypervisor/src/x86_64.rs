@@ -1,4 +1,28 @@
-//! x86_64 vCPU state in this crate's own types.
+//! x86_64: vCPU state in this crate's own types, and what a hypervisor,
+//! beyond the shared traits, does for an x86_64 machine: CPUID, the
+//! registers of the 64-bit entry state, MSRs, the local APIC.
+
+use crate::Result;
+
+/// What an x86_64 hypervisor adds to [`crate::Hypervisor`].
+pub trait HypervisorArch {
+    /// The CPUID leaves the hypervisor can present to a guest.
+    fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>>;
+}
+
+/// What an x86_64 vCPU adds to [`crate::Vcpu`].
+pub trait VcpuArch {
+    fn get_regs(&self) -> Result<StandardRegisters>;
+    fn set_regs(&self, regs: &StandardRegisters) -> Result<()>;
+    fn get_sregs(&self) -> Result<SpecialRegisters>;
+    fn set_sregs(&self, sregs: &SpecialRegisters) -> Result<()>;
+    fn set_fpu(&self, fpu: &FpuState) -> Result<()>;
+    fn set_cpuid(&self, entries: &[CpuidEntry]) -> Result<()>;
+    fn set_msrs(&self, msrs: &[MsrEntry]) -> Result<()>;
+    /// Sets up the local APIC the way the boot protocol expects: LINT0 as
+    /// ExtINT (the legacy PIC) and LINT1 as NMI.
+    fn configure_lapic(&self) -> Result<()>;
+}
 
 /// General-purpose registers, instruction pointer and flags.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
