@@ -93,12 +93,34 @@ pub fn spawn(argv: &[String], settings: &Settings, size: PtySize) -> io::Result<
     Ok((child, primary))
 }
 
+/// Threads for a command on a terminal: the output pump (returned) and the
+/// input pump; and the write end of the pipe to drop when the command has
+/// ended.
+pub fn pumps(
+    terminal: File,
+    reader: File,
+    writer: &Arc<Mutex<File>>,
+) -> io::Result<(std::thread::JoinHandle<()>, File)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2(2) fills two descriptors; the result is checked.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both are new descriptors nothing else owns.
+    let (exited_r, exited_w) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+    let input = terminal.try_clone()?;
+    std::thread::spawn(move || pump_input(reader, input));
+    let w = writer.clone();
+    let out = std::thread::spawn(move || pump_output(terminal, exited_r, w));
+    Ok((out, exited_w))
+}
+
 /// Copies what the terminal shows into `Stdout` frames until every
 /// holder of its secondary side closed it, or, once `exited` (the read
 /// end of a pipe whose write end is dropped when the command ends) says
 /// the command is gone, until nothing more is waiting: a background
 /// process that keeps the terminal open does not hold the answer back.
-pub fn pump_output(primary: File, exited: File, writer: Arc<Mutex<File>>) {
+fn pump_output(primary: File, exited: File, writer: Arc<Mutex<File>>) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut primary = primary;
     let mut fds = [
@@ -167,7 +189,7 @@ fn set_nonblocking(f: &File) {
 /// until the host closes the connection. An empty `Stdin` frame (end of
 /// input) changes nothing: a terminal has no end of input but the ^D its
 /// user types.
-pub fn pump_input(mut reader: File, mut primary: File) {
+fn pump_input(mut reader: File, mut primary: File) {
     while let Ok(Some((kind, data))) = read_frame(&mut reader) {
         let ok = match kind {
             FrameType::Stdin => primary.write_all(&data).is_ok(),

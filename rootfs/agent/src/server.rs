@@ -351,7 +351,7 @@ fn exec(
         let _ = write_json(&mut *w, FrameType::Started, &Started { pid });
     }
     let (pumps, exited) = match terminal {
-        Some(t) => match terminal_pumps(t, reader, writer) {
+        Some(t) => match crate::pty::pumps(t, reader, writer) {
             Ok((pump, exited)) => (vec![pump], Some(exited)),
             Err(e) => {
                 // SAFETY: kill(2) on our unreaped child.
@@ -423,28 +423,6 @@ fn pipe_pumps(
         });
     }
     [out, err].into_iter().flatten().collect()
-}
-
-/// Threads for a command on a terminal: the output pump (returned) and the
-/// input pump; and the write end of the pipe to drop when the command has
-/// ended.
-fn terminal_pumps(
-    terminal: File,
-    reader: File,
-    writer: &Arc<Mutex<File>>,
-) -> io::Result<(std::thread::JoinHandle<()>, File)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2(2) fills two descriptors; the result is checked.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: both are new descriptors nothing else owns.
-    let (exited_r, exited_w) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
-    let input = terminal.try_clone()?;
-    std::thread::spawn(move || crate::pty::pump_input(reader, input));
-    let w = writer.clone();
-    let out = std::thread::spawn(move || crate::pty::pump_output(terminal, exited_r, w));
-    Ok((out, exited_w))
 }
 
 #[cfg(test)]

@@ -248,14 +248,16 @@ async fn pump(sandbox: Arc<Sandbox>, proc: Arc<Proc>, mut reader: guest::Reader)
             // that saw the end never finds it again.
             sandbox.processes.map().remove(&proc.pid);
             if let Some(process_event::Event::End(end)) = &ev.event {
-                let (level, message) = match end.status.as_str() {
-                    "unknown" => (super::logs::Level::Warn, "Process lost"),
-                    _ => (super::logs::Level::Info, "Process ended"),
+                let (level, message) = match end.exited || end.status != "unknown" {
+                    true => (super::logs::Level::Info, "Process ended"),
+                    // The agent's connection broke, or it could not run it.
+                    false => (super::logs::Level::Warn, "Process lost"),
                 };
-                let fields = [
+                let mut fields = vec![
                     ("pid", proc.pid.to_string()),
                     ("status", end.status.clone()),
                 ];
+                fields.extend(end.error.clone().map(|e| ("error", e)));
                 sandbox.log.add(level, message, &fields);
             }
         }
