@@ -154,18 +154,18 @@ pub enum VcpuExit<'a> {
 /// a state of another backend does not decode where that backend is absent.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum VcpuState {
-    #[cfg(target_os = "linux")]
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
     #[serde(rename = "kvm-x86_64")]
-    KvmX86_64(Box<kvm::state::KvmVcpuState>),
+    KvmX86_64(Box<kvm::x86_64::state::KvmVcpuState>),
 }
 
 /// A VM's own state outside its vCPUs and memory: interrupt controllers,
 /// timers, clock. One variant per backend, like [`VcpuState`].
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum VmState {
-    #[cfg(target_os = "linux")]
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
     #[serde(rename = "kvm-x86_64")]
-    KvmX86_64(Box<kvm::state::KvmVmState>),
+    KvmX86_64(Box<kvm::x86_64::state::KvmVmState>),
 }
 
 /// Kinds of firmware system events.

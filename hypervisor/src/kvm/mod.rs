@@ -4,9 +4,8 @@ use std::cell::Cell;
 use std::io;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::path::Path;
-use std::sync::Arc;
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Cap, Kvm, NoDatamatch, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -16,9 +15,15 @@ use crate::{
     VcpuExit, VcpuState, VmState,
 };
 
-pub mod state;
+// An architecture's half provides: `REQUIRED_CAPS`, `HostInfo` (what it
+// learns about the host once), `runs_nested`, `prepare_vm`,
+// `create_platform_devices`, `save_vm`/`restore_vm`,
+// `save_vcpu`/`restore_vcpu`, and the crate's architecture traits for
+// `KvmHypervisor` and `KvmVcpu`.
 #[cfg(target_arch = "x86_64")]
-mod x86_64;
+pub mod x86_64;
+#[cfg(target_arch = "x86_64")]
+use self::x86_64 as arch;
 
 /// The KVM device.
 pub const KVM_PATH: &str = "/dev/kvm";
@@ -36,20 +41,14 @@ pub fn kvm_device_path() -> std::path::PathBuf {
 /// Present when the host's KVM is the PVM module.
 pub const PVM_MODULE_PATH: &str = "/sys/module/kvm_pvm";
 
+/// What the VMM needs of KVM on every architecture (each adds its own:
+/// `arch::REQUIRED_CAPS`).
 const REQUIRED_CAPS: &[(Cap, &str)] = &[
-    (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
-    (Cap::Pit2, "KVM_CAP_PIT2"),
     (Cap::Irqfd, "KVM_CAP_IRQFD"),
     (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
     (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
-    (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
     (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
 ];
-
-/// Where the TSS and identity-map pages go (Intel VT-x needs them below 4 GiB,
-/// outside RAM). They sit just below the 4 GiB boundary, in the MMIO gap.
-const TSS_ADDRESS: usize = 0xfffb_d000;
-const IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 
 fn os_err(e: kvm_ioctls::Error) -> io::Error {
     io::Error::from_raw_os_error(e.errno())
@@ -87,8 +86,8 @@ pub fn open_kvm_device(path: &Path) -> Result<Kvm> {
 pub struct KvmHypervisor {
     kvm: Kvm,
     kind: HypervisorKind,
-    /// The MSRs a vCPU state covers (KVM_GET_MSR_INDEX_LIST).
-    msrs: Arc<Vec<u32>>,
+    /// What this architecture's half learned about the host.
+    host: arch::HostInfo,
 }
 
 impl KvmHypervisor {
@@ -108,14 +107,10 @@ impl KvmHypervisor {
                 expected: kvm_bindings::KVM_API_VERSION as i32,
             });
         }
-        let msrs = kvm
-            .get_msr_index_list()
-            .map(|list| state::msrs_to_save(list.as_slice()))
-            .unwrap_or_default();
         let hv = KvmHypervisor {
             kind: detect_kind(),
+            host: arch::HostInfo::probe(&kvm),
             kvm,
-            msrs: Arc::new(msrs),
         };
         if let Some(missing) = hv.capabilities().into_iter().find(|c| !c.present) {
             return Err(Error::MissingCapability(missing.name));
@@ -134,9 +129,7 @@ pub fn detect_kind() -> HypervisorKind {
     if Path::new(PVM_MODULE_PATH).exists() {
         return HypervisorKind::KvmPvm;
     }
-    // CPUID leaf 1, ECX bit 31: the host itself runs under a hypervisor.
-    let leaf1 = std::arch::x86_64::__cpuid(1);
-    if leaf1.ecx & (1 << 31) != 0 {
+    if arch::runs_nested() {
         HypervisorKind::KvmNested
     } else {
         HypervisorKind::KvmHardware
@@ -151,6 +144,7 @@ impl crate::Hypervisor for KvmHypervisor {
     fn capabilities(&self) -> Vec<Capability> {
         REQUIRED_CAPS
             .iter()
+            .chain(arch::REQUIRED_CAPS)
             .map(|(cap, name)| Capability {
                 name,
                 present: self.kvm.check_extension(*cap),
@@ -167,14 +161,11 @@ impl crate::Hypervisor for KvmHypervisor {
             .kvm
             .create_vm()
             .map_err(|e| Error::call("KVM_CREATE_VM", os_err(e)))?;
-        fd.set_tss_address(TSS_ADDRESS)
-            .map_err(|e| Error::call("KVM_SET_TSS_ADDR", os_err(e)))?;
-        fd.set_identity_map_address(IDENTITY_MAP_ADDRESS)
-            .map_err(|e| Error::call("KVM_SET_IDENTITY_MAP_ADDR", os_err(e)))?;
+        arch::prepare_vm(&fd)?;
         Ok(Box::new(KvmVm {
             fd,
             max_vcpus: self.max_vcpus(),
-            msrs: self.msrs.clone(),
+            host: self.host.clone(),
         }))
     }
 }
@@ -183,7 +174,7 @@ impl crate::Hypervisor for KvmHypervisor {
 pub struct KvmVm {
     fd: VmFd,
     max_vcpus: u32,
-    msrs: Arc<Vec<u32>>,
+    host: arch::HostInfo,
 }
 
 impl crate::Vm for KvmVm {
@@ -202,16 +193,7 @@ impl crate::Vm for KvmVm {
     }
 
     fn create_platform_devices(&self) -> Result<()> {
-        self.fd
-            .create_irq_chip()
-            .map_err(|e| Error::call("KVM_CREATE_IRQCHIP", os_err(e)))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        self.fd
-            .create_pit2(pit)
-            .map_err(|e| Error::call("KVM_CREATE_PIT2", os_err(e)))
+        arch::create_platform_devices(&self.fd)
     }
 
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn crate::Vcpu>> {
@@ -227,7 +209,7 @@ impl crate::Vm for KvmVm {
             .map_err(|e| Error::call("KVM_CREATE_VCPU", os_err(e)))?;
         Ok(Box::new(KvmVcpu {
             fd,
-            msrs: self.msrs.clone(),
+            host: self.host.clone(),
         }))
     }
 
@@ -255,11 +237,11 @@ impl crate::Vm for KvmVm {
     }
 
     fn save_state(&self) -> Result<VmState> {
-        state::save_vm(&self.fd)
+        arch::save_vm(&self.fd)
     }
 
     fn restore_state(&self, saved: &VmState) -> Result<()> {
-        state::restore_vm(&self.fd, saved)
+        arch::restore_vm(&self.fd, saved)
     }
 }
 
@@ -291,7 +273,7 @@ pub fn install_kick_handler(signal: i32) -> Result<()> {
 /// A KVM vCPU.
 pub struct KvmVcpu {
     fd: VcpuFd,
-    msrs: Arc<Vec<u32>>,
+    host: arch::HostInfo,
 }
 
 impl Drop for KvmVcpu {
@@ -383,11 +365,11 @@ impl crate::Vcpu for KvmVcpu {
     }
 
     fn save_state(&self) -> Result<VcpuState> {
-        state::save_vcpu(&self.fd, &self.msrs)
+        arch::save_vcpu(&self.fd, &self.host)
     }
 
     fn restore_state(&self, saved: &VcpuState) -> Result<()> {
-        state::restore_vcpu(&self.fd, saved)
+        arch::restore_vcpu(&self.fd, saved)
     }
 }
 

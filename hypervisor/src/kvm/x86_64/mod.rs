@@ -1,5 +1,6 @@
-//! The x86_64 half of the KVM backend: CPUID, registers, MSRs and the
-//! local APIC of a vCPU (`crate::x86_64`'s traits).
+//! The x86_64 half of the KVM backend: the VM's set-up and in-kernel
+//! PIC/IOAPIC/PIT, CPUID, registers, MSRs and the local APIC of a vCPU
+//! (`crate::x86_64`'s traits), and the state a snapshot saves (`state`).
 
 use std::io;
 
@@ -7,12 +8,84 @@ use kvm_bindings::{
     kvm_fpu, kvm_lapic_state, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
 };
 
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+
 use super::{os_err, KvmHypervisor, KvmVcpu};
 use crate::x86_64::{HypervisorArch, VcpuArch, CPUID_FLAG_SIGNIFICANT_INDEX};
 use crate::{
     CpuidEntry, DescriptorTable, Error, FpuState, MsrEntry, Result, SegmentRegister,
     SpecialRegisters, StandardRegisters,
 };
+
+pub mod state;
+
+/// What the VMM needs of KVM on x86_64, beyond what every architecture needs.
+pub(super) const REQUIRED_CAPS: &[(Cap, &str)] = &[
+    (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+    (Cap::Pit2, "KVM_CAP_PIT2"),
+    (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+];
+
+/// Where the TSS and identity-map pages go (Intel VT-x needs them below 4 GiB,
+/// outside RAM). They sit just below the 4 GiB boundary, in the MMIO gap.
+const TSS_ADDRESS: usize = 0xfffb_d000;
+const IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+/// What the backend learns about the host once, for its VMs and vCPUs.
+#[derive(Debug, Clone, Default)]
+pub(super) struct HostInfo {
+    /// The MSRs a vCPU state covers (KVM_GET_MSR_INDEX_LIST).
+    pub msrs: Arc<Vec<u32>>,
+}
+
+impl HostInfo {
+    pub fn probe(kvm: &Kvm) -> HostInfo {
+        let msrs = kvm
+            .get_msr_index_list()
+            .map(|list| state::msrs_to_save(list.as_slice()))
+            .unwrap_or_default();
+        HostInfo {
+            msrs: Arc::new(msrs),
+        }
+    }
+}
+
+/// Whether this host itself runs under a hypervisor (CPUID leaf 1, ECX
+/// bit 31).
+pub(super) fn runs_nested() -> bool {
+    std::arch::x86_64::__cpuid(1).ecx & (1 << 31) != 0
+}
+
+/// What a new VM needs before anything else: the TSS and identity-map
+/// pages (Intel VT-x).
+pub(super) fn prepare_vm(fd: &VmFd) -> Result<()> {
+    fd.set_tss_address(TSS_ADDRESS)
+        .map_err(|e| Error::call("KVM_SET_TSS_ADDR", os_err(e)))?;
+    fd.set_identity_map_address(IDENTITY_MAP_ADDRESS)
+        .map_err(|e| Error::call("KVM_SET_IDENTITY_MAP_ADDR", os_err(e)))
+}
+
+pub(super) use state::{restore_vcpu, restore_vm, save_vm};
+
+/// The vCPU's complete state, with the MSRs the host has.
+pub(super) fn save_vcpu(fd: &VcpuFd, host: &HostInfo) -> Result<crate::VcpuState> {
+    state::save_vcpu(fd, &host.msrs)
+}
+
+/// The in-kernel PIC, IOAPIC and local APICs, and the PIT.
+pub(super) fn create_platform_devices(fd: &VmFd) -> Result<()> {
+    fd.create_irq_chip()
+        .map_err(|e| Error::call("KVM_CREATE_IRQCHIP", os_err(e)))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    fd.create_pit2(pit)
+        .map_err(|e| Error::call("KVM_CREATE_PIT2", os_err(e)))
+}
 
 impl HypervisorArch for KvmHypervisor {
     fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>> {

@@ -14,7 +14,7 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
-use super::os_err;
+use crate::kvm::os_err;
 use crate::{Error, Result, VcpuState, VmState};
 
 const MSR_IA32_TSC: u32 = 0x10;
@@ -138,7 +138,7 @@ fn write_msrs(fd: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<()> {
     Ok(())
 }
 
-pub(super) fn save_vcpu(fd: &VcpuFd, msr_list: &[u32]) -> Result<VcpuState> {
+pub(in crate::kvm) fn save_vcpu(fd: &VcpuFd, msr_list: &[u32]) -> Result<VcpuState> {
     let state = KvmVcpuState {
         mp_state: call("KVM_GET_MP_STATE", fd.get_mp_state())?,
         regs: call("KVM_GET_REGS", fd.get_regs())?,
@@ -153,7 +153,7 @@ pub(super) fn save_vcpu(fd: &VcpuFd, msr_list: &[u32]) -> Result<VcpuState> {
     Ok(VcpuState::KvmX86_64(Box::new(state)))
 }
 
-pub(super) fn restore_vcpu(fd: &VcpuFd, saved: &VcpuState) -> Result<()> {
+pub(in crate::kvm) fn restore_vcpu(fd: &VcpuFd, saved: &VcpuState) -> Result<()> {
     let VcpuState::KvmX86_64(s) = saved;
     call("KVM_SET_MP_STATE", fd.set_mp_state(s.mp_state))?;
     call("KVM_SET_REGS", fd.set_regs(&s.regs))?;
@@ -183,7 +183,7 @@ fn irqchip(fd: &VmFd, chip_id: u32) -> Result<kvm_irqchip> {
     Ok(chip)
 }
 
-pub(super) fn save_vm(fd: &VmFd) -> Result<VmState> {
+pub(in crate::kvm) fn save_vm(fd: &VmFd) -> Result<VmState> {
     let mut clock = call("KVM_GET_CLOCK", fd.get_clock())?;
     // Only the clock value is restored; the flags describe the host.
     clock.flags = 0;
@@ -197,7 +197,7 @@ pub(super) fn save_vm(fd: &VmFd) -> Result<VmState> {
     Ok(VmState::KvmX86_64(Box::new(state)))
 }
 
-pub(super) fn restore_vm(fd: &VmFd, saved: &VmState) -> Result<()> {
+pub(in crate::kvm) fn restore_vm(fd: &VmFd, saved: &VmState) -> Result<()> {
     let VmState::KvmX86_64(s) = saved;
     call("KVM_SET_PIT2", fd.set_pit2(&s.pit))?;
     call("KVM_SET_CLOCK", fd.set_clock(&s.clock))?;
