@@ -9,6 +9,8 @@ use std::fmt;
 
 use vmm_sys_util::eventfd::EventFd;
 
+#[cfg(target_arch = "aarch64")]
+pub mod aarch64;
 #[cfg(target_arch = "x86_64")]
 pub mod x86_64;
 
@@ -16,11 +18,14 @@ pub mod x86_64;
 pub mod kvm;
 
 /// The traits of this build's architecture, which the shared ones extend:
-/// `HypervisorArch` (of [`Hypervisor`]) and `VcpuArch` (of [`Vcpu`]).
+/// `HypervisorArch` (of [`Hypervisor`]), `VmArch` (of [`Vm`]) and
+/// `VcpuArch` (of [`Vcpu`]).
+#[cfg(target_arch = "aarch64")]
+pub use aarch64::{GicLayout, HypervisorArch, VcpuArch, VmArch};
 #[cfg(target_arch = "x86_64")]
 pub use x86_64::{
     CpuidEntry, DescriptorTable, FpuState, HypervisorArch, MsrEntry, SegmentRegister,
-    SpecialRegisters, StandardRegisters, VcpuArch,
+    SpecialRegisters, StandardRegisters, VcpuArch, VmArch,
 };
 
 /// Errors from any hypervisor backend.
@@ -45,6 +50,8 @@ pub enum Error {
     },
     #[error("vCPU id {id} is out of range: this host allows at most {max} vCPUs per VM")]
     VcpuId { id: u32, max: u32 },
+    #[error("{0} is not supported on this architecture yet")]
+    Unsupported(&'static str),
 }
 
 impl Error {
@@ -190,15 +197,16 @@ pub trait Hypervisor: HypervisorArch + Send + Sync {
 }
 
 /// One virtual machine: memory, interrupt controller, vCPUs.
-pub trait Vm: Send + Sync {
+pub trait Vm: VmArch + Send + Sync {
     /// Maps a range of host memory into the guest.
     ///
     /// # Safety
     /// `slot.host_addr .. + size` must stay mapped and valid for as long as
     /// the VM may access it (until the slot is removed or the VM is dropped).
     unsafe fn set_memory_slot(&self, slot: MemorySlot) -> Result<()>;
-    /// Creates the platform interrupt controllers (PIC, IOAPIC, local APICs)
-    /// and the PIT. Must be called before creating vCPUs.
+    /// Creates the platform devices that must exist before the vCPUs
+    /// (x86_64: the PIC, IOAPIC and local APICs, and the PIT; aarch64:
+    /// none, its GIC comes after them, `VmArch::create_gic`).
     fn create_platform_devices(&self) -> Result<()>;
     /// Creates vCPU `id`.
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>>;

@@ -10,6 +10,10 @@ pub trait HypervisorArch {
     fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>>;
 }
 
+/// What an x86_64 VM adds to [`crate::Vm`]: nothing an x86_64 machine
+/// needs beyond the shared traits.
+pub trait VmArch {}
+
 /// What an x86_64 vCPU adds to [`crate::Vcpu`].
 pub trait VcpuArch {
     fn get_regs(&self) -> Result<StandardRegisters>;

@@ -16,10 +16,14 @@ use crate::{
 };
 
 // An architecture's half provides: `REQUIRED_CAPS`, `HostInfo` (what it
-// learns about the host once), `runs_nested`, `prepare_vm`,
-// `create_platform_devices`, `save_vm`/`restore_vm`,
-// `save_vcpu`/`restore_vcpu`, and the crate's architecture traits for
-// `KvmHypervisor` and `KvmVcpu`.
+// learns about the host once), `VmInfo` (about a VM, which its vCPUs
+// share), `runs_nested`, `prepare_vm`, `create_platform_devices`,
+// `save_vm`/`restore_vm`, `save_vcpu`/`restore_vcpu`, and the crate's
+// architecture traits for `KvmHypervisor`, `KvmVm` and `KvmVcpu`.
+#[cfg(target_arch = "aarch64")]
+pub mod aarch64;
+#[cfg(target_arch = "aarch64")]
+use self::aarch64 as arch;
 #[cfg(target_arch = "x86_64")]
 pub mod x86_64;
 #[cfg(target_arch = "x86_64")]
@@ -161,11 +165,11 @@ impl crate::Hypervisor for KvmHypervisor {
             .kvm
             .create_vm()
             .map_err(|e| Error::call("KVM_CREATE_VM", os_err(e)))?;
-        arch::prepare_vm(&fd)?;
+        let info = arch::prepare_vm(&fd, &self.host)?;
         Ok(Box::new(KvmVm {
             fd,
             max_vcpus: self.max_vcpus(),
-            host: self.host.clone(),
+            info,
         }))
     }
 }
@@ -174,7 +178,7 @@ impl crate::Hypervisor for KvmHypervisor {
 pub struct KvmVm {
     fd: VmFd,
     max_vcpus: u32,
-    host: arch::HostInfo,
+    info: arch::VmInfo,
 }
 
 impl crate::Vm for KvmVm {
@@ -209,7 +213,7 @@ impl crate::Vm for KvmVm {
             .map_err(|e| Error::call("KVM_CREATE_VCPU", os_err(e)))?;
         Ok(Box::new(KvmVcpu {
             fd,
-            host: self.host.clone(),
+            info: self.info.clone(),
         }))
     }
 
@@ -273,7 +277,7 @@ pub fn install_kick_handler(signal: i32) -> Result<()> {
 /// A KVM vCPU.
 pub struct KvmVcpu {
     fd: VcpuFd,
-    host: arch::HostInfo,
+    info: arch::VmInfo,
 }
 
 impl Drop for KvmVcpu {
@@ -365,7 +369,7 @@ impl crate::Vcpu for KvmVcpu {
     }
 
     fn save_state(&self) -> Result<VcpuState> {
-        arch::save_vcpu(&self.fd, &self.host)
+        arch::save_vcpu(&self.fd, &self.info)
     }
 
     fn restore_state(&self, saved: &VcpuState) -> Result<()> {
@@ -397,6 +401,7 @@ mod tests {
         let hv = KvmHypervisor::new().expect("this machine has a usable /dev/kvm");
         assert_eq!(hv.api_version(), 12);
         assert!(hv.max_vcpus() >= 1);
+        #[cfg(target_arch = "x86_64")]
         assert!(!hv.supported_cpuid().unwrap().is_empty());
     }
 }

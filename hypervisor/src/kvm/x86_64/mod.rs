@@ -59,20 +59,24 @@ pub(super) fn runs_nested() -> bool {
     std::arch::x86_64::__cpuid(1).ecx & (1 << 31) != 0
 }
 
+/// What a VM's vCPUs need to know: what the host does.
+pub(super) type VmInfo = HostInfo;
+
 /// What a new VM needs before anything else: the TSS and identity-map
 /// pages (Intel VT-x).
-pub(super) fn prepare_vm(fd: &VmFd) -> Result<()> {
+pub(super) fn prepare_vm(fd: &VmFd, host: &HostInfo) -> Result<VmInfo> {
     fd.set_tss_address(TSS_ADDRESS)
         .map_err(|e| Error::call("KVM_SET_TSS_ADDR", os_err(e)))?;
     fd.set_identity_map_address(IDENTITY_MAP_ADDRESS)
-        .map_err(|e| Error::call("KVM_SET_IDENTITY_MAP_ADDR", os_err(e)))
+        .map_err(|e| Error::call("KVM_SET_IDENTITY_MAP_ADDR", os_err(e)))?;
+    Ok(host.clone())
 }
 
 pub(super) use state::{restore_vcpu, restore_vm, save_vm};
 
 /// The vCPU's complete state, with the MSRs the host has.
-pub(super) fn save_vcpu(fd: &VcpuFd, host: &HostInfo) -> Result<crate::VcpuState> {
-    state::save_vcpu(fd, &host.msrs)
+pub(super) fn save_vcpu(fd: &VcpuFd, info: &VmInfo) -> Result<crate::VcpuState> {
+    state::save_vcpu(fd, &info.msrs)
 }
 
 /// The in-kernel PIC, IOAPIC and local APICs, and the PIT.
@@ -86,6 +90,8 @@ pub(super) fn create_platform_devices(fd: &VmFd) -> Result<()> {
     fd.create_pit2(pit)
         .map_err(|e| Error::call("KVM_CREATE_PIT2", os_err(e)))
 }
+
+impl crate::x86_64::VmArch for super::KvmVm {}
 
 impl HypervisorArch for KvmHypervisor {
     fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>> {
