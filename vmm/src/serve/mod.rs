@@ -136,11 +136,15 @@ impl Host {
         let claim = leftovers::claim(&[folder.path(), &state])?;
         let root = folder.path().to_path_buf();
         let registry = Arc::new(Registry::new(root, state, exe, settings));
+        // The default template's spares are counted as starting before the
+        // server answers anything: a `GET /vmm/pool?wait=1` right after the
+        // start waits for them.
+        if crate::template::Template::open(DEFAULT_TEMPLATE).is_ok() {
+            let _entered = runtime.enter();
+            registry.refill(DEFAULT_TEMPLATE);
+        }
         let reaped = registry.clone();
         runtime.spawn(async move {
-            if crate::template::Template::open(DEFAULT_TEMPLATE).is_ok() {
-                reaped.refill(DEFAULT_TEMPLATE);
-            }
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
