@@ -130,11 +130,10 @@ pub fn sweep(runtime_base: &Path, state_base: &Path) -> usize {
 pub async fn spawn(mut cmd: Command) -> std::io::Result<Child> {
     use std::sync::mpsc;
     use std::sync::{Mutex, OnceLock};
-    type Job = (
-        Command,
-        tokio::sync::oneshot::Sender<std::io::Result<Child>>,
-    );
-    static SPAWNER: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
+    type Reply = tokio::sync::oneshot::Sender<std::io::Result<Child>>;
+    type Job = (Command, tokio::runtime::Handle, Reply);
+    /// The spawner's queue; `None` when its thread could not start.
+    static SPAWNER: OnceLock<Option<Mutex<mpsc::Sender<Job>>>> = OnceLock::new();
     let server = std::process::id();
     // SAFETY: the closure runs in the child between fork and exec and only
     // makes async-signal-safe calls (prctl, getppid).
@@ -150,26 +149,27 @@ pub async fn spawn(mut cmd: Command) -> std::io::Result<Child> {
             Ok(())
         });
     }
-    let runtime = tokio::runtime::Handle::current();
     let jobs = SPAWNER.get_or_init(|| {
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("vmm-spawner".into())
             .spawn(move || {
-                // Child processes are watched by the runtime's reactor.
-                let _entered = runtime.enter();
-                for (mut cmd, reply) in rx {
+                for (mut cmd, runtime, reply) in rx {
+                    // The child is watched by its caller's runtime.
+                    let _entered = runtime.enter();
                     let _ = reply.send(cmd.spawn());
                 }
             })
-            .expect("cannot start the thread that starts VMMs");
-        Mutex::new(tx)
+            .ok()
+            .map(|_| Mutex::new(tx))
     });
+    let gone = || std::io::Error::other("the thread that starts VMMs could not start or ended");
+    let jobs = jobs.as_ref().ok_or_else(gone)?;
     let (reply, answer) = tokio::sync::oneshot::channel();
-    let gone = || std::io::Error::other("the thread that starts VMMs has ended");
+    let job = (cmd, tokio::runtime::Handle::current(), reply);
     jobs.lock()
         .unwrap_or_else(|e| e.into_inner())
-        .send((cmd, reply))
+        .send(job)
         .map_err(|_| gone())?;
     answer.await.map_err(|_| gone())?
 }
