@@ -50,19 +50,22 @@ rustup target add x86_64-unknown-linux-musl >/dev/null 2>&1 || rustup target add
 
 # The base image and the test clients (downloads and unpacking: mostly
 # waiting on the network and the disk) are made while the kernel compiles.
-background=("$repo/rootfs/build-base-image.sh")
-if [ "$clients" = 1 ]; then
-    background+=("$repo/tools/client-env.sh python" "$repo/tools/client-env.sh node")
-fi
 pids=()
-for job in "${background[@]}"; do
-    $job >/dev/null &
+jobs_started=()
+in_background() {
+    "$@" >/dev/null &
     pids+=($!)
-done
+    jobs_started+=("$*")
+}
+in_background "$repo/rootfs/build-base-image.sh"
+if [ "$clients" = 1 ]; then
+    in_background "$repo/tools/client-env.sh" python
+    in_background "$repo/tools/client-env.sh" node
+fi
 "$repo/guest-kernel/build.sh" host
 "$repo/rootfs/build-initramfs.sh"
 for i in "${!pids[@]}"; do
-    wait "${pids[$i]}" || { echo "setup: ${background[$i]} failed (its error is above)" >&2; exit 1; }
+    wait "${pids[$i]}" || { echo "setup: ${jobs_started[$i]} failed (its error is above)" >&2; exit 1; }
 done
 if [ "$release" = 1 ]; then
     cargo build --quiet --release --manifest-path "$repo/Cargo.toml" -p vmm -p vmm-bench
