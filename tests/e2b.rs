@@ -269,31 +269,14 @@ fn killed_servers_leave_nothing(mut s: Server) {
     drop(next);
 }
 
-/// The processes below `pid` (children first), from /proc.
+/// The processes below `pid`, children first.
 fn descendants(pid: u32) -> Vec<u32> {
-    let parent_of = |p: u32| -> Option<u32> {
-        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
-        // pid (comm) state ppid ...: comm may hold spaces and parentheses.
-        stat.rsplit_once(')')?
-            .1
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
-    };
-    let all: Vec<u32> = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .collect();
-    let mut found = vec![pid];
+    let mut found = common::children(pid);
     let mut i = 0;
     while i < found.len() {
-        let p = found[i];
-        found.extend(all.iter().filter(|c| parent_of(**c) == Some(p)));
+        found.extend(common::children(found[i]));
         i += 1;
     }
-    found.remove(0);
     found
 }
 

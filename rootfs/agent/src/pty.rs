@@ -70,9 +70,8 @@ fn resize(primary: &File, size: PtySize) -> io::Result<()> {
 /// terminal's primary side.
 pub fn spawn(argv: &[String], settings: &Settings, size: PtySize) -> io::Result<(Child, File)> {
     let (primary, secondary) = open(size)?;
-    let fds = [secondary.try_clone()?, secondary.try_clone()?, secondary];
     let child = spawn_command(argv, settings, |cmd| {
-        let [i, o, e] = fds.each_ref().map(|f| f.try_clone().map(OwnedFd::from));
+        let [i, o, e] = [(); 3].map(|()| secondary.try_clone().map(OwnedFd::from));
         if let (Ok(i), Ok(o), Ok(e)) = (i, o, e) {
             cmd.stdin(Stdio::from(i))
                 .stdout(Stdio::from(o))

@@ -99,21 +99,13 @@ fn api_sockets(dir: &Path, depth: u32) -> Vec<PathBuf> {
 /// those servers' folders, in `runtime_base` (sockets) and `state_base`
 /// (snapshots). Returns how many VMMs answered the stop.
 pub fn sweep(runtime_base: &Path, state_base: &Path) -> usize {
-    let mut stopped = 0;
-    for dir in ended(runtime_base) {
-        for socket in api_sockets(&dir, 2) {
-            let api = ApiClient::new(&socket).with_timeout(STOP_TIMEOUT);
-            if Control::stop(&api).is_ok() {
-                stopped += 1;
-            }
-        }
-        tracing::info!(
-            "serve: removing {}, left by a server that ended",
-            dir.display()
-        );
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-    for dir in ended(state_base) {
+    let runtime_dirs = ended(runtime_base);
+    let stopped = runtime_dirs
+        .iter()
+        .flat_map(|dir| api_sockets(dir, 2))
+        .filter(|socket| Control::stop(&ApiClient::new(socket).with_timeout(STOP_TIMEOUT)).is_ok())
+        .count();
+    for dir in runtime_dirs.into_iter().chain(ended(state_base)) {
         tracing::info!(
             "serve: removing {}, left by a server that ended",
             dir.display()

@@ -69,11 +69,8 @@ pub enum Error {
     Folder(#[from] crate::runtime::Error),
     #[error(transparent)]
     Claim(#[from] leftovers::Error),
-    #[error("cannot make the server's folder {path}: {source}")]
-    State {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Sandboxes(#[from] sandboxes::Error),
     #[error("cannot find this program to start sandboxes with: {0}")]
     Exe(std::io::Error),
     #[error("{0}")]
@@ -127,12 +124,7 @@ impl Host {
         let name = folder.path().file_name().unwrap_or_default();
         let state = states.join(name);
         // Private: paused sandboxes' memory goes here.
-        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
-            .create(&state)
-            .map_err(|source| Error::State {
-                path: state.clone(),
-                source,
-            })?;
+        sandboxes::make_folder(&state)?;
         let claim = leftovers::claim(&[folder.path(), &state])?;
         let root = folder.path().to_path_buf();
         let registry = Arc::new(Registry::new(root, state, exe, settings));

@@ -57,7 +57,7 @@ pub enum Error {
     NoNetwork(String),
     #[error("bad egress rules: {0} (docs/network.md lists the rule forms)")]
     BadEgress(String),
-    #[error("cannot make the sandbox's folder {path}: {source}")]
+    #[error("cannot make the private folder {path}: {source}")]
     Folder {
         path: PathBuf,
         source: std::io::Error,
