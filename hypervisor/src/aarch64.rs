@@ -48,4 +48,6 @@ pub trait VcpuArch {
     /// MPIDR_EL1, the vCPU's affinity (the device tree's `reg` of its cpu
     /// node).
     fn mpidr(&self) -> Result<u64>;
+    /// The program counter, for reports.
+    fn program_counter(&self) -> Result<u64>;
 }

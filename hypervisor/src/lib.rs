@@ -164,6 +164,9 @@ pub enum VcpuState {
     #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
     #[serde(rename = "kvm-x86_64")]
     KvmX86_64(Box<kvm::x86_64::state::KvmVcpuState>),
+    #[cfg(all(target_os = "linux", target_arch = "aarch64"))]
+    #[serde(rename = "kvm-aarch64")]
+    KvmAarch64(Box<kvm::aarch64::state::KvmVcpuState>),
 }
 
 /// A VM's own state outside its vCPUs and memory: interrupt controllers,
@@ -173,6 +176,9 @@ pub enum VmState {
     #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
     #[serde(rename = "kvm-x86_64")]
     KvmX86_64(Box<kvm::x86_64::state::KvmVmState>),
+    #[cfg(all(target_os = "linux", target_arch = "aarch64"))]
+    #[serde(rename = "kvm-aarch64")]
+    KvmAarch64(Box<kvm::aarch64::state::KvmVmState>),
 }
 
 /// Kinds of firmware system events.

@@ -2,7 +2,7 @@
 //! kernel flavour fits this host.
 //!
 //! Layout of the cache (`$VMM_CACHE_DIR`, else `$XDG_CACHE_HOME/vmm`, else
-//! `~/.cache/vmm`): `kernel/<flavour>-<hash>/vmlinux` and
+//! `~/.cache/vmm`): `kernel/<flavour>-<hash>/vmlinux` (`Image` for arm64) and
 //! `initramfs/<hash>/initramfs.cpio` and `base/<hash>/base.ext4`, each keyed
 //! by a hash of its inputs, plus the stable links `kernel/<flavour>`,
 //! `initramfs/current` and `base/current` to the newest build. The VMM reads
@@ -38,18 +38,21 @@ pub const PVM_CMDLINE: &str = concat!(
 /// A kernel flavour resolved for a host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KernelFlavour {
+    /// x86_64, for real KVM.
     Standard,
+    /// x86_64, for PVM hosts.
     Pvm,
+    /// arm64: what `standard` means on an arm64 host.
+    Arm64,
 }
 
 impl KernelFlavour {
     /// The flavour `flavour` means on a host of `kind`.
     pub fn resolve(flavour: Flavour, kind: HypervisorKind) -> Self {
         match flavour {
-            Flavour::Standard => KernelFlavour::Standard,
             Flavour::Pvm => KernelFlavour::Pvm,
             Flavour::Auto if kind.needs_pvm_guest() => KernelFlavour::Pvm,
-            Flavour::Auto => KernelFlavour::Standard,
+            Flavour::Standard | Flavour::Auto => crate::arch::NATIVE_KERNEL,
         }
     }
 
@@ -57,13 +60,22 @@ impl KernelFlavour {
         match self {
             KernelFlavour::Standard => "standard",
             KernelFlavour::Pvm => "pvm",
+            KernelFlavour::Arm64 => "arm64",
+        }
+    }
+
+    /// The kernel file guest-kernel/build.sh leaves for this flavour.
+    pub fn file(self) -> &'static str {
+        match self {
+            KernelFlavour::Standard | KernelFlavour::Pvm => "vmlinux",
+            KernelFlavour::Arm64 => "Image",
         }
     }
 
     /// Command-line flags this flavour needs by default.
     pub fn cmdline(self) -> &'static str {
         match self {
-            KernelFlavour::Standard => "",
+            KernelFlavour::Standard | KernelFlavour::Arm64 => "",
             KernelFlavour::Pvm => PVM_CMDLINE,
         }
     }
@@ -86,7 +98,7 @@ pub fn default_kernel(flavour: KernelFlavour) -> PathBuf {
     cache_dir()
         .join("kernel")
         .join(flavour.name())
-        .join("vmlinux")
+        .join(flavour.file())
 }
 
 /// The default base image (Debian, ext4).

@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 use devices::legacy::SerialDevice;
 use devices::virtio::block::SharedDisk;
 use devices::virtio::mmio::MmioTransport;
-use hypervisor::{CpuidEntry, VcpuState};
+use hypervisor::VcpuState;
 
+use crate::arch::VcpuIdentity;
 use crate::config::VmConfig;
 use crate::fork;
 use crate::fork::ForkRequest;
@@ -60,7 +61,7 @@ pub struct Controller {
     pub(crate) disk: Option<SharedDisk>,
     pub(crate) disk_base: Option<PathBuf>,
     pub(crate) serial: Arc<Mutex<SerialDevice>>,
-    pub(crate) cpuid: Vec<Vec<CpuidEntry>>,
+    pub(crate) identities: Vec<VcpuIdentity>,
     pub(crate) config: VmConfig,
     pub(crate) cmdline: String,
     /// The user-mode network's egress policy (none without one).
@@ -79,7 +80,7 @@ impl Controller {
         transports: Vec<(DeviceId, Arc<Mutex<MmioTransport>>)>,
         disk: Option<(SharedDisk, PathBuf)>,
         serial: Arc<Mutex<SerialDevice>>,
-        cpuid: Vec<Vec<CpuidEntry>>,
+        identities: Vec<VcpuIdentity>,
         config: VmConfig,
         cmdline: String,
     ) -> Self {
@@ -96,7 +97,7 @@ impl Controller {
             disk,
             disk_base,
             serial,
-            cpuid,
+            identities,
             config,
             cmdline,
             egress: None,
@@ -155,7 +156,7 @@ impl Controller {
             memory_size: self.ram.size,
             vm: self.vm.save_state()?,
             vcpus: vcpus.to_vec(),
-            cpuid: self.cpuid.clone(),
+            vcpu_identity: self.identities.clone(),
             serial: self.serial.locked().save(),
             virtio: self
                 .transports

@@ -137,9 +137,7 @@ pub fn run() -> Report {
     report.push("capabilities", caps.join(", "), Status::Ok);
     report.push(
         "max vCPUs per VM",
-        hv.max_vcpus()
-            .min(crate::arch::mptable::max_cpus())
-            .to_string(),
+        hv.max_vcpus().min(crate::arch::max_vcpus()).to_string(),
         Status::Info,
     );
     let kind = hv.kind();

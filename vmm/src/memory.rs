@@ -12,7 +12,7 @@ use vm_memory::{
     GuestRegionMmap,
 };
 
-use crate::arch::layout::{MMIO_GAP_END, MMIO_GAP_START};
+use crate::arch::layout::ram_ranges;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -102,19 +102,6 @@ fn merge_runs(mut runs: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
         }
     }
     merged
-}
-
-/// The guest-physical ranges for `size` bytes of RAM: below the MMIO gap,
-/// then above 4 GiB. Each entry is (guest address, length, file offset).
-pub fn ram_ranges(size: u64) -> Vec<(u64, u64, u64)> {
-    if size <= MMIO_GAP_START {
-        vec![(0, size, 0)]
-    } else {
-        vec![
-            (0, MMIO_GAP_START, 0),
-            (MMIO_GAP_END, size - MMIO_GAP_START, MMIO_GAP_START),
-        ]
-    }
 }
 
 impl GuestRam {
@@ -670,19 +657,6 @@ pub fn overhead_rss_kib_of(pid: &str) -> Option<u64> {
 mod tests {
     use super::*;
     use vm_memory::Bytes;
-
-    #[test]
-    fn small_memory_is_one_range_large_memory_skips_the_gap() {
-        assert_eq!(ram_ranges(128 << 20), vec![(0, 128 << 20, 0)]);
-        let big = 4u64 << 30;
-        assert_eq!(
-            ram_ranges(big),
-            vec![
-                (0, MMIO_GAP_START, 0),
-                (MMIO_GAP_END, big - MMIO_GAP_START, MMIO_GAP_START)
-            ]
-        );
-    }
 
     #[test]
     fn memory_is_backed_by_the_memfd() {

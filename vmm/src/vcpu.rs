@@ -222,7 +222,7 @@ fn vcpu_loop(id: u32, mut vcpu: Box<dyn Vcpu>, shared: Arc<VcpuShared>) {
                 break;
             }
             Next::EmulationFailure => {
-                let rip = vcpu.get_regs().ok().map(|r| r.rip);
+                let rip = crate::arch::program_counter(vcpu.as_ref());
                 shared.exit.report(ExitReason::EmulationFailure {
                     vcpu: id,
                     rip,

@@ -1,6 +1,7 @@
 //! Putting virtio devices on the VM: an MMIO page and an interrupt line
-//! each, queue notifications through ioeventfds, and the kernel
-//! command-line entry the guest's virtio-mmio driver discovers them by.
+//! each, and queue notifications through ioeventfds. How the guest's
+//! virtio-mmio driver learns where they are is the architecture's
+//! (`crate::arch::Machine`).
 
 use devices::sync::Locked;
 use std::os::fd::AsRawFd;
@@ -15,7 +16,7 @@ use hypervisor::IoEventAddress;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::layout::{IOAPIC_PINS, VIRTIO_IRQ_START, VIRTIO_MMIO_START};
+use crate::arch::layout::{VIRTIO_IRQ_END, VIRTIO_IRQ_START, VIRTIO_MMIO_START};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -82,8 +83,9 @@ pub struct VirtioSlot {
     pub id: DeviceId,
     pub transport: Arc<Mutex<MmioTransport>>,
     pub queue_evts: Vec<EventFd>,
-    /// The `virtio_mmio.device=` kernel argument that announces it.
-    pub cmdline: String,
+    /// Its MMIO page and interrupt line, for the guest to find it by.
+    pub base: u64,
+    pub irq: u32,
     /// Wakes the queues a rate limit holds ([`Drained::Throttled`]).
     throttle: Alarm,
     throttled: Vec<bool>,
@@ -113,7 +115,7 @@ impl<'a> VirtioPlacer<'a> {
         id: DeviceId,
         device: Box<dyn VirtioDevice>,
     ) -> Result<VirtioSlot, Error> {
-        let max = u32::from(IOAPIC_PINS) - VIRTIO_IRQ_START;
+        let max = VIRTIO_IRQ_END - VIRTIO_IRQ_START;
         if self.next >= max {
             return Err(Error::TooMany(max));
         }
@@ -142,7 +144,8 @@ impl<'a> VirtioPlacer<'a> {
             id,
             transport,
             queue_evts,
-            cmdline: format!("virtio_mmio.device=4K@{base:#x}:{irq}"),
+            base,
+            irq,
             throttle: Alarm::new().map_err(Error::EventFd)?,
             throttled,
         })

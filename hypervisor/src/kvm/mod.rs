@@ -213,6 +213,7 @@ impl crate::Vm for KvmVm {
             .map_err(|e| Error::call("KVM_CREATE_VCPU", os_err(e)))?;
         Ok(Box::new(KvmVcpu {
             fd,
+            id,
             info: self.info.clone(),
         }))
     }
@@ -241,11 +242,11 @@ impl crate::Vm for KvmVm {
     }
 
     fn save_state(&self) -> Result<VmState> {
-        arch::save_vm(&self.fd)
+        arch::save_vm(&self.fd, &self.info)
     }
 
     fn restore_state(&self, saved: &VmState) -> Result<()> {
-        arch::restore_vm(&self.fd, saved)
+        arch::restore_vm(&self.fd, &self.info, saved)
     }
 }
 
@@ -277,6 +278,8 @@ pub fn install_kick_handler(signal: i32) -> Result<()> {
 /// A KVM vCPU.
 pub struct KvmVcpu {
     fd: VcpuFd,
+    #[cfg_attr(target_arch = "x86_64", allow(dead_code))]
+    id: u32,
     info: arch::VmInfo,
 }
 

@@ -11,7 +11,6 @@
 //! Filters are per thread: in a program that embeds the VMM, only the
 //! VMM's own threads are filtered.
 
-mod names;
 mod rules;
 
 use std::cell::Cell;
@@ -183,7 +182,7 @@ fn report(role: &str, nr: i64, out: &mut Line) {
     out.push("vmm: seccomp: the ");
     out.push(role);
     out.push(" thread made a system call its filter forbids: ");
-    match names::name(nr) {
+    match crate::arch::syscall_names::name(nr) {
         Some(name) => {
             out.push(name);
             out.push(" (");

@@ -1,5 +1,10 @@
 //! What each thread role may call, and why (docs/security.md prints these
 //! lists; a test keeps the two the same).
+//!
+//! x86_64 keeps old forms of some calls (open, stat, poll, unlink...) that
+//! glibc and Rust's std call there; aarch64 has only the newer ones
+//! (openat, newfstatat, ppoll, unlinkat...). Entries for one architecture
+//! only are marked with its `cfg`; the lists are x86_64's as printed.
 
 use std::collections::BTreeMap;
 
@@ -99,6 +104,7 @@ const RUNTIME: &[Allowed] = &[
         "checks that a socket's peer is this user",
     ),
     any(libc::SYS_timerfd_settime, "timers of the event loops"),
+    #[cfg(target_arch = "x86_64")]
     any(
         libc::SYS_epoll_wait,
         "event loops (a device polls its backend)",
@@ -185,10 +191,13 @@ const DEVICE_LOOP: &[Allowed] = &[
     any(libc::SYS_statx, "FUSE GETATTR"),
     any(libc::SYS_fstatfs, "FUSE STATFS"),
     any(libc::SYS_syncfs, "FUSE SYNCFS"),
+    #[cfg(target_arch = "x86_64")]
     any(libc::SYS_chmod, "sockets made private to this user"),
     any(libc::SYS_getdents64, "FUSE READDIR"),
     any(libc::SYS_mkdirat, "FUSE MKDIR"),
+    #[cfg(target_arch = "x86_64")]
     any(libc::SYS_mkdir, "a snapshot's directory"),
+    #[cfg(target_arch = "x86_64")]
     any(
         libc::SYS_readlink,
         "the program's path, which fork children run",
@@ -198,6 +207,7 @@ const DEVICE_LOOP: &[Allowed] = &[
         "FUSE MKNOD (regular files and FIFOs only)",
     ),
     any(libc::SYS_unlinkat, "FUSE UNLINK/RMDIR"),
+    #[cfg(target_arch = "x86_64")]
     any(libc::SYS_unlink, "its sockets at stop"),
     any(libc::SYS_renameat, "FUSE RENAME"),
     any(libc::SYS_renameat2, "FUSE RENAME, snapshot commit"),
@@ -273,7 +283,10 @@ const CONTROL: &[Allowed] = &[
         why: "non-blocking client sockets (FIONBIO)",
     },
     any(libc::SYS_getsockopt, "client credentials (SO_PEERCRED)"),
+    #[cfg(target_arch = "x86_64")]
     any(libc::SYS_unlink, "its socket at stop"),
+    #[cfg(target_arch = "aarch64")]
+    any(libc::SYS_unlinkat, "its socket at stop"),
 ];
 
 /// A client of the guest agent (`agent::AgentClient`): the reseed helper,
@@ -300,7 +313,10 @@ const AGENT_CLIENT: &[Allowed] = &[
 /// `vmm run`'s thread, beyond [`AGENT_CLIENT`].
 const RUN_CLIENT: &[Allowed] = &[
     any(libc::SYS_shutdown, "the end of standard input"),
+    #[cfg(target_arch = "x86_64")]
     any(libc::SYS_poll, "waits for the agent"),
+    #[cfg(target_arch = "aarch64")]
+    any(libc::SYS_ppoll, "waits for the agent"),
     Allowed {
         nr: libc::SYS_clone,
         args: Args::Thread,
@@ -323,6 +339,7 @@ const RUN_CLIENT: &[Allowed] = &[
 /// A jail's launcher and init: each only waits, passes signals on and
 /// reports; the launcher removes the jail's folder at the end.
 const JAIL: &[Allowed] = &[
+    #[cfg(target_arch = "x86_64")]
     any(libc::SYS_poll, "wait for the status or a signal"),
     any(libc::SYS_ppoll, "wait for the status or a signal"),
     any(libc::SYS_kill, "pass a signal on"),
@@ -339,7 +356,9 @@ const START: &[Allowed] = &[
     any(libc::SYS_execve, "start `vmm __fork-child`"),
     any(libc::SYS_clone, "start a process or thread"),
     any(libc::SYS_clone3, "start a process or thread"),
+    #[cfg(target_arch = "x86_64")]
     any(libc::SYS_vfork, "start a process"),
+    #[cfg(target_arch = "x86_64")]
     any(libc::SYS_dup2, "a child's standard input"),
     any(libc::SYS_dup3, "a child's standard input"),
     any(libc::SYS_pipe2, "a child's start report"),
@@ -348,18 +367,27 @@ const START: &[Allowed] = &[
     any(libc::SYS_timerfd_create, "timers of the event loops"),
     any(libc::SYS_prctl, "thread names, no_new_privs, death signal"),
     any(libc::SYS_seccomp, "a child installs its threads' filters"),
+    #[cfg(target_arch = "x86_64")]
     any(libc::SYS_arch_prctl, "thread-local storage at start"),
     any(libc::SYS_set_tid_address, "thread start"),
     any(libc::SYS_set_robust_list, "thread start"),
     any(libc::SYS_prlimit64, "stack size at start"),
     any(libc::SYS_sched_getaffinity, "CPU count"),
+    #[cfg(target_arch = "x86_64")]
     any(libc::SYS_poll, "standard descriptors checked at start"),
     any(libc::SYS_ppoll, "waits on sockets"),
+    #[cfg(target_arch = "x86_64")]
     any(libc::SYS_readlink, "the program's own path"),
+    #[cfg(target_arch = "x86_64")]
     any(libc::SYS_open, "files"),
+    #[cfg(target_arch = "x86_64")]
     any(libc::SYS_stat, "files"),
+    #[cfg(target_arch = "x86_64")]
     any(libc::SYS_lstat, "files"),
+    #[cfg(target_arch = "x86_64")]
     any(libc::SYS_access, "files"),
+    #[cfg(target_arch = "aarch64")]
+    any(libc::SYS_faccessat, "files"),
     any(libc::SYS_faccessat2, "files"),
     any(libc::SYS_getcwd, "relative paths"),
     any(libc::SYS_getuid, "the runtime directory's owner"),
@@ -450,7 +478,7 @@ impl Role {
     pub fn calls(self) -> Vec<(&'static str, &'static str)> {
         self.allowed()
             .into_iter()
-            .map(|a| (super::names::name(a.nr).unwrap_or("?"), a.why))
+            .map(|a| (crate::arch::syscall_names::name(a.nr).unwrap_or("?"), a.why))
             .collect()
     }
 }

@@ -28,9 +28,10 @@ use std::path::{Path, PathBuf};
 
 use devices::legacy::serial::SerialSnapshot;
 use devices::virtio::mmio::TransportSnapshot;
-use hypervisor::{CpuidEntry, VcpuState, VmState};
+use hypervisor::{VcpuState, VmState};
 use serde::{Deserialize, Serialize};
 
+use crate::arch::VcpuIdentity;
 use crate::config::VmConfig;
 use crate::memory::MemoryImage;
 use crate::virtio::DeviceId;
@@ -112,8 +113,10 @@ pub struct MachineState {
     pub memory_size: u64,
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
-    /// The CPUID each vCPU had.
-    pub cpuid: Vec<Vec<CpuidEntry>>,
+    /// What made each vCPU this machine's (x86_64: its CPUID). Written as
+    /// `cpuid` by the VMMs before arm64.
+    #[serde(alias = "cpuid")]
+    pub vcpu_identity: Vec<VcpuIdentity>,
     pub serial: SerialSnapshot,
     /// Virtio devices, in bus order.
     pub virtio: Vec<SavedDevice>,
@@ -425,6 +428,25 @@ mod tests {
     use super::*;
     use devices::virtio::DeviceState;
 
+    /// This build's backend's state types, empty (the format around them
+    /// is what the tests check).
+    #[cfg(target_arch = "x86_64")]
+    fn blank_vm() -> VmState {
+        VmState::KvmX86_64(Default::default())
+    }
+    #[cfg(target_arch = "x86_64")]
+    fn blank_vcpu() -> VcpuState {
+        VcpuState::KvmX86_64(Default::default())
+    }
+    #[cfg(target_arch = "aarch64")]
+    fn blank_vm() -> VmState {
+        VmState::KvmAarch64(Default::default())
+    }
+    #[cfg(target_arch = "aarch64")]
+    fn blank_vcpu() -> VcpuState {
+        VcpuState::KvmAarch64(Default::default())
+    }
+
     fn sample() -> MachineState {
         let transport = |device| TransportSnapshot {
             device_type: 26,
@@ -444,9 +466,9 @@ mod tests {
             disk_base: None,
             cmdline: "console=ttyS0".into(),
             memory_size: 1 << 20,
-            vm: VmState::KvmX86_64(Default::default()),
-            vcpus: vec![VcpuState::KvmX86_64(Default::default())],
-            cpuid: vec![vec![]],
+            vm: blank_vm(),
+            vcpus: vec![blank_vcpu()],
+            vcpu_identity: vec![Default::default()],
             serial: SerialSnapshot::default(),
             virtio: vec![
                 SavedDevice {

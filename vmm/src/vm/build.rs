@@ -10,9 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use devices::legacy::serial::SerialSnapshot;
-use devices::legacy::{
-    boot_timer::BootTime, BootTimer, ConsoleOutput, GuestPanic, SerialDevice, I8042,
-};
+use devices::legacy::{boot_timer::BootTime, BootTimer, ConsoleOutput, GuestPanic, SerialDevice};
 use devices::sync::Locked;
 use devices::virtio::block::{Block, LayeredDisk, SharedDisk};
 use devices::virtio::fs::{Fs, PassthroughFs};
@@ -23,11 +21,11 @@ use devices::virtio::net::{Net, NetBackend};
 use devices::virtio::vsock::Vsock;
 use devices::virtio::VirtioDevice;
 use devices::{Bus, EventFdLine};
-use hypervisor::{CpuidEntry, Hypervisor, HypervisorKind, Vcpu};
+use hypervisor::{Hypervisor, HypervisorKind, Vcpu};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{io_err, kernel_cmdline, Backend, Error, Prepared, ResolvedBoot, Result, Vm};
-use crate::arch::{boot, cpuid, layout, mptable, regs};
+use crate::arch::{self, boot, layout, load, MachineShape, VcpuIdentity};
 use crate::artifacts::{self, KernelFlavour};
 use crate::config::{NetworkConfig, RootfsConfig, SerialOutput, VmConfig};
 use crate::exit::ExitSignal;
@@ -47,7 +45,7 @@ struct Checked {
 fn check(config: &VmConfig, hv: &dyn Hypervisor) -> Result<Checked> {
     config.validate()?;
     let kind = hv.kind();
-    let max_vcpus = hv.max_vcpus().min(mptable::max_cpus());
+    let max_vcpus = hv.max_vcpus().min(arch::max_vcpus());
     if config.vcpus > max_vcpus {
         return Err(Error::TooManyVcpus {
             asked: config.vcpus,
@@ -105,10 +103,13 @@ fn platform(
             .map_err(Error::RestoreSerial)?,
     };
     let serial = Arc::new(Mutex::new(serial));
-    pio.insert(serial.clone(), layout::SERIAL_PORT, SerialDevice::LEN)?;
     let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("create an eventfd"))?;
-    let i8042 = I8042::new(reset_evt.try_clone().map_err(io_err("clone an eventfd"))?);
-    pio.insert(Arc::new(Mutex::new(i8042)), I8042::BASE, I8042::LEN)?;
+    arch::place_legacy_devices(
+        &pio,
+        &mmio,
+        serial.clone(),
+        reset_evt.try_clone().map_err(io_err("clone an eventfd"))?,
+    )?;
     let timer = BootTimer::new(start);
     let boot_time = timer.handle();
     mmio.insert(
@@ -230,22 +231,6 @@ fn devices(
     })
 }
 
-/// Creates the vCPUs with their CPUID; `init` sets each one's state.
-fn create_vcpus(
-    vm: &dyn hypervisor::Vm,
-    cpuid: &[Vec<CpuidEntry>],
-    mut init: impl FnMut(u32, &dyn Vcpu) -> Result<()>,
-) -> Result<Vec<Box<dyn Vcpu>>> {
-    let mut vcpus = Vec::with_capacity(cpuid.len());
-    for (id, entries) in cpuid.iter().enumerate() {
-        let vcpu = vm.create_vcpu(id as u32)?;
-        vcpu.set_cpuid(entries)?;
-        init(id as u32, vcpu.as_ref())?;
-        vcpus.push(vcpu);
-    }
-    Ok(vcpus)
-}
-
 /// What the two paths hand over to make the [`Vm`].
 struct Parts {
     checked: Checked,
@@ -254,7 +239,7 @@ struct Parts {
     platform: Platform,
     devices: Devices,
     vcpus: Vec<Box<dyn Vcpu>>,
-    cpuid: Vec<Vec<CpuidEntry>>,
+    identities: Vec<VcpuIdentity>,
     restored_agent: bool,
     kernel: PathBuf,
     initramfs: Option<PathBuf>,
@@ -280,7 +265,7 @@ fn finish(config: &VmConfig, start: Instant, p: Parts) -> Vm {
         shared,
         disk: p.devices.disk,
         disk_base: p.devices.disk_base,
-        cpuid: p.cpuid,
+        identities: p.identities,
         config: config.clone(),
         restored_agent: p.restored_agent,
         new_mac: p.devices.new_mac,
@@ -318,7 +303,7 @@ pub(super) fn boot(config: &VmConfig, hv: &dyn Hypervisor, start: Instant) -> Re
     let initramfs = match &initramfs_path {
         None => None,
         Some(path) => Some(
-            boot::open_regular_file(path).map_err(|source| Error::Initramfs {
+            load::open_regular_file(path).map_err(|source| Error::Initramfs {
                 path: path.clone(),
                 source,
             })?,
@@ -335,27 +320,29 @@ pub(super) fn boot(config: &VmConfig, hv: &dyn Hypervisor, start: Instant) -> Re
     };
     let initramfs_size = initramfs
         .as_ref()
-        .map_or(0, |(_, size)| boot::with_extra(*size, defaults.len()));
+        .map_or(0, |(_, size)| load::with_extra(*size, defaults.len()));
     boot::check_memory(&kernel, initramfs_size, mem_size)?;
     phase(start, "config checked");
 
     let (vm, ram) = create_vm(hv, GuestRam::new(mem_size)?)?;
     phase(start, "VM, memory and irqchip created");
     // Populate the memory about to be written in bulk, on two threads.
-    ram.populate(&[
-        (layout::HIMEM_START, kernel.end - layout::HIMEM_START),
-        (
-            boot::initramfs_addr(mem_size, initramfs_size),
-            initramfs_size,
-        ),
-    ])?;
+    ram.populate(&boot::bulk_ranges(&kernel, mem_size, initramfs_size))?;
     phase(start, "memory populated");
+    let pvm = checked.kind.needs_pvm_guest();
+    let (vcpus, identities) = arch::create_vcpus(hv, vm.as_ref(), config.vcpus, pvm)?;
+    phase(start, "vCPUs created");
 
     let platform = platform(config, vm.as_ref(), start, None)?;
     let devices = devices(config, vm.as_ref(), &platform.mmio, &ram, None)?;
     phase(start, "devices created");
 
-    let mut device_args: Vec<String> = devices.virtio.iter().map(|v| v.cmdline.clone()).collect();
+    let shape = MachineShape {
+        vcpus: config.vcpus,
+        mem_size,
+        virtio: devices.virtio.iter().map(|v| (v.base, v.irq)).collect(),
+    };
+    let mut device_args = arch::device_args(&shape.virtio);
     if config.vsock.is_some() {
         // Tells the guest init to serve the agent on vsock.
         device_args.push(format!("VMM_AGENT_PORT={}", vmm_agent::AGENT_PORT));
@@ -375,7 +362,7 @@ pub(super) fn boot(config: &VmConfig, hv: &dyn Hypervisor, start: Instant) -> Re
     let cmdline = kernel_cmdline(config, checked.flavour, &device_args);
     let initramfs = initramfs
         .zip(initramfs_path.as_deref())
-        .map(|((file, size), path)| boot::Initramfs {
+        .map(|((file, size), path)| load::Initramfs {
             path,
             file,
             size,
@@ -383,28 +370,8 @@ pub(super) fn boot(config: &VmConfig, hv: &dyn Hypervisor, start: Instant) -> Re
         });
     let loaded = boot::load(&ram.memory, mem_size, kernel, initramfs, &cmdline)?;
     phase(start, "kernel and initramfs loaded");
-    mptable::setup(&ram.memory, config.vcpus)?;
-    regs::write_boot_tables(&ram.memory)?;
-
-    let supported = hv.supported_cpuid()?;
-    let pvm = checked.kind.needs_pvm_guest();
-    let cpuid: Vec<Vec<CpuidEntry>> = (0..config.vcpus)
-        .map(|id| cpuid::for_vcpu(&supported, id, config.vcpus, pvm))
-        .collect();
-    let vcpus = create_vcpus(vm.as_ref(), &cpuid, |id, vcpu| {
-        vcpu.configure_lapic()?;
-        if id == 0 {
-            let sregs = regs::boot_sregs(&vcpu.get_sregs()?);
-            vcpu.set_sregs(&sregs)?;
-            vcpu.set_regs(&regs::boot_regs(loaded.entry))?;
-            vcpu.set_fpu(&regs::boot_fpu())?;
-            if let Err(e) = vcpu.set_msrs(&regs::boot_msrs()) {
-                tracing::info!("boot MSRs not set ({e}); the guest runs without them");
-            }
-        }
-        Ok(())
-    })?;
-    phase(start, "vCPUs configured");
+    arch::setup_boot(&ram.memory, &vcpus, &loaded, &shape)?;
+    phase(start, "boot state written");
     Ok(finish(
         config,
         start,
@@ -415,7 +382,7 @@ pub(super) fn boot(config: &VmConfig, hv: &dyn Hypervisor, start: Instant) -> Re
             platform,
             devices,
             vcpus,
-            cpuid,
+            identities,
             restored_agent: false,
             kernel: kernel_path,
             initramfs: initramfs_path,
@@ -437,7 +404,7 @@ pub(super) fn restore(
     let mem_size = checked.mem_size;
     let s = &source.state;
     if s.vcpus.len() != config.vcpus as usize
-        || s.cpuid.len() != s.vcpus.len()
+        || s.vcpu_identity.len() != s.vcpus.len()
         || s.memory_size != mem_size
         || source.memory.size != mem_size
     {
@@ -458,8 +425,9 @@ pub(super) fn restore(
         }
         _ => create_vm(hv, GuestRam::from_image(&source.memory)?)?,
     };
-    vm.restore_state(&source.state.vm)?;
-    phase(start, "VM, memory and irqchip created");
+    let state = &source.state;
+    let vcpus = arch::restore_vcpus(vm.as_ref(), &state.vcpu_identity, &state.vcpus, &state.vm)?;
+    phase(start, "VM, memory, irqchip and vCPUs restored");
 
     let platform = platform(&config, vm.as_ref(), start, Some(&source.state.serial))?;
     let devices = devices(
@@ -469,17 +437,12 @@ pub(super) fn restore(
         &ram,
         Some(&mut source),
     )?;
-    phase(start, "devices created");
-
-    let state = &source.state;
-    let vcpus = create_vcpus(vm.as_ref(), &state.cpuid, |id, vcpu| {
-        Ok(vcpu.restore_state(&state.vcpus[id as usize])?)
-    })?;
     // Interrupts raised now reach the restored interrupt controllers.
     for slot in &devices.virtio {
         slot.transport.locked().finish_restore();
     }
-    phase(start, "vCPUs configured");
+    phase(start, "devices created");
+    let state = &source.state;
     // A restored machine booted long ago: no kernel or initramfs of its own.
     let (kernel, initramfs) = (PathBuf::new(), None);
     Ok(finish(
@@ -492,7 +455,7 @@ pub(super) fn restore(
             platform,
             devices,
             vcpus,
-            cpuid: state.cpuid.clone(),
+            identities: state.vcpu_identity.clone(),
             restored_agent: state.agent_ready,
             kernel,
             initramfs,

@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 
 use devices::legacy::{boot_timer::BootTime, GuestPanic, SerialDevice};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
-use hypervisor::{CpuidEntry, Hypervisor, HypervisorKind, Vcpu};
+use hypervisor::{Hypervisor, HypervisorKind, Vcpu};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::{ApiServer, ApiThread};
-use crate::arch::{boot, layout, mptable, regs};
+use crate::arch::{self, boot, layout, VcpuIdentity};
 use crate::artifacts::KernelFlavour;
 use crate::config::VmConfig;
 use crate::control::Controller;
@@ -84,9 +84,9 @@ pub enum Error {
     #[error(transparent)]
     Memory(#[from] crate::memory::Error),
     #[error(transparent)]
-    MpTable(#[from] mptable::Error),
+    Arch(#[from] arch::Error),
     #[error(transparent)]
-    Regs(#[from] regs::Error),
+    Load(#[from] arch::load::Error),
     #[error("cannot open the serial output file {path}: {source}")]
     SerialFile {
         path: PathBuf,
@@ -234,7 +234,7 @@ pub struct Vm {
     shared: Arc<VcpuShared>,
     disk: Option<SharedDisk>,
     disk_base: Option<PathBuf>,
-    cpuid: Vec<Vec<CpuidEntry>>,
+    identities: Vec<VcpuIdentity>,
     config: VmConfig,
     /// Restored from a machine whose agent was up: reseed it, then report
     /// it ready.
@@ -257,13 +257,12 @@ pub struct Vm {
 /// The kernel command line: the VMM's own arguments, the flavour's, then
 /// the user's (later arguments win in Linux).
 pub fn kernel_cmdline(config: &VmConfig, flavour: KernelFlavour, devices: &[String]) -> String {
-    let mut parts = vec![
-        "console=ttyS0".to_string(),
-        "reboot=k".into(),
+    let mut parts: Vec<String> = arch::KERNEL_ARGS.iter().map(|a| a.to_string()).collect();
+    parts.extend([
         "panic=-1".into(),
         "quiet".into(),
         format!("VMM_BOOT_TIMER={:#x}", layout::BOOT_TIMER_START),
-    ];
+    ]);
     let flavour_args = config
         .flavour_cmdline
         .clone()
@@ -342,7 +341,7 @@ impl Vm {
             shared,
             disk,
             disk_base,
-            cpuid,
+            identities,
             config,
             restored_agent,
             new_mac,
@@ -373,7 +372,7 @@ impl Vm {
                 .collect(),
             disk.zip(disk_base),
             serial.clone(),
-            cpuid,
+            identities,
             config,
             resolved.cmdline.clone(),
         );

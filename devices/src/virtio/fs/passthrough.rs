@@ -102,6 +102,9 @@ fn fstat(fd: RawFd) -> io::Result<libc::stat> {
 }
 
 /// The FUSE attributes of a host `stat`.
+// The stat fields' widths differ between architectures (st_nlink is 64
+// bits on x86_64, 32 on aarch64): the casts are needed on some.
+#[allow(clippy::unnecessary_cast)]
 pub fn attr_of(st: &libc::stat) -> Attr {
     Attr {
         ino: st.st_ino,

@@ -1,11 +1,13 @@
 //! The aarch64 half of the KVM backend: a vCPU's initialisation
 //! (`KVM_ARM_VCPU_INIT` with the host's preferred target and PSCI 0.2),
-//! its core and system registers (`ONE_REG`), and the in-kernel vGICv3 (a
-//! KVM device). Not yet here: the state a snapshot saves (vCPU registers,
-//! timers, vGIC); saving or restoring an arm64 VM is an error that says so.
+//! its core and system registers (`ONE_REG`), the in-kernel vGICv3 (a KVM
+//! device), and the state a snapshot saves of them (`state`).
 
+pub mod state;
+
+use std::collections::BTreeMap;
 use std::mem::offset_of;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use kvm_bindings::{
     kvm_create_device, kvm_device_attr, kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V3, kvm_regs,
@@ -45,12 +47,33 @@ impl HostInfo {
     }
 }
 
-/// What a VM's vCPUs share: the host's preferred vCPU target, and the VM's
-/// GIC once made.
+/// What a VM's vCPUs share: the host's preferred vCPU target, each vCPU's
+/// MPIDR by id (the GIC's state is saved per vCPU), and the VM's GIC once
+/// made with its interrupt lines.
 #[derive(Debug, Clone)]
 pub(super) struct VmInfo {
     target: kvm_vcpu_init,
-    gic: Arc<OnceLock<DeviceFd>>,
+    mpidrs: Arc<Mutex<BTreeMap<u32, u64>>>,
+    gic: Arc<OnceLock<(DeviceFd, u32)>>,
+}
+
+impl VmInfo {
+    /// The vCPUs' MPIDRs in id order.
+    fn mpidrs(&self) -> Vec<u64> {
+        self.mpidrs
+            .lock()
+            .map(|m| m.values().copied().collect())
+            .unwrap_or_default()
+    }
+
+    fn gic(&self) -> Result<&(DeviceFd, u32)> {
+        self.gic.get().ok_or_else(|| {
+            Error::call(
+                "the vGIC's state",
+                std::io::Error::other("the VM has no GIC yet: create it after the vCPUs"),
+            )
+        })
+    }
 }
 
 /// Whether this host runs under a hypervisor: arm64 has no portable way to
@@ -65,6 +88,7 @@ pub(super) fn prepare_vm(fd: &VmFd, _host: &HostInfo) -> Result<VmInfo> {
         .map_err(|e| Error::call("KVM_ARM_PREFERRED_TARGET", os_err(e)))?;
     Ok(VmInfo {
         target,
+        mpidrs: Arc::new(Mutex::new(BTreeMap::new())),
         gic: Arc::new(OnceLock::new()),
     })
 }
@@ -75,22 +99,29 @@ pub(super) fn create_platform_devices(_fd: &VmFd) -> Result<()> {
     Ok(())
 }
 
-const NO_SNAPSHOTS: &str = "saving or restoring an arm64 VM (its vCPU, timer and vGIC state)";
-
-pub(super) fn save_vm(_fd: &VmFd) -> Result<VmState> {
-    Err(Error::Unsupported(NO_SNAPSHOTS))
+/// Saves the vGIC; call it with every vCPU paused.
+pub(super) fn save_vm(_fd: &VmFd, info: &VmInfo) -> Result<VmState> {
+    let (gic, lines) = info.gic()?;
+    let saved = state::save_gic(gic, *lines, &info.mpidrs())?;
+    Ok(VmState::KvmAarch64(Box::new(saved)))
 }
 
-pub(super) fn restore_vm(_fd: &VmFd, _saved: &VmState) -> Result<()> {
-    Err(Error::Unsupported(NO_SNAPSHOTS))
+/// Restores the vGIC into a VM whose vCPUs and GIC exist (an arm64 VM's
+/// GIC comes after its vCPUs).
+pub(super) fn restore_vm(_fd: &VmFd, info: &VmInfo, saved: &VmState) -> Result<()> {
+    let VmState::KvmAarch64(saved) = saved;
+    let (gic, lines) = info.gic()?;
+    state::restore_gic(gic, *lines, &info.mpidrs(), saved)
 }
 
-pub(super) fn save_vcpu(_fd: &VcpuFd, _info: &VmInfo) -> Result<VcpuState> {
-    Err(Error::Unsupported(NO_SNAPSHOTS))
+pub(super) fn save_vcpu(fd: &VcpuFd, _info: &VmInfo) -> Result<VcpuState> {
+    Ok(VcpuState::KvmAarch64(Box::new(state::save_vcpu(fd)?)))
 }
 
-pub(super) fn restore_vcpu(_fd: &VcpuFd, _saved: &VcpuState) -> Result<()> {
-    Err(Error::Unsupported(NO_SNAPSHOTS))
+/// Restores into a vCPU initialised with `VcpuArch::init`.
+pub(super) fn restore_vcpu(fd: &VcpuFd, saved: &VcpuState) -> Result<()> {
+    let VcpuState::KvmAarch64(saved) = saved;
+    state::restore_vcpu(fd, saved)
 }
 
 impl HypervisorArch for KvmHypervisor {}
@@ -131,6 +162,14 @@ fn mpidr_reg() -> u64 {
 }
 
 impl KvmVcpu {
+    fn get_reg(&self, id: u64) -> Result<u64> {
+        let mut bytes = [0u8; 8];
+        self.fd
+            .get_one_reg(id, &mut bytes)
+            .map_err(|e| Error::call("KVM_GET_ONE_REG", os_err(e)))?;
+        Ok(u64::from_le_bytes(bytes))
+    }
+
     fn set_reg(&self, id: u64, value: u64) -> Result<()> {
         self.fd
             .set_one_reg(id, &value.to_le_bytes())
@@ -148,7 +187,12 @@ impl VcpuArch for KvmVcpu {
         }
         self.fd
             .vcpu_init(&kvi)
-            .map_err(|e| Error::call("KVM_ARM_VCPU_INIT", os_err(e)))
+            .map_err(|e| Error::call("KVM_ARM_VCPU_INIT", os_err(e)))?;
+        let mpidr = self.mpidr()?;
+        if let Ok(mut mpidrs) = self.info.mpidrs.lock() {
+            mpidrs.insert(self.id, mpidr);
+        }
+        Ok(())
     }
 
     fn set_boot_regs(&self, entry: u64, fdt: u64) -> Result<()> {
@@ -158,11 +202,11 @@ impl VcpuArch for KvmVcpu {
     }
 
     fn mpidr(&self) -> Result<u64> {
-        let mut bytes = [0u8; 8];
-        self.fd
-            .get_one_reg(mpidr_reg(), &mut bytes)
-            .map_err(|e| Error::call("KVM_GET_ONE_REG", os_err(e)))?;
-        Ok(u64::from_le_bytes(bytes))
+        self.get_reg(mpidr_reg())
+    }
+
+    fn program_counter(&self) -> Result<u64> {
+        self.get_reg(pc_reg())
     }
 }
 
@@ -223,7 +267,7 @@ impl VmArch for KvmVm {
             0,
             "the vGIC's initialisation",
         )?;
-        self.info.gic.set(gic).map_err(|_| {
+        self.info.gic.set((gic, lines)).map_err(|_| {
             Error::call(
                 "KVM_CREATE_DEVICE (vGICv3)",
                 std::io::Error::other("the VM has a GIC already"),

@@ -72,7 +72,17 @@ pub(super) fn prepare_vm(fd: &VmFd, host: &HostInfo) -> Result<VmInfo> {
     Ok(host.clone())
 }
 
-pub(super) use state::{restore_vcpu, restore_vm, save_vm};
+pub(super) use state::restore_vcpu;
+
+/// The interrupt controllers, the PIT and the clock.
+pub(super) fn save_vm(fd: &VmFd, _info: &VmInfo) -> Result<crate::VmState> {
+    state::save_vm(fd)
+}
+
+/// Restores what `save_vm` saved, into a VM whose platform devices exist.
+pub(super) fn restore_vm(fd: &VmFd, _info: &VmInfo, saved: &crate::VmState) -> Result<()> {
+    state::restore_vm(fd, saved)
+}
 
 /// The vCPU's complete state, with the MSRs the host has.
 pub(super) fn save_vcpu(fd: &VcpuFd, info: &VmInfo) -> Result<crate::VcpuState> {

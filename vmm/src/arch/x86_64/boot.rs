@@ -9,6 +9,7 @@ use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, SETUP_RNG_SE
 use linux_loader::loader::{BzImage, Cmdline, Elf, KernelLoader};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::super::load::{self, open_regular_file, Initramfs};
 use super::layout::{
     CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_END, HIMEM_START, MMIO_GAP_END, MMIO_GAP_START,
     MPTABLE_START, RNG_SEED_START, ZERO_PAGE_START,
@@ -35,11 +36,8 @@ pub enum Error {
         path: PathBuf,
         source: linux_loader::loader::Error,
     },
-    #[error("cannot load the initramfs {path}: {source}")]
-    LoadInitramfs {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Initramfs(#[from] load::Error),
     #[error("\"memory_mib\" is {have_mib}, but this kernel and initramfs need at least {need_mib} MiB; raise \"memory_mib\"")]
     MemoryTooSmall { have_mib: u64, need_mib: u64 },
     #[error("the kernel command line is {len} bytes; the most is {max}: shorten \"cmdline\"")]
@@ -72,17 +70,6 @@ pub struct KernelImage {
     pub format: KernelFormat,
     pub end: u64,
     file: File,
-}
-
-/// Opens a file that must be a regular file (not a directory or a device);
-/// returns it with its size.
-pub fn open_regular_file(path: &Path) -> std::io::Result<(File, u64)> {
-    let file = File::open(path)?;
-    let meta = file.metadata()?;
-    if !meta.is_file() {
-        return Err(std::io::Error::other("not a regular file"));
-    }
-    Ok((file, meta.len()))
 }
 
 fn read_at(file: &mut File, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
@@ -176,6 +163,15 @@ pub fn initramfs_addr(mem_size: u64, size: u64) -> u64 {
     (mem_size.min(MMIO_GAP_START) - size) & !0xfff
 }
 
+/// What `load` writes in bulk, to populate before: the kernel, then the
+/// initramfs of `initramfs_size` bytes.
+pub fn bulk_ranges(kernel: &KernelImage, mem_size: u64, initramfs_size: u64) -> [(u64, u64); 2] {
+    [
+        (HIMEM_START, kernel.end - HIMEM_START),
+        (initramfs_addr(mem_size, initramfs_size), initramfs_size),
+    ]
+}
+
 /// Wrapper so the zero page can be written with vm-memory.
 #[derive(Clone, Copy, Default)]
 struct ZeroPage(boot_params);
@@ -199,25 +195,6 @@ pub fn e820_map(mem_size: u64) -> Vec<(u64, u64, u32)> {
         map.push((MMIO_GAP_END, mem_size - MMIO_GAP_START, E820_RAM));
     }
     map
-}
-
-/// An initramfs file to load, and a second archive to load after it.
-pub struct Initramfs<'a> {
-    pub path: &'a Path,
-    pub file: File,
-    pub size: u64,
-    /// Loaded after the file, 4-byte aligned (the kernel unpacks
-    /// concatenated archives); may be empty.
-    pub extra: &'a [u8],
-}
-
-/// The bytes an initramfs of `size` takes with `extra` bytes after it.
-pub fn with_extra(size: u64, extra: usize) -> u64 {
-    if extra == 0 {
-        size
-    } else {
-        size.next_multiple_of(4) + extra as u64
-    }
 }
 
 /// Loads the kernel, the initramfs (at the top of low memory) and the
@@ -257,27 +234,9 @@ pub fn load(
     hdr.header = 0x5372_6448; // "HdrS"
     hdr.kernel_alignment = 0x100_0000;
 
-    if let Some(Initramfs {
-        path,
-        mut file,
-        size,
-        extra,
-    }) = initramfs
-    {
-        let total = with_extra(size, extra.len());
-        let addr = initramfs_addr(mem_size, total);
-        mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
-            .map_err(|e| Error::LoadInitramfs {
-                path: path.to_path_buf(),
-                source: std::io::Error::other(e.to_string()),
-            })?;
-        if !extra.is_empty() {
-            mem.write_slice(extra, GuestAddress(addr + size.next_multiple_of(4)))
-                .map_err(|source| Error::Write {
-                    what: "the image's exec defaults",
-                    source,
-                })?;
-        }
+    if let Some(initramfs) = initramfs {
+        let addr = initramfs_addr(mem_size, initramfs.total());
+        let total = initramfs.load(mem, addr)?;
         hdr.ramdisk_image = addr as u32;
         hdr.ramdisk_size = total as u32;
     }

@@ -39,10 +39,43 @@ pub const VIRTIO_MMIO_START: u64 = 0xd000_1000;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const APIC_START: u64 = 0xfee0_0000;
 
+/// The guest-physical ranges for `size` bytes of RAM: below the MMIO gap,
+/// then above 4 GiB. Each entry is (guest address, length, file offset).
+pub fn ram_ranges(size: u64) -> Vec<(u64, u64, u64)> {
+    if size <= MMIO_GAP_START {
+        vec![(0, size, 0)]
+    } else {
+        vec![
+            (0, MMIO_GAP_START, 0),
+            (MMIO_GAP_END, size - MMIO_GAP_START, MMIO_GAP_START),
+        ]
+    }
+}
+
 /// The serial port and its ISA interrupt.
 pub const SERIAL_PORT: u64 = 0x3f8;
 pub const SERIAL_IRQ: u32 = 4;
 /// IOAPIC pins: 24, the first 16 are ISA interrupts.
 pub const IOAPIC_PINS: u8 = 24;
-/// First interrupt line handed to virtio-mmio devices.
+/// The interrupt lines handed to virtio-mmio devices, one each: from the
+/// first free ISA line to the IOAPIC's last pin.
 pub const VIRTIO_IRQ_START: u32 = 5;
+pub const VIRTIO_IRQ_END: u32 = IOAPIC_PINS as u32;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_memory_is_one_range_large_memory_skips_the_gap() {
+        assert_eq!(ram_ranges(128 << 20), vec![(0, 128 << 20, 0)]);
+        let big = 4u64 << 30;
+        assert_eq!(
+            ram_ranges(big),
+            vec![
+                (0, MMIO_GAP_START, 0),
+                (MMIO_GAP_END, big - MMIO_GAP_START, MMIO_GAP_START)
+            ]
+        );
+    }
+}
