@@ -4,10 +4,21 @@
 # mount tricks). Every VM that boots it shares this one file; each VM writes
 # to its own layer (see docs/disk.md).
 #
-# Output: $CACHE/base/<hash>/base.ext4 (hash of this script and the mirror)
-# and the stable link $CACHE/base/current. Reused when up to date.
+#   rootfs/build-base-image.sh [--arch x86_64|arm64]   (default: this host's)
+#
+# Output: $CACHE/base/<hash>/base.ext4 (hash of this script, the mirror and
+# the architecture) and the stable link $CACHE/base/current, or
+# $CACHE/base/arm64-current for an arm64 image built on an x86_64 host.
+# Reused when up to date.
 # $CACHE is $VMM_CACHE_DIR, else $XDG_CACHE_HOME/vmm, else ~/.cache/vmm.
 # $VMM_DEBIAN_MIRROR overrides the mirror (default: deb.debian.org).
+#
+# Another architecture's image: debootstrap's second stage runs the image's
+# own programs (package scripts, `useradd`), which this host runs through
+# qemu-user-static registered with binfmt_misc (Debian's qemu-user-static
+# and binfmt-support packages do it, with the F flag that lets a chroot use
+# the interpreter). mmdebstrap would need the same emulation for the same
+# scripts; debootstrap is what the native build already uses.
 set -euo pipefail
 
 cache="${VMM_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/vmm}"
@@ -16,22 +27,36 @@ suite=bookworm
 packages=python3
 
 die() { echo "base-image: error: $*" >&2; exit 1; }
+
+host_arch="$(dpkg --print-architecture)"
+arch="$host_arch"
+case "${1:-}" in
+    --arch) arch="$(echo "${2:-}" | sed 's/^x86_64$/amd64/')" ;;
+    "") ;;
+    *) die "usage: $0 [--arch x86_64|arm64]" ;;
+esac
+link=current
+if [ "$arch" != "$host_arch" ]; then
+    link="$arch-current"
+    [ "$arch" = arm64 ] || die "only arm64 is built for another architecture"
+    [ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] || die "running arm64 programs needs qemu-user-static: apt-get install qemu-user-static binfmt-support (and, where binfmt_misc is not mounted, mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc; update-binfmts --enable qemu-aarch64)"
+fi
 command -v debootstrap >/dev/null || die "debootstrap is missing: apt-get install debootstrap (tools/setup.sh does it)"
 command -v mkfs.ext4 >/dev/null || die "mkfs.ext4 is missing: apt-get install e2fsprogs"
 [ "$(id -u)" = 0 ] || die "debootstrap needs root (run tools/setup.sh as root)"
 
-key="$({ cat "${BASH_SOURCE[0]}"; echo "$mirror $suite $packages"; } | sha256sum | cut -c1-16)"
+key="$({ cat "${BASH_SOURCE[0]}"; echo "$mirror $suite $packages"; [ "$arch" = amd64 ] || echo "$arch"; } | sha256sum | cut -c1-16)"
 out="$cache/base/$key"
 if [ -f "$out/base.ext4" ]; then
-    ln -sfn "$key" "$cache/base/current"
+    ln -sfn "$key" "$cache/base/$link"
     echo "base-image: up to date: $out/base.ext4 ($(du -h --apparent-size "$out/base.ext4" | cut -f1))" >&2
     exit 0
 fi
 
 tree="$(mktemp -d)"
 trap 'rm -rf "$tree"' EXIT
-echo "base-image: debootstrap $suite (minbase + $packages) from $mirror" >&2
-debootstrap --variant=minbase --include="$packages" "$suite" "$tree" "$mirror" >/dev/null
+echo "base-image: debootstrap $suite $arch (minbase + $packages) from $mirror" >&2
+debootstrap --arch="$arch" --variant=minbase --include="$packages" "$suite" "$tree" "$mirror" >/dev/null
 
 # Trim what a sandbox never reads: package caches and lists, docs, man
 # pages, locales other than C, Python bytecode caches (rebuilt on demand).
@@ -64,5 +89,5 @@ mkdir -p "$out.tmp"
 # for the same files in an imported image with 4 KiB blocks; vmm bench image).
 mkfs.ext4 -q -F -b 4096 -L sandbox-root -d "$tree" -E root_owner=0:0 "$out.tmp/base.ext4" "${size_mib}M"
 rm -rf "$out" && mv "$out.tmp" "$out"
-ln -sfn "$key" "$cache/base/current"
+ln -sfn "$key" "$cache/base/$link"
 echo "base-image: built $out/base.ext4: ${size_mib} MiB apparent, $(du -h "$out/base.ext4" | cut -f1) on disk" >&2

@@ -14,6 +14,11 @@
 #    change;
 #  - with `--clients`, the official clients the E2B and MCP tests drive
 #    (tools/client-env.sh), made while the kernel compiles;
+#  - with `--arm64`, what the arm64 tests run (tools/arm64-l1.sh prepare:
+#    Debian's arm64 kernel and busybox, the arm64 guest kernel and
+#    initramfs, the VMM cross-built for aarch64), also while the kernel
+#    compiles; its packages (qemu-system-arm, gcc-aarch64-linux-gnu) are
+#    installed on every setup, so an arm64 build works anywhere;
 #  - the VMM itself (release build; `--no-release` skips it: the test suite
 #    builds its own debug binaries).
 # Idempotent: run it again any time.
@@ -21,18 +26,20 @@ set -euo pipefail
 
 release=1
 clients=0
+arm64=0
 for arg in "$@"; do
     case $arg in
         --no-release) release=0 ;;
         --clients) clients=1 ;;
-        *) echo "usage: $0 [--no-release] [--clients]" >&2; exit 2 ;;
+        --arm64) arm64=1 ;;
+        *) echo "usage: $0 [--no-release] [--clients] [--arm64]" >&2; exit 2 ;;
     esac
 done
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 packages=(linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev cpio
           busybox-static qemu-system-x86 debootstrap e2fsprogs binutils
-          docker-registry skopeo python3 python3-venv)
+          docker-registry skopeo python3 python3-venv qemu-system-arm gcc-aarch64-linux-gnu)
 
 missing=()
 for p in "${packages[@]}"; do
@@ -46,7 +53,9 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-rustup target add x86_64-unknown-linux-musl >/dev/null 2>&1 || rustup target add x86_64-unknown-linux-musl
+for t in x86_64-unknown-linux-musl aarch64-unknown-linux-gnu aarch64-unknown-linux-musl; do
+    rustup target add "$t" >/dev/null 2>&1 || rustup target add "$t"
+done
 
 # The base image and the test clients (downloads and unpacking: mostly
 # waiting on the network and the disk) are made while the kernel compiles.
@@ -61,6 +70,9 @@ in_background "$repo/rootfs/build-base-image.sh"
 if [ "$clients" = 1 ]; then
     in_background "$repo/tools/client-env.sh" python
     in_background "$repo/tools/client-env.sh" node
+fi
+if [ "$arm64" = 1 ]; then
+    in_background "$repo/tools/arm64-l1.sh" prepare
 fi
 "$repo/guest-kernel/build.sh" host
 "$repo/rootfs/build-initramfs.sh"

@@ -174,15 +174,17 @@ pub fn run() -> Report {
         Status::Info,
     );
     jail_checks(&mut report);
+    let (qemu_binary, qemu_package) = crate::arch::QEMU;
     let qemu = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").exists()))
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(qemu_binary).exists()))
         .unwrap_or(false);
+    let missing = format!("not installed; apt-get install {qemu_package} to compare boot times");
     report.push(
         "qemu (for `vmm bench boot` comparisons)",
         if qemu {
-            "installed"
+            "installed".to_string()
         } else {
-            "not installed; apt-get install qemu-system-x86 to compare boot times"
+            missing
         },
         Status::Info,
     );

@@ -17,7 +17,8 @@
 //!   when it has no device tree), `place_legacy_devices` (the console and
 //!   what else the guest expects), `setup_boot` (the tables the kernel
 //!   reads at entry and the boot vCPU's registers), `NATIVE_KERNEL` (the
-//!   kernel flavour built for it), `max_vcpus` and
+//!   kernel flavour built for it), `QEMU` (what boot benchmarks compare
+//!   with), `max_vcpus` and
 //!   `program_counter`, and one `Error` for them.
 
 pub mod load;

@@ -45,6 +45,10 @@ pub const KERNEL_ARGS: &[&str] = &["console=ttyS0"];
 /// The kernel flavour `standard` (and `auto` off PVM hosts) means here.
 pub const NATIVE_KERNEL: crate::artifacts::KernelFlavour = crate::artifacts::KernelFlavour::Arm64;
 
+/// QEMU for this architecture, which boot benchmarks compare with: its
+/// binary and Debian package.
+pub const QEMU: (&str, &str) = ("qemu-system-aarch64", "qemu-system-arm");
+
 /// The most vCPUs the machine has room for.
 pub fn max_vcpus() -> u32 {
     layout::MAX_VCPUS

@@ -40,6 +40,10 @@ pub const KERNEL_ARGS: &[&str] = &["console=ttyS0", "reboot=k"];
 pub const NATIVE_KERNEL: crate::artifacts::KernelFlavour =
     crate::artifacts::KernelFlavour::Standard;
 
+/// QEMU for this architecture, which boot benchmarks compare with: its
+/// binary and Debian package.
+pub const QEMU: (&str, &str) = ("qemu-system-x86_64", "qemu-system-x86");
+
 /// The most vCPUs the machine can describe (the MP table's limit).
 pub fn max_vcpus() -> u32 {
     mptable::max_cpus()
