@@ -3,6 +3,7 @@
 //! its core and system registers (`ONE_REG`), the in-kernel vGICv3 (a KVM
 //! device), and the state a snapshot saves of them (`state`).
 
+mod gic_regs;
 pub mod state;
 
 use std::collections::BTreeMap;
