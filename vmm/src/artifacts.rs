@@ -12,6 +12,7 @@ use std::path::PathBuf;
 
 use hypervisor::HypervisorKind;
 
+use crate::arch::Architecture;
 use crate::config::Flavour;
 
 /// Kernel command-line flags every PVM guest needs (see docs/host-kvm.md):
@@ -52,7 +53,10 @@ impl KernelFlavour {
         match flavour {
             Flavour::Pvm => KernelFlavour::Pvm,
             Flavour::Auto if kind.needs_pvm_guest() => KernelFlavour::Pvm,
-            Flavour::Standard | Flavour::Auto => crate::arch::NATIVE_KERNEL,
+            Flavour::Standard | Flavour::Auto => match crate::arch::ARCH {
+                Architecture::X86_64 => KernelFlavour::Standard,
+                Architecture::Aarch64 => KernelFlavour::Arm64,
+            },
         }
     }
 

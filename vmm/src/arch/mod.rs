@@ -16,8 +16,8 @@
 //! - `KERNEL_ARGS`, `device_args` (how the guest finds the virtio devices
 //!   when it has no device tree), `place_legacy_devices` (the console and
 //!   what else the guest expects), `setup_boot` (the tables the kernel
-//!   reads at entry and the boot vCPU's registers), `NATIVE_KERNEL` (the
-//!   kernel flavour built for it), `QEMU` (what boot benchmarks compare
+//!   reads at entry and the boot vCPU's registers), `ARCH` (which
+//!   [`Architecture`] it is), `QEMU` (what boot benchmarks compare
 //!   with), `max_vcpus` and
 //!   `program_counter`, and one `Error` for them.
 
@@ -43,6 +43,13 @@ mod aarch64_data {
     pub mod boot;
     pub mod fdt;
     pub mod layout;
+}
+
+/// The machine architectures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    X86_64,
+    Aarch64,
 }
 
 /// A machine's vCPUs, in id order.

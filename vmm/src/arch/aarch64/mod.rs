@@ -42,8 +42,8 @@ pub struct VcpuIdentity;
 /// ttyS0). Reboot and power-off are PSCI calls that stop the VM.
 pub const KERNEL_ARGS: &[&str] = &["console=ttyS0"];
 
-/// The kernel flavour `standard` (and `auto` off PVM hosts) means here.
-pub const NATIVE_KERNEL: crate::artifacts::KernelFlavour = crate::artifacts::KernelFlavour::Arm64;
+/// Which architecture this is.
+pub const ARCH: super::Architecture = super::Architecture::Aarch64;
 
 /// QEMU for this architecture, which boot benchmarks compare with: its
 /// binary and Debian package.

@@ -36,9 +36,8 @@ pub type VcpuIdentity = Vec<CpuidEntry>;
 /// controller, which stops the VM).
 pub const KERNEL_ARGS: &[&str] = &["console=ttyS0", "reboot=k"];
 
-/// The kernel flavour `standard` (and `auto` off PVM hosts) means here.
-pub const NATIVE_KERNEL: crate::artifacts::KernelFlavour =
-    crate::artifacts::KernelFlavour::Standard;
+/// Which architecture this is.
+pub const ARCH: super::Architecture = super::Architecture::X86_64;
 
 /// QEMU for this architecture, which boot benchmarks compare with: its
 /// binary and Debian package.
