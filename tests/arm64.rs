@@ -161,7 +161,7 @@ fn the_user_network_answers_dhcp_and_a_fetch_from_l1_arrives_intact() {
 }
 
 #[test]
-fn a_restored_snapshot_continues_its_counter() {
+fn a_paused_vm_resumes_and_its_restored_snapshot_continues_its_counter() {
     section("start_vm");
     let s = section("snapshot_restore");
     let numbers = |prefix: &str| -> Vec<u64> {
@@ -174,6 +174,12 @@ fn a_restored_snapshot_continues_its_counter() {
             .collect()
     };
     let before = numbers("counter before ")[0];
+    let resumed = numbers("resumed counter ");
+    assert!(
+        resumed[0] >= before && resumed[1] > resumed[0],
+        "the resumed VM's counter did not go on from {before}: {resumed:?}\n{}",
+        s.text
+    );
     let after = numbers("restored counter ");
     assert!(
         after[0] >= before && after[1] > after[0],

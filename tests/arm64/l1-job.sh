@@ -76,7 +76,11 @@ snapshot_restore() {
     $vmm exec --api-socket /tmp/vm.sock -- sh -c \
         '(i=0; while :; do i=$((i+1)); echo $i > /tmp/c.new; mv /tmp/c.new /tmp/counter; sleep 0.1; done) >/dev/null 2>&1 &
          until [ -s /tmp/counter ]; do sleep 0.1; done; echo "counter before $(cat /tmp/counter)"' || return
+    # Snapshotted while paused; resumed, the VM goes on.
+    $vmm pause --api-socket /tmp/vm.sock || return
     $vmm snapshot --api-socket /tmp/vm.sock --out /tmp/snap || return
+    $vmm resume --api-socket /tmp/vm.sock || return
+    $vmm exec --api-socket /tmp/vm.sock -- sh -c 'a=$(cat /tmp/counter); sleep 0.5; echo "resumed counter $a then $(cat /tmp/counter)"' || return
     $vmm restore --snapshot /tmp/snap --api-socket /tmp/restored.sock --config /tmp/vm.json > /tmp/restored.log 2>&1 &
     wait_agent /tmp/restored.sock || { cat /tmp/restored.log; return 1; }
     $vmm exec --api-socket /tmp/restored.sock -- sh -c \
