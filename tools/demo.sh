@@ -4,7 +4,7 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$repo/tools/setup.sh"
-vmm="$repo/target/x86_64-unknown-linux-gnu/release/vmm"
+vmm="$repo/target/${CARGO_BUILD_TARGET:-$(uname -m)-unknown-linux-gnu}/release/vmm"
 "$vmm" doctor
 echo "demo: booting examples/demo.json (initramfs only, a command from the kernel command line)" >&2
 "$vmm" launch --config "$repo/examples/demo.json"

@@ -18,7 +18,7 @@
 #    Debian's arm64 kernel and busybox, the arm64 guest kernel and
 #    initramfs, the VMM cross-built for aarch64), also while the kernel
 #    compiles; its packages (qemu-system-arm, gcc-aarch64-linux-gnu) are
-#    installed on every setup, so an arm64 build works anywhere;
+#    installed on every x86_64 setup, so an arm64 build works anywhere;
 #  - the VMM itself (release build; `--no-release` skips it: the test suite
 #    builds its own debug binaries).
 # Idempotent: run it again any time.
@@ -37,9 +37,14 @@ for arg in "$@"; do
 done
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# This host's target (.cargo/config.toml names x86_64 for plain `cargo`).
+export CARGO_BUILD_TARGET="${CARGO_BUILD_TARGET:-$(uname -m)-unknown-linux-gnu}"
 packages=(linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev cpio
           busybox-static qemu-system-x86 debootstrap e2fsprogs binutils
-          docker-registry skopeo python3 python3-venv qemu-system-arm gcc-aarch64-linux-gnu)
+          docker-registry skopeo python3 python3-venv)
+# arm64 cross-builds and the emulated arm64 host (an arm64 host's own gcc
+# names itself aarch64-linux-gnu-gcc already).
+[ "$(uname -m)" = aarch64 ] || packages+=(qemu-system-arm gcc-aarch64-linux-gnu)
 
 missing=()
 for p in "${packages[@]}"; do
@@ -81,7 +86,7 @@ for i in "${!pids[@]}"; do
 done
 if [ "$release" = 1 ]; then
     cargo build --quiet --release --manifest-path "$repo/Cargo.toml" -p vmm -p vmm-bench
-    echo "setup: done; the VMM is $repo/target/x86_64-unknown-linux-gnu/release/vmm" >&2
+    echo "setup: done; the VMM is $repo/target/$CARGO_BUILD_TARGET/release/vmm" >&2
 else
     echo "setup: done (no release build)" >&2
 fi
