@@ -124,6 +124,9 @@ EOF
 #!/bin/busybox sh
 /bin/busybox mount -t proc proc /proc
 echo "L2-MARKER arch=$(/bin/busybox uname -m) cpus=$(/bin/busybox grep -c ^processor /proc/cpuinfo)"
+# stty sets the console with TCSADRAIN, which returns once the UART has
+# sent the line: a power-off right away would cut it short.
+/bin/busybox stty -F /dev/console sane
 /bin/busybox poweroff -f
 EOF
     chmod 0755 "$bb/init"

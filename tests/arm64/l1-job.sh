@@ -105,7 +105,7 @@ time_to_marker() {
     t0="$(now)"
     "$@" 2>&1 | while IFS= read -r line; do
         case "$line" in
-            *L2-MARKER*) echo "$line"; echo "marker after $(awk "BEGIN {print $(now) - $t0}")" ;;
+            *"L2-MARKER arch=aarch64 cpus="*) echo "$line"; echo "marker after $(awk "BEGIN {print $(now) - $t0}")" ;;
         esac
     done
 }
