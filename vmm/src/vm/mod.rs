@@ -85,8 +85,6 @@ pub enum Error {
     Memory(#[from] crate::memory::Error),
     #[error(transparent)]
     Arch(#[from] arch::Error),
-    #[error(transparent)]
-    Load(#[from] arch::load::Error),
     #[error("cannot open the serial output file {path}: {source}")]
     SerialFile {
         path: PathBuf,
