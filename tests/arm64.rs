@@ -196,6 +196,29 @@ fn a_fork_child_diverges_from_its_parent() {
     assert!(s.text.contains("parent who=none"), "{}", s.text);
 }
 
+#[test]
+fn a_restored_two_vcpu_guest_runs_on_both() {
+    let s = section("smp_restore");
+    assert!(s.text.contains("online 0-1"), "{}", s.text);
+    // "before cpu0 A cpu1 B" / "after cpu0 C cpu1 D": user ticks per CPU.
+    let ticks = |prefix: &str| -> Vec<u64> {
+        s.text
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} in:\n{}", s.text))
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect()
+    };
+    let (before, after) = (ticks("before "), ticks("after "));
+    assert_eq!((before.len(), after.len()), (2, 2), "{}", s.text);
+    assert!(
+        after[0] > before[0] && after[1] > before[1],
+        "a restored vCPU stood still: {before:?} then {after:?}\n{}",
+        s.text
+    );
+}
+
 /// The times to the marker line of each VMM (`minimal`, `vmm`) in the
 /// section's rounds.
 fn marker_times(text: &str) -> HashMap<&str, Vec<f64>> {

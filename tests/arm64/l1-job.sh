@@ -112,6 +112,29 @@ time_to_marker() {
 
 # Debian's own kernel with busybox as init, under our VMM and under the
 # minimal one, three times each, taking turns.
+# Two busy vCPUs: a snapshot restored in a new process keeps both
+# running (each vCPU's registers, timer and GIC redistributor).
+smp_restore() {
+    cat > /tmp/smp2.json <<'J'
+{"kernel": "/work/Image", "initramfs": "/work/initramfs-minimal.cpio", "memory_mib": 256, "vcpus": 2,
+ "rootfs": {"base": "/work/disk.ext4"}, "serial": "/tmp/smp2-console.log"}
+J
+    $vmm launch --config /tmp/smp2.json --api-socket /tmp/smp2.sock > /tmp/smp2.log 2>&1 &
+    wait_agent /tmp/smp2.sock || return
+    $vmm exec --api-socket /tmp/smp2.sock -- sh -c \
+        '(while :; do :; done) >/dev/null 2>&1 & (while :; do :; done) >/dev/null 2>&1 & echo looping' || return
+    $vmm snapshot --api-socket /tmp/smp2.sock --out /tmp/smp2.snap >/dev/null || return
+    $vmm stop --api-socket /tmp/smp2.sock --force
+    $vmm restore --snapshot /tmp/smp2.snap --api-socket /tmp/smp2r.sock --config /tmp/smp2.json > /tmp/smp2r.log 2>&1 &
+    wait_agent /tmp/smp2r.sock || { cat /tmp/smp2r.log; return 1; }
+    # Each CPU's user time (field 2 of /proc/stat) goes on.
+    $vmm exec --api-socket /tmp/smp2r.sock -- sh -c \
+        'echo "online $(cat /sys/devices/system/cpu/online)"; a=$(grep "^cpu[01] " /proc/stat | cut -d" " -f1,2); sleep 1; b=$(grep "^cpu[01] " /proc/stat | cut -d" " -f1,2); echo "before" $a; echo "after" $b'
+    status=$?
+    $vmm stop --api-socket /tmp/smp2r.sock --force
+    return $status
+}
+
 debian_image() {
     cat > /tmp/debian.json <<'J'
 {"kernel": "/work/debian-Image", "initramfs": "/work/busybox-initramfs.cpio", "memory_mib": 256, "vcpus": 1}
@@ -134,4 +157,5 @@ section snapshot_restore snapshot_restore
 section fork fork
 $vmm stop --api-socket /tmp/vm.sock; wait
 echo "VM log:"; cat /tmp/vm.log
+section smp_restore smp_restore
 section debian_image debian_image
