@@ -20,6 +20,19 @@ struct Section {
     seconds: f64,
 }
 
+impl Section {
+    /// The numbers on the section's first line that starts with `prefix`.
+    fn numbers_after(&self, prefix: &str) -> Vec<u64> {
+        self.text
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} in:\n{}", self.text))
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect()
+    }
+}
+
 /// L1's console, split into sections.
 struct L1Run {
     console: String,
@@ -164,23 +177,14 @@ fn the_user_network_answers_dhcp_and_a_fetch_from_l1_arrives_intact() {
 fn a_paused_vm_resumes_and_its_restored_snapshot_continues_its_counter() {
     section("start_vm");
     let s = section("snapshot_restore");
-    let numbers = |prefix: &str| -> Vec<u64> {
-        s.text
-            .lines()
-            .find_map(|l| l.strip_prefix(prefix))
-            .unwrap_or_else(|| panic!("no {prefix:?} in:\n{}", s.text))
-            .split_whitespace()
-            .filter_map(|w| w.parse().ok())
-            .collect()
-    };
-    let before = numbers("counter before ")[0];
-    let resumed = numbers("resumed counter ");
+    let before = s.numbers_after("counter before ")[0];
+    let resumed = s.numbers_after("resumed counter ");
     assert!(
         resumed[0] >= before && resumed[1] > resumed[0],
         "the resumed VM's counter did not go on from {before}: {resumed:?}\n{}",
         s.text
     );
-    let after = numbers("restored counter ");
+    let after = s.numbers_after("restored counter ");
     assert!(
         after[0] >= before && after[1] > after[0],
         "the counter did not go on from {before}: {after:?}\n{}",
@@ -201,16 +205,7 @@ fn a_restored_two_vcpu_guest_runs_on_both() {
     let s = section("smp_restore");
     assert!(s.text.contains("online 0-1"), "{}", s.text);
     // "before cpu0 A cpu1 B" / "after cpu0 C cpu1 D": user ticks per CPU.
-    let ticks = |prefix: &str| -> Vec<u64> {
-        s.text
-            .lines()
-            .find_map(|l| l.strip_prefix(prefix))
-            .unwrap_or_else(|| panic!("no {prefix:?} in:\n{}", s.text))
-            .split_whitespace()
-            .filter_map(|w| w.parse().ok())
-            .collect()
-    };
-    let (before, after) = (ticks("before "), ticks("after "));
+    let (before, after) = (s.numbers_after("before "), s.numbers_after("after "));
     assert_eq!((before.len(), after.len()), (2, 2), "{}", s.text);
     assert!(
         after[0] > before[0] && after[1] > before[1],
