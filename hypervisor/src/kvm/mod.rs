@@ -7,7 +7,7 @@ use std::path::Path;
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Cap, Kvm, NoDatamatch, VcpuFd, VmFd};
-use vmm_sys_util::eventfd::EventFd;
+use vmm_os::EventFd;
 
 use crate::Hypervisor as _;
 use crate::{
