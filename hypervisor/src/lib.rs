@@ -174,6 +174,9 @@ pub enum VcpuState {
     #[cfg(all(target_os = "linux", target_arch = "aarch64"))]
     #[serde(rename = "kvm-aarch64")]
     KvmAarch64(Box<kvm::aarch64::state::KvmVcpuState>),
+    #[cfg(all(target_os = "macos", target_arch = "aarch64"))]
+    #[serde(rename = "hvf-aarch64")]
+    HvfAarch64(Box<hvf::state::HvfVcpuState>),
 }
 
 /// A VM's own state outside its vCPUs and memory: interrupt controllers,
@@ -186,6 +189,9 @@ pub enum VmState {
     #[cfg(all(target_os = "linux", target_arch = "aarch64"))]
     #[serde(rename = "kvm-aarch64")]
     KvmAarch64(Box<kvm::aarch64::state::KvmVmState>),
+    #[cfg(all(target_os = "macos", target_arch = "aarch64"))]
+    #[serde(rename = "hvf-aarch64")]
+    HvfAarch64(Box<hvf::state::HvfVmState>),
 }
 
 /// Kinds of firmware system events.

@@ -70,6 +70,13 @@ impl PipeEventFd {
         })
     }
 
+    /// The write end, for code that must wake the reader with a bare
+    /// `write(2)` of 8 bytes (a signal handler, where `write` is the
+    /// async-signal-safe call). It stays open as long as `self`.
+    pub fn write_fd(&self) -> RawFd {
+        self.write.as_raw_fd()
+    }
+
     /// Adds `value` to the counter and wakes a waiting reader.
     pub fn write(&self, value: u64) -> io::Result<()> {
         let bytes = value.to_ne_bytes();

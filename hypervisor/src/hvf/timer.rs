@@ -53,6 +53,35 @@ pub fn wfi_wait(ctl: u64, cval: u64, now: u64, numer: u32, denom: u32) -> Wait {
     }
 }
 
+/// How often a sleeping vCPU of a guest with more than one vCPU looks at
+/// its private interrupts. Another vCPU's inter-processor interrupt
+/// (SGI) goes to the platform GIC without an exit, so nothing else would
+/// wake the sleeper; a guest with one vCPU sleeps until its timer or a
+/// device interrupt.
+pub const PRIVATE_RECHECK: Duration = Duration::from_millis(1);
+
+/// How long one sleep of a WFI lasts (`None`: until woken), for a guest
+/// of `vcpus` vCPUs. `Wait::Now` does not sleep.
+pub fn sleep_slice(wait: Wait, vcpus: u32) -> Option<Duration> {
+    let full = match wait {
+        Wait::Now => return Some(Duration::ZERO),
+        Wait::For(d) => Some(d),
+        Wait::UntilWoken => None,
+    };
+    if vcpus > 1 {
+        Some(full.map_or(PRIVATE_RECHECK, |d| d.min(PRIVATE_RECHECK)))
+    } else {
+        full
+    }
+}
+
+/// Whether an enabled private interrupt (SGI or PPI) is pending, from the
+/// vCPU's redistributor registers GICR_ISPENDR0 and GICR_ISENABLER0: a
+/// sleeping vCPU then goes back into the guest to take it.
+pub fn private_pending(ispendr0: u64, isenabler0: u64) -> bool {
+    ispendr0 & isenabler0 & 0xffff_ffff != 0
+}
+
 /// The virtual timer's line when the VMM injects it.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct VtimerLine {
@@ -77,6 +106,12 @@ impl VtimerLine {
     pub fn activated(&mut self) -> TimerAction {
         self.masked = true;
         TimerAction::Inject
+    }
+
+    /// Whether the timer fired and waits to be unmasked: only then does
+    /// [`VtimerLine::after_exit`] need the guest's CNTV_CTL_EL0.
+    pub fn waiting(&self) -> bool {
+        self.masked
     }
 
     /// Any other exit, with the guest's CNTV_CTL_EL0 now.
@@ -140,16 +175,41 @@ mod tests {
     fn a_fired_timer_is_injected_then_unmasked_once_handled() {
         let mut line = VtimerLine::default();
         assert_eq!(line.after_exit(ENABLE | ISTATUS), TimerAction::Nothing);
+        assert!(!line.waiting());
         assert_eq!(line.activated(), TimerAction::Inject);
+        assert!(line.waiting());
         // The guest has not reprogrammed the timer yet: keep it masked.
         assert_eq!(line.after_exit(ENABLE | ISTATUS), TimerAction::Nothing);
         // It has: CVAL moved on (ISTATUS clear), or the guest masked it.
         assert_eq!(line.after_exit(ENABLE), TimerAction::Unmask);
+        assert!(!line.waiting());
         assert_eq!(line.after_exit(ENABLE), TimerAction::Nothing);
         line.activated();
         assert_eq!(
             line.after_exit(ENABLE | IMASK | ISTATUS),
             TimerAction::Unmask
         );
+    }
+
+    #[test]
+    fn sleeps_are_sliced_only_with_other_vcpus() {
+        let long = Wait::For(Duration::from_secs(1));
+        let short = Wait::For(Duration::from_micros(10));
+        assert_eq!(sleep_slice(Wait::Now, 4), Some(Duration::ZERO));
+        assert_eq!(sleep_slice(long, 1), Some(Duration::from_secs(1)));
+        assert_eq!(sleep_slice(Wait::UntilWoken, 1), None);
+        assert_eq!(sleep_slice(long, 2), Some(PRIVATE_RECHECK));
+        assert_eq!(sleep_slice(short, 2), Some(Duration::from_micros(10)));
+        assert_eq!(sleep_slice(Wait::UntilWoken, 2), Some(PRIVATE_RECHECK));
+    }
+
+    #[test]
+    fn only_enabled_pending_private_lines_wake() {
+        // SGI 1 pending but disabled; the timer's PPI 27 enabled but idle.
+        assert!(!private_pending(1 << 1, 1 << 27));
+        assert!(private_pending(1 << 1, (1 << 27) | (1 << 1)));
+        assert!(private_pending(1 << 27, 1 << 27));
+        // Bits above 31 are not registers' bits.
+        assert!(!private_pending(1 << 40, 1 << 40));
     }
 }
