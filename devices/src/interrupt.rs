@@ -2,7 +2,7 @@
 
 use std::io;
 
-use vmm_sys_util::eventfd::EventFd;
+use vmm_os::EventFd;
 
 /// An edge-triggered interrupt line of a device.
 pub trait InterruptLine: Send + Sync {

@@ -9,20 +9,11 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use vmm_sys_util::timerfd::TimerFd;
+use vmm_os::timerfd::TimerFd;
 
 /// A new, disarmed timer whose reads never block.
 pub fn nonblocking() -> io::Result<TimerFd> {
-    let timer = TimerFd::new().map_err(io::Error::from)?;
-    let fd = timer.as_raw_fd();
-    // SAFETY: fcntl on a descriptor this function owns, with integer
-    // arguments.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    // SAFETY: as above.
-    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(timer)
+    vmm_os::timerfd::nonblocking()
 }
 
 /// A periodic non-blocking timer that runs exactly while its owner has

@@ -5,12 +5,24 @@
 //! - [`EventFd`]: a counter one thread writes and another waits on with
 //!   `poll`. Linux: an eventfd (which KVM also takes as an irqfd or
 //!   ioeventfd). macOS: a non-blocking pipe ([`pipe_event::PipeEventFd`]).
+//! - [`epoll`]: Linux: `vmm_sys_util::epoll`. macOS: the same interface
+//!   over a kqueue.
+//! - [`timerfd`]: a timer that is a descriptor. Linux: a timerfd. macOS:
+//!   a kqueue with one timer.
+//! - [`file`]: unnamed scratch files and in-kernel copies;
+//!   [`fill_random`] and [`peer_uid`].
+//! - [`event_manager`]: the event loop. Linux: rust-vmm's `event-manager`.
+//!   macOS: [`events`], the same interface over [`epoll`].
 //!
 //! The macOS implementations that are plain POSIX are also compiled into
 //! this crate's tests on Linux, where CI runs them.
 
+pub mod file;
+mod host;
 #[cfg(any(target_os = "macos", test))]
 pub mod pipe_event;
+
+pub use host::{fill_random, peer_uid};
 
 #[cfg(target_os = "linux")]
 pub use vmm_sys_util::eventfd::EventFd;
@@ -21,3 +33,27 @@ pub const EFD_NONBLOCK: i32 = libc::EFD_NONBLOCK;
 
 #[cfg(target_os = "macos")]
 pub use pipe_event::{PipeEventFd as EventFd, EFD_NONBLOCK};
+
+#[cfg(target_os = "linux")]
+pub use vmm_sys_util::epoll;
+
+#[cfg(target_os = "macos")]
+#[path = "kqueue.rs"]
+pub mod epoll;
+
+#[cfg(any(target_os = "macos", test))]
+pub mod events;
+
+#[cfg(target_os = "linux")]
+pub use event_manager;
+
+#[cfg(target_os = "macos")]
+pub use events as event_manager;
+
+#[cfg(target_os = "linux")]
+#[path = "linux_timer.rs"]
+pub mod timerfd;
+
+#[cfg(target_os = "macos")]
+#[path = "kqueue_timer.rs"]
+pub mod timerfd;

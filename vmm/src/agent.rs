@@ -8,7 +8,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use vmm_sys_util::eventfd::EventFd;
+use vmm_os::EventFd;
 
 use vmm_agent::{read_frame, write_frame, write_json, FrameType};
 pub use vmm_agent::{Request, Response, AGENT_PORT, READY_PORT};

@@ -4,7 +4,7 @@ use devices::sync::Locked;
 use std::fmt;
 use std::sync::Mutex;
 
-use vmm_sys_util::eventfd::EventFd;
+use vmm_os::EventFd;
 
 /// Why a VM stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,7 +111,7 @@ impl ExitSignal {
     pub fn new() -> std::io::Result<Self> {
         Ok(ExitSignal {
             reason: Mutex::new(None),
-            evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            evt: EventFd::new(vmm_os::EFD_NONBLOCK)?,
         })
     }
 

@@ -20,8 +20,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use devices::timer::Ticker;
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use vmm_sys_util::eventfd::EventFd;
+use vmm_os::event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use vmm_os::EventFd;
 
 use crate::action::{
     Action, ActionError, AgentReply, AgentState, Control, ForkInfo, ForkRequest, Reply,
@@ -222,7 +222,7 @@ impl Machine {
             exit,
             tx,
             inbox,
-            wake: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?),
+            wake: Arc::new(EventFd::new(vmm_os::EFD_NONBLOCK)?),
             ready_listener,
             ready_path,
             agent_ready_evt,
@@ -562,8 +562,8 @@ impl MutEventSubscriber for Machine {
 mod tests {
     use super::*;
     use devices::sync::Locked;
-    use event_manager::{EventManager, SubscriberOps};
     use std::sync::Mutex;
+    use vmm_os::event_manager::{EventManager, SubscriberOps};
 
     fn machine() -> (Machine, Arc<ExitSignal>) {
         let exit = Arc::new(ExitSignal::new().unwrap());

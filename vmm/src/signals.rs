@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicI32, Ordering};
 
-use vmm_sys_util::eventfd::EventFd;
+use vmm_os::EventFd;
 
 static STOP_FD: AtomicI32 = AtomicI32::new(-1);
 static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
@@ -22,7 +22,7 @@ extern "C" fn on_stop_signal(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut 
 /// Installs the SIGINT and SIGTERM handlers. The returned eventfd becomes
 /// readable when either arrives; `received()` says which.
 pub fn install() -> std::io::Result<EventFd> {
-    let evt = EventFd::new(libc::EFD_NONBLOCK)?;
+    let evt = EventFd::new(vmm_os::EFD_NONBLOCK)?;
     // The handler's copy lives for the rest of the process.
     let handler_copy = evt.try_clone()?;
     use std::os::fd::IntoRawFd;

@@ -11,10 +11,10 @@ use devices::timer::Alarm;
 use devices::virtio::mmio::{MmioTransport, MMIO_LEN, NOTIFY_OFFSET};
 use devices::virtio::{Drained, Interrupt, VirtioDevice};
 use devices::{Bus, EventFdLine};
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use hypervisor::IoEventAddress;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
+use vmm_os::event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use vmm_os::EventFd;
 
 use crate::arch::layout::{VIRTIO_IRQ_END, VIRTIO_IRQ_START, VIRTIO_MMIO_START};
 
@@ -123,13 +123,13 @@ impl<'a> VirtioPlacer<'a> {
         let irq = VIRTIO_IRQ_START + self.next;
         self.next += 1;
 
-        let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+        let irq_evt = EventFd::new(vmm_os::EFD_NONBLOCK).map_err(Error::EventFd)?;
         self.vm.register_irqfd(&irq_evt, irq)?;
         let interrupt = Arc::new(Interrupt::new(Box::new(EventFdLine(irq_evt))));
         let transport = MmioTransport::new(device, self.mem.clone(), interrupt);
         let mut queue_evts = Vec::with_capacity(transport.queue_count());
         for index in 0..transport.queue_count() {
-            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+            let evt = EventFd::new(vmm_os::EFD_NONBLOCK).map_err(Error::EventFd)?;
             self.vm.register_ioevent(
                 &evt,
                 IoEventAddress::Mmio(base + NOTIFY_OFFSET),

@@ -1,7 +1,7 @@
 //! The part of the i8042 keyboard controller a Linux guest uses to reset the
 //! machine (`reboot=k`): command 0xfe on port 0x64 pulses the CPU reset line.
 
-use vmm_sys_util::eventfd::EventFd;
+use vmm_os::EventFd;
 
 use crate::bus::BusDevice;
 
@@ -46,7 +46,7 @@ mod tests {
 
     #[test]
     fn reset_command_signals_and_other_writes_do_not() {
-        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let evt = EventFd::new(vmm_os::EFD_NONBLOCK).unwrap();
         let mut dev = I8042::new(evt.try_clone().unwrap());
         dev.write(0, &[CMD_RESET_CPU]); // the data port
         dev.write(COMMAND, &[0xd1]);

@@ -177,7 +177,7 @@ impl BusDevice for SerialDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vmm_sys_util::eventfd::EventFd;
+    use vmm_os::EventFd;
 
     struct Shared(Arc<Mutex<Vec<u8>>>);
     impl Write for Shared {
@@ -193,7 +193,7 @@ mod tests {
     #[test]
     fn guest_writes_reach_the_sink_and_raise_the_interrupt() {
         let sink = Arc::new(Mutex::new(Vec::new()));
-        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irq = EventFd::new(vmm_os::EFD_NONBLOCK).unwrap();
         let mut dev = SerialDevice::new(
             EventFdLine(irq.try_clone().unwrap()),
             ConsoleOutput::new(Box::new(Shared(sink.clone()))),
@@ -216,7 +216,7 @@ mod tests {
 
     #[test]
     fn saved_state_comes_back() {
-        let irq = || EventFdLine(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let irq = || EventFdLine(EventFd::new(vmm_os::EFD_NONBLOCK).unwrap());
         let mut dev = SerialDevice::new(irq(), ConsoleOutput::new(Box::new(io::sink())));
         dev.write(1, &[0x02]);
         dev.write(7, &[0x5a]);

@@ -416,7 +416,7 @@ mod tests {
     use crate::virtio::ActivateError;
     use std::sync::Mutex;
     use vm_memory::GuestAddress;
-    use vmm_sys_util::eventfd::EventFd;
+    use vmm_os::EventFd;
 
     #[derive(Default)]
     struct Log {
@@ -471,7 +471,7 @@ mod tests {
     fn transport() -> (MmioTransport, Arc<Mutex<Log>>, EventFd) {
         let log = Arc::new(Mutex::new(Log::default()));
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irq = EventFd::new(vmm_os::EFD_NONBLOCK).unwrap();
         let interrupt = Arc::new(Interrupt::new(Box::new(EventFdLine(
             irq.try_clone().unwrap(),
         ))));

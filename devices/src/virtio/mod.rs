@@ -225,7 +225,7 @@ pub trait VirtioDevice: Send {
 #[serde(rename_all = "snake_case")]
 pub enum DeviceState {
     /// virtio-fs: the share's inodes and open files.
-    Fs(fs::passthrough::FsState),
+    Fs(fs::state::FsState),
 }
 
 impl DeviceState {
@@ -358,7 +358,7 @@ mod tests {
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::GuestAddress;
-    use vmm_sys_util::eventfd::EventFd;
+    use vmm_os::EventFd;
 
     #[test]
     fn a_request_queue_gives_the_loop_back_after_its_budget() {
@@ -373,7 +373,7 @@ mod tests {
         q.add_desc_chains(&descs, 0).unwrap();
         let mut queue: Queue = q.create_queue().unwrap();
         let interrupt = Interrupt::new(Box::new(EventFdLine(
-            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            EventFd::new(vmm_os::EFD_NONBLOCK).unwrap(),
         )));
         let mut seen = 0usize;
         let mut runs = Vec::new();

@@ -36,9 +36,11 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::timer::Ticker;
-use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use serde_json::{json, Value};
-use vmm_sys_util::eventfd::EventFd;
+use vmm_os::event_manager::{
+    EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps,
+};
+use vmm_os::EventFd;
 
 use crate::action::{Action, ActionError};
 use crate::machine::{ActionResult, MachineHandle, Responder};
@@ -157,8 +159,8 @@ impl ApiServer {
             next_token: 0,
             answers_tx,
             answers,
-            answered: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?),
-            stop: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?),
+            answered: Arc::new(EventFd::new(vmm_os::EFD_NONBLOCK)?),
+            stop: Arc::new(EventFd::new(vmm_os::EFD_NONBLOCK)?),
             stopped: Arc::new(AtomicBool::new(false)),
             timer: Ticker::new(TICK)?,
         })

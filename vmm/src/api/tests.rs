@@ -2,7 +2,7 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use event_manager::{EventManager, SubscriberOps};
+use vmm_os::event_manager::{EventManager, SubscriberOps};
 
 use super::*;
 use crate::action::Control;

@@ -22,7 +22,7 @@ use devices::virtio::vsock::Vsock;
 use devices::virtio::VirtioDevice;
 use devices::{Bus, EventFdLine};
 use hypervisor::{Hypervisor, HypervisorKind, Vcpu};
-use vmm_sys_util::eventfd::EventFd;
+use vmm_os::EventFd;
 
 use super::{io_err, kernel_cmdline, Backend, Error, Prepared, ResolvedBoot, Result, Vm};
 use crate::arch::{self, boot, layout, load, MachineShape, VcpuIdentity};
@@ -93,7 +93,7 @@ fn platform(
     let exit = Arc::new(ExitSignal::new().map_err(io_err("create an eventfd"))?);
     let pio = Arc::new(Bus::new());
     let mmio = Arc::new(Bus::new());
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("create an eventfd"))?;
+    let serial_irq = EventFd::new(vmm_os::EFD_NONBLOCK).map_err(io_err("create an eventfd"))?;
     vm.register_irqfd(&serial_irq, layout::SERIAL_IRQ)?;
     let console = ConsoleOutput::new(serial_writer(&config.serial)?);
     let panic = console.panic_handle();
@@ -103,7 +103,7 @@ fn platform(
             .map_err(Error::RestoreSerial)?,
     };
     let serial = Arc::new(Mutex::new(serial));
-    let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("create an eventfd"))?;
+    let reset_evt = EventFd::new(vmm_os::EFD_NONBLOCK).map_err(io_err("create an eventfd"))?;
     arch::place_legacy_devices(
         &pio,
         &mmio,

@@ -12,9 +12,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::legacy::{boot_timer::BootTime, GuestPanic, SerialDevice};
-use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use hypervisor::{Hypervisor, HypervisorKind, Vcpu};
-use vmm_sys_util::eventfd::EventFd;
+use vmm_os::event_manager::{
+    EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps,
+};
+use vmm_os::EventFd;
 
 use crate::api::{ApiServer, ApiThread};
 use crate::arch::{self, boot, layout, VcpuIdentity};
@@ -380,7 +382,7 @@ impl Vm {
         // A restored guest's agent is reseeded before it is reported ready.
         let reseed_done = match (restored_agent, &vsock_path) {
             (true, Some(_)) => {
-                Some(EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("create an eventfd"))?)
+                Some(EventFd::new(vmm_os::EFD_NONBLOCK).map_err(io_err("create an eventfd"))?)
             }
             _ => None,
         };

@@ -170,7 +170,7 @@ impl LayeredDisk {
             ),
             None => {
                 let dir = std::env::temp_dir();
-                let file = throwaway_file(&dir).map_err(|source| Error::OpenLayer {
+                let file = vmm_os::file::unnamed_file(&dir).map_err(|source| Error::OpenLayer {
                     path: dir.clone(),
                     source,
                 })?;
@@ -348,7 +348,7 @@ impl LayeredDisk {
     /// exactly what this disk reads now.
     pub fn frozen_copy(&self, dir: &Path, name: Option<&str>) -> Result<File> {
         let out = match name {
-            None => throwaway_file(dir),
+            None => vmm_os::file::unnamed_file(dir),
             Some(name) => OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -396,70 +396,24 @@ impl LayeredDisk {
     }
 }
 
-/// Copies `len` bytes between files in the kernel (copy_file_range),
-/// falling back to reading and writing.
+/// Copies `len` bytes between files in the kernel where the host can,
+/// else by reading and writing.
 fn copy_range(src: &File, mut from: u64, dst: &File, mut to: u64, mut len: u64) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
     while len > 0 {
-        let (mut off_in, mut off_out) = (from as i64, to as i64);
-        // SAFETY: both descriptors are open files owned by the caller; the
-        // offsets are valid pointers to locals; the kernel copies at most
-        // `len` bytes between the files and touches no user memory.
-        let n = unsafe {
-            libc::copy_file_range(
-                src.as_raw_fd(),
-                &mut off_in,
-                dst.as_raw_fd(),
-                &mut off_out,
-                len as usize,
-                0,
-            )
-        };
-        if n <= 0 {
-            let err = io::Error::last_os_error();
-            if n == 0
-                || matches!(
-                    err.raw_os_error(),
-                    Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
-                )
-            {
+        let n = match vmm_os::file::copy_file_range(src, from, dst, to, len as usize) {
+            Ok(n) if n > 0 => n as u64,
+            Err(e) if !vmm_os::file::copy_unsupported(&e) => return Err(e),
+            // At the end of `src`, or the host cannot: through memory.
+            _ => {
                 let mut buf = vec![0u8; len.min(1 << 20) as usize];
                 src.read_exact_at(&mut buf, from)?;
                 dst.write_all_at(&buf, to)?;
-                let n = buf.len() as u64;
-                (from, to, len) = (from + n, to + n, len - n);
-                continue;
+                buf.len() as u64
             }
-            return Err(err);
-        }
-        let n = n as u64;
+        };
         (from, to, len) = (from + n, to + n, len - n);
     }
     Ok(())
-}
-
-/// An unnamed file in `dir` (O_TMPFILE), or a named one unlinked at once.
-fn throwaway_file(dir: &Path) -> io::Result<File> {
-    match OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_TMPFILE)
-        .mode(0o600)
-        .open(dir)
-    {
-        Ok(f) => Ok(f),
-        Err(_) => {
-            let path = dir.join(format!("vmm-layer-{}-{:p}", std::process::id(), &dir));
-            let f = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)?;
-            std::fs::remove_file(&path)?;
-            Ok(f)
-        }
-    }
 }
 
 #[cfg(test)]

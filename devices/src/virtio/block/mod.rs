@@ -489,7 +489,7 @@ mod tests {
         };
         let mut dev =
             Block::new(Arc::new(std::sync::Mutex::new(f.disk)), "d").with_rate_limit(&limit);
-        let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irq = vmm_os::EventFd::new(vmm_os::EFD_NONBLOCK).unwrap();
         let interrupt = Arc::new(Interrupt::new(Box::new(crate::EventFdLine(irq))));
         dev.activate(f.mem.clone(), interrupt, vec![q.create_queue().unwrap()])
             .unwrap();

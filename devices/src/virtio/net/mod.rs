@@ -37,7 +37,6 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
@@ -46,6 +45,7 @@ use virtio_bindings::virtio_net::{
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
+use vmm_os::event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
 use crate::rate_limit::{RateLimitConfig, RateLimiter};
 use crate::timer::Alarm;
@@ -479,7 +479,7 @@ mod tests {
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Address, Bytes, GuestAddress};
-    use vmm_sys_util::eventfd::EventFd;
+    use vmm_os::EventFd;
 
     /// Frames in both directions, kept in memory.
     type Sent = Arc<Mutex<Vec<Vec<u8>>>>;
@@ -550,7 +550,7 @@ mod tests {
         let backend = Loop {
             sent: sent.clone(),
             to_guest: to_guest.clone(),
-            evt: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            evt: EventFd::new(vmm_os::EFD_NONBLOCK).unwrap(),
         };
         (Box::new(backend), sent, to_guest)
     }
@@ -562,7 +562,7 @@ mod tests {
         rxq: &MockSplitQueue<GuestMemoryMmap>,
         txq: &MockSplitQueue<GuestMemoryMmap>,
     ) {
-        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irq = EventFd::new(vmm_os::EFD_NONBLOCK).unwrap();
         let interrupt = Arc::new(Interrupt::new(Box::new(EventFdLine(irq))));
         let queues = vec![rxq.create_queue().unwrap(), txq.create_queue().unwrap()];
         dev.activate(mem.clone(), interrupt, queues).unwrap();

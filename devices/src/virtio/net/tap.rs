@@ -6,7 +6,6 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::OpenOptionsExt;
 
 use super::NetBackend;
 
@@ -19,9 +18,12 @@ pub enum Error {
     OpenTun(io::Error),
     #[error("cannot attach to TAP interface {name}: {source}; the VMM needs CAP_NET_ADMIN, or create it for this user first: ip tuntap add {name} mode tap user $USER")]
     Attach { name: String, source: io::Error },
+    #[error("TAP interfaces exist on Linux only: on this host use the user network (\"network\": {{\"mode\": \"user\"}})")]
+    NotOnThisHost,
 }
 
 /// `struct ifreq` as TUNSETIFF reads it: the name and the flags.
+#[cfg(target_os = "linux")]
 #[repr(C)]
 struct IfReq {
     name: [u8; libc::IFNAMSIZ],
@@ -29,6 +31,7 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
+#[cfg(target_os = "linux")]
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 
 /// An open TAP interface.
@@ -49,6 +52,17 @@ impl Tap {
         {
             return Err(Error::BadName(name.to_string()));
         }
+        Self::attach(name)
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn attach(_name: &str) -> Result<Tap, Error> {
+        Err(Error::NotOnThisHost)
+    }
+
+    #[cfg(target_os = "linux")]
+    fn attach(name: &str) -> Result<Tap, Error> {
+        use std::os::unix::fs::OpenOptionsExt;
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)

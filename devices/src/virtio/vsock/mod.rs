@@ -14,10 +14,10 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_queue::{Queue, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
+use vmm_os::event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
 use super::{
     process_chains, process_requests, read_config_bytes, ActivateError, Drained, Interrupt,
@@ -292,7 +292,7 @@ mod tests {
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Address, Bytes, GuestAddress};
-    use vmm_sys_util::eventfd::EventFd;
+    use vmm_os::EventFd;
 
     const CID: u64 = 3;
 
@@ -334,7 +334,7 @@ mod tests {
         let txq = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 16);
         let evq = MockSplitQueue::create(&mem, GuestAddress(0x3_0000), 16);
         let mut dev = Vsock::new(CID, &dir.join("v.sock")).unwrap();
-        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irq = EventFd::new(vmm_os::EFD_NONBLOCK).unwrap();
         let interrupt = Arc::new(Interrupt::new(Box::new(EventFdLine(irq))));
         let queues = vec![
             rxq.create_queue().unwrap(),

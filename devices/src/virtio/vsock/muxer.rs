@@ -30,10 +30,10 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use event_manager::EventSet;
 use socket2::{Domain, SockAddr, Socket, Type};
-use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::timerfd::TimerFd;
+use vmm_os::event_manager::EventSet;
+use vmm_os::timerfd::TimerFd;
+use vmm_os::EventFd;
 
 use super::packet::*;
 
@@ -52,9 +52,7 @@ const LOCAL_PORT_START: u32 = 1 << 30;
 /// them.
 fn first_local_port() -> u32 {
     let mut r = [0u8; 4];
-    // SAFETY: getrandom writes at most 4 bytes into `r`.
-    let n = unsafe { libc::getrandom(r.as_mut_ptr().cast(), r.len(), libc::GRND_NONBLOCK) };
-    let offset = if n == 4 {
+    let offset = if vmm_os::fill_random(&mut r).is_ok() {
         u32::from_le_bytes(r) % (1 << 29)
     } else {
         0
@@ -238,7 +236,7 @@ impl Muxer {
             next_local: first_local_port(),
             changes: Vec::new(),
             closing: Vec::new(),
-            wake: EventFd::new(libc::EFD_NONBLOCK)?,
+            wake: EventFd::new(vmm_os::EFD_NONBLOCK)?,
             timer: crate::timer::nonblocking()?,
             timer_armed: false,
             listener_resumes: None,

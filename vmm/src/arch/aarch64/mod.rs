@@ -13,7 +13,7 @@ use devices::Bus;
 use hypervisor::aarch64::redistributors_size;
 use hypervisor::{GicLayout, Hypervisor, Vcpu, VcpuState, VmState};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
+use vmm_os::EventFd;
 
 use super::{MachineShape, Vcpus};
 use layout::{

@@ -14,7 +14,7 @@ use devices::legacy::{SerialDevice, I8042};
 use devices::Bus;
 use hypervisor::{CpuidEntry, Hypervisor, Vcpu, VcpuState, VmState};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
+use vmm_os::EventFd;
 
 use super::{MachineShape, Vcpus};
 

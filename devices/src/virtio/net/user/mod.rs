@@ -43,8 +43,8 @@ use smoltcp::wire::{
     HardwareAddress, IpCidr, IpListenEndpoint, IpProtocol, Ipv4Packet, Ipv4Repr, TcpPacket,
     TcpRepr, TcpSeqNumber, UdpPacket,
 };
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::timerfd::TimerFd;
+use vmm_os::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_os::timerfd::TimerFd;
 
 use super::NetBackend;
 use policy::{EgressPolicy, LearnedNames, SharedPolicy};

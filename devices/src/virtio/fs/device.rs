@@ -1,0 +1,119 @@
+//! The virtio-fs device: its queues and config, driving the server.
+
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+
+use super::super::{
+    process_requests, read_config_bytes, ActivateError, DeviceState, Drained, Interrupt,
+    QueueSnapshot, Running, VirtioDevice, VIRTIO_F_VERSION_1,
+};
+use super::iobuf::IoBuf;
+use super::server::Server;
+use super::{PassthroughFs, MAX_TAG_LEN, VIRTIO_ID_FS};
+
+/// Ring size: a 1 MiB request needs 256 page descriptors plus headers.
+const QUEUE_SIZE: u16 = 1024;
+
+/// The virtio-fs device of one share.
+pub struct Fs {
+    tag: String,
+    server: Server,
+    running: Option<Running>,
+    queue_sizes: [u16; 2],
+}
+
+impl Fs {
+    /// A device that shows `fs` to the guest under `tag` (at most 36 bytes).
+    pub fn new(tag: &str, fs: PassthroughFs) -> Self {
+        Fs {
+            tag: tag.to_string(),
+            server: Server::new(fs),
+            running: None,
+            queue_sizes: [QUEUE_SIZE; 2],
+        }
+    }
+}
+
+impl VirtioDevice for Fs {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_FS
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn features(&self) -> u64 {
+        1 << VIRTIO_F_VERSION_1
+    }
+
+    fn ack_features(&mut self, _features: u64) {}
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut config = [0u8; MAX_TAG_LEN + 4];
+        let tag = self.tag.as_bytes();
+        let n = tag.len().min(MAX_TAG_LEN);
+        config[..n].copy_from_slice(&tag[..n]);
+        // One request queue.
+        config[MAX_TAG_LEN..].copy_from_slice(&1u32.to_le_bytes());
+        read_config_bytes(&config, offset, data);
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError> {
+        self.running = Some(Running::new(mem, interrupt, queues, 2)?);
+        Ok(())
+    }
+
+    fn process_queue(&mut self, index: usize) -> Drained {
+        let Fs {
+            server, running, ..
+        } = self;
+        let Some(run) = running.as_mut() else {
+            return Drained::All;
+        };
+        let Some(queue) = run.queues.get_mut(index) else {
+            return Drained::All;
+        };
+        let mem = &run.mem;
+        let done = process_requests(queue, mem, &run.interrupt, |chain| match IoBuf::from_chain(
+            mem, chain,
+        ) {
+            Ok((req, mut reply)) => Ok(server.handle(&req, &mut reply) as u32),
+            Err(e) => {
+                tracing::warn!("virtio-fs: dropped a request: {e}");
+                Ok(0)
+            }
+        });
+        done.unwrap_or_else(|_| {
+            tracing::warn!("virtio-fs: a ring is broken; the device stops");
+            *running = None;
+            Drained::All
+        })
+    }
+
+    fn reset(&mut self) {
+        self.running = None;
+        self.server.fs_mut().destroy();
+    }
+
+    fn save_device(&self) -> Option<DeviceState> {
+        Some(DeviceState::Fs(self.server.fs().save()))
+    }
+
+    fn restore_device(&mut self, state: &DeviceState) -> Result<(), ActivateError> {
+        let DeviceState::Fs(state) = state;
+        self.server.fs_mut().restore(state);
+        Ok(())
+    }
+
+    fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
+        Running::queue_snapshots(self.running.as_ref())
+    }
+}
