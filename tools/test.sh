@@ -35,7 +35,7 @@ cargo clippy --workspace --all-targets --target aarch64-unknown-linux-gnu --feat
 # macOS (docs/macos.md): the crates that build for it so far are checked
 # for it (nothing is linked, so this runs here); their logic's tests run
 # in the Linux test run below.
-cargo clippy -p hypervisor -p vmm-os -p devices --all-targets --target aarch64-apple-darwin --quiet -- -D warnings
+cargo clippy -p hypervisor -p vmm-os -p devices -p vmm-image -p vmm-agent --all-targets --target aarch64-apple-darwin --quiet -- -D warnings
 phase "fmt and clippy"
 cargo test --workspace --features "$features" --no-run --quiet
 phase "the test build"

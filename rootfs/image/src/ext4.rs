@@ -12,6 +12,12 @@ use std::process::Command;
 
 use crate::tree::{self, Meta, Special, Tree};
 
+// An inode's file type bits, as ext4 stores them (the POSIX values; a
+// host's libc may give them another integer type: macOS's are 16 bits).
+const S_IFMT: u32 = 0o170_000;
+const S_IFCHR: u32 = 0o020_000;
+const S_IFBLK: u32 = 0o060_000;
+
 /// Free room in the file system beyond its contents, for what a VM writes
 /// (those blocks go to the VM's own layer; the image file stays sparse).
 const HEADROOM: u64 = 1 << 30;
@@ -174,15 +180,15 @@ fn plan(tree: &Tree, work: &Path) -> Result<Plan, Error> {
         }
         let p = quote(&image_path).bytes();
         let s = &mut plan.script;
-        let type_bits = st.mode() & libc::S_IFMT;
+        let type_bits = st.mode() & S_IFMT;
         let uid_owned = if is_root { meta.uid } else { st.uid() };
         let gid_owned = if is_root { meta.gid } else { st.gid() };
         let mut owners_differ = meta.uid != uid_owned || meta.gid != gid_owned;
         let mut mode_differs = !st.file_type().is_symlink() && st.mode() & 0o7777 != meta.mode;
         if let Some(special) = meta.special {
             let (kind, major, minor, bits) = match special {
-                Special::Char(a, b) => ('c', a, b, libc::S_IFCHR),
-                Special::Block(a, b) => ('b', a, b, libc::S_IFBLK),
+                Special::Char(a, b) => ('c', a, b, S_IFCHR),
+                Special::Block(a, b) => ('b', a, b, S_IFBLK),
             };
             let dir = quote(image_path.parent().unwrap_or(Path::new("/"))).bytes();
             let name = quote(Path::new(tree::file_name(&image_path))).bytes();

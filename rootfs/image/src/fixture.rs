@@ -151,7 +151,7 @@ fn compress(tar: &[u8], how: Compression) -> Vec<u8> {
             enc.write_all(tar).unwrap();
             enc.finish().unwrap()
         }
-        Compression::Zstd => zstd::encode_all(tar, 1).unwrap(),
+        Compression::Zstd => crate::zstd::compress(tar),
     }
 }
 

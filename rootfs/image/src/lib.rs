@@ -9,6 +9,7 @@ pub mod layer;
 pub mod pull;
 pub mod source;
 pub mod tree;
+pub mod zstd;
 
 pub use import::{build_disk, Step};
 pub use source::Image;

@@ -535,7 +535,7 @@ fn decoder<'a, R: std::io::BufRead + 'a>(mut buffered: R) -> std::io::Result<Box
     Ok(if head.starts_with(GZIP_MAGIC) {
         Box::new(flate2::bufread::MultiGzDecoder::new(buffered))
     } else if head.starts_with(ZSTD_MAGIC) {
-        Box::new(zstd::stream::read::Decoder::with_buffer(buffered)?)
+        crate::zstd::reader(buffered)?
     } else {
         Box::new(buffered)
     })

@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 
 use vmm_agent::{read_frame, write_frame, FrameType, PtySize};
 
-use crate::command::Settings;
-use crate::spawn_command;
+use super::command::Settings;
+use super::spawn_command;
 
 /// Opens a terminal pair of `size`: (primary, secondary), both close-on-exec.
 fn open(size: PtySize) -> io::Result<(File, File)> {

@@ -31,7 +31,7 @@ pub fn set_up() -> io::Result<()> {
             let _ = std::fs::remove_file(&etc);
             let _ = std::fs::write(&etc, "");
         }
-        if let Err(e) = crate::sys_mount(&kept, &etc, "", libc::MS_BIND) {
+        if let Err(e) = super::sys_mount(&kept, &etc, "", libc::MS_BIND) {
             eprintln!("vmm-init: {etc} stays the root disk's (cannot bind {kept} over it: {e})");
         }
     }

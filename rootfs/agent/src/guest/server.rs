@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use vmm_agent::{read_frame, write_frame, write_json, FrameType, Request, Response, Started};
 
-use crate::command::Settings;
-use crate::{files, power_off, spawn_command};
+use super::command::Settings;
+use super::{files, power_off, spawn_command};
 
 /// Listens on vsock `port` and serves requests until the VM powers off.
 pub fn serve(port: u32) -> io::Result<()> {
@@ -169,7 +169,7 @@ fn handle(conn: File) -> io::Result<()> {
             recursive,
             user,
         }) => match files::resolve(&path, user.as_deref()) {
-            Ok(p) => crate::watch::watch(&p, recursive, &mut reader, &writer),
+            Ok(p) => super::watch::watch(&p, recursive, &mut reader, &writer),
             Err(e) => Response::error(format!("cannot resolve {path}: {e}")),
         },
         Ok(Request::Shutdown) => {
@@ -197,10 +197,10 @@ fn renew(seed_hex: &str, unix_ns: Option<u64>, mac: Option<&str>) -> Result<(), 
     }
     // A guest that moved or renamed its interface away keeps its address;
     // the sandbox still starts (the user network follows any address).
-    if let Err(e) = mac.map(crate::identity::set_mac).transpose() {
+    if let Err(e) = mac.map(super::identity::set_mac).transpose() {
         eprintln!("vmm-agent: the network interface keeps its address: {e}");
     }
-    crate::identity::renew().map_err(|e| format!("cannot renew the machine id: {e}"))?;
+    super::identity::renew().map_err(|e| format!("cannot renew the machine id: {e}"))?;
     Ok(())
 }
 
@@ -321,7 +321,7 @@ pub(crate) fn pump(mut src: impl Read, kind: FrameType, writer: Arc<Mutex<File>>
 enum Io {
     /// Pipes: stdout and stderr frames, stdin frames when `stdin`.
     Pipes { stdin: bool },
-    /// A terminal of this size (crate::pty).
+    /// A terminal of this size (super::pty).
     Terminal(vmm_agent::PtySize),
 }
 
@@ -335,7 +335,7 @@ fn exec(
 ) -> Response {
     let spawned = match io {
         Io::Pipes { stdin } => spawn(argv, settings, stdin).map(|c| (c, None)),
-        Io::Terminal(size) => crate::pty::spawn(argv, settings, size).map(|(c, t)| (c, Some(t))),
+        Io::Terminal(size) => super::pty::spawn(argv, settings, size).map(|(c, t)| (c, Some(t))),
     };
     let (mut child, terminal) = match spawned {
         Ok(c) => c,
@@ -351,7 +351,7 @@ fn exec(
         let _ = write_json(&mut *w, FrameType::Started, &Started { pid });
     }
     let (pumps, exited) = match terminal {
-        Some(t) => match crate::pty::pumps(t, reader, writer) {
+        Some(t) => match super::pty::pumps(t, reader, writer) {
             Ok((pump, exited)) => (vec![pump], Some(exited)),
             Err(e) => {
                 // SAFETY: kill(2) on our unreaped child.

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use vmm_agent::{read_frame, Entry, FrameType, Response, MAX_LIST_DEPTH, MAX_LIST_ENTRIES};
 
-use crate::command;
+use super::command;
 
 /// The error answer for `e`, flagged when it is "not found" or "exists".
 fn failed(what: String, e: &io::Error) -> Response {
@@ -311,7 +311,7 @@ pub fn get(path: &str, user: Option<&str>, writer: &Arc<Mutex<File>>) -> Respons
         Ok(m) => m,
         Err(e) => return failed(format!("cannot stat {}", path.display()), &e),
     };
-    crate::server::pump(file, FrameType::Stdout, writer.clone());
+    super::server::pump(file, FrameType::Stdout, writer.clone());
     Response {
         size: Some(meta.len()),
         ..Default::default()
