@@ -9,11 +9,16 @@
 //! jail and returns in the jailed VMM process ([`process`] has the three
 //! processes a jail is made of).
 
+#[cfg(target_os = "linux")]
 mod cgroup;
+#[cfg(target_os = "linux")]
 mod folder;
+#[cfg(target_os = "linux")]
 mod limits;
 pub mod probe;
+#[cfg(target_os = "linux")]
 mod process;
+#[cfg(target_os = "linux")]
 mod root;
 
 use std::path::{Path, PathBuf};
@@ -205,9 +210,21 @@ pub fn check_host_sees(path: &Path) -> Result<(), String> {
     ))
 }
 
+/// Other hosts have no namespaces: no jail (the error says so).
+#[cfg(not(target_os = "linux"))]
+pub fn enter(_plan: &Plan) -> Result<(), Error> {
+    Err(Error::Namespaces(probe::user_namespaces().err().unwrap_or(
+        probe::NoNamespaces {
+            why: "namespaces exist on Linux only".into(),
+            fix: "leave the jail off".into(),
+        },
+    )))
+}
+
 /// Jails this process as `plan` says. Returns in the jailed VMM only; the
 /// launcher exits with the VMM's status. Call it before the process has
 /// any thread.
+#[cfg(target_os = "linux")]
 pub fn enter(plan: &Plan) -> Result<(), Error> {
     let folder = folder::JailFolder::create()?;
     if let Some(limits) = &plan.cgroup {

@@ -6,6 +6,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+#[cfg(target_os = "linux")]
 /// Namespaces a jail enters (the network namespace only for VMs without a
 /// network, so it is not probed).
 const JAIL_NAMESPACES: libc::c_int = libc::CLONE_NEWUSER
@@ -24,6 +25,7 @@ pub struct NoNamespaces {
 
 /// Whether a process of this user can enter new user, mount, PID, IPC and
 /// UTS namespaces: a child process tries it.
+#[cfg(target_os = "linux")]
 pub fn user_namespaces() -> Result<(), NoNamespaces> {
     match try_in_child(JAIL_NAMESPACES) {
         Ok(0) => Ok(()),
@@ -35,7 +37,19 @@ pub fn user_namespaces() -> Result<(), NoNamespaces> {
     }
 }
 
+/// Other hosts have no namespaces (and so no jail).
+#[cfg(not(target_os = "linux"))]
+pub fn user_namespaces() -> Result<(), NoNamespaces> {
+    Err(NoNamespaces {
+        why: "namespaces exist on Linux only".into(),
+        fix: "on this host the VMM runs without the jail: the hypervisor is the boundary \
+              (docs/macos.md); leave the jail off"
+            .into(),
+    })
+}
+
 /// What to say when making the namespaces failed with `error`.
+#[cfg(target_os = "linux")]
 pub fn refusal(error: io::Error) -> NoNamespaces {
     NoNamespaces {
         why: format!("unshare of user, mount, PID, IPC and UTS namespaces failed: {error}"),
@@ -45,6 +59,7 @@ pub fn refusal(error: io::Error) -> NoNamespaces {
 
 /// The sentence that says how to allow user namespaces, from the knobs
 /// that forbid them (`sys` is /proc/sys, a parameter for tests).
+#[cfg(target_os = "linux")]
 fn namespace_fix(sys: &Path) -> String {
     let knob = |name: &str| -> Option<i64> {
         std::fs::read_to_string(sys.join(name))
@@ -65,6 +80,7 @@ fn namespace_fix(sys: &Path) -> String {
 
 /// Forks a child that calls unshare(`flags`) and reports its errno (0 on
 /// success) as its exit status.
+#[cfg(target_os = "linux")]
 fn try_in_child(flags: libc::c_int) -> io::Result<i32> {
     // SAFETY: the child only makes the async-signal-safe calls unshare,
     // __errno_location and _exit before it ends; the parent waits for it.
@@ -104,6 +120,7 @@ fn try_in_child(flags: libc::c_int) -> io::Result<i32> {
 
 /// The Landlock ABI version the kernel offers (None: no Landlock, because
 /// the kernel lacks it or it is not among the enabled security modules).
+#[cfg(target_os = "linux")]
 pub fn landlock_abi() -> Option<u32> {
     const LANDLOCK_CREATE_RULESET_VERSION: libc::c_long = 1;
     // SAFETY: landlock_create_ruleset with a null attribute, size 0 and
@@ -119,11 +136,25 @@ pub fn landlock_abi() -> Option<u32> {
     u32::try_from(abi).ok().filter(|&v| v > 0)
 }
 
+/// Other hosts have no Landlock.
+#[cfg(not(target_os = "linux"))]
+pub fn landlock_abi() -> Option<u32> {
+    None
+}
+
 /// The controllers of the jail's cgroup limits.
 pub const CGROUP_CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
 
 /// Where this process could make a cgroup v2 of its own with the `needed`
 /// controllers (the cgroup it is in), or why not.
+#[cfg(not(target_os = "linux"))]
+pub fn cgroup_delegation(_needed: &[&str]) -> Result<PathBuf, String> {
+    Err("cgroups exist on Linux only".into())
+}
+
+/// Where this process could make a cgroup v2 of its own with the `needed`
+/// controllers (the cgroup it is in), or why not.
+#[cfg(target_os = "linux")]
 pub fn cgroup_delegation(needed: &[&str]) -> Result<PathBuf, String> {
     let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
@@ -136,6 +167,7 @@ pub fn cgroup_delegation(needed: &[&str]) -> Result<PathBuf, String> {
 
 /// [`cgroup_delegation`] on the text of /proc/self/cgroup and
 /// /proc/self/mountinfo, reading cgroup files with `read`.
+#[cfg(target_os = "linux")]
 fn delegated_cgroup(
     own: &str,
     mountinfo: &str,
@@ -206,7 +238,7 @@ fn delegated_cgroup(
     Ok(dir)
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
 
