@@ -11,6 +11,7 @@
 //!   a kqueue with one timer.
 //! - [`file`]: unnamed scratch files and in-kernel copies;
 //!   [`fill_random`] and [`peer_uid`].
+//! - [`memory`]: guest RAM's files, seals and private pages.
 //! - [`event_manager`]: the event loop. Linux: rust-vmm's `event-manager`.
 //!   macOS: [`events`], the same interface over [`epoll`].
 //!
@@ -19,6 +20,7 @@
 
 pub mod file;
 mod host;
+pub mod memory;
 #[cfg(any(target_os = "macos", test))]
 pub mod pipe_event;
 

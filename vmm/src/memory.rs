@@ -2,7 +2,7 @@
 //! snapshot and fork can work by mapping rather than copying.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
@@ -271,7 +271,7 @@ impl GuestRam {
         for ((_, _, off), region) in ram_ranges(self.size).into_iter().zip(self.memory.iter()) {
             let base = region.as_ptr() as u64;
             for (start, end) in
-                pagemap::private_pages(base, base + region.len()).map_err(Error::Pagemap)?
+                vmm_os::memory::private_pages(base, base + region.len()).map_err(Error::Pagemap)?
             {
                 let (o, l) = (off + (start - base), end - start);
                 match runs.last_mut() {
@@ -402,34 +402,19 @@ impl GuestRam {
 /// Seals a frozen memory file: no write, resize or new writable shared
 /// mapping, by this process or any it hands the file to (fork children
 /// share the file with their parent and siblings). Copy-on-write mappings
-/// stay possible. F_SEAL_WRITE needs no writable shared mapping left;
-/// where one is, F_SEAL_FUTURE_WRITE still stops every new write.
+/// stay possible. Hosts without seals (macOS) go on without them.
 fn seal(file: &File) -> Result<()> {
-    let fd = file.as_raw_fd();
-    let rest = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-    // SAFETY: fcntl on our own descriptor with integer arguments.
-    if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_WRITE | rest) } == 0 {
-        return Ok(());
+    match vmm_os::memory::seal(file).map_err(Error::Seal)? {
+        vmm_os::memory::SealOutcome::Sealed => {}
+        vmm_os::memory::SealOutcome::Unavailable => {
+            tracing::debug!("this host has no file seals: the frozen guest memory stays writable")
+        }
     }
-    let first = std::io::Error::last_os_error();
-    // SAFETY: as above.
-    if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_FUTURE_WRITE | rest) } == 0 {
-        tracing::debug!("guest memory sealed with F_SEAL_FUTURE_WRITE (F_SEAL_WRITE: {first})");
-        return Ok(());
-    }
-    Err(Error::Seal(std::io::Error::last_os_error()))
+    Ok(())
 }
 
 fn memfd(name: &std::ffi::CStr) -> Result<File> {
-    // SAFETY: the name is a valid NUL-terminated string; the return value
-    // is checked before use.
-    let fd =
-        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
-    if fd < 0 {
-        return Err(Error::Memfd(std::io::Error::last_os_error()));
-    }
-    // SAFETY: `fd` is a freshly created file descriptor that nothing else owns.
-    Ok(unsafe { File::from_raw_fd(fd) })
+    vmm_os::memory::ram_file(name).map_err(Error::Memfd)
 }
 
 /// The data extents (SEEK_DATA/SEEK_HOLE) of `file` below `size`.
@@ -461,170 +446,13 @@ fn file_data_extents(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>>
     Ok(extents)
 }
 
-/// Finding a mapping's private (copied-on-write) pages.
-mod pagemap {
-    use std::fs::File;
-    use std::io;
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::FileExt;
-
-    const PAGE: u64 = 4096;
-    const PAGE_IS_FILE: u64 = 1 << 2;
-    const PAGE_IS_PRESENT: u64 = 1 << 3;
-    const PAGE_IS_SWAPPED: u64 = 1 << 4;
-
-    #[repr(C)]
-    #[derive(Default)]
-    struct PmScanArg {
-        size: u64,
-        flags: u64,
-        start: u64,
-        end: u64,
-        walk_end: u64,
-        vec: u64,
-        vec_len: u64,
-        max_pages: u64,
-        category_inverted: u64,
-        category_mask: u64,
-        category_anyof_mask: u64,
-        return_mask: u64,
-    }
-
-    #[repr(C)]
-    #[derive(Default, Clone, Copy)]
-    struct PageRegion {
-        start: u64,
-        end: u64,
-        categories: u64,
-    }
-
-    /// _IOWR('f', 16, struct pm_scan_arg)
-    const PAGEMAP_SCAN: u64 =
-        (3 << 30) | ((std::mem::size_of::<PmScanArg>() as u64) << 16) | (0x66 << 8) | 16;
-
-    /// Ranges of `start..end` (host addresses in this process) backed by
-    /// anonymous pages: in a copy-on-write file mapping, the pages written
-    /// since it was mapped. Uses PAGEMAP_SCAN (Linux 6.7+), else reads
-    /// /proc/self/pagemap entry by entry.
-    pub fn private_pages(start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
-        let file = File::open("/proc/self/pagemap")?;
-        match scan(&file, start, end) {
-            Err(e)
-                if e.raw_os_error() == Some(libc::ENOTTY)
-                    || e.raw_os_error() == Some(libc::EINVAL) =>
-            {
-                read_entries(&file, start, end)
-            }
-            other => other,
-        }
-    }
-
-    fn push(out: &mut Vec<(u64, u64)>, s: u64, e: u64) {
-        match out.last_mut() {
-            Some(last) if last.1 == s => last.1 = e,
-            _ => out.push((s, e)),
-        }
-    }
-
-    fn scan(file: &File, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
-        let mut out = Vec::new();
-        // Present and not file-backed; then swapped out (also anonymous).
-        for (inverted, mask) in [
-            (PAGE_IS_FILE, PAGE_IS_FILE | PAGE_IS_PRESENT),
-            (0, PAGE_IS_SWAPPED),
-        ] {
-            let mut regions = vec![PageRegion::default(); 512];
-            let mut pos = start;
-            while pos < end {
-                let mut arg = PmScanArg {
-                    size: std::mem::size_of::<PmScanArg>() as u64,
-                    start: pos,
-                    end,
-                    vec: regions.as_mut_ptr() as u64,
-                    vec_len: regions.len() as u64,
-                    category_inverted: inverted,
-                    category_mask: mask,
-                    return_mask: mask,
-                    ..Default::default()
-                };
-                // SAFETY: `arg` is a valid pm_scan_arg whose `vec` points to
-                // `regions.len()` writable page_region entries that outlive
-                // the call.
-                let n = unsafe { libc::ioctl(file.as_raw_fd(), PAGEMAP_SCAN as _, &mut arg) };
-                if n < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                for r in &regions[..n as usize] {
-                    push(&mut out, r.start, r.end);
-                }
-                if arg.walk_end <= pos {
-                    break;
-                }
-                pos = arg.walk_end;
-            }
-        }
-        out.sort_unstable();
-        let mut merged = Vec::with_capacity(out.len());
-        for (s, e) in out {
-            push(&mut merged, s, e);
-        }
-        Ok(merged)
-    }
-
-    #[cfg(test)]
-    pub fn both_ways(start: u64, end: u64) -> io::Result<[Vec<(u64, u64)>; 2]> {
-        let file = File::open("/proc/self/pagemap")?;
-        Ok([scan(&file, start, end)?, read_entries(&file, start, end)?])
-    }
-
-    fn read_entries(file: &File, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
-        const PRESENT: u64 = 1 << 63;
-        const SWAPPED: u64 = 1 << 62;
-        const FILE_OR_SHARED: u64 = 1 << 61;
-        let mut out = Vec::new();
-        let mut buf = vec![0u8; 8 * 4096];
-        let mut page = start / PAGE;
-        while page < end / PAGE {
-            let count = (end / PAGE - page).min(4096);
-            let bytes = &mut buf[..count as usize * 8];
-            file.read_exact_at(bytes, page * 8)?;
-            for (i, entry) in bytes.chunks_exact(8).enumerate() {
-                let e = u64::from_le_bytes(entry.try_into().unwrap_or_default());
-                if e & (PRESENT | SWAPPED) != 0 && e & FILE_OR_SHARED == 0 {
-                    let addr = (page + i as u64) * PAGE;
-                    push(&mut out, addr, addr + PAGE);
-                }
-            }
-            page += count;
-        }
-        Ok(out)
-    }
-}
-
 fn populate_host(pieces: &[(usize, u64)]) -> Result<()> {
     for &(addr, len) in pieces {
-        // SAFETY: the range lies inside a guest RAM mapping owned by a live
-        // GuestRam; MADV_POPULATE_WRITE only faults pages in, it does not
-        // change their contents.
-        let rc = unsafe {
-            libc::madvise(
-                addr as *mut libc::c_void,
-                len as usize,
-                libc::MADV_POPULATE_WRITE,
-            )
-        };
-        if rc != 0 {
-            let err = std::io::Error::last_os_error();
-            // Kernels before 5.14 lack it: the pages then fault in on use.
-            if err.raw_os_error() == Some(libc::EINVAL) {
-                return Ok(());
-            }
-            return Err(Error::Allocate {
-                addr: addr as u64,
-                len,
-                source: err,
-            });
-        }
+        vmm_os::memory::populate_write(addr, len as usize).map_err(|source| Error::Allocate {
+            addr: addr as u64,
+            len,
+            source,
+        })?;
     }
     Ok(())
 }
@@ -739,7 +567,8 @@ mod tests {
         // Both ways of finding private pages agree.
         let region = child.memory.iter().next().unwrap();
         let start = region.as_ptr() as u64;
-        let [scanned, entries] = pagemap::both_ways(start, start + region.len()).unwrap();
+        let [scanned, entries] =
+            vmm_os::memory::pagemap::both_ways(start, start + region.len()).unwrap();
         assert_eq!(scanned, entries);
         assert_eq!(scanned.len(), 2);
 
