@@ -165,7 +165,11 @@ fn launch_exec_stop() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "10000");
     let out = exec(&["--", "sh", "-c", "exit 7"], None);
     assert_eq!(out.status.code(), Some(7));
-    if std::path::Path::new(hypervisor::kvm::PVM_MODULE_PATH).exists() {
+    #[cfg(target_os = "linux")]
+    let pvm = std::path::Path::new(hypervisor::kvm::PVM_MODULE_PATH).exists();
+    #[cfg(not(target_os = "linux"))]
+    let pvm = false;
+    if pvm {
         let out = exec(
             &["--", "/lib64/ld-linux-x86-64.so.2", "--list-diagnostics"],
             None,

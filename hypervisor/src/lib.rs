@@ -35,6 +35,20 @@ pub use x86_64::{
     SpecialRegisters, StandardRegisters, VcpuArch, VmArch,
 };
 
+/// Installs the handler of the signal that kicks a vCPU thread out of the
+/// guest, for this host's backend (process-wide). Call it before any vCPU
+/// thread exists, so that an early kick cannot end the process.
+pub fn install_kick_handler(signal: i32) -> Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        kvm::install_kick_handler(signal)
+    }
+    #[cfg(all(target_os = "macos", target_arch = "aarch64"))]
+    {
+        hvf::backend::install_kick_handler(signal)
+    }
+}
+
 /// Errors from any hypervisor backend.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -1,8 +1,9 @@
-//! Files the VMM makes and copies between: an unnamed scratch file
+//! Files the VMM makes, copies and renames: an unnamed scratch file
 //! (Linux: `O_TMPFILE`; elsewhere, or where the file system lacks it: a
-//! named file unlinked at once) and in-kernel copies (Linux:
+//! named file unlinked at once), in-kernel copies (Linux:
 //! `copy_file_range`; macOS has none for arbitrary ranges, and callers
-//! fall back to reading and writing).
+//! fall back to reading and writing), and atomic renames that refuse to
+//! replace or that swap (Linux: `renameat2`; macOS: `renameatx_np`).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -104,6 +105,62 @@ pub fn copy_unsupported(e: &io::Error) -> bool {
     )
 }
 
+/// Renames `from` to `to`, failing with `EEXIST` if `to` exists (even as
+/// an empty directory, which a plain rename would replace).
+pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    let flags = libc::RENAME_NOREPLACE;
+    #[cfg(not(target_os = "linux"))]
+    let flags = libc::RENAME_EXCL;
+    rename_with(from, to, flags)
+}
+
+/// Swaps `from` and `to` (both must exist) in one step.
+pub fn rename_exchange(from: &Path, to: &Path) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    let flags = libc::RENAME_EXCHANGE;
+    #[cfg(not(target_os = "linux"))]
+    let flags = libc::RENAME_SWAP;
+    rename_with(from, to, flags)
+}
+
+fn rename_with(from: &Path, to: &Path, flags: libc::c_uint) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+    };
+    let (from, to) = (c(from)?, c(to)?);
+    // SAFETY: the call reads two valid C strings; AT_FDCWD resolves them
+    // as paths.
+    #[cfg(target_os = "linux")]
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            flags,
+        )
+    };
+    // SAFETY: as above.
+    #[cfg(not(target_os = "linux"))]
+    let rc = unsafe {
+        libc::renameatx_np(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            flags,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,6 +183,22 @@ mod tests {
         // Nothing left behind in the directory.
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
         std::fs::remove_dir(&dir).unwrap();
+    }
+
+    #[test]
+    fn renames_refuse_to_replace_or_swap() {
+        let dir = std::env::temp_dir().join(format!("vmm-os-rename-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("a")).unwrap();
+        std::fs::create_dir_all(dir.join("b")).unwrap();
+        std::fs::write(dir.join("a/tag"), "a").unwrap();
+        // An empty directory is in the way: not replaced.
+        let e = rename_noreplace(&dir.join("a"), &dir.join("b")).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EEXIST));
+        rename_exchange(&dir.join("a"), &dir.join("b")).unwrap();
+        assert_eq!(std::fs::read_to_string(dir.join("b/tag")).unwrap(), "a");
+        rename_noreplace(&dir.join("b"), &dir.join("c")).unwrap();
+        assert!(dir.join("c/tag").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

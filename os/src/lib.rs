@@ -12,6 +12,8 @@
 //! - [`file`]: unnamed scratch files and in-kernel copies;
 //!   [`fill_random`] and [`peer_uid`].
 //! - [`memory`]: guest RAM's files, seals and private pages.
+//! - [`process`]: process exit descriptors, closing descriptors, dying
+//!   with the parent, signal handlers, the vCPU kick signal.
 //! - [`event_manager`]: the event loop. Linux: rust-vmm's `event-manager`.
 //!   macOS: [`events`], the same interface over [`epoll`].
 //!
@@ -23,6 +25,7 @@ mod host;
 pub mod memory;
 #[cfg(any(target_os = "macos", test))]
 pub mod pipe_event;
+pub mod process;
 
 pub use host::{fill_random, peer_uid};
 
@@ -59,3 +62,20 @@ pub mod timerfd;
 #[cfg(target_os = "macos")]
 #[path = "kqueue_timer.rs"]
 pub mod timerfd;
+
+/// Gives `evt` (a clone of an event) to a signal handler for good:
+/// returns a descriptor through which a bare `write(2)` of 8 bytes (the
+/// async-signal-safe call) wakes the event's readers. It stays open for
+/// the rest of the process.
+pub fn leak_for_signal_handler(evt: EventFd) -> std::os::fd::RawFd {
+    #[cfg(target_os = "linux")]
+    {
+        std::os::fd::IntoRawFd::into_raw_fd(evt)
+    }
+    #[cfg(target_os = "macos")]
+    {
+        let fd = evt.write_fd();
+        std::mem::forget(evt);
+        fd
+    }
+}

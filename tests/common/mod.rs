@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -55,11 +55,11 @@ impl Drop for Scratch {
 pub fn spawn_for_the_tests(mut cmd: Command, signal: i32) -> std::io::Result<Child> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        // SAFETY: prctl is async-signal-safe and touches nothing of the
-        // parent's memory.
+        // SAFETY: die_with_parent is async-signal-safe and touches
+        // nothing of the parent's memory.
         unsafe {
             std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-                libc::prctl(libc::PR_SET_PDEATHSIG, signal);
+                let _ = vmm_os::process::die_with_parent(signal);
                 Ok(())
             });
         }
@@ -338,14 +338,11 @@ pub fn client_env(kind: &str) -> PathBuf {
 /// Waits until process `pid` (any, not only a child) has ended, at most
 /// `timeout`; false if it still runs then.
 pub fn wait_for_exit(pid: u32, timeout: Duration) -> bool {
-    // SAFETY: pidfd_open(2) takes a pid and flags; the result is checked.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
+    let fd = match vmm_os::process::exit_fd(pid) {
+        Ok(fd) => fd,
         // ESRCH: it has ended (and was reaped) already.
-        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
-    }
-    // SAFETY: a new descriptor nothing else owns.
-    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+        Err(e) => return e.raw_os_error() == Some(libc::ESRCH),
+    };
     let mut poll = libc::pollfd {
         fd: fd.as_raw_fd(),
         events: libc::POLLIN,

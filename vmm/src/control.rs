@@ -129,10 +129,9 @@ impl Controller {
         let pause = &self.shared.pause;
         pause.request();
         for &t in &self.threads {
-            // SAFETY: the vCPU threads are joined only after the event loop
-            // (which owns this controller) has ended, so `t` names a live
-            // thread; the signal's handler only sets immediate_exit.
-            unsafe { libc::pthread_kill(t, crate::vcpu::kick_signal()) };
+            // The vCPU threads are joined only after the event loop (which
+            // owns this controller) has ended, so `t` names a live thread.
+            let _ = vmm_os::process::signal_thread(t, crate::vcpu::kick_signal());
         }
         pause
             .wait_parked(self.threads.len(), PAUSE_TIMEOUT)

@@ -46,9 +46,7 @@ pub fn run_child_if_asked() {
 fn child_main() -> std::result::Result<(), i32> {
     // Nothing but the socket on stdin (and stdout, stderr) is ours: close
     // whatever else the parent let through.
-    // SAFETY: close_range on descriptors this process does not use; no
-    // memory is involved.
-    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    vmm_os::process::close_fds_from(3);
     // SAFETY: fd 0 is the socket the parent passed as standard input, and
     // nothing else in this process owns it.
     let stream = unsafe { UnixStream::from_raw_fd(0) };

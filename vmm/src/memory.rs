@@ -504,6 +504,8 @@ mod tests {
 
     /// What a fork child gets cannot change: no write, no resize, no hole
     /// punched, no writable shared mapping (a copy-on-write one works).
+    /// Linux only: macOS has no seals (docs/macos.md).
+    #[cfg(target_os = "linux")]
     fn assert_sealed(file: &File) {
         use std::os::unix::fs::FileExt;
         let err = file.write_at(&[9], 0x1000).unwrap_err();
@@ -562,19 +564,22 @@ mod tests {
         let mut base = [0u8; 1];
         image.base.read_exact_at(&mut base, 0x1000).unwrap();
         assert_eq!(base[0], 1, "the frozen base keeps the fork-time content");
-        assert_sealed(&image.base);
-
-        // Both ways of finding private pages agree.
-        let region = child.memory.iter().next().unwrap();
-        let start = region.as_ptr() as u64;
-        let [scanned, entries] =
-            vmm_os::memory::pagemap::both_ways(start, start + region.len()).unwrap();
-        assert_eq!(scanned, entries);
-        assert_eq!(scanned.len(), 2);
+        #[cfg(target_os = "linux")]
+        {
+            assert_sealed(&image.base);
+            // Both ways of finding private pages agree.
+            let region = child.memory.iter().next().unwrap();
+            let start = region.as_ptr() as u64;
+            let [scanned, entries] =
+                vmm_os::memory::pagemap::both_ways(start, start + region.len()).unwrap();
+            assert_eq!(scanned, entries);
+            assert_eq!(scanned.len(), 2);
+        }
 
         // A fork of the child: an overlay with exactly the child's pages.
         let image2 = child.freeze().unwrap();
         assert_eq!(image2.overlays.len(), 1);
+        #[cfg(target_os = "linux")]
         assert_sealed(&image2.overlays[0].file);
         assert_eq!(
             image2.overlays[0].runs,
@@ -627,13 +632,7 @@ mod tests {
     }
 
     fn tempfile_in_tmp() -> File {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_TMPFILE)
-            .open(std::env::temp_dir())
-            .unwrap()
+        vmm_os::file::unnamed_file(&std::env::temp_dir()).unwrap()
     }
 
     #[test]

@@ -1,15 +1,9 @@
-//! Process descriptors: an fd that becomes readable when a process ends.
+//! Process descriptors: an fd that becomes readable when a process ends
+//! (Linux: a pidfd; macOS: a kqueue; see `vmm_os::process::exit_fd`).
 
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::OwnedFd;
 
-/// A pidfd for process `pid` (Linux 5.3 and later).
+/// A descriptor for process `pid` that becomes readable when it ends.
 pub fn open(pid: u32) -> std::io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags, no pointers; the result is
-    // checked.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    vmm_os::process::exit_fd(pid)
 }

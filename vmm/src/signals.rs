@@ -25,11 +25,12 @@ pub fn install() -> std::io::Result<EventFd> {
     let evt = EventFd::new(vmm_os::EFD_NONBLOCK)?;
     // The handler's copy lives for the rest of the process.
     let handler_copy = evt.try_clone()?;
-    use std::os::fd::IntoRawFd;
-    STOP_FD.store(handler_copy.into_raw_fd(), Ordering::SeqCst);
+    STOP_FD.store(
+        vmm_os::leak_for_signal_handler(handler_copy),
+        Ordering::SeqCst,
+    );
     for sig in [libc::SIGINT, libc::SIGTERM] {
-        vmm_sys_util::signal::register_signal_handler(sig, on_stop_signal)
-            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        vmm_os::process::set_signal_handler(sig, on_stop_signal)?;
     }
     Ok(evt)
 }

@@ -9,13 +9,12 @@ use std::time::{Duration, Instant};
 
 use devices::Bus;
 use hypervisor::{SystemEventKind, Vcpu, VcpuExit, VcpuState};
-use vmm_sys_util::signal::Killable;
 
 use crate::exit::{ExitReason, ExitSignal};
 
 /// The real-time signal used to kick a vCPU thread out of guest mode.
 pub fn kick_signal() -> i32 {
-    vmm_sys_util::signal::SIGRTMIN()
+    vmm_os::process::kick_signal()
 }
 
 /// State shared by the vCPU threads of one VM.
@@ -244,7 +243,7 @@ impl VcpuThread {
     pub fn spawn(id: u32, vcpu: Box<dyn Vcpu>, shared: Arc<VcpuShared>) -> std::io::Result<Self> {
         // Before the thread exists: a kick that comes before the thread
         // registers itself must not end the process.
-        hypervisor::kvm::install_kick_handler(kick_signal()).map_err(std::io::Error::other)?;
+        hypervisor::install_kick_handler(kick_signal()).map_err(std::io::Error::other)?;
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || vcpu_loop(id, vcpu, shared))?;
@@ -259,7 +258,7 @@ impl VcpuThread {
     /// Kicks the thread out of guest mode (it then sees the stop flag).
     pub fn kick(&self) {
         // The thread may already have ended; then there is nothing to kick.
-        let _ = self.handle.kill(kick_signal());
+        let _ = vmm_os::process::signal_thread(self.pthread(), kick_signal());
     }
 
     pub fn join(self) {

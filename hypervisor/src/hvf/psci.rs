@@ -55,8 +55,9 @@ pub enum Action {
 }
 
 /// A vCPU's power state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Power {
+    #[default]
     On,
     Off,
     /// Turned on by CPU_ON; starts at `entry` with `context` in X0 once its

@@ -31,7 +31,7 @@ pub const GENERAL_REGISTERS: usize = 31;
 pub const SIMD_REGISTERS: usize = 32;
 
 /// One vCPU's complete state.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct HvfVcpuState {
     /// X0..X30.
     pub x: Vec<u64>,
@@ -86,7 +86,7 @@ impl HvfVcpuState {
 }
 
 /// The VM's own state.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct HvfVmState {
     /// The platform GIC's opaque blob (`hv_gic_state_get_data`),
     /// restored with `hv_gic_set_state` into a GIC of the same layout,

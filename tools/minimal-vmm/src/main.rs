@@ -10,12 +10,12 @@
 //! The guest's console goes to standard output; the program exits 0 when
 //! the guest powers off (PSCI SYSTEM_OFF or SYSTEM_RESET).
 
-#[cfg(target_arch = "aarch64")]
+#[cfg(all(target_os = "linux", target_arch = "aarch64"))]
 mod machine;
 
 use std::process::ExitCode;
 
-#[cfg(target_arch = "aarch64")]
+#[cfg(all(target_os = "linux", target_arch = "aarch64"))]
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (Some(image), Some(initramfs)) = (args.first(), args.get(1)) else {
@@ -32,8 +32,8 @@ fn main() -> ExitCode {
     }
 }
 
-#[cfg(not(target_arch = "aarch64"))]
+#[cfg(not(all(target_os = "linux", target_arch = "aarch64")))]
 fn main() -> ExitCode {
-    eprintln!("vmm-minimal-arm64 runs on arm64 hosts only");
+    eprintln!("vmm-minimal-arm64 runs on arm64 Linux hosts (KVM) only");
     ExitCode::FAILURE
 }

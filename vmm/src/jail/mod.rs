@@ -9,7 +9,8 @@
 //! jail and returns in the jailed VMM process ([`process`] has the three
 //! processes a jail is made of).
 
-#[cfg(target_os = "linux")]
+// Plain data and cgroupfs writes; only Linux's jail joins one.
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 mod cgroup;
 #[cfg(target_os = "linux")]
 mod folder;
@@ -141,9 +142,12 @@ impl Plan {
             exposed.push(Exposed::Device(PathBuf::from("/dev/net/tun")));
         }
         // How the VMM (and its fork children) tell a PVM host's KVM apart.
-        let pvm = Path::new(hypervisor::kvm::PVM_MODULE_PATH);
-        if pvm.exists() {
-            exposed.push(Exposed::ReadOnly(pvm.to_path_buf()));
+        #[cfg(target_os = "linux")]
+        {
+            let pvm = Path::new(hypervisor::kvm::PVM_MODULE_PATH);
+            if pvm.exists() {
+                exposed.push(Exposed::ReadOnly(pvm.to_path_buf()));
+            }
         }
         let disk = base
             .and_then(|b| std::fs::metadata(b).ok())

@@ -3,8 +3,11 @@
 //! probe asks the kernel itself where it can, and says how to allow what
 //! is missing.
 
+#[cfg(target_os = "linux")]
 use std::io;
-use std::path::{Path, PathBuf};
+#[cfg(target_os = "linux")]
+use std::path::Path;
+use std::path::PathBuf;
 
 #[cfg(target_os = "linux")]
 /// Namespaces a jail enters (the network namespace only for VMs without a

@@ -128,12 +128,10 @@ pub async fn spawn(mut cmd: Command) -> std::io::Result<Child> {
     static SPAWNER: OnceLock<Option<Mutex<mpsc::Sender<Job>>>> = OnceLock::new();
     let server = std::process::id();
     // SAFETY: the closure runs in the child between fork and exec and only
-    // makes async-signal-safe calls (prctl, getppid).
+    // makes async-signal-safe calls (prctl on Linux, getppid).
     unsafe {
         cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            vmm_os::process::die_with_parent(libc::SIGKILL)?;
             // The server ended before the signal was asked for.
             if libc::getppid() as u32 != server {
                 return Err(std::io::ErrorKind::BrokenPipe.into());

@@ -588,7 +588,7 @@ fn install(partial: &Path, target: &Path, replace: bool) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    match rename(partial, target, libc::RENAME_NOREPLACE) {
+    match vmm_os::file::rename_noreplace(partial, target) {
         Ok(()) => return Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) && !replace => {
             return Err(Error::Exists(name))
@@ -596,33 +596,9 @@ fn install(partial: &Path, target: &Path, replace: bool) -> Result<()> {
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
         Err(e) => return Err(io("rename into", target)(e)),
     }
-    rename(partial, target, libc::RENAME_EXCHANGE).map_err(io("swap in", target))?;
+    vmm_os::file::rename_exchange(partial, target).map_err(io("swap in", target))?;
     // `partial` now holds the old template.
     std::fs::remove_dir_all(partial).map_err(io("remove the old template", partial))
-}
-
-fn rename(from: &Path, to: &Path, flags: libc::c_uint) -> std::io::Result<()> {
-    let c = |p: &Path| {
-        std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
-    };
-    let (from, to) = (c(from)?, c(to)?);
-    // SAFETY: renameat2 reads two valid C strings; AT_FDCWD resolves them
-    // as paths.
-    let r = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            flags,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
 }
 
 /// The prefix of default templates' names (`default-<inputs digest>`).

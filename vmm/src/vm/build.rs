@@ -13,7 +13,6 @@ use devices::legacy::serial::SerialSnapshot;
 use devices::legacy::{boot_timer::BootTime, BootTimer, ConsoleOutput, GuestPanic, SerialDevice};
 use devices::sync::Locked;
 use devices::virtio::block::{Block, LayeredDisk, SharedDisk};
-use devices::virtio::fs::{Fs, PassthroughFs};
 use devices::virtio::net::tap::Tap;
 use devices::virtio::net::user::policy::SharedPolicy;
 use devices::virtio::net::user::{self, UserNet, UserNetConfig};
@@ -190,16 +189,7 @@ fn devices(
         devices.push((DeviceId::Network, Box::new(net)));
     }
     for share in &config.shares {
-        let fs = PassthroughFs::new(&share.host_path, share.read_only).map_err(|source| {
-            Error::Share {
-                tag: share.tag.clone(),
-                source,
-            }
-        })?;
-        devices.push((
-            DeviceId::Share(share.tag.clone()),
-            Box::new(Fs::new(&share.tag, fs)),
-        ));
+        devices.push((DeviceId::Share(share.tag.clone()), share_device(share)?));
     }
     if let Some(r) = &restore {
         let saved: Vec<DeviceId> = r.state.virtio.iter().map(|d| d.id.clone()).collect();
@@ -491,6 +481,20 @@ fn guest_mac(network: &NetworkConfig, restored: bool) -> Result<([u8; 6], bool)>
 
 /// `VMM_SHARES=tag:guest_path[:ro],...` for the guest init (the config
 /// checked that tags and paths have no separators or spaces).
+/// The virtio-fs device of `share` (Linux; other hosts have no share
+/// server yet and say so).
+fn share_device(share: &crate::config::ShareConfig) -> Result<Box<dyn VirtioDevice>> {
+    #[cfg(target_os = "linux")]
+    let device = devices::virtio::fs::PassthroughFs::new(&share.host_path, share.read_only)
+        .map(|fs| Box::new(devices::virtio::fs::Fs::new(&share.tag, fs)) as _);
+    #[cfg(not(target_os = "linux"))]
+    let device = Err(devices::virtio::fs::Error::NotOnThisHost);
+    device.map_err(|source| Error::Share {
+        tag: share.tag.clone(),
+        source,
+    })
+}
+
 fn shares_arg(shares: &[crate::config::ShareConfig]) -> String {
     let list: Vec<String> = shares
         .iter()

@@ -628,7 +628,15 @@ impl MutEventSubscriber for ControlLoop {
     }
 }
 
-/// Opens the hypervisor for this host.
+/// Opens the hypervisor for this host: KVM on Linux, Hypervisor.framework
+/// on macOS.
 pub fn open_hypervisor() -> Result<Box<dyn Hypervisor>> {
-    Ok(Box::new(hypervisor::kvm::KvmHypervisor::new()?))
+    #[cfg(target_os = "linux")]
+    {
+        Ok(Box::new(hypervisor::kvm::KvmHypervisor::new()?))
+    }
+    #[cfg(all(target_os = "macos", target_arch = "aarch64"))]
+    {
+        Ok(Box::new(hypervisor::hvf::backend::HvfHypervisor::new()?))
+    }
 }

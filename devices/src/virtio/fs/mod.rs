@@ -20,7 +20,26 @@ pub mod state;
 #[cfg(target_os = "linux")]
 pub use device::Fs;
 #[cfg(target_os = "linux")]
-pub use passthrough::{Error, PassthroughFs};
+pub use passthrough::PassthroughFs;
+
+use std::path::PathBuf;
+
+/// Errors setting a share up (guest errors are errno values).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "cannot open the shared folder {path}: {source}; check that it exists and is a directory"
+    )]
+    OpenRoot {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "shared folders are not available on this host yet (the virtio-fs server needs Linux's \
+         openat2 and O_PATH; docs/macos.md): remove the share, or copy files in with `vmm exec`"
+    )]
+    NotOnThisHost,
+}
 
 /// virtio device id of a file system device.
 pub const VIRTIO_ID_FS: u32 = 26;

@@ -38,14 +38,7 @@ pub const MAX_INODES: usize = 200_000;
 /// Most open files and directories the guest may hold at once.
 pub const MAX_HANDLES: usize = 50_000;
 
-/// Errors setting a share up (guest errors are errno values).
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(
-        "cannot open the shared folder {path}: {source}; check that it exists and is a directory"
-    )]
-    OpenRoot { path: PathBuf, source: io::Error },
-}
+pub use super::Error;
 
 fn err(errno: i32) -> io::Error {
     io::Error::from_raw_os_error(errno)

@@ -32,8 +32,31 @@ pub(crate) fn check(call: &'static str, rc: hv::hv_return_t) -> Result<()> {
     }
 }
 
+/// Reads a string sysctl by name; `None` when the name does not exist.
+pub fn sysctl_string(name: &std::ffi::CStr) -> Option<String> {
+    let mut buf = [0u8; 256];
+    let mut len = buf.len();
+    // SAFETY: `buf` has `len` writable bytes; the name is a C string; no
+    // new value is written (null, 0).
+    let rc = unsafe {
+        libc::sysctlbyname(
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            &mut len,
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    let text = &buf[..len.min(buf.len())];
+    let text = text.split(|&b| b == 0).next().unwrap_or_default();
+    Some(String::from_utf8_lossy(text).into_owned())
+}
+
 /// Reads an integer sysctl by name; `None` when the name does not exist.
-fn sysctl_u32(name: &std::ffi::CStr) -> Option<u32> {
+pub fn sysctl_u32(name: &std::ffi::CStr) -> Option<u32> {
     let mut value: u32 = 0;
     let mut len = std::mem::size_of::<u32>();
     // SAFETY: `value` is a live u32 and `len` its size; the name is a C

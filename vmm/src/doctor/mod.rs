@@ -3,12 +3,16 @@
 use std::fmt;
 use std::path::Path;
 
-use hypervisor::kvm::{kvm_device_path, KvmHypervisor};
-use hypervisor::{Hypervisor, HypervisorKind};
+use hypervisor::HypervisorKind;
 
 use crate::artifacts::{self, KernelFlavour};
 use crate::config::Flavour;
 use crate::jail::probe;
+
+#[cfg(target_os = "linux")]
+mod kvm;
+#[cfg(any(target_os = "macos", test))]
+mod macos;
 
 /// Outcome of one check.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,7 +38,7 @@ pub struct Report {
 }
 
 impl Report {
-    fn push(&mut self, name: &str, detail: impl Into<String>, status: Status) {
+    pub(crate) fn push(&mut self, name: &str, detail: impl Into<String>, status: Status) {
         self.checks.push(Check {
             name: name.into(),
             detail: detail.into(),
@@ -99,48 +103,13 @@ fn artifact_check(report: &mut Report, name: &str, path: &Path) {
 /// Runs every check.
 pub fn run() -> Report {
     let mut report = Report::default();
-    let dev_path = kvm_device_path();
-    let dev = dev_path.as_path();
-    let dev_name = dev.display().to_string();
-    if !dev.exists() {
-        report.push(
-            &dev_name,
-            "missing",
-            Status::Fail("load KVM (modprobe kvm_intel or kvm_amd), enable VT-x/AMD-V in the firmware, or turn on nested virtualization for this cloud VM".into()),
-        );
+    #[cfg(target_os = "linux")]
+    let kind = kvm::checks(&mut report);
+    #[cfg(all(target_os = "macos", target_arch = "aarch64"))]
+    let kind = macos::checks(&mut report);
+    let Some(kind) = kind else {
         return report;
-    }
-    let hv = match KvmHypervisor::open(dev) {
-        Ok(hv) => {
-            report.push(&dev_name, "present and usable", Status::Ok);
-            hv
-        }
-        Err(e @ hypervisor::Error::Open { .. }) => {
-            report.push(&dev_name, e.to_string(), Status::Fail("see above".into()));
-            return report;
-        }
-        Err(e) => {
-            report.push(
-                "KVM",
-                e.to_string(),
-                Status::Fail("update the host kernel".into()),
-            );
-            return report;
-        }
     };
-    report.push(
-        "KVM API",
-        format!("version {}", hv.api_version()),
-        Status::Ok,
-    );
-    let caps: Vec<&str> = hv.capabilities().iter().map(|c| c.name).collect();
-    report.push("capabilities", caps.join(", "), Status::Ok);
-    report.push(
-        "max vCPUs per VM",
-        hv.max_vcpus().min(crate::arch::max_vcpus()).to_string(),
-        Status::Info,
-    );
-    let kind = hv.kind();
     report.push("hypervisor", describe_kind(kind), Status::Info);
     let flavour = KernelFlavour::resolve(Flavour::Auto, kind);
     report.push("kernel flavour", flavour.name(), Status::Info);
