@@ -29,6 +29,8 @@ pub enum Error {
     },
     #[error("\"vcpus\" is 0: a VM needs at least 1 vCPU")]
     NoVcpus,
+    #[error("\"seccomp\" is true, but seccomp filters exist on Linux only: set \"seccomp\": false on this host (its default here; docs/macos.md)")]
+    SeccompNotOnThisHost,
     #[error("\"memory_mib\" is 0: give the guest memory, for example \"memory_mib\": 128")]
     NoMemory,
     #[error("\"memory_mib\" is {0}: the most this VMM supports is {MAX_MEMORY_MIB} MiB")]
@@ -489,7 +491,7 @@ pub struct VmConfig {
     pub network: Option<NetworkConfig>,
     /// Every VMM thread under its seccomp filter (docs/security.md). Off
     /// only for debugging: a bug in a device then reaches every system
-    /// call.
+    /// call. Linux only: off, and refused when on, on other hosts.
     #[serde(default = "default_seccomp")]
     pub seccomp: bool,
     /// The jail the VMM process runs in (docs/security.md); none when
@@ -556,8 +558,9 @@ impl JailConfig {
     }
 }
 
+/// On where the host has seccomp (Linux).
 fn default_seccomp() -> bool {
-    true
+    cfg!(target_os = "linux")
 }
 
 impl Default for VmConfig {
@@ -575,7 +578,7 @@ impl Default for VmConfig {
             vsock: None,
             shares: Vec::new(),
             network: None,
-            seccomp: true,
+            seccomp: default_seccomp(),
             jail: None,
         }
     }
@@ -628,6 +631,9 @@ impl VmConfig {
     pub fn validate(&self) -> Result<()> {
         if self.vcpus == 0 {
             return Err(Error::NoVcpus);
+        }
+        if self.seccomp && !cfg!(target_os = "linux") {
+            return Err(Error::SeccompNotOnThisHost);
         }
         if self.memory_mib == 0 {
             return Err(Error::NoMemory);
