@@ -217,12 +217,7 @@ pub fn check_host_sees(path: &Path) -> Result<(), String> {
 /// Other hosts have no namespaces: no jail (the error says so).
 #[cfg(not(target_os = "linux"))]
 pub fn enter(_plan: &Plan) -> Result<(), Error> {
-    Err(Error::Namespaces(probe::user_namespaces().err().unwrap_or(
-        probe::NoNamespaces {
-            why: "namespaces exist on Linux only".into(),
-            fix: "leave the jail off".into(),
-        },
-    )))
+    Err(Error::Namespaces(probe::not_on_this_host()))
 }
 
 /// Jails this process as `plan` says. Returns in the jailed VMM only; the

@@ -43,12 +43,18 @@ pub fn user_namespaces() -> Result<(), NoNamespaces> {
 /// Other hosts have no namespaces (and so no jail).
 #[cfg(not(target_os = "linux"))]
 pub fn user_namespaces() -> Result<(), NoNamespaces> {
-    Err(NoNamespaces {
+    Err(not_on_this_host())
+}
+
+/// Why a host other than Linux has no jail.
+#[cfg(not(target_os = "linux"))]
+pub fn not_on_this_host() -> NoNamespaces {
+    NoNamespaces {
         why: "namespaces exist on Linux only".into(),
         fix: "on this host the VMM runs without the jail: the hypervisor is the boundary \
               (docs/macos.md); leave the jail off"
             .into(),
-    })
+    }
 }
 
 /// What to say when making the namespaces failed with `error`.
