@@ -85,8 +85,8 @@ mod tests {
 
     #[test]
     fn random_bytes_fill_large_buffers() {
-        let fills: [fn(&mut [u8]) -> io::Result<()>; 2] = [fill_random, fill_with_getentropy];
-        for fill in fills {
+        type Fill = fn(&mut [u8]) -> io::Result<()>;
+        for fill in [fill_random as Fill, fill_with_getentropy] {
             // Past getentropy's 256 bytes a call.
             let mut a = vec![0u8; 1000];
             let mut b = vec![0u8; 1000];
