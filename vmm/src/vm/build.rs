@@ -481,18 +481,15 @@ fn guest_mac(network: &NetworkConfig, restored: bool) -> Result<([u8; 6], bool)>
 
 /// `VMM_SHARES=tag:guest_path[:ro],...` for the guest init (the config
 /// checked that tags and paths have no separators or spaces).
-/// The virtio-fs device of `share` (Linux; other hosts have no share
-/// server yet and say so).
+/// The virtio-fs device of `share`.
 fn share_device(share: &crate::config::ShareConfig) -> Result<Box<dyn VirtioDevice>> {
-    #[cfg(target_os = "linux")]
-    let device = devices::virtio::fs::PassthroughFs::new(&share.host_path, share.read_only)
-        .map(|fs| Box::new(devices::virtio::fs::Fs::new(&share.tag, fs)) as _);
-    #[cfg(not(target_os = "linux"))]
-    let device = Err(devices::virtio::fs::Error::NotOnThisHost);
-    device.map_err(|source| Error::Share {
-        tag: share.tag.clone(),
-        source,
-    })
+    let fs = devices::virtio::fs::PassthroughFs::new(&share.host_path, share.read_only).map_err(
+        |source| Error::Share {
+            tag: share.tag.clone(),
+            source,
+        },
+    )?;
+    Ok(Box::new(devices::virtio::fs::Fs::new(&share.tag, fs)))
 }
 
 fn shares_arg(shares: &[crate::config::ShareConfig]) -> String {

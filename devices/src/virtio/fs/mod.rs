@@ -7,19 +7,15 @@
 //! The host side and its confinement are in [`passthrough`].
 
 pub mod abi;
-#[cfg(target_os = "linux")]
 mod device;
-#[cfg(target_os = "linux")]
+pub mod guest_abi;
+mod host;
 pub mod iobuf;
-#[cfg(target_os = "linux")]
 pub mod passthrough;
-#[cfg(target_os = "linux")]
 pub mod server;
 pub mod state;
 
-#[cfg(target_os = "linux")]
 pub use device::Fs;
-#[cfg(target_os = "linux")]
 pub use passthrough::PassthroughFs;
 
 use std::path::PathBuf;
@@ -34,11 +30,6 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error(
-        "shared folders are not available on this host yet (the virtio-fs server needs Linux's \
-         openat2 and O_PATH; docs/macos.md): remove the share, or copy files in with `vmm exec`"
-    )]
-    NotOnThisHost,
 }
 
 /// virtio device id of a file system device.

@@ -21,14 +21,19 @@
 //!   creates or changes.
 
 use std::collections::HashMap;
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use super::abi::{self, Attr, EntryOut, ROOT_ID};
+use super::guest_abi;
+use super::host::{
+    self, check, err, fstat, key, mode as mode_of, openat, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT,
+    S_IFREG, S_IFSOCK, S_ISGID, S_ISUID,
+};
 
 /// How long the guest may trust a name or attributes before asking again
 /// (the consistency window for changes made on the host).
@@ -39,22 +44,6 @@ pub const MAX_INODES: usize = 200_000;
 pub const MAX_HANDLES: usize = 50_000;
 
 pub use super::Error;
-
-fn err(errno: i32) -> io::Error {
-    io::Error::from_raw_os_error(errno)
-}
-
-fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
-}
-
-fn cstr(text: &str) -> CString {
-    CString::new(text).expect("no NUL in a path the VMM builds")
-}
 
 /// Checks a name the guest sent: one path component.
 pub fn validate_name(name: &[u8]) -> io::Result<CString> {
@@ -78,29 +67,13 @@ struct Handle {
     nodeid: u64,
 }
 
-fn fstat(fd: RawFd) -> io::Result<libc::stat> {
-    // SAFETY: an all-zero `stat` is a valid value to be overwritten.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `fd` is a descriptor we own, the empty path is a valid C
-    // string and `st` is writable.
-    check(unsafe {
-        libc::fstatat(
-            fd,
-            c"".as_ptr(),
-            &mut st,
-            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })?;
-    Ok(st)
-}
-
 /// The FUSE attributes of a host `stat`.
 // The stat fields' widths differ between architectures (st_nlink is 64
 // bits on x86_64, 32 on aarch64): the casts are needed on some.
 #[allow(clippy::unnecessary_cast)]
 pub fn attr_of(st: &libc::stat) -> Attr {
     Attr {
-        ino: st.st_ino,
+        ino: st.st_ino as u64,
         size: st.st_size as u64,
         blocks: st.st_blocks as u64,
         atime: st.st_atime as u64,
@@ -109,7 +82,7 @@ pub fn attr_of(st: &libc::stat) -> Attr {
         atimensec: st.st_atime_nsec as u32,
         mtimensec: st.st_mtime_nsec as u32,
         ctimensec: st.st_ctime_nsec as u32,
-        mode: st.st_mode,
+        mode: mode_of(st),
         nlink: st.st_nlink as u32,
         uid: st.st_uid,
         gid: st.st_gid,
@@ -117,17 +90,6 @@ pub fn attr_of(st: &libc::stat) -> Attr {
         blksize: st.st_blksize as u32,
         flags: 0,
     }
-}
-
-fn openat(dir: RawFd, name: &CStr, flags: libc::c_int, mode: u32) -> io::Result<OwnedFd> {
-    // SAFETY: `dir` is a descriptor we own and `name` a valid C string.
-    let fd = check(unsafe { libc::openat(dir, name.as_ptr(), flags | libc::O_CLOEXEC, mode) })?;
-    // SAFETY: openat returned a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn proc_path(fd: RawFd) -> CString {
-    cstr(&format!("/proc/self/fd/{fd}"))
 }
 
 /// The guest may only change `user.*` attributes: `security.capability`
@@ -144,58 +106,11 @@ fn user_xattr(name: &[u8]) -> io::Result<()> {
 /// Strips the set-ID bits from a mode the guest asks for (a directory may
 /// keep set-group-ID, which only passes the group on).
 fn safe_mode(mode: u32, dir: bool) -> u32 {
-    let strip = if dir {
-        libc::S_ISUID
-    } else {
-        libc::S_ISUID | libc::S_ISGID
-    };
+    let strip = if dir { S_ISUID } else { S_ISUID | S_ISGID };
     mode & !strip
 }
 
 pub use super::state::{FsState, SavedHandle, SavedInode};
-
-/// The host path a descriptor refers to now; None once it was deleted.
-fn fd_path(fd: RawFd) -> Option<PathBuf> {
-    let path = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
-    if path.as_os_str().as_bytes().ends_with(b" (deleted)") {
-        return None;
-    }
-    Some(path)
-}
-
-/// `O_PATH` open of `rel` below `root`, refusing `..`, absolute paths and
-/// every symlink on the way (a trailing symlink is opened as itself).
-fn open_beneath(root: RawFd, rel: &Path) -> io::Result<OwnedFd> {
-    let c = CString::new(rel.as_os_str().as_bytes()).map_err(|_| err(libc::EINVAL))?;
-    // `struct open_how` (libc's is non-exhaustive).
-    #[repr(C)]
-    struct OpenHow {
-        flags: u64,
-        mode: u64,
-        resolve: u64,
-    }
-    let how = OpenHow {
-        flags: (libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC) as u64,
-        mode: 0,
-        resolve: libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
-    };
-    // SAFETY: `root` is our descriptor, `c` a valid C string and `how` a
-    // valid open_how of the size passed.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            root,
-            c.as_ptr(),
-            &how as *const OpenHow,
-            std::mem::size_of::<OpenHow>(),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: openat2 returned a new descriptor nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
 
 /// Opens the inode that the `O_PATH` descriptor `fd` (of type `kind`)
 /// holds for I/O, through `/proc/self/fd`, so the very inode that was
@@ -204,14 +119,13 @@ fn open_beneath(root: RawFd, rel: &Path) -> io::Result<OwnedFd> {
 /// block the VMM; a device node would be the host's device).
 fn open_for_io(fd: RawFd, kind: u32, flags: libc::c_int) -> io::Result<File> {
     match kind {
-        libc::S_IFREG | libc::S_IFDIR => {}
-        libc::S_IFLNK => return Err(err(libc::ELOOP)),
+        S_IFREG | S_IFDIR => {}
+        S_IFLNK => return Err(err(libc::ELOOP)),
         _ => return Err(err(libc::EACCES)),
     }
-    let flags = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_PATH))
+    let flags = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | host::O_PATH))
         | libc::O_NOCTTY;
-    let fd = openat(libc::AT_FDCWD, &proc_path(fd), flags, 0)?;
-    Ok(File::from(fd))
+    host::open_for_io(fd, flags)
 }
 
 /// One shared folder.
@@ -235,7 +149,7 @@ impl PassthroughFs {
     pub fn new(root: &Path, read_only: bool) -> Result<Self, Error> {
         let open_root = || -> io::Result<(OwnedFd, libc::stat)> {
             let c = CString::new(root.as_os_str().as_bytes()).map_err(|_| err(libc::EINVAL))?;
-            let fd = openat(libc::AT_FDCWD, &c, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+            let fd = host::open_root(&c)?;
             let st = fstat(fd.as_raw_fd())?;
             Ok((fd, st))
         };
@@ -251,13 +165,13 @@ impl PassthroughFs {
             handles: HashMap::new(),
             next_fh: 1,
         };
-        let key = (st.st_dev, st.st_ino);
+        let key = key(&st);
         fs.by_key.insert(key, ROOT_ID);
         fs.inodes.insert(
             ROOT_ID,
             Inode {
                 fd,
-                kind: libc::S_IFDIR,
+                kind: S_IFDIR,
                 key,
                 lookups: u64::MAX / 2,
             },
@@ -296,7 +210,7 @@ impl PassthroughFs {
     /// Adds (or counts another lookup of) the inode `fd` refers to.
     fn remember(&mut self, fd: OwnedFd) -> io::Result<EntryOut> {
         let st = fstat(fd.as_raw_fd())?;
-        let key = (st.st_dev, st.st_ino);
+        let key = key(&st);
         if let Some(&id) = self.by_key.get(&key) {
             if let Some(inode) = self.inodes.get_mut(&id) {
                 inode.lookups = inode.lookups.saturating_add(1);
@@ -313,7 +227,7 @@ impl PassthroughFs {
             id,
             Inode {
                 fd,
-                kind: st.st_mode & libc::S_IFMT,
+                kind: mode_of(&st) & S_IFMT,
                 key,
                 lookups: 1,
             },
@@ -324,7 +238,7 @@ impl PassthroughFs {
     pub fn lookup(&mut self, parent: u64, name: &[u8]) -> io::Result<EntryOut> {
         let name = validate_name(name)?;
         let dir = self.inode(parent)?.fd.as_raw_fd();
-        let fd = openat(dir, &name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+        let fd = host::open_inode(dir, &name)?;
         self.remember(fd)
     }
 
@@ -374,7 +288,7 @@ impl PassthroughFs {
     }
 
     pub fn open(&mut self, nodeid: u64, flags: u32, dir: bool) -> io::Result<u64> {
-        let mut flags = flags as libc::c_int;
+        let mut flags = guest_abi::host_open_flags(flags);
         if dir {
             flags = libc::O_RDONLY | libc::O_DIRECTORY;
         } else {
@@ -399,13 +313,13 @@ impl PassthroughFs {
         self.writable()?;
         let name = validate_name(name)?;
         let dir = self.inode(parent)?.fd.as_raw_fd();
-        let flags = flags as libc::c_int;
+        let flags = guest_abi::host_open_flags(flags);
         let mode = safe_mode(mode & !umask, false) & 0o7777;
         // A new file is made with O_EXCL, so nothing that already exists is
         // opened by name: an existing one is pinned with O_PATH, checked to
         // be a regular file and only then opened (a FIFO opened for reading
         // would block the event loop; a device node must never be opened).
-        let new_flags = (flags & !(libc::O_DIRECTORY | libc::O_PATH))
+        let new_flags = (flags & !(libc::O_DIRECTORY | host::O_PATH))
             | libc::O_CREAT
             | libc::O_EXCL
             | libc::O_NOFOLLOW
@@ -413,22 +327,16 @@ impl PassthroughFs {
         let file = match openat(dir, &name, new_flags, mode) {
             Ok(fd) => File::from(fd),
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) && flags & libc::O_EXCL == 0 => {
-                let existing = openat(dir, &name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
-                let kind = fstat(existing.as_raw_fd())?.st_mode & libc::S_IFMT;
-                if kind == libc::S_IFDIR {
+                let existing = host::open_inode(dir, &name)?;
+                let kind = mode_of(&fstat(existing.as_raw_fd())?) & S_IFMT;
+                if kind == S_IFDIR {
                     return Err(err(libc::EISDIR));
                 }
                 open_for_io(existing.as_raw_fd(), kind, flags)?
             }
             Err(e) => return Err(e),
         };
-        let path_fd = openat(
-            libc::AT_FDCWD,
-            &proc_path(file.as_raw_fd()),
-            libc::O_PATH,
-            0,
-        )?;
-        let entry = self.remember(path_fd)?;
+        let entry = self.remember(host::inode_of(&file)?)?;
         match self.add_handle(file, entry.nodeid) {
             Ok(fh) => Ok(Created { entry, fh }),
             Err(e) => {
@@ -449,8 +357,7 @@ impl PassthroughFs {
         let cname = validate_name(name)?;
         let dir = self.inode(parent)?.fd.as_raw_fd();
         let mode = safe_mode(mode & !umask, true) & 0o7777;
-        // SAFETY: `dir` is our descriptor and `cname` a valid C string.
-        check(unsafe { libc::mkdirat(dir, cname.as_ptr(), mode) })?;
+        host::mkdir(dir, &cname, mode)?;
         self.lookup(parent, name)
     }
 
@@ -462,16 +369,15 @@ impl PassthroughFs {
         umask: u32,
     ) -> io::Result<EntryOut> {
         self.writable()?;
-        let kind = mode & libc::S_IFMT;
-        if !matches!(kind, libc::S_IFREG | libc::S_IFIFO | libc::S_IFSOCK) {
+        let kind = mode & S_IFMT;
+        if !matches!(kind, S_IFREG | S_IFIFO | S_IFSOCK) {
             // No device nodes: the VMM would open the host's devices.
             return Err(err(libc::EPERM));
         }
         let cname = validate_name(name)?;
         let dir = self.inode(parent)?.fd.as_raw_fd();
         let mode = kind | (safe_mode(mode & !umask, false) & 0o7777);
-        // SAFETY: `dir` is our descriptor and `cname` a valid C string.
-        check(unsafe { libc::mknodat(dir, cname.as_ptr(), mode, 0) })?;
+        host::mknod(dir, &cname, mode)?;
         self.lookup(parent, name)
     }
 
@@ -493,33 +399,13 @@ impl PassthroughFs {
         self.writable()?;
         let cname = validate_name(newname)?;
         let inode = self.inode(nodeid)?;
-        if inode.kind == libc::S_IFDIR {
+        if inode.kind == S_IFDIR {
             return Err(err(libc::EPERM));
         }
         let fd = inode.fd.as_raw_fd();
         let kind = inode.kind;
         let dir = self.inode(newparent)?.fd.as_raw_fd();
-        // SAFETY: `fd` and `dir` are ours, the strings are valid.
-        let rc =
-            unsafe { libc::linkat(fd, c"".as_ptr(), dir, cname.as_ptr(), libc::AT_EMPTY_PATH) };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            // Without CAP_DAC_READ_SEARCH: link through /proc, which only
-            // follows the descriptor's own magic link (never for symlinks).
-            if e.raw_os_error() != Some(libc::ENOENT) || kind == libc::S_IFLNK {
-                return Err(e);
-            }
-            // SAFETY: as above.
-            check(unsafe {
-                libc::linkat(
-                    libc::AT_FDCWD,
-                    proc_path(fd).as_ptr(),
-                    dir,
-                    cname.as_ptr(),
-                    libc::AT_SYMLINK_FOLLOW,
-                )
-            })?;
-        }
+        host::link(fd, kind == S_IFLNK, dir, &cname)?;
         self.lookup(newparent, newname)
     }
 
@@ -543,39 +429,22 @@ impl PassthroughFs {
     ) -> io::Result<()> {
         self.writable()?;
         // RENAME_WHITEOUT would create a device node.
-        if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 {
+        if flags & !(guest_abi::linux::RENAME_NOREPLACE | guest_abi::linux::RENAME_EXCHANGE) != 0 {
             return Err(err(libc::EINVAL));
         }
         let old = validate_name(oldname)?;
         let new = validate_name(newname)?;
         let ofd = self.inode(olddir)?.fd.as_raw_fd();
         let nfd = self.inode(newdir)?.fd.as_raw_fd();
-        // SAFETY: both descriptors are ours; both names valid C strings.
-        check(unsafe { libc::renameat2(ofd, old.as_ptr(), nfd, new.as_ptr(), flags) })?;
-        Ok(())
+        host::rename(ofd, &old, nfd, &new, flags)
     }
 
     pub fn readlink(&self, nodeid: u64) -> io::Result<Vec<u8>> {
         let inode = self.inode(nodeid)?;
-        if inode.kind != libc::S_IFLNK {
+        if inode.kind != S_IFLNK {
             return Err(err(libc::EINVAL));
         }
-        let mut buf = vec![0u8; libc::PATH_MAX as usize];
-        // SAFETY: `buf` is writable for its length; the empty path reads
-        // the link the descriptor itself refers to.
-        let n = unsafe {
-            libc::readlinkat(
-                inode.fd.as_raw_fd(),
-                c"".as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        buf.truncate(n as usize);
-        Ok(buf)
+        host::readlink(inode.fd.as_raw_fd())
     }
 
     /// SETATTR; returns the new attributes.
@@ -600,7 +469,7 @@ impl PassthroughFs {
         // Changes through /proc are for regular files and directories only:
         // /proc/self/fd of a symlink could be followed.
         let not_link = || {
-            if kind == libc::S_IFLNK {
+            if kind == S_IFLNK {
                 Err(err(libc::EOPNOTSUPP))
             } else {
                 Ok(())
@@ -608,9 +477,8 @@ impl PassthroughFs {
         };
         if s.valid & abi::FATTR_MODE != 0 {
             not_link()?;
-            let mode = safe_mode(s.mode, kind == libc::S_IFDIR) & 0o7777;
-            // SAFETY: the path is a valid C string naming our descriptor.
-            check(unsafe { libc::chmod(proc_path(path_fd).as_ptr(), mode) })?;
+            let mode = safe_mode(s.mode, kind == S_IFDIR) & 0o7777;
+            host::chmod(path_fd, mode)?;
         }
         if s.valid & (abi::FATTR_UID | abi::FATTR_GID) != 0 {
             let uid = if s.valid & abi::FATTR_UID != 0 {
@@ -623,16 +491,7 @@ impl PassthroughFs {
             } else {
                 u32::MAX
             };
-            // SAFETY: `path_fd` is ours; AT_EMPTY_PATH changes that inode.
-            check(unsafe {
-                libc::fchownat(
-                    path_fd,
-                    c"".as_ptr(),
-                    uid,
-                    gid,
-                    libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
-                )
-            })?;
+            host::chown(path_fd, uid, gid)?;
         }
         if s.valid & abi::FATTR_SIZE != 0 {
             let size = libc::off_t::try_from(s.size).map_err(|_| err(libc::EFBIG))?;
@@ -640,7 +499,7 @@ impl PassthroughFs {
             let file = match fh_file {
                 Some(f) => f,
                 None => {
-                    if kind != libc::S_IFREG {
+                    if kind != S_IFREG {
                         return Err(err(libc::EINVAL));
                     }
                     own = self.reopen(nodeid, libc::O_WRONLY)?;
@@ -674,16 +533,7 @@ impl PassthroughFs {
                 time(abi::FATTR_ATIME, abi::FATTR_ATIME_NOW, s.atime, s.atimensec),
                 time(abi::FATTR_MTIME, abi::FATTR_MTIME_NOW, s.mtime, s.mtimensec),
             ];
-            // SAFETY: the path is a valid C string naming our (non-symlink)
-            // descriptor; `times` has two entries.
-            check(unsafe {
-                libc::utimensat(
-                    libc::AT_FDCWD,
-                    proc_path(path_fd).as_ptr(),
-                    times.as_ptr(),
-                    0,
-                )
-            })?;
+            host::utimens(path_fd, &times)?;
         }
         self.getattr(nodeid, fh_file.map(|_| s.fh))
     }
@@ -698,49 +548,15 @@ impl PassthroughFs {
     }
 
     pub fn fsync(&self, fh: u64, datasync: bool) -> io::Result<()> {
-        let fd = self.file_fd(fh)?;
-        // SAFETY: `fd` is an open descriptor.
-        check(unsafe {
-            if datasync {
-                libc::fdatasync(fd)
-            } else {
-                libc::fsync(fd)
-            }
-        })?;
-        Ok(())
+        host::fsync(self.file_fd(fh)?, datasync)
     }
 
     pub fn syncfs(&self) -> io::Result<()> {
-        let fd = self.inode(ROOT_ID)?.fd.as_raw_fd();
-        let dir = openat(
-            libc::AT_FDCWD,
-            &proc_path(fd),
-            libc::O_RDONLY | libc::O_DIRECTORY,
-            0,
-        )?;
-        // SAFETY: `dir` is an open descriptor.
-        check(unsafe { libc::syncfs(dir.as_raw_fd()) })?;
-        Ok(())
+        host::syncfs(self.inode(ROOT_ID)?.fd.as_raw_fd())
     }
 
     pub fn statfs(&self, nodeid: u64) -> io::Result<abi::StatfsOut> {
-        let fd = self.inode(nodeid)?.fd.as_raw_fd();
-        // SAFETY: zeroed statvfs is a valid value to overwrite.
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        // SAFETY: `fd` is ours (O_PATH allows fstatvfs) and `st` writable.
-        check(unsafe { libc::fstatvfs(fd, &mut st) })?;
-        Ok(abi::StatfsOut {
-            blocks: st.f_blocks,
-            bfree: st.f_bfree,
-            bavail: st.f_bavail,
-            files: st.f_files,
-            ffree: st.f_ffree,
-            bsize: st.f_bsize as u32,
-            namelen: st.f_namemax as u32,
-            frsize: st.f_frsize as u32,
-            padding: 0,
-            spare: [0; 6],
-        })
+        host::statfs(self.inode(nodeid)?.fd.as_raw_fd())
     }
 
     pub fn fallocate(&self, fh: u64, mode: u32, offset: u64, length: u64) -> io::Result<()> {
@@ -748,16 +564,11 @@ impl PassthroughFs {
         let fd = self.file_fd(fh)?;
         let off = libc::off_t::try_from(offset).map_err(|_| err(libc::EFBIG))?;
         let len = libc::off_t::try_from(length).map_err(|_| err(libc::EFBIG))?;
-        // SAFETY: `fd` is an open descriptor.
-        check(unsafe { libc::fallocate(fd, mode as libc::c_int, off, len) })?;
-        Ok(())
+        host::fallocate(fd, mode, off, len)
     }
 
     pub fn lseek(&self, fh: u64, offset: u64, whence: u32) -> io::Result<u64> {
-        let whence = whence as libc::c_int;
-        if whence != libc::SEEK_DATA && whence != libc::SEEK_HOLE {
-            return Err(err(libc::EINVAL));
-        }
+        let whence = guest_abi::host_whence(whence)?;
         let fd = self.file_fd(fh)?;
         let off = libc::off_t::try_from(offset).map_err(|_| err(libc::EINVAL))?;
         // SAFETY: `fd` is an open descriptor; we only read with pread, so
@@ -775,94 +586,48 @@ impl PassthroughFs {
     /// entry it got), so entries read but not sent are simply read again.
     pub fn readdir(&self, fh: u64, offset: u64, size: usize) -> io::Result<Vec<u8>> {
         let fd = self.file_fd(fh)?;
-        let off = libc::off_t::try_from(offset).map_err(|_| err(libc::EINVAL))?;
-        // SAFETY: `fd` is an open directory descriptor.
-        if unsafe { libc::lseek(fd, off, libc::SEEK_SET) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
         let mut out = Vec::with_capacity(size.min(64 * 1024));
-        let mut raw = vec![0u8; size.clamp(512, 64 * 1024)];
-        'outer: loop {
-            // SAFETY: `raw` is writable for its length.
-            let n = unsafe { libc::syscall(libc::SYS_getdents64, fd, raw.as_mut_ptr(), raw.len()) };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
+        host::read_dir(fd, offset, &mut |ino, next, typ, name| {
+            let entry_len = (std::mem::size_of::<abi::Dirent>() + name.len() + 7) & !7;
+            if out.len() + entry_len > size {
+                return false;
             }
-            if n == 0 {
-                break;
-            }
-            let n = n as usize;
-            let mut pos = 0;
-            while pos + 19 <= n {
-                // linux_dirent64: ino u64, off i64, reclen u16, type u8, name.
-                let ino = u64::from_ne_bytes(raw[pos..pos + 8].try_into().unwrap_or_default());
-                let next =
-                    u64::from_ne_bytes(raw[pos + 8..pos + 16].try_into().unwrap_or_default());
-                let reclen = u16::from_ne_bytes([raw[pos + 16], raw[pos + 17]]) as usize;
-                let typ = raw[pos + 18];
-                if reclen < 19 || pos + reclen > n {
-                    break;
-                }
-                let name_area = &raw[pos + 19..pos + reclen];
-                let name_len = name_area
-                    .iter()
-                    .position(|&b| b == 0)
-                    .unwrap_or(name_area.len());
-                let entry_len = (std::mem::size_of::<abi::Dirent>() + name_len + 7) & !7;
-                if out.len() + entry_len > size {
-                    break 'outer;
-                }
-                let dirent = abi::Dirent {
-                    ino,
-                    off: next,
-                    namelen: name_len as u32,
-                    typ: u32::from(typ),
-                };
-                out.extend_from_slice(vm_memory::ByteValued::as_slice(&dirent));
-                out.extend_from_slice(&name_area[..name_len]);
-                out.resize(
-                    out.len() + (entry_len - std::mem::size_of::<abi::Dirent>() - name_len),
-                    0,
-                );
-                pos += reclen;
-            }
-        }
+            let dirent = abi::Dirent {
+                ino,
+                off: next,
+                namelen: name.len() as u32,
+                typ: u32::from(typ),
+            };
+            out.extend_from_slice(vm_memory::ByteValued::as_slice(&dirent));
+            out.extend_from_slice(name);
+            out.resize(
+                out.len() + (entry_len - std::mem::size_of::<abi::Dirent>() - name.len()),
+                0,
+            );
+            true
+        })?;
         Ok(out)
     }
 
-    /// The `/proc` path xattr calls go through (not for symlinks).
-    fn xattr_path(&self, nodeid: u64) -> io::Result<CString> {
+    /// The inode xattr calls act on: regular files and directories only
+    /// (never a symlink, whose calls could follow it).
+    fn xattr_inode(&self, nodeid: u64) -> io::Result<RawFd> {
         let inode = self.inode(nodeid)?;
-        if inode.kind != libc::S_IFREG && inode.kind != libc::S_IFDIR {
+        if inode.kind != S_IFREG && inode.kind != S_IFDIR {
             return Err(err(libc::EPERM));
         }
-        Ok(proc_path(inode.fd.as_raw_fd()))
+        Ok(inode.fd.as_raw_fd())
     }
 
     /// GETXATTR/LISTXATTR: with `size` 0 the length, else the value.
     pub fn getxattr(&self, nodeid: u64, name: Option<&[u8]>, size: u32) -> io::Result<Vec<u8>> {
-        let path = self.xattr_path(nodeid)?;
+        let fd = self.xattr_inode(nodeid)?;
         let mut buf = vec![0u8; (size as usize).min(64 * 1024)];
-        let n = match name {
-            Some(name) => {
-                let name = CString::new(name).map_err(|_| err(libc::EINVAL))?;
-                // SAFETY: valid C strings; `buf` writable for its length.
-                unsafe {
-                    libc::getxattr(
-                        path.as_ptr(),
-                        name.as_ptr(),
-                        buf.as_mut_ptr().cast(),
-                        buf.len(),
-                    )
-                }
-            }
-            // SAFETY: valid C string; `buf` writable for its length.
-            None => unsafe { libc::listxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) },
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        buf.truncate(n as usize);
+        let name = name
+            .map(|n| CString::new(n).map_err(|_| err(libc::EINVAL)))
+            .transpose()?;
+        let n = host::getxattr(fd, name.as_deref(), &mut buf)?;
+        buf.truncate(n);
         if size == 0 {
             return Ok((n as u32).to_le_bytes().to_vec());
         }
@@ -872,29 +637,17 @@ impl PassthroughFs {
     pub fn setxattr(&self, nodeid: u64, name: &[u8], value: &[u8], flags: u32) -> io::Result<()> {
         self.writable()?;
         user_xattr(name)?;
-        let path = self.xattr_path(nodeid)?;
+        let fd = self.xattr_inode(nodeid)?;
         let name = CString::new(name).map_err(|_| err(libc::EINVAL))?;
-        // SAFETY: valid C strings; `value` readable for its length.
-        check(unsafe {
-            libc::setxattr(
-                path.as_ptr(),
-                name.as_ptr(),
-                value.as_ptr().cast(),
-                value.len(),
-                flags as libc::c_int,
-            )
-        })?;
-        Ok(())
+        host::setxattr(fd, &name, value, guest_abi::host_xattr_flags(flags))
     }
 
     pub fn removexattr(&self, nodeid: u64, name: &[u8]) -> io::Result<()> {
         self.writable()?;
         user_xattr(name)?;
-        let path = self.xattr_path(nodeid)?;
+        let fd = self.xattr_inode(nodeid)?;
         let name = CString::new(name).map_err(|_| err(libc::EINVAL))?;
-        // SAFETY: valid C strings.
-        check(unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) })?;
-        Ok(())
+        host::removexattr(fd, &name)
     }
 
     /// DESTROY (unmount): everything but the root goes.
@@ -912,9 +665,9 @@ impl PassthroughFs {
         let root = self
             .inodes
             .get(&ROOT_ID)
-            .and_then(|i| fd_path(i.fd.as_raw_fd()));
+            .and_then(|i| host::fd_path(i.fd.as_raw_fd()));
         let relative = |fd: RawFd| -> Option<PathBuf> {
-            let path = fd_path(fd)?;
+            let path = host::fd_path(fd)?;
             let rel = path.strip_prefix(root.as_ref()?).ok()?;
             Some(rel.to_path_buf())
         };
@@ -964,7 +717,7 @@ impl PassthroughFs {
             if saved.id <= ROOT_ID || saved.lookups == 0 {
                 continue;
             }
-            let Ok(fd) = open_beneath(root, &saved.path) else {
+            let Ok(fd) = host::open_beneath(root, &saved.path) else {
                 tracing::info!(
                     "virtio-fs: {} is gone; the guest sees it as stale",
                     saved.path.display()
@@ -974,7 +727,7 @@ impl PassthroughFs {
             let Ok(st) = fstat(fd.as_raw_fd()) else {
                 continue;
             };
-            let key = (st.st_dev, st.st_ino);
+            let key = key(&st);
             if self.by_key.contains_key(&key) {
                 continue;
             }
@@ -983,7 +736,7 @@ impl PassthroughFs {
                 saved.id,
                 Inode {
                     fd,
-                    kind: st.st_mode & libc::S_IFMT,
+                    kind: mode_of(&st) & S_IFMT,
                     key,
                     lookups: saved.lookups,
                 },

@@ -125,7 +125,7 @@ impl Server {
                 }
             }
             Ok(Answer::Data(n)) => (0, n),
-            Err(e) => (-e.raw_os_error().unwrap_or(libc::EIO), 0),
+            Err(e) => (-super::guest_abi::guest_errno(&e), 0),
         };
         let out = OutHeader {
             len: (out_len + body) as u32,
@@ -409,6 +409,8 @@ fn attr_out(st: &libc::stat) -> Answer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtio::fs::guest_abi::linux as g;
+    use crate::virtio::fs::host::{S_IFLNK, S_IFMT, S_IFREG};
     use crate::virtio::fs::passthrough;
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
@@ -508,9 +510,9 @@ mod tests {
         }
     }
 
-    fn open(srv: &mut Server, node: u64, flags: i32) -> Result<u64, i32> {
+    fn open(srv: &mut Server, node: u64, flags: u32) -> Result<u64, i32> {
         let o = abi::OpenIn {
-            flags: flags as u32,
+            flags,
             open_flags: 0,
         };
         match call(srv, abi::OPEN, node, o.as_slice()) {
@@ -520,7 +522,7 @@ mod tests {
     }
 
     fn create(srv: &mut Server, parent: u64, name: &[u8], mode: u32) -> Result<(u64, u64), i32> {
-        create_with(srv, parent, name, mode, libc::O_RDWR | libc::O_CREAT)
+        create_with(srv, parent, name, mode, g::O_RDWR | g::O_CREAT)
     }
 
     fn create_with(
@@ -528,11 +530,11 @@ mod tests {
         parent: u64,
         name: &[u8],
         mode: u32,
-        flags: i32,
+        flags: u32,
     ) -> Result<(u64, u64), i32> {
         let c = abi::CreateIn {
-            flags: flags as u32,
-            mode: libc::S_IFREG | mode,
+            flags,
+            mode: S_IFREG | mode,
             umask: 0o022,
             open_flags: 0,
         };
@@ -701,10 +703,10 @@ mod tests {
         let mut srv = server(&s, false);
         for name in [&b"abs"[..], b"rel", b"proc", b"up"] {
             let e = lookup(&mut srv, ROOT, name).unwrap();
-            assert_eq!(e.attr.mode & libc::S_IFMT, libc::S_IFLNK);
+            assert_eq!(e.attr.mode & S_IFMT, S_IFLNK);
             // Opening a symlink inode fails; the guest resolves links itself.
             assert_eq!(
-                open(&mut srv, e.nodeid, libc::O_RDWR).unwrap_err(),
+                open(&mut srv, e.nodeid, g::O_RDWR).unwrap_err(),
                 -libc::ELOOP
             );
             // A symlink is no directory to look up in or create in.
@@ -748,15 +750,12 @@ mod tests {
         let s = Scratch::new("ro");
         let mut srv = server(&s, true);
         let file = lookup(&mut srv, ROOT, b"file").unwrap().nodeid;
+        assert_eq!(open(&mut srv, file, g::O_WRONLY).unwrap_err(), -libc::EROFS);
         assert_eq!(
-            open(&mut srv, file, libc::O_WRONLY).unwrap_err(),
+            open(&mut srv, file, g::O_RDONLY | g::O_TRUNC).unwrap_err(),
             -libc::EROFS
         );
-        assert_eq!(
-            open(&mut srv, file, libc::O_RDONLY | libc::O_TRUNC).unwrap_err(),
-            -libc::EROFS
-        );
-        let fh = open(&mut srv, file, libc::O_RDONLY).unwrap();
+        let fh = open(&mut srv, file, g::O_RDONLY).unwrap();
         assert_eq!(write(&mut srv, fh, 0, b"x").0, -libc::EROFS);
         assert_eq!(
             create(&mut srv, ROOT, b"new", 0o644).unwrap_err(),
@@ -783,7 +782,8 @@ mod tests {
         let s = Scratch::new("nodes");
         let mut srv = server(&s, false);
         let mut args = abi::MknodIn {
-            mode: libc::S_IFBLK | 0o666,
+            // S_IFBLK.
+            mode: 0o060_000 | 0o666,
             rdev: 0x0800,
             ..Default::default()
         }
@@ -793,7 +793,7 @@ mod tests {
         assert_eq!(call(&mut srv, abi::MKNOD, ROOT, &args).0, -libc::EPERM);
         let mut args = abi::Rename2In {
             newdir: ROOT,
-            flags: libc::RENAME_WHITEOUT,
+            flags: g::RENAME_WHITEOUT,
             padding: 0,
         }
         .as_slice()
@@ -852,10 +852,15 @@ mod tests {
         let fifo = CString::new(s.share().join("fifo").as_os_str().as_bytes()).unwrap();
         // SAFETY: a valid path string.
         assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o666) }, 0);
-        let dev = CString::new(s.share().join("null").as_os_str().as_bytes()).unwrap();
-        // SAFETY: a valid path string; the node is /dev/null's (1, 3).
-        let have_dev =
-            unsafe { libc::mknod(dev.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) } == 0;
+        // A device node: Linux's /dev/null (1, 3).
+        #[cfg(target_os = "linux")]
+        let have_dev = {
+            let dev = CString::new(s.share().join("null").as_os_str().as_bytes()).unwrap();
+            // SAFETY: a valid path string.
+            unsafe { libc::mknod(dev.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) == 0 }
+        };
+        #[cfg(not(target_os = "linux"))]
+        let have_dev = false;
         if !have_dev {
             eprintln!("device-node part skipped: mknod needs CAP_MKNOD (run the tests as root)");
         }
@@ -872,9 +877,9 @@ mod tests {
             let mut errors = Vec::new();
             for name in &names {
                 for flags in [
-                    libc::O_RDONLY | libc::O_CREAT,
-                    libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC,
-                    libc::O_RDWR | libc::O_CREAT | libc::O_NONBLOCK,
+                    g::O_RDONLY | g::O_CREAT,
+                    g::O_WRONLY | g::O_CREAT | g::O_TRUNC,
+                    g::O_RDWR | g::O_CREAT | g::O_NONBLOCK,
                 ] {
                     errors.push(create_with(&mut srv, ROOT, name, 0o644, flags).map(|_| ()));
                 }
@@ -884,16 +889,12 @@ mod tests {
                         ROOT,
                         name,
                         0o644,
-                        libc::O_RDWR | libc::O_CREAT | libc::O_EXCL,
+                        g::O_RDWR | g::O_CREAT | g::O_EXCL,
                     )
                     .map(|_| ()),
                 );
                 let node = lookup(&mut srv, ROOT, name).unwrap().nodeid;
-                for flags in [
-                    libc::O_RDONLY,
-                    libc::O_WRONLY,
-                    libc::O_RDWR | libc::O_NONBLOCK,
-                ] {
+                for flags in [g::O_RDONLY, g::O_WRONLY, g::O_RDWR | g::O_NONBLOCK] {
                     errors.push(open(&mut srv, node, flags).map(|_| ()));
                 }
             }
@@ -903,7 +904,7 @@ mod tests {
                 ROOT,
                 b"plain",
                 0o644,
-                libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC,
+                g::O_WRONLY | g::O_CREAT | g::O_TRUNC,
             );
             (errors, plain.is_ok())
         });
@@ -1017,7 +1018,7 @@ mod tests {
         let mut srv = server(&s, false);
         let sub = lookup(&mut srv, ROOT, b"sub").unwrap().nodeid;
         let inner = lookup(&mut srv, sub, b"inner").unwrap().nodeid;
-        let fh = open(&mut srv, inner, libc::O_RDWR).unwrap();
+        let fh = open(&mut srv, inner, g::O_RDWR).unwrap();
         let gone = lookup(&mut srv, ROOT, b"file").unwrap().nodeid;
         std::fs::remove_file(s.share().join("file")).unwrap();
         let mut state = srv.fs().save();
