@@ -1,6 +1,8 @@
-//! The host side of a share: every guest inode is an `O_PATH` descriptor
-//! the VMM holds, opened one validated name at a time below the share's
-//! root, never following a symlink. That is the confinement (docs/security.md):
+//! The host side of a share: every guest inode is a descriptor the VMM
+//! holds without I/O access, opened one validated name at a time below the
+//! share's root, never following a symlink. That is the confinement
+//! (docs/security.md). The host calls are per OS (`super::host`); the
+//! rules below name Linux's, and docs/macos.md gives macOS's:
 //!
 //! - names from the guest are single components: not empty, not `.` or
 //!   `..`, no `/`, no NUL, at most 255 bytes;
