@@ -223,6 +223,11 @@ impl Controller {
         let state = self.machine_state(vcpus, agent_ready)?;
         phase("state saved");
         let image = self.ram.freeze()?;
+        // Hypervisor.framework maps the pages a slot had when it was
+        // mapped; the freeze put new mappings at the same addresses (KVM
+        // follows such changes itself), so map the slots again.
+        #[cfg(target_os = "macos")]
+        self.ram.register(self.vm.as_ref())?;
         phase("memory frozen");
         let disk = match &self.disk {
             Some(disk) => {
