@@ -144,19 +144,26 @@ fn change(fd: RawFd, filter: i16, flags: u16, data: u64) -> libc::kevent {
     }
 }
 
+/// A new close-on-exec kqueue (also the timers' and process exit
+/// descriptors' base).
+pub(crate) fn new_kqueue() -> io::Result<OwnedFd> {
+    // SAFETY: no arguments; the result is checked.
+    let kq = unsafe { libc::kqueue() };
+    if kq < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `kq` is a new descriptor, ours alone.
+    let kq = unsafe { OwnedFd::from_raw_fd(kq) };
+    // SAFETY: sets close-on-exec on our descriptor.
+    if unsafe { libc::fcntl(kq.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(kq)
+}
+
 impl Epoll {
     pub fn new() -> io::Result<Epoll> {
-        // SAFETY: no arguments; the result is checked.
-        let kq = unsafe { libc::kqueue() };
-        if kq < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `kq` is a new descriptor, ours alone.
-        let kq = unsafe { OwnedFd::from_raw_fd(kq) };
-        // SAFETY: sets close-on-exec on our descriptor.
-        if unsafe { libc::fcntl(kq.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let kq = new_kqueue()?;
         Ok(Epoll {
             kq,
             registered: Mutex::new(HashMap::new()),

@@ -8,7 +8,7 @@
 //! timers use the same value for both.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 /// The timer's identifier in its kqueue.
@@ -45,17 +45,7 @@ fn timer_change(flags: u16, ns: i64) -> libc::kevent {
 impl TimerFd {
     /// A disarmed timer.
     pub fn new() -> io::Result<TimerFd> {
-        // SAFETY: no arguments; the result is checked.
-        let kq = unsafe { libc::kqueue() };
-        if kq < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `kq` is a new descriptor, ours alone.
-        let kq = unsafe { OwnedFd::from_raw_fd(kq) };
-        // SAFETY: sets close-on-exec on our descriptor.
-        if unsafe { libc::fcntl(kq.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let kq = crate::epoll::new_kqueue()?;
         Ok(TimerFd {
             kq,
             armed: false,

@@ -12,12 +12,13 @@
 //!   (Linux: SIGRTMIN; macOS, which has no real-time signals: SIGUSR2).
 
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
 /// A descriptor that becomes readable once process `pid` has ended.
 pub fn exit_fd(pid: u32) -> io::Result<OwnedFd> {
     #[cfg(target_os = "linux")]
     {
+        use std::os::fd::FromRawFd;
         // SAFETY: pidfd_open takes a pid and flags, no pointers; the
         // result is checked.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
@@ -30,13 +31,7 @@ pub fn exit_fd(pid: u32) -> io::Result<OwnedFd> {
     #[cfg(not(target_os = "linux"))]
     {
         use std::os::fd::AsRawFd;
-        // SAFETY: no arguments; the result is checked.
-        let kq = unsafe { libc::kqueue() };
-        if kq < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `kq` is a new descriptor that nothing else owns.
-        let kq = unsafe { OwnedFd::from_raw_fd(kq) };
+        let kq = crate::epoll::new_kqueue()?;
         let change = libc::kevent {
             ident: pid as usize,
             filter: libc::EVFILT_PROC,
@@ -45,9 +40,8 @@ pub fn exit_fd(pid: u32) -> io::Result<OwnedFd> {
             data: 0,
             udata: std::ptr::null_mut(),
         };
-        // SAFETY: one live change, no events out; descriptors are ours.
+        // SAFETY: one live change, no events out; the kqueue is ours.
         let rc = unsafe {
-            libc::fcntl(kq.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC);
             libc::kevent(
                 kq.as_raw_fd(),
                 &change,

@@ -165,7 +165,7 @@ impl VsockConfig {
     /// every restore sends.
     pub fn renew_cid(&mut self) {
         let mut bytes = [0u8; 4];
-        let drawn = match crate::runtime::fill_random(&mut bytes) {
+        let drawn = match vmm_os::fill_random(&mut bytes) {
             Ok(()) => u32::from_le_bytes(bytes),
             // getrandom does not fail once the host has booted; should it,
             // the process id still differs from the saved VM's CID (3)

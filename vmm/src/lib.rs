@@ -30,7 +30,6 @@ pub mod machine;
 pub mod memory;
 pub mod names;
 pub mod partial;
-pub mod pidfd;
 pub mod runtime;
 pub mod sandbox;
 pub mod seccomp;

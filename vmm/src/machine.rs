@@ -447,7 +447,7 @@ impl Machine {
             parent_pause_ms: wait.parent_pause_ms,
         };
         for s in spawned {
-            match crate::pidfd::open(s.process.id()) {
+            match vmm_os::process::exit_fd(s.process.id()) {
                 Ok(fd) => {
                     if let Err(e) = ops.add(Events::new_raw(fd.as_raw_fd(), EventSet::IN)) {
                         tracing::warn!("cannot watch fork child {}: {e:?}", s.info.id);

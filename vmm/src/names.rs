@@ -213,7 +213,7 @@ impl Entry {
 
     /// Waits up to `timeout` for the process to end; whether it did.
     pub fn wait_exit(&self, timeout: std::time::Duration) -> bool {
-        let Ok(pidfd) = crate::pidfd::open(self.pid) else {
+        let Ok(pidfd) = vmm_os::process::exit_fd(self.pid) else {
             return !self.alive();
         };
         // The pid may have been reused between reading the entry and
@@ -435,7 +435,7 @@ mod tests {
     #[test]
     fn an_ended_process_not_yet_reaped_does_not_run() {
         let mut child = std::process::Command::new("true").spawn().unwrap();
-        let pidfd = crate::pidfd::open(child.id()).unwrap();
+        let pidfd = vmm_os::process::exit_fd(child.id()).unwrap();
         let mut poll = libc::pollfd {
             fd: std::os::fd::AsRawFd::as_raw_fd(&pidfd),
             events: libc::POLLIN,

@@ -30,15 +30,10 @@ fn euid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
-/// Fills `buf` from the kernel's random generator.
-pub fn fill_random(buf: &mut [u8]) -> io::Result<()> {
-    vmm_os::fill_random(buf)
-}
-
 /// Random hex, for names nobody can guess.
 pub fn random_hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
-    if fill_random(&mut buf).is_err() {
+    if vmm_os::fill_random(&mut buf).is_err() {
         // No entropy source at all: fall back to time and pid (still
         // unique, not secret; mkdir's exclusivity is what protects).
         let t = std::time::SystemTime::now()

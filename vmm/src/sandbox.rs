@@ -305,7 +305,7 @@ impl Forked {
         if std::mem::replace(&mut self.stopped, true) {
             return Ok(());
         }
-        let Ok(pidfd) = crate::pidfd::open(self.info.pid) else {
+        let Ok(pidfd) = vmm_os::process::exit_fd(self.info.pid) else {
             return Ok(());
         };
         self.control.stop()?;

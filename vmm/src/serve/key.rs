@@ -41,7 +41,7 @@ pub fn default_path() -> PathBuf {
 /// A new key.
 pub fn generate() -> Result<String, Error> {
     let mut bytes = [0u8; 20];
-    crate::runtime::fill_random(&mut bytes).map_err(Error::Random)?;
+    vmm_os::fill_random(&mut bytes).map_err(Error::Random)?;
     Ok(format!(
         "e2b_{}",
         bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()

@@ -725,7 +725,7 @@ async fn agent_ready(api: ApiClient) -> Result<PathBuf> {
 fn new_id() -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let mut bytes = [0u8; 20];
-    let _ = crate::runtime::fill_random(&mut bytes);
+    let _ = vmm_os::fill_random(&mut bytes);
     bytes
         .iter()
         .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)

@@ -471,7 +471,7 @@ fn guest_mac(network: &NetworkConfig, restored: bool) -> Result<([u8; 6], bool)>
         return Ok((DEFAULT_MAC, false));
     }
     let mut mac = [0u8; 6];
-    crate::runtime::fill_random(&mut mac).map_err(io_err(
+    vmm_os::fill_random(&mut mac).map_err(io_err(
         "draw a MAC address from the host's random generator",
     ))?;
     // Unicast, locally administered.

@@ -537,7 +537,7 @@ fn reseed_agent(
             let mut last = None;
             for _ in 0..20 {
                 let mut seed = [0u8; 64];
-                if let Err(e) = crate::runtime::fill_random(&mut seed) {
+                if let Err(e) = vmm_os::fill_random(&mut seed) {
                     last = Some(format!("the host has no randomness to give: {e}"));
                     break;
                 }

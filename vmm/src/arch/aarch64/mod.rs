@@ -140,7 +140,7 @@ pub fn setup_boot(
         })
         .collect();
     let mut seed = [0u8; 32];
-    crate::runtime::fill_random(&mut seed).map_err(Error::Seed)?;
+    vmm_os::fill_random(&mut seed).map_err(Error::Seed)?;
     let tree = fdt::build(
         &fdt::Machine {
             memory: (layout::RAM_START, shape.mem_size),

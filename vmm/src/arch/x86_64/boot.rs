@@ -269,7 +269,7 @@ pub fn load(
     params.0.e820_entries = map.len() as u8;
 
     let mut seed = [0u8; RNG_SEED_BYTES];
-    crate::runtime::fill_random(&mut seed).map_err(Error::Seed)?;
+    vmm_os::fill_random(&mut seed).map_err(Error::Seed)?;
     mem.write_slice(&rng_seed_setup_data(&seed), GuestAddress(RNG_SEED_START))
         .map_err(|source| Error::Write {
             what: "random seed",
