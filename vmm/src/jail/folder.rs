@@ -38,15 +38,20 @@ impl JailFolder {
         let base = crate::runtime::user_dir()?;
         sweep(&base);
         let dir = crate::runtime::RuntimeDir::create("jail")?.keep();
+        // The lock is made under another name and takes its own name only
+        // once held: another launcher's sweep never finds it unheld.
         let lock_path = dir.join("lock");
-        let made = File::create(&lock_path)
-            .map_err(setup(format!("make {}", lock_path.display())))
+        let new_lock = dir.join("lock.new");
+        let made = File::create(&new_lock)
+            .map_err(setup(format!("make {}", new_lock.display())))
             .and_then(|lock| {
                 if !try_lock(&lock) {
-                    return Err(setup(format!("lock {}", lock_path.display()))(
+                    return Err(setup(format!("lock {}", new_lock.display()))(
                         std::io::Error::last_os_error(),
                     ));
                 }
+                std::fs::rename(&new_lock, &lock_path)
+                    .map_err(setup(format!("rename {}", new_lock.display())))?;
                 let folder = JailFolder {
                     root: dir.join("root"),
                     tmp: dir.join("tmp"),
@@ -128,5 +133,25 @@ mod tests {
         sweep(&base);
         assert!(!live.exists(), "once its lock is free");
         let _ = std::fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn jails_made_at_once_never_sweep_each_other() {
+        // Each launcher sweeps before making its folder; a folder being
+        // made must never look like an ended jail's.
+        let makers: Vec<_> = (0..4)
+            .map(|_| {
+                std::thread::spawn(|| {
+                    for _ in 0..40 {
+                        let folder = JailFolder::create().expect("a jail folder");
+                        assert!(folder.root.is_dir() && folder.run.is_dir());
+                        std::fs::remove_dir_all(&folder.dir).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for maker in makers {
+            maker.join().unwrap();
+        }
     }
 }
