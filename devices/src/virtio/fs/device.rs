@@ -6,15 +6,48 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
 use super::super::{
-    process_requests, read_config_bytes, ActivateError, DeviceState, Drained, Interrupt,
-    QueueSnapshot, Running, VirtioDevice, VIRTIO_F_VERSION_1,
+    process_requests, read_config_bytes, ActivateError, BrokenRing, DeviceState, Drained,
+    Interrupt, QueueSnapshot, Running, VirtioDevice, VIRTIO_F_VERSION_1,
 };
 use super::iobuf::IoBuf;
 use super::server::Server;
 use super::{PassthroughFs, MAX_TAG_LEN, VIRTIO_ID_FS};
 
 /// Ring size: a 1 MiB request needs 256 page descriptors plus headers.
-const QUEUE_SIZE: u16 = 1024;
+pub const QUEUE_SIZE: u16 = 1024;
+
+/// Serves the FUSE requests of `queue` (either of the two): the device's
+/// core, which the in-process device and the vhost-user backend both run.
+/// A broken ring is reported (the device must stop); a malformed request
+/// is dropped with a warning.
+pub fn serve_queue(
+    server: &mut Server,
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    interrupt: &Interrupt,
+) -> Result<Drained, BrokenRing> {
+    process_requests(queue, mem, interrupt, |chain| {
+        match IoBuf::from_chain(mem, chain) {
+            Ok((req, mut reply)) => Ok(server.handle(&req, &mut reply) as u32),
+            Err(e) => {
+                tracing::warn!("virtio-fs: dropped a request: {e}");
+                Ok(0)
+            }
+        }
+    })
+    .inspect_err(|_| tracing::warn!("virtio-fs: a ring is broken; the device stops"))
+}
+
+/// The device's configuration space: the tag (cut at 36 bytes) and the
+/// number of request queues (one).
+pub fn config_space(tag: &str) -> [u8; MAX_TAG_LEN + 4] {
+    let mut config = [0u8; MAX_TAG_LEN + 4];
+    let tag = tag.as_bytes();
+    let n = tag.len().min(MAX_TAG_LEN);
+    config[..n].copy_from_slice(&tag[..n]);
+    config[MAX_TAG_LEN..].copy_from_slice(&1u32.to_le_bytes());
+    config
+}
 
 /// The virtio-fs device of one share.
 pub struct Fs {
@@ -52,13 +85,7 @@ impl VirtioDevice for Fs {
     fn ack_features(&mut self, _features: u64) {}
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let mut config = [0u8; MAX_TAG_LEN + 4];
-        let tag = self.tag.as_bytes();
-        let n = tag.len().min(MAX_TAG_LEN);
-        config[..n].copy_from_slice(&tag[..n]);
-        // One request queue.
-        config[MAX_TAG_LEN..].copy_from_slice(&1u32.to_le_bytes());
-        read_config_bytes(&config, offset, data);
+        read_config_bytes(&config_space(&self.tag), offset, data);
     }
 
     fn activate(
@@ -81,18 +108,7 @@ impl VirtioDevice for Fs {
         let Some(queue) = run.queues.get_mut(index) else {
             return Drained::All;
         };
-        let mem = &run.mem;
-        let done = process_requests(queue, mem, &run.interrupt, |chain| match IoBuf::from_chain(
-            mem, chain,
-        ) {
-            Ok((req, mut reply)) => Ok(server.handle(&req, &mut reply) as u32),
-            Err(e) => {
-                tracing::warn!("virtio-fs: dropped a request: {e}");
-                Ok(0)
-            }
-        });
-        done.unwrap_or_else(|_| {
-            tracing::warn!("virtio-fs: a ring is broken; the device stops");
+        serve_queue(server, queue, &run.mem, &run.interrupt).unwrap_or_else(|_| {
             *running = None;
             Drained::All
         })

@@ -15,7 +15,7 @@ pub mod passthrough;
 pub mod server;
 pub mod state;
 
-pub use device::Fs;
+pub use device::{config_space, serve_queue, Fs, QUEUE_SIZE};
 pub use passthrough::PassthroughFs;
 
 use std::path::PathBuf;

@@ -2,81 +2,96 @@
 //! Unix sockets (see [`muxer`]).
 //!
 //! Queues: 0 = receive (host to guest), 1 = transmit (guest to host),
-//! 2 = events (unused until VM forks). The device and the event-loop
-//! subscriber for the host sockets ([`VsockBackend`]) share one state.
+//! 2 = events (transport resets after a restore or fork). [`VsockCore`]
+//! is the device's work on those queues and on the host sockets; the
+//! in-process device ([`Vsock`]) and the vhost-user backend both drive it.
 
+mod device;
 pub mod muxer;
 pub mod packet;
 
-use crate::sync::Locked;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
-use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_queue::{Queue, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
-use vmm_os::event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use vmm_os::event_manager::EventSet;
 
-use super::{
-    process_chains, process_requests, read_config_bytes, ActivateError, Drained, Interrupt,
-    QueueSnapshot, Running, VirtioDevice, VIRTIO_F_VERSION_1,
-};
+use super::{process_chains, process_requests, BrokenRing, Drained, Interrupt};
+pub use device::{Vsock, VsockBackend};
 use muxer::{FdChange, Muxer};
 use packet::{Header, HDR_LEN};
 
-const QUEUE_SIZE: u16 = 256;
-const RX: usize = 0;
-const TX: usize = 1;
-const EVENTS: usize = 2;
+/// Largest size of each queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Index of the receive queue.
+pub const RX: usize = 0;
+/// Index of the transmit queue.
+pub const TX: usize = 1;
+/// Index of the event queue.
+pub const EVENTS: usize = 2;
 /// Event id telling the driver that every connection is gone and the CID
 /// may have changed (virtio 1.2, 5.10.6.5).
 const EVENT_TRANSPORT_RESET: u32 = 0;
 /// Largest payload the guest may send in one packet (Linux sends up to 64 KiB).
 const MAX_PKT_PAYLOAD: usize = 64 * 1024;
 
-struct Inner {
+/// The device's configuration space: the guest's CID.
+pub fn config_space(cid: u64) -> [u8; 8] {
+    cid.to_le_bytes()
+}
+
+/// The vsock device's work, whichever transport carries its queues: the
+/// guest's packets in, the host sockets' data out, transport resets.
+pub struct VsockCore {
     muxer: Muxer,
-    running: Option<Running>,
     /// A transport reset was sent and the driver has not handled it yet
     /// (it kicks the event queue when it has): packets for the guest wait,
     /// or the reset would also drop the connections made meanwhile.
     reset_pending: bool,
 }
 
-impl Inner {
+impl VsockCore {
+    /// The core for guest `cid` whose host side listens on `uds_path`.
+    pub fn new(cid: u64, uds_path: &Path) -> std::io::Result<Self> {
+        Ok(VsockCore {
+            muxer: Muxer::new(cid, uds_path)?,
+            reset_pending: false,
+        })
+    }
+
     /// Takes the guest's packets from the transmit queue.
-    fn process_tx(&mut self) -> Drained {
-        let Inner { muxer, running, .. } = self;
-        let Some(run) = running.as_mut() else {
-            return Drained::All;
-        };
-        let done = process_requests(&mut run.queues[TX], &run.mem, &run.interrupt, |chain| {
-            match read_packet(&run.mem, chain) {
+    pub fn process_tx(
+        &mut self,
+        tx: &mut Queue,
+        mem: &GuestMemoryMmap,
+        interrupt: &Interrupt,
+    ) -> Result<Drained, BrokenRing> {
+        let muxer = &mut self.muxer;
+        process_requests(tx, mem, interrupt, |chain| {
+            match read_packet(mem, chain) {
                 Some((hdr, payload)) => muxer.handle_guest_packet(&hdr, &payload),
                 None => tracing::warn!("vsock: dropped a malformed packet from the guest"),
             }
             Ok(0)
-        });
-        done.unwrap_or_else(|_| {
-            tracing::warn!("vsock: the transmit ring is broken; the device stops");
-            *running = None;
-            Drained::All
         })
+        .inspect_err(|_| tracing::warn!("vsock: the transmit ring is broken; the device stops"))
     }
 
     /// Fills the guest's receive buffers with what the host side has.
-    fn process_rx(&mut self) {
+    pub fn process_rx(
+        &mut self,
+        rx: &mut Queue,
+        mem: &GuestMemoryMmap,
+        interrupt: &Interrupt,
+    ) -> Result<(), BrokenRing> {
         if self.reset_pending {
-            return;
+            return Ok(());
         }
-        let Inner { muxer, running, .. } = self;
-        let Some(run) = running.as_mut() else {
-            return;
-        };
-        let done = process_chains(&mut run.queues[RX], &run.mem, &run.interrupt, |chain| {
-            let Ok(mut writer) = Writer::new(&run.mem, chain) else {
+        let muxer = &mut self.muxer;
+        process_chains(rx, mem, interrupt, |chain| {
+            let Ok(mut writer) = Writer::new(mem, chain) else {
                 tracing::warn!("vsock: malformed receive buffer from the guest");
                 return Some(0);
             };
@@ -92,11 +107,81 @@ impl Inner {
                 .map(|_| writer.bytes_written() as u32)
                 .unwrap_or(0);
             Some(written)
-        });
-        if done.is_err() {
-            tracing::warn!("vsock: the receive ring is broken; the device stops");
-            *running = None;
+        })
+        .inspect_err(|_| tracing::warn!("vsock: the receive ring is broken; the device stops"))
+    }
+
+    /// The driver returned an event buffer: it handled the transport reset.
+    pub fn events_returned(&mut self) {
+        if self.reset_pending {
+            tracing::debug!("vsock: the driver handled the transport reset");
         }
+        self.reset_pending = false;
+    }
+
+    /// Tells the driver to drop every connection and read the (possibly
+    /// new) CID again, through a buffer of the event queue.
+    pub fn send_transport_reset(
+        &mut self,
+        events: &mut Queue,
+        mem: &GuestMemoryMmap,
+        interrupt: &Interrupt,
+    ) {
+        let mut sent = false;
+        let done = process_chains(events, mem, interrupt, |chain| {
+            if sent {
+                return None;
+            }
+            sent = true;
+            let mut writer = Writer::new(mem, chain).ok()?;
+            Some(
+                writer
+                    .write_all(&EVENT_TRANSPORT_RESET.to_le_bytes())
+                    .map_or(0, |_| 4),
+            )
+        });
+        if done.is_err() || !sent {
+            tracing::warn!(
+                "vsock: cannot tell the guest its connections were reset (no event buffer)"
+            );
+        } else {
+            tracing::debug!("vsock: transport reset sent to the driver");
+            self.reset_pending = true;
+        }
+    }
+
+    /// The host descriptors to watch (for reading) from the start; the
+    /// connections' come and go through [`VsockCore::take_changes`].
+    pub fn host_fds(&self) -> [RawFd; 3] {
+        [
+            self.muxer.listener_fd(),
+            self.muxer.wake_fd().as_raw_fd(),
+            self.muxer.timer_fd(),
+        ]
+    }
+
+    /// Serves an event on a watched host descriptor. Then the caller fills
+    /// the receive queue, applies [`VsockCore::take_changes`] and calls
+    /// [`VsockCore::release_closed`].
+    pub fn host_event(&mut self, fd: RawFd, set: EventSet) {
+        let muxer = &mut self.muxer;
+        if fd == muxer.listener_fd() {
+            muxer.accept_host();
+        } else if fd == muxer.timer_fd() {
+            muxer.on_timer();
+        } else if muxer.owns(fd) {
+            muxer.host_event(fd, set);
+        }
+    }
+
+    /// The watch changes to make.
+    pub fn take_changes(&mut self) -> Vec<FdChange> {
+        self.muxer.take_changes()
+    }
+
+    /// Closes the sockets unwatched by the changes just applied.
+    pub fn release_closed(&mut self) {
+        self.muxer.release_closed();
     }
 }
 
@@ -117,177 +202,13 @@ fn read_packet(
     Some((hdr, payload))
 }
 
-/// The virtio-vsock device.
-pub struct Vsock {
-    cid: u64,
-    inner: Arc<Mutex<Inner>>,
-    queue_sizes: [u16; 3],
-}
-
-impl Vsock {
-    /// A device for guest `cid` whose host side listens on `uds_path`.
-    pub fn new(cid: u64, uds_path: &Path) -> std::io::Result<Self> {
-        let muxer = Muxer::new(cid, uds_path)?;
-        Ok(Vsock {
-            cid,
-            inner: Arc::new(Mutex::new(Inner {
-                muxer,
-                running: None,
-                reset_pending: false,
-            })),
-            queue_sizes: [QUEUE_SIZE; 3],
-        })
-    }
-
-    /// The event-loop subscriber for the host sockets.
-    pub fn backend(&self) -> VsockBackend {
-        VsockBackend {
-            inner: self.inner.clone(),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.locked()
-    }
-}
-
-impl VirtioDevice for Vsock {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_VSOCK
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
-    }
-
-    fn features(&self) -> u64 {
-        1 << VIRTIO_F_VERSION_1
-    }
-
-    fn ack_features(&mut self, _features: u64) {}
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.cid.to_le_bytes(), offset, data);
-    }
-
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<Interrupt>,
-        queues: Vec<Queue>,
-    ) -> Result<(), ActivateError> {
-        let mut inner = self.lock();
-        inner.running = Some(Running::new(mem, interrupt, queues, 3)?);
-        inner.process_rx();
-        Ok(())
-    }
-
-    fn process_queue(&mut self, index: usize) -> Drained {
-        let mut inner = self.lock();
-        let drained = match index {
-            TX => inner.process_tx(),
-            // The driver returns event buffers after handling an event.
-            EVENTS => {
-                tracing::debug!("vsock: the driver handled the transport reset");
-                inner.reset_pending = false;
-                Drained::All
-            }
-            _ => Drained::All,
-        };
-        // Transmitted packets may have produced answers; new receive
-        // buffers may unblock waiting data.
-        inner.process_rx();
-        drained
-    }
-
-    fn reset(&mut self) {
-        self.lock().running = None;
-    }
-
-    fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
-        Running::queue_snapshots(self.lock().running.as_ref())
-    }
-
-    /// The host-side connections did not come along: the driver is told to
-    /// drop every connection and read the (possibly new) CID again.
-    fn restored(&mut self) {
-        let mut inner = self.lock();
-        let Some(run) = inner.running.as_mut() else {
-            return;
-        };
-        let mut sent = false;
-        let done = process_chains(&mut run.queues[EVENTS], &run.mem, &run.interrupt, |chain| {
-            if sent {
-                return None;
-            }
-            sent = true;
-            let mut writer = Writer::new(&run.mem, chain).ok()?;
-            Some(
-                writer
-                    .write_all(&EVENT_TRANSPORT_RESET.to_le_bytes())
-                    .map_or(0, |_| 4),
-            )
-        });
-        if done.is_err() || !sent {
-            tracing::warn!(
-                "vsock: cannot tell the guest its connections were reset (no event buffer)"
-            );
-        } else {
-            tracing::debug!("vsock: transport reset sent to the driver");
-            inner.reset_pending = true;
-        }
-    }
-}
-
-/// Watches the listening socket and the connections' host sockets.
-pub struct VsockBackend {
-    inner: Arc<Mutex<Inner>>,
-}
-
-impl MutEventSubscriber for VsockBackend {
-    fn init(&mut self, ops: &mut EventOps) {
-        let inner = self.inner.locked();
-        for fd in [
-            inner.muxer.listener_fd(),
-            inner.muxer.wake_fd().as_raw_fd(),
-            inner.muxer.timer_fd(),
-        ] {
-            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
-                tracing::error!("vsock: cannot watch fd {fd}: {e:?}");
-            }
-        }
-    }
-
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let mut inner = self.inner.locked();
-        let fd = events.fd();
-        if fd == inner.muxer.listener_fd() {
-            inner.muxer.accept_host();
-        } else if fd == inner.muxer.timer_fd() {
-            inner.muxer.on_timer();
-        } else if inner.muxer.owns(fd) {
-            inner.muxer.host_event(fd, events.event_set());
-        }
-        inner.process_rx();
-        for change in inner.muxer.take_changes() {
-            let result = match change {
-                FdChange::Watch(fd, set) => ops.add(Events::new_raw(fd, set)),
-                FdChange::Modify(fd, set) => ops.modify(Events::new_raw(fd, set)),
-                FdChange::Unwatch(fd) => ops.remove(Events::empty_raw(fd)),
-            };
-            if let Err(e) = result {
-                tracing::debug!("vsock: watch change failed: {e:?}");
-            }
-        }
-        inner.muxer.release_closed();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::packet::*;
     use super::*;
     use crate::interrupt::EventFdLine;
+    use crate::virtio::VirtioDevice;
+    use std::sync::Arc;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
