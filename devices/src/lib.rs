@@ -8,6 +8,8 @@ pub mod rate_limit;
 pub mod sync;
 pub mod timer;
 pub mod unix_socket;
+#[cfg(target_os = "linux")]
+pub mod vhost_user;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice};

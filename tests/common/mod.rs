@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use vmm::action::Control;
 
+pub mod shares;
+
 pub const VMM: &str = env!("CARGO_BIN_EXE_vmm");
 
 /// Says that (part of) a test was skipped, and why, where the test

@@ -20,6 +20,7 @@ pub mod arch;
 pub mod artifacts;
 pub mod config;
 pub mod control;
+pub mod device;
 pub mod doctor;
 pub mod exit;
 pub mod fork;

@@ -6,6 +6,8 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 
+#[path = "cli/device.rs"]
+mod device;
 #[path = "cli/image.rs"]
 mod image;
 #[path = "cli/named.rs"]
@@ -205,6 +207,12 @@ enum Command {
     /// Serve MCP on stdin/stdout: tools that create sandboxes, run
     /// commands, move files, fork and destroy (docs/agents.md).
     Mcp(serve::McpArgs),
+    /// Our devices as vhost-user daemons for other VMMs (QEMU, Cloud
+    /// Hypervisor): `vmm device fs`, `vmm device vsock` (docs/vhost-user.md).
+    Device {
+        #[command(subcommand)]
+        command: device::DeviceCommand,
+    },
     /// Check that this host can run VMs and say how to fix what is missing.
     Doctor,
     /// Benchmarks (`vmm bench --help`): runs the `vmm-bench` program
@@ -741,6 +749,7 @@ fn main() -> ExitCode {
         Command::Image { command } => image::command(command),
         Command::Serve(args) => serve::serve(args),
         Command::Mcp(args) => serve::mcp(args),
+        Command::Device { command } => device::command(command),
         Command::Stop { target, force } => stop(&target, force),
         Command::Pause { target } => control(&target, Action::Pause),
         Command::Resume { target } => control(&target, Action::Resume),

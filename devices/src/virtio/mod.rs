@@ -80,6 +80,19 @@ impl Interrupt {
     }
 }
 
+/// How a device tells the driver that it put buffers in a used ring: the
+/// in-process transport's [`Interrupt`], or a vhost-user vring's call
+/// eventfd (written once the ring's lock is released).
+pub trait SignalUsed {
+    fn signal_used_queue(&self);
+}
+
+impl SignalUsed for Interrupt {
+    fn signal_used_queue(&self) {
+        Interrupt::signal_used_queue(self);
+    }
+}
+
 /// A queue's saved state: its setup and ring positions (the rings
 /// themselves are in guest memory).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -269,7 +282,7 @@ pub enum Drained {
 pub fn process_chains<F>(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
-    interrupt: &Interrupt,
+    interrupt: &dyn SignalUsed,
     handle: F,
 ) -> Result<(), BrokenRing>
 where
@@ -288,7 +301,7 @@ where
 pub fn process_requests<F>(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
-    interrupt: &Interrupt,
+    interrupt: &dyn SignalUsed,
     mut handle: F,
 ) -> Result<Drained, BrokenRing>
 where
@@ -305,7 +318,7 @@ where
 fn run_chains<F>(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
-    interrupt: &Interrupt,
+    interrupt: &dyn SignalUsed,
     until: Option<Instant>,
     mut handle: F,
 ) -> Result<Drained, BrokenRing>

@@ -27,10 +27,14 @@ pub enum Role {
     /// jail"): wait for processes, pass signals on, report a status,
     /// remove the jail's folder.
     Jail,
+    /// A vhost-user daemon (`vmm device`): the whole process, from before
+    /// its first connection: the device's work on the frontend's rings and
+    /// memory, and the framework's threads.
+    DeviceDaemon,
 }
 
 impl Role {
-    pub const ALL: [Role; 7] = [
+    pub const ALL: [Role; 8] = [
         Role::Vcpu,
         Role::DeviceLoop,
         Role::Control,
@@ -38,6 +42,7 @@ impl Role {
         Role::Spawner,
         Role::RunClient,
         Role::Jail,
+        Role::DeviceDaemon,
     ];
 
     /// The role's name in reports and docs.
@@ -50,6 +55,7 @@ impl Role {
             Role::Spawner => "spawner",
             Role::RunClient => "run client",
             Role::Jail => "jail",
+            Role::DeviceDaemon => "device daemon",
         }
     }
 }

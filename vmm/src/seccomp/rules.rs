@@ -19,6 +19,8 @@ enum Args {
     /// ioctl: KVM's (type 0xAE), PAGEMAP_SCAN, and FIONBIO/FIOCLEX on
     /// sockets and files.
     Ioctl,
+    /// ioctl: FIONBIO and FIOCLEX only.
+    DescriptorFlags,
     /// socket: only these address families (argument 0).
     Families(&'static [i32]),
     /// clone: only a thread of this process (CLONE_THREAD in the flags).
@@ -123,19 +125,40 @@ const VCPU: &[Allowed] = &[
     ),
 ];
 
+/// The device loop: the VM's own calls (KVM, fork children, snapshots),
+/// beyond [`DEVICES`].
 const DEVICE_LOOP: &[Allowed] = &[
-    any(
-        libc::SYS_epoll_ctl,
-        "devices and sockets join and leave the loop",
-    ),
-    any(libc::SYS_epoll_create1, "a fork's or snapshot's wait"),
-    any(libc::SYS_eventfd2, "devices made at activation"),
     Allowed {
         nr: libc::SYS_ioctl,
         args: Args::Ioctl,
         why: "irqfd/ioeventfd set-up, interrupt controller and clock state for snapshots and forks",
     },
     any(libc::SYS_tgkill, "pause: kick each vCPU out of KVM_RUN"),
+    #[cfg(target_arch = "x86_64")]
+    any(libc::SYS_mkdir, "a snapshot's directory"),
+    #[cfg(target_arch = "x86_64")]
+    any(
+        libc::SYS_readlink,
+        "the program's path, which fork children run",
+    ),
+    any(libc::SYS_dup, "descriptors handed to a fork child"),
+    any(libc::SYS_memfd_create, "a fork's memory overlay"),
+    any(libc::SYS_socketpair, "sockets to fork children"),
+    any(libc::SYS_kill, "stop fork children and spares"),
+    any(libc::SYS_wait4, "reap fork children"),
+    any(libc::SYS_waitid, "reap fork children"),
+    any(libc::SYS_pidfd_open, "watch fork children"),
+];
+
+/// What the devices' work needs, in a VM's device loop and in a vhost-user
+/// daemon alike: disk and share files, vsock and network sockets.
+const DEVICES: &[Allowed] = &[
+    any(
+        libc::SYS_epoll_ctl,
+        "devices and sockets join and leave the loop",
+    ),
+    any(libc::SYS_epoll_create1, "a fork's or snapshot's wait"),
+    any(libc::SYS_eventfd2, "devices made at activation"),
     any(libc::SYS_readv, "disk and socket I/O"),
     any(libc::SYS_writev, "disk and socket I/O"),
     any(libc::SYS_pread64, "disk, FUSE READ"),
@@ -169,13 +192,6 @@ const DEVICE_LOOP: &[Allowed] = &[
     any(libc::SYS_chmod, "sockets made private to this user"),
     any(libc::SYS_getdents64, "FUSE READDIR"),
     any(libc::SYS_mkdirat, "FUSE MKDIR"),
-    #[cfg(target_arch = "x86_64")]
-    any(libc::SYS_mkdir, "a snapshot's directory"),
-    #[cfg(target_arch = "x86_64")]
-    any(
-        libc::SYS_readlink,
-        "the program's path, which fork children run",
-    ),
     any(
         libc::SYS_mknodat,
         "FUSE MKNOD (regular files and FIFOs only)",
@@ -212,8 +228,6 @@ const DEVICE_LOOP: &[Allowed] = &[
         libc::SYS_copy_file_range,
         "FUSE COPY_FILE_RANGE, disk layer copies",
     ),
-    any(libc::SYS_dup, "descriptors handed to a fork child"),
-    any(libc::SYS_memfd_create, "a fork's memory overlay"),
     Allowed {
         nr: libc::SYS_socket,
         args: Args::Families(&[libc::AF_UNIX, libc::AF_INET, libc::AF_INET6]),
@@ -238,11 +252,45 @@ const DEVICE_LOOP: &[Allowed] = &[
     any(libc::SYS_setsockopt, "socket options"),
     any(libc::SYS_getsockname, "port forward and NAT addresses"),
     any(libc::SYS_getpeername, "NAT peers"),
-    any(libc::SYS_socketpair, "sockets to fork children"),
-    any(libc::SYS_kill, "stop fork children and spares"),
-    any(libc::SYS_wait4, "reap fork children"),
-    any(libc::SYS_waitid, "reap fork children"),
-    any(libc::SYS_pidfd_open, "watch fork children"),
+];
+
+/// A vhost-user daemon (`vmm device`), beyond [`DEVICES`]: the framework's
+/// threads and the guest memory the frontend sends. Its threads inherit
+/// the filter of the main thread, which installs it before starting them.
+const DEVICE_DAEMON: &[Allowed] = &[
+    any(
+        libc::SYS_epoll_create1,
+        "the worker's loop, the vsock host sockets' loop",
+    ),
+    any(libc::SYS_eventfd2, "the worker's wake-ups and its end"),
+    Allowed {
+        nr: libc::SYS_ioctl,
+        args: Args::DescriptorFlags,
+        why: "non-blocking vsock sockets (FIONBIO)",
+    },
+    any(libc::SYS_timerfd_create, "the vsock deadlines of a new connection"),
+    Allowed {
+        nr: libc::SYS_clone,
+        args: Args::Thread,
+        why: "the framework's threads for each connection (threads only)",
+    },
+    any(
+        libc::SYS_clone3,
+        "answered ENOSYS by a filter of its own, so that threads start through clone, whose flags a filter can check",
+    ),
+    any(libc::SYS_set_robust_list, "thread start"),
+    any(
+        libc::SYS_sched_getaffinity,
+        "thread start (Rust reads the new thread's attributes)",
+    ),
+    any(libc::SYS_prctl, "thread names"),
+    any(
+        libc::SYS_rt_sigaction,
+        "glibc's own handlers, installed when the first thread starts",
+    ),
+    any(libc::SYS_ppoll, "the frontend's socket"),
+    #[cfg(target_arch = "x86_64")]
+    any(libc::SYS_poll, "the frontend's socket"),
 ];
 
 const CONTROL: &[Allowed] = &[
@@ -380,10 +428,11 @@ impl Role {
     fn own(self) -> Vec<&'static Allowed> {
         match self {
             Role::Vcpu => VCPU.iter().collect(),
-            Role::DeviceLoop => DEVICE_LOOP.iter().collect(),
+            Role::DeviceLoop => DEVICE_LOOP.iter().chain(DEVICES).collect(),
+            Role::DeviceDaemon => DEVICE_DAEMON.iter().chain(DEVICES).collect(),
             Role::Control => CONTROL.iter().collect(),
             Role::Reseed => AGENT_CLIENT.iter().collect(),
-            Role::Spawner => [VCPU, DEVICE_LOOP, CONTROL, AGENT_CLIENT, START]
+            Role::Spawner => [VCPU, DEVICE_LOOP, DEVICES, CONTROL, AGENT_CLIENT, START]
                 .into_iter()
                 .flatten()
                 .collect(),
@@ -397,7 +446,7 @@ impl Role {
     /// a role that may start threads but not processes.
     pub(super) fn not_implemented(self) -> &'static [i64] {
         match self {
-            Role::RunClient => &[libc::SYS_clone3],
+            Role::RunClient | Role::DeviceDaemon => &[libc::SYS_clone3],
             _ => &[],
         }
     }
@@ -448,6 +497,10 @@ fn arg_rules(args: Args) -> Vec<SeccompRule> {
             // PAGEMAP_SCAN (type 'f', number 16): a fork finds the pages
             // the VM changed since its last fork.
             rule(1, SeccompCmpOp::MaskedEq(0xffff), 0x6610),
+            rule(1, SeccompCmpOp::Eq, libc::FIONBIO),
+            rule(1, SeccompCmpOp::Eq, libc::FIOCLEX),
+        ],
+        Args::DescriptorFlags => vec![
             rule(1, SeccompCmpOp::Eq, libc::FIONBIO),
             rule(1, SeccompCmpOp::Eq, libc::FIOCLEX),
         ],

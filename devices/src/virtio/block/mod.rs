@@ -226,19 +226,24 @@ impl VirtioDevice for Block {
         let mut disk = self.disk.locked();
         let id = &self.id;
         let limiter = &mut self.limiter;
-        let done = process_requests(&mut run.queues[0], &run.mem, &run.interrupt, |chain| {
-            if !limiter.is_unlimited() {
-                limiter.consume(request_cost(&chain), 1)?;
-            }
-            let head = chain.head_index();
-            Ok(match handle_chain(&run.mem, chain, &mut disk, id) {
-                Some(c) => c.used_len,
-                None => {
-                    tracing::warn!("virtio-blk: malformed request chain {head} from the guest");
-                    0
+        let done = process_requests(
+            &mut run.queues[0],
+            &run.mem,
+            run.interrupt.as_ref(),
+            |chain| {
+                if !limiter.is_unlimited() {
+                    limiter.consume(request_cost(&chain), 1)?;
                 }
-            })
-        });
+                let head = chain.head_index();
+                Ok(match handle_chain(&run.mem, chain, &mut disk, id) {
+                    Some(c) => c.used_len,
+                    None => {
+                        tracing::warn!("virtio-blk: malformed request chain {head} from the guest");
+                        0
+                    }
+                })
+            },
+        );
         drop(disk);
         done.unwrap_or_else(|_| {
             tracing::warn!("virtio-blk: the used ring is broken; the queue stops");

@@ -7,7 +7,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::super::{
     process_requests, read_config_bytes, ActivateError, BrokenRing, DeviceState, Drained,
-    Interrupt, QueueSnapshot, Running, VirtioDevice, VIRTIO_F_VERSION_1,
+    Interrupt, QueueSnapshot, Running, SignalUsed, VirtioDevice, VIRTIO_F_VERSION_1,
 };
 use super::iobuf::IoBuf;
 use super::server::Server;
@@ -24,7 +24,7 @@ pub fn serve_queue(
     server: &mut Server,
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
-    interrupt: &Interrupt,
+    interrupt: &dyn SignalUsed,
 ) -> Result<Drained, BrokenRing> {
     process_requests(queue, mem, interrupt, |chain| {
         match IoBuf::from_chain(mem, chain) {
@@ -108,7 +108,7 @@ impl VirtioDevice for Fs {
         let Some(queue) = run.queues.get_mut(index) else {
             return Drained::All;
         };
-        serve_queue(server, queue, &run.mem, &run.interrupt).unwrap_or_else(|_| {
+        serve_queue(server, queue, &run.mem, run.interrupt.as_ref()).unwrap_or_else(|_| {
             *running = None;
             Drained::All
         })

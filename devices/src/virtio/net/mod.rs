@@ -134,7 +134,7 @@ impl Inner {
             return Drained::All;
         };
         let mem = &run.mem;
-        let done = process_requests(&mut run.queues[TX], mem, &run.interrupt, |chain| {
+        let done = process_requests(&mut run.queues[TX], mem, run.interrupt.as_ref(), |chain| {
             let Ok(mut r) = Reader::new(mem, chain) else {
                 *dropped += 1;
                 return Ok(0);

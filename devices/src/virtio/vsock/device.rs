@@ -28,7 +28,7 @@ impl Inner {
         let Some(run) = running.as_mut() else {
             return Drained::All;
         };
-        core.process_tx(&mut run.queues[TX], &run.mem, &run.interrupt)
+        core.process_tx(&mut run.queues[TX], &run.mem, run.interrupt.as_ref())
             .unwrap_or_else(|_| {
                 *running = None;
                 Drained::All
@@ -41,7 +41,7 @@ impl Inner {
             return;
         };
         if core
-            .process_rx(&mut run.queues[RX], &run.mem, &run.interrupt)
+            .process_rx(&mut run.queues[RX], &run.mem, run.interrupt.as_ref())
             .is_err()
         {
             *running = None;
@@ -142,7 +142,7 @@ impl VirtioDevice for Vsock {
         let mut inner = self.lock();
         let Inner { core, running } = &mut *inner;
         if let Some(run) = running.as_mut() {
-            core.send_transport_reset(&mut run.queues[EVENTS], &run.mem, &run.interrupt);
+            core.send_transport_reset(&mut run.queues[EVENTS], &run.mem, run.interrupt.as_ref());
         }
     }
 }

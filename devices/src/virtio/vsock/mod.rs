@@ -18,7 +18,7 @@ use virtio_queue::{Queue, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 use vmm_os::event_manager::EventSet;
 
-use super::{process_chains, process_requests, BrokenRing, Drained, Interrupt};
+use super::{process_chains, process_requests, BrokenRing, Drained, SignalUsed};
 pub use device::{Vsock, VsockBackend};
 use muxer::{FdChange, Muxer};
 use packet::{Header, HDR_LEN};
@@ -66,7 +66,7 @@ impl VsockCore {
         &mut self,
         tx: &mut Queue,
         mem: &GuestMemoryMmap,
-        interrupt: &Interrupt,
+        interrupt: &dyn SignalUsed,
     ) -> Result<Drained, BrokenRing> {
         let muxer = &mut self.muxer;
         process_requests(tx, mem, interrupt, |chain| {
@@ -84,7 +84,7 @@ impl VsockCore {
         &mut self,
         rx: &mut Queue,
         mem: &GuestMemoryMmap,
-        interrupt: &Interrupt,
+        interrupt: &dyn SignalUsed,
     ) -> Result<(), BrokenRing> {
         if self.reset_pending {
             return Ok(());
@@ -125,7 +125,7 @@ impl VsockCore {
         &mut self,
         events: &mut Queue,
         mem: &GuestMemoryMmap,
-        interrupt: &Interrupt,
+        interrupt: &dyn SignalUsed,
     ) {
         let mut sent = false;
         let done = process_chains(events, mem, interrupt, |chain| {
@@ -207,7 +207,7 @@ mod tests {
     use super::packet::*;
     use super::*;
     use crate::interrupt::EventFdLine;
-    use crate::virtio::VirtioDevice;
+    use crate::virtio::{Interrupt, VirtioDevice};
     use std::sync::Arc;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};

@@ -26,6 +26,7 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::num::Wrapping;
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -216,6 +217,8 @@ pub struct Muxer {
     timer_armed: bool,
     /// The listener is unwatched until then (out of descriptors).
     listener_resumes: Option<Instant>,
+    /// Device and inode of the socket file at `uds_path`.
+    socket_id: Option<(u64, u64)>,
 }
 
 impl Muxer {
@@ -224,6 +227,9 @@ impl Muxer {
     pub fn new(guest_cid: u64, uds_path: &Path) -> io::Result<Self> {
         let listener = crate::unix_socket::bind_private(uds_path)?;
         listener.set_nonblocking(true)?;
+        let socket_id = std::fs::symlink_metadata(uds_path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
         Ok(Muxer {
             guest_cid,
             uds_path: uds_path.to_path_buf(),
@@ -240,6 +246,7 @@ impl Muxer {
             timer: crate::timer::nonblocking()?,
             timer_armed: false,
             listener_resumes: None,
+            socket_id,
         })
     }
 
@@ -795,8 +802,13 @@ fn parse_connect(line: &[u8]) -> Option<u32> {
 }
 
 impl Drop for Muxer {
+    /// Removes the socket unless another listener took its path since (a
+    /// vhost-user daemon's next connection binds it again).
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.uds_path);
+        let ours = |m: &std::fs::Metadata| Some((m.dev(), m.ino())) == self.socket_id;
+        if std::fs::symlink_metadata(&self.uds_path).is_ok_and(|m| ours(&m)) {
+            let _ = std::fs::remove_file(&self.uds_path);
+        }
     }
 }
 

@@ -1,0 +1,176 @@
+//! The daemon on Linux: one vhost-user connection at a time, each with a
+//! fresh backend (a new frontend is a new guest).
+
+use std::ffi::CString;
+use std::os::fd::RawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock, RwLock};
+
+use devices::vhost_user::fs::FsBackend;
+use devices::vhost_user::vsock::{VsockBackend, HOST_EVENTS};
+use devices::vhost_user::{EventNotifier, Vring, WorkerExit};
+use devices::virtio::fs::PassthroughFs;
+use vhost::vhost_user::{Error as ProtocolError, Listener};
+use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_os::epoll::EventSet;
+
+use super::{Device, Error, Options};
+use crate::seccomp::Role;
+
+/// How a connection ended.
+enum Ended {
+    /// The frontend closed it.
+    Disconnected,
+    /// The frontend broke the protocol: it was disconnected.
+    Broken(String),
+}
+
+pub fn run(options: &Options, listening: impl FnOnce(&Options)) -> Result<(), Error> {
+    // The share is opened first: a wrong folder is reported before the
+    // socket exists.
+    let mut share = match &options.device {
+        Device::Fs {
+            shared_dir,
+            read_only,
+            ..
+        } => Some(PassthroughFs::new(shared_dir, *read_only)?),
+        Device::Vsock { .. } => None,
+    };
+    let listener =
+        devices::unix_socket::bind_private(&options.socket).map_err(|source| Error::Listen {
+            path: options.socket.clone(),
+            source,
+        })?;
+    let mut listener = Listener::from(listener);
+    remove_at_stop(options)?;
+    if options.seccomp {
+        crate::seccomp::apply(Role::DeviceDaemon)?;
+    }
+    listening(options);
+    loop {
+        let (exit, notifier) = WorkerExit::new().map_err(setup)?;
+        let ended = match &options.device {
+            Device::Fs {
+                shared_dir,
+                tag,
+                read_only,
+            } => {
+                let fs = match share.take() {
+                    Some(fs) => fs,
+                    None => PassthroughFs::new(shared_dir, *read_only)?,
+                };
+                serve(
+                    &mut listener,
+                    FsBackend::new(fs, tag.clone(), exit),
+                    notifier,
+                    None,
+                )?
+            }
+            Device::Vsock {
+                guest_cid,
+                uds_path,
+            } => {
+                let backend = VsockBackend::new(*guest_cid, uds_path, exit).map_err(|source| {
+                    Error::VsockSocket {
+                        path: uds_path.clone(),
+                        source,
+                    }
+                })?;
+                let host = backend.host_events_fd();
+                serve(&mut listener, backend, notifier, Some(host))?
+            }
+        };
+        match ended {
+            Ended::Disconnected if !options.persistent => {
+                tracing::info!("the frontend disconnected; the daemon ends");
+                remove_files();
+                return Ok(());
+            }
+            Ended::Disconnected => tracing::info!("the frontend disconnected; waiting for the next"),
+            Ended::Broken(why) => tracing::warn!(
+                "a frontend broke the vhost-user protocol ({why}): it was disconnected; waiting for the next"
+            ),
+        }
+    }
+}
+
+fn setup(e: impl std::fmt::Display) -> Error {
+    Error::Setup(e.to_string())
+}
+
+/// Serves the next connection on `listener` with `backend` until it ends.
+/// `host_events`: a descriptor of the backend's own that the worker thread
+/// watches as event [`HOST_EVENTS`].
+fn serve<B>(
+    listener: &mut Listener,
+    backend: B,
+    exit: EventNotifier,
+    host_events: Option<RawFd>,
+) -> Result<Ended, Error>
+where
+    B: VhostUserBackendMut<Bitmap = (), Vring = Vring> + 'static,
+{
+    let backend = Arc::new(RwLock::new(backend));
+    let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mut daemon = VhostUserDaemon::new("vmm-device".into(), backend, memory).map_err(setup)?;
+    if let Some(fd) = host_events {
+        for worker in daemon.get_epoll_handlers() {
+            worker
+                .register_listener(fd, EventSet::IN, HOST_EVENTS.into())
+                .map_err(setup)?;
+        }
+    }
+    daemon.start(listener).map_err(setup)?;
+    tracing::info!("a frontend connected");
+    let result = daemon.wait();
+    // The worker thread ends with the connection.
+    if let Err(e) = exit.notify() {
+        tracing::warn!("cannot end the connection's worker thread: {e}");
+    }
+    Ok(match result {
+        Ok(()) => Ended::Disconnected,
+        Err(vhost_user_backend::Error::HandleRequest(ProtocolError::Disconnected)) => {
+            Ended::Disconnected
+        }
+        Err(e) => Ended::Broken(e.to_string()),
+    })
+}
+
+/// The files the daemon made, removed when it stops (by a signal too).
+static MADE: OnceLock<Vec<CString>> = OnceLock::new();
+
+extern "C" fn on_stop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    remove_files();
+    // SAFETY: _exit is async-signal-safe and ends the process at once.
+    unsafe { libc::_exit(0) };
+}
+
+/// Removes the files in [`MADE`] (async-signal-safe: unlink only).
+fn remove_files() {
+    for path in MADE.get().into_iter().flatten() {
+        // SAFETY: `path` is a NUL-terminated string that lives for the
+        // rest of the process.
+        unsafe { libc::unlink(path.as_ptr()) };
+    }
+}
+
+/// SIGTERM and SIGINT stop the daemon: its sockets are removed and it
+/// exits with status 0 (a device holds nothing that needs saving: every
+/// FUSE request has reached the host's files when it is answered).
+fn remove_at_stop(options: &Options) -> Result<(), Error> {
+    let mut paths: Vec<PathBuf> = vec![options.socket.clone()];
+    if let Device::Vsock { uds_path, .. } = &options.device {
+        paths.push(uds_path.clone());
+    }
+    let made = paths
+        .iter()
+        .filter_map(|p| CString::new(p.as_os_str().as_bytes()).ok())
+        .collect();
+    let _ = MADE.set(made);
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        vmm_os::process::set_signal_handler(signal, on_stop).map_err(setup)?;
+    }
+    Ok(())
+}
