@@ -298,11 +298,12 @@ fn boot() -> QemuGuest {
         .arg(format!("file:{}", scratch.path("console.log").display()))
         .stdin(Stdio::null())
         .stdout(Stdio::null());
+    let command_line = format!("{cmd:?}");
     let qemu = spawn_for_the_tests(cmd, libc::SIGKILL)
         .expect("qemu-system-x86_64 (tools/setup.sh installs it)");
     if let Err(e) = ready.wait(Duration::from_secs(600), None) {
         let console = std::fs::read_to_string(scratch.path("console.log")).unwrap_or_default();
-        panic!("the guest agent did not come up behind QEMU: {e}\n{console}");
+        panic!("the guest agent did not come up behind QEMU: {e}\n{command_line}\n{console}");
     }
     QemuGuest {
         scratch,
@@ -353,6 +354,40 @@ fn pattern_ok(i: u8, data: &[u8]) -> bool {
         .all(|(j, &b)| b as usize == (i as usize + j) % 251)
 }
 
+/// A guest command run on its own thread; its output once it ended.
+#[derive(Default)]
+struct Script(Mutex<Option<Output>>);
+
+impl Script {
+    /// Panics with the command's output if it has ended.
+    fn check_running(&self, waiting_for: &str) {
+        if let Some(out) = self.0.locked().as_ref() {
+            panic!(
+                "the guest script ended while the host waited for {waiting_for}: {}",
+                common::describe(out)
+            );
+        }
+    }
+}
+
+/// The next connection on `listener`, or a panic with the guest script's
+/// output if it ends first.
+fn accept_while(listener: &UnixListener, script: &Script, what: &str) -> UnixStream {
+    use std::os::fd::AsRawFd;
+    loop {
+        let mut fd = libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll(2) on one valid pollfd.
+        if unsafe { libc::poll(&mut fd, 1, 500) } > 0 {
+            return listener.accept().unwrap().0;
+        }
+        script.check_running(what);
+    }
+}
+
 #[test]
 fn eight_concurrent_4_mib_streams_each_way_arrive_intact() {
     const STREAMS: usize = 8;
@@ -369,18 +404,19 @@ fn eight_concurrent_4_mib_streams_each_way_arrive_intact() {
     let port = |p: u32| format!("{}_{p}", g.uds.display());
     let ready = UnixListener::bind(port(6002)).unwrap();
     let incoming = UnixListener::bind(port(6001)).unwrap();
+    let script = Script::default();
     std::thread::scope(|s| {
-        let script = s.spawn(|| {
-            g.sh(&format!(
+        s.spawn(|| {
+            let out = g.sh(&format!(
                 "python3 /mnt/tools/vsock_streams.py {STREAMS} {MIB}"
-            ))
+            ));
+            *script.0.locked() = Some(out);
         });
         // Guest to host: read each stream whole, check its bytes.
         let receiver = s.spawn(|| {
-            let mut seen = Vec::new();
             let readers: Vec<_> = (0..STREAMS)
                 .map(|_| {
-                    let (mut conn, _) = incoming.accept().unwrap();
+                    let mut conn = accept_while(&incoming, &script, "a guest stream");
                     std::thread::spawn(move || {
                         let mut data = Vec::new();
                         conn.read_to_end(&mut data).unwrap();
@@ -389,6 +425,7 @@ fn eight_concurrent_4_mib_streams_each_way_arrive_intact() {
                     })
                 })
                 .collect();
+            let mut seen = Vec::new();
             for r in readers {
                 let data = r.join().unwrap();
                 let (i, body) = data.split_first().expect("a stream with its number");
@@ -401,7 +438,7 @@ fn eight_concurrent_4_mib_streams_each_way_arrive_intact() {
         });
         // Host to guest: once the guest listens, 8 writers at once; each
         // gets the sha256 of what it sent.
-        drop(ready.accept().unwrap());
+        drop(accept_while(&ready, &script, "the guest's listener"));
         let writers: Vec<_> = (0..STREAMS)
             .map(|i| {
                 let uds = g.uds.clone();
@@ -430,14 +467,14 @@ fn eight_concurrent_4_mib_streams_each_way_arrive_intact() {
             receiver.join().unwrap(),
             (0..STREAMS as u8).collect::<Vec<_>>()
         );
-        let out = script.join().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success() && text.contains("streams done"),
-            "{}",
-            common::describe(&out)
-        );
     });
+    let out = script.0.locked().take().expect("the script ended");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("streams done"),
+        "{}",
+        common::describe(&out)
+    );
 }
 
 fn sha256_hex(data: &[u8]) -> String {

@@ -8,15 +8,32 @@ Usage: python3 vsock_streams.py N MIB
   MIB MiB on each: stream i sends bytes (i + j) % 251; the host checks.
 Prints "streams done" when both directions finished.
 """
+import ctypes
 import hashlib
 import socket
+import struct
 import sys
 import threading
 
 n = int(sys.argv[1])
 size = int(sys.argv[2]) << 20
 HOST = 2
+# SO_VM_SOCKETS_CONNECT_TIMEOUT_OLD (linux/vm_sockets.h), a struct timeval:
+# a connect's answer waits behind the other streams' data, and the guest
+# kernel is slow on PVM hosts; the default of 2 s is too short there.
+CONNECT_TIMEOUT = 6
+libc = ctypes.CDLL(None, use_errno=True)
 errors = []
+
+
+def vsock(timeout_s=120):
+    """A vsock stream socket whose connect waits up to `timeout_s` (Python's
+    setsockopt takes only integers at this level)."""
+    s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    tv = struct.pack("ll", timeout_s, 0)
+    if libc.setsockopt(s.fileno(), socket.AF_VSOCK, CONNECT_TIMEOUT, tv, len(tv)) != 0:
+        raise OSError(ctypes.get_errno(), "setsockopt(SO_VM_SOCKETS_CONNECT_TIMEOUT)")
+    return s
 
 
 def serve_one(conn):
@@ -38,7 +55,7 @@ def serve_one(conn):
 def send_one(i):
     try:
         pattern = bytes((i + j) % 251 for j in range(251 * 256))
-        s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        s = vsock()
         s.connect((HOST, 6001))
         s.sendall(bytes([i]))
         left = size
@@ -56,7 +73,7 @@ def send_one(i):
 listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
 listener.bind((socket.VMADDR_CID_ANY, 6000))
 listener.listen(n)
-ready = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+ready = vsock()
 ready.connect((HOST, 6002))
 ready.close()
 threads = []

@@ -16,10 +16,13 @@ use vmm_os::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::{config_bytes, drained, drive, features, Memory, Vring, WorkerExit};
 use crate::virtio::vsock::muxer::FdChange;
-use crate::virtio::vsock::{config_space, VsockCore, EVENTS, QUEUE_SIZE, RX, TX};
+use crate::virtio::vsock::{config_space, VsockCore, EVENTS, RX, TX};
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 const QUEUES: usize = 3;
+/// The largest ring a frontend may set: QEMU's vhost-user-vsock sets 1024
+/// (our own transport offers 256); the core serves any size.
+const MAX_QUEUE_SIZE: usize = 1024;
 /// The event id of the host sockets' epoll (above the queues' ids and the
 /// framework's own, which is the number of queues).
 pub const HOST_EVENTS: u16 = QUEUES as u16 + 1;
@@ -129,7 +132,7 @@ impl VhostUserBackendMut for VsockBackend {
     }
 
     fn max_queue_size(&self) -> usize {
-        QUEUE_SIZE.into()
+        MAX_QUEUE_SIZE
     }
 
     fn features(&self) -> u64 {

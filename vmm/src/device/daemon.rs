@@ -82,15 +82,18 @@ pub fn run(options: &Options, listening: impl FnOnce(&Options)) -> Result<(), Er
                 serve(&mut listener, backend, notifier, Some(host))?
             }
         };
+        let name = options.device.name();
         match ended {
             Ended::Disconnected if !options.persistent => {
-                tracing::info!("the frontend disconnected; the daemon ends");
+                tracing::info!("vmm device {name}: the frontend disconnected; the daemon ends");
                 remove_files();
                 return Ok(());
             }
-            Ended::Disconnected => tracing::info!("the frontend disconnected; waiting for the next"),
+            Ended::Disconnected => {
+                tracing::info!("vmm device {name}: the frontend disconnected; waiting for the next")
+            }
             Ended::Broken(why) => tracing::warn!(
-                "a frontend broke the vhost-user protocol ({why}): it was disconnected; waiting for the next"
+                "vmm device {name}: a frontend broke the vhost-user protocol ({why}): it was disconnected; waiting for the next"
             ),
         }
     }
