@@ -1,7 +1,8 @@
 //! `vmm bench fs`: sequential throughput and small-file metadata speed on
 //! a virtio-fs share, on the virtio-blk root for reference, and on the same
-//! share served by virtiofsd behind qemu's `vhost-user-fs-device` (same
-//! kernel, initramfs, root image and guest script, in the same run).
+//! share behind qemu's `vhost-user-fs-device`, served by virtiofsd and by
+//! our own daemon (`vmm device fs`) (same kernel, initramfs, root image
+//! and guest script, in the same run).
 //!
 //! Each VM runs `fsbench.py` as its init's command and powers off; the
 //! figures are the lines it prints on the console. JSON keys: docs/bench.md.
@@ -13,8 +14,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::common::{
-    launch_to_marker, qemu_spawn_error, qemu_to_marker, qemu_with_root_disk, two_decimals, Error,
-    Figures, GuestArtifacts, MedianTable, Report, ScratchDir,
+    launch_to_marker, qemu_spawn_error, qemu_to_marker, qemu_with_root_disk, two_decimals, vmm_exe,
+    Error, Figures, GuestArtifacts, MedianTable, Report, ScratchDir,
 };
 use vmm::artifacts;
 use vmm::config::{RootfsConfig, SerialOutput, ShareConfig, VmConfig};
@@ -32,7 +33,7 @@ pub struct FsBenchOptions {
     pub files: u32,
     /// Figures per target (in one boot).
     pub runs: u32,
-    /// Also run virtiofsd + qemu.
+    /// Also run the share behind qemu: virtiofsd and `vmm device fs`.
     pub qemu: bool,
 }
 
@@ -50,20 +51,23 @@ pub struct FsBench {
     pub vmm_blk: Figures<3>,
     pub qemu_share: Option<Figures<3>>,
     pub qemu_skipped: Option<String>,
+    /// `vmm device fs` behind the same qemu.
+    pub device_share: Option<Figures<3>>,
 }
 
 impl FsBench {
-    /// ours / virtiofsd+qemu, per figure (higher is better for both).
-    fn ratios(&self) -> Option<[Option<f64>; 3]> {
+    /// `ours` / virtiofsd+qemu, per figure (higher is better for both).
+    fn ratios(&self, ours: Option<&Figures<3>>) -> Option<[Option<f64>; 3]> {
         let q = self.qemu_share.as_ref()?.medians();
-        let v = self.vmm_share.medians();
+        let v = ours?.medians();
         Some([0, 1, 2].map(|i| Some(v[i]? / q[i]?)))
     }
 }
 
 impl Report for FsBench {
     fn to_json(&self) -> Value {
-        let ratio = |i: usize| self.ratios().and_then(|r| r[i]);
+        let ratio = |i: usize| self.ratios(Some(&self.vmm_share)).and_then(|r| r[i]);
+        let device = |i: usize| self.ratios(self.device_share.as_ref()).and_then(|r| r[i]);
         json!({
             "mib": self.mib,
             "files": self.files,
@@ -75,6 +79,12 @@ impl Report for FsBench {
                 "write": ratio(0),
                 "read": ratio(1),
                 "meta": ratio(2),
+            },
+            "vmm_device_qemu_share": self.device_share.as_ref().map(|q| q.to_json(KEYS)),
+            "device_vs_virtiofsd": {
+                "write": device(0),
+                "read": device(1),
+                "meta": device(2),
             },
             "qemu_skipped": self.qemu_skipped,
         })
@@ -97,13 +107,21 @@ impl Report for FsBench {
         if let Some(q) = &self.qemu_share {
             table.row("virtiofsd + qemu share", &q.medians());
         }
-        if let Some(r) = self.ratios() {
-            table.note(&format!(
-                "vmm / virtiofsd: write {}, read {}, meta {}",
-                two_decimals(r[0]),
-                two_decimals(r[1]),
-                two_decimals(r[2])
-            ));
+        if let Some(q) = &self.device_share {
+            table.row("vmm device fs + qemu share", &q.medians());
+        }
+        for (what, ours) in [
+            ("vmm", Some(&self.vmm_share)),
+            ("vmm device fs", self.device_share.as_ref()),
+        ] {
+            if let Some(r) = self.ratios(ours) {
+                table.note(&format!(
+                    "{what} / virtiofsd: write {}, read {}, meta {}",
+                    two_decimals(r[0]),
+                    two_decimals(r[1]),
+                    two_decimals(r[2])
+                ));
+            }
         }
         if let Some(why) = &self.qemu_skipped {
             table.note(&format!("virtiofsd + qemu: skipped ({why})"));
@@ -215,38 +233,52 @@ pub fn fs(opts: &FsBenchOptions) -> Result<FsBench, Error> {
 
     if !opts.qemu {
         result.qemu_skipped = Some("--no-qemu".into());
-    } else if let Some(daemon) = virtiofsd() {
-        result.qemu_share = Some(run_qemu(opts, &daemon, &scratch, &share, &guest)?);
-    } else {
-        result.qemu_skipped = Some(
-            "virtiofsd is not installed (cargo install --root ~/.cache/vmm/virtiofsd virtiofsd; needs libseccomp-dev libcap-ng-dev)"
-                .into(),
-        );
+        return Ok(result);
     }
+    let socket = scratch.path().join("fs.sock");
+    match virtiofsd() {
+        Some(daemon) => {
+            let mut cmd = Command::new(daemon);
+            cmd.arg("--socket-path")
+                .arg(&socket)
+                .arg("--shared-dir")
+                .arg(&share)
+                .args(["--cache", "auto", "--sandbox", "none"]);
+            result.qemu_share = Some(run_qemu(opts, cmd, "virtiofsd", &socket, &guest)?);
+        }
+        None => {
+            result.qemu_skipped = Some(
+                "virtiofsd is not installed (cargo install --root ~/.cache/vmm/virtiofsd virtiofsd; needs libseccomp-dev libcap-ng-dev)"
+                    .into(),
+            )
+        }
+    }
+    let mut ours = Command::new(vmm_exe()?);
+    ours.args(["device", "fs", "--socket"])
+        .arg(&socket)
+        .arg("--shared-dir")
+        .arg(&share);
+    result.device_share = Some(run_qemu(opts, ours, "vmm device fs", &socket, &guest)?);
     Ok(result)
 }
 
+/// The share served by `daemon` (listening on `socket`) behind qemu.
 fn run_qemu(
     opts: &FsBenchOptions,
-    daemon: &Path,
-    scratch: &ScratchDir,
-    share: &Path,
+    mut daemon: Command,
+    name: &'static str,
+    socket: &Path,
     guest: &GuestArtifacts,
 ) -> Result<Figures<3>, Error> {
-    let socket = scratch.path().join("virtiofsd.sock");
+    let _ = std::fs::remove_file(socket);
     let _daemon = Killed(
-        Command::new(daemon)
-            .arg("--socket-path")
-            .arg(&socket)
-            .arg("--shared-dir")
-            .arg(share)
-            .args(["--cache", "auto", "--sandbox", "none"])
+        daemon
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .map_err(|source| Error::Spawn {
-                program: "virtiofsd".into(),
+                program: name.into(),
                 source,
             })?,
     );
@@ -254,7 +286,7 @@ fn run_qemu(
     while !socket.exists() {
         if Instant::now() > deadline {
             return Err(Error::Run {
-                what: "virtiofsd",
+                what: name,
                 run: 1,
                 detail: format!("{} did not appear", socket.display()),
             });
@@ -277,7 +309,7 @@ fn run_qemu(
             &format!("vhost-user-fs-device,chardev=vfs,tag={TAG},queue-size=1024"),
         ]);
     let watched = qemu_to_marker(cmd, DONE).map_err(qemu_spawn_error)?;
-    find(&parse_lines(&watched.lines), "share").ok_or_else(|| Error::no_figures("qemu", &watched))
+    find(&parse_lines(&watched.lines), "share").ok_or_else(|| Error::no_figures(name, &watched))
 }
 
 #[cfg(test)]

@@ -101,7 +101,8 @@ enum BenchCommand {
         json: bool,
     },
     /// Shared folders: sequential MiB/s and small-file operations on a
-    /// virtio-fs share, the virtio-blk root, and virtiofsd behind qemu.
+    /// virtio-fs share, the virtio-blk root, and behind qemu virtiofsd and
+    /// `vmm device fs`.
     Fs {
         /// MiB per sequential figure (the guest kernel copies slowly on
         /// PVM hosts: keep it small there).
@@ -113,7 +114,7 @@ enum BenchCommand {
         /// Figures per target.
         #[arg(long, default_value_t = 3)]
         runs: u32,
-        /// Skip the virtiofsd + qemu comparison.
+        /// Skip the comparisons behind qemu (virtiofsd, `vmm device fs`).
         #[arg(long)]
         no_qemu: bool,
         /// Print one JSON object instead of a table.
