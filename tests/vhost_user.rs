@@ -532,6 +532,17 @@ fn a_daemon_outlives_garbage_serves_its_frontend_and_exits_0_when_it_leaves() {
     let share = scratch.path("share").display().to_string();
     let socket = scratch.path("fs.sock");
     let mut d = daemon(&["fs", "--shared-dir", &share, "--tag", "life"], &socket);
+    // Listening means confined: no capabilities, no new privileges, and
+    // a seccomp filter.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.child.id())).unwrap();
+    for line in [
+        "NoNewPrivs:\t1",
+        "Seccomp:\t2",
+        "CapEff:\t0000000000000000",
+        "CapBnd:\t0000000000000000",
+    ] {
+        assert!(status.contains(line), "{line} missing:\n{status}");
+    }
     send_garbage(&mut d);
     let config = handshake(&socket, 40).expect("a tag given: the daemon serves the config");
     assert_eq!(&config[..4], b"life");

@@ -4,7 +4,7 @@
 use std::ffi::CString;
 use std::os::fd::RawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use devices::vhost_user::fs::FsBackend;
@@ -45,6 +45,7 @@ pub fn run(options: &Options, listening: impl FnOnce(&Options)) -> Result<(), Er
         })?;
     let mut listener = Listener::from(listener);
     remove_at_stop(options)?;
+    confine(options)?;
     if options.seccomp {
         crate::seccomp::apply(Role::DeviceDaemon)?;
     }
@@ -97,6 +98,37 @@ pub fn run(options: &Options, listening: impl FnOnce(&Options)) -> Result<(), Er
             ),
         }
     }
+}
+
+/// Drops every capability and lets the daemon reach only its folders:
+/// the share (read-only with --read-only), the folders of its sockets
+/// (removed at the end; vsock's host side binds and connects there), and
+/// /proc (the share's calls through /proc/self/fd).
+fn confine(options: &Options) -> Result<(), Error> {
+    let socket_dir = |p: &Path| match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut ro = vec![PathBuf::from("/proc")];
+    let mut rw = vec![socket_dir(&options.socket)];
+    match &options.device {
+        Device::Fs {
+            shared_dir,
+            read_only: true,
+            ..
+        } => ro.push(shared_dir.clone()),
+        Device::Fs { shared_dir, .. } => rw.push(shared_dir.clone()),
+        Device::Vsock { uds_path, .. } => rw.push(socket_dir(uds_path)),
+    }
+    let enforced = crate::jail::confine(
+        ro.iter().map(PathBuf::as_path).collect(),
+        rw.iter().map(PathBuf::as_path).collect(),
+    )
+    .map_err(|e| Error::Confine(e.to_string()))?;
+    if !enforced {
+        tracing::info!("this kernel does not enforce every Landlock rule: the daemon's file access is limited only as far as it does");
+    }
+    Ok(())
 }
 
 fn setup(e: impl std::fmt::Display) -> Error {

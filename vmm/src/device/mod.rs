@@ -8,7 +8,9 @@
 //! `persistent`, it waits for the next one). A connection that breaks the
 //! protocol (a truncated or unknown message, a bad size or memory table)
 //! is dropped with a log line and the daemon waits for the next
-//! connection. SIGTERM and SIGINT end it at once.
+//! connection. SIGTERM and SIGINT end it at once. Before it accepts a
+//! connection, the daemon drops its capabilities, confines itself with
+//! Landlock to its folders and installs its seccomp filter.
 
 #[cfg(target_os = "linux")]
 mod daemon;
@@ -74,6 +76,8 @@ pub enum Error {
     },
     #[error("cannot set up the daemon: {0}")]
     Setup(String),
+    #[error("cannot confine the daemon to its folders ({0})")]
+    Confine(String),
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::Error),
     #[error("vhost-user daemons run on Linux only: other VMMs on this host cannot share our memory through vhost-user")]

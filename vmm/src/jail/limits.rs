@@ -67,10 +67,6 @@ pub fn set_rlimits(plan: &Plan) -> Result<(), Error> {
 /// they have their host paths), `/tmp` and `/proc`. Returns the Landlock
 /// status for the log: a kernel without Landlock still runs the jail.
 pub fn landlock(plan: &Plan) -> Result<RulesetStatus, Error> {
-    let abi = LANDLOCK_ABI;
-    let read = AccessFs::from_read(abi);
-    let all = AccessFs::from_all(abi);
-    let err = |e: landlock::RulesetError| Error::Landlock(e.to_string());
     let mut ro = vec![Path::new("/proc")];
     let mut rw = vec![Path::new("/tmp")];
     for e in &plan.exposed {
@@ -79,6 +75,16 @@ pub fn landlock(plan: &Plan) -> Result<RulesetStatus, Error> {
             Exposed::ReadWrite(p) | Exposed::Device(p) => rw.push(p),
         }
     }
+    restrict_paths(ro, rw)
+}
+
+/// Lets the calling process (and what it starts) reach only `ro` (read)
+/// and `rw` (every right) and what is beneath them.
+pub fn restrict_paths(ro: Vec<&Path>, rw: Vec<&Path>) -> Result<RulesetStatus, Error> {
+    let abi = LANDLOCK_ABI;
+    let read = AccessFs::from_read(abi);
+    let all = AccessFs::from_all(abi);
+    let err = |e: landlock::RulesetError| Error::Landlock(e.to_string());
     let status = Ruleset::default()
         .handle_access(all)
         .map_err(err)?

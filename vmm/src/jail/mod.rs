@@ -48,6 +48,17 @@ pub enum Error {
     Runtime(#[from] crate::runtime::Error),
 }
 
+/// Confines the calling process without namespaces (a vhost-user daemon,
+/// `vmm device`): no capabilities, no_new_privs, and Landlock rules that
+/// let it reach only `ro` (read) and `rw`. Says whether the kernel
+/// enforces Landlock fully.
+#[cfg(target_os = "linux")]
+pub fn confine(ro: Vec<&Path>, rw: Vec<&Path>) -> Result<bool, Error> {
+    limits::drop_privileges()?;
+    let status = limits::restrict_paths(ro, rw)?;
+    Ok(status == landlock::RulesetStatus::FullyEnforced)
+}
+
 /// A host path the jailed VMM sees, at the same path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Exposed {
