@@ -5,7 +5,7 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::VhostUserBackendMut;
 use vmm_os::epoll::EventSet;
 
-use super::{config_bytes, drained, drive, features, Memory, Vring, WorkerExit};
+use super::{config_bytes, drained, drive, features, Memory, Ring, Vring, WorkerExit};
 use crate::virtio::fs::server::Server;
 use crate::virtio::fs::{config_space, serve_queue, PassthroughFs, QUEUE_SIZE};
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
@@ -103,6 +103,7 @@ impl VhostUserBackendMut for FsBackend {
         let run = drive(
             vring,
             &self.memory,
+            Ring::Requests,
             |queue, mem, signal| serve_queue(server, queue, mem, signal),
             drained,
         );

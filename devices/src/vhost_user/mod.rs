@@ -23,6 +23,8 @@ pub use vmm_sys_util::event::EventNotifier;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag};
 
 use crate::virtio::{BrokenRing, Drained, SignalUsed, VIRTIO_F_VERSION_1};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueT;
 
 /// The guest memory the frontend shares, as the framework maps it.
 pub type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -52,9 +54,14 @@ impl WorkerExit {
 }
 
 /// The virtio features both backends offer: those of the in-process
-/// devices, plus the vhost-user protocol features.
+/// devices, the vhost-user protocol features, and the ring features that
+/// spare the guest kernel work (fewer notifications each way, one ring
+/// slot per request): every ring's driver ([`drive`]) keeps to them.
 fn features() -> u64 {
-    (1 << VIRTIO_F_VERSION_1) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    (1 << VIRTIO_F_VERSION_1)
+        | (1 << VIRTIO_RING_F_EVENT_IDX)
+        | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
 }
 
 /// Records that used buffers must be signalled: the vring's call eventfd
@@ -68,29 +75,45 @@ impl SignalUsed for Deferred {
     }
 }
 
-/// Runs `work` on the queue of `vring` until it reports that nothing is
-/// left to do now (a spent budget runs it again: the thread has nothing
-/// else to serve meanwhile that this ring's lock would hold up), then
-/// tells the driver if buffers were used.
+/// How [`drive`] treats buffers that arrive while it works.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ring {
+    /// The guest's buffers are requests: new ones are more work.
+    Requests,
+    /// The guest's buffers wait for the host's data (a receive queue):
+    /// new ones are work only once there is data.
+    Receive,
+}
+
+/// Runs `work` on the queue of `vring` until nothing is left to do now,
+/// telling the driver after each run if buffers were used. A spent budget
+/// runs it again (the thread has nothing else that this ring's lock
+/// would hold up), and so do requests that arrived while notifications
+/// were off (off during a run; with EVENT_IDX, re-armed at its end).
 fn drive<T>(
     vring: &Vring,
     memory: &Memory,
+    ring: Ring,
     mut work: impl FnMut(&mut Queue, &GuestMemoryMmap, &dyn SignalUsed) -> Result<T, BrokenRing>,
     done: impl Fn(&T) -> bool,
 ) -> Result<(), BrokenRing> {
     loop {
         let signal = Deferred::default();
-        let result = {
+        let (result, arrived) = {
             let mem = memory.memory();
             let mut state = vring.get_mut();
-            work(state.get_queue_mut(), &mem, &signal)
+            let queue = state.get_queue_mut();
+            let _ = queue.disable_notification(&*mem);
+            let result = work(queue, &mem, &signal);
+            let arrived = queue.enable_notification(&*mem).unwrap_or(false);
+            (result, arrived)
         };
         if signal.0.get() {
             if let Err(e) = vring.signal_used_queue() {
                 tracing::warn!("vhost-user: cannot signal the frontend: {e}");
             }
         }
-        if done(&result?) {
+        if done(&result?) && !(arrived && ring == Ring::Requests) {
             return Ok(());
         }
     }
@@ -116,7 +139,6 @@ mod tests {
     use std::io::Read;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use virtio_queue::QueueT;
     use vm_memory::GuestAddress;
 
     /// A vring over `mem` as the framework sets one up, with `chains`
@@ -157,6 +179,7 @@ mod tests {
         drive(
             &vring,
             &memory,
+            Ring::Requests,
             |queue, mem, signal| {
                 runs += 1;
                 // The ring's lock is held here: signalling must not take it.
@@ -176,7 +199,7 @@ mod tests {
         );
         assert_eq!(vring.get_ref().get_queue().next_avail(), chains);
         // Nothing used, nothing signalled.
-        drive(&vring, &memory, |_, _, _| Ok(()), |_| true).unwrap();
+        drive(&vring, &memory, Ring::Receive, |_, _, _| Ok(()), |_| true).unwrap();
         assert!(
             (&call).read_exact(&mut count).is_err(),
             "no call without used buffers"

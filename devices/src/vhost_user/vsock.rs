@@ -14,7 +14,7 @@ use vhost_user_backend::{VhostUserBackendMut, VringT};
 use virtio_queue::QueueT;
 use vmm_os::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-use super::{config_bytes, drained, drive, features, Memory, Vring, WorkerExit};
+use super::{config_bytes, drained, drive, features, Memory, Ring, Vring, WorkerExit};
 use crate::virtio::vsock::muxer::FdChange;
 use crate::virtio::vsock::{config_space, VsockCore, EVENTS, RX, TX};
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
@@ -74,6 +74,7 @@ impl VsockBackend {
         let run = drive(
             &vrings[RX],
             &self.memory,
+            Ring::Receive,
             |queue, mem, signal| core.process_rx(queue, mem, signal),
             |_| true,
         );
@@ -85,6 +86,7 @@ impl VsockBackend {
         let run = drive(
             &vrings[TX],
             &self.memory,
+            Ring::Requests,
             |queue, mem, signal| core.process_tx(queue, mem, signal),
             drained,
         );

@@ -30,7 +30,7 @@ enum Ended {
 pub fn run(options: &Options, listening: impl FnOnce(&Options)) -> Result<(), Error> {
     // The share is opened first: a wrong folder is reported before the
     // socket exists.
-    let mut share = match &options.device {
+    let share = match &options.device {
         Device::Fs {
             shared_dir,
             read_only,
@@ -44,8 +44,21 @@ pub fn run(options: &Options, listening: impl FnOnce(&Options)) -> Result<(), Er
             source,
         })?;
     let mut listener = Listener::from(listener);
-    remove_at_stop(options)?;
-    confine(options)?;
+    let served = remove_at_stop(options)
+        .and_then(|()| confine(options))
+        .and_then(|()| serve_all(options, &mut listener, share, listening));
+    remove_files();
+    served
+}
+
+/// Serves frontend after frontend until one disconnects (`persistent`:
+/// until a signal). `share`: the first connection's, opened already.
+fn serve_all(
+    options: &Options,
+    listener: &mut Listener,
+    mut share: Option<PassthroughFs>,
+    listening: impl FnOnce(&Options),
+) -> Result<(), Error> {
     if options.seccomp {
         crate::seccomp::apply(Role::DeviceDaemon)?;
     }
@@ -63,7 +76,7 @@ pub fn run(options: &Options, listening: impl FnOnce(&Options)) -> Result<(), Er
                     None => PassthroughFs::new(shared_dir, *read_only)?,
                 };
                 serve(
-                    &mut listener,
+                    listener,
                     FsBackend::new(fs, tag.clone(), exit),
                     notifier,
                     None,
@@ -80,14 +93,13 @@ pub fn run(options: &Options, listening: impl FnOnce(&Options)) -> Result<(), Er
                     }
                 })?;
                 let host = backend.host_events_fd();
-                serve(&mut listener, backend, notifier, Some(host))?
+                serve(listener, backend, notifier, Some(host))?
             }
         };
         let name = options.device.name();
         match ended {
             Ended::Disconnected if !options.persistent => {
                 tracing::info!("vmm device {name}: the frontend disconnected; the daemon ends");
-                remove_files();
                 return Ok(());
             }
             Ended::Disconnected => {
