@@ -268,20 +268,9 @@ const DEVICE_DAEMON: &[Allowed] = &[
         args: Args::DescriptorFlags,
         why: "non-blocking vsock sockets (FIONBIO)",
     },
-    any(libc::SYS_timerfd_create, "the vsock deadlines of a new connection"),
-    Allowed {
-        nr: libc::SYS_clone,
-        args: Args::Thread,
-        why: "the framework's threads for each connection (threads only)",
-    },
     any(
-        libc::SYS_clone3,
-        "answered ENOSYS by a filter of its own, so that threads start through clone, whose flags a filter can check",
-    ),
-    any(libc::SYS_set_robust_list, "thread start"),
-    any(
-        libc::SYS_sched_getaffinity,
-        "thread start (Rust reads the new thread's attributes)",
+        libc::SYS_timerfd_create,
+        "the vsock deadlines of a new connection",
     ),
     any(libc::SYS_prctl, "thread names"),
     any(
@@ -339,10 +328,15 @@ const RUN_CLIENT: &[Allowed] = &[
     any(libc::SYS_poll, "waits for the agent"),
     #[cfg(target_arch = "aarch64")]
     any(libc::SYS_ppoll, "waits for the agent"),
+];
+
+/// Starting threads but no process: `vmm run`'s standard-input thread, a
+/// vhost-user daemon's framework threads.
+const THREADS: &[Allowed] = &[
     Allowed {
         nr: libc::SYS_clone,
         args: Args::Thread,
-        why: "the thread that streams standard input (threads only)",
+        why: "threads of its own (threads only)",
     },
     any(
         libc::SYS_clone3,
@@ -429,14 +423,20 @@ impl Role {
         match self {
             Role::Vcpu => VCPU.iter().collect(),
             Role::DeviceLoop => DEVICE_LOOP.iter().chain(DEVICES).collect(),
-            Role::DeviceDaemon => DEVICE_DAEMON.iter().chain(DEVICES).collect(),
+            Role::DeviceDaemon => [DEVICE_DAEMON, THREADS, DEVICES]
+                .into_iter()
+                .flatten()
+                .collect(),
             Role::Control => CONTROL.iter().collect(),
             Role::Reseed => AGENT_CLIENT.iter().collect(),
             Role::Spawner => [VCPU, DEVICE_LOOP, DEVICES, CONTROL, AGENT_CLIENT, START]
                 .into_iter()
                 .flatten()
                 .collect(),
-            Role::RunClient => AGENT_CLIENT.iter().chain(RUN_CLIENT).collect(),
+            Role::RunClient => [AGENT_CLIENT, RUN_CLIENT, THREADS]
+                .into_iter()
+                .flatten()
+                .collect(),
             Role::Jail => JAIL.iter().collect(),
         }
     }
