@@ -80,8 +80,8 @@ fn header(request: u32, flags: u32, size: u32) -> Vec<u8> {
         .collect()
 }
 
-/// Connections that break the protocol, each on its own connection: a
-/// truncated header, a bad version, a payload size past the limit, an
+/// Connections that break the protocol, each on its own connection: one
+/// closed before any request, a truncated header, a bad version, a payload size past the limit, an
 /// unknown request, a memory table with more regions than allowed, one
 /// whose region has no file descriptor, a payload cut short.
 fn garbage() -> Vec<Vec<u8>> {
@@ -102,6 +102,7 @@ fn garbage() -> Vec<Vec<u8>> {
     let mut cut = header(SET_MEM_TABLE, 1, 8 + 32);
     cut.extend([1u8, 0, 0]);
     vec![
+        vec![],
         vec![1, 0, 0, 0, 1],
         header(SET_OWNER, 0x7, 0),
         header(SET_OWNER, 1, u32::MAX),

@@ -5,7 +5,7 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::VhostUserBackendMut;
 use vmm_os::epoll::EventSet;
 
-use super::{config_bytes, drained, drive, features, Memory, Ring, Vring, WorkerExit};
+use super::{config_bytes, drained, drive, Asked, Memory, Ring, Served, Vring, WorkerExit};
 use crate::virtio::fs::server::Server;
 use crate::virtio::fs::{config_space, serve_queue, PassthroughFs, QUEUE_SIZE};
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
@@ -23,6 +23,7 @@ pub struct FsBackend {
     /// resets it.
     broken: bool,
     exit: WorkerExit,
+    asked: Asked,
 }
 
 impl FsBackend {
@@ -34,7 +35,14 @@ impl FsBackend {
             memory: Memory::new(Default::default()),
             broken: false,
             exit,
+            asked: Asked::default(),
         }
+    }
+}
+
+impl Served for FsBackend {
+    fn served(&self) -> bool {
+        self.asked.get()
     }
 }
 
@@ -51,7 +59,7 @@ impl VhostUserBackendMut for FsBackend {
     }
 
     fn features(&self) -> u64 {
-        features()
+        self.asked.features()
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {

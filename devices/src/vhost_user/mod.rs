@@ -13,6 +13,7 @@ pub mod fs;
 pub mod vsock;
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
@@ -51,6 +52,29 @@ impl WorkerExit {
     fn take(&self) -> Option<(EventConsumer, EventNotifier)> {
         self.0.lock().ok()?.take()
     }
+}
+
+/// Whether a connection's frontend made a request: GET_FEATURES, the first
+/// request of every frontend, reads the features through [`Asked::features`].
+/// A connection that ends before is not a frontend that left.
+#[derive(Default)]
+pub struct Asked(AtomicBool);
+
+impl Asked {
+    /// [`features`], noting that the frontend asked.
+    fn features(&self) -> u64 {
+        self.0.store(true, Ordering::Relaxed);
+        features()
+    }
+
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A backend that says whether its frontend made a request.
+pub trait Served {
+    fn served(&self) -> bool;
 }
 
 /// The virtio features both backends offer: those of the in-process

@@ -14,7 +14,7 @@ use vhost_user_backend::{VhostUserBackendMut, VringT};
 use virtio_queue::QueueT;
 use vmm_os::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-use super::{config_bytes, drained, drive, features, Memory, Ring, Vring, WorkerExit};
+use super::{config_bytes, drained, drive, Asked, Memory, Ring, Served, Vring, WorkerExit};
 use crate::virtio::vsock::muxer::FdChange;
 use crate::virtio::vsock::{config_space, VsockCore, EVENTS, RX, TX};
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
@@ -39,6 +39,7 @@ pub struct VsockBackend {
     /// resets it.
     broken: bool,
     exit: WorkerExit,
+    asked: Asked,
 }
 
 impl VsockBackend {
@@ -61,6 +62,7 @@ impl VsockBackend {
             memory: Memory::new(Default::default()),
             broken: false,
             exit,
+            asked: Asked::default(),
         })
     }
 
@@ -125,6 +127,12 @@ impl VsockBackend {
     }
 }
 
+impl Served for VsockBackend {
+    fn served(&self) -> bool {
+        self.asked.get()
+    }
+}
+
 impl VhostUserBackendMut for VsockBackend {
     type Bitmap = ();
     type Vring = Vring;
@@ -138,7 +146,7 @@ impl VhostUserBackendMut for VsockBackend {
     }
 
     fn features(&self) -> u64 {
-        features()
+        self.asked.features()
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {

@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock, RwLock};
 
 use devices::vhost_user::fs::FsBackend;
 use devices::vhost_user::vsock::{VsockBackend, HOST_EVENTS};
-use devices::vhost_user::{EventNotifier, Vring, WorkerExit};
+use devices::vhost_user::{EventNotifier, Served, Vring, WorkerExit};
 use devices::virtio::fs::PassthroughFs;
 use vhost::vhost_user::{Error as ProtocolError, Listener};
 use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon};
@@ -157,11 +157,12 @@ fn serve<B>(
     host_events: Option<RawFd>,
 ) -> Result<Ended, Error>
 where
-    B: VhostUserBackendMut<Bitmap = (), Vring = Vring> + 'static,
+    B: VhostUserBackendMut<Bitmap = (), Vring = Vring> + Served + 'static,
 {
     let backend = Arc::new(RwLock::new(backend));
     let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let mut daemon = VhostUserDaemon::new("vmm-device".into(), backend, memory).map_err(setup)?;
+    let mut daemon =
+        VhostUserDaemon::new("vmm-device".into(), backend.clone(), memory).map_err(setup)?;
     if let Some(fd) = host_events {
         for worker in daemon.get_epoll_handlers() {
             worker
@@ -176,10 +177,15 @@ where
     if let Err(e) = exit.notify() {
         tracing::warn!("cannot end the connection's worker thread: {e}");
     }
+    let served = backend.read().is_ok_and(|b| b.served());
     Ok(match result {
-        Ok(()) => Ended::Disconnected,
-        Err(vhost_user_backend::Error::HandleRequest(ProtocolError::Disconnected)) => {
+        Ok(()) | Err(vhost_user_backend::Error::HandleRequest(ProtocolError::Disconnected))
+            if served =>
+        {
             Ended::Disconnected
+        }
+        Ok(()) | Err(vhost_user_backend::Error::HandleRequest(ProtocolError::Disconnected)) => {
+            Ended::Broken("it closed the connection before its first request".into())
         }
         Err(e) => Ended::Broken(e.to_string()),
     })

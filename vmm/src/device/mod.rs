@@ -6,9 +6,9 @@
 //! A daemon listens on its socket (mode 0600), serves one frontend at a
 //! time and exits with status 0 once that frontend disconnects (with
 //! `persistent`, it waits for the next one). A connection that breaks the
-//! protocol (a truncated or unknown message, a bad size or memory table)
-//! is dropped with a log line and the daemon waits for the next
-//! connection. SIGTERM and SIGINT end it at once. Before it accepts a
+//! protocol (a truncated or unknown message, a bad size or memory table),
+//! or that closes before its first request, is dropped with a log line and
+//! the daemon waits for the next connection. SIGTERM and SIGINT end it at once. Before it accepts a
 //! connection, the daemon drops its capabilities, confines itself with
 //! Landlock to its folders and installs its seccomp filter.
 
