@@ -9,12 +9,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use vmm_os::timerfd::TimerFd;
-
-/// A new, disarmed timer whose reads never block.
-pub fn nonblocking() -> io::Result<TimerFd> {
-    vmm_os::timerfd::nonblocking()
-}
+use vmm_os::timerfd::{nonblocking, TimerFd};
 
 /// A periodic non-blocking timer that runs exactly while its owner has
 /// something to check (deadlines pending), so an idle loop never wakes.

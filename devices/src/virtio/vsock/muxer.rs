@@ -243,7 +243,7 @@ impl Muxer {
             changes: Vec::new(),
             closing: Vec::new(),
             wake: EventFd::new(vmm_os::EFD_NONBLOCK)?,
-            timer: crate::timer::nonblocking()?,
+            timer: vmm_os::timerfd::nonblocking()?,
             timer_armed: false,
             listener_resumes: None,
             socket_id,

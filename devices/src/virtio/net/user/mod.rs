@@ -331,7 +331,7 @@ fn setup<T>(what: &'static str, r: io::Result<T>) -> Result<T, Error> {
 impl UserNet {
     pub fn new(config: UserNetConfig) -> Result<UserNet, Error> {
         let epoll = setup("epoll instance", Epoll::new())?;
-        let timer = setup("timer", crate::timer::nonblocking())?;
+        let timer = setup("timer", vmm_os::timerfd::nonblocking())?;
         setup(
             "timer",
             epoll.ctl(
