@@ -7,9 +7,8 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
-use common::{launch, Scratch};
+use common::{launch, sha256_file, Scratch};
 
 fn default_base() -> std::path::PathBuf {
     let cache = std::env::var_os("VMM_CACHE_DIR")
@@ -25,16 +24,6 @@ fn default_base() -> std::path::PathBuf {
     base
 }
 
-fn sha256(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    assert!(out.status.success());
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
 /// Config JSON for a VM on the default base that runs `script` in busybox sh.
 fn vm_with_disk(rootfs: &str, script: &str) -> String {
     format!(r#"{{"memory_mib": 192, "rootfs": {rootfs}, "cmdline": "-- sh -c \"{script}\""}}"#)
@@ -43,7 +32,7 @@ fn vm_with_disk(rootfs: &str, script: &str) -> String {
 #[test]
 fn layers_keep_flushed_writes_and_isolate_vms_on_one_base() {
     let base = default_base();
-    let before = sha256(&base);
+    let before = sha256_file(&base);
     let s = Scratch::new("disk-layers");
     let layer_a = s.path("a.layer");
     let layer_b = s.path("b.layer");
@@ -85,7 +74,7 @@ fn layers_keep_flushed_writes_and_isolate_vms_on_one_base() {
     let allocated = std::fs::metadata(&layer_a).unwrap().blocks() * 512;
     let base_size = std::fs::metadata(&base).unwrap().len();
     assert!(allocated < base_size / 4, "layer holds {allocated} bytes");
-    assert_eq!(sha256(&base), before, "the base image changed");
+    assert_eq!(sha256_file(&base), before, "the base image changed");
 }
 
 #[test]

@@ -26,7 +26,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 use vmm::action::Control;
 
-use common::{describe, exec, fork, ok, stop_now, Guest, Scratch};
+use common::{describe, exec, fork, ok, sha256_file, sha256_hex, stop_now, Guest, Scratch};
 use serde_json::json;
 
 /// The bytes the data server sends: `n` of a fixed pattern.
@@ -34,21 +34,6 @@ fn pattern(n: usize) -> Vec<u8> {
     (0..n as u32)
         .map(|i| (i.wrapping_mul(7919) >> 5) as u8)
         .collect()
-}
-
-fn sha256(data: &[u8]) -> String {
-    let mut child = Command::new("sha256sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(data).unwrap();
-    let out = child.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
 }
 
 /// Serves each connection on its own thread.
@@ -263,7 +248,7 @@ fn a_2_mib_fetch_arrives_intact_by_address_and_by_allowed_name() {
     let net = user_net();
     let size = 2 << 20;
     let data = pattern(size);
-    let want = format!("{size} {}", sha256(&data));
+    let want = format!("{size} {}", sha256_hex(&data));
     let out = ok(net.guest.sh(&fetch_script("10.0.2.2", net.data_port, size)));
     assert_eq!(out, want, "through 10.0.2.2");
 
@@ -407,12 +392,12 @@ fn a_fork_child_gets_a_network_of_its_own() {
     stop_now(api, *pid);
     assert_eq!(
         out,
-        format!("{size} {}", sha256(&pattern(size))),
+        format!("{size} {}", sha256_hex(&pattern(size))),
         "child {id}"
     );
     // The parent's network is untouched by the child's end.
     let out = ok(net.guest.sh(&fetch_script("10.0.2.2", net.data_port, size)));
-    assert_eq!(out, format!("{size} {}", sha256(&pattern(size))));
+    assert_eq!(out, format!("{size} {}", sha256_hex(&pattern(size))));
 }
 
 #[test]
@@ -566,17 +551,7 @@ fn a_jailed_guest_on_a_tap_link_fetches_a_file() {
     let out = ok(guest.sh(
         "python3 -c \"import hashlib, urllib.request; d = urllib.request.urlopen('http://10.0.3.1:8000/blob', timeout=60).read(); print(len(d), hashlib.sha256(d).hexdigest())\"",
     ));
-    let sum = {
-        let out = Command::new("sha256sum")
-            .arg(served_path(&guest))
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .to_string()
-    };
+    let sum = sha256_file(&served_path(&guest));
     assert_eq!(out, format!("{} {sum}", blob.len()), "{out}");
     let addr = guest.sh("cat /proc/net/fib_trie | grep -c 10.0.3.2");
     assert!(addr.status.success(), "{}", describe(&addr));

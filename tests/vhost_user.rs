@@ -22,7 +22,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use common::shares::{self, ShareGuest};
-use common::{spawn_for_the_tests, Scratch, VMM};
+use common::{sha256_hex, spawn_for_the_tests, Scratch, VMM};
 use devices::sync::Locked;
 use vmm::agent::{AgentClient, Exec, ReadyListener};
 use vmm::artifacts::{self, KernelFlavour};
@@ -478,25 +478,6 @@ fn eight_concurrent_4_mib_streams_each_way_arrive_intact() {
         "{}",
         common::describe(&out)
     );
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    use std::process::Stdio;
-    let mut child = Command::new("sha256sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let data = data.to_vec();
-    let feeder = std::thread::spawn(move || stdin.write_all(&data));
-    let out = child.wait_with_output().unwrap();
-    feeder.join().unwrap().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
 }
 
 /// A frontend of our own (rust-vmm's vhost crate): the handshake QEMU

@@ -259,6 +259,21 @@ pub fn vmm(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// The SHA-256 of `data`, in hex (as `sha256sum` prints it).
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    format!("{:x}", sha2::Sha256::digest(data))
+}
+
+/// The SHA-256 of the file at `path`, in hex, read in pieces.
+pub fn sha256_file(path: &Path) -> String {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    let mut file = std::fs::File::open(path).unwrap();
+    std::io::copy(&mut file, &mut hasher).unwrap();
+    format!("{:x}", hasher.finalize())
+}
+
 pub fn text(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }

@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use super::{describe, ok, Guest, Scratch};
+use super::{describe, ok, sha256_file, Guest, Scratch};
 
 pub const SECRET: &str = "host secret\n";
 
@@ -64,18 +64,6 @@ pub fn fails(out: Output) -> String {
         describe(&out)
     );
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-pub fn host_sha256(path: &Path) -> String {
-    let out = std::process::Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
 }
 
 /// Everything in the scratch folder outside the shares, with contents.
@@ -154,7 +142,7 @@ pub fn big_file_both_ways(g: &dyn ShareGuest) {
         "sha256sum /mnt/work/host.bin && dd if=/mnt/work/host.bin of=/mnt/work/big.bin bs=1M 2>/dev/null",
     ));
     let sum = out.split_whitespace().next().unwrap_or_default();
-    assert_eq!(sum, host_sha256(&work(g, "host.bin")));
+    assert_eq!(sum, sha256_file(&work(g, "host.bin")));
     assert!(
         std::fs::read(work(g, "big.bin")).unwrap() == data,
         "the guest's copy differs"
