@@ -4,6 +4,8 @@
 #    qemu-system-x86 (for boot-time comparisons), debootstrap, e2fsprogs
 #    (mkfs.ext4 and debugfs write imported images), docker-registry and
 #    skopeo (the image pull tests run a registry on 127.0.0.1 and push to it),
+#    containerd and runc (tests/containerd.rs starts a containerd of its
+#    own and compares our shim with runc, its default runtime);
 #    python3-venv (the E2B and MCP tests install the official SDKs from PyPI;
 #    the JavaScript E2B test needs Node.js 20.18+ and npm, which this machine
 #    kind has: tools/client-env.sh checks);
@@ -41,7 +43,7 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export CARGO_BUILD_TARGET="${CARGO_BUILD_TARGET:-$(uname -m)-unknown-linux-gnu}"
 packages=(linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev cpio
           busybox-static qemu-system-x86 debootstrap e2fsprogs binutils
-          docker-registry skopeo python3 python3-venv)
+          docker-registry skopeo python3 python3-venv containerd runc)
 # arm64 cross-builds and the emulated arm64 host (an arm64 host's own gcc
 # names itself aarch64-linux-gnu-gcc already).
 [ "$(uname -m)" = aarch64 ] || packages+=(qemu-system-arm gcc-aarch64-linux-gnu)

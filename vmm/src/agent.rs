@@ -84,6 +84,34 @@ pub struct Exec {
     /// `User`, else root.
     pub user: Option<String>,
     pub timeout: Option<Duration>,
+    /// A container's root file system in the guest: the command runs
+    /// chrooted there, with `env` only (no image defaults).
+    pub root: Option<String>,
+}
+
+impl Exec {
+    fn request(&self, stdin: bool, pty: Option<vmm_agent::PtySize>) -> Request {
+        Request::Exec {
+            argv: self.argv.clone(),
+            env: self.env.clone(),
+            cwd: self.cwd.clone(),
+            user: self.user.clone(),
+            pty,
+            stdin,
+            timeout_ms: self.timeout.map(|t| t.as_millis() as u64),
+            root: self.root.clone(),
+        }
+    }
+}
+
+/// How a command's end is told in an answer.
+fn exit_status(resp: &Response) -> Result<ExitStatus> {
+    Ok(match (resp.timed_out, resp.exit_code, resp.signal) {
+        (true, _, _) => ExitStatus::TimedOut,
+        (_, Some(code), _) => ExitStatus::Code(code),
+        (_, None, Some(sig)) => ExitStatus::Signal(sig),
+        _ => return Err(Error::Protocol("no exit status in the response".into())),
+    })
 }
 
 /// What a host connection sends first to reach the agent through the
@@ -213,16 +241,11 @@ impl AgentClient {
         let mut s = self.connect()?;
         // The command's own time, then the usual wait for the agent.
         s.set_read_timeout(cmd.timeout.map(|t| t.saturating_add(self.timeout)))?;
-        let request = Request::Exec {
-            argv: cmd.argv.clone(),
-            env: cmd.env.clone(),
-            cwd: cmd.cwd.clone(),
-            user: cmd.user.clone(),
-            pty: None,
-            stdin: stdin.is_some(),
-            timeout_ms: cmd.timeout.map(|t| t.as_millis() as u64),
-        };
-        write_json(&mut s, FrameType::Request, &request)?;
+        write_json(
+            &mut s,
+            FrameType::Request,
+            &cmd.request(stdin.is_some(), None),
+        )?;
         let feeder = match stdin {
             Some(mut input) => {
                 let mut w = s.try_clone()?;
@@ -248,12 +271,73 @@ impl AgentClient {
         if let Some(f) = feeder {
             let _ = f.join();
         }
-        Ok(match (resp.timed_out, resp.exit_code, resp.signal) {
-            (true, _, _) => ExitStatus::TimedOut,
-            (_, Some(code), _) => ExitStatus::Code(code),
-            (_, None, Some(sig)) => ExitStatus::Signal(sig),
-            _ => return Err(Error::Protocol("no exit status in the response".into())),
-        })
+        exit_status(&resp)
+    }
+
+    /// Starts a command whose input, output and end the caller handles
+    /// apart (a container's process): returns once the guest has started
+    /// it, with its guest pid. Its input is typed in through
+    /// [`Session::input`]; [`Session::finish`] streams its output and
+    /// returns how it ended.
+    pub fn start(
+        &self,
+        cmd: &Exec,
+        stdin: bool,
+        pty: Option<vmm_agent::PtySize>,
+    ) -> Result<Session> {
+        let mut stream = self.connect()?;
+        write_json(&mut stream, FrameType::Request, &cmd.request(stdin, pty))?;
+        let pid = match read_frame(&mut stream).map_err(|e| timed(e, self.timeout))? {
+            Some((FrameType::Started, payload)) => {
+                serde_json::from_slice::<vmm_agent::Started>(&payload)
+                    .map_err(|e| Error::Protocol(e.to_string()))?
+                    .pid
+            }
+            Some((FrameType::Response, payload)) => {
+                let resp: Response =
+                    serde_json::from_slice(&payload).map_err(|e| Error::Protocol(e.to_string()))?;
+                return Err(Error::Agent(
+                    resp.error
+                        .unwrap_or_else(|| "the command did not start".into()),
+                ));
+            }
+            Some((kind, _)) => {
+                return Err(Error::Protocol(format!(
+                    "unexpected {kind:?} frame before the start"
+                )))
+            }
+            None => {
+                return Err(Error::Protocol(
+                    "the agent closed the connection early".into(),
+                ))
+            }
+        };
+        // The command runs as long as it runs: no limit on its answer.
+        stream.set_read_timeout(None)?;
+        Ok(Session { pid, stream })
+    }
+
+    /// Mounts `mounts` inside `root` in the guest (a container's).
+    pub fn mount(&self, root: &str, mounts: Vec<vmm_agent::Mount>) -> Result<()> {
+        let mut s = self.connect()?;
+        let request = Request::Mount {
+            root: root.to_string(),
+            mounts,
+        };
+        write_json(&mut s, FrameType::Request, &request)?;
+        Self::finish(&mut s, |_, _| Ok(()))?;
+        Ok(())
+    }
+
+    /// Sends `signal` to the guest process `pid`; `false` when it is gone.
+    pub fn signal(&self, pid: i32, signal: i32) -> Result<bool> {
+        let mut s = self.connect()?;
+        write_json(&mut s, FrameType::Request, &Request::Signal { pid, signal })?;
+        match Self::finish(&mut s, |_, _| Ok(())) {
+            Ok(_) => Ok(true),
+            Err(Error::Agent(e)) if e.contains("No such process") => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Writes `data` to `path` in the guest; returns the bytes written.
@@ -339,6 +423,63 @@ impl AgentClient {
         let mut s = self.connect()?;
         write_json(&mut s, FrameType::Request, &Request::Shutdown)?;
         Self::finish(&mut s, |_, _| Ok(()))?;
+        Ok(())
+    }
+}
+
+/// A command started by [`AgentClient::start`].
+#[derive(Debug)]
+pub struct Session {
+    pid: i32,
+    stream: UnixStream,
+}
+
+/// What types into a [`Session`]'s command: stdin frames, terminal sizes.
+#[derive(Debug)]
+pub struct SessionInput(UnixStream);
+
+impl Session {
+    /// The command's pid in the guest.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// A writer of the command's input, usable from another thread.
+    pub fn input(&self) -> Result<SessionInput> {
+        Ok(SessionInput(self.stream.try_clone()?))
+    }
+
+    /// Streams the command's output to `stdout` and `stderr` (a terminal's
+    /// all to `stdout`) until it ends; how it ended.
+    pub fn finish(mut self, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Result<ExitStatus> {
+        let resp = AgentClient::finish(&mut self.stream, |kind, data| {
+            // A reader that went away does not stop the command.
+            let _ = match kind {
+                FrameType::Stdout => stdout.write_all(data),
+                _ => stderr.write_all(data),
+            };
+            Ok(())
+        })?;
+        exit_status(&resp)
+    }
+}
+
+impl SessionInput {
+    /// Types `data` in; empty `data` is the end of input.
+    pub fn write(&mut self, data: &[u8]) -> Result<()> {
+        for chunk in data.chunks(vmm_agent::MAX_FRAME) {
+            write_frame(&mut self.0, FrameType::Stdin, chunk)?;
+        }
+        if data.is_empty() {
+            write_frame(&mut self.0, FrameType::Stdin, &[])?;
+        }
+        Ok(())
+    }
+
+    /// Sets the command's terminal to `cols` x `rows`.
+    pub fn resize(&mut self, cols: u16, rows: u16) -> Result<()> {
+        let size = vmm_agent::PtySize { cols, rows };
+        write_json(&mut self.0, FrameType::Resize, &size)?;
         Ok(())
     }
 }

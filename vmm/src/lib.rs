@@ -35,6 +35,8 @@ pub mod runtime;
 pub mod sandbox;
 pub mod seccomp;
 pub mod serve;
+#[cfg(target_os = "linux")]
+pub mod shim;
 pub mod signals;
 pub mod snapshot;
 pub mod spawner;

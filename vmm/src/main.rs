@@ -292,6 +292,7 @@ impl ExecArgs {
             cwd: self.cwd.clone(),
             user: self.user.clone(),
             timeout: self.timeout.map(std::time::Duration::from_secs_f64),
+            root: None,
         })
     }
 

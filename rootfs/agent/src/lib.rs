@@ -4,6 +4,9 @@
 //! One request per connection. Every message is a frame: a type byte, a
 //! 32-bit little-endian payload length, the payload.
 
+#[cfg(target_os = "linux")]
+pub mod mount;
+
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 
@@ -90,6 +93,12 @@ pub enum Request {
         /// implied) and `Resize` frames change its size.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pty: Option<PtySize>,
+        /// Run the command inside this guest folder as its root (chroot):
+        /// a container's root file system. `cwd` is inside it, `user` is
+        /// resolved from its /etc/passwd and /etc/group, and the image's
+        /// defaults do not apply (the request says everything).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        root: Option<String>,
     },
     /// Write a file from the `Stdin` frames that follow. A relative path
     /// is taken from `user`'s home (see [`Request::Stat`]); with `user`
@@ -161,6 +170,10 @@ pub enum Request {
     },
     /// Sync and power the VM off.
     Shutdown,
+    /// Mount file systems inside `root` (a container's root file system),
+    /// in order: what an OCI runtime spec's `mounts` ask for. A `/dev`
+    /// tmpfs gets the standard device nodes, as runtimes make them.
+    Mount { root: String, mounts: Vec<Mount> },
     /// The VM was forked or restored: mix `seed` (fresh host randomness,
     /// hex) into the kernel's random pool and reseed its generator, so the
     /// copies of one VM do not produce the same random bytes; and step the
@@ -175,6 +188,23 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         mac: Option<String>,
     },
+}
+
+/// One file system to mount ([`Request::Mount`]), as an OCI runtime
+/// spec's mount: `destination` inside the root; `kind` one of proc, sysfs,
+/// tmpfs, devpts, mqueue, cgroup, cgroup2 or bind (then `source` is a
+/// guest path); `options` the spec's (flags such as `nosuid`, `ro`,
+/// `rbind`, and data such as `mode=755`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mount {
+    pub destination: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub source: String,
+    #[serde(default)]
+    pub options: Vec<String>,
 }
 
 /// Where the VMM puts an image's exec defaults, in a small archive it adds

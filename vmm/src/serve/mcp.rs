@@ -214,6 +214,7 @@ impl Mcp {
             timeout_ms: Some(timeout * 1000),
             user: None,
             pty: None,
+            root: None,
         };
         let (mut reader, _w) = match guest::open(&sandbox.vm.vsock, &req).await {
             Ok(c) => c,

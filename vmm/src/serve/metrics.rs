@@ -122,6 +122,7 @@ pub async fn sample(sandbox: &Sandbox) -> Result<Value, String> {
         timeout_ms: Some(30_000),
         user: None,
         pty: None,
+        root: None,
     };
     let df = read(sandbox, df).await.map_err(|e| e.to_string())?;
     let now = cpu_times(&stat).ok_or_else(|| broken("/proc/stat"))?;

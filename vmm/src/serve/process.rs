@@ -168,6 +168,7 @@ async fn launch(
         timeout_ms: None,
         user: info.user.clone(),
         pty,
+        root: None,
     };
     let (mut reader, mut writer) = guest::open(&sandbox.vm.vsock, &exec).await?;
     let pid = match reader.next().await? {

@@ -208,6 +208,7 @@ impl Machine {
             timeout_ms: None,
             user: None,
             pty: None,
+            root: None,
         };
         let answer = async {
             let (mut answers, _w) = guest::open(&self.vsock, &req).await?;

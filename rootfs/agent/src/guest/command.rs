@@ -37,6 +37,8 @@ pub struct Settings<'a> {
     pub env: Option<&'a BTreeMap<String, String>>,
     pub cwd: Option<&'a str>,
     pub user: Option<&'a str>,
+    /// A container's root file system: the command runs chrooted there.
+    pub root: Option<&'a str>,
 }
 
 /// A resolved user.
@@ -50,6 +52,9 @@ pub struct Credentials {
 
 /// Sets `cmd` up with `settings` over the image's defaults.
 pub fn apply(cmd: &mut Command, settings: &Settings) -> std::io::Result<()> {
+    if let Some(root) = settings.root {
+        return apply_in_root(cmd, root, settings);
+    }
     let d = defaults();
     let mut env: BTreeMap<String, String> = d
         .env
@@ -78,26 +83,71 @@ pub fn apply(cmd: &mut Command, settings: &Settings) -> std::io::Result<()> {
         if let Some(home) = &who.home {
             env.entry("HOME".into()).or_insert_with(|| home.clone());
         }
-        let Credentials {
-            uid, gid, groups, ..
-        } = who;
-        // SAFETY: the closure runs in the child between fork and exec and
-        // only makes async-signal-safe system calls (setgroups, setgid,
-        // setuid) on values computed before the fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                    || libc::setgid(gid) != 0
-                    || libc::setuid(uid) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        switch_user(cmd, who);
     }
     cmd.envs(env);
     Ok(())
+}
+
+/// Sets `cmd` up to run in a container's root: chrooted to `root`, in
+/// `cwd` there (default /), as `user` from the root's own /etc/passwd and
+/// /etc/group, with the request's environment only (over the agent's PATH
+/// when it names none).
+fn apply_in_root(cmd: &mut Command, root: &str, settings: &Settings) -> std::io::Result<()> {
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_string());
+    let root_c = std::ffi::CString::new(root).map_err(|_| bad("a NUL in the root"))?;
+    let cwd = settings.cwd.unwrap_or("/");
+    let cwd_c = std::ffi::CString::new(cwd).map_err(|_| bad("a NUL in the working directory"))?;
+    let who = match settings.user.filter(|u| !u.is_empty()) {
+        None => None,
+        Some(spec) => {
+            let read =
+                |f: &str| std::fs::read_to_string(format!("{root}/etc/{f}")).unwrap_or_default();
+            Some(resolve(spec, &read("passwd"), &read("group"))?)
+        }
+    };
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // makes async-signal-safe system calls (chroot, chdir) on C strings
+    // made before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::chroot(root_c.as_ptr()) != 0 || libc::chdir(cwd_c.as_ptr()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    if let Some(who) = who {
+        if let Some(home) = &who.home {
+            cmd.env("HOME", home);
+        }
+        switch_user(cmd, who);
+    }
+    if let Some(env) = settings.env {
+        cmd.envs(env);
+    }
+    Ok(())
+}
+
+/// Makes `cmd` drop to `who` before it runs.
+fn switch_user(cmd: &mut Command, who: Credentials) {
+    let Credentials {
+        uid, gid, groups, ..
+    } = who;
+    // SAFETY: the closure runs in the child between fork and exec and
+    // only makes async-signal-safe system calls (setgroups, setgid,
+    // setuid) on values computed before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(uid) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 /// The user a request runs as: `user` (`NAME`, `UID`, `NAME:GROUP`,

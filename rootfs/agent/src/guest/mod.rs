@@ -1,6 +1,7 @@
 //! The agent inside the guest (Linux only): boot, then serving requests.
 
 mod command;
+mod container;
 mod files;
 mod identity;
 mod pty;
@@ -256,6 +257,7 @@ pub(crate) fn spawn_command(
         Err(e)
             if e.kind() == std::io::ErrorKind::NotFound
                 && !program.contains('/')
+                && settings.root.is_none()
                 && std::path::Path::new(BUSYBOX).exists() =>
         {
             spawn(BUSYBOX, argv)

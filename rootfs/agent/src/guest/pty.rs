@@ -16,10 +16,22 @@ use vmm_agent::{read_frame, write_frame, FrameType, PtySize};
 use super::command::Settings;
 use super::spawn_command;
 
-/// Opens a terminal pair of `size`: (primary, secondary), both close-on-exec.
-fn open(size: PtySize) -> io::Result<(File, File)> {
+/// Opens the terminal multiplexer: a container root's own (its /dev/pts,
+/// so the command finds its terminal's name there), else the guest's.
+fn open_ptmx(root: Option<&str>) -> libc::c_int {
+    let flags = libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC;
+    let own = root
+        .and_then(|r| std::ffi::CString::new(format!("{r}/dev/ptmx")).ok())
+        // SAFETY: open(2) on a NUL-terminated path; the result is checked.
+        .map(|path| unsafe { libc::open(path.as_ptr(), flags) })
+        .filter(|fd| *fd >= 0);
     // SAFETY: posix_openpt(3) with valid flags; the result is checked.
-    let fd = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+    own.unwrap_or_else(|| unsafe { libc::posix_openpt(flags) })
+}
+
+/// Opens a terminal pair of `size`: (primary, secondary), both close-on-exec.
+fn open(size: PtySize, root: Option<&str>) -> io::Result<(File, File)> {
+    let fd = open_ptmx(root);
     if fd < 0 {
         let e = io::Error::last_os_error();
         return Err(io::Error::other(format!(
@@ -69,7 +81,7 @@ fn resize(primary: &File, size: PtySize) -> io::Result<()> {
 /// Starts `argv` on a new terminal of `size`; returns it and the
 /// terminal's primary side.
 pub fn spawn(argv: &[String], settings: &Settings, size: PtySize) -> io::Result<(Child, File)> {
-    let (primary, secondary) = open(size)?;
+    let (primary, secondary) = open(size, settings.root)?;
     let child = spawn_command(argv, settings, |cmd| {
         let [i, o, e] = [(); 3].map(|()| secondary.try_clone().map(OwnedFd::from));
         if let (Ok(i), Ok(o), Ok(e)) = (i, o, e) {

@@ -127,11 +127,13 @@ fn handle(conn: File) -> io::Result<()> {
             timeout_ms,
             user,
             pty,
+            root,
         }) => {
             let settings = Settings {
                 env: Some(&env),
                 cwd: cwd.as_deref(),
                 user: user.as_deref(),
+                root: root.as_deref(),
             };
             let io = match pty {
                 Some(size) => Io::Terminal(size),
@@ -154,6 +156,10 @@ fn handle(conn: File) -> io::Result<()> {
             files::put(req, &mut reader)
         }
         Ok(Request::Reseed { seed, unix_ns, mac }) => match renew(&seed, unix_ns, mac.as_deref()) {
+            Ok(()) => Response::default(),
+            Err(e) => Response::error(e),
+        },
+        Ok(Request::Mount { root, mounts }) => match super::container::mount_all(&root, &mounts) {
             Ok(()) => Response::default(),
             Err(e) => Response::error(e),
         },

@@ -1,0 +1,99 @@
+//! Mount options as OCI runtime specs and containerd write them, split
+//! into what mount(2) takes (Linux): used by the guest agent for a
+//! container's mounts and by the containerd shim for its root file system.
+
+/// mount(2)'s flags, the propagation flags (a second call applies them)
+/// and the file system's data.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Options {
+    pub flags: libc::c_ulong,
+    pub propagation: libc::c_ulong,
+    pub data: String,
+}
+
+impl Options {
+    /// Splits `options` (`nosuid`, `ro`, `rbind`, `rprivate`, `mode=755`,
+    /// `lowerdir=...`).
+    pub fn parse(options: &[String]) -> Options {
+        let mut out = Options::default();
+        let mut data = Vec::new();
+        for o in options {
+            let (set, clear): (libc::c_ulong, libc::c_ulong) = match o.as_str() {
+                "ro" => (libc::MS_RDONLY, 0),
+                "rw" => (0, libc::MS_RDONLY),
+                "nosuid" => (libc::MS_NOSUID, 0),
+                "suid" => (0, libc::MS_NOSUID),
+                "nodev" => (libc::MS_NODEV, 0),
+                "dev" => (0, libc::MS_NODEV),
+                "noexec" => (libc::MS_NOEXEC, 0),
+                "exec" => (0, libc::MS_NOEXEC),
+                "sync" => (libc::MS_SYNCHRONOUS, 0),
+                "async" => (0, libc::MS_SYNCHRONOUS),
+                "dirsync" => (libc::MS_DIRSYNC, 0),
+                "noatime" => (libc::MS_NOATIME, 0),
+                "atime" => (0, libc::MS_NOATIME),
+                "nodiratime" => (libc::MS_NODIRATIME, 0),
+                "diratime" => (0, libc::MS_NODIRATIME),
+                "relatime" => (libc::MS_RELATIME, 0),
+                "norelatime" => (0, libc::MS_RELATIME),
+                "strictatime" => (libc::MS_STRICTATIME, 0),
+                "bind" => (libc::MS_BIND, 0),
+                "rbind" => (libc::MS_BIND | libc::MS_REC, 0),
+                "private" | "rprivate" | "shared" | "rshared" | "slave" | "rslave"
+                | "unbindable" | "runbindable" => {
+                    let recursive = match o.starts_with('r') {
+                        true => libc::MS_REC,
+                        false => 0,
+                    };
+                    out.propagation |= recursive
+                        | match o.trim_start_matches('r') {
+                            "private" => libc::MS_PRIVATE,
+                            "shared" => libc::MS_SHARED,
+                            "slave" => libc::MS_SLAVE,
+                            _ => libc::MS_UNBINDABLE,
+                        };
+                    continue;
+                }
+                "defaults" => continue,
+                _ => {
+                    data.push(o.as_str());
+                    continue;
+                }
+            };
+            out.flags = (out.flags | set) & !clear;
+        }
+        out.data = data.join(",");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn options_split_into_flags_propagation_and_data() {
+        let o = Options::parse(&opts(&["nosuid", "strictatime", "mode=755", "size=65536k"]));
+        assert_eq!(o.flags, libc::MS_NOSUID | libc::MS_STRICTATIME);
+        assert_eq!(o.propagation, 0);
+        assert_eq!(o.data, "mode=755,size=65536k");
+        let o = Options::parse(&opts(&["rbind", "ro", "rprivate", "rw"]));
+        assert_eq!(o.flags, libc::MS_BIND | libc::MS_REC);
+        assert_eq!(o.propagation, libc::MS_PRIVATE | libc::MS_REC);
+        assert_eq!(o.data, "");
+        let o = Options::parse(&opts(&[
+            "index=off",
+            "lowerdir=/a:/b",
+            "upperdir=/u",
+            "workdir=/w",
+        ]));
+        assert_eq!(
+            (o.flags, o.data.as_str()),
+            (0, "index=off,lowerdir=/a:/b,upperdir=/u,workdir=/w")
+        );
+    }
+}

@@ -1,0 +1,150 @@
+//! The shim's settings: a JSON file named by the runtime's `ConfigPath`
+//! option (containerd's `[...runtimes.vmm.options] ConfigPath = ...`, or
+//! `ctr run --runtime-config-path`), else the defaults.
+
+use std::path::{Path, PathBuf};
+
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use containerd_shim::protos::protobuf::CodedInputStream;
+use serde::Deserialize;
+
+use super::{Error, Result};
+
+/// The template the shim builds and starts from when none is named.
+pub const DEFAULT_TEMPLATE: &str = "containerd";
+
+/// What a runtime handler's config file says (docs/containerd.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Start every sandbox from this template (`vmm template create`);
+    /// without one, [`DEFAULT_TEMPLATE`] (built on first use).
+    pub template: Option<String>,
+    /// Boot each sandbox instead (slow: for kernels or sizes no template
+    /// has).
+    pub cold: bool,
+    /// The VMM binary; default: `vmm` next to the shim, else on PATH.
+    pub vmm: Option<PathBuf>,
+    /// Run each VMM jailed (docs/security.md#the-jail).
+    pub jail: bool,
+    /// vCPUs and memory when the spec sets no limits (must match the
+    /// template's).
+    pub vcpus: u32,
+    pub memory_mib: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            template: None,
+            cold: false,
+            vmm: None,
+            jail: true,
+            vcpus: 1,
+            memory_mib: super::spec::DEFAULT_MEMORY_MIB,
+        }
+    }
+}
+
+impl Settings {
+    /// The settings the create request's runtime options point to.
+    pub fn from_options(options: Option<&Any>) -> Result<Settings> {
+        match options.map(config_path).transpose()?.flatten() {
+            Some(path) => Self::from_file(&path),
+            None => Ok(Settings::default()),
+        }
+    }
+
+    pub fn from_file(path: &Path) -> Result<Settings> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Settings(format!("cannot read {}: {e}", path.display())))?;
+        serde_json::from_str(&text).map_err(|e| Error::Settings(format!("{}: {e}", path.display())))
+    }
+
+    /// The template sandboxes start from (none when cold).
+    pub fn template(&self) -> Option<&str> {
+        match self.cold {
+            true => None,
+            false => Some(self.template.as_deref().unwrap_or(DEFAULT_TEMPLATE)),
+        }
+    }
+
+    /// The VMM binary to run.
+    pub fn vmm_binary(&self) -> PathBuf {
+        if let Some(path) = &self.vmm {
+            return path.clone();
+        }
+        let sibling = std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join("vmm")))
+            .filter(|p| p.exists());
+        sibling.unwrap_or_else(|| PathBuf::from("vmm"))
+    }
+}
+
+/// The `config_path` of containerd's `runtimeoptions.v1.Options` (fields:
+/// 1 type_url, 2 config_path, 3 config_body), which the CRI plugin and
+/// `ctr --runtime-config-path` send to shims other than runc's.
+fn config_path(any: &Any) -> Result<Option<PathBuf>> {
+    if !any.type_url.ends_with("runtimeoptions.v1.Options") {
+        return Ok(None);
+    }
+    let bad = |e: &dyn std::fmt::Display| Error::Settings(format!("bad runtime options: {e}"));
+    let mut input = CodedInputStream::from_bytes(&any.value);
+    let mut path = None;
+    while let Some(tag) = input.read_raw_tag_or_eof().map_err(|e| bad(&e))? {
+        match tag {
+            // Field 2, length-delimited.
+            0x12 => path = Some(input.read_string().map_err(|e| bad(&e))?),
+            t => input
+                .skip_field(
+                    containerd_shim::protos::protobuf::rt::WireType::new(t & 7)
+                        .ok_or_else(|| bad(&"unknown wire type"))?,
+                )
+                .map_err(|e| bad(&e))?,
+        }
+    }
+    Ok(path.filter(|p| !p.is_empty()).map(PathBuf::from))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(type_url: &str, value: Vec<u8>) -> Any {
+        let mut any = Any::new();
+        any.type_url = type_url.into();
+        any.value = value;
+        any
+    }
+
+    #[test]
+    fn the_config_path_comes_from_runtime_options() {
+        // type_url "x" (field 1), config_path "/etc/vmm/shim.json" (field 2).
+        let mut v = vec![0x0a, 1, b'x', 0x12, 18];
+        v.extend_from_slice(b"/etc/vmm/shim.json");
+        let any = options("type.googleapis.com/runtimeoptions.v1.Options", v);
+        assert_eq!(
+            config_path(&any).unwrap(),
+            Some(PathBuf::from("/etc/vmm/shim.json"))
+        );
+        let other = options(
+            "type.googleapis.com/containerd.runc.v1.Options",
+            vec![0x12, 1, b'y'],
+        );
+        assert_eq!(config_path(&other).unwrap(), None);
+        let cut = options("runtimeoptions.v1.Options", vec![0x12, 40, b'/']);
+        assert!(config_path(&cut).is_err());
+    }
+
+    #[test]
+    fn settings_read_with_defaults_and_refuse_unknown_fields() {
+        let s: Settings = serde_json::from_str(r#"{"template":"py"}"#).unwrap();
+        assert_eq!(s.template(), Some("py"));
+        assert!(s.jail);
+        assert_eq!(Settings::default().template(), Some(DEFAULT_TEMPLATE));
+        let cold: Settings = serde_json::from_str(r#"{"cold":true}"#).unwrap();
+        assert_eq!(cold.template(), None);
+        assert!(serde_json::from_str::<Settings>(r#"{"templat":"py"}"#).is_err());
+    }
+}

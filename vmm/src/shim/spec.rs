@@ -1,0 +1,198 @@
+//! What an OCI runtime spec (a bundle's `config.json`, an exec's process)
+//! becomes here: the command the guest agent runs, the mounts it makes
+//! inside the container's root, and the VM's size.
+
+use std::path::{Path, PathBuf};
+
+use oci_spec::runtime::{Process, Spec};
+
+use crate::agent::Exec;
+
+use super::{Error, Result};
+
+/// Where the guest sees the container's root file system (the virtio-fs
+/// share of the bundle's rootfs; the shim's templates are built with it).
+pub const GUEST_ROOT: &str = "/containers/rootfs";
+/// The share's tag.
+pub const SHARE_TAG: &str = "rootfs";
+/// Memory the guest itself uses on top of a container's limit: kernel,
+/// agent, page cache for the root disk (docs/containerd.md).
+pub const MEMORY_OVERHEAD_MIB: u32 = 128;
+/// The VM size without limits in the spec.
+pub const DEFAULT_MEMORY_MIB: u32 = 256;
+/// The most vCPUs a container's CPU limit gives.
+const MAX_VCPUS: u32 = 16;
+
+/// Reads and checks the bundle's spec.
+pub fn load(bundle: &Path) -> Result<Spec> {
+    let path = bundle.join("config.json");
+    let spec = Spec::load(&path).map_err(|e| Error::BadSpec(format!("{}: {e}", path.display())))?;
+    let process = spec
+        .process()
+        .as_ref()
+        .ok_or_else(|| Error::BadSpec("it has no process".into()))?;
+    check_process(process)?;
+    Ok(spec)
+}
+
+/// Reads an exec's process (JSON, as containerd sends it).
+pub fn exec_process(json: &[u8]) -> Result<Process> {
+    let process: Process = serde_json::from_slice(json)
+        .map_err(|e| Error::BadSpec(format!("the exec's process: {e}")))?;
+    check_process(&process)?;
+    Ok(process)
+}
+
+fn check_process(p: &Process) -> Result<()> {
+    match p.args().as_deref() {
+        Some([first, ..]) if !first.is_empty() => Ok(()),
+        _ => Err(Error::BadSpec(
+            "the process has no command (args is empty)".into(),
+        )),
+    }
+}
+
+/// The bundle's root file system folder on the host (`root.path`, relative
+/// to the bundle unless absolute).
+pub fn rootfs(bundle: &Path, spec: &Spec) -> PathBuf {
+    let path = spec
+        .root()
+        .as_ref()
+        .map(|r| r.path().clone())
+        .unwrap_or_else(|| PathBuf::from("rootfs"));
+    bundle.join(path)
+}
+
+/// The command the agent runs for `process`, chrooted to [`GUEST_ROOT`].
+pub fn command(process: &Process) -> Exec {
+    let env = process
+        .env()
+        .iter()
+        .flatten()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let user = process.user();
+    Exec {
+        argv: process.args().clone().unwrap_or_default(),
+        env,
+        cwd: Some(process.cwd().to_string_lossy().into_owned()).filter(|c| !c.is_empty()),
+        user: Some(format!("{}:{}", user.uid(), user.gid())),
+        timeout: None,
+        root: Some(GUEST_ROOT.to_string()),
+    }
+}
+
+/// The spec's mounts as the agent makes them inside [`GUEST_ROOT`]. A bind
+/// mount of a host path cannot reach the guest: it is refused with the
+/// reason.
+pub fn mounts(spec: &Spec) -> Result<Vec<vmm_agent::Mount>> {
+    let mut out = Vec::new();
+    for m in spec.mounts().iter().flatten() {
+        let destination = m.destination().to_string_lossy().into_owned();
+        let options = m.options().clone().unwrap_or_default();
+        let kind = m.typ().clone().unwrap_or_default();
+        let bind = kind == "bind" || options.iter().any(|o| o == "bind" || o == "rbind");
+        if bind {
+            let source = m
+                .source()
+                .as_ref()
+                .map(|s| s.display().to_string())
+                .unwrap_or_default();
+            return Err(Error::Unsupported(format!(
+                "the bind mount of the host's {source} on {destination}: host folders do not reach the VM yet"
+            )));
+        }
+        out.push(vmm_agent::Mount {
+            destination,
+            kind,
+            source: m
+                .source()
+                .as_ref()
+                .map(|s| s.display().to_string())
+                .unwrap_or_default(),
+            options,
+        });
+    }
+    Ok(out)
+}
+
+/// The VM's vCPUs and memory for the spec's limits: vCPUs from the CPU
+/// quota (rounded up), memory the limit plus [`MEMORY_OVERHEAD_MIB`];
+/// `None` where the spec sets no limit.
+pub fn size(spec: &Spec) -> (Option<u32>, Option<u32>) {
+    let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
+    let cpu = resources.and_then(|r| r.cpu().as_ref());
+    let vcpus = match (cpu.and_then(|c| c.quota()), cpu.and_then(|c| c.period())) {
+        (Some(quota), Some(period)) if quota > 0 && period > 0 => {
+            Some((quota as u64).div_ceil(period).clamp(1, MAX_VCPUS as u64) as u32)
+        }
+        _ => None,
+    };
+    let memory = resources
+        .and_then(|r| r.memory().as_ref())
+        .and_then(|m| m.limit())
+        .filter(|l| *l > 0)
+        .map(|l| {
+            ((l as u64).div_ceil(1 << 20)).min(u32::MAX as u64 / 2) as u32 + MEMORY_OVERHEAD_MIB
+        });
+    (vcpus, memory)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: &str) -> Spec {
+        serde_json::from_str(json).unwrap()
+    }
+
+    const BASE: &str = r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},
+        "process":{"args":["sh","-c","echo hi"],"env":["PATH=/bin","A=b=c"],"cwd":"/work","user":{"uid":1000,"gid":100}},
+        "mounts":[{"destination":"/proc","type":"proc","source":"proc"},
+                  {"destination":"/dev","type":"tmpfs","source":"tmpfs","options":["nosuid","mode=755"]}],
+        "linux":{"resources":{"cpu":{"quota":150000,"period":100000},"memory":{"limit":536870912}}}}"#;
+
+    #[test]
+    fn a_process_becomes_a_chrooted_command() {
+        let s = spec(BASE);
+        let cmd = command(s.process().as_ref().unwrap());
+        assert_eq!(cmd.argv, ["sh", "-c", "echo hi"]);
+        assert_eq!(cmd.env.get("A").map(String::as_str), Some("b=c"));
+        assert_eq!(cmd.cwd.as_deref(), Some("/work"));
+        assert_eq!(cmd.user.as_deref(), Some("1000:100"));
+        assert_eq!(cmd.root.as_deref(), Some(GUEST_ROOT));
+        assert_eq!(rootfs(Path::new("/b"), &s), Path::new("/b/rootfs"));
+    }
+
+    #[test]
+    fn limits_become_the_vm_size() {
+        assert_eq!(
+            size(&spec(BASE)),
+            (Some(2), Some(512 + MEMORY_OVERHEAD_MIB))
+        );
+        let none = r#"{"ociVersion":"1.0.2","process":{"args":["true"],"cwd":"/","user":{"uid":0,"gid":0}}}"#;
+        assert_eq!(size(&spec(none)), (None, None));
+    }
+
+    #[test]
+    fn mounts_pass_through_and_host_binds_are_refused() {
+        let m = mounts(&spec(BASE)).unwrap();
+        assert_eq!(m.len(), 2);
+        assert_eq!(
+            (m[1].destination.as_str(), m[1].kind.as_str()),
+            ("/dev", "tmpfs")
+        );
+        let bind = r#"{"ociVersion":"1.0.2","mounts":[{"destination":"/etc/hosts","type":"bind","source":"/etc/hosts","options":["rbind"]}]}"#;
+        let err = mounts(&spec(bind)).unwrap_err().to_string();
+        assert!(err.contains("/etc/hosts"), "{err}");
+    }
+
+    #[test]
+    fn a_process_without_a_command_is_refused() {
+        let err = exec_process(br#"{"args":[],"cwd":"/","user":{"uid":0,"gid":0}}"#).unwrap_err();
+        assert!(err.to_string().contains("no command"), "{err}");
+        assert!(exec_process(b"{").is_err());
+        assert!(exec_process(br#"{"args":["ls"],"cwd":"/","user":{"uid":0,"gid":0}}"#).is_ok());
+    }
+}

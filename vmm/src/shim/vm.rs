@@ -1,0 +1,298 @@
+//! A sandbox's VM: a `vmm launch` process started from a template (or
+//! booted), with the container's root file system as a virtio-fs share,
+//! driven through its control socket and its guest agent.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use crate::action::Control;
+use crate::agent::AgentClient;
+use crate::api::ApiClient;
+
+use super::options::{Settings, DEFAULT_TEMPLATE};
+use super::spec::{GUEST_ROOT, SHARE_TAG};
+use super::{Error, Result};
+
+/// How long a VM may take from its process start to its agent answering.
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the default template's first build may take.
+const BUILD_TIMEOUT: Duration = Duration::from_secs(900);
+/// How long a stopped VMM gets to end after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the VM is made of.
+pub struct VmSpec<'a> {
+    /// The container's root file system on the host.
+    pub rootfs: &'a Path,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub settings: &'a Settings,
+    /// A private folder for the VM's sockets, config and log.
+    pub dir: &'a Path,
+}
+
+/// A running VM whose agent answers.
+pub struct Vm {
+    child: Mutex<Option<Child>>,
+    pid: u32,
+    api: ApiClient,
+    agent: AgentClient,
+}
+
+impl Vm {
+    pub fn start(spec: &VmSpec) -> Result<Vm> {
+        let vmm = spec.settings.vmm_binary();
+        let config = spec.dir.join("vm.json");
+        write_config(&config, spec, spec.rootfs)?;
+        let mut cmd = Command::new(&vmm);
+        cmd.arg("launch");
+        if let Some(template) = spec.settings.template() {
+            ensure_template(&vmm, template, spec, &config)?;
+            cmd.args(["--template", template]);
+        }
+        let api_socket = spec.dir.join("api.sock");
+        let log = spec.dir.join("vmm.log");
+        let log_file = std::fs::File::create(&log)
+            .map_err(|e| Error::Start(format!("cannot make {}: {e}", log.display())))?;
+        cmd.arg("--config")
+            .arg(&config)
+            .arg("--api-socket")
+            .arg(&api_socket)
+            .env("VMM_LAUNCH_NOTIFY", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log_file));
+        if spec.settings.jail {
+            cmd.arg("--jail");
+        }
+        let mut child = spawn_tied(cmd)
+            .map_err(|e| Error::Start(format!("cannot run {}: {e}", vmm.display())))?;
+        let pid = child.id();
+        let stdout = child.stdout.take();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            if let Some(out) = stdout {
+                let _ = BufReader::new(out).read_line(&mut line);
+            }
+            let _ = tx.send(line);
+        });
+        let api = ApiClient::new(&api_socket);
+        // The VMM prints `ready` once the VM runs and its socket serves.
+        let ready = match rx.recv_timeout(START_TIMEOUT) {
+            Ok(line) if line.trim() == "ready" => Ok(()),
+            Ok(_) => Err(Error::Start(last_line(&log))),
+            Err(_) => Err(Error::Start(format!(
+                "the VM did not start within {START_TIMEOUT:?}"
+            ))),
+        };
+        let agent = ready.and_then(|()| {
+            api.wait_agent()
+                .map_err(|e| Error::Start(format!("its agent did not come up: {e}")))?;
+            let vsock = api.vsock_path().map_err(|e| Error::Api(e.to_string()))?;
+            Ok(AgentClient::new(&vsock))
+        });
+        match agent {
+            Ok(agent) => Ok(Vm {
+                child: Mutex::new(Some(child)),
+                pid,
+                api,
+                agent,
+            }),
+            Err(e) => {
+                end(child);
+                Err(e)
+            }
+        }
+    }
+
+    /// The VMM process's pid (the task's pid containerd sees).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+
+    pub fn pause(&self) -> Result<()> {
+        self.api.pause().map_err(|e| Error::Api(e.to_string()))
+    }
+
+    pub fn resume(&self) -> Result<()> {
+        self.api.resume().map_err(|e| Error::Api(e.to_string()))
+    }
+
+    /// Ends the VMM: SIGTERM, SIGKILL when it lingers; returns once it has
+    /// ended. A second call does nothing.
+    pub fn stop(&self) {
+        if let Some(child) = self.child.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            end(child);
+        }
+    }
+}
+
+/// SIGTERM to the VMM (it stops its VM and removes its sockets), SIGKILL
+/// when it lingers; returns once it has ended.
+fn end(mut child: Child) {
+    // SAFETY: kill(2) on our own child, not yet reaped (we own it).
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    if !exits_within(child.id(), STOP_TIMEOUT) {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The VM's config: the size, the rootfs share, no console.
+fn write_config(path: &Path, spec: &VmSpec, share: &Path) -> Result<()> {
+    let config = serde_json::json!({
+        "vcpus": spec.vcpus,
+        "memory_mib": spec.memory_mib,
+        "serial": "off",
+        "shares": [{ "tag": SHARE_TAG, "host_path": share, "guest_path": GUEST_ROOT }],
+    });
+    std::fs::write(path, config.to_string())
+        .map_err(|e| Error::Start(format!("cannot write {}: {e}", path.display())))
+}
+
+/// Checks the template fits the VM of `config`. The default template is
+/// built on first use, and again when the kernel, initramfs or base image
+/// changed; a template named by the settings must exist and fit.
+fn ensure_template(vmm: &Path, name: &str, spec: &VmSpec, config: &Path) -> Result<()> {
+    let replace = match crate::template::Template::open(name) {
+        Ok(t) => {
+            let vm_config = crate::config::VmConfig::from_file(config)
+                .map_err(|e| Error::Start(e.to_string()))?;
+            match t.fit(Some(vm_config)) {
+                Ok(_) => return Ok(()),
+                Err(crate::template::Error::Stale { .. }) if name == DEFAULT_TEMPLATE => true,
+                Err(e) => return Err(Error::Start(e.to_string())),
+            }
+        }
+        Err(crate::template::Error::NoSuchTemplate(_)) if name == DEFAULT_TEMPLATE => false,
+        Err(e) => return Err(Error::Start(e.to_string())),
+    };
+    log::info!("building the template {name}: later sandboxes start from it");
+    let empty = spec.dir.join("template-share");
+    let config = spec.dir.join("template.json");
+    std::fs::create_dir_all(&empty)
+        .map_err(|e| Error::Start(format!("cannot prepare the template build: {e}")))?;
+    write_config(&config, spec, &empty)?;
+    let log = spec.dir.join("template.log");
+    let log_file = std::fs::File::create(&log).map_err(|e| Error::Start(e.to_string()))?;
+    let mut cmd = Command::new(vmm);
+    cmd.args(["template", "create", name])
+        .arg(if replace { "--replace" } else { "--if-missing" })
+        .arg("--config")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log_file));
+    let mut child =
+        spawn_tied(cmd).map_err(|e| Error::Start(format!("cannot run {}: {e}", vmm.display())))?;
+    let ended = exits_within(child.id(), BUILD_TIMEOUT);
+    if !ended {
+        let _ = child.kill();
+    }
+    let status = child.wait().map_err(|e| Error::Start(e.to_string()))?;
+    let _ = std::fs::remove_dir(&empty);
+    match (ended, status.success()) {
+        (true, true) => Ok(()),
+        (false, _) => Err(Error::Start(format!(
+            "building the template {name} took over {BUILD_TIMEOUT:?}"
+        ))),
+        (true, false) => Err(Error::Start(format!(
+            "building the template {name} failed: {}",
+            last_line(&log)
+        ))),
+    }
+}
+
+/// Whether process `pid` (our unreaped child) ends within `limit`.
+fn exits_within(pid: u32, limit: Duration) -> bool {
+    let Ok(fd) = vmm_os::process::exit_fd(pid) else {
+        return true;
+    };
+    let mut pfd = libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(&fd),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = limit.as_millis().min(i32::MAX as u128) as i32;
+    loop {
+        // SAFETY: poll(2) on one valid pollfd we own.
+        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if rc >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return rc > 0;
+        }
+    }
+}
+
+/// The last line of the VMM's log: why it did not start.
+fn last_line(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("the VMM exited without a message")
+        .to_string()
+}
+
+/// Starts `cmd` so that it gets SIGKILL when the shim ends, however it
+/// ends (containerd may SIGKILL a shim). PR_SET_PDEATHSIG follows the
+/// thread that started the process, so every child is started from one
+/// thread that lives as long as the shim, not from a request's thread.
+fn spawn_tied(mut cmd: Command) -> std::io::Result<Child> {
+    type Job = (Command, mpsc::SyncSender<std::io::Result<Child>>);
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
+    let shim = std::process::id();
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // makes async-signal-safe calls (prctl, getppid).
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            vmm_os::process::die_with_parent(libc::SIGKILL)?;
+            if libc::getppid() as u32 != shim {
+                return Err(std::io::ErrorKind::BrokenPipe.into());
+            }
+            Ok(())
+        });
+    }
+    let jobs = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let _ = std::thread::Builder::new()
+            .name("vmm-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            });
+        Mutex::new(tx)
+    });
+    let (reply, answer) = mpsc::sync_channel(1);
+    let gone = || std::io::Error::other("the shim's spawner thread has ended");
+    jobs.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send((cmd, reply))
+        .map_err(|_| gone())?;
+    answer.recv().map_err(|_| gone())?
+}
+
+/// The runtime folder of a container's VM: `<bundle>`'s name hashed, so
+/// socket paths stay short whatever the container id.
+pub fn runtime_dir(namespace: &str, id: &str) -> Result<PathBuf> {
+    use sha2::{Digest, Sha256};
+    let hash = Sha256::digest(format!("{namespace}/{id}").as_bytes());
+    let name: String = hash.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let base = crate::runtime::user_dir().map_err(|e| Error::Start(e.to_string()))?;
+    Ok(base.join(format!("shim-{name}")))
+}
