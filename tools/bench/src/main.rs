@@ -9,6 +9,7 @@ mod agent;
 mod boot;
 mod common;
 mod confinement;
+mod containerd;
 mod fork;
 mod fs;
 mod image;
@@ -152,6 +153,18 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// containerd: `ctr run --rm IMAGE true` through our shim
+    /// (`io.containerd.vmm.v2`) against runc, and `ctr task exec true`
+    /// into a running container of each, through a containerd of the
+    /// bench's own (Linux, with Debian's containerd and runc).
+    Containerd {
+        /// Runs of each kind.
+        #[arg(long, default_value_t = 5)]
+        runs: u32,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// `vmm serve` and the E2B SDK: create, `python3 -c 'print(1)'` and
     /// kill through the official Python SDK against `vmm exec` of the same
     /// command into a running VM; with `--many N`, N sandboxes alive at
@@ -289,6 +302,7 @@ fn main() -> ExitCode {
         }
         BenchCommand::Start { runs, json } => print_bench(start::start(runs), json),
         BenchCommand::Image { runs, json } => print_bench(image::image(runs), json),
+        BenchCommand::Containerd { runs, json } => print_bench(containerd::containerd(runs), json),
         BenchCommand::Serve {
             runs,
             many,

@@ -52,7 +52,13 @@ impl Container {
 
     /// Stops the VM and undoes what the shim made on the host.
     fn tear_down(&self) {
+        let t = std::time::Instant::now();
         self.vm.stop();
+        log::info!(
+            "VM {} stopped in {} ms",
+            self.vm.pid(),
+            t.elapsed().as_millis()
+        );
         undo(&self.rootfs, self.mounted, &self.dir, &self.bundle);
     }
 }
@@ -165,6 +171,7 @@ impl Inner {
         make_private_dir(&dir).map_err(undo_here)?;
         let state = serde_json::json!({ "rootfs": rootfs, "mounted": mounted });
         let _ = std::fs::write(bundle.join(STATE_FILE), state.to_string());
+        let started = std::time::Instant::now();
         let vm = Vm::start(&VmSpec {
             rootfs: &rootfs,
             vcpus,
@@ -173,10 +180,18 @@ impl Inner {
             dir: &dir,
         })
         .map_err(undo_here)?;
+        let booted = started.elapsed();
         if let Err(e) = vm.agent().mount(spec::GUEST_ROOT, mounts) {
             vm.stop();
             return Err(undo_here(e.into()));
         }
+        log::info!(
+            "{}: VM {} up in {} ms, its mounts in {} ms",
+            req.id,
+            vm.pid(),
+            booted.as_millis(),
+            (started.elapsed() - booted).as_millis()
+        );
         let stdio = Stdio {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),

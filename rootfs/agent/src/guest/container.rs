@@ -2,7 +2,7 @@
 //! runtime spec asks for, mounted inside the container's root before its
 //! processes run there (chrooted; `command::Settings::root`).
 
-use std::os::unix::fs::{symlink, DirBuilderExt};
+use std::os::unix::fs::{symlink, DirBuilderExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use vmm_agent::Mount;
@@ -157,6 +157,8 @@ fn populate_dev(dev: &Path) -> std::io::Result<()> {
         if rc != 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::AlreadyExists {
             return Err(std::io::Error::last_os_error());
         }
+        // mknod(2) takes the umask off the mode: every user may use these.
+        std::fs::set_permissions(dev.join(name), std::fs::Permissions::from_mode(0o666))?;
     }
     for (name, to) in [
         ("fd", "/proc/self/fd"),

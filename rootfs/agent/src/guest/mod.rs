@@ -78,7 +78,12 @@ fn assemble_root() {
         return;
     }
     let _ = std::fs::create_dir_all(NEW);
-    let mounted = sys_mount("/dev/vda", NEW, "ext4", 0)
+    // No lazy inode-table zeroing (ext4lazyinit): it would write zeroes
+    // into this VM's layer in the background, and in a VM restored from a
+    // template it runs at once (its wait has passed while the snapshot
+    // sat): about 1 s of guest CPU at every start here, growing with the
+    // template's age. mkfs.ext4 -d wrote every inode the image uses.
+    let mounted = sys_mount_with("/dev/vda", NEW, "ext4", 0, "noinit_itable")
         .or_else(|_| sys_mount("/dev/vda", NEW, "ext4", libc::MS_RDONLY));
     if let Err(e) = mounted {
         eprintln!("vmm-init: cannot mount the root disk /dev/vda: {e}; staying in the initramfs");
