@@ -166,7 +166,7 @@ fn test_image(config: serde_json::Value) -> Image {
         .file("etc/group", b"root:x:0:\napp:x:1000:\n", 0o644, 0, 0);
     for applet in [
         "sh", "echo", "cat", "sleep", "id", "ls", "true", "false", "tty", "stty", "hostname",
-        "mount", "head", "wc",
+        "mount", "head", "wc", "grep",
     ] {
         layer = layer.symlink(&format!("bin/{applet}"), "busybox");
     }
@@ -490,6 +490,110 @@ fn two_containers_run_in_separate_vms() {
     }
     assert_nothing_left(c, "iso-a");
     assert_nothing_left(c, "iso-b");
+}
+
+/// `ctr run --annotation ...` as containerd's CRI plugin labels a pod's
+/// containers.
+fn pod_args<'a>(kind: &'a str, pod: &'a str) -> [&'a str; 4] {
+    [
+        "--annotation",
+        if kind == "sandbox" {
+            "io.kubernetes.cri.container-type=sandbox"
+        } else {
+            "io.kubernetes.cri.container-type=container"
+        },
+        "--annotation",
+        pod,
+    ]
+}
+
+#[test]
+fn a_pods_containers_share_its_vm_and_end_with_it() {
+    let (_turn, c) = containerd();
+    let sandbox_id = "io.kubernetes.cri.sandbox-id=pod1";
+    let mut args = vec!["run", "-d", "--runtime", RUNTIME];
+    args.extend(pod_args("sandbox", sandbox_id));
+    args.extend([IMAGE, "pod1", "sleep", "600"]);
+    let out = ctr(c, &args);
+    assert!(out.status.success(), "{}", describe(&out));
+    let mut args = vec!["run", "--runtime", RUNTIME, "--rm"];
+    args.extend(pod_args("container", sandbox_id));
+    args.extend([
+        IMAGE,
+        "web",
+        "sh",
+        "-c",
+        "hostname; echo web > /tmp/mine; cat /tmp/mine",
+    ]);
+    let web = ctr(c, &args);
+    assert!(web.status.success(), "{}", describe(&web));
+    let web_lines: Vec<&str> = std::str::from_utf8(&web.stdout).unwrap().lines().collect();
+    // The same guest kernel as the pod's sandbox; a root file system of
+    // its own.
+    let host = text(&ctr(
+        c,
+        &["task", "exec", "--exec-id", "h", "pod1", "hostname"],
+    ));
+    assert_eq!(web_lines, [host.as_str(), "web"], "{}", describe(&web));
+    let out = ctr(c, &["task", "exec", "--exec-id", "m", "pod1", "ls", "/tmp"]);
+    assert_eq!(text(&out), "", "{}", describe(&out));
+    // `web` ended and was deleted: the pod's VM goes on, without its files.
+    let tasks = text(&ctr(c, &["task", "ls"]));
+    assert!(tasks.contains("pod1") && !tasks.contains("web"), "{tasks}");
+    let out = ctr(
+        c,
+        &[
+            "task",
+            "exec",
+            "--exec-id",
+            "l",
+            "pod1",
+            "sh",
+            "-c",
+            "grep -c /containers/web /proc/mounts || true",
+        ],
+    );
+    assert_eq!(
+        text(&out),
+        "0",
+        "web's mounts are left in the guest: {}",
+        describe(&out)
+    );
+    assert!(ctr(c, &["task", "delete", "--force", "pod1"])
+        .status
+        .success());
+    assert!(ctr(c, &["container", "delete", "pod1"]).status.success());
+    assert_nothing_left(c, "pod1");
+    assert_nothing_left(c, "web");
+}
+
+#[test]
+fn host_folders_bound_by_the_spec_reach_the_container() {
+    let (_turn, c) = containerd();
+    let folder = c.dir.join("data");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(folder.join("in.txt"), "from the host\n").unwrap();
+    let rw = format!(
+        "type=bind,src={},dst=/data,options=rbind:rw",
+        folder.display()
+    );
+    let ro = format!(
+        "type=bind,src={},dst=/ro,options=rbind:ro",
+        folder.display()
+    );
+    let out = ctr(
+        c,
+        &["run", "--runtime", RUNTIME, "--rm", "--mount", &rw, "--mount", &ro, IMAGE, "binds", "sh", "-c",
+          "cat /data/in.txt; echo back > /data/out.txt; echo no > /ro/x 2>/dev/null || echo refused"],
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(text(&out), "from the host\nrefused", "{}", describe(&out));
+    assert_eq!(
+        std::fs::read_to_string(folder.join("out.txt")).unwrap(),
+        "back\n"
+    );
+    assert!(!folder.join("x").exists());
+    assert_nothing_left(c, "binds");
 }
 
 #[test]

@@ -329,6 +329,17 @@ impl AgentClient {
         Ok(())
     }
 
+    /// Unmounts everything at or under `root` in the guest.
+    pub fn unmount(&self, root: &str) -> Result<()> {
+        let mut s = self.connect()?;
+        let request = Request::Unmount {
+            root: root.to_string(),
+        };
+        write_json(&mut s, FrameType::Request, &request)?;
+        Self::finish(&mut s, |_, _| Ok(()))?;
+        Ok(())
+    }
+
     /// Sends `signal` to the guest process `pid`; `false` when it is gone.
     pub fn signal(&self, pid: i32, signal: i32) -> Result<bool> {
         let mut s = self.connect()?;

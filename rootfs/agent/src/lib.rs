@@ -174,6 +174,9 @@ pub enum Request {
     /// in order: what an OCI runtime spec's `mounts` ask for. A `/dev`
     /// tmpfs gets the standard device nodes, as runtimes make them.
     Mount { root: String, mounts: Vec<Mount> },
+    /// Unmount everything mounted at or under `root` (a container's, when
+    /// it ends while its VM goes on: a pod's other containers).
+    Unmount { root: String },
     /// The VM was forked or restored: mix `seed` (fresh host randomness,
     /// hex) into the kernel's random pool and reseed its generator, so the
     /// copies of one VM do not produce the same random bytes; and step the

@@ -1,6 +1,7 @@
-//! Mount options as OCI runtime specs and containerd write them, split
-//! into what mount(2) takes (Linux): used by the guest agent for a
-//! container's mounts and by the containerd shim for its root file system.
+//! Mounts as OCI runtime specs and containerd describe them (Linux): their
+//! options split into what mount(2) takes, and unmounting a tree. Used by
+//! the guest agent for a container's mounts and by the containerd shim on
+//! the host.
 
 /// mount(2)'s flags, the propagation flags (a second call applies them)
 /// and the file system's data.
@@ -67,12 +68,71 @@ impl Options {
     }
 }
 
+/// Unmounts everything mounted at or under `root` in this mount
+/// namespace, deepest first, detaching (a busy mount goes once unused).
+pub fn unmount_under(root: &std::path::Path) -> std::io::Result<()> {
+    use std::path::PathBuf;
+    let table = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let mut points: Vec<PathBuf> = table
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape(p)))
+        .filter(|p| p.starts_with(root))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    points.dedup();
+    for p in points {
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        // SAFETY: umount2(2) on a NUL-terminated path.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!("cannot unmount {}: {e}", p.display()),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A mountinfo path with its octal escapes (`\040` for a space) undone.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .and_then(|d| std::str::from_utf8(d).ok())
+            .and_then(|d| u8::from_str_radix(d, 8).ok());
+        match (b[i], octal) {
+            (b'\\', Some(c)) => {
+                out.push(c);
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn opts(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn mount_table_paths_are_unescaped() {
+        assert_eq!(unescape("/a\\040b/c"), "/a b/c");
+        assert_eq!(unescape("/plain"), "/plain");
+        assert_eq!(unescape("/x\\"), "/x\\");
     }
 
     #[test]

@@ -142,12 +142,15 @@ fn bind(root: &Path, source: &Path, writable: bool) -> Result<(), Error> {
 /// Builds the root at `root` (an empty directory) from `plan` and pivots
 /// into it. `tmp` becomes the jail's `/tmp`.
 pub fn enter(plan: &Plan, root: &Path, tmp: &Path) -> Result<(), Error> {
-    // Nothing mounted here reaches the host's mount namespace.
+    // Nothing mounted here reaches the host's mount namespace; what the
+    // host mounts later under an exposed folder that it made a shared
+    // mount reaches the jail (the containerd shim's pod folder, where a
+    // pod's later containers and volumes are mounted).
     mount(
         None,
         Path::new("/"),
         None,
-        libc::MS_REC | libc::MS_PRIVATE,
+        libc::MS_REC | libc::MS_SLAVE,
         None,
     )?;
     mount(

@@ -9,13 +9,14 @@
 //! the guest agent runs its processes chrooted there, their stdio carried
 //! to containerd's FIFOs.
 
+mod container;
 mod options;
+mod pod;
 mod process;
 mod spec;
 mod task;
 mod vm;
 
-use std::path::Path;
 use std::sync::Arc;
 
 use containerd_shim::{api, publisher::RemotePublisher, ExitSignal, Flags, StartOpts};
@@ -100,7 +101,12 @@ impl containerd_shim::Shim for Shim {
     /// Starts the long-lived shim process for this container and prints
     /// its socket's address (a running one's when it exists already).
     fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
-        let grouping = opts.id.clone();
+        // A pod's containers share its shim (and VM): containerd runs
+        // `start` in the bundle, whose spec names the pod.
+        let grouping = std::env::current_dir()
+            .ok()
+            .and_then(|bundle| container::pod_of(&bundle))
+            .unwrap_or_else(|| opts.id.clone());
         let (_, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
         containerd_shim::util::write_address(&address)?;
         Ok(address)
@@ -112,7 +118,7 @@ impl containerd_shim::Shim for Shim {
     fn delete_shim(&mut self) -> containerd_shim::Result<api::DeleteResponse> {
         let bundle =
             std::env::current_dir().map_err(|e| containerd_shim::Error::Other(e.to_string()))?;
-        task::clean_up(&self.namespace, &self.id, &bundle);
+        container::clean_up(&self.namespace, &self.id, &bundle);
         let mut response = api::DeleteResponse::new();
         response.exit_status = 128 + libc::SIGKILL as u32;
         response.exited_at = Some(containerd_shim::util::timestamp()?).into();
@@ -125,17 +131,5 @@ impl containerd_shim::Shim for Shim {
 
     fn create_task_service(&self, publisher: RemotePublisher) -> task::Service {
         task::Service::new(&self.namespace, publisher, self.exit.clone())
-    }
-}
-
-/// Whether `path` is a mount point (its device differs from its parent's).
-fn is_mount_point(path: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (
-        std::fs::metadata(path),
-        path.parent().map(std::fs::metadata),
-    ) {
-        (Ok(m), Some(Ok(p))) => m.dev() != p.dev() || m.ino() == p.ino(),
-        _ => false,
     }
 }

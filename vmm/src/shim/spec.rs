@@ -10,11 +10,34 @@ use crate::agent::Exec;
 
 use super::{Error, Result};
 
-/// Where the guest sees the container's root file system (the virtio-fs
-/// share of the bundle's rootfs; the shim's templates are built with it).
-pub const GUEST_ROOT: &str = "/containers/rootfs";
+/// Where the guest sees the pod's folder (a virtio-fs share; the shim's
+/// templates are built with it): a container's root file system is
+/// `<id>/rootfs` in it, the host files bound into it `<id>/mounts/<n>`.
+pub const GUEST_SHARE: &str = "/containers";
 /// The share's tag.
-pub const SHARE_TAG: &str = "rootfs";
+pub const SHARE_TAG: &str = "containers";
+
+/// A container's root file system in the guest.
+pub fn guest_root(id: &str) -> String {
+    format!("{GUEST_SHARE}/{id}/rootfs")
+}
+
+/// Checks a container id can name a folder (containerd's ids can; a
+/// client's mistake must not reach a path).
+pub fn check_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+        && !id.starts_with('.');
+    match ok {
+        true => Ok(()),
+        false => Err(Error::BadSpec(format!(
+            "the container id {id:?} is not 1 to 128 of A-Z a-z 0-9 _ . - (not starting with .)"
+        ))),
+    }
+}
 /// Memory the guest itself uses on top of a container's limit: kernel,
 /// agent, page cache for the root disk (docs/containerd.md).
 pub const MEMORY_OVERHEAD_MIB: u32 = 128;
@@ -63,8 +86,9 @@ pub fn rootfs(bundle: &Path, spec: &Spec) -> PathBuf {
     bundle.join(path)
 }
 
-/// The command the agent runs for `process`, chrooted to [`GUEST_ROOT`].
-pub fn command(process: &Process) -> Exec {
+/// The command the agent runs for `process`, chrooted to `root` (the
+/// container's [`guest_root`]).
+pub fn command(process: &Process, root: &str) -> Exec {
     let env = process
         .env()
         .iter()
@@ -79,42 +103,43 @@ pub fn command(process: &Process) -> Exec {
         cwd: Some(process.cwd().to_string_lossy().into_owned()).filter(|c| !c.is_empty()),
         user: Some(format!("{}:{}", user.uid(), user.gid())),
         timeout: None,
-        root: Some(GUEST_ROOT.to_string()),
+        root: Some(root.to_string()),
     }
 }
 
-/// The spec's mounts as the agent makes them inside [`GUEST_ROOT`]. A bind
-/// mount of a host path cannot reach the guest: it is refused with the
-/// reason.
-pub fn mounts(spec: &Spec) -> Result<Vec<vmm_agent::Mount>> {
-    let mut out = Vec::new();
+/// The spec's mounts as the agent makes them inside the root of container
+/// `id`, and the host paths its bind mounts take: the `n`th (in
+/// order) reaches the guest as `<share>/<id>/mounts/<n>`, where the shim
+/// binds it on the host.
+pub fn mounts(spec: &Spec, id: &str) -> Result<(Vec<vmm_agent::Mount>, Vec<PathBuf>)> {
+    let (mut out, mut binds) = (Vec::new(), Vec::new());
     for m in spec.mounts().iter().flatten() {
         let destination = m.destination().to_string_lossy().into_owned();
         let options = m.options().clone().unwrap_or_default();
         let kind = m.typ().clone().unwrap_or_default();
-        let bind = kind == "bind" || options.iter().any(|o| o == "bind" || o == "rbind");
-        if bind {
-            let source = m
-                .source()
-                .as_ref()
-                .map(|s| s.display().to_string())
-                .unwrap_or_default();
-            return Err(Error::Unsupported(format!(
-                "the bind mount of the host's {source} on {destination}: host folders do not reach the VM yet"
-            )));
+        let mut source = m
+            .source()
+            .as_ref()
+            .map(|s| s.display().to_string())
+            .unwrap_or_default();
+        if kind == "bind" || options.iter().any(|o| o == "bind" || o == "rbind") {
+            let host = PathBuf::from(&source);
+            if !host.is_absolute() || !host.exists() {
+                return Err(Error::BadSpec(format!(
+                    "the bind mount on {destination}: its source {source:?} does not exist on the host"
+                )));
+            }
+            source = format!("{GUEST_SHARE}/{id}/mounts/{}", binds.len());
+            binds.push(host);
         }
         out.push(vmm_agent::Mount {
             destination,
             kind,
-            source: m
-                .source()
-                .as_ref()
-                .map(|s| s.display().to_string())
-                .unwrap_or_default(),
+            source,
             options,
         });
     }
-    Ok(out)
+    Ok((out, binds))
 }
 
 /// The VM's vCPUs and memory for the spec's limits: vCPUs from the CPU
@@ -156,12 +181,12 @@ mod tests {
     #[test]
     fn a_process_becomes_a_chrooted_command() {
         let s = spec(BASE);
-        let cmd = command(s.process().as_ref().unwrap());
+        let cmd = command(s.process().as_ref().unwrap(), &guest_root("c1"));
         assert_eq!(cmd.argv, ["sh", "-c", "echo hi"]);
         assert_eq!(cmd.env.get("A").map(String::as_str), Some("b=c"));
         assert_eq!(cmd.cwd.as_deref(), Some("/work"));
         assert_eq!(cmd.user.as_deref(), Some("1000:100"));
-        assert_eq!(cmd.root.as_deref(), Some(GUEST_ROOT));
+        assert_eq!(cmd.root.as_deref(), Some("/containers/c1/rootfs"));
         assert_eq!(rootfs(Path::new("/b"), &s), Path::new("/b/rootfs"));
     }
 
@@ -176,16 +201,28 @@ mod tests {
     }
 
     #[test]
-    fn mounts_pass_through_and_host_binds_are_refused() {
-        let m = mounts(&spec(BASE)).unwrap();
-        assert_eq!(m.len(), 2);
+    fn mounts_pass_through_and_host_binds_go_through_the_share() {
+        let (m, binds) = mounts(&spec(BASE), "c1").unwrap();
+        assert_eq!((m.len(), binds.len()), (2, 0));
         assert_eq!(
             (m[1].destination.as_str(), m[1].kind.as_str()),
             ("/dev", "tmpfs")
         );
-        let bind = r#"{"ociVersion":"1.0.2","mounts":[{"destination":"/etc/hosts","type":"bind","source":"/etc/hosts","options":["rbind"]}]}"#;
-        let err = mounts(&spec(bind)).unwrap_err().to_string();
-        assert!(err.contains("/etc/hosts"), "{err}");
+        let bind = r#"{"ociVersion":"1.0.2","mounts":[{"destination":"/etc/hosts","type":"bind","source":"/etc/hosts","options":["rbind","ro"]}]}"#;
+        let (m, binds) = mounts(&spec(bind), "c1").unwrap();
+        assert_eq!(binds, [PathBuf::from("/etc/hosts")]);
+        assert_eq!(m[0].source, "/containers/c1/mounts/0");
+        let missing = r#"{"ociVersion":"1.0.2","mounts":[{"destination":"/x","type":"bind","source":"/nonexistent-source"}]}"#;
+        let err = mounts(&spec(missing), "c1").unwrap_err().to_string();
+        assert!(err.contains("/nonexistent-source"), "{err}");
+    }
+
+    #[test]
+    fn ids_that_cannot_name_a_folder_are_refused() {
+        assert!(check_id("c1.web_2-x").is_ok());
+        for bad in ["", "..", ".hidden", "a/b", "a b", &"x".repeat(129)] {
+            assert!(check_id(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

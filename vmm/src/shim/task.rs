@@ -2,8 +2,7 @@
 //! each of its processes run by that VM's guest agent.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -19,93 +18,16 @@ use containerd_shim::protos::types::task::{ProcessInfo, Status as TaskStatus};
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Context, ExitSignal, TtrpcContext, TtrpcResult};
 
-use super::options::Settings;
+use super::container::{Container, Pods};
 use super::process::{Process, Status, Stdio};
-use super::vm::{Vm, VmSpec};
 use super::{spec, Error, Result};
-
-/// One container: its VM, its root file system, its processes.
-struct Container {
-    bundle: PathBuf,
-    rootfs: PathBuf,
-    /// The shim mounted `rootfs` (containerd's snapshot) and unmounts it.
-    mounted: bool,
-    dir: PathBuf,
-    vm: Vm,
-    init: Arc<Process>,
-    execs: Mutex<HashMap<String, Arc<Process>>>,
-    paused: AtomicBool,
-}
-
-impl Container {
-    fn process(&self, exec_id: &str) -> Result<Arc<Process>> {
-        if exec_id.is_empty() {
-            return Ok(self.init.clone());
-        }
-        self.execs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(exec_id)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(format!("no process {exec_id:?} in this container")))
-    }
-
-    /// Stops the VM and undoes what the shim made on the host.
-    fn tear_down(&self) {
-        let t = std::time::Instant::now();
-        self.vm.stop();
-        log::info!(
-            "VM {} stopped in {} ms",
-            self.vm.pid(),
-            t.elapsed().as_millis()
-        );
-        undo(&self.rootfs, self.mounted, &self.dir, &self.bundle);
-    }
-}
-
-/// Removes what a container left on the host: the root file system's
-/// mount (when the shim made it), the runtime folder, the state file.
-fn undo(rootfs: &Path, mounted: bool, dir: &Path, bundle: &Path) {
-    if mounted && super::is_mount_point(rootfs) {
-        if let Ok(path) = std::ffi::CString::new(rootfs.as_os_str().as_encoded_bytes()) {
-            // SAFETY: umount2(2) on a NUL-terminated path.
-            if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
-                let e = std::io::Error::last_os_error();
-                log::warn!("cannot unmount {}: {e}", rootfs.display());
-            }
-        }
-    }
-    let _ = std::fs::remove_dir_all(dir);
-    let _ = std::fs::remove_file(bundle.join(STATE_FILE));
-}
-
-/// In the bundle: where the shim keeps what `delete` needs after a crash.
-const STATE_FILE: &str = "vmm-shim.json";
-
-/// Cleans up after a shim that ended without deleting its container.
-pub fn clean_up(namespace: &str, id: &str, bundle: &Path) {
-    let state: serde_json::Value = std::fs::read(bundle.join(STATE_FILE))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default();
-    let mounted = state["mounted"].as_bool().unwrap_or(false);
-    let rootfs = state["rootfs"]
-        .as_str()
-        .map(PathBuf::from)
-        .unwrap_or_else(|| bundle.join("rootfs"));
-    let dir = match super::vm::runtime_dir(namespace, id) {
-        Ok(d) => d,
-        Err(_) => return,
-    };
-    // The VMM died with its shim (it is started with PR_SET_PDEATHSIG).
-    undo(&rootfs, mounted, &dir, bundle);
-}
 
 struct Inner {
     namespace: String,
     publisher: RemotePublisher,
     exit: Arc<ExitSignal>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
+    pods: Pods,
 }
 
 impl Inner {
@@ -127,150 +49,6 @@ impl Inner {
             .cloned()
             .ok_or_else(|| Error::NotFound(format!("no container {id:?} in this shim")))
     }
-
-    fn create(&self, req: &api::CreateTaskRequest) -> Result<Container> {
-        if !req.checkpoint.is_empty() {
-            return Err(Error::Unsupported("restoring a checkpoint".into()));
-        }
-        let mut settings = Settings::from_options(req.options.as_ref())?;
-        let bundle = PathBuf::from(&req.bundle);
-        let spec = spec::load(&bundle)?;
-        let mounts = spec::mounts(&spec)?;
-        let process = spec
-            .process()
-            .as_ref()
-            .expect("spec::load checks the process");
-        let command = spec::command(process);
-        let (vcpus, memory_mib) = match spec::size(&spec) {
-            (None, None) => (settings.vcpus, settings.memory_mib),
-            // Limits other than the template's size: a VM of that size,
-            // booted.
-            (v, m) => {
-                let size = (
-                    v.unwrap_or(settings.vcpus),
-                    m.unwrap_or(settings.memory_mib),
-                );
-                settings.cold |= size != (settings.vcpus, settings.memory_mib);
-                size
-            }
-        };
-        let rootfs = spec::rootfs(&bundle, &spec);
-        let mounted = mount_rootfs(&req.rootfs, &rootfs)?;
-        let dir = super::vm::runtime_dir(&self.namespace, &req.id)?;
-        let undo_here = |e: Error| {
-            undo(&rootfs, mounted, &dir, &bundle);
-            e
-        };
-        if !rootfs.is_dir() {
-            return Err(undo_here(Error::Rootfs(format!(
-                "{} is not a folder",
-                rootfs.display()
-            ))));
-        }
-        let _ = std::fs::remove_dir_all(&dir);
-        make_private_dir(&dir).map_err(undo_here)?;
-        let state = serde_json::json!({ "rootfs": rootfs, "mounted": mounted });
-        let _ = std::fs::write(bundle.join(STATE_FILE), state.to_string());
-        let started = std::time::Instant::now();
-        let vm = Vm::start(&VmSpec {
-            rootfs: &rootfs,
-            vcpus,
-            memory_mib,
-            settings: &settings,
-            dir: &dir,
-        })
-        .map_err(undo_here)?;
-        let booted = started.elapsed();
-        if let Err(e) = vm.agent().mount(spec::GUEST_ROOT, mounts) {
-            vm.stop();
-            return Err(undo_here(e.into()));
-        }
-        log::info!(
-            "{}: VM {} up in {} ms, its mounts in {} ms",
-            req.id,
-            vm.pid(),
-            booted.as_millis(),
-            (started.elapsed() - booted).as_millis()
-        );
-        let stdio = Stdio {
-            stdin: req.stdin.clone(),
-            stdout: req.stdout.clone(),
-            stderr: req.stderr.clone(),
-            terminal: req.terminal,
-        };
-        let init = Process::new(command, stdio)
-            .inspect_err(|_| vm.stop())
-            .map_err(undo_here)?;
-        Ok(Container {
-            bundle,
-            rootfs,
-            mounted,
-            dir,
-            vm,
-            init,
-            execs: Mutex::new(HashMap::new()),
-            paused: AtomicBool::new(false),
-        })
-    }
-}
-
-/// Mounts containerd's snapshot on the bundle's rootfs folder; `false`
-/// when containerd sent none (the bundle holds the files itself).
-fn mount_rootfs(
-    mounts: &[containerd_shim::protos::types::mount::Mount],
-    target: &Path,
-) -> Result<bool> {
-    let m = match mounts {
-        [] => return Ok(false),
-        [m] => m,
-        _ => {
-            return Err(Error::Unsupported(
-                "a root file system of more than one mount".into(),
-            ))
-        }
-    };
-    let fail = |why: String| {
-        Error::Rootfs(format!(
-            "{} {} on {}: {why}",
-            m.type_,
-            m.source,
-            target.display()
-        ))
-    };
-    let options = vmm_agent::mount::Options::parse(&m.options);
-    // mount(2) takes one page of data: an image of very many layers
-    // would need containerd's lowerdir shortening, not done here.
-    if options.data.len() >= 4096 {
-        return Err(fail(
-            "its options are longer than a page (too many layers)".into(),
-        ));
-    }
-    let cstr = |s: &str| std::ffi::CString::new(s).map_err(|_| fail("a NUL in it".into()));
-    let (source, kind, data) = (cstr(&m.source)?, cstr(&m.type_)?, cstr(&options.data)?);
-    let target_c = cstr(&target.to_string_lossy())?;
-    // SAFETY: mount(2) with NUL-terminated strings that outlive the call.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target_c.as_ptr(),
-            kind.as_ptr(),
-            options.flags,
-            data.as_ptr().cast(),
-        )
-    };
-    if rc != 0 {
-        return Err(fail(std::io::Error::last_os_error().to_string()));
-    }
-    Ok(true)
-}
-
-fn make_private_dir(dir: &Path) -> Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| Error::Io(format!("cannot make {}: {e}", dir.display())))
 }
 
 fn timestamp(at: SystemTime) -> MessageField<Timestamp> {
@@ -297,6 +75,7 @@ impl Service {
                 publisher,
                 exit,
                 containers: Mutex::new(HashMap::new()),
+                pods: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -312,12 +91,12 @@ impl Service {
         let c = self.inner.container(id)?;
         let process = c.process(exec_id)?;
         let inner = self.inner.clone();
-        let pid = c.vm.pid();
+        let pid = c.pod.vm.pid();
         let (container_id, process_id) = (
             id.to_string(),
             if exec_id.is_empty() { id } else { exec_id }.to_string(),
         );
-        process.start(c.vm.agent(), move |code, at| {
+        process.start(c.pod.vm.agent(), move |code, at| {
             inner.publish(TaskExit {
                 container_id,
                 id: process_id,
@@ -344,11 +123,11 @@ impl Service {
             Status::Stopped { code, at } => (code, at),
         };
         if exec_id.is_empty() {
-            c.tear_down();
+            c.tear_down(&self.inner.pods);
             self.containers().remove(id);
             self.inner.publish(TaskDelete {
                 container_id: id.to_string(),
-                pid: c.vm.pid(),
+                pid: c.pod.vm.pid(),
                 exit_status: code,
                 exited_at: timestamp(at),
                 ..Default::default()
@@ -360,7 +139,7 @@ impl Service {
                 .remove(exec_id);
         }
         let mut response = api::DeleteResponse::new();
-        response.pid = c.vm.pid();
+        response.pid = c.pod.vm.pid();
         response.exit_status = code;
         response.exited_at = timestamp(at);
         Ok(response)
@@ -376,8 +155,12 @@ impl containerd_shim::Task for Service {
         if self.containers().contains_key(&req.id) {
             return Err(Error::Exists(format!("container {:?} exists already", req.id)).into());
         }
-        let container = Arc::new(self.inner.create(&req)?);
-        let pid = container.vm.pid();
+        let container = Arc::new(Container::create(
+            &req,
+            &self.inner.namespace,
+            &self.inner.pods,
+        )?);
+        let pid = container.pod.vm.pid();
         self.containers().insert(req.id.clone(), container);
         self.inner.publish(TaskCreate {
             container_id: req.id.clone(),
@@ -442,7 +225,7 @@ impl containerd_shim::Task for Service {
         let mut r = api::StateResponse {
             id: req.id.clone(),
             bundle: c.bundle.display().to_string(),
-            pid: c.vm.pid(),
+            pid: c.pod.vm.pid(),
             stdin: process.stdio.stdin.clone(),
             stdout: process.stdio.stdout.clone(),
             stderr: process.stdio.stderr.clone(),
@@ -477,7 +260,7 @@ impl containerd_shim::Task for Service {
     fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
         let c = self.inner.container(&req.id)?;
         let process = c.process(&req.exec_id)?;
-        process.signal(c.vm.agent(), req.signal)?;
+        process.signal(c.pod.vm.agent(), req.signal)?;
         Ok(api::Empty::new())
     }
 
@@ -495,7 +278,7 @@ impl containerd_shim::Task for Service {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
-        let p = Process::new(spec::command(&process), stdio)?;
+        let p = Process::new(spec::command(&process, &spec::guest_root(&req.id)), stdio)?;
         {
             let mut execs = c.execs.lock().unwrap_or_else(|e| e.into_inner());
             if execs.contains_key(&req.exec_id) {
@@ -549,7 +332,7 @@ impl containerd_shim::Task for Service {
 
     fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
         let c = self.inner.container(&req.id)?;
-        c.vm.pause()?;
+        c.pod.vm.pause()?;
         c.paused.store(true, Ordering::SeqCst);
         self.inner.publish(TaskPaused {
             container_id: req.id.clone(),
@@ -560,7 +343,7 @@ impl containerd_shim::Task for Service {
 
     fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
         let c = self.inner.container(&req.id)?;
-        c.vm.resume()?;
+        c.pod.vm.resume()?;
         c.paused.store(false, Ordering::SeqCst);
         self.inner.publish(TaskResumed {
             container_id: req.id.clone(),
@@ -589,7 +372,7 @@ impl containerd_shim::Task for Service {
         let task_pid = self
             .inner
             .container(&req.id)
-            .map(|c| c.vm.pid())
+            .map(|c| c.pod.vm.pid())
             .unwrap_or(0);
         Ok(api::ConnectResponse {
             shim_pid: std::process::id(),

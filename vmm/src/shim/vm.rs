@@ -1,9 +1,9 @@
-//! A sandbox's VM: a `vmm launch` process started from a template (or
-//! booted), with the container's root file system as a virtio-fs share,
+//! A pod's VM: a `vmm launch` process started from a template (or
+//! booted), with the pod's folder as a virtio-fs share,
 //! driven through its control socket and its guest agent.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
@@ -14,7 +14,7 @@ use crate::agent::AgentClient;
 use crate::api::ApiClient;
 
 use super::options::{Settings, DEFAULT_TEMPLATE};
-use super::spec::{GUEST_ROOT, SHARE_TAG};
+use super::spec::{GUEST_SHARE, SHARE_TAG};
 use super::{Error, Result};
 
 /// How long a VM may take from its process start to its agent answering.
@@ -26,8 +26,9 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the VM is made of.
 pub struct VmSpec<'a> {
-    /// The container's root file system on the host.
-    pub rootfs: &'a Path,
+    /// The pod's folder on the host (the containers' root file systems
+    /// and bound host files are mounted in it).
+    pub share: &'a Path,
     pub vcpus: u32,
     pub memory_mib: u32,
     pub settings: &'a Settings,
@@ -47,7 +48,7 @@ impl Vm {
     pub fn start(spec: &VmSpec) -> Result<Vm> {
         let vmm = spec.settings.vmm_binary();
         let config = spec.dir.join("vm.json");
-        write_config(&config, spec, spec.rootfs)?;
+        write_config(&config, spec, spec.share)?;
         let mut cmd = Command::new(&vmm);
         cmd.arg("launch");
         if let Some(template) = spec.settings.template() {
@@ -153,13 +154,13 @@ impl Drop for Vm {
     }
 }
 
-/// The VM's config: the size, the rootfs share, no console.
+/// The VM's config: the size, the pod's share, no console.
 fn write_config(path: &Path, spec: &VmSpec, share: &Path) -> Result<()> {
     let config = serde_json::json!({
         "vcpus": spec.vcpus,
         "memory_mib": spec.memory_mib,
         "serial": "off",
-        "shares": [{ "tag": SHARE_TAG, "host_path": share, "guest_path": GUEST_ROOT }],
+        "shares": [{ "tag": SHARE_TAG, "host_path": share, "guest_path": GUEST_SHARE }],
     });
     std::fs::write(path, config.to_string())
         .map_err(|e| Error::Start(format!("cannot write {}: {e}", path.display())))
@@ -170,11 +171,11 @@ fn write_config(path: &Path, spec: &VmSpec, share: &Path) -> Result<()> {
 /// template holds the guest's kernel ready for it. Without it, the first
 /// such calls of every sandbox restored from the template were about
 /// 400 ms each here (the guest's memory is faulted in lazily on restore).
-const WARMUP: &str = "R=/containers/rootfs/.warm && mkdir -p $R/proc $R/dev $R/sys $R/run \
+const WARMUP: &str = "R=/containers/.warm/rootfs && mkdir -p $R/proc $R/dev $R/sys $R/run \
     && mount -t proc proc $R/proc && mount -t tmpfs tmpfs $R/dev && mount -t sysfs -o ro sysfs $R/sys \
     && mkdir -p $R/dev/pts && mount -t devpts -o newinstance devpts $R/dev/pts && mknod $R/dev/null c 1 3 \
     && cat /bin/sh > $R/file && cat $R/file > /dev/null && ls -la $R $R/dev $R/proc/self > /dev/null \
-    && umount $R/dev/pts $R/dev $R/proc $R/sys && rm -rf $R";
+    && umount $R/dev/pts $R/dev $R/proc $R/sys && rm -rf /containers/.warm";
 
 /// Checks the template fits the VM of `config`. The default template is
 /// built on first use, and again when the kernel, initramfs or base image
@@ -300,14 +301,4 @@ fn spawn_tied(mut cmd: Command) -> std::io::Result<Child> {
         .send((cmd, reply))
         .map_err(|_| gone())?;
     answer.recv().map_err(|_| gone())?
-}
-
-/// The runtime folder of a container's VM: `<bundle>`'s name hashed, so
-/// socket paths stay short whatever the container id.
-pub fn runtime_dir(namespace: &str, id: &str) -> Result<PathBuf> {
-    use sha2::{Digest, Sha256};
-    let hash = Sha256::digest(format!("{namespace}/{id}").as_bytes());
-    let name: String = hash.iter().take(8).map(|b| format!("{b:02x}")).collect();
-    let base = crate::runtime::user_dir().map_err(|e| Error::Start(e.to_string()))?;
-    Ok(base.join(format!("shim-{name}")))
 }

@@ -37,6 +37,11 @@ pub fn mount_all(root: &str, mounts: &[Mount]) -> Result<(), String> {
     Ok(())
 }
 
+/// Unmounts everything at or under `root`.
+pub fn unmount_all(root: &str) -> Result<(), String> {
+    vmm_agent::mount::unmount_under(Path::new(root)).map_err(|e| e.to_string())
+}
+
 fn mount_one(root: &Path, m: &Mount) -> Result<(), String> {
     if !KINDS.contains(&m.kind.as_str()) {
         return Err(format!("the type is not one of {}", KINDS.join(", ")));

@@ -163,6 +163,10 @@ fn handle(conn: File) -> io::Result<()> {
             Ok(()) => Response::default(),
             Err(e) => Response::error(e),
         },
+        Ok(Request::Unmount { root }) => match super::container::unmount_all(&root) {
+            Ok(()) => Response::default(),
+            Err(e) => Response::error(e),
+        },
         Ok(Request::Get { path, user }) => files::get(&path, user.as_deref(), &writer),
         Ok(Request::Signal { pid, signal }) => send_signal(pid, signal),
         Ok(Request::Stat { path, user }) => files::stat(&path, user.as_deref()),

@@ -1,0 +1,170 @@
+//! A pod: one VM and its folder on the host. The folder (`<runtime
+//! folder>/pod`, a shared mount so that what is mounted in it later also
+//! reaches the jailed VMM) is the VM's virtio-fs share, seen at
+//! `/containers` in the guest: each container's root file system is bound
+//! at `<id>/rootfs` in it, the host files its spec binds at
+//! `<id>/mounts/<n>`. Without Kubernetes (`ctr run`) every container is a
+//! pod of its own.
+
+use std::path::{Path, PathBuf};
+
+use super::options::Settings;
+use super::vm::{Vm, VmSpec};
+use super::{Error, Result};
+
+pub struct Pod {
+    pub id: String,
+    pub vm: Vm,
+    /// The runtime folder (the VM's sockets, config and log; the share).
+    dir: PathBuf,
+    share: PathBuf,
+}
+
+impl Pod {
+    /// Makes the pod's folders and starts its VM.
+    pub fn start(namespace: &str, id: &str, size: (u32, u32), settings: &Settings) -> Result<Pod> {
+        let dir = runtime_dir(namespace, id)?;
+        // A folder of a shim that was killed: nothing of it runs any more.
+        remove(&dir);
+        let share = dir.join("pod");
+        make_dir(&dir, 0o700)?;
+        make_dir(&share, 0o755)?;
+        let shared = bind(&share, &share).and_then(|()| {
+            mount_call(None, &share, libc::MS_SHARED)
+                .map_err(|e| Error::Io(format!("cannot share {}: {e}", share.display())))
+        });
+        if let Err(e) = shared {
+            remove(&dir);
+            return Err(e);
+        }
+        let vm = Vm::start(&VmSpec {
+            share: &share,
+            vcpus: size.0,
+            memory_mib: size.1,
+            settings,
+            dir: &dir,
+        });
+        match vm {
+            Ok(vm) => Ok(Pod {
+                id: id.to_string(),
+                vm,
+                dir,
+                share,
+            }),
+            Err(e) => {
+                remove(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    /// Binds container `id`'s root file system and the host files its spec
+    /// binds (`binds`, in order) into the pod's folder.
+    pub fn add(&self, id: &str, rootfs: &Path, binds: &[PathBuf]) -> Result<()> {
+        let folder = self.share.join(id);
+        let added = (|| {
+            make_dir(&folder.join("rootfs"), 0o755)?;
+            bind(rootfs, &folder.join("rootfs"))?;
+            for (n, source) in binds.iter().enumerate() {
+                let target = folder.join("mounts").join(n.to_string());
+                make_dir(&folder.join("mounts"), 0o755)?;
+                match source.is_dir() {
+                    true => make_dir(&target, 0o755)?,
+                    false => {
+                        std::fs::File::create(&target).map_err(|e| {
+                            Error::Io(format!("cannot make {}: {e}", target.display()))
+                        })?;
+                    }
+                }
+                bind(source, &target)?;
+            }
+            Ok(())
+        })();
+        if added.is_err() {
+            self.remove(id);
+        }
+        added
+    }
+
+    /// Unbinds container `id`'s files from the pod's folder.
+    pub fn remove(&self, id: &str) {
+        remove(&self.share.join(id));
+    }
+
+    /// Stops the VM and removes the pod's folders.
+    pub fn stop(&self) {
+        self.vm.stop();
+        remove(&self.dir);
+    }
+}
+
+/// The runtime folder of pod `id`: its name hashed, so socket paths stay
+/// short whatever the id.
+pub fn runtime_dir(namespace: &str, id: &str) -> Result<PathBuf> {
+    use sha2::{Digest, Sha256};
+    let hash = Sha256::digest(format!("{namespace}/{id}").as_bytes());
+    let name: String = hash.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let base = crate::runtime::user_dir().map_err(|e| Error::Start(e.to_string()))?;
+    Ok(base.join(format!("shim-{name}")))
+}
+
+/// Unmounts everything under `path` and removes it.
+pub fn remove(path: &Path) {
+    if !path.exists() {
+        return;
+    }
+    remove_mount(path);
+    let _ = std::fs::remove_dir_all(path);
+}
+
+/// Unmounts what is mounted at or under `path` (the folder stays).
+pub fn remove_mount(path: &Path) {
+    if let Err(e) = vmm_agent::mount::unmount_under(path) {
+        log::warn!("{e}");
+    }
+}
+
+fn make_dir(dir: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(dir)
+        .map_err(|e| Error::Io(format!("cannot make {}: {e}", dir.display())))
+}
+
+/// Binds `source` (and what is mounted under it) on `target`.
+fn bind(source: &Path, target: &Path) -> Result<()> {
+    mount_call(Some(source), target, libc::MS_BIND | libc::MS_REC).map_err(|e| {
+        Error::Io(format!(
+            "cannot bind {} on {}: {e}",
+            source.display(),
+            target.display()
+        ))
+    })
+}
+
+fn mount_call(source: Option<&Path>, target: &Path, flags: libc::c_ulong) -> std::io::Result<()> {
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+    };
+    let source = source.map(c).transpose()?;
+    let target = c(target)?;
+    let src = source.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+    // SAFETY: mount(2) with NUL-terminated paths (or null) that outlive
+    // the call, no file system type and no data.
+    let rc = unsafe {
+        libc::mount(
+            src,
+            target.as_ptr(),
+            std::ptr::null(),
+            flags,
+            std::ptr::null(),
+        )
+    };
+    match rc {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
