@@ -166,7 +166,7 @@ fn test_image(config: serde_json::Value) -> Image {
         .file("etc/group", b"root:x:0:\napp:x:1000:\n", 0o644, 0, 0);
     for applet in [
         "sh", "echo", "cat", "sleep", "id", "ls", "true", "false", "tty", "stty", "hostname",
-        "mount", "head", "wc", "grep",
+        "mount", "head", "wc", "grep", "wget",
     ] {
         layer = layer.symlink(&format!("bin/{applet}"), "busybox");
     }
@@ -594,6 +594,65 @@ fn host_folders_bound_by_the_spec_reach_the_container() {
     );
     assert!(!folder.join("x").exists());
     assert_nothing_left(c, "binds");
+}
+
+/// A one-shot HTTP server on the host's loopback: its port; it answers
+/// one request with `body`.
+fn serve_once(body: &'static str) -> u16 {
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        if let Ok((mut conn, _)) = listener.accept() {
+            let mut request = [0u8; 1024];
+            let _ = conn.read(&mut request);
+            let _ = write!(
+                conn,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    port
+}
+
+#[test]
+fn the_user_network_reaches_what_the_policy_allows() {
+    let (_turn, c) = containerd();
+    let allowed = serve_once("hello from the host\n");
+    let other = serve_once("must not be reached\n");
+    // 10.0.2.2 is the host's loopback through the user network; only the
+    // one port is allowed (docs/network.md).
+    let settings = c.dir.join("net.json");
+    let policy = serde_json::json!({"network": {"mode": "user", "egress": {"default": "deny", "allow": [format!("10.0.2.2:{allowed}")]}}});
+    std::fs::write(&settings, policy.to_string()).unwrap();
+    let script = format!(
+        "wget -q -O- http://10.0.2.2:{allowed}/; wget -q -T 10 -O- http://10.0.2.2:{other}/ 2>/dev/null || echo refused"
+    );
+    let out = ctr(
+        c,
+        &[
+            "run",
+            "--runtime",
+            RUNTIME,
+            "--runtime-config-path",
+            settings.to_str().unwrap(),
+            "--rm",
+            IMAGE,
+            "net1",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(
+        text(&out),
+        "hello from the host\nrefused",
+        "{}",
+        describe(&out)
+    );
+    assert_nothing_left(c, "net1");
 }
 
 #[test]

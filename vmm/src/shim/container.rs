@@ -82,8 +82,6 @@ impl Container {
                 .map_err(unmount_rootfs)?,
             false => {
                 let size = vm_size(&spec, &settings);
-                let mut settings = settings.clone();
-                settings.cold |= size != (settings.vcpus, settings.memory_mib);
                 let started = std::time::Instant::now();
                 let pod =
                     Pod::start(namespace, &pod_id, size, &settings).map_err(unmount_rootfs)?;

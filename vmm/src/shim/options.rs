@@ -8,17 +8,27 @@ use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::CodedInputStream;
 use serde::Deserialize;
 
+use crate::config::NetworkConfig;
+
 use super::{Error, Result};
 
-/// The template the shim builds and starts from when none is named.
-pub const DEFAULT_TEMPLATE: &str = "containerd";
+/// How a pod's VM starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    /// Booted.
+    Cold,
+    /// From a template; `default`: one the shim builds on first use (and
+    /// again when the kernel, initramfs or base image changed).
+    Template { name: String, default: bool },
+}
 
 /// What a runtime handler's config file says (docs/containerd.md).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     /// Start every sandbox from this template (`vmm template create`);
-    /// without one, [`DEFAULT_TEMPLATE`] (built on first use).
+    /// without one, the shim's own for the VM's size and network kind,
+    /// `containerd-<vcpus>x<memory>-<network>` (built on first use).
     pub template: Option<String>,
     /// Boot each sandbox instead (slow: for kernels or sizes no template
     /// has).
@@ -31,6 +41,22 @@ pub struct Settings {
     /// template's).
     pub vcpus: u32,
     pub memory_mib: u32,
+    /// The VM's network (docs/network.md): default the user network (NAT
+    /// in the VMM, the default egress policy: the internet, never the
+    /// host or private networks); `null` for none. Its kind must be the
+    /// template's; its policy is bound at each start.
+    #[serde(default = "default_network")]
+    pub network: Option<NetworkConfig>,
+}
+
+fn default_network() -> Option<NetworkConfig> {
+    Some(NetworkConfig::User {
+        egress: Default::default(),
+        port_forwards: Vec::new(),
+        dns: None,
+        mac: None,
+        rate_limit: None,
+    })
 }
 
 impl Default for Settings {
@@ -42,6 +68,7 @@ impl Default for Settings {
             jail: true,
             vcpus: 1,
             memory_mib: super::spec::DEFAULT_MEMORY_MIB,
+            network: default_network(),
         }
     }
 }
@@ -61,11 +88,28 @@ impl Settings {
         serde_json::from_str(&text).map_err(|e| Error::Settings(format!("{}: {e}", path.display())))
     }
 
-    /// The template sandboxes start from (none when cold).
-    pub fn template(&self) -> Option<&str> {
-        match self.cold {
-            true => None,
-            false => Some(self.template.as_deref().unwrap_or(DEFAULT_TEMPLATE)),
+    /// How a VM of `size` (vCPUs, MiB) starts: from the named template
+    /// when it is the settings' size, else booted; from the shim's own
+    /// template of that size without one.
+    pub fn start(&self, size: (u32, u32)) -> Start {
+        match (&self.template, self.cold) {
+            (_, true) => Start::Cold,
+            (Some(name), false) if size == (self.vcpus, self.memory_mib) => Start::Template {
+                name: name.clone(),
+                default: false,
+            },
+            (Some(_), false) => Start::Cold,
+            (None, false) => {
+                let network = match &self.network {
+                    None => "none",
+                    Some(NetworkConfig::User { .. }) => "user",
+                    Some(NetworkConfig::Tap { .. }) => "tap",
+                };
+                Start::Template {
+                    name: format!("containerd-{}x{}-{network}", size.0, size.1),
+                    default: true,
+                }
+            }
         }
     }
 
@@ -140,11 +184,31 @@ mod tests {
     #[test]
     fn settings_read_with_defaults_and_refuse_unknown_fields() {
         let s: Settings = serde_json::from_str(r#"{"template":"py"}"#).unwrap();
-        assert_eq!(s.template(), Some("py"));
+        let py = Start::Template {
+            name: "py".into(),
+            default: false,
+        };
+        assert_eq!(s.start((1, 256)), py);
+        // Another size than the named template's: booted.
+        assert_eq!(s.start((2, 640)), Start::Cold);
         assert!(s.jail);
-        assert_eq!(Settings::default().template(), Some(DEFAULT_TEMPLATE));
+        let ours = |name: &str| Start::Template {
+            name: name.into(),
+            default: true,
+        };
+        assert_eq!(
+            Settings::default().start((1, 256)),
+            ours("containerd-1x256-user")
+        );
+        assert_eq!(
+            Settings::default().start((2, 640)),
+            ours("containerd-2x640-user")
+        );
         let cold: Settings = serde_json::from_str(r#"{"cold":true}"#).unwrap();
-        assert_eq!(cold.template(), None);
+        assert_eq!(cold.start((1, 256)), Start::Cold);
         assert!(serde_json::from_str::<Settings>(r#"{"templat":"py"}"#).is_err());
+        assert!(matches!(s.network, Some(NetworkConfig::User { .. })));
+        let none: Settings = serde_json::from_str(r#"{"network":null}"#).unwrap();
+        assert_eq!(none.network, None);
     }
 }

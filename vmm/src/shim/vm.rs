@@ -13,7 +13,7 @@ use crate::action::Control;
 use crate::agent::AgentClient;
 use crate::api::ApiClient;
 
-use super::options::{Settings, DEFAULT_TEMPLATE};
+use super::options::{Settings, Start};
 use super::spec::{GUEST_SHARE, SHARE_TAG};
 use super::{Error, Result};
 
@@ -51,9 +51,11 @@ impl Vm {
         write_config(&config, spec, spec.share)?;
         let mut cmd = Command::new(&vmm);
         cmd.arg("launch");
-        if let Some(template) = spec.settings.template() {
-            ensure_template(&vmm, template, spec, &config)?;
-            cmd.args(["--template", template]);
+        if let Start::Template { name, default } =
+            spec.settings.start((spec.vcpus, spec.memory_mib))
+        {
+            ensure_template(&vmm, &name, default, spec, &config)?;
+            cmd.args(["--template", &name]);
         }
         let api_socket = spec.dir.join("api.sock");
         let log = spec.dir.join("vmm.log");
@@ -154,14 +156,18 @@ impl Drop for Vm {
     }
 }
 
-/// The VM's config: the size, the pod's share, no console.
+/// The VM's config: the size, the pod's share, the network, no console.
 fn write_config(path: &Path, spec: &VmSpec, share: &Path) -> Result<()> {
-    let config = serde_json::json!({
+    let mut config = serde_json::json!({
         "vcpus": spec.vcpus,
         "memory_mib": spec.memory_mib,
         "serial": "off",
         "shares": [{ "tag": SHARE_TAG, "host_path": share, "guest_path": GUEST_SHARE }],
     });
+    if let Some(network) = &spec.settings.network {
+        config["network"] =
+            serde_json::to_value(network).map_err(|e| Error::Start(e.to_string()))?;
+    }
     std::fs::write(path, config.to_string())
         .map_err(|e| Error::Start(format!("cannot write {}: {e}", path.display())))
 }
@@ -177,24 +183,30 @@ const WARMUP: &str = "R=/containers/.warm/rootfs && mkdir -p $R/proc $R/dev $R/s
     && cat /bin/sh > $R/file && cat $R/file > /dev/null && ls -la $R $R/dev $R/proc/self > /dev/null \
     && umount $R/dev/pts $R/dev $R/proc $R/sys && rm -rf /containers/.warm";
 
-/// Checks the template fits the VM of `config`. The default template is
-/// built on first use, and again when the kernel, initramfs or base image
-/// changed; a template named by the settings must exist and fit.
-fn ensure_template(vmm: &Path, name: &str, spec: &VmSpec, config: &Path) -> Result<()> {
+/// Checks the template fits the VM of `config`. The shim's own (`default`)
+/// is built on first use, and again when the kernel, initramfs or base
+/// image changed; a template named by the settings must exist and fit.
+fn ensure_template(
+    vmm: &Path,
+    name: &str,
+    default: bool,
+    spec: &VmSpec,
+    config: &Path,
+) -> Result<()> {
     let replace = match crate::template::Template::open(name) {
         Ok(t) => {
             let vm_config = crate::config::VmConfig::from_file(config)
                 .map_err(|e| Error::Start(e.to_string()))?;
             let ours = t.record.warmup.iter().map(String::as_str).eq([WARMUP]);
             match t.fit(Some(vm_config)) {
-                Ok(_) if ours || name != DEFAULT_TEMPLATE => return Ok(()),
+                Ok(_) if ours || !default => return Ok(()),
                 // A default template of an older shim.
                 Ok(_) => true,
-                Err(crate::template::Error::Stale { .. }) if name == DEFAULT_TEMPLATE => true,
+                Err(crate::template::Error::Stale { .. }) if default => true,
                 Err(e) => return Err(Error::Start(e.to_string())),
             }
         }
-        Err(crate::template::Error::NoSuchTemplate(_)) if name == DEFAULT_TEMPLATE => false,
+        Err(crate::template::Error::NoSuchTemplate(_)) if default => false,
         Err(e) => return Err(Error::Start(e.to_string())),
     };
     log::info!("building the template {name}: later sandboxes start from it");
