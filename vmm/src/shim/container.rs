@@ -101,11 +101,13 @@ impl Container {
         };
         pod.add(&req.id, &rootfs, &binds).map_err(end_pod)?;
         let root = spec::guest_root(&req.id);
+        let t = std::time::Instant::now();
         if let Err(e) = pod.vm.agent().mount(&root, mounts) {
             let _ = pod.vm.agent().unmount(&root);
             pod.remove(&req.id);
             return Err(end_pod(e.into()));
         }
+        log::info!("{}: its mounts in {} ms", req.id, t.elapsed().as_millis());
         let process = spec
             .process()
             .as_ref()

@@ -97,6 +97,7 @@ impl Service {
             if exec_id.is_empty() { id } else { exec_id }.to_string(),
         );
         process.start(c.pod.vm.agent(), move |code, at| {
+            log::info!("{container_id}: exited");
             inner.publish(TaskExit {
                 container_id,
                 id: process_id,
@@ -187,7 +188,9 @@ impl containerd_shim::Task for Service {
         _ctx: &TtrpcContext,
         req: api::StartRequest,
     ) -> TtrpcResult<api::StartResponse> {
+        let t = std::time::Instant::now();
         let pid = self.start_process(&req.id, &req.exec_id)?;
+        log::info!("{}: started in {} ms", req.id, t.elapsed().as_millis());
         match req.exec_id.is_empty() {
             true => self.inner.publish(TaskStart {
                 container_id: req.id.clone(),
