@@ -182,6 +182,22 @@ mod tests {
     }
 
     #[test]
+    fn the_example_settings_and_template_config_read() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/containerd");
+        let s = Settings::from_file(&dir.join("shim.json")).unwrap();
+        assert_eq!(
+            (s.template.as_deref(), s.vcpus, s.memory_mib),
+            (Some("big"), 2, 512)
+        );
+        let t = crate::config::VmConfig::from_file(&dir.join("template.json")).unwrap();
+        assert_eq!((t.vcpus, t.memory_mib), (2, 512));
+        assert_eq!(
+            t.shares[0].guest_path.to_str(),
+            Some(super::super::spec::GUEST_SHARE)
+        );
+    }
+
+    #[test]
     fn settings_read_with_defaults_and_refuse_unknown_fields() {
         let s: Settings = serde_json::from_str(r#"{"template":"py"}"#).unwrap();
         let py = Start::Template {
