@@ -1,13 +1,14 @@
 //! `containerd-shim-vmm-v2`: containerd's runtime v2 shim, so containerd
 //! and Kubernetes run containers in our microVMs (docs/containerd.md).
 //!
-//! containerd starts the shim per container (the `start` action forks the
-//! long-lived shim and prints its socket), then calls the task API over
-//! ttrpc (containerd's `containerd-shim` crate). Each container gets a VM
-//! of its own, started from a template: its root file system (the
-//! snapshot containerd mounted) reaches the guest through virtio-fs, and
-//! the guest agent runs its processes chrooted there, their stdio carried
-//! to containerd's FIFOs.
+//! containerd runs the shim's `start` per container (it forks the
+//! long-lived shim of the container's pod, or finds it, and prints its
+//! socket), then calls the task API over ttrpc (containerd's
+//! `containerd-shim` crate). Each pod gets a VM, started from a template
+//! (a container without a pod is a pod of its own): its containers' root
+//! file systems (the snapshots containerd mounted) reach the guest through
+//! the pod's virtio-fs share, and the guest agent runs their processes
+//! chrooted there, their stdio carried to containerd's FIFOs.
 
 mod container;
 mod options;

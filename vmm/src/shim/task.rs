@@ -1,5 +1,5 @@
-//! The task service containerd calls: each container a VM of its own,
-//! each of its processes run by that VM's guest agent.
+//! The task service containerd calls: each pod a VM, each container's
+//! processes run by that VM's guest agent.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
