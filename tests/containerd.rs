@@ -426,6 +426,24 @@ fn exec_stdin_terminal_and_kill_reach_the_container() {
     // Two processes are listed (init and nothing else left running).
     let out = ctr(c, &["task", "ps", "long1"]);
     assert!(out.status.success(), "{}", describe(&out));
+    // Metrics: the VM's memory and CPU on the host, its size as the limit.
+    let out = ctr(c, &["task", "metrics", "long1"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let shown = text(&out);
+    let value = |name: &str| {
+        shown
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    assert!(
+        value("memory.usage_in_bytes").is_some_and(|v| v > 0),
+        "{shown}"
+    );
+    assert_eq!(value("memory.limit_in_bytes"), Some(256 << 20), "{shown}");
+    assert!(value("cpuacct.usage").is_some_and(|v| v > 0), "{shown}");
+    assert_eq!(value("pids.current"), Some(1), "{shown}");
     // SIGTERM ends the container; `ctr run` returns its status.
     let out = ctr(c, &["task", "kill", "long1"]);
     assert!(out.status.success(), "{}", describe(&out));

@@ -15,6 +15,7 @@ mod options;
 mod pod;
 mod process;
 mod spec;
+mod stats;
 mod task;
 mod vm;
 

@@ -367,6 +367,26 @@ impl containerd_shim::Task for Service {
         Err(Error::Unsupported("changing a running container's resources".into()).into())
     }
 
+    fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
+        let c = self.inner.container(&req.id)?;
+        let execs = c.execs.lock().unwrap_or_else(|e| e.into_inner());
+        let running = std::iter::once(&c.init)
+            .chain(execs.values())
+            .filter(|p| p.status() == Status::Running)
+            .count() as u64;
+        let metrics = super::stats::of_vm(c.pod.vm.pid(), c.pod.vm.memory_mib, running);
+        let any = containerd_shim::util::convert_to_any(Box::new(metrics))
+            .map_err(|e| Error::Io(format!("cannot encode the metrics: {e}")))?;
+        Ok(api::StatsResponse {
+            stats: MessageField::some(any),
+            ..Default::default()
+        })
+    }
+
     fn connect(
         &self,
         _ctx: &TtrpcContext,

@@ -40,6 +40,8 @@ pub struct VmSpec<'a> {
 pub struct Vm {
     child: Mutex<Option<Child>>,
     pid: u32,
+    /// The guest's memory, MiB.
+    pub memory_mib: u32,
     api: ApiClient,
     agent: AgentClient,
 }
@@ -103,6 +105,7 @@ impl Vm {
             Ok(agent) => Ok(Vm {
                 child: Mutex::new(Some(child)),
                 pid,
+                memory_mib: spec.memory_mib,
                 api,
                 agent,
             }),
