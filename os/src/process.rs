@@ -1,7 +1,8 @@
 //! Processes and signals, per OS:
 //!
 //! - [`exit_fd`]: a descriptor that becomes readable when a process ends
-//!   (Linux: a pidfd; macOS: a kqueue watching the process's exit).
+//!   (Linux: a pidfd; macOS: a kqueue watching the process's exit), and
+//!   [`ended_within`] to wait on one with a deadline.
 //! - [`close_fds_from`]: close every descriptor from a number on (Linux:
 //!   close_range; elsewhere one by one up to the table's size).
 //! - [`die_with_parent`]: in a child before exec, ask for a signal when
@@ -12,7 +13,8 @@
 //!   (Linux: SIGRTMIN; macOS, which has no real-time signals: SIGUSR2).
 
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::time::{Duration, Instant};
 
 /// A descriptor that becomes readable once process `pid` has ended.
 pub fn exit_fd(pid: u32) -> io::Result<OwnedFd> {
@@ -55,6 +57,30 @@ pub fn exit_fd(pid: u32) -> io::Result<OwnedFd> {
             return Err(io::Error::last_os_error());
         }
         Ok(kq)
+    }
+}
+
+/// Waits up to `timeout` for `exit` (from [`exit_fd`]) to say its process
+/// has ended; whether it did. Signals interrupting the wait do not cut it
+/// short.
+pub fn ended_within(exit: &OwnedFd, timeout: Duration) -> bool {
+    let mut poll = libc::pollfd {
+        fd: exit.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ms = left.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: poll(2) on one pollfd that lives across the call.
+        let n = unsafe { libc::poll(&mut poll, 1, ms) };
+        if n > 0 {
+            return true;
+        }
+        if n == 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return false;
+        }
     }
 }
 

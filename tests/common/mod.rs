@@ -3,7 +3,6 @@
 
 #![allow(dead_code)]
 
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -360,13 +359,5 @@ pub fn wait_for_exit(pid: u32, timeout: Duration) -> bool {
         // ESRCH: it has ended (and was reaped) already.
         Err(e) => return e.raw_os_error() == Some(libc::ESRCH),
     };
-    let mut poll = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-    // SAFETY: poll(2) on one valid pollfd; a pidfd is readable once the
-    // process has ended.
-    unsafe { libc::poll(&mut poll, 1, ms) == 1 }
+    vmm_os::process::ended_within(&fd, timeout)
 }

@@ -221,24 +221,7 @@ impl Entry {
         if !self.alive() {
             return true;
         }
-        let mut poll = libc::pollfd {
-            fd: std::os::fd::AsRawFd::as_raw_fd(&pidfd),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let ms = left.as_millis().min(i32::MAX as u128) as i32;
-            // SAFETY: one pollfd that lives across the call.
-            let n = unsafe { libc::poll(&mut poll, 1, ms) };
-            if n > 0 {
-                return true;
-            }
-            if n == 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-                return !self.alive();
-            }
-        }
+        vmm_os::process::ended_within(&pidfd, timeout) || !self.alive()
     }
 
     /// Seconds since the VM started.

@@ -309,13 +309,7 @@ impl Forked {
             return Ok(());
         };
         self.control.stop()?;
-        let mut poll = libc::pollfd {
-            fd: std::os::fd::AsRawFd::as_raw_fd(&pidfd),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: poll(2) on one valid pollfd.
-        unsafe { libc::poll(&mut poll, 1, STOP_WAIT.as_millis() as i32) };
+        vmm_os::process::ended_within(&pidfd, STOP_WAIT);
         Ok(())
     }
 }

@@ -251,22 +251,7 @@ fn ensure_template(
 
 /// Whether process `pid` (our unreaped child) ends within `limit`.
 fn exits_within(pid: u32, limit: Duration) -> bool {
-    let Ok(fd) = vmm_os::process::exit_fd(pid) else {
-        return true;
-    };
-    let mut pfd = libc::pollfd {
-        fd: std::os::fd::AsRawFd::as_raw_fd(&fd),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = limit.as_millis().min(i32::MAX as u128) as i32;
-    loop {
-        // SAFETY: poll(2) on one valid pollfd we own.
-        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if rc >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            return rc > 0;
-        }
-    }
+    vmm_os::process::exit_fd(pid).map_or(true, |fd| vmm_os::process::ended_within(&fd, limit))
 }
 
 /// The last line of the VMM's log: why it did not start.
