@@ -11,6 +11,9 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # This host's target (.cargo/config.toml names x86_64 for plain `cargo`).
 export CARGO_BUILD_TARGET="${CARGO_BUILD_TARGET:-$(uname -m)-unknown-linux-gnu}"
 cd "$repo"
+# A clean clone gains nothing from incremental compilation, and its caches
+# would double the target folder.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 start=$SECONDS
 phase() {
     echo "test.sh: $1 took $((SECONDS - start)) s" >&2
