@@ -673,6 +673,121 @@ fn the_user_network_reaches_what_the_policy_allows() {
     assert_nothing_left(c, "net1");
 }
 
+/// A network namespace of the test's own (`ip netns`), deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let name = format!("vmmctr-{tag}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        ip(&["netns", "add", &name]);
+        let ns = Netns(name);
+        ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    fn path(&self) -> PathBuf {
+        Path::new("/var/run/netns").join(&self.0)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+fn ip(args: &[&str]) -> String {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(out.status.success(), "ip {args:?}: {}", describe(&out));
+    text(&out)
+}
+
+/// A one-shot TCP server in `netns` at `address`: its port; it answers
+/// the first connection with the address the connection came from.
+fn echo_peer_in(netns: &Netns, address: &str) -> u16 {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(netns.path()).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let address = address.to_string();
+    std::thread::spawn(move || {
+        // SAFETY: setns(2) on an open namespace file moves this thread
+        // alone, which then only serves here.
+        let entered = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(entered, 0, "{}", std::io::Error::last_os_error());
+        let listener = std::net::TcpListener::bind((address.as_str(), 0)).unwrap();
+        tx.send(listener.local_addr().unwrap().port()).unwrap();
+        if let Ok((mut conn, from)) = listener.accept() {
+            let _ = writeln!(conn, "from {}", from.ip());
+        }
+    });
+    rx.recv().unwrap()
+}
+
+#[test]
+fn a_pods_cni_interface_becomes_the_vms_network() {
+    let (_turn, c) = containerd();
+    // What a CNI plugin makes: the pod's namespace with eth0 (an address
+    // and a default route) on a veth link to a peer, here a namespace of
+    // the test's too.
+    let pod = Netns::new("pod");
+    let peer = Netns::new("peer");
+    ip(&[
+        "-n", &pod.0, "link", "add", "name", "eth0", "type", "veth", "peer", "name", "peer0",
+        "netns", &peer.0,
+    ]);
+    ip(&["-n", &pod.0, "addr", "add", "10.77.0.2/24", "dev", "eth0"]);
+    // An overlay network's smaller MTU, which the guest must take.
+    ip(&["-n", &pod.0, "link", "set", "eth0", "mtu", "1400"]);
+    ip(&["-n", &peer.0, "link", "set", "peer0", "mtu", "1400"]);
+    ip(&["-n", &pod.0, "link", "set", "eth0", "up"]);
+    ip(&["-n", &pod.0, "route", "add", "default", "via", "10.77.0.1"]);
+    ip(&["-n", &peer.0, "addr", "add", "10.77.0.1/24", "dev", "peer0"]);
+    ip(&["-n", &peer.0, "link", "set", "peer0", "up"]);
+    let port = echo_peer_in(&peer, "10.77.0.1");
+    let netns = format!("network:{}", pod.path().display());
+    let script = format!(
+        "wget -q -T 30 -O- http://10.77.0.1:{port}/; cat /sys/class/net/eth0/address /sys/class/net/eth0/mtu"
+    );
+    let out = ctr(
+        c,
+        &[
+            "run",
+            "--runtime",
+            RUNTIME,
+            "--with-ns",
+            &netns,
+            "--rm",
+            IMAGE,
+            "cni1",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    // The peer saw the pod's address, and the guest has eth0's MAC.
+    let pod_mac = ip(&["-n", &pod.0, "-br", "link", "show", "eth0"]);
+    let printed = text(&out);
+    let mut lines = printed.lines();
+    assert_eq!(lines.next(), Some("from 10.77.0.2"), "{}", describe(&out));
+    let guest_mac = lines.next().unwrap_or_default();
+    assert!(
+        !guest_mac.is_empty() && pod_mac.contains(guest_mac),
+        "guest {guest_mac:?}, pod {pod_mac:?}"
+    );
+    assert_eq!(lines.next(), Some("1400"), "the guest's MTU");
+    assert_nothing_left(c, "cni1");
+    // The namespace is as CNI left it: no TAP, no redirect.
+    let links = ip(&["-n", &pod.0, "-br", "link"]);
+    assert!(!links.contains("vmmtap0"), "{links}");
+    let qdiscs = Command::new("tc")
+        .args(["-n", &pod.0, "qdisc", "show", "dev", "eth0"])
+        .output()
+        .unwrap();
+    assert!(!text(&qdiscs).contains("ingress"), "{}", describe(&qdiscs));
+}
+
 #[test]
 fn broken_bundles_fail_with_a_reason_and_leave_nothing() {
     let (_turn, c) = containerd();

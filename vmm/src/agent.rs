@@ -407,24 +407,32 @@ impl AgentClient {
 
     /// Gives the guest fresh randomness and has it reseed its generator,
     /// steps its wall clock to `now` and moves its network interface to
-    /// `mac` (after a fork or restore).
+    /// `interface` (after a fork or restore).
     pub fn reseed(
         &self,
         seed: &[u8],
         now: Option<std::time::SystemTime>,
-        mac: Option<[u8; 6]>,
+        interface: &NewInterface,
     ) -> Result<()> {
         let mut s = self.connect()?;
         let seed = seed.iter().map(|b| format!("{b:02x}")).collect();
         let unix_ns = now
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map(|d| d.as_nanos() as u64);
-        let mac = mac.map(|m| vmm_agent::format_mac(&m));
-        write_json(
-            &mut s,
-            FrameType::Request,
-            &Request::Reseed { seed, unix_ns, mac },
-        )?;
+        let mac = interface.mac.map(|m| vmm_agent::format_mac(&m));
+        let (address, gateway) = match &interface.address {
+            Some((a, g)) => (Some(a.clone()), g.clone()),
+            None => (None, None),
+        };
+        let request = Request::Reseed {
+            seed,
+            unix_ns,
+            mac,
+            address,
+            gateway,
+            mtu: interface.mtu,
+        };
+        write_json(&mut s, FrameType::Request, &request)?;
         Self::finish(&mut s, |_, _| Ok(()))?;
         Ok(())
     }
@@ -436,6 +444,17 @@ impl AgentClient {
         Self::finish(&mut s, |_, _| Ok(()))?;
         Ok(())
     }
+}
+
+/// What a copy of a VM's network interface changes to
+/// ([`AgentClient::reseed`]); nothing by default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NewInterface {
+    pub mac: Option<[u8; 6]>,
+    /// An IPv4 address with its prefix length ("a.b.c.d/len") and the
+    /// default gateway, if any.
+    pub address: Option<(String, Option<String>)>,
+    pub mtu: Option<u16>,
 }
 
 /// A command started by [`AgentClient::start`].

@@ -40,7 +40,7 @@ pub enum Error {
     Fork(#[from] fork::Error),
     #[error(transparent)]
     Runtime(#[from] crate::runtime::Error),
-    #[error("this VM's network is a TAP interface, which belongs to one VM: fork and snapshot need \"network\": {{\"mode\": \"user\"}}")]
+    #[error("this VM's network is a TAP interface, which belongs to one VM: a fork needs \"network\": {{\"mode\": \"user\"}} (a snapshot of it restores onto a TAP the restoring config names)")]
     TapNetwork,
     #[error("this VM has no user-mode network (\"network\": {{\"mode\": \"user\"}}), so it has no egress policy to change")]
     NoUserNetwork,
@@ -169,16 +169,14 @@ impl Controller {
         })
     }
 
-    fn refuse_tap(&self) -> Result<()> {
+    /// Refuses a fork of a VM on a TAP network: its children would share
+    /// the interface. (A snapshot is restored onto the TAP its restoring
+    /// config names, and a TAP takes one VM at a time.)
+    pub fn check_forkable(&self) -> Result<()> {
         match self.config.network {
             Some(crate::config::NetworkConfig::Tap { .. }) => Err(Error::TapNetwork),
             _ => Ok(()),
         }
-    }
-
-    /// Refuses what a VM on a TAP network cannot do (snapshot, fork).
-    pub fn check_copyable(&self) -> Result<()> {
-        self.refuse_tap()
     }
 
     /// Writes a snapshot of the paused VM (its vCPUs saved as `vcpus`)

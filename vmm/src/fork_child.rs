@@ -242,6 +242,8 @@ fn restore_source(
             base,
             overlays: layers,
         },
+        // A child's network is its parent's.
+        saved_network: state.config.network.clone(),
         state,
         disk_layer,
         disk_base_file,

@@ -304,7 +304,6 @@ impl Machine {
 
     fn snapshot(&mut self, request: SnapshotRequest) -> ActionResult {
         let ready = self.agent_ready;
-        self.control()?.check_copyable()?;
         crate::jail::check_host_sees(&request.dir).map_err(ActionError::BadRequest)?;
         let writer =
             crate::snapshot::Writer::create(&request.dir).map_err(crate::control::Error::from)?;
@@ -394,7 +393,7 @@ impl Machine {
         // frozen, the disk's changes copied); they start once it runs.
         let started = self
             .control()
-            .and_then(|c| Ok(c.check_copyable()?))
+            .and_then(|c| Ok(c.check_forkable()?))
             .and_then(|()| self.paused_for(|c, vcpus| c.capture(vcpus, ready)))
             .and_then(|(capture, pause_ms)| {
                 let pending = self.control()?.spawn_children(&capture, request)?;

@@ -183,13 +183,22 @@ pub enum Request {
     /// wall clock to `unix_ns` (the host's time, nanoseconds since the Unix
     /// epoch), which stood still while the VM was saved.
     /// With `mac`, the VM's network interface takes that address (a copy
-    /// of a VM gets one of its own).
+    /// of a VM gets one of its own); with `address` ("a.b.c.d/len"), that
+    /// IPv4 address in place of its own and a default route through
+    /// `gateway` in place of its own, and with `mtu` that MTU (a copy on a
+    /// TAP link of another network, such as a pod's).
     Reseed {
         seed: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         unix_ns: Option<u64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         mac: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        address: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        gateway: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mtu: Option<u16>,
     },
 }
 

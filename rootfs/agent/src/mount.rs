@@ -1,7 +1,10 @@
 //! Mounts as OCI runtime specs and containerd describe them (Linux): their
-//! options split into what mount(2) takes, and unmounting a tree. Used by
-//! the guest agent for a container's mounts and by the containerd shim on
-//! the host.
+//! options split into what mount(2) takes, mount(2) itself and unmounting
+//! a tree. Used by the guest agent (its boot and a container's mounts) and
+//! by the containerd shim on the host.
+
+use std::ffi::{CString, OsStr};
+use std::io;
 
 /// mount(2)'s flags, the propagation flags (a second call applies them)
 /// and the file system's data.
@@ -65,6 +68,42 @@ impl Options {
         }
         out.data = data.join(",");
         out
+    }
+}
+
+/// mount(2): `source` on `target`, a file system of type `fstype` with
+/// `flags` and `data` (its options; none when empty). Empty `source` and
+/// `fstype` are for binds, moves and propagation changes.
+pub fn mount(
+    source: impl AsRef<OsStr>,
+    target: impl AsRef<OsStr>,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> io::Result<()> {
+    let c = |s: &OsStr| {
+        CString::new(s.as_encoded_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+    };
+    let (source, target) = (c(source.as_ref())?, c(target.as_ref())?);
+    let (fstype, options) = (c(OsStr::new(fstype))?, c(OsStr::new(data))?);
+    let data_ptr = match data.is_empty() {
+        true => std::ptr::null(),
+        false => options.as_ptr().cast(),
+    };
+    // SAFETY: mount(2) with NUL-terminated strings (or null data) that
+    // outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data_ptr,
+        )
+    };
+    match rc {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
     }
 }
 

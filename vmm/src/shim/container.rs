@@ -65,7 +65,8 @@ impl Container {
                 rootfs.display()
             ))));
         }
-        let state = serde_json::json!({ "rootfs": rootfs, "mounted": mounted, "pod": pod_id });
+        let netns = spec::network_namespace(&spec).filter(|_| !joining);
+        let state = serde_json::json!({ "rootfs": rootfs, "mounted": mounted, "pod": pod_id, "netns": netns });
         let _ = std::fs::write(bundle.join(STATE_FILE), state.to_string());
         let pod = match joining {
             true => pods
@@ -83,8 +84,9 @@ impl Container {
             false => {
                 let size = vm_size(&spec, &settings);
                 let started = std::time::Instant::now();
-                let pod =
-                    Pod::start(namespace, &pod_id, size, &settings).map_err(unmount_rootfs)?;
+                let netns = spec::network_namespace(&spec);
+                let pod = Pod::start(namespace, &pod_id, size, &settings, netns.as_deref())
+                    .map_err(unmount_rootfs)?;
                 log::info!(
                     "{pod_id}: VM {} up in {} ms",
                     pod.vm.pid(),
@@ -218,6 +220,9 @@ pub fn clean_up(namespace: &str, id: &str, bundle: &Path) {
     if let Ok(dir) = super::pod::runtime_dir(namespace, pod) {
         super::pod::remove(&dir);
     }
+    if let Some(netns) = state["netns"].as_str() {
+        super::network::reset(Path::new(netns));
+    }
     if state["mounted"].as_bool().unwrap_or(false) {
         let rootfs = state["rootfs"]
             .as_str()
@@ -259,21 +264,7 @@ fn mount_rootfs(
             "its options are longer than a page (too many layers)".into(),
         ));
     }
-    let cstr = |s: &str| std::ffi::CString::new(s).map_err(|_| fail("a NUL in it".into()));
-    let (source, kind, data) = (cstr(&m.source)?, cstr(&m.type_)?, cstr(&options.data)?);
-    let target_c = cstr(&target.to_string_lossy())?;
-    // SAFETY: mount(2) with NUL-terminated strings that outlive the call.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target_c.as_ptr(),
-            kind.as_ptr(),
-            options.flags,
-            data.as_ptr().cast(),
-        )
-    };
-    if rc != 0 {
-        return Err(fail(std::io::Error::last_os_error().to_string()));
-    }
+    vmm_agent::mount::mount(&m.source, target, &m.type_, options.flags, &options.data)
+        .map_err(|e| fail(e.to_string()))?;
     Ok(true)
 }

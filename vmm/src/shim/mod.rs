@@ -11,6 +11,7 @@
 //! chrooted there, their stdio carried to containerd's FIFOs.
 
 mod container;
+mod network;
 mod options;
 mod pod;
 mod process;
@@ -49,6 +50,8 @@ pub enum Error {
     Start(String),
     #[error("the container's VM: {0}")]
     Api(String),
+    #[error("the pod's network: {0}")]
+    Network(String),
     #[error("the guest agent: {0}")]
     Agent(#[from] crate::agent::Error),
     #[error("{0}")]

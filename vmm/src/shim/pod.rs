@@ -4,10 +4,12 @@
 //! `/containers` in the guest: each container's root file system is bound
 //! at `<id>/rootfs` in it, the host files its spec binds at
 //! `<id>/mounts/<n>`. Without Kubernetes (`ctr run`) every container is a
-//! pod of its own.
+//! pod of its own. A pod whose network namespace has CNI's interface has
+//! its VM on it (`network`).
 
 use std::path::{Path, PathBuf};
 
+use super::network::{self, PodNetwork};
 use super::options::Settings;
 use super::vm::{Vm, VmSpec};
 use super::{Error, Result};
@@ -18,11 +20,21 @@ pub struct Pod {
     /// The runtime folder (the VM's sockets, config and log; the share).
     dir: PathBuf,
     share: PathBuf,
+    /// CNI's interface the VM is joined to.
+    network: Option<PodNetwork>,
 }
 
 impl Pod {
-    /// Makes the pod's folders and starts its VM.
-    pub fn start(namespace: &str, id: &str, size: (u32, u32), settings: &Settings) -> Result<Pod> {
+    /// Makes the pod's folders and starts its VM, on the interface of the
+    /// network namespace `netns` when it has one, else on the settings'
+    /// network.
+    pub fn start(
+        namespace: &str,
+        id: &str,
+        size: (u32, u32),
+        settings: &Settings,
+        netns: Option<&Path>,
+    ) -> Result<Pod> {
         let dir = runtime_dir(namespace, id)?;
         // A folder of a shim that was killed: nothing of it runs any more.
         remove(&dir);
@@ -30,19 +42,34 @@ impl Pod {
         make_dir(&dir, 0o700)?;
         make_dir(&share, 0o755)?;
         let shared = bind(&share, &share).and_then(|()| {
-            mount_call(None, &share, libc::MS_SHARED)
+            vmm_agent::mount::mount("", &share, "", libc::MS_SHARED, "")
                 .map_err(|e| Error::Io(format!("cannot share {}: {e}", share.display())))
         });
-        if let Err(e) = shared {
-            remove(&dir);
-            return Err(e);
+        let network = shared.and_then(|()| netns.map(PodNetwork::connect).transpose());
+        let network = match network {
+            Ok(n) => n.flatten(),
+            Err(e) => {
+                remove(&dir);
+                return Err(e);
+            }
+        };
+        let mut settings = settings.clone();
+        if let Some(n) = &network {
+            log::info!(
+                "{id}: the VM takes {} ({}) of {}",
+                n.interface,
+                n.address,
+                n.netns.display()
+            );
+            settings.network = Some(n.config());
         }
         let vm = Vm::start(&VmSpec {
             share: &share,
             vcpus: size.0,
             memory_mib: size.1,
-            settings,
+            settings: &settings,
             dir: &dir,
+            network: network.as_ref(),
         });
         match vm {
             Ok(vm) => Ok(Pod {
@@ -50,8 +77,12 @@ impl Pod {
                 vm,
                 dir,
                 share,
+                network,
             }),
             Err(e) => {
+                if let Some(n) = &network {
+                    network::reset(&n.netns);
+                }
                 remove(&dir);
                 Err(e)
             }
@@ -91,9 +122,13 @@ impl Pod {
         remove(&self.share.join(id));
     }
 
-    /// Stops the VM and removes the pod's folders.
+    /// Stops the VM, gives the network namespace back as CNI made it and
+    /// removes the pod's folders.
     pub fn stop(&self) {
         self.vm.stop();
+        if let Some(n) = &self.network {
+            network::reset(&n.netns);
+        }
         remove(&self.dir);
     }
 }
@@ -135,36 +170,11 @@ fn make_dir(dir: &Path, mode: u32) -> Result<()> {
 
 /// Binds `source` (and what is mounted under it) on `target`.
 fn bind(source: &Path, target: &Path) -> Result<()> {
-    mount_call(Some(source), target, libc::MS_BIND | libc::MS_REC).map_err(|e| {
+    vmm_agent::mount::mount(source, target, "", libc::MS_BIND | libc::MS_REC, "").map_err(|e| {
         Error::Io(format!(
             "cannot bind {} on {}: {e}",
             source.display(),
             target.display()
         ))
     })
-}
-
-fn mount_call(source: Option<&Path>, target: &Path, flags: libc::c_ulong) -> std::io::Result<()> {
-    let c = |p: &Path| {
-        std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
-    };
-    let source = source.map(c).transpose()?;
-    let target = c(target)?;
-    let src = source.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
-    // SAFETY: mount(2) with NUL-terminated paths (or null) that outlive
-    // the call, no file system type and no data.
-    let rc = unsafe {
-        libc::mount(
-            src,
-            target.as_ptr(),
-            std::ptr::null(),
-            flags,
-            std::ptr::null(),
-        )
-    };
-    match rc {
-        0 => Ok(()),
-        _ => Err(std::io::Error::last_os_error()),
-    }
 }

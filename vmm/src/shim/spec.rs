@@ -142,6 +142,20 @@ pub fn mounts(spec: &Spec, id: &str) -> Result<(Vec<vmm_agent::Mount>, Vec<PathB
     Ok((out, binds))
 }
 
+/// The network namespace the spec joins (`linux.namespaces`: a network
+/// entry with a path, as the CRI plugin sets for a pod CNI set up, or
+/// `ctr run --with-ns network:PATH`); `None` for a new or no namespace.
+pub fn network_namespace(spec: &Spec) -> Option<PathBuf> {
+    use oci_spec::runtime::LinuxNamespaceType;
+    let namespaces = spec.linux().as_ref()?.namespaces().as_ref()?;
+    namespaces
+        .iter()
+        .find(|n| n.typ() == LinuxNamespaceType::Network)?
+        .path()
+        .clone()
+        .filter(|p| !p.as_os_str().is_empty())
+}
+
 /// The VM's vCPUs and memory for the spec's limits: vCPUs from the CPU
 /// quota (rounded up), memory the limit plus [`MEMORY_OVERHEAD_MIB`];
 /// `None` where the spec sets no limit.
@@ -215,6 +229,23 @@ mod tests {
         let missing = r#"{"ociVersion":"1.0.2","mounts":[{"destination":"/x","type":"bind","source":"/nonexistent-source"}]}"#;
         let err = mounts(&spec(missing), "c1").unwrap_err().to_string();
         assert!(err.contains("/nonexistent-source"), "{err}");
+    }
+
+    #[test]
+    fn a_pods_network_namespace_is_the_one_with_a_path() {
+        let with = |namespaces: &str| {
+            spec(&format!(
+                r#"{{"ociVersion":"1.0.2","linux":{{"namespaces":[{namespaces}]}}}}"#
+            ))
+        };
+        let cni = with(r#"{"type":"pid"},{"type":"network","path":"/var/run/netns/cni-1"}"#);
+        assert_eq!(
+            network_namespace(&cni),
+            Some(PathBuf::from("/var/run/netns/cni-1"))
+        );
+        assert_eq!(network_namespace(&with(r#"{"type":"network"}"#)), None);
+        assert_eq!(network_namespace(&with(r#"{"type":"pid"}"#)), None);
+        assert_eq!(network_namespace(&spec(BASE)), None);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use crate::action::Control;
 use crate::agent::AgentClient;
 use crate::api::ApiClient;
 
+use super::network::{self, PodNetwork};
 use super::options::{Settings, Start};
 use super::spec::{GUEST_SHARE, SHARE_TAG};
 use super::{Error, Result};
@@ -34,6 +35,9 @@ pub struct VmSpec<'a> {
     pub settings: &'a Settings,
     /// A private folder for the VM's sockets, config and log.
     pub dir: &'a Path,
+    /// The pod's network the VM joins (the settings' network is its
+    /// TAP); the VMM runs in its namespace.
+    pub network: Option<&'a PodNetwork>,
 }
 
 /// A running VM whose agent answers.
@@ -50,7 +54,7 @@ impl Vm {
     pub fn start(spec: &VmSpec) -> Result<Vm> {
         let vmm = spec.settings.vmm_binary();
         let config = spec.dir.join("vm.json");
-        write_config(&config, spec, spec.share)?;
+        write_config(&config, spec, spec.share, spec.settings.network.as_ref())?;
         let mut cmd = Command::new(&vmm);
         cmd.arg("launch");
         if let Start::Template { name, default } =
@@ -73,6 +77,16 @@ impl Vm {
             .stderr(Stdio::from(log_file));
         if spec.settings.jail {
             cmd.arg("--jail");
+        }
+        if let Some(n) = spec.network {
+            let netns = n.open()?;
+            // SAFETY: the closure runs in the child between fork and exec
+            // and makes one system call (setns).
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    network::enter(&netns)
+                });
+            }
         }
         let mut child = spawn_tied(cmd)
             .map_err(|e| Error::Start(format!("cannot run {}: {e}", vmm.display())))?;
@@ -159,15 +173,20 @@ impl Drop for Vm {
     }
 }
 
-/// The VM's config: the size, the pod's share, the network, no console.
-fn write_config(path: &Path, spec: &VmSpec, share: &Path) -> Result<()> {
+/// The VM's config: the size, the pod's share, `network`, no console.
+fn write_config(
+    path: &Path,
+    spec: &VmSpec,
+    share: &Path,
+    network: Option<&crate::config::NetworkConfig>,
+) -> Result<()> {
     let mut config = serde_json::json!({
         "vcpus": spec.vcpus,
         "memory_mib": spec.memory_mib,
         "serial": "off",
         "shares": [{ "tag": SHARE_TAG, "host_path": share, "guest_path": GUEST_SHARE }],
     });
-    if let Some(network) = &spec.settings.network {
+    if let Some(network) = network {
         config["network"] =
             serde_json::to_value(network).map_err(|e| Error::Start(e.to_string()))?;
     }
@@ -217,7 +236,14 @@ fn ensure_template(
     let config = spec.dir.join("template.json");
     std::fs::create_dir_all(&empty)
         .map_err(|e| Error::Start(format!("cannot prepare the template build: {e}")))?;
-    write_config(&config, spec, &empty)?;
+    // A pod's TAP template is built in a network namespace of its own,
+    // with a TAP there of the same name; each sandbox from it moves to
+    // its pod's addresses.
+    let network = match spec.network {
+        Some(_) => Some(network::template_config()),
+        None => spec.settings.network.clone(),
+    };
+    write_config(&config, spec, &empty, network.as_ref())?;
     let log = spec.dir.join("template.log");
     let log_file = std::fs::File::create(&log).map_err(|e| Error::Start(e.to_string()))?;
     let mut cmd = Command::new(vmm);
@@ -229,14 +255,27 @@ fn ensure_template(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(log_file));
-    let mut child =
-        spawn_tied(cmd).map_err(|e| Error::Start(format!("cannot run {}: {e}", vmm.display())))?;
-    let ended = exits_within(child.id(), BUILD_TIMEOUT);
-    if !ended {
-        let _ = child.kill();
-    }
-    let status = child.wait().map_err(|e| Error::Start(e.to_string()))?;
+    let cannot_run = |e: std::io::Error| Error::Start(format!("cannot run {}: {e}", vmm.display()));
+    let build = |child: std::io::Result<Child>| {
+        let mut child = child.map_err(cannot_run)?;
+        let ended = exits_within(child.id(), BUILD_TIMEOUT);
+        if !ended {
+            let _ = child.kill();
+        }
+        let status = child.wait().map_err(|e| Error::Start(e.to_string()))?;
+        Ok((ended, status))
+    };
+    let built = match spec.network {
+        // Started from (and so tied to) the thread that made the
+        // namespace, which waits for it.
+        Some(_) => network::in_new_namespace(|| {
+            tie(&mut cmd);
+            build(cmd.spawn())
+        }),
+        None => build(spawn_tied(cmd)),
+    };
     let _ = std::fs::remove_dir(&empty);
+    let (ended, status) = built?;
     match (ended, status.success()) {
         (true, true) => Ok(()),
         (false, _) => Err(Error::Start(format!(
@@ -264,18 +303,14 @@ fn last_line(log: &Path) -> String {
         .to_string()
 }
 
-/// Starts `cmd` so that it gets SIGKILL when the shim ends, however it
-/// ends (containerd may SIGKILL a shim). PR_SET_PDEATHSIG follows the
-/// thread that started the process, so every child is started from one
-/// thread that lives as long as the shim, not from a request's thread.
-fn spawn_tied(mut cmd: Command) -> std::io::Result<Child> {
-    type Job = (Command, mpsc::SyncSender<std::io::Result<Child>>);
-    static SPAWNER: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
+/// Has `cmd`'s process get SIGKILL when the thread that starts it ends
+/// (PR_SET_PDEATHSIG), or at once if the shim is already gone.
+fn tie(cmd: &mut Command) {
     let shim = std::process::id();
     // SAFETY: the closure runs in the child between fork and exec and only
     // makes async-signal-safe calls (prctl, getppid).
     unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+        std::os::unix::process::CommandExt::pre_exec(cmd, move || {
             vmm_os::process::die_with_parent(libc::SIGKILL)?;
             if libc::getppid() as u32 != shim {
                 return Err(std::io::ErrorKind::BrokenPipe.into());
@@ -283,6 +318,16 @@ fn spawn_tied(mut cmd: Command) -> std::io::Result<Child> {
             Ok(())
         });
     }
+}
+
+/// Starts `cmd` so that it gets SIGKILL when the shim ends, however it
+/// ends (containerd may SIGKILL a shim). PR_SET_PDEATHSIG follows the
+/// thread that started the process, so every child is started from one
+/// thread that lives as long as the shim, not from a request's thread.
+fn spawn_tied(mut cmd: Command) -> std::io::Result<Child> {
+    type Job = (Command, mpsc::SyncSender<std::io::Result<Child>>);
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
+    tie(&mut cmd);
     let jobs = SPAWNER.get_or_init(|| {
         let (tx, rx) = mpsc::channel::<Job>();
         let _ = std::thread::Builder::new()

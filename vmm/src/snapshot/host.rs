@@ -3,8 +3,10 @@
 //!
 //! A snapshot records the whole configuration of the VM it came from. Its
 //! guest-visible part (vCPUs, memory, which devices exist: shares by tag
-//! and guest path, the network and its MAC, the root disk) must be what
-//! the restored guest finds, so it is taken from the snapshot. Its
+//! and guest path, the network, the root disk) must be what the restored
+//! guest finds, so it is taken from the snapshot. The network's MAC (and a
+//! TAP link's address) are the operator's when named, else the snapshot's:
+//! the restored guest's agent moves its interface to them. Its
 //! host-side part says what the VMM opens on the host and how much of it
 //! the guest may use: share folders, the console file, the egress policy,
 //! port forwards and their binds, DNS servers, the TAP interface, the
@@ -86,26 +88,21 @@ fn check_guest_visible(snap: &VmConfig, op: &VmConfig) -> Result<()> {
             net(op)
         )));
     }
-    let mac = |c: &VmConfig| match &c.network {
-        Some(NetworkConfig::User { mac, .. } | NetworkConfig::Tap { mac, .. }) => mac.clone(),
-        None => None,
-    };
-    if mac(op).is_some() && mac(op) != mac(snap) {
-        return Err(mismatch(
-            "the network's \"mac\" differs from the snapshot's".into(),
-        ));
-    }
     Ok(())
 }
 
 /// The network's host side from the operator (`op`), from the snapshot
-/// when trusted, else defaults; the MAC (guest-visible) stays the
-/// snapshot's.
+/// when trusted, else defaults; the MAC the operator's when named, else
+/// the snapshot's.
 fn network(
     snap: Option<&NetworkConfig>,
     op: Option<&NetworkConfig>,
     trust: bool,
 ) -> Result<Option<NetworkConfig>> {
+    let named_mac = op.and_then(|n| {
+        let (NetworkConfig::User { mac, .. } | NetworkConfig::Tap { mac, .. }) = n;
+        mac.as_ref()
+    });
     Ok(match (snap, op) {
         (None, _) => None,
         (
@@ -121,7 +118,7 @@ fn network(
             egress: egress.clone(),
             port_forwards: port_forwards.clone(),
             dns: dns.clone(),
-            mac: mac.clone(),
+            mac: named_mac.or(mac.as_ref()).cloned(),
             rate_limit: rate_limit.clone(),
         }),
         (Some(n @ NetworkConfig::User { .. }), _) if trust => Some(n.clone()),
@@ -145,7 +142,7 @@ fn network(
             tap: tap.clone(),
             address: address.clone(),
             gateway: gateway.clone(),
-            mac: mac.clone(),
+            mac: named_mac.or(mac.as_ref()).cloned(),
             rate_limit: rate_limit.clone(),
         }),
         (Some(n @ NetworkConfig::Tap { .. }), _) if trust => Some(n.clone()),
@@ -328,6 +325,28 @@ mod tests {
                 Err(Error::Mismatch(_))
             ));
         }
+    }
+
+    #[test]
+    fn the_operator_may_name_the_mac_a_restored_guest_moves_to() {
+        let snap = snapshot_config();
+        let mut op = snap.clone();
+        op.network = Some(NetworkConfig::User {
+            egress: Default::default(),
+            port_forwards: Vec::new(),
+            dns: None,
+            mac: Some("02:00:00:00:00:99".into()),
+            rate_limit: None,
+        });
+        let settings = HostSettings {
+            config: Some(op),
+            trust_snapshot_config: false,
+        };
+        let (out, _) = resolve(&snap, None, &settings).unwrap();
+        assert!(matches!(
+            out.network,
+            Some(NetworkConfig::User { mac: Some(m), .. }) if m == "02:00:00:00:00:99"
+        ));
     }
 
     #[test]

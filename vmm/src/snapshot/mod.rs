@@ -141,6 +141,9 @@ pub struct RestoreSource {
     pub disk_layer: Option<(std::fs::File, PathBuf)>,
     /// The base image, already open (a fork child gets its parent's).
     pub disk_base_file: Option<std::fs::File>,
+    /// The saved machine's own network (`state.config` has the one it is
+    /// restored onto): what its guest's interface is set to.
+    pub saved_network: Option<crate::config::NetworkConfig>,
 }
 
 /// Encodes `state` as a `state` file.
@@ -372,6 +375,7 @@ pub fn restore_source(dir: &Path, opts: &RestoreOptions) -> Result<RestoreSource
         )?;
     }
     let mut state = snap.state;
+    let saved_network = state.config.network.clone();
     let (config, disk_base) = host::resolve(&state.config, state.disk_base.take(), &opts.host)?;
     state.config = config;
     state.disk_base = disk_base;
@@ -394,6 +398,7 @@ pub fn restore_source(dir: &Path, opts: &RestoreOptions) -> Result<RestoreSource
         state,
         disk_layer: snap.disk_layer,
         disk_base_file: None,
+        saved_network,
     })
 }
 

@@ -133,8 +133,8 @@ struct Devices {
     backends: Vec<Backend>,
     disk: Option<SharedDisk>,
     disk_base: Option<PathBuf>,
-    /// The new MAC address a restored guest's interface is to take.
-    new_mac: Option<[u8; 6]>,
+    /// What a restored guest's network interface is to change to.
+    new_interface: crate::agent::NewInterface,
     /// The user-mode network's egress policy, to change while it runs.
     egress: Option<SharedPolicy>,
 }
@@ -170,7 +170,7 @@ fn devices(
         disk_base = Some(base);
     }
     let mut backends: Vec<Backend> = Vec::new();
-    let mut new_mac = None;
+    let mut new_interface = crate::agent::NewInterface::default();
     let mut egress = None;
     if let Some(v) = &config.vsock {
         let vsock = Vsock::new(v.cid, &v.uds_path).map_err(|source| Error::VsockSocket {
@@ -181,9 +181,16 @@ fn devices(
         devices.push((DeviceId::Vsock, Box::new(vsock)));
     }
     if let Some(network) = &config.network {
-        let (mac, new) = guest_mac(network, restore.is_some())?;
-        new_mac = new.then_some(mac);
+        let saved = restore.as_ref().map(|r| r.saved_network.as_ref());
+        let (mac, new) = guest_mac(network, saved)?;
         let (net, policy) = network_device(network, mac, restore.is_some())?;
+        let address = new_address(network, saved);
+        new_interface = crate::agent::NewInterface {
+            mac: new.then_some(mac),
+            // The new link's MTU goes with its address.
+            mtu: address.as_ref().and(net.mtu()),
+            address,
+        };
         egress = policy;
         backends.push(Arc::new(Mutex::new(net.handle())));
         devices.push((DeviceId::Network, Box::new(net)));
@@ -216,7 +223,7 @@ fn devices(
         backends,
         disk,
         disk_base,
-        new_mac,
+        new_interface,
         egress,
     })
 }
@@ -258,7 +265,7 @@ fn finish(config: &VmConfig, start: Instant, p: Parts) -> Vm {
         identities: p.identities,
         config: config.clone(),
         restored_agent: p.restored_agent,
-        new_mac: p.devices.new_mac,
+        new_interface: p.devices.new_interface,
         egress: p.devices.egress,
         serial: p.platform.serial,
         panic: p.platform.panic,
@@ -458,16 +465,24 @@ pub(super) fn restore(
 /// administered, unicast).
 const DEFAULT_MAC: [u8; 6] = [0x02, 0x56, 0x4d, 0x4d, 0x00, 0x01];
 
-/// The guest's MAC address, and whether it is new: the config's when it
-/// names one; else [`DEFAULT_MAC`] for a booted guest and a random one
-/// for a restored or forked guest (whose agent moves its interface to
-/// it), so no two copies of a VM share an address.
-fn guest_mac(network: &NetworkConfig, restored: bool) -> Result<([u8; 6], bool)> {
-    let (NetworkConfig::Tap { mac, .. } | NetworkConfig::User { mac, .. }) = network;
-    if let Some(m) = mac {
-        return Ok((crate::config::parse_mac(m)?, false));
+/// The guest's MAC address, and whether a restored guest's interface is
+/// to move to it (`saved`: the restored machine's network, `None` when
+/// booting): the config's when it names one (new when the saved machine's
+/// differs); else [`DEFAULT_MAC`] for a booted guest and a random one for
+/// a restored or forked guest, so no two copies of a VM share an address.
+fn guest_mac(
+    network: &NetworkConfig,
+    saved: Option<Option<&NetworkConfig>>,
+) -> Result<([u8; 6], bool)> {
+    let mac_of = |n: &NetworkConfig| {
+        let (NetworkConfig::Tap { mac, .. } | NetworkConfig::User { mac, .. }) = n;
+        mac.clone()
+    };
+    if let Some(m) = mac_of(network) {
+        let new = saved.is_some_and(|s| s.and_then(mac_of).as_ref() != Some(&m));
+        return Ok((crate::config::parse_mac(&m)?, new));
     }
-    if !restored {
+    if saved.is_none() {
         return Ok((DEFAULT_MAC, false));
     }
     let mut mac = [0u8; 6];
@@ -479,8 +494,23 @@ fn guest_mac(network: &NetworkConfig, restored: bool) -> Result<([u8; 6], bool)>
     Ok((mac, true))
 }
 
-/// `VMM_SHARES=tag:guest_path[:ro],...` for the guest init (the config
-/// checked that tags and paths have no separators or spaces).
+/// A restored guest's new IPv4 address and gateway: a TAP network's, when
+/// they are not the saved machine's (a template started on another link).
+fn new_address(
+    network: &NetworkConfig,
+    saved: Option<Option<&NetworkConfig>>,
+) -> Option<(String, Option<String>)> {
+    let addressed = |n: &NetworkConfig| match n {
+        NetworkConfig::Tap {
+            address, gateway, ..
+        } => Some((address.clone(), gateway.clone())),
+        NetworkConfig::User { .. } => None,
+    };
+    let now = addressed(network)?;
+    let before = saved?.and_then(addressed);
+    (before.as_ref() != Some(&now)).then_some(now)
+}
+
 /// The virtio-fs device of `share`.
 fn share_device(share: &crate::config::ShareConfig) -> Result<Box<dyn VirtioDevice>> {
     let fs = devices::virtio::fs::PassthroughFs::new(&share.host_path, share.read_only).map_err(
@@ -492,6 +522,8 @@ fn share_device(share: &crate::config::ShareConfig) -> Result<Box<dyn VirtioDevi
     Ok(Box::new(devices::virtio::fs::Fs::new(&share.tag, fs)))
 }
 
+/// `VMM_SHARES=tag:guest_path[:ro],...` for the guest init (the config
+/// checked that tags and paths have no separators or spaces).
 fn shares_arg(shares: &[crate::config::ShareConfig]) -> String {
     let list: Vec<String> = shares
         .iter()
@@ -765,9 +797,9 @@ mod tests {
     #[test]
     fn copies_of_a_vm_get_their_own_mac_unless_the_config_names_one() {
         let unnamed = network(r#"{"mode": "user"}"#);
-        assert_eq!(guest_mac(&unnamed, false).unwrap(), (DEFAULT_MAC, false));
-        let (a, new_a) = guest_mac(&unnamed, true).unwrap();
-        let (b, new_b) = guest_mac(&unnamed, true).unwrap();
+        assert_eq!(guest_mac(&unnamed, None).unwrap(), (DEFAULT_MAC, false));
+        let (a, new_a) = guest_mac(&unnamed, Some(Some(&unnamed))).unwrap();
+        let (b, new_b) = guest_mac(&unnamed, Some(Some(&unnamed))).unwrap();
         assert!(new_a && new_b);
         assert_ne!(a, b);
         for mac in [a, b] {
@@ -778,11 +810,40 @@ mod tests {
             );
         }
         let named = network(r#"{"mode": "user", "mac": "02:00:00:00:00:07"}"#);
-        for restored in [false, true] {
+        for saved in [None, Some(Some(&named))] {
             assert_eq!(
-                guest_mac(&named, restored).unwrap(),
+                guest_mac(&named, saved).unwrap(),
                 ([2, 0, 0, 0, 0, 7], false)
             );
         }
+        // A restore naming another MAC than the saved machine's moves the
+        // guest's interface to it.
+        for saved in [Some(Some(&unnamed)), Some(None)] {
+            assert_eq!(
+                guest_mac(&named, saved).unwrap(),
+                ([2, 0, 0, 0, 0, 7], true)
+            );
+        }
+    }
+
+    #[test]
+    fn a_restore_on_another_tap_link_readdresses_the_guest() {
+        let tap = |address: &str, gateway: &str| {
+            network(&format!(
+                r#"{{"mode": "tap", "tap": "t0", "address": "{address}", "gateway": "{gateway}"}}"#
+            ))
+        };
+        let template = tap("10.255.255.2/24", "10.255.255.1");
+        let pod = tap("10.88.0.5/16", "10.88.0.1");
+        let wanted = Some(("10.88.0.5/16".to_string(), Some("10.88.0.1".to_string())));
+        assert_eq!(new_address(&pod, Some(Some(&template))), wanted);
+        assert_eq!(new_address(&pod, Some(Some(&pod))), None, "unchanged");
+        assert_eq!(
+            new_address(&pod, None),
+            None,
+            "a booted guest has it from its command line"
+        );
+        let user = network(r#"{"mode": "user"}"#);
+        assert_eq!(new_address(&user, Some(Some(&user))), None, "DHCP gives it");
     }
 }

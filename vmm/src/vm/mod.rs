@@ -239,8 +239,8 @@ pub struct Vm {
     /// Restored from a machine whose agent was up: reseed it, then report
     /// it ready.
     restored_agent: bool,
-    /// The new address a restored guest's network interface takes.
-    new_mac: Option<[u8; 6]>,
+    /// What a restored guest's network interface changes to.
+    new_interface: crate::agent::NewInterface,
     /// The user-mode network's egress policy, to change while it runs.
     egress: Option<devices::virtio::net::user::policy::SharedPolicy>,
     serial: Arc<Mutex<SerialDevice>>,
@@ -344,7 +344,7 @@ impl Vm {
             identities,
             config,
             restored_agent,
-            new_mac,
+            new_interface,
             egress,
             serial,
             panic,
@@ -456,7 +456,7 @@ impl Vm {
             f(machine.locked().handle());
         }
         if let (Some(done), Some(uds)) = (reseed_done, vsock_path) {
-            reseed_agent(uds, done, new_mac, shared.exit.clone(), seccomp);
+            reseed_agent(uds, done, new_interface, shared.exit.clone(), seccomp);
         }
         // From here this thread only runs the device loop.
         if seccomp && loop_error.is_none() {
@@ -513,14 +513,14 @@ impl Vm {
 
 /// Has the restored guest's agent reseed its random generator with fresh
 /// host randomness, step its wall clock to the host's and move its network
-/// interface to `mac`, on a helper thread, then writes `done`. Connections
+/// interface to `interface`, on a helper thread, then writes `done`. Connections
 /// the guest resets while it handles the vsock transport reset are tried
 /// again. An agent older than the clock step (a snapshot of an older
 /// build) is reseeded without it.
 fn reseed_agent(
     uds: PathBuf,
     done: EventFd,
-    mac: Option<[u8; 6]>,
+    interface: crate::agent::NewInterface,
     exit: Arc<ExitSignal>,
     seccomp: bool,
 ) {
@@ -541,10 +541,11 @@ fn reseed_agent(
                     last = Some(format!("the host has no randomness to give: {e}"));
                     break;
                 }
-                let mut answer = agent.reseed(&seed, Some(std::time::SystemTime::now()), mac);
+                let now = Some(std::time::SystemTime::now());
+                let mut answer = agent.reseed(&seed, now, &interface);
                 if matches!(&answer, Err(crate::agent::Error::Agent(m)) if m.contains("unknown field")) {
-                    tracing::warn!("the restored guest's agent cannot set its clock or address (an older agent): its wall clock lags by the time the VM was saved, and it keeps the saved VM's MAC address");
-                    answer = agent.reseed(&seed, None, None);
+                    tracing::warn!("the restored guest's agent cannot set its clock or addresses (an older agent): its wall clock lags by the time the VM was saved, and it keeps the saved VM's MAC and IP addresses");
+                    answer = agent.reseed(&seed, None, &Default::default());
                 }
                 match answer {
                     Ok(()) => {

@@ -81,8 +81,8 @@ pub trait NetBackend: Send {
     /// host does not time out behind them (the user network). Nothing by
     /// default (a TAP device's queue is the host kernel's).
     fn pace(&mut self, _bytes_per_sec: u64) {}
-    /// The link's MTU when the backend takes frames larger than Ethernet's
-    /// (offered to the driver as VIRTIO_NET_F_MTU).
+    /// The link's MTU when it is not Ethernet's 1500 or the backend knows
+    /// it (offered to the driver as VIRTIO_NET_F_MTU).
     fn mtu(&self) -> Option<u16> {
         None
     }
@@ -342,6 +342,11 @@ impl Net {
     }
 
     /// The event-loop subscriber for the backend's descriptor.
+    /// The MTU offered to the guest, if any (VIRTIO_NET_F_MTU).
+    pub fn mtu(&self) -> Option<u16> {
+        self.mtu
+    }
+
     pub fn handle(&self) -> NetHandle {
         NetHandle {
             inner: self.inner.clone(),

@@ -20,6 +20,12 @@ pub enum Error {
     Attach { name: String, source: io::Error },
     #[error("TAP interfaces exist on Linux only: on this host use the user network (\"network\": {{\"mode\": \"user\"}})")]
     NotOnThisHost,
+    #[error("cannot make TAP interface {name} {what}: {source}; it needs CAP_NET_ADMIN")]
+    Persist {
+        name: String,
+        what: &'static str,
+        source: io::Error,
+    },
 }
 
 /// `struct ifreq` as TUNSETIFF reads it: the name and the flags.
@@ -33,11 +39,18 @@ struct IfReq {
 
 #[cfg(target_os = "linux")]
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+#[cfg(target_os = "linux")]
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+#[cfg(target_os = "linux")]
+const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
 
 /// An open TAP interface.
 pub struct Tap {
     file: File,
     name: String,
+    /// The interface's MTU when opened (the guest's, offered as
+    /// VIRTIO_NET_F_MTU).
+    mtu: Option<u16>,
 }
 
 impl Tap {
@@ -87,17 +100,82 @@ impl Tap {
         Ok(Tap {
             file,
             name: name.to_string(),
+            mtu: interface_mtu(&req.name),
         })
     }
 
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// Keeps the interface when closed, for `owner` (a user id) to attach
+    /// to without privileges: a TAP made ready for a jailed VMM.
+    #[cfg(target_os = "linux")]
+    pub fn persist(&self, owner: u32) -> Result<(), Error> {
+        self.set(TUNSETOWNER, owner as libc::c_ulong, "owned by that user")?;
+        self.set(TUNSETPERSIST, 1, "persistent")
+    }
+
+    /// Ends a persistent interface's persistence: it goes once closed.
+    #[cfg(target_os = "linux")]
+    pub fn remove(self) -> Result<(), Error> {
+        self.set(TUNSETPERSIST, 0, "temporary")
+    }
+
+    #[cfg(target_os = "linux")]
+    fn set(
+        &self,
+        request: libc::c_ulong,
+        value: libc::c_ulong,
+        what: &'static str,
+    ) -> Result<(), Error> {
+        // SAFETY: TUNSETOWNER and TUNSETPERSIST take their value as the
+        // argument itself; no memory is passed.
+        let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), request as _, value) };
+        if rc < 0 {
+            return Err(Error::Persist {
+                name: self.name.clone(),
+                what,
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The MTU of the interface named by `name` (an ifreq name), if it can be
+/// read.
+#[cfg(target_os = "linux")]
+fn interface_mtu(name: &[u8; libc::IFNAMSIZ]) -> Option<u16> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: socket(2) takes no pointers.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` was just opened and is owned here alone.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: an all-zero ifreq is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(name) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFMTU reads the name from and writes the MTU into one
+    // ifreq, which `req` is.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU as _, &mut req) } != 0 {
+        return None;
+    }
+    // SAFETY: SIOCGIFMTU filled the union's MTU member.
+    u16::try_from(unsafe { req.ifr_ifru.ifru_mtu }).ok()
 }
 
 impl NetBackend for Tap {
     fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
+    }
+
+    fn mtu(&self) -> Option<u16> {
+        self.mtu
     }
 
     fn send(&mut self, frame: &[u8]) -> io::Result<()> {

@@ -82,14 +82,14 @@ fn mount_one(root: &Path, m: &Mount) -> Result<(), String> {
         (false, k) => k,
     };
     let first = flags & !(libc::MS_RDONLY * bind as libc::c_ulong);
-    super::sys_mount_with(&source, target_s, kind, first, &data).map_err(|e| e.to_string())?;
+    vmm_agent::mount::mount(&source, target_s, kind, first, &data).map_err(|e| e.to_string())?;
     // A bind mount takes its read-only flag (and the others) on a remount.
     if bind && flags & libc::MS_RDONLY != 0 {
         let again = flags | libc::MS_REMOUNT | libc::MS_BIND;
-        super::sys_mount_with("", target_s, "", again, "").map_err(|e| e.to_string())?;
+        vmm_agent::mount::mount("", target_s, "", again, "").map_err(|e| e.to_string())?;
     }
     if propagation != 0 {
-        super::sys_mount_with("", target_s, "", propagation, "").map_err(|e| e.to_string())?;
+        vmm_agent::mount::mount("", target_s, "", propagation, "").map_err(|e| e.to_string())?;
     }
     if m.kind == "tmpfs" && m.destination.trim_end_matches('/') == "/dev" {
         populate_dev(&target).map_err(|e| format!("cannot make the device nodes: {e}"))?;

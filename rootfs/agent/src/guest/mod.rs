@@ -4,11 +4,11 @@ mod command;
 mod container;
 mod files;
 mod identity;
+mod interface;
 mod pty;
 mod server;
 mod watch;
 
-use std::ffi::CString;
 use std::io::Write;
 use std::process::Command;
 
@@ -21,48 +21,10 @@ const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 /// The value the VMM's boot timer expects.
 const BOOT_TIMER_MAGIC: u8 = 123;
 
-fn sys_mount(
-    source: &str,
-    target: &str,
-    fstype: &str,
-    flags: libc::c_ulong,
-) -> std::io::Result<()> {
-    sys_mount_with(source, target, fstype, flags, "")
-}
-
-/// mount(2) with `data`, the file system's options (none when empty).
-fn sys_mount_with(
-    source: &str,
-    target: &str,
-    fstype: &str,
-    flags: libc::c_ulong,
-    data: &str,
-) -> std::io::Result<()> {
-    let (Ok(src), Ok(dst), Ok(fs), Ok(opts)) = (
-        CString::new(source),
-        CString::new(target),
-        CString::new(fstype),
-        CString::new(data),
-    ) else {
-        return Err(std::io::ErrorKind::InvalidInput.into());
-    };
-    let opts_ptr = if data.is_empty() {
-        std::ptr::null()
-    } else {
-        opts.as_ptr().cast()
-    };
-    // SAFETY: all four are valid NUL-terminated strings (or null data).
-    let rc = unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), fs.as_ptr(), flags, opts_ptr) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// Mounts a kernel file system, saying why when it fails.
 fn mount(source: &str, target: &str, fstype: &str) {
     let _ = std::fs::create_dir_all(target);
-    if let Err(err) = sys_mount(source, target, fstype, libc::MS_NOSUID) {
+    if let Err(err) = vmm_agent::mount::mount(source, target, fstype, libc::MS_NOSUID, "") {
         if err.raw_os_error() != Some(libc::EBUSY) {
             eprintln!("vmm-init: mount {fstype} on {target}: {err}");
         }
@@ -83,8 +45,8 @@ fn assemble_root() {
     // template it runs at once (its wait has passed while the snapshot
     // sat): about 1 s of guest CPU at every start here, growing with the
     // template's age. mkfs.ext4 -d wrote every inode the image uses.
-    let mounted = sys_mount_with("/dev/vda", NEW, "ext4", 0, "noinit_itable")
-        .or_else(|_| sys_mount("/dev/vda", NEW, "ext4", libc::MS_RDONLY));
+    let mounted = vmm_agent::mount::mount("/dev/vda", NEW, "ext4", 0, "noinit_itable")
+        .or_else(|_| vmm_agent::mount::mount("/dev/vda", NEW, "ext4", libc::MS_RDONLY, ""));
     if let Err(e) = mounted {
         eprintln!("vmm-init: cannot mount the root disk /dev/vda: {e}; staying in the initramfs");
         return;
@@ -92,12 +54,12 @@ fn assemble_root() {
     for dir in ["/dev", "/proc", "/sys"] {
         let target = format!("{NEW}{dir}");
         let _ = std::fs::create_dir_all(&target);
-        if let Err(e) = sys_mount(dir, &target, "", libc::MS_MOVE) {
+        if let Err(e) = vmm_agent::mount::mount(dir, &target, "", libc::MS_MOVE, "") {
             eprintln!("vmm-init: cannot move {dir} into the root disk: {e}");
         }
     }
     let switched = std::env::set_current_dir(NEW)
-        .and_then(|_| sys_mount(".", "/", "", libc::MS_MOVE))
+        .and_then(|_| vmm_agent::mount::mount(".", "/", "", libc::MS_MOVE, ""))
         .and_then(|_| std::os::unix::fs::chroot("."))
         .and_then(|_| std::env::set_current_dir("/"));
     if let Err(e) = switched {
@@ -115,7 +77,9 @@ fn mount_devpts() {
     let target = "/dev/pts";
     let _ = std::fs::create_dir_all(target);
     let flags = libc::MS_NOSUID | libc::MS_NOEXEC;
-    if let Err(e) = sys_mount_with("devpts", target, "devpts", flags, "mode=0620,ptmxmode=0666") {
+    if let Err(e) =
+        vmm_agent::mount::mount("devpts", target, "devpts", flags, "mode=0620,ptmxmode=0666")
+    {
         if e.raw_os_error() != Some(libc::EBUSY) {
             eprintln!("vmm-init: mount devpts on {target}: {e}");
         }
@@ -138,7 +102,7 @@ fn mount_shares(list: &str) {
             eprintln!("vmm-init: cannot create {path} for share {tag}: {e}");
             continue;
         }
-        if let Err(e) = sys_mount(tag, path, "virtiofs", flags) {
+        if let Err(e) = vmm_agent::mount::mount(tag, path, "virtiofs", flags, "") {
             eprintln!("vmm-init: cannot mount share {tag} on {path}: {e}");
         }
     }

@@ -155,10 +155,25 @@ fn handle(conn: File) -> io::Result<()> {
             };
             files::put(req, &mut reader)
         }
-        Ok(Request::Reseed { seed, unix_ns, mac }) => match renew(&seed, unix_ns, mac.as_deref()) {
-            Ok(()) => Response::default(),
-            Err(e) => Response::error(e),
-        },
+        Ok(Request::Reseed {
+            seed,
+            unix_ns,
+            mac,
+            address,
+            gateway,
+            mtu,
+        }) => {
+            let link = super::interface::Link {
+                mac: mac.as_deref(),
+                address: address.as_deref(),
+                gateway: gateway.as_deref(),
+                mtu,
+            };
+            match renew(&seed, unix_ns, &link) {
+                Ok(()) => Response::default(),
+                Err(e) => Response::error(e),
+            }
+        }
         Ok(Request::Mount { root, mounts }) => match super::container::mount_all(&root, &mounts) {
             Ok(()) => Response::default(),
             Err(e) => Response::error(e),
@@ -199,17 +214,17 @@ fn handle(conn: File) -> io::Result<()> {
 
 /// A copy of a VM is a new machine: its random generator reseeded with
 /// `seed_hex`, its wall clock stepped to `unix_ns`, a new machine id and
-/// hostname, and its network interface moved to `mac` where it can be.
-fn renew(seed_hex: &str, unix_ns: Option<u64>, mac: Option<&str>) -> Result<(), String> {
+/// hostname, and its network interface moved to `link`.
+fn renew(
+    seed_hex: &str,
+    unix_ns: Option<u64>,
+    link: &super::interface::Link,
+) -> Result<(), String> {
     reseed(seed_hex).map_err(|e| format!("cannot reseed the random generator: {e}"))?;
     if let Some(ns) = unix_ns {
         set_clock(ns).map_err(|e| format!("cannot set the wall clock: {e}"))?;
     }
-    // A guest that moved or renamed its interface away keeps its address;
-    // the sandbox still starts (the user network follows any address).
-    if let Err(e) = mac.map(super::identity::set_mac).transpose() {
-        eprintln!("vmm-agent: the network interface keeps its address: {e}");
-    }
+    super::interface::apply(link)?;
     super::identity::renew().map_err(|e| format!("cannot renew the machine id: {e}"))?;
     Ok(())
 }
