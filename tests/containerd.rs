@@ -645,7 +645,7 @@ fn the_user_network_reaches_what_the_policy_allows() {
     let policy = serde_json::json!({"network": {"mode": "user", "egress": {"default": "deny", "allow": [format!("10.0.2.2:{allowed}")]}}});
     std::fs::write(&settings, policy.to_string()).unwrap();
     let script = format!(
-        "wget -q -O- http://10.0.2.2:{allowed}/; wget -q -T 10 -O- http://10.0.2.2:{other}/ 2>/dev/null || echo refused"
+        "wget -q -O- http://10.0.2.2:{allowed}/; timeout 10 wget -q -O- http://10.0.2.2:{other}/ 2>/dev/null || echo refused"
     );
     let out = ctr(
         c,
@@ -703,8 +703,8 @@ fn ip(args: &[&str]) -> String {
     text(&out)
 }
 
-/// A one-shot TCP server in `netns` at `address`: its port; it answers
-/// the first connection with the address the connection came from.
+/// A one-shot HTTP server in `netns` at `address`: its port; it answers
+/// the first request with the address the connection came from.
 fn echo_peer_in(netns: &Netns, address: &str) -> u16 {
     use std::os::fd::AsRawFd;
     let file = std::fs::File::open(netns.path()).unwrap();
@@ -718,7 +718,14 @@ fn echo_peer_in(netns: &Netns, address: &str) -> u16 {
         let listener = std::net::TcpListener::bind((address.as_str(), 0)).unwrap();
         tx.send(listener.local_addr().unwrap().port()).unwrap();
         if let Ok((mut conn, from)) = listener.accept() {
-            let _ = writeln!(conn, "from {}", from.ip());
+            let mut request = [0u8; 1024];
+            let _ = std::io::Read::read(&mut conn, &mut request);
+            let body = format!("from {}\n", from.ip());
+            let _ = write!(
+                conn,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
         }
     });
     rx.recv().unwrap()
@@ -747,7 +754,7 @@ fn a_pods_cni_interface_becomes_the_vms_network() {
     let port = echo_peer_in(&peer, "10.77.0.1");
     let netns = format!("network:{}", pod.path().display());
     let script = format!(
-        "wget -q -T 30 -O- http://10.77.0.1:{port}/; cat /sys/class/net/eth0/address /sys/class/net/eth0/mtu"
+        "timeout 30 wget -q -O- http://10.77.0.1:{port}/; cat /sys/class/net/eth0/address /sys/class/net/eth0/mtu"
     );
     let out = ctr(
         c,
