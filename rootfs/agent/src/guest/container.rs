@@ -2,8 +2,11 @@
 //! runtime spec asks for, mounted inside the container's root before its
 //! processes run there (chrooted; `command::Settings::root`).
 
-use std::os::unix::fs::{symlink, DirBuilderExt, PermissionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Component, Path};
 
 use vmm_agent::Mount;
 
@@ -26,8 +29,8 @@ const DEVICES: &[(&str, u32, u32)] = &[
 /// Mounts `mounts` inside `root`, in order; stops at the first that fails
 /// and says which.
 pub fn mount_all(root: &str, mounts: &[Mount]) -> Result<(), String> {
-    let root = match Path::new(root).canonicalize() {
-        Ok(r) if r.is_dir() => r,
+    let root = match File::open(root) {
+        Ok(r) if r.metadata().is_ok_and(|m| m.is_dir()) => r,
         _ => return Err(format!("the container root {root} is not a folder")),
     };
     for m in mounts {
@@ -42,18 +45,18 @@ pub fn unmount_all(root: &str) -> Result<(), String> {
     vmm_agent::mount::unmount_under(Path::new(root)).map_err(|e| e.to_string())
 }
 
-fn mount_one(root: &Path, m: &Mount) -> Result<(), String> {
+fn mount_one(root: &File, m: &Mount) -> Result<(), String> {
     if !KINDS.contains(&m.kind.as_str()) {
         return Err(format!("the type is not one of {}", KINDS.join(", ")));
     }
-    let target = target(root, &m.destination)?;
+    let destination = relative(&m.destination)?;
     let vmm_agent::mount::Options {
         flags,
         propagation,
         data,
     } = vmm_agent::mount::Options::parse(&m.options);
     let bind = m.kind == "bind" || flags & libc::MS_BIND != 0;
-    let source = match bind {
+    let (source, file) = match bind {
         true => {
             let s = Path::new(&m.source);
             if !s.is_absolute() || !s.exists() {
@@ -62,19 +65,13 @@ fn mount_one(root: &Path, m: &Mount) -> Result<(), String> {
                     m.source
                 ));
             }
-            make_target(&target, !s.is_dir())?;
-            m.source.clone()
+            (m.source.clone(), !s.is_dir())
         }
-        false => {
-            make_target(&target, false)?;
-            if m.source.is_empty() {
-                m.kind.clone()
-            } else {
-                m.source.clone()
-            }
-        }
+        false if m.source.is_empty() => (m.kind.clone(), false),
+        false => (m.source.clone(), false),
     };
-    let target_s = target.to_str().ok_or("the destination is not UTF-8")?;
+    let point = mount_point(root, &destination, file)
+        .map_err(|e| format!("cannot make the mount point: {e}"))?;
     let kind = match (bind, m.kind.as_str()) {
         (true, _) => "",
         // A cgroup v1 request gets the unified hierarchy: the guest runs v2.
@@ -82,100 +79,156 @@ fn mount_one(root: &Path, m: &Mount) -> Result<(), String> {
         (false, k) => k,
     };
     let first = flags & !(libc::MS_RDONLY * bind as libc::c_ulong);
-    vmm_agent::mount::mount(&source, target_s, kind, first, &data).map_err(|e| e.to_string())?;
+    let sys = |e: io::Error| e.to_string();
+    vmm_agent::mount::mount(&source, fd_path(&point), kind, first, &data).map_err(sys)?;
+    if !(bind && flags & libc::MS_RDONLY != 0) && propagation == 0 && !is_dev(m) {
+        return Ok(());
+    }
+    // The new mount itself (the descriptor holds the folder under it).
+    let mounted = open_in_root(root, &destination, file).map_err(sys)?;
     // A bind mount takes its read-only flag (and the others) on a remount.
     if bind && flags & libc::MS_RDONLY != 0 {
         let again = flags | libc::MS_REMOUNT | libc::MS_BIND;
-        vmm_agent::mount::mount("", target_s, "", again, "").map_err(|e| e.to_string())?;
+        vmm_agent::mount::mount("", fd_path(&mounted), "", again, "").map_err(sys)?;
     }
     if propagation != 0 {
-        vmm_agent::mount::mount("", target_s, "", propagation, "").map_err(|e| e.to_string())?;
+        vmm_agent::mount::mount("", fd_path(&mounted), "", propagation, "").map_err(sys)?;
     }
-    if m.kind == "tmpfs" && m.destination.trim_end_matches('/') == "/dev" {
-        populate_dev(&target).map_err(|e| format!("cannot make the device nodes: {e}"))?;
+    if is_dev(m) {
+        populate_dev(&mounted).map_err(|e| format!("cannot make the device nodes: {e}"))?;
     }
     Ok(())
 }
 
-/// `destination` inside `root`: absolute, without `..`, and not leading
-/// out of `root` through a symbolic link of the container's.
-fn target(root: &Path, destination: &str) -> Result<PathBuf, String> {
+fn is_dev(m: &Mount) -> bool {
+    m.kind == "tmpfs" && m.destination.trim_end_matches('/') == "/dev"
+}
+
+/// `destination` relative to the root: absolute in the spec, without
+/// `..`.
+fn relative(destination: &str) -> Result<String, String> {
     let d = Path::new(destination);
     if !d.is_absolute() || d.components().any(|c| c == Component::ParentDir) {
         return Err("the destination must be an absolute path without ..".into());
     }
-    let mut path = root.to_path_buf();
-    for c in d.components().skip(1) {
-        path.push(c);
-        if let Ok(real) = path.canonicalize() {
-            if !real.starts_with(root) {
-                return Err(format!(
-                    "{} leads out of the container's root",
-                    path.display()
-                ));
+    let parts: Vec<&str> = destination
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
+    Ok(parts.join("/"))
+}
+
+/// The path mount(2) takes for an open descriptor.
+fn fd_path(fd: &OwnedFd) -> String {
+    format!("/proc/self/fd/{}", fd.as_raw_fd())
+}
+
+/// Opens `path` (relative) inside `root` as the kernel resolves it for a
+/// process chrooted there (openat2's RESOLVE_IN_ROOT: `..` and symbolic
+/// links, absolute ones too, stay inside the root), as an O_PATH
+/// descriptor: one system call, where walking it component by component
+/// cost one per component and level (a guest's system calls are slow).
+fn open_in_root(root: &File, path: &str, file: bool) -> io::Result<OwnedFd> {
+    let path = CString::new(if path.is_empty() { "." } else { path })
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let directory = if file { 0 } else { libc::O_DIRECTORY };
+    // SAFETY: an all-zero open_how is valid; its three fields are set.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_PATH | libc::O_CLOEXEC | directory) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: openat2(2) with an open directory, a NUL-terminated path
+    // and an open_how of the size passed; it returns a new descriptor.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            path.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor was just returned to us alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// The mount point `path` inside `root`, made where missing: folders, and
+/// an empty file last for a file's bind.
+fn mount_point(root: &File, path: &str, file: bool) -> io::Result<OwnedFd> {
+    match open_in_root(root, path, file) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        other => return other,
+    }
+    let parts: Vec<&str> = path.split('/').collect();
+    for i in 0..parts.len() {
+        let parent = open_in_root(root, &parts[..i].join("/"), false)?;
+        let name =
+            CString::new(parts[i]).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let last_file = file && i == parts.len() - 1;
+        // SAFETY: mkdirat(2)/openat(2) on an open folder and a
+        // NUL-terminated name; a descriptor openat returns is closed at once.
+        let rc = unsafe {
+            match last_file {
+                false => libc::mkdirat(parent.as_raw_fd(), name.as_ptr(), 0o755),
+                true => {
+                    let fd = libc::openat(
+                        parent.as_raw_fd(),
+                        name.as_ptr(),
+                        libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+                        0o644,
+                    );
+                    if fd >= 0 {
+                        libc::close(fd);
+                    }
+                    fd.min(0)
+                }
             }
-            path = real;
+        };
+        if rc != 0 && io::Error::last_os_error().kind() != io::ErrorKind::AlreadyExists {
+            return Err(io::Error::last_os_error());
         }
     }
-    Ok(path)
+    open_in_root(root, path, file)
 }
 
-/// Makes the mount point: a folder, or an empty file for a file's bind.
-fn make_target(target: &Path, file: bool) -> Result<(), String> {
-    let made = match file {
-        false => std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(target),
-        true => {
-            if let Some(parent) = target.parent() {
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o755)
-                    .create(parent)
-                    .map_err(|e| e.to_string())?;
-            }
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(target)
-                .map(drop)
-        }
+/// The standard device nodes and links of a container's /dev (`dev`, the
+/// new tmpfs).
+fn populate_dev(dev: &OwnedFd) -> io::Result<()> {
+    let name = |n: &str| CString::new(n).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
+    let check = |rc: libc::c_int| match rc {
+        0 => Ok(()),
+        _ if io::Error::last_os_error().kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        _ => Err(io::Error::last_os_error()),
     };
-    made.map_err(|e| format!("cannot make the mount point: {e}"))
-}
-
-/// The standard device nodes and links of a container's /dev.
-fn populate_dev(dev: &Path) -> std::io::Result<()> {
-    for (name, major, minor) in DEVICES {
-        let path = std::ffi::CString::new(dev.join(name).as_os_str().as_encoded_bytes())
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-        // SAFETY: mknod(2) on a NUL-terminated path with a character
-        // device's mode and number.
-        let rc = unsafe {
-            libc::mknod(
-                path.as_ptr(),
+    for (node, major, minor) in DEVICES {
+        let n = name(node)?;
+        // SAFETY: mknodat(2) and fchmodat(2) on an open folder and a
+        // NUL-terminated name, with a character device's mode and number.
+        check(unsafe {
+            libc::mknodat(
+                dev.as_raw_fd(),
+                n.as_ptr(),
                 libc::S_IFCHR | 0o666,
                 libc::makedev(*major, *minor),
             )
-        };
-        if rc != 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::AlreadyExists {
-            return Err(std::io::Error::last_os_error());
-        }
-        // mknod(2) takes the umask off the mode: every user may use these.
-        std::fs::set_permissions(dev.join(name), std::fs::Permissions::from_mode(0o666))?;
+        })?;
+        // mknod takes the umask off the mode: every user may use these.
+        // SAFETY: as above.
+        check(unsafe { libc::fchmodat(dev.as_raw_fd(), n.as_ptr(), 0o666, 0) })?;
     }
-    for (name, to) in [
+    for (link, to) in [
         ("fd", "/proc/self/fd"),
         ("stdin", "/proc/self/fd/0"),
         ("stdout", "/proc/self/fd/1"),
         ("stderr", "/proc/self/fd/2"),
         ("ptmx", "pts/ptmx"),
     ] {
-        match symlink(to, dev.join(name)) {
-            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
-            _ => {}
-        }
+        let (l, t) = (name(link)?, name(to)?);
+        // SAFETY: symlinkat(2) with NUL-terminated strings and an open
+        // folder.
+        check(unsafe { libc::symlinkat(t.as_ptr(), dev.as_raw_fd(), l.as_ptr()) })?;
     }
     Ok(())
 }
@@ -186,30 +239,39 @@ mod tests {
 
     #[test]
     fn destinations_stay_inside_the_root() {
-        let root = std::env::temp_dir().join(format!("vmm-agent-container-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(root.join("etc")).unwrap();
-        symlink("/etc", root.join("escape")).unwrap();
-        symlink("etc", root.join("inside")).unwrap();
-        let root = root.canonicalize().unwrap();
-        assert_eq!(target(&root, "/proc").unwrap(), root.join("proc"));
-        assert_eq!(target(&root, "/inside/x").unwrap(), root.join("etc/x"));
-        assert!(target(&root, "/escape/x")
-            .unwrap_err()
-            .contains("leads out"));
-        assert!(target(&root, "/a/../b").is_err());
-        assert!(target(&root, "relative").is_err());
+        use std::os::unix::fs::symlink;
+        let dir = std::env::temp_dir().join(format!("vmm-agent-container-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("etc")).unwrap();
+        symlink("/etc", dir.join("escape")).unwrap();
+        symlink("etc", dir.join("inside")).unwrap();
+        let root = File::open(&dir).unwrap();
+        let same = |fd: OwnedFd, p: &str| {
+            let made = std::fs::metadata(fd_path(&fd)).unwrap();
+            let want = std::fs::metadata(dir.join(p)).unwrap();
+            use std::os::unix::fs::MetadataExt;
+            assert_eq!((made.dev(), made.ino()), (want.dev(), want.ino()), "{p}");
+        };
+        same(mount_point(&root, "proc", false).unwrap(), "proc");
+        same(mount_point(&root, "inside/x", false).unwrap(), "etc/x");
+        // A container's absolute link is its root's path, never the guest's.
+        same(mount_point(&root, "escape/y/z", false).unwrap(), "etc/y/z");
+        same(mount_point(&root, "etc/hosts", true).unwrap(), "etc/hosts");
+        assert!(std::fs::metadata(dir.join("etc/hosts")).unwrap().is_file());
+        assert!(relative("/a/../b").is_err());
+        assert!(relative("relative").is_err());
+        assert_eq!(relative("/dev//pts/").unwrap(), "dev/pts");
         let m = Mount {
             destination: "/x".into(),
             kind: "nfs".into(),
             source: String::new(),
             options: vec![],
         };
-        let err = mount_all(root.to_str().unwrap(), &[m]).unwrap_err();
+        let err = mount_all(dir.to_str().unwrap(), &[m]).unwrap_err();
         assert!(
             err.contains("cannot mount nfs on /x: the type is not one of"),
             "{err}"
         );
-        std::fs::remove_dir_all(&root).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
