@@ -58,8 +58,21 @@ struct Found {
 
 impl PodNetwork {
     /// Joins the first interface with an IPv4 address in `netns` to a new
-    /// TAP device there; `None` when the namespace has no such interface.
+    /// TAP device there; `None` when the namespace has no such interface,
+    /// or is the shim's own (the host's: a spec that joins it must not
+    /// take the host's interface away from it).
     pub fn connect(netns: &Path) -> Result<Option<PodNetwork>> {
+        use std::os::unix::fs::MetadataExt;
+        let id = |p: &Path| std::fs::metadata(p).map(|m| (m.dev(), m.ino()));
+        let own = id(Path::new("/proc/self/ns/net"))
+            .map_err(|e| net_error(Path::new("/proc/self/ns/net"), "read", e))?;
+        if id(netns).map_err(|e| net_error(netns, "open the network namespace", e))? == own {
+            log::info!(
+                "{} is the host's network namespace: the VM stays on the settings' network",
+                netns.display()
+            );
+            return Ok(None);
+        }
         let path = netns.to_path_buf();
         in_namespace(netns, move |handle| async move {
             let Some(found) = find(&handle, &path).await? else {
@@ -367,4 +380,19 @@ async fn join(handle: &Handle, index: u32, network: &PodNetwork) -> Result<()> {
             .map_err(failed(format!("redirect {from_name}'s frames")))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hosts_own_namespace_is_never_taken() {
+        // The shim's (the test's) own namespace, by any of its names.
+        for own in ["/proc/self/ns/net", "/proc/thread-self/ns/net"] {
+            assert_eq!(PodNetwork::connect(Path::new(own)).unwrap(), None, "{own}");
+        }
+        let err = PodNetwork::connect(Path::new("/nonexistent/netns")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/netns"), "{err}");
+    }
 }
