@@ -17,6 +17,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
+use common::netns::{ip, Netns};
 use common::{describe, spawn_for_the_tests, text};
 use vmm_image::fixture::{Compression, Image, Layer};
 
@@ -673,36 +674,6 @@ fn the_user_network_reaches_what_the_policy_allows() {
         describe(&out)
     );
     assert_nothing_left(c, "net1");
-}
-
-/// A network namespace of the test's own (`ip netns`), deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        let name = format!("vmmctr-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        ip(&["netns", "add", &name]);
-        let ns = Netns(name);
-        ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
-        ns
-    }
-
-    fn path(&self) -> PathBuf {
-        Path::new("/var/run/netns").join(&self.0)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
-}
-
-fn ip(args: &[&str]) -> String {
-    let out = Command::new("ip").args(args).output().unwrap();
-    assert!(out.status.success(), "ip {args:?}: {}", describe(&out));
-    text(&out)
 }
 
 /// A one-shot HTTP server in `netns` at `address`: its port; it answers

@@ -26,6 +26,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 use vmm::action::Control;
 
+use common::netns::{ip, Netns};
 use common::{describe, exec, fork, ok, sha256_file, sha256_hex, stop_now, Guest, Scratch};
 use serde_json::json;
 
@@ -420,20 +421,7 @@ fn udp_round_trips_to_the_host() {
     assert_eq!(out, want.join("\n"));
 }
 
-/// A network namespace of the test's own, removed on drop (with the links
-/// in it).
-struct Netns(String);
-
 impl Netns {
-    fn new(tag: &str) -> Netns {
-        let name = format!("vmmtest-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        ip(&["netns", "add", &name]);
-        let ns = Netns(name);
-        ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
-        ns
-    }
-
     /// With a TAP interface at 10.0.3.1/24, owned by this user (so a
     /// VMM without capabilities, a jailed one, may attach to it).
     fn with_tap() -> Netns {
@@ -471,16 +459,6 @@ impl Netns {
     }
 }
 
-/// Runs `ip ARGS`, which must succeed.
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {} (this test needs root and iproute2)",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// An HTTP server of the files in `dir` at `addr`:8000 inside `ns`,
 /// listening when this returns; killed on drop.
 fn http_server(ns: &Netns, dir: &std::path::Path, addr: Ipv4Addr) -> Killed {
@@ -507,12 +485,6 @@ fn http_server(ns: &Netns, dir: &std::path::Path, addr: Ipv4Addr) -> Killed {
         .unwrap();
     assert_eq!(line.trim(), "listening");
     server
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
 }
 
 struct Killed(Child);

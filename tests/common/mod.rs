@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use vmm::action::Control;
 
+pub mod netns;
 pub mod shares;
 
 pub const VMM: &str = env!("CARGO_BIN_EXE_vmm");
