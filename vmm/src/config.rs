@@ -317,6 +317,12 @@ impl NetworkConfig {
         rate_limit.as_ref()
     }
 
+    /// The guest's MAC address when the config names one.
+    pub fn mac(&self) -> Option<&str> {
+        let (NetworkConfig::User { mac, .. } | NetworkConfig::Tap { mac, .. }) = self;
+        mac.as_deref()
+    }
+
     fn validate(&self) -> Result<()> {
         if let Some(limit) = self.rate_limit() {
             limit.rx.validate("\"network\" rx")?;

@@ -99,10 +99,7 @@ fn network(
     op: Option<&NetworkConfig>,
     trust: bool,
 ) -> Result<Option<NetworkConfig>> {
-    let named_mac = op.and_then(|n| {
-        let (NetworkConfig::User { mac, .. } | NetworkConfig::Tap { mac, .. }) = n;
-        mac.as_ref()
-    });
+    let named_mac = op.and_then(NetworkConfig::mac);
     Ok(match (snap, op) {
         (None, _) => None,
         (
@@ -118,7 +115,7 @@ fn network(
             egress: egress.clone(),
             port_forwards: port_forwards.clone(),
             dns: dns.clone(),
-            mac: named_mac.or(mac.as_ref()).cloned(),
+            mac: named_mac.or(mac.as_deref()).map(str::to_string),
             rate_limit: rate_limit.clone(),
         }),
         (Some(n @ NetworkConfig::User { .. }), _) if trust => Some(n.clone()),
@@ -142,7 +139,7 @@ fn network(
             tap: tap.clone(),
             address: address.clone(),
             gateway: gateway.clone(),
-            mac: named_mac.or(mac.as_ref()).cloned(),
+            mac: named_mac.or(mac.as_deref()).map(str::to_string),
             rate_limit: rate_limit.clone(),
         }),
         (Some(n @ NetworkConfig::Tap { .. }), _) if trust => Some(n.clone()),

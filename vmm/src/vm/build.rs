@@ -474,13 +474,9 @@ fn guest_mac(
     network: &NetworkConfig,
     saved: Option<Option<&NetworkConfig>>,
 ) -> Result<([u8; 6], bool)> {
-    let mac_of = |n: &NetworkConfig| {
-        let (NetworkConfig::Tap { mac, .. } | NetworkConfig::User { mac, .. }) = n;
-        mac.clone()
-    };
-    if let Some(m) = mac_of(network) {
-        let new = saved.is_some_and(|s| s.and_then(mac_of).as_ref() != Some(&m));
-        return Ok((crate::config::parse_mac(&m)?, new));
+    if let Some(m) = network.mac() {
+        let new = saved.is_some_and(|s| s.and_then(NetworkConfig::mac) != Some(m));
+        return Ok((crate::config::parse_mac(m)?, new));
     }
     if saved.is_none() {
         return Ok((DEFAULT_MAC, false));
