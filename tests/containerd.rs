@@ -537,15 +537,10 @@ fn a_pods_containers_share_its_vm_and_end_with_it() {
     args.extend([IMAGE, "pod1", "sleep", "600"]);
     let out = ctr(c, &args);
     assert!(out.status.success(), "{}", describe(&out));
+    let web_script = format!("hostname; echo web > /tmp/mine; cat /tmp/mine; {FILE_SYSTEMS}");
     let mut args = vec!["run", "--runtime", RUNTIME, "--rm"];
     args.extend(pod_args("container", sandbox_id));
-    args.extend([
-        IMAGE,
-        "web",
-        "sh",
-        "-c",
-        "hostname; echo web > /tmp/mine; cat /tmp/mine",
-    ]);
+    args.extend([IMAGE, "web", "sh", "-c", &web_script]);
     let web = ctr(c, &args);
     assert!(web.status.success(), "{}", describe(&web));
     let web_lines: Vec<&str> = std::str::from_utf8(&web.stdout).unwrap().lines().collect();
@@ -555,7 +550,41 @@ fn a_pods_containers_share_its_vm_and_end_with_it() {
         c,
         &["task", "exec", "--exec-id", "h", "pod1", "hostname"],
     ));
-    assert_eq!(web_lines, [host.as_str(), "web"], "{}", describe(&web));
+    assert_eq!(web_lines[..2], [host.as_str(), "web"], "{}", describe(&web));
+    // The sandbox got the guest's staged mounts (moved in), `web` new
+    // ones: the same file systems, options and /dev.
+    let staged = ctr(
+        c,
+        &[
+            "task",
+            "exec",
+            "--exec-id",
+            "f",
+            "pod1",
+            "sh",
+            "-c",
+            FILE_SYSTEMS,
+        ],
+    );
+    assert_eq!(text(&staged).lines().collect::<Vec<_>>(), web_lines[2..]);
+    assert!(web_lines.contains(&"sysfs /sys sysfs ro,nosuid,nodev,noexec,relatime 0 0"));
+    let moved_out = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args(["exec", "--api-socket"])
+        .arg(pod_api_socket())
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "grep -c ' /run/vmm-agent/staged' /proc/mounts",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        text(&moved_out),
+        "1",
+        "the staged folder, without the mounts moved out of it: {}",
+        describe(&moved_out)
+    );
     let out = ctr(c, &["task", "exec", "--exec-id", "m", "pod1", "ls", "/tmp"]);
     assert_eq!(text(&out), "", "{}", describe(&out));
     // `web` ended and was deleted: the pod's VM goes on, without its files.
@@ -586,6 +615,20 @@ fn a_pods_containers_share_its_vm_and_end_with_it() {
     assert!(ctr(c, &["container", "delete", "pod1"]).status.success());
     assert_nothing_left(c, "pod1");
     assert_nothing_left(c, "web");
+}
+
+/// A container's file systems as it sees them: its mounts and /dev.
+const FILE_SYSTEMS: &str = "cat /proc/mounts; ls /dev";
+
+/// The control socket of the one pod's VM running now.
+fn pod_api_socket() -> PathBuf {
+    let sockets: Vec<PathBuf> = runtime_folders()
+        .iter()
+        .map(|d| d.join("api.sock"))
+        .filter(|s| s.exists())
+        .collect();
+    assert_eq!(sockets.len(), 1, "{sockets:?}");
+    sockets[0].clone()
 }
 
 #[test]

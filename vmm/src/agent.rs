@@ -87,6 +87,9 @@ pub struct Exec {
     /// A container's root file system in the guest: the command runs
     /// chrooted there, with `env` only (no image defaults).
     pub root: Option<String>,
+    /// Mounted inside `root` before the command runs (a container's
+    /// first process); the command does not start when one fails.
+    pub mounts: Vec<vmm_agent::Mount>,
 }
 
 impl Exec {
@@ -100,6 +103,7 @@ impl Exec {
             stdin,
             timeout_ms: self.timeout.map(|t| t.as_millis() as u64),
             root: self.root.clone(),
+            mounts: self.mounts.clone(),
         }
     }
 }
@@ -315,18 +319,6 @@ impl AgentClient {
         // The command runs as long as it runs: no limit on its answer.
         stream.set_read_timeout(None)?;
         Ok(Session { pid, stream })
-    }
-
-    /// Mounts `mounts` inside `root` in the guest (a container's).
-    pub fn mount(&self, root: &str, mounts: Vec<vmm_agent::Mount>) -> Result<()> {
-        let mut s = self.connect()?;
-        let request = Request::Mount {
-            root: root.to_string(),
-            mounts,
-        };
-        write_json(&mut s, FrameType::Request, &request)?;
-        Self::finish(&mut s, |_, _| Ok(()))?;
-        Ok(())
     }
 
     /// Unmounts everything at or under `root` in the guest.

@@ -293,6 +293,7 @@ impl ExecArgs {
             user: self.user.clone(),
             timeout: self.timeout.map(std::time::Duration::from_secs_f64),
             root: None,
+            mounts: Vec::new(),
         })
     }
 

@@ -99,6 +99,11 @@ pub enum Request {
         /// defaults do not apply (the request says everything).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         root: Option<String>,
+        /// Mounted inside `root` first, in order, as [`Request::Mount`]
+        /// mounts them (a container's spec mounts, with its first
+        /// process): the command does not run when one fails.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        mounts: Vec<Mount>,
     },
     /// Write a file from the `Stdin` frames that follow. A relative path
     /// is taken from `user`'s home (see [`Request::Stat`]); with `user`
@@ -201,6 +206,11 @@ pub enum Request {
         mtu: Option<u16>,
     },
 }
+
+/// The mount types [`Mount::kind`] may name.
+pub const MOUNT_KINDS: &[&str] = &[
+    "proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2", "bind",
+];
 
 /// One file system to mount ([`Request::Mount`]), as an OCI runtime
 /// spec's mount: `destination` inside the root; `kind` one of proc, sysfs,
@@ -478,8 +488,15 @@ mod tests {
     fn exec_request_json() {
         let r: Request =
             serde_json::from_str(r#"{"op":"exec","argv":["true"],"stdin":true}"#).unwrap();
-        assert!(matches!(r, Request::Exec { stdin: true, .. }));
+        assert!(matches!(r, Request::Exec { stdin: true, ref mounts, .. } if mounts.is_empty()));
         assert!(serde_json::from_str::<Request>(r#"{"op":"exec","argv":[],"bogus":1}"#).is_err());
+        // A container's first process: its mounts come along; without
+        // them the request reads as it did before they could.
+        let with = r#"{"op":"exec","argv":["true"],"root":"/c","mounts":[{"destination":"/proc","type":"proc"}]}"#;
+        let r: Request = serde_json::from_str(with).unwrap();
+        assert!(matches!(&r, Request::Exec { mounts, .. } if mounts[0].kind == "proc"));
+        let r: Request = serde_json::from_str(r#"{"op":"exec","argv":["true"]}"#).unwrap();
+        assert!(!serde_json::to_string(&r).unwrap().contains("mounts"));
         let resp = serde_json::to_string(&Response {
             exit_code: Some(3),
             ..Default::default()

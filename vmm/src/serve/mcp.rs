@@ -215,6 +215,7 @@ impl Mcp {
             user: None,
             pty: None,
             root: None,
+            mounts: Vec::new(),
         };
         let (mut reader, _w) = match guest::open(&sandbox.vm.vsock, &req).await {
             Ok(c) => c,

@@ -169,6 +169,7 @@ async fn launch(
         user: info.user.clone(),
         pty,
         root: None,
+        mounts: Vec::new(),
     };
     let (mut reader, mut writer) = guest::open(&sandbox.vm.vsock, &exec).await?;
     let pid = match reader.next().await? {

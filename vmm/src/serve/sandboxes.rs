@@ -209,6 +209,7 @@ impl Machine {
             user: None,
             pty: None,
             root: None,
+            mounts: Vec::new(),
         };
         let answer = async {
             let (mut answers, _w) = guest::open(&self.vsock, &req).await?;

@@ -104,6 +104,7 @@ pub fn command(process: &Process, root: &str) -> Exec {
         user: Some(format!("{}:{}", user.uid(), user.gid())),
         timeout: None,
         root: Some(root.to_string()),
+        mounts: Vec::new(),
     }
 }
 
@@ -116,7 +117,7 @@ pub fn mounts(spec: &Spec, id: &str) -> Result<(Vec<vmm_agent::Mount>, Vec<PathB
     for m in spec.mounts().iter().flatten() {
         let destination = m.destination().to_string_lossy().into_owned();
         let options = m.options().clone().unwrap_or_default();
-        let kind = m.typ().clone().unwrap_or_default();
+        let mut kind = m.typ().clone().unwrap_or_default();
         let mut source = m
             .source()
             .as_ref()
@@ -131,6 +132,13 @@ pub fn mounts(spec: &Spec, id: &str) -> Result<(Vec<vmm_agent::Mount>, Vec<PathB
             }
             source = format!("{GUEST_SHARE}/{id}/mounts/{}", binds.len());
             binds.push(host);
+            // runc takes a bind of any type ("none" too).
+            kind = "bind".into();
+        } else if !vmm_agent::MOUNT_KINDS.contains(&kind.as_str()) {
+            return Err(Error::BadSpec(format!(
+                "the mount on {destination}: its type {kind:?} is not one of {}",
+                vmm_agent::MOUNT_KINDS.join(", ")
+            )));
         }
         out.push(vmm_agent::Mount {
             destination,
@@ -229,6 +237,17 @@ mod tests {
         let missing = r#"{"ociVersion":"1.0.2","mounts":[{"destination":"/x","type":"bind","source":"/nonexistent-source"}]}"#;
         let err = mounts(&spec(missing), "c1").unwrap_err().to_string();
         assert!(err.contains("/nonexistent-source"), "{err}");
+        // A bind is one whatever its type says (runc's "none" too).
+        let none = r#"{"ociVersion":"1.0.2","mounts":[{"destination":"/h","type":"none","source":"/etc/hosts","options":["rbind"]}]}"#;
+        assert_eq!(mounts(&spec(none), "c1").unwrap().0[0].kind, "bind");
+        // The guest mounts them when the container starts: a type it
+        // cannot mount is refused when it is created.
+        let nfs = r#"{"ociVersion":"1.0.2","mounts":[{"destination":"/n","type":"nfs","source":"h:/x"}]}"#;
+        let err = mounts(&spec(nfs), "c1").unwrap_err().to_string();
+        assert!(
+            err.contains(r#"/n: its type "nfs" is not one of proc"#),
+            "{err}"
+        );
     }
 
     #[test]

@@ -173,7 +173,9 @@ impl Drop for Vm {
     }
 }
 
-/// The VM's config: the size, the pod's share, `network`, no console.
+/// The VM's config: the size, the pod's share, `network`, no console;
+/// the guest agent stages the mounts of containerd's default spec at boot
+/// (a template holds them made; docs/containerd.md).
 fn write_config(
     path: &Path,
     spec: &VmSpec,
@@ -184,6 +186,7 @@ fn write_config(
         "vcpus": spec.vcpus,
         "memory_mib": spec.memory_mib,
         "serial": "off",
+        "cmdline": "VMM_STAGE_MOUNTS=1",
         "shares": [{ "tag": SHARE_TAG, "host_path": share, "guest_path": GUEST_SHARE }],
     });
     if let Some(network) = network {

@@ -1,6 +1,15 @@
 //! A container's mounts (`Request::Mount`): the file systems an OCI
 //! runtime spec asks for, mounted inside the container's root before its
 //! processes run there (chrooted; `command::Settings::root`).
+//!
+//! Staged mounts: when the VMM asks at boot (`VMM_STAGE_MOUNTS`, what the
+//! containerd shim's VMs have), the agent mounts the file systems of
+//! containerd's default spec once, in a folder of its own; a container
+//! whose spec asks for one of them exactly gets it moved in (MS_MOVE)
+//! instead of a new one. A template's snapshot holds them made, so the
+//! first container of each VM restored from it skips making them (each
+//! mount's kernel work is slow in a guest). Each is moved out once: later
+//! containers of the VM get new ones.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -8,12 +17,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Component, Path};
 
-use vmm_agent::Mount;
-
-/// The mount types a spec may use here.
-const KINDS: &[&str] = &[
-    "proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2", "bind",
-];
+use vmm_agent::{Mount, MOUNT_KINDS};
 
 /// The device nodes a container's /dev gets (as runc makes them): name,
 /// major, minor.
@@ -25,6 +29,107 @@ const DEVICES: &[(&str, u32, u32)] = &[
     ("urandom", 1, 9),
     ("tty", 5, 0),
 ];
+
+/// The mounts containerd's default spec (`oci.WithDefaultSpec`, which
+/// `ctr run` and the CRI plugin start from) asks for, staged by [`stage`]:
+/// destination, type, source and options, as the spec has them.
+const STAGED: &[(&str, &str, &str, &[&str])] = &[
+    ("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"]),
+    (
+        "/dev",
+        "tmpfs",
+        "tmpfs",
+        &["nosuid", "strictatime", "mode=755", "size=65536k"],
+    ),
+    (
+        "/dev/pts",
+        "devpts",
+        "devpts",
+        &[
+            "nosuid",
+            "noexec",
+            "newinstance",
+            "ptmxmode=0666",
+            "mode=0620",
+            "gid=5",
+        ],
+    ),
+    (
+        "/dev/shm",
+        "tmpfs",
+        "shm",
+        &["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+    ),
+    (
+        "/dev/mqueue",
+        "mqueue",
+        "mqueue",
+        &["nosuid", "noexec", "nodev"],
+    ),
+    (
+        "/sys",
+        "sysfs",
+        "sysfs",
+        &["nosuid", "noexec", "nodev", "ro"],
+    ),
+    (
+        "/run",
+        "tmpfs",
+        "tmpfs",
+        &["nosuid", "strictatime", "mode=755", "size=65536k"],
+    ),
+];
+
+/// Where [`stage`] mounts them: `<STAGE_DIR>/<index in STAGED>`.
+const STAGE_DIR: &str = "/run/vmm-agent/staged";
+
+fn staged_mount(i: usize) -> Mount {
+    let (destination, kind, source, options) = STAGED[i];
+    Mount {
+        destination: destination.into(),
+        kind: kind.into(),
+        source: source.into(),
+        options: options.iter().map(|o| o.to_string()).collect(),
+    }
+}
+
+/// Mounts the [`STAGED`] file systems in [`STAGE_DIR`] (a private tmpfs,
+/// so that they can be moved out).
+pub fn stage() -> Result<(), String> {
+    let fail = |e: io::Error| format!("cannot stage the containers' mounts: {e}");
+    std::fs::create_dir_all(STAGE_DIR).map_err(fail)?;
+    vmm_agent::mount::mount("tmpfs", STAGE_DIR, "tmpfs", 0, "mode=700").map_err(fail)?;
+    vmm_agent::mount::mount("", STAGE_DIR, "", libc::MS_PRIVATE, "").map_err(fail)?;
+    let dir = File::open(STAGE_DIR).map_err(fail)?;
+    for i in 0..STAGED.len() {
+        let m = staged_mount(i);
+        mount_new(&dir, &m, &i.to_string())
+            .map_err(|e| format!("cannot stage {} on {}: {e}", m.kind, m.destination))?;
+    }
+    // The mount points of those that go inside another (/dev/pts in
+    // /dev), made in it beforehand.
+    for (inner, ..) in STAGED {
+        for (j, (outer, ..)) in STAGED.iter().enumerate() {
+            if let Some(rest) = inner.strip_prefix(outer).and_then(|r| r.strip_prefix('/')) {
+                std::fs::create_dir_all(format!("{STAGE_DIR}/{j}/{rest}")).map_err(fail)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Which staged mount `m` is, if one is exactly.
+fn staged_index(m: &Mount) -> Option<usize> {
+    (0..STAGED.len()).find(|&i| staged_mount(i) == *m)
+}
+
+/// Moves staged mount `i` onto `point`; false when it is not there (not
+/// staged, or moved out already).
+fn move_staged(i: usize, point: &OwnedFd) -> bool {
+    let from = format!("{STAGE_DIR}/{i}");
+    // EINVAL once it was moved out: `from` is no mount point any more.
+    vmm_agent::mount::mount(&from, fd_path(point), "", libc::MS_MOVE, "").is_ok()
+}
 
 /// Mounts `mounts` inside `root`, in order; stops at the first that fails
 /// and says which.
@@ -46,16 +151,33 @@ pub fn unmount_all(root: &str) -> Result<(), String> {
 }
 
 fn mount_one(root: &File, m: &Mount) -> Result<(), String> {
-    if !KINDS.contains(&m.kind.as_str()) {
-        return Err(format!("the type is not one of {}", KINDS.join(", ")));
+    if !MOUNT_KINDS.contains(&m.kind.as_str()) {
+        return Err(format!("the type is not one of {}", MOUNT_KINDS.join(", ")));
     }
     let destination = relative(&m.destination)?;
+    if let Some(i) = staged_index(m) {
+        let point = mount_point(root, &destination, false)
+            .map_err(|e| format!("cannot make the mount point: {e}"))?;
+        if move_staged(i, &point) {
+            return Ok(());
+        }
+    }
+    mount_new(root, m, &destination)
+}
+
+fn is_bind(m: &Mount) -> bool {
+    m.kind == "bind" || vmm_agent::mount::Options::parse(&m.options).flags & libc::MS_BIND != 0
+}
+
+/// Mounts a new `m` on `point` inside `root` (relative; made where
+/// missing).
+fn mount_new(root: &File, m: &Mount, point: &str) -> Result<(), String> {
     let vmm_agent::mount::Options {
         flags,
         propagation,
         data,
     } = vmm_agent::mount::Options::parse(&m.options);
-    let bind = m.kind == "bind" || flags & libc::MS_BIND != 0;
+    let bind = is_bind(m);
     let (source, file) = match bind {
         true => {
             let s = Path::new(&m.source);
@@ -70,8 +192,8 @@ fn mount_one(root: &File, m: &Mount) -> Result<(), String> {
         false if m.source.is_empty() => (m.kind.clone(), false),
         false => (m.source.clone(), false),
     };
-    let point = mount_point(root, &destination, file)
-        .map_err(|e| format!("cannot make the mount point: {e}"))?;
+    let at =
+        mount_point(root, point, file).map_err(|e| format!("cannot make the mount point: {e}"))?;
     let kind = match (bind, m.kind.as_str()) {
         (true, _) => "",
         // A cgroup v1 request gets the unified hierarchy: the guest runs v2.
@@ -80,12 +202,12 @@ fn mount_one(root: &File, m: &Mount) -> Result<(), String> {
     };
     let first = flags & !(libc::MS_RDONLY * bind as libc::c_ulong);
     let sys = |e: io::Error| e.to_string();
-    vmm_agent::mount::mount(&source, fd_path(&point), kind, first, &data).map_err(sys)?;
+    vmm_agent::mount::mount(&source, fd_path(&at), kind, first, &data).map_err(sys)?;
     if !(bind && flags & libc::MS_RDONLY != 0) && propagation == 0 && !is_dev(m) {
         return Ok(());
     }
     // The new mount itself (the descriptor holds the folder under it).
-    let mounted = open_in_root(root, &destination, file).map_err(sys)?;
+    let mounted = open_in_root(root, point, file).map_err(sys)?;
     // A bind mount takes its read-only flag (and the others) on a remount.
     if bind && flags & libc::MS_RDONLY != 0 {
         let again = flags | libc::MS_REMOUNT | libc::MS_BIND;
@@ -273,5 +395,32 @@ mod tests {
             "{err}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn only_a_mount_exactly_as_staged_is_taken_from_the_stage() {
+        // containerd's default spec, as `ctr run` hands it over.
+        let spec: Vec<Mount> = serde_json::from_str(
+            r#"[{"destination":"/proc","type":"proc","source":"proc","options":["nosuid","noexec","nodev"]},
+            {"destination":"/dev","type":"tmpfs","source":"tmpfs","options":["nosuid","strictatime","mode=755","size=65536k"]},
+            {"destination":"/dev/pts","type":"devpts","source":"devpts","options":["nosuid","noexec","newinstance","ptmxmode=0666","mode=0620","gid=5"]},
+            {"destination":"/dev/shm","type":"tmpfs","source":"shm","options":["nosuid","noexec","nodev","mode=1777","size=65536k"]},
+            {"destination":"/dev/mqueue","type":"mqueue","source":"mqueue","options":["nosuid","noexec","nodev"]},
+            {"destination":"/sys","type":"sysfs","source":"sysfs","options":["nosuid","noexec","nodev","ro"]},
+            {"destination":"/run","type":"tmpfs","source":"tmpfs","options":["nosuid","strictatime","mode=755","size=65536k"]}]"#,
+        )
+        .unwrap();
+        let found: Vec<Option<usize>> = spec.iter().map(staged_index).collect();
+        assert_eq!(found, (0..7).map(Some).collect::<Vec<_>>());
+        // Another size, place or source is a new mount.
+        let mut other = spec[1].clone();
+        other.options[3] = "size=1m".into();
+        assert_eq!(staged_index(&other), None);
+        other = spec[0].clone();
+        other.destination = "/proc2".into();
+        assert_eq!(staged_index(&other), None);
+        other = spec[3].clone();
+        other.source = "tmpfs".into();
+        assert_eq!(staged_index(&other), None);
     }
 }

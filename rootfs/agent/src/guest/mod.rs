@@ -270,6 +270,11 @@ pub fn main() {
     if let Ok(shares) = std::env::var("VMM_SHARES") {
         mount_shares(&shares);
     }
+    if std::env::var_os("VMM_STAGE_MOUNTS").is_some() {
+        if let Err(e) = container::stage() {
+            eprintln!("vmm-init: {e}");
+        }
+    }
     write_resolv_conf();
     if let Err(e) = identity::set_up().and_then(|_| identity::renew()) {
         eprintln!("vmm-init: cannot set the machine id and hostname: {e}");

@@ -128,7 +128,17 @@ fn handle(conn: File) -> io::Result<()> {
             user,
             pty,
             root,
+            mounts,
         }) => {
+            if !mounts.is_empty() {
+                let mounted = match root.as_deref() {
+                    Some(root) => super::container::mount_all(root, &mounts),
+                    None => Err("mounts need a root to mount them in".into()),
+                };
+                if let Err(e) = mounted {
+                    return respond(&writer, &Response::error(e));
+                }
+            }
             let settings = Settings {
                 env: Some(&env),
                 cwd: cwd.as_deref(),
