@@ -814,7 +814,7 @@ fn a_pods_cni_interface_becomes_the_vms_network() {
 #[test]
 fn broken_bundles_fail_with_a_reason_and_leave_nothing() {
     let (_turn, c) = containerd();
-    let cases: [(&str, Vec<&str>, &str); 3] = [
+    let cases: [(&str, Vec<&str>, &str); 4] = [
         (
             "bad-cmd",
             vec![
@@ -842,6 +842,23 @@ fn broken_bundles_fail_with_a_reason_and_leave_nothing() {
                 "true",
             ],
             "nfs9",
+        ),
+        (
+            // Known to the shim, refused by the guest's kernel: the start
+            // fails, before the command runs.
+            "bad-option",
+            vec![
+                "run",
+                "--runtime",
+                RUNTIME,
+                "--rm",
+                "--mount",
+                "type=tmpfs,src=tmpfs,dst=/x,options=size=nonsense",
+                IMAGE,
+                "bad-option",
+                "echo ran",
+            ],
+            "cannot mount tmpfs on /x",
         ),
         (
             "bad-root",
