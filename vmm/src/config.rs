@@ -317,6 +317,14 @@ impl NetworkConfig {
         rate_limit.as_ref()
     }
 
+    /// Its `mode` as the config writes it: `user` or `tap`.
+    pub fn mode(&self) -> &'static str {
+        match self {
+            NetworkConfig::User { .. } => "user",
+            NetworkConfig::Tap { .. } => "tap",
+        }
+    }
+
     /// The guest's MAC address when the config names one.
     pub fn mac(&self) -> Option<&str> {
         let (NetworkConfig::User { mac, .. } | NetworkConfig::Tap { mac, .. }) = self;

@@ -100,11 +100,7 @@ impl Settings {
             },
             (Some(_), false) => Start::Cold,
             (None, false) => {
-                let network = match &self.network {
-                    None => "none",
-                    Some(NetworkConfig::User { .. }) => "user",
-                    Some(NetworkConfig::Tap { .. }) => "tap",
-                };
+                let network = self.network.as_ref().map_or("none", NetworkConfig::mode);
                 Start::Template {
                     name: format!("containerd-{}x{}-{network}", size.0, size.1),
                     default: true,

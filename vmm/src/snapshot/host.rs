@@ -76,11 +76,7 @@ fn check_guest_visible(snap: &VmConfig, op: &VmConfig) -> Result<()> {
             shares(op)
         )));
     }
-    let net = |c: &VmConfig| match &c.network {
-        None => "none",
-        Some(NetworkConfig::User { .. }) => "user",
-        Some(NetworkConfig::Tap { .. }) => "tap",
-    };
+    let net = |c: &VmConfig| c.network.as_ref().map_or("none", NetworkConfig::mode);
     if net(snap) != net(op) {
         return Err(mismatch(format!(
             "the snapshot's network is {}, the config's {}",

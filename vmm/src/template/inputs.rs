@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
-use crate::config::{NetworkConfig, VmConfig};
+use crate::config::VmConfig;
 
 /// One input file, as found on disk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,13 +71,7 @@ impl Layout {
                 .iter()
                 .map(|s| (s.tag.clone(), s.guest_path.clone(), s.read_only))
                 .collect(),
-            network: config.network.as_ref().map(|n| {
-                match n {
-                    NetworkConfig::User { .. } => "user",
-                    NetworkConfig::Tap { .. } => "tap",
-                }
-                .to_string()
-            }),
+            network: config.network.as_ref().map(|n| n.mode().to_string()),
         }
     }
 }
