@@ -54,12 +54,30 @@ impl Vm {
     pub fn start(spec: &VmSpec) -> Result<Vm> {
         let vmm = spec.settings.vmm_binary();
         let config = spec.dir.join("vm.json");
-        write_config(&config, spec, spec.share, spec.settings.network.as_ref())?;
+        let start = spec.settings.start((spec.vcpus, spec.memory_mib));
+        // A template of the user's is restored with its own command line
+        // (with or without staged mounts); the shim's VMs stage them.
+        let cmdline = match &start {
+            Start::Template {
+                name,
+                default: false,
+            } => crate::template::Template::open(name)
+                .map_err(|e| Error::Start(e.to_string()))?
+                .record
+                .config
+                .cmdline
+                .clone(),
+            _ => Some(STAGE_MOUNTS.to_string()),
+        };
+        let guest = Guest {
+            share: spec.share,
+            network: spec.settings.network.as_ref(),
+            cmdline: cmdline.as_deref(),
+        };
+        write_config(&config, spec, &guest)?;
         let mut cmd = Command::new(&vmm);
         cmd.arg("launch");
-        if let Start::Template { name, default } =
-            spec.settings.start((spec.vcpus, spec.memory_mib))
-        {
+        if let Start::Template { name, default } = start {
             ensure_template(&vmm, &name, default, spec, &config)?;
             cmd.args(["--template", &name]);
         }
@@ -173,23 +191,30 @@ impl Drop for Vm {
     }
 }
 
-/// The VM's config: the size, the pod's share, `network`, no console;
-/// the guest agent stages the mounts of containerd's default spec at boot
-/// (a template holds them made; docs/containerd.md).
-fn write_config(
-    path: &Path,
-    spec: &VmSpec,
-    share: &Path,
-    network: Option<&crate::config::NetworkConfig>,
-) -> Result<()> {
+/// The kernel command line of the shim's VMs: the guest agent stages the
+/// mounts of containerd's default spec at boot (a template holds them
+/// made; docs/agent-protocol.md).
+const STAGE_MOUNTS: &str = "VMM_STAGE_MOUNTS=1";
+
+/// What a VM config says of the guest besides its size.
+struct Guest<'a> {
+    /// The host folder of the pod's share.
+    share: &'a Path,
+    network: Option<&'a crate::config::NetworkConfig>,
+    cmdline: Option<&'a str>,
+}
+
+/// The VM's config: the size, the pod's share, the network, the kernel
+/// command line, no console.
+fn write_config(path: &Path, spec: &VmSpec, guest: &Guest) -> Result<()> {
     let mut config = serde_json::json!({
         "vcpus": spec.vcpus,
         "memory_mib": spec.memory_mib,
         "serial": "off",
-        "cmdline": "VMM_STAGE_MOUNTS=1",
-        "shares": [{ "tag": SHARE_TAG, "host_path": share, "guest_path": GUEST_SHARE }],
+        "cmdline": guest.cmdline,
+        "shares": [{ "tag": SHARE_TAG, "host_path": guest.share, "guest_path": GUEST_SHARE }],
     });
-    if let Some(network) = network {
+    if let Some(network) = guest.network {
         config["network"] =
             serde_json::to_value(network).map_err(|e| Error::Start(e.to_string()))?;
     }
@@ -246,7 +271,12 @@ fn ensure_template(
         Some(_) => Some(network::template_config()),
         None => spec.settings.network.clone(),
     };
-    write_config(&config, spec, &empty, network.as_ref())?;
+    let guest = Guest {
+        share: &empty,
+        network: network.as_ref(),
+        cmdline: Some(STAGE_MOUNTS),
+    };
+    write_config(&config, spec, &guest)?;
     let log = spec.dir.join("template.log");
     let log_file = std::fs::File::create(&log).map_err(|e| Error::Start(e.to_string()))?;
     let mut cmd = Command::new(vmm);
