@@ -719,6 +719,67 @@ fn the_user_network_reaches_what_the_policy_allows() {
     assert_nothing_left(c, "net1");
 }
 
+#[test]
+fn a_template_named_in_the_settings_starts_the_vm() {
+    let (_turn, c) = containerd();
+    // docs/containerd.md's example, at the default size and without its
+    // staged mounts (a template built before they existed): the VM keeps
+    // the template's command line, the container gets new mounts.
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/containerd/template.json"
+    );
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(example).unwrap()).unwrap();
+    let share = c.dir.join("empty-share");
+    std::fs::create_dir_all(&share).unwrap();
+    config["shares"][0]["host_path"] = share.to_str().unwrap().into();
+    config["vcpus"] = 1.into();
+    config["memory_mib"] = 256.into();
+    config.as_object_mut().unwrap().remove("cmdline");
+    std::fs::write(c.dir.join("mine.json"), config.to_string()).unwrap();
+    let name = format!("ctrtest-{}", std::process::id());
+    let vmm = env!("CARGO_BIN_EXE_vmm");
+    let built = Command::new(vmm)
+        .args(["template", "create", &name, "--replace", "--config"])
+        .arg(c.dir.join("mine.json"))
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "{}", describe(&built));
+    let settings = c.dir.join("mine-settings.json");
+    let named = serde_json::json!({"template": name, "vcpus": 1, "memory_mib": 256});
+    std::fs::write(&settings, named.to_string()).unwrap();
+    let out = ctr(
+        c,
+        &[
+            "run",
+            "--runtime",
+            RUNTIME,
+            "--runtime-config-path",
+            settings.to_str().unwrap(),
+            "--rm",
+            IMAGE,
+            "named1",
+            "sh",
+            "-c",
+            FILE_SYSTEMS,
+        ],
+    );
+    let _ = Command::new(vmm).args(["template", "rm", &name]).output();
+    assert!(out.status.success(), "{}", describe(&out));
+    let lines = text(&out);
+    for want in [
+        "proc /proc proc",
+        "tmpfs /dev tmpfs",
+        "devpts /dev/pts",
+        "null",
+        "urandom",
+    ] {
+        assert!(lines.contains(want), "{want:?} missing: {}", describe(&out));
+    }
+    assert_nothing_left(c, "named1");
+}
+
 /// A one-shot HTTP server in `netns` at `address`: its port; it answers
 /// the first request with the address the connection came from.
 fn echo_peer_in(netns: &Netns, address: &str) -> u16 {
