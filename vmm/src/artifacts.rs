@@ -25,10 +25,15 @@ use crate::config::Flavour;
 /// other tasks' (measured with tools/pvm/ymm.c: a value held in ymm0 by
 /// one of three processes changed in 1129 of 1447 rounds). They make
 /// glibc's string functions and OpenSSL use SSE code instead, whose
-/// registers the kernel does save.
+/// registers the kernel does save. `clocksource=kvm-clock`: a PVM guest
+/// reads the host's TSC, which a restore cannot set back, so on the `tsc`
+/// clock a restored guest's monotonic time jumped by the time since the
+/// snapshot (and it caught up on that time after each restore: a template
+/// an hour old restored about 150 ms slower); kvm-clock is restored with
+/// the snapshot (KVM_SET_CLOCK) and continues.
 pub const PVM_CMDLINE: &str = concat!(
     "noxsave clearcpuid=popcnt,smap,fsgsbase,rdpid,rdrand,rdseed,erms,fsrm,invpcid,pcid,cx16,clflushopt,clwb,rdtscp",
-    " noreplace-smp percpu_alloc=page rodata=off",
+    " noreplace-smp percpu_alloc=page rodata=off clocksource=kvm-clock",
     " GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512CD,-AVX512BW,-AVX512DQ,-AVX512VL,-AVX512ER,-AVX512PF,-FMA,-FMA4",
     // OpenSSL's capability words: CPUID.1 ECX bits AVX, FMA, F16C; CPUID.7
     // EBX bits AVX2 and AVX-512 (F, DQ, IFMA, PF, ER, CD, BW, VL) and ECX
