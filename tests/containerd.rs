@@ -680,6 +680,34 @@ fn serve_once(body: &'static str) -> u16 {
     port
 }
 
+/// `ctr run --rm` of `sh -c script` as container `id`, with the runtime
+/// settings `settings` (written to `<id>.json` for `--runtime-config-path`).
+fn run_with_settings(
+    c: &Containerd,
+    settings: &serde_json::Value,
+    id: &str,
+    script: &str,
+) -> Output {
+    let path = c.dir.join(format!("{id}.json"));
+    std::fs::write(&path, settings.to_string()).unwrap();
+    ctr(
+        c,
+        &[
+            "run",
+            "--runtime",
+            RUNTIME,
+            "--runtime-config-path",
+            path.to_str().unwrap(),
+            "--rm",
+            IMAGE,
+            id,
+            "sh",
+            "-c",
+            script,
+        ],
+    )
+}
+
 #[test]
 fn the_user_network_reaches_what_the_policy_allows() {
     let (_turn, c) = containerd();
@@ -687,28 +715,11 @@ fn the_user_network_reaches_what_the_policy_allows() {
     let other = serve_once("must not be reached\n");
     // 10.0.2.2 is the host's loopback through the user network; only the
     // one port is allowed (docs/network.md).
-    let settings = c.dir.join("net.json");
     let policy = serde_json::json!({"network": {"mode": "user", "egress": {"default": "deny", "allow": [format!("10.0.2.2:{allowed}")]}}});
-    std::fs::write(&settings, policy.to_string()).unwrap();
     let script = format!(
         "wget -q -O- http://10.0.2.2:{allowed}/; timeout 10 wget -q -O- http://10.0.2.2:{other}/ 2>/dev/null || echo refused"
     );
-    let out = ctr(
-        c,
-        &[
-            "run",
-            "--runtime",
-            RUNTIME,
-            "--runtime-config-path",
-            settings.to_str().unwrap(),
-            "--rm",
-            IMAGE,
-            "net1",
-            "sh",
-            "-c",
-            &script,
-        ],
-    );
+    let out = run_with_settings(c, &policy, "net1", &script);
     assert!(out.status.success(), "{}", describe(&out));
     assert_eq!(
         text(&out),
@@ -746,25 +757,8 @@ fn a_template_named_in_the_settings_starts_the_vm() {
         .output()
         .unwrap();
     assert!(built.status.success(), "{}", describe(&built));
-    let settings = c.dir.join("mine-settings.json");
     let named = serde_json::json!({"template": name, "vcpus": 1, "memory_mib": 256});
-    std::fs::write(&settings, named.to_string()).unwrap();
-    let out = ctr(
-        c,
-        &[
-            "run",
-            "--runtime",
-            RUNTIME,
-            "--runtime-config-path",
-            settings.to_str().unwrap(),
-            "--rm",
-            IMAGE,
-            "named1",
-            "sh",
-            "-c",
-            FILE_SYSTEMS,
-        ],
-    );
+    let out = run_with_settings(c, &named, "named1", FILE_SYSTEMS);
     let _ = Command::new(vmm).args(["template", "rm", &name]).output();
     assert!(out.status.success(), "{}", describe(&out));
     let lines = text(&out);
