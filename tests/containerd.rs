@@ -169,7 +169,7 @@ fn test_image(config: serde_json::Value) -> Image {
         .file("etc/group", b"root:x:0:\napp:x:1000:\n", 0o644, 0, 0);
     for applet in [
         "sh", "echo", "cat", "sleep", "id", "ls", "true", "false", "tty", "stty", "hostname",
-        "mount", "head", "wc", "grep", "wget",
+        "mount", "head", "wc", "grep", "wget", "cut",
     ] {
         layer = layer.symlink(&format!("bin/{applet}"), "busybox");
     }
@@ -213,7 +213,9 @@ fn start_long(c: &Containerd, id: &str) -> Child {
             id,
             "sh",
             "-c",
-            "echo ready; exec sleep 600",
+            // The first process of its pid namespace gets only the signals
+            // it handles (as with runc).
+            "trap 'exit 143' TERM; echo ready; sleep 600 & wait",
         ],
     )
     .stdin(Stdio::null())
@@ -358,6 +360,27 @@ fn ctr_run_prints_the_output_and_returns_the_status() {
         describe(&out)
     );
     assert_nothing_left(c, "run2");
+    // Its namespaces and cgroup in the guest: the first process of a pid
+    // namespace of its own; a cgroup of its own with the spec's memory and
+    // CPU limits (ctr's spec asks for no cgroup namespace: the cgroup
+    // mount shows the guest's hierarchy).
+    let out = ctr(
+        c,
+        &[
+            "run", "--runtime", RUNTIME, "--rm", "--memory-limit", "67108864", "--cpu-quota",
+            "50000", "--cpu-period", "100000", "--mount",
+            "type=cgroup,src=cgroup,dst=/sys/fs/cgroup,options=ro", IMAGE, "run3", "sh", "-c",
+            "echo $$; g=$(cut -d: -f3 /proc/self/cgroup); echo $g; cat /sys/fs/cgroup$g/memory.max /sys/fs/cgroup$g/cpu.max",
+        ],
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(
+        text(&out),
+        "1\n/container-run3\n67108864\n50000 100000",
+        "{}",
+        describe(&out)
+    );
+    assert_nothing_left(c, "run3");
 }
 
 #[test]
@@ -426,10 +449,37 @@ fn exec_stdin_terminal_and_kill_reach_the_container() {
         "{}",
         describe(&out)
     );
+    // An exec is in the container's namespaces: its pid 1 is the
+    // container's first process (not the guest's init), and it sees the
+    // container's processes only (that one, its sleep, the exec's shell,
+    // ls, and grep when it has started).
+    let out = ctr(
+        c,
+        &[
+            "task",
+            "exec",
+            "--exec-id",
+            "ns",
+            "long1",
+            "sh",
+            "-c",
+            "head -c 2 /proc/1/cmdline; echo; ls /proc | grep -c '^[0-9]'",
+        ],
+    );
+    let shown = text(&out);
+    let lines: Vec<&str> = shown.lines().collect();
+    assert_eq!(lines.first(), Some(&"sh"), "{}", describe(&out));
+    assert!(
+        matches!(lines.get(1), Some(&"4") | Some(&"5")),
+        "{}",
+        describe(&out)
+    );
     // Two processes are listed (init and nothing else left running).
     let out = ctr(c, &["task", "ps", "long1"]);
     assert!(out.status.success(), "{}", describe(&out));
-    // Metrics: the VM's memory and CPU on the host, its size as the limit.
+    // Metrics: the container's memory, CPU time and processes (the shell
+    // and its sleep) from its cgroup in the guest, the VM's size as the
+    // limit (the spec sets none).
     let out = ctr(c, &["task", "metrics", "long1"]);
     assert!(out.status.success(), "{}", describe(&out));
     let shown = text(&out);
@@ -446,7 +496,7 @@ fn exec_stdin_terminal_and_kill_reach_the_container() {
     );
     assert_eq!(value("memory.limit_in_bytes"), Some(256 << 20), "{shown}");
     assert!(value("cpuacct.usage").is_some_and(|v| v > 0), "{shown}");
-    assert_eq!(value("pids.current"), Some(1), "{shown}");
+    assert_eq!(value("pids.current"), Some(2), "{shown}");
     // SIGTERM ends the container; `ctr run` returns its status.
     let out = ctr(c, &["task", "kill", "long1"]);
     assert!(out.status.success(), "{}", describe(&out));
@@ -568,17 +618,7 @@ fn a_pods_containers_share_its_vm_and_end_with_it() {
     );
     assert_eq!(text(&staged).lines().collect::<Vec<_>>(), web_lines[2..]);
     assert!(web_lines.contains(&"sysfs /sys sysfs ro,nosuid,nodev,noexec,relatime 0 0"));
-    let moved_out = Command::new(env!("CARGO_BIN_EXE_vmm"))
-        .args(["exec", "--api-socket"])
-        .arg(pod_api_socket())
-        .args([
-            "--",
-            "sh",
-            "-c",
-            "grep -c ' /run/vmm-agent/staged' /proc/mounts",
-        ])
-        .output()
-        .unwrap();
+    let moved_out = in_pod_vm("grep -c ' /run/vmm-agent/staged' /proc/mounts");
     assert_eq!(
         text(&moved_out),
         "1",
@@ -590,19 +630,7 @@ fn a_pods_containers_share_its_vm_and_end_with_it() {
     // `web` ended and was deleted: the pod's VM goes on, without its files.
     let tasks = text(&ctr(c, &["task", "ls"]));
     assert!(tasks.contains("pod1") && !tasks.contains("web"), "{tasks}");
-    let out = ctr(
-        c,
-        &[
-            "task",
-            "exec",
-            "--exec-id",
-            "l",
-            "pod1",
-            "sh",
-            "-c",
-            "grep -c /containers/web /proc/mounts || true",
-        ],
-    );
+    let out = in_pod_vm("grep -c /containers/web /proc/mounts || true");
     assert_eq!(
         text(&out),
         "0",
@@ -619,6 +647,17 @@ fn a_pods_containers_share_its_vm_and_end_with_it() {
 
 /// A container's file systems as it sees them: its mounts and /dev.
 const FILE_SYSTEMS: &str = "cat /proc/mounts; ls /dev";
+
+/// Runs `script` in the guest of the one pod's VM running now (outside
+/// its containers).
+fn in_pod_vm(script: &str) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args(["exec", "--api-socket"])
+        .arg(pod_api_socket())
+        .args(["--", "sh", "-c", script])
+        .output()
+        .unwrap()
+}
 
 /// The control socket of the one pod's VM running now.
 fn pod_api_socket() -> PathBuf {

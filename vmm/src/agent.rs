@@ -90,6 +90,9 @@ pub struct Exec {
     /// Mounted inside `root` before the command runs (a container's
     /// first process); the command does not start when one fails.
     pub mounts: Vec<vmm_agent::Mount>,
+    /// A container's namespaces, hostname and cgroup in the guest (with
+    /// `root`).
+    pub isolation: Option<vmm_agent::Isolation>,
 }
 
 impl Exec {
@@ -104,6 +107,7 @@ impl Exec {
             timeout_ms: self.timeout.map(|t| t.as_millis() as u64),
             root: self.root.clone(),
             mounts: self.mounts.clone(),
+            isolation: self.isolation.clone(),
         }
     }
 }
@@ -330,6 +334,18 @@ impl AgentClient {
         write_json(&mut s, FrameType::Request, &request)?;
         Self::finish(&mut s, |_, _| Ok(()))?;
         Ok(())
+    }
+
+    /// The figures of the guest cgroup `name` (a container's).
+    pub fn cgroup_stats(&self, name: &str) -> Result<vmm_agent::CgroupStats> {
+        let mut s = self.connect()?;
+        let request = Request::CgroupStats {
+            name: name.to_string(),
+        };
+        write_json(&mut s, FrameType::Request, &request)?;
+        Self::finish(&mut s, |_, _| Ok(()))?
+            .cgroup
+            .ok_or_else(|| Error::Protocol("the answer has no cgroup figures".into()))
     }
 
     /// Sends `signal` to the guest process `pid`; `false` when it is gone.

@@ -294,6 +294,7 @@ impl ExecArgs {
             timeout: self.timeout.map(std::time::Duration::from_secs_f64),
             root: None,
             mounts: Vec::new(),
+            isolation: None,
         })
     }
 

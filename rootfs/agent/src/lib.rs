@@ -104,6 +104,11 @@ pub enum Request {
         /// process): the command does not run when one fails.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         mounts: Vec<Mount>,
+        /// A container's isolation inside the guest: the namespaces the
+        /// command gets new or joins, its hostname and its cgroup (needs
+        /// `root`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        isolation: Option<Isolation>,
     },
     /// Write a file from the `Stdin` frames that follow. A relative path
     /// is taken from `user`'s home (see [`Request::Stat`]); with `user`
@@ -182,6 +187,9 @@ pub enum Request {
     /// Unmount everything mounted at or under `root` (a container's, when
     /// it ends while its VM goes on: a pod's other containers).
     Unmount { root: String },
+    /// A container's figures from its cgroup `name` (see [`Cgroup`]), in
+    /// `cgroup`.
+    CgroupStats { name: String },
     /// The VM was forked or restored: mix `seed` (fresh host randomness,
     /// hex) into the kernel's random pool and reseed its generator, so the
     /// copies of one VM do not produce the same random bytes; and step the
@@ -227,6 +235,73 @@ pub struct Mount {
     pub source: String,
     #[serde(default)]
     pub options: Vec<String>,
+}
+
+/// The namespace kinds [`Namespace::kind`] may name (the OCI runtime
+/// spec's words). No `network`: the VM is the pod's network; no `user`.
+pub const NAMESPACE_KINDS: &[&str] = &["pid", "ipc", "uts", "mount", "cgroup"];
+
+/// One namespace of a container's process: a new one of `kind`, or with
+/// `join` the one of that kind the guest process `join` is in (an exec
+/// into a running container joins its first process's; a pod's container
+/// the pod's sandbox's, where its spec names one). A kind not listed is
+/// the VM's own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Namespace {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join: Option<i32>,
+}
+
+/// A container's cgroup: `name` under the guest's /sys/fs/cgroup (one
+/// path component, made when missing and removed when the process that
+/// made it ends), with the limits given (cgroup v2's files; a limit not
+/// given is left as it is).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cgroup {
+    pub name: String,
+    /// memory.max, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_max: Option<u64>,
+    /// cpu.max: the quota and the period, in microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_max: Option<(u64, u64)>,
+    /// pids.max.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids_max: Option<u64>,
+}
+
+/// What isolates a container's process from the rest of the guest
+/// ([`Request::Exec`]'s `isolation`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Isolation {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<Namespace>,
+    /// Set in the command's new uts namespace (only with one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<Cgroup>,
+}
+
+/// A container's figures from its cgroup ([`Request::CgroupStats`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupStats {
+    /// memory.current, bytes.
+    pub memory: u64,
+    /// memory.max, bytes; none when unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_max: Option<u64>,
+    /// cpu.stat's usage_usec, user_usec and system_usec.
+    pub cpu_usec: u64,
+    pub cpu_user_usec: u64,
+    pub cpu_system_usec: u64,
+    /// pids.current.
+    pub pids: u64,
 }
 
 /// Where the VMM puts an image's exec defaults, in a small archive it adds
@@ -368,6 +443,9 @@ pub struct Response {
     /// The error is "it exists already" (mkdir).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub exists: bool,
+    /// CgroupStats: the figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<CgroupStats>,
 }
 
 impl Response {

@@ -216,6 +216,7 @@ impl Mcp {
             pty: None,
             root: None,
             mounts: Vec::new(),
+            isolation: None,
         };
         let (mut reader, _w) = match guest::open(&sandbox.vm.vsock, &req).await {
             Ok(c) => c,

@@ -124,6 +124,7 @@ pub async fn sample(sandbox: &Sandbox) -> Result<Value, String> {
         pty: None,
         root: None,
         mounts: Vec::new(),
+        isolation: None,
     };
     let df = read(sandbox, df).await.map_err(|e| e.to_string())?;
     let now = cpu_times(&stat).ok_or_else(|| broken("/proc/stat"))?;

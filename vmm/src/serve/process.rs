@@ -170,6 +170,7 @@ async fn launch(
         pty,
         root: None,
         mounts: Vec::new(),
+        isolation: None,
     };
     let (mut reader, mut writer) = guest::open(&sandbox.vm.vsock, &exec).await?;
     let pid = match reader.next().await? {

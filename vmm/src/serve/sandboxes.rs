@@ -210,6 +210,7 @@ impl Machine {
             pty: None,
             root: None,
             mounts: Vec::new(),
+            isolation: None,
         };
         let answer = async {
             let (mut answers, _w) = guest::open(&self.vsock, &req).await?;

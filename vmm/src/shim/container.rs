@@ -29,6 +29,8 @@ pub struct Container {
     /// The shim mounted `rootfs` (containerd's snapshot) and unmounts it.
     mounted: bool,
     pub init: Arc<Process>,
+    /// What isolates the first process in the guest (an exec joins it).
+    isolation: vmm_agent::Isolation,
     pub execs: Mutex<HashMap<String, Arc<Process>>>,
     pub paused: AtomicBool,
 }
@@ -111,6 +113,9 @@ impl Container {
         // trip to the guest fewer (a failure then fails the start).
         let mut command = spec::command(process, &root);
         command.mounts = mounts;
+        let sandbox = pod.sandbox.get().map(|p| p.guest_pid()).filter(|p| *p > 0);
+        let isolation = spec::isolation(&spec, &req.id, sandbox.filter(|_| joining));
+        command.isolation = Some(isolation.clone());
         let stdio = Stdio {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -119,6 +124,7 @@ impl Container {
         };
         let init = Process::new(command, stdio).map_err(end_pod)?;
         if !joining {
+            let _ = pod.sandbox.set(init.clone());
             pods.lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(pod_id, pod.clone());
@@ -130,6 +136,7 @@ impl Container {
             rootfs,
             mounted,
             init,
+            isolation,
             execs: Mutex::new(HashMap::new()),
             paused: AtomicBool::new(false),
         })
@@ -145,6 +152,22 @@ impl Container {
             .get(exec_id)
             .cloned()
             .ok_or_else(|| Error::NotFound(format!("no process {exec_id:?} in this container")))
+    }
+
+    /// The command of an exec of `process` into the container: in its
+    /// first process's namespaces and cgroup.
+    pub fn exec_command(&self, process: &oci_spec::runtime::Process) -> crate::agent::Exec {
+        let mut command = spec::command(process, &spec::guest_root(&self.id));
+        let init = self.init.guest_pid();
+        command.isolation = Some(spec::exec_isolation(&self.isolation, &self.id, init));
+        command
+    }
+
+    /// The figures of the container's cgroup in the guest.
+    pub fn cgroup_stats(&self) -> Result<vmm_agent::CgroupStats> {
+        let name = self.isolation.cgroup.as_ref().map(|c| c.name.as_str());
+        let name = name.ok_or_else(|| Error::Unsupported("a container without a cgroup".into()))?;
+        Ok(self.pod.vm.agent().cgroup_stats(name)?)
     }
 
     /// Whether the container is its pod's own (its end ends the VM).

@@ -8,9 +8,11 @@
 //! its VM on it (`network`).
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use super::network::{self, PodNetwork};
 use super::options::Settings;
+use super::process::Process;
 use super::vm::{Vm, VmSpec};
 use super::{Error, Result};
 
@@ -22,6 +24,9 @@ pub struct Pod {
     share: PathBuf,
     /// CNI's interface the VM is joined to.
     network: Option<PodNetwork>,
+    /// The first process of the pod's own container (its sandbox): the
+    /// namespaces the pod's containers share are its.
+    pub sandbox: OnceLock<Arc<Process>>,
 }
 
 impl Pod {
@@ -78,6 +83,7 @@ impl Pod {
                 dir,
                 share,
                 network,
+                sandbox: OnceLock::new(),
             }),
             Err(e) => {
                 if let Some(n) = &network {

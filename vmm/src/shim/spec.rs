@@ -105,6 +105,7 @@ pub fn command(process: &Process, root: &str) -> Exec {
         timeout: None,
         root: Some(root.to_string()),
         mounts: Vec::new(),
+        isolation: None,
     }
 }
 
@@ -162,6 +163,97 @@ pub fn network_namespace(spec: &Spec) -> Option<PathBuf> {
         .path()
         .clone()
         .filter(|p| !p.as_os_str().is_empty())
+}
+
+/// The guest cgroup of container `id`.
+fn cgroup_name(id: &str) -> String {
+    format!("container-{id}")
+}
+
+/// What isolates container `id`'s first process inside the guest: a new
+/// namespace of each kind the spec asks for (one the spec names by path,
+/// as the CRI plugin names its pod sandbox's, is the one of the guest
+/// process `sandbox` when the container is in a pod, else the VM's; the
+/// VM is the pod's network, see docs/containerd.md), the spec's hostname
+/// with a new uts namespace, and a cgroup of its own with the spec's
+/// memory, CPU and pids limits.
+pub fn isolation(spec: &Spec, id: &str, sandbox: Option<i32>) -> vmm_agent::Isolation {
+    use oci_spec::runtime::LinuxNamespaceType as Kind;
+    let linux = spec.linux().as_ref();
+    let mut namespaces = Vec::new();
+    for n in linux
+        .and_then(|l| l.namespaces().as_ref())
+        .into_iter()
+        .flatten()
+    {
+        let kind = match n.typ() {
+            Kind::Pid => "pid",
+            Kind::Ipc => "ipc",
+            Kind::Uts => "uts",
+            Kind::Mount => "mount",
+            Kind::Cgroup => "cgroup",
+            _ => continue,
+        };
+        let named = n.path().as_ref().is_some_and(|p| !p.as_os_str().is_empty());
+        match (named, sandbox) {
+            (false, _) => namespaces.push(vmm_agent::Namespace {
+                kind: kind.into(),
+                join: None,
+            }),
+            (true, Some(pid)) => namespaces.push(vmm_agent::Namespace {
+                kind: kind.into(),
+                join: Some(pid),
+            }),
+            (true, None) => {}
+        }
+    }
+    let new_uts = namespaces
+        .iter()
+        .any(|n| n.kind == "uts" && n.join.is_none());
+    let resources = linux.and_then(|l| l.resources().as_ref());
+    let cpu = resources.and_then(|r| r.cpu().as_ref());
+    let cpu_max = match (cpu.and_then(|c| c.quota()), cpu.and_then(|c| c.period())) {
+        (Some(quota), Some(period)) if quota > 0 && period > 0 => Some((quota as u64, period)),
+        _ => None,
+    };
+    vmm_agent::Isolation {
+        namespaces,
+        hostname: spec.hostname().clone().filter(|h| new_uts && !h.is_empty()),
+        cgroup: Some(vmm_agent::Cgroup {
+            name: cgroup_name(id),
+            memory_max: resources
+                .and_then(|r| r.memory().as_ref())
+                .and_then(|m| m.limit())
+                .filter(|l| *l > 0)
+                .map(|l| l as u64),
+            cpu_max,
+            pids_max: resources
+                .and_then(|r| r.pids().as_ref())
+                .map(|p| p.limit())
+                .filter(|l| *l > 0)
+                .map(|l| l as u64),
+        }),
+    }
+}
+
+/// What an exec into container `id` runs in: every namespace of its first
+/// process (guest pid `init`) and its cgroup.
+pub fn exec_isolation(first: &vmm_agent::Isolation, id: &str, init: i32) -> vmm_agent::Isolation {
+    vmm_agent::Isolation {
+        namespaces: first
+            .namespaces
+            .iter()
+            .map(|n| vmm_agent::Namespace {
+                kind: n.kind.clone(),
+                join: Some(init),
+            })
+            .collect(),
+        hostname: None,
+        cgroup: Some(vmm_agent::Cgroup {
+            name: cgroup_name(id),
+            ..Default::default()
+        }),
+    }
 }
 
 /// The VM's vCPUs and memory for the spec's limits: vCPUs from the CPU
@@ -265,6 +357,50 @@ mod tests {
         assert_eq!(network_namespace(&with(r#"{"type":"network"}"#)), None);
         assert_eq!(network_namespace(&with(r#"{"type":"pid"}"#)), None);
         assert_eq!(network_namespace(&spec(BASE)), None);
+    }
+
+    #[test]
+    fn namespaces_and_limits_become_the_guest_isolation() {
+        let s = spec(
+            r#"{"ociVersion":"1.0.2","hostname":"web",
+            "linux":{"namespaces":[{"type":"pid"},{"type":"ipc","path":"/proc/42/ns/ipc"},{"type":"uts"},
+                {"type":"mount"},{"type":"network","path":"/var/run/netns/cni-1"},{"type":"user"}],
+            "resources":{"cpu":{"quota":50000,"period":100000},"memory":{"limit":67108864},"pids":{"limit":64}}}}"#,
+        );
+        let kinds = |i: &vmm_agent::Isolation| -> Vec<(String, Option<i32>)> {
+            i.namespaces
+                .iter()
+                .map(|n| (n.kind.clone(), n.join))
+                .collect()
+        };
+        let alone = isolation(&s, "c1", None);
+        let new = |k: &str| (k.to_string(), None);
+        // Without a pod, a namespace named by path is the VM's.
+        assert_eq!(kinds(&alone), [new("pid"), new("uts"), new("mount")]);
+        assert_eq!(alone.hostname.as_deref(), Some("web"));
+        let cgroup = alone.cgroup.clone().unwrap();
+        assert_eq!(cgroup.name, "container-c1");
+        assert_eq!(cgroup.memory_max, Some(64 << 20));
+        assert_eq!(cgroup.cpu_max, Some((50000, 100000)));
+        assert_eq!(cgroup.pids_max, Some(64));
+        // In a pod: the sandbox's (guest pid 7).
+        let in_pod = isolation(&s, "c1", Some(7));
+        assert_eq!(in_pod.namespaces[1].join, Some(7));
+        let exec = exec_isolation(&in_pod, "c1", 9);
+        assert!(exec.namespaces.iter().all(|n| n.join == Some(9)));
+        assert_eq!(exec.namespaces.len(), 4);
+        assert_eq!(
+            exec.cgroup.unwrap(),
+            vmm_agent::Cgroup {
+                name: "container-c1".into(),
+                ..Default::default()
+            }
+        );
+        // A hostname needs a new uts namespace.
+        let joined_uts = spec(
+            r#"{"ociVersion":"1.0.2","hostname":"x","linux":{"namespaces":[{"type":"uts","path":"/p"}]}}"#,
+        );
+        assert_eq!(isolation(&joined_uts, "c", Some(3)).hostname, None);
     }
 
     #[test]

@@ -1,8 +1,9 @@
-//! `stats` (`ctr task metrics`): what a pod's VM costs the host, as
-//! containerd's cgroup v1 metrics (what runc's shim reports): the memory
-//! and CPU time of the VMM's processes (the launcher, the jail's init and
-//! the VMM), the VM's memory size as the limit, and the container's
-//! running processes. A pod's containers share their VM's figures.
+//! `stats` (`ctr task metrics`), as containerd's cgroup v1 metrics (what
+//! runc's shim reports): a container's figures from its cgroup in the
+//! guest (memory, CPU time, processes; its memory limit, else the VM's
+//! size), or, when the guest cannot tell them, what its pod's VM costs
+//! the host (the memory and CPU time of the VMM's processes: the
+//! launcher, the jail's init and the VMM).
 
 use containerd_shim::protos::cgroups::metrics::{
     CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics, PidsStat,
@@ -21,26 +22,61 @@ pub fn of_vm(pid: u32, memory_mib: u32, processes: u64) -> Metrics {
     // SAFETY: sysconf(3) with a valid name has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     let ns = |ticks: u64| ticks.saturating_mul(1_000_000_000 / hz);
-    let limit = u64::from(memory_mib) << 20;
+    metrics(Figures {
+        memory: rss,
+        limit: u64::from(memory_mib) << 20,
+        user_ns: ns(user),
+        kernel_ns: ns(kernel),
+        processes,
+    })
+}
+
+/// A container's metrics from its cgroup in the guest (`vm_memory_mib`
+/// is the limit when the cgroup has none).
+pub fn of_container(c: &vmm_agent::CgroupStats, vm_memory_mib: u32) -> Metrics {
+    let us = |v: u64| v.saturating_mul(1000);
+    let mut m = metrics(Figures {
+        memory: c.memory,
+        limit: c.memory_max.unwrap_or(u64::from(vm_memory_mib) << 20),
+        user_ns: us(c.cpu_user_usec),
+        kernel_ns: us(c.cpu_system_usec),
+        processes: c.pids,
+    });
+    if let Some(usage) = m.cpu.as_mut().and_then(|c| c.usage.as_mut()) {
+        usage.total = us(c.cpu_usec);
+    }
+    m
+}
+
+struct Figures {
+    memory: u64,
+    limit: u64,
+    user_ns: u64,
+    kernel_ns: u64,
+    processes: u64,
+}
+
+/// Figures as containerd's cgroup v1 metrics.
+fn metrics(f: Figures) -> Metrics {
     Metrics {
         pids: MessageField::some(PidsStat {
-            current: processes,
+            current: f.processes,
             ..Default::default()
         }),
         cpu: MessageField::some(CPUStat {
             usage: MessageField::some(CPUUsage {
-                total: ns(user + kernel),
-                user: ns(user),
-                kernel: ns(kernel),
+                total: f.user_ns + f.kernel_ns,
+                user: f.user_ns,
+                kernel: f.kernel_ns,
                 ..Default::default()
             }),
             ..Default::default()
         }),
         memory: MessageField::some(MemoryStat {
-            rss,
+            rss: f.memory,
             usage: MessageField::some(MemoryEntry {
-                usage: rss,
-                limit,
+                usage: f.memory,
+                limit: f.limit,
                 ..Default::default()
             }),
             ..Default::default()
@@ -86,6 +122,26 @@ fn cpu_ticks(pid: u32) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_containers_cgroup_figures_become_its_metrics() {
+        let mut c = vmm_agent::CgroupStats {
+            memory: 5 << 20,
+            memory_max: Some(64 << 20),
+            cpu_usec: 30,
+            cpu_user_usec: 20,
+            cpu_system_usec: 10,
+            pids: 3,
+        };
+        let m = of_container(&c, 256);
+        let usage = m.memory.usage.as_ref().unwrap();
+        assert_eq!((usage.usage, usage.limit), (5 << 20, 64 << 20));
+        let cpu = m.cpu.usage.as_ref().unwrap();
+        assert_eq!((cpu.total, cpu.user, cpu.kernel), (30_000, 20_000, 10_000));
+        assert_eq!(m.pids.current, 3);
+        c.memory_max = None;
+        assert_eq!(of_container(&c, 256).memory.usage.limit, 256 << 20);
+    }
 
     #[test]
     fn this_process_tree_has_memory_and_cpu_time() {

@@ -281,7 +281,7 @@ impl containerd_shim::Task for Service {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
-        let p = Process::new(spec::command(&process, &spec::guest_root(&req.id)), stdio)?;
+        let p = Process::new(c.exec_command(&process), stdio)?;
         {
             let mut execs = c.execs.lock().unwrap_or_else(|e| e.into_inner());
             if execs.contains_key(&req.exec_id) {
@@ -378,7 +378,15 @@ impl containerd_shim::Task for Service {
             .chain(execs.values())
             .filter(|p| p.status() == Status::Running)
             .count() as u64;
-        let metrics = super::stats::of_vm(c.pod.vm.pid(), c.pod.vm.memory_mib, running);
+        drop(execs);
+        let memory_mib = c.pod.vm.memory_mib;
+        let metrics = match c.cgroup_stats() {
+            Ok(figures) => super::stats::of_container(&figures, memory_mib),
+            Err(e) => {
+                log::warn!("{}: the VM's figures: {e}", c.id);
+                super::stats::of_vm(c.pod.vm.pid(), memory_mib, running)
+            }
+        };
         let any = containerd_shim::util::convert_to_any(Box::new(metrics))
             .map_err(|e| Error::Io(format!("cannot encode the metrics: {e}")))?;
         Ok(api::StatsResponse {

@@ -6,9 +6,11 @@
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use vmm_agent::ImageDefaults;
+
+use super::isolation::Prepared;
 
 static DEFAULTS: OnceLock<ImageDefaults> = OnceLock::new();
 
@@ -39,6 +41,8 @@ pub struct Settings<'a> {
     pub user: Option<&'a str>,
     /// A container's root file system: the command runs chrooted there.
     pub root: Option<&'a str>,
+    /// A container's namespaces and cgroup (with `root`).
+    pub isolation: Option<Arc<Prepared>>,
 }
 
 /// A resolved user.
@@ -89,10 +93,10 @@ pub fn apply(cmd: &mut Command, settings: &Settings) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Sets `cmd` up to run in a container's root: chrooted to `root`, in
-/// `cwd` there (default /), as `user` from the root's own /etc/passwd and
-/// /etc/group, with the request's environment only (over the agent's PATH
-/// when it names none).
+/// Sets `cmd` up to run in a container's root: in its cgroup and
+/// namespaces (`isolation`), chrooted to `root`, in `cwd` there (default
+/// /), as `user` from the root's own /etc/passwd and /etc/group, with the
+/// request's environment only (over the agent's PATH when it names none).
 fn apply_in_root(cmd: &mut Command, root: &str, settings: &Settings) -> std::io::Result<()> {
     let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_string());
     let root_c = std::ffi::CString::new(root).map_err(|_| bad("a NUL in the root"))?;
@@ -106,12 +110,22 @@ fn apply_in_root(cmd: &mut Command, root: &str, settings: &Settings) -> std::io:
             Some(resolve(spec, &read("passwd"), &read("group"))?)
         }
     };
+    let isolation = settings.isolation.clone();
     // SAFETY: the closure runs in the child between fork and exec and only
-    // makes async-signal-safe system calls (chroot, chdir) on C strings
-    // made before the fork.
+    // makes async-signal-safe system calls (those of Prepared::enter and
+    // mount_deferred, chroot, chdir) on what was made before the fork.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::chroot(root_c.as_ptr()) != 0 || libc::chdir(cwd_c.as_ptr()) != 0 {
+            if let Some(i) = &isolation {
+                i.enter()?;
+            }
+            if libc::chroot(root_c.as_ptr()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(i) = &isolation {
+                i.mount_deferred()?;
+            }
+            if libc::chdir(cwd_c.as_ptr()) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())

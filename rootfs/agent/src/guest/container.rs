@@ -19,6 +19,8 @@ use std::path::{Component, Path};
 
 use vmm_agent::{Mount, MOUNT_KINDS};
 
+use super::isolation::{Deferred, Prepared};
+
 /// The device nodes a container's /dev gets (as runc makes them): name,
 /// major, minor.
 const DEVICES: &[(&str, u32, u32)] = &[
@@ -32,9 +34,10 @@ const DEVICES: &[(&str, u32, u32)] = &[
 
 /// The mounts containerd's default spec (`oci.WithDefaultSpec`, which
 /// `ctr run` and the CRI plugin start from) asks for, staged by [`stage`]:
-/// destination, type, source and options, as the spec has them.
+/// destination, type, source and options, as the spec has them. Not its
+/// /proc and /dev/mqueue: they belong to the container's new pid and ipc
+/// namespaces, and its process mounts them itself (isolation.rs).
 const STAGED: &[(&str, &str, &str, &[&str])] = &[
-    ("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"]),
     (
         "/dev",
         "tmpfs",
@@ -59,12 +62,6 @@ const STAGED: &[(&str, &str, &str, &[&str])] = &[
         "tmpfs",
         "shm",
         &["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
-    ),
-    (
-        "/dev/mqueue",
-        "mqueue",
-        "mqueue",
-        &["nosuid", "noexec", "nodev"],
     ),
     (
         "/sys",
@@ -132,17 +129,45 @@ fn move_staged(i: usize, point: &OwnedFd) -> bool {
 }
 
 /// Mounts `mounts` inside `root`, in order; stops at the first that fails
-/// and says which.
-pub fn mount_all(root: &str, mounts: &[Mount]) -> Result<(), String> {
+/// and says which. Those the process of `isolation` makes itself (see
+/// `Prepared::defers`) get their mount point here and go to it.
+pub fn mount_all(
+    root: &str,
+    mounts: &[Mount],
+    mut isolation: Option<&mut Prepared>,
+) -> Result<(), String> {
     let root = match File::open(root) {
         Ok(r) if r.metadata().is_ok_and(|m| m.is_dir()) => r,
         _ => return Err(format!("the container root {root} is not a folder")),
     };
     for m in mounts {
-        mount_one(&root, m)
-            .map_err(|e| format!("cannot mount {} on {}: {e}", m.kind, m.destination))?;
+        let done = match isolation.as_deref_mut().filter(|i| i.defers(m)) {
+            Some(i) => deferred(&root, m).map(|d| i.defer(d)),
+            None => mount_one(&root, m),
+        };
+        done.map_err(|e| format!("cannot mount {} on {}: {e}", m.kind, m.destination))?;
     }
     Ok(())
+}
+
+/// `m` for its process to mount after its chroot, its mount point made.
+fn deferred(root: &File, m: &Mount) -> Result<Deferred, String> {
+    let destination = relative(&m.destination)?;
+    mount_point(root, &destination, false)
+        .map_err(|e| format!("cannot make the mount point: {e}"))?;
+    let options = vmm_agent::mount::Options::parse(&m.options);
+    let source = match m.source.is_empty() {
+        true => &m.kind,
+        false => &m.source,
+    };
+    let c = |s: &str| CString::new(s).map_err(|_| "a NUL in the mount".to_string());
+    Ok(Deferred {
+        source: c(source)?,
+        target: c(&format!("/{destination}"))?,
+        kind: c(file_system(&m.kind))?,
+        flags: options.flags,
+        data: c(&options.data)?,
+    })
 }
 
 /// Unmounts everything at or under `root`.
@@ -194,11 +219,9 @@ fn mount_new(root: &File, m: &Mount, point: &str) -> Result<(), String> {
     };
     let at =
         mount_point(root, point, file).map_err(|e| format!("cannot make the mount point: {e}"))?;
-    let kind = match (bind, m.kind.as_str()) {
-        (true, _) => "",
-        // A cgroup v1 request gets the unified hierarchy: the guest runs v2.
-        (false, "cgroup") => "cgroup2",
-        (false, k) => k,
+    let kind = match bind {
+        true => "",
+        false => file_system(&m.kind),
     };
     let first = flags & !(libc::MS_RDONLY * bind as libc::c_ulong);
     let sys = |e: io::Error| e.to_string();
@@ -220,6 +243,15 @@ fn mount_new(root: &File, m: &Mount, point: &str) -> Result<(), String> {
         populate_dev(&mounted).map_err(|e| format!("cannot make the device nodes: {e}"))?;
     }
     Ok(())
+}
+
+/// The file system type mount(2) takes for a (non-bind) mount kind.
+fn file_system(kind: &str) -> &str {
+    match kind {
+        // A cgroup v1 request gets the unified hierarchy: the guest runs v2.
+        "cgroup" => "cgroup2",
+        k => k,
+    }
 }
 
 fn is_dev(m: &Mount) -> bool {
@@ -389,7 +421,7 @@ mod tests {
             source: String::new(),
             options: vec![],
         };
-        let err = mount_all(dir.to_str().unwrap(), &[m]).unwrap_err();
+        let err = mount_all(dir.to_str().unwrap(), &[m], None).unwrap_err();
         assert!(
             err.contains("cannot mount nfs on /x: the type is not one of"),
             "{err}"
@@ -411,13 +443,15 @@ mod tests {
         )
         .unwrap();
         let found: Vec<Option<usize>> = spec.iter().map(staged_index).collect();
-        assert_eq!(found, (0..7).map(Some).collect::<Vec<_>>());
+        let (proc, mqueue) = (None, None);
+        let all = [proc, Some(0), Some(1), Some(2), mqueue, Some(3), Some(4)];
+        assert_eq!(found, all);
         // Another size, place or source is a new mount.
         let mut other = spec[1].clone();
         other.options[3] = "size=1m".into();
         assert_eq!(staged_index(&other), None);
-        other = spec[0].clone();
-        other.destination = "/proc2".into();
+        other = spec[2].clone();
+        other.destination = "/dev/pts2".into();
         assert_eq!(staged_index(&other), None);
         other = spec[3].clone();
         other.source = "tmpfs".into();

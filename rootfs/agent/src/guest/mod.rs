@@ -5,6 +5,7 @@ mod container;
 mod files;
 mod identity;
 mod interface;
+mod isolation;
 mod pty;
 mod server;
 mod watch;
@@ -220,7 +221,10 @@ pub(crate) fn spawn_command(
         cmd.args(args).env("PATH", PATH);
         command::apply(&mut cmd, settings)?;
         configure(&mut cmd);
-        cmd.spawn()
+        match &settings.isolation {
+            Some(i) => i.spawn(|| cmd.spawn()),
+            None => cmd.spawn(),
+        }
     };
     match spawn(program, rest) {
         Err(e)
@@ -269,6 +273,9 @@ pub fn main() {
     mount_devpts();
     if let Ok(shares) = std::env::var("VMM_SHARES") {
         mount_shares(&shares);
+    }
+    if let Err(e) = isolation::set_up_cgroups() {
+        eprintln!("vmm-init: {e}");
     }
     if std::env::var_os("VMM_STAGE_MOUNTS").is_some() {
         if let Err(e) = container::stage() {

@@ -1,6 +1,7 @@
 //! The agent's vsock service: one thread per connection, one request per
 //! connection (docs/agent-protocol.md).
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -12,6 +13,7 @@ use std::time::Duration;
 use vmm_agent::{read_frame, write_frame, write_json, FrameType, Request, Response, Started};
 
 use super::command::Settings;
+use super::isolation::Prepared;
 use super::{files, power_off, spawn_command};
 
 /// Listens on vsock `port` and serves requests until the VM powers off.
@@ -129,27 +131,26 @@ fn handle(conn: File) -> io::Result<()> {
             pty,
             root,
             mounts,
+            isolation,
         }) => {
-            if !mounts.is_empty() {
-                let mounted = match root.as_deref() {
-                    Some(root) => super::container::mount_all(root, &mounts),
-                    None => Err("mounts need a root to mount them in".into()),
-                };
-                if let Err(e) = mounted {
-                    return respond(&writer, &Response::error(e));
-                }
-            }
-            let settings = Settings {
-                env: Some(&env),
+            let request = ExecRequest {
+                argv: &argv,
+                env: &env,
                 cwd: cwd.as_deref(),
                 user: user.as_deref(),
                 root: root.as_deref(),
+                mounts: &mounts,
+                isolation: isolation.as_ref(),
+                io: match pty {
+                    Some(size) => Io::Terminal(size),
+                    None => Io::Pipes { stdin },
+                },
+                timeout_ms,
             };
-            let io = match pty {
-                Some(size) => Io::Terminal(size),
-                None => Io::Pipes { stdin },
-            };
-            exec(&argv, &settings, io, timeout_ms, reader, &writer)
+            match exec_in_container(request, reader, &writer) {
+                Ok(response) => response,
+                Err(e) => return respond(&writer, &Response::error(e)),
+            }
         }
         Ok(Request::Put {
             path,
@@ -184,13 +185,22 @@ fn handle(conn: File) -> io::Result<()> {
                 Err(e) => Response::error(e),
             }
         }
-        Ok(Request::Mount { root, mounts }) => match super::container::mount_all(&root, &mounts) {
-            Ok(()) => Response::default(),
-            Err(e) => Response::error(e),
-        },
+        Ok(Request::Mount { root, mounts }) => {
+            match super::container::mount_all(&root, &mounts, None) {
+                Ok(()) => Response::default(),
+                Err(e) => Response::error(e),
+            }
+        }
         Ok(Request::Unmount { root }) => match super::container::unmount_all(&root) {
             Ok(()) => Response::default(),
             Err(e) => Response::error(e),
+        },
+        Ok(Request::CgroupStats { name }) => match super::isolation::stats(&name) {
+            Ok(figures) => Response {
+                cgroup: Some(figures),
+                ..Default::default()
+            },
+            Err(e) => Response::error(format!("cannot read the cgroup {name}: {e}")),
         },
         Ok(Request::Get { path, user }) => files::get(&path, user.as_deref(), &writer),
         Ok(Request::Signal { pid, signal }) => send_signal(pid, signal),
@@ -220,6 +230,58 @@ fn handle(conn: File) -> io::Result<()> {
         }
     };
     respond(&writer, &response)
+}
+
+/// An exec request's fields.
+struct ExecRequest<'a> {
+    argv: &'a [String],
+    env: &'a BTreeMap<String, String>,
+    cwd: Option<&'a str>,
+    user: Option<&'a str>,
+    root: Option<&'a str>,
+    mounts: &'a [vmm_agent::Mount],
+    isolation: Option<&'a vmm_agent::Isolation>,
+    io: Io,
+    timeout_ms: Option<u64>,
+}
+
+/// Runs an exec request: first a container's isolation and mounts (an
+/// error then, before the command runs), then the command, and the
+/// container's cgroup removed after it when the request made it.
+fn exec_in_container(
+    req: ExecRequest,
+    reader: File,
+    writer: &Arc<Mutex<File>>,
+) -> Result<Response, String> {
+    if req.root.is_none() && (!req.mounts.is_empty() || req.isolation.is_some()) {
+        return Err("mounts and isolation need a root (a container's)".into());
+    }
+    let mut prepared = req
+        .isolation
+        .map(Prepared::new)
+        .transpose()
+        .map_err(|e| format!("cannot isolate the command: {e}"))?;
+    if let (Some(root), false) = (req.root, req.mounts.is_empty()) {
+        if let Err(e) = super::container::mount_all(root, req.mounts, prepared.as_mut()) {
+            if let Some(p) = &prepared {
+                p.finish();
+            }
+            return Err(e);
+        }
+    }
+    let prepared = prepared.map(Arc::new);
+    let settings = Settings {
+        env: Some(req.env),
+        cwd: req.cwd,
+        user: req.user,
+        root: req.root,
+        isolation: prepared.clone(),
+    };
+    let response = exec(req.argv, &settings, req.io, req.timeout_ms, reader, writer);
+    if let Some(p) = prepared {
+        p.finish();
+    }
+    Ok(response)
 }
 
 /// A copy of a VM is a new machine: its random generator reseeded with
