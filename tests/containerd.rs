@@ -363,20 +363,22 @@ fn ctr_run_prints_the_output_and_returns_the_status() {
     // Its namespaces and cgroup in the guest: the first process of a pid
     // namespace of its own; a cgroup of its own with the spec's memory and
     // CPU limits (ctr's spec asks for no cgroup namespace: the cgroup
-    // mount shows the guest's hierarchy).
+    // mount shows the guest's hierarchy); containerd's default
+    // capabilities as its bounding set (0xa80425fb, as runc gives it); its
+    // root a mount of its own (pivot_root, the guest's mounts detached).
     let out = ctr(
         c,
         &[
             "run", "--runtime", RUNTIME, "--rm", "--memory-limit", "67108864", "--cpu-quota",
             "50000", "--cpu-period", "100000", "--mount",
             "type=cgroup,src=cgroup,dst=/sys/fs/cgroup,options=ro", IMAGE, "run3", "sh", "-c",
-            "echo $$; g=$(cut -d: -f3 /proc/self/cgroup); echo $g; cat /sys/fs/cgroup$g/memory.max /sys/fs/cgroup$g/cpu.max",
+            "echo $$; g=$(cut -d: -f3 /proc/self/cgroup); echo $g; cat /sys/fs/cgroup$g/memory.max /sys/fs/cgroup$g/cpu.max; grep CapBnd /proc/self/status; cut -d' ' -f5 /proc/self/mountinfo | grep -cx /",
         ],
     );
     assert!(out.status.success(), "{}", describe(&out));
     assert_eq!(
         text(&out),
-        "1\n/container-run3\n67108864\n50000 100000",
+        "1\n/container-run3\n67108864\n50000 100000\nCapBnd:\t00000000a80425fb\n1",
         "{}",
         describe(&out)
     );

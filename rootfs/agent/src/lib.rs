@@ -286,6 +286,31 @@ pub struct Isolation {
     pub hostname: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<Cgroup>,
+    /// The process's capability sets (absent: root's, all of them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<Capabilities>,
+    /// No new privileges on exec (set-user-ID and file capabilities do
+    /// not raise them).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_new_privileges: bool,
+}
+
+/// A process's capability sets, by name (`CAP_CHOWN`, ...), as an OCI
+/// runtime spec's `process.capabilities`: the bounding set limits what it
+/// and its children can ever have.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Capabilities {
+    #[serde(default)]
+    pub bounding: Vec<String>,
+    #[serde(default)]
+    pub effective: Vec<String>,
+    #[serde(default)]
+    pub permitted: Vec<String>,
+    #[serde(default)]
+    pub inheritable: Vec<String>,
+    #[serde(default)]
+    pub ambient: Vec<String>,
 }
 
 /// A container's figures from its cgroup ([`Request::CgroupStats`]).

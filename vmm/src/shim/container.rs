@@ -159,7 +159,8 @@ impl Container {
     pub fn exec_command(&self, process: &oci_spec::runtime::Process) -> crate::agent::Exec {
         let mut command = spec::command(process, &spec::guest_root(&self.id));
         let init = self.init.guest_pid();
-        command.isolation = Some(spec::exec_isolation(&self.isolation, &self.id, init));
+        let isolation = spec::exec_isolation(&self.isolation, &self.id, init, process);
+        command.isolation = Some(isolation);
         command
     }
 

@@ -173,11 +173,13 @@ fn cgroup_name(id: &str) -> String {
 /// What isolates container `id`'s first process inside the guest: a new
 /// namespace of each kind the spec asks for (one the spec names by path,
 /// as the CRI plugin names its pod sandbox's, is the one of the guest
-/// process `sandbox` when the container is in a pod, else the VM's; the
-/// VM is the pod's network, see docs/containerd.md), the spec's hostname
+/// process `sandbox` when the container is in a pod, else the VM's; a
+/// mount namespace is always new; the VM is the pod's network, see
+/// docs/containerd.md), the spec's hostname
 /// with a new uts namespace, and a cgroup of its own with the spec's
 /// memory, CPU and pids limits.
 pub fn isolation(spec: &Spec, id: &str, sandbox: Option<i32>) -> vmm_agent::Isolation {
+    let process = spec.process().as_ref().expect("load checks the process");
     use oci_spec::runtime::LinuxNamespaceType as Kind;
     let linux = spec.linux().as_ref();
     let mut namespaces = Vec::new();
@@ -197,6 +199,11 @@ pub fn isolation(spec: &Spec, id: &str, sandbox: Option<i32>) -> vmm_agent::Isol
         let named = n.path().as_ref().is_some_and(|p| !p.as_os_str().is_empty());
         match (named, sandbox) {
             (false, _) => namespaces.push(vmm_agent::Namespace {
+                kind: kind.into(),
+                join: None,
+            }),
+            // A mount namespace is a container's own (its root is in it).
+            (true, _) if kind == "mount" => namespaces.push(vmm_agent::Namespace {
                 kind: kind.into(),
                 join: None,
             }),
@@ -233,12 +240,41 @@ pub fn isolation(spec: &Spec, id: &str, sandbox: Option<i32>) -> vmm_agent::Isol
                 .filter(|l| *l > 0)
                 .map(|l| l as u64),
         }),
+        capabilities: capabilities(process),
+        no_new_privileges: process.no_new_privileges().unwrap_or(false),
     }
 }
 
-/// What an exec into container `id` runs in: every namespace of its first
-/// process (guest pid `init`) and its cgroup.
-pub fn exec_isolation(first: &vmm_agent::Isolation, id: &str, init: i32) -> vmm_agent::Isolation {
+/// `process`'s capability sets, by name.
+fn capabilities(process: &Process) -> Option<vmm_agent::Capabilities> {
+    let c = process.capabilities().as_ref()?;
+    let names = |set: &Option<oci_spec::runtime::Capabilities>| -> Vec<String> {
+        let mut v: Vec<String> = set
+            .iter()
+            .flatten()
+            .filter_map(|cap| serde_json::to_value(cap).ok()?.as_str().map(String::from))
+            .collect();
+        v.sort();
+        v
+    };
+    Some(vmm_agent::Capabilities {
+        bounding: names(c.bounding()),
+        effective: names(c.effective()),
+        permitted: names(c.permitted()),
+        inheritable: names(c.inheritable()),
+        ambient: names(c.ambient()),
+    })
+}
+
+/// What an exec of `process` into container `id` runs in: every namespace
+/// of its first process (guest pid `init`) and its cgroup, with the
+/// process's own capabilities.
+pub fn exec_isolation(
+    first: &vmm_agent::Isolation,
+    id: &str,
+    init: i32,
+    process: &Process,
+) -> vmm_agent::Isolation {
     vmm_agent::Isolation {
         namespaces: first
             .namespaces
@@ -253,6 +289,8 @@ pub fn exec_isolation(first: &vmm_agent::Isolation, id: &str, init: i32) -> vmm_
             name: cgroup_name(id),
             ..Default::default()
         }),
+        capabilities: capabilities(process),
+        no_new_privileges: process.no_new_privileges().unwrap_or(false),
     }
 }
 
@@ -363,6 +401,8 @@ mod tests {
     fn namespaces_and_limits_become_the_guest_isolation() {
         let s = spec(
             r#"{"ociVersion":"1.0.2","hostname":"web",
+            "process":{"args":["sh"],"cwd":"/","user":{"uid":0,"gid":0},"noNewPrivileges":true,
+                "capabilities":{"bounding":["CAP_KILL","CAP_CHOWN"],"effective":["CAP_KILL"]}},
             "linux":{"namespaces":[{"type":"pid"},{"type":"ipc","path":"/proc/42/ns/ipc"},{"type":"uts"},
                 {"type":"mount"},{"type":"network","path":"/var/run/netns/cni-1"},{"type":"user"}],
             "resources":{"cpu":{"quota":50000,"period":100000},"memory":{"limit":67108864},"pids":{"limit":64}}}}"#,
@@ -383,10 +423,14 @@ mod tests {
         assert_eq!(cgroup.memory_max, Some(64 << 20));
         assert_eq!(cgroup.cpu_max, Some((50000, 100000)));
         assert_eq!(cgroup.pids_max, Some(64));
+        let caps = alone.capabilities.clone().unwrap();
+        assert_eq!(caps.bounding, ["CAP_CHOWN", "CAP_KILL"]);
+        assert_eq!((caps.effective.len(), caps.ambient.len()), (1, 0));
+        assert!(alone.no_new_privileges);
         // In a pod: the sandbox's (guest pid 7).
         let in_pod = isolation(&s, "c1", Some(7));
         assert_eq!(in_pod.namespaces[1].join, Some(7));
-        let exec = exec_isolation(&in_pod, "c1", 9);
+        let exec = exec_isolation(&in_pod, "c1", 9, s.process().as_ref().unwrap());
         assert!(exec.namespaces.iter().all(|n| n.join == Some(9)));
         assert_eq!(exec.namespaces.len(), 4);
         assert_eq!(
@@ -396,9 +440,11 @@ mod tests {
                 ..Default::default()
             }
         );
+        assert_eq!(exec.capabilities, alone.capabilities);
         // A hostname needs a new uts namespace.
         let joined_uts = spec(
-            r#"{"ociVersion":"1.0.2","hostname":"x","linux":{"namespaces":[{"type":"uts","path":"/p"}]}}"#,
+            r#"{"ociVersion":"1.0.2","hostname":"x","process":{"args":["sh"],"cwd":"/","user":{"uid":0,"gid":0}},
+            "linux":{"namespaces":[{"type":"uts","path":"/p"}]}}"#,
         );
         assert_eq!(isolation(&joined_uts, "c", Some(3)).hostname, None);
     }

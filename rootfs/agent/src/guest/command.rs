@@ -94,7 +94,7 @@ pub fn apply(cmd: &mut Command, settings: &Settings) -> std::io::Result<()> {
 }
 
 /// Sets `cmd` up to run in a container's root: in its cgroup and
-/// namespaces (`isolation`), chrooted to `root`, in `cwd` there (default
+/// namespaces (`isolation`), with `root` as its root, in `cwd` there (default
 /// /), as `user` from the root's own /etc/passwd and /etc/group, with the
 /// request's environment only (over the agent's PATH when it names none).
 fn apply_in_root(cmd: &mut Command, root: &str, settings: &Settings) -> std::io::Result<()> {
@@ -112,18 +112,22 @@ fn apply_in_root(cmd: &mut Command, root: &str, settings: &Settings) -> std::io:
     };
     let isolation = settings.isolation.clone();
     // SAFETY: the closure runs in the child between fork and exec and only
-    // makes async-signal-safe system calls (those of Prepared::enter and
-    // mount_deferred, chroot, chdir) on what was made before the fork.
+    // makes async-signal-safe system calls (those of Prepared's enter,
+    // enter_root and mount_deferred, chroot, chdir) on what was made
+    // before the fork.
     unsafe {
         cmd.pre_exec(move || {
-            if let Some(i) = &isolation {
-                i.enter()?;
-            }
-            if libc::chroot(root_c.as_ptr()) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if let Some(i) = &isolation {
-                i.mount_deferred()?;
+            match &isolation {
+                Some(i) => {
+                    i.enter()?;
+                    i.enter_root(&root_c)?;
+                    i.mount_deferred()?;
+                    i.limit_capabilities()?;
+                }
+                None if libc::chroot(root_c.as_ptr()) != 0 => {
+                    return Err(std::io::Error::last_os_error());
+                }
+                None => {}
             }
             if libc::chdir(cwd_c.as_ptr()) != 0 {
                 return Err(std::io::Error::last_os_error());
@@ -136,6 +140,14 @@ fn apply_in_root(cmd: &mut Command, root: &str, settings: &Settings) -> std::io:
             cmd.env("HOME", home);
         }
         switch_user(cmd, who);
+    }
+    if let Some(isolation) = settings.isolation.clone() {
+        // SAFETY: runs in the child after the closures above (the user's
+        // change); Prepared::set_capabilities only makes async-signal-safe
+        // system calls on values made before the fork.
+        unsafe {
+            cmd.pre_exec(move || isolation.set_capabilities());
+        }
     }
     if let Some(env) = settings.env {
         cmd.envs(env);

@@ -3,7 +3,8 @@
 //!
 //! Whatever needs allocating, opening or writing is done before the fork
 //! ([`Prepared::new`]); the child only makes system calls on what was made
-//! ([`Prepared::enter`], [`Prepared::mount_deferred`]), as code between
+//! ([`Prepared::enter`], [`Prepared::enter_root`],
+//! [`Prepared::mount_deferred`]), as code between
 //! fork and exec must. A pid namespace is the exception: a process is
 //! created in one, so the spawning thread sets the pid namespace its
 //! children get around the spawn ([`Prepared::spawn`]) and sets its own
@@ -21,6 +22,8 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 
 use vmm_agent::{Cgroup, Isolation, Mount, NAMESPACE_KINDS};
+
+use super::capabilities::Sets;
 
 /// Where the guest mounts its cgroup v2 hierarchy (vmm-init).
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
@@ -46,8 +49,8 @@ enum PidNamespace {
     Join(File),
 }
 
-/// A mount the process makes itself, after its chroot: `target` is
-/// absolute inside the container's root.
+/// A mount the process makes itself, in its root: `target` is absolute
+/// inside the container's root.
 #[derive(Debug)]
 pub struct Deferred {
     pub source: CString,
@@ -71,6 +74,16 @@ pub struct Prepared {
     /// The cgroup folder this request made (removed by [`Prepared::finish`]).
     made: Option<PathBuf>,
     deferred: Vec<Deferred>,
+    capabilities: Option<Sets>,
+    no_new_privileges: bool,
+}
+
+/// A system call's 0 as Ok, else its errno.
+fn check(rc: libc::c_int) -> io::Result<()> {
+    match rc {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
 }
 
 fn invalid(what: String) -> io::Error {
@@ -89,6 +102,8 @@ impl Prepared {
             cgroup_procs: None,
             made: None,
             deferred: Vec::new(),
+            capabilities: iso.capabilities.as_ref().map(Sets::new).transpose()?,
+            no_new_privileges: iso.no_new_privileges,
         };
         for ns in &iso.namespaces {
             let (flag, name) = kind(&ns.kind).ok_or_else(|| {
@@ -209,10 +224,6 @@ impl Prepared {
     /// namespaces it joins and the new ones, and the hostname set.
     /// Async-signal-safe: system calls on what [`Prepared::new`] made.
     pub fn enter(&self) -> io::Result<()> {
-        let check = |rc: libc::c_int| match rc {
-            0 => Ok(()),
-            _ => Err(io::Error::last_os_error()),
-        };
         if let Some(procs) = &self.cgroup_procs {
             // SAFETY: write(2) of a 1-byte buffer to an open descriptor.
             if unsafe { libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) } != 1 {
@@ -248,7 +259,46 @@ impl Prepared {
         Ok(())
     }
 
-    /// In the child, after its chroot: the [`Deferred`] mounts.
+    /// In the child, after [`Prepared::enter`]: makes `root` its root.
+    /// With a new mount namespace as runc does (pivot_root to it and the
+    /// guest's mounts detached, so that nothing outside is left to escape
+    /// to); in a joined one (an exec into a container) its root is the
+    /// container's already; else chroot. Async-signal-safe.
+    pub fn enter_root(&self, root: &std::ffi::CStr) -> io::Result<()> {
+        if self.join.iter().any(|(_, f)| *f == libc::CLONE_NEWNS) {
+            return Ok(());
+        }
+        // SAFETY (all below): mount(2), chdir(2), pivot_root(2), umount2(2)
+        // and chroot(2) on NUL-terminated paths made before the fork.
+        if self.unshare & libc::CLONE_NEWNS == 0 {
+            return check(unsafe { libc::chroot(root.as_ptr()) });
+        }
+        // pivot_root takes a mount point: the root bound on itself.
+        let bind = libc::MS_BIND | libc::MS_REC;
+        check(unsafe {
+            libc::mount(
+                root.as_ptr(),
+                root.as_ptr(),
+                std::ptr::null(),
+                bind,
+                std::ptr::null(),
+            )
+        })?;
+        check(unsafe { libc::chdir(root.as_ptr()) })?;
+        let dot = c".".as_ptr();
+        // SAFETY: see above.
+        if unsafe { libc::syscall(libc::SYS_pivot_root, dot, dot) } != 0 {
+            // A guest without a root disk runs on the initramfs, which
+            // cannot be pivoted away from.
+            return check(unsafe { libc::chroot(dot) });
+        }
+        // The old root is stacked on the new one: detach it.
+        check(unsafe { libc::umount2(dot, libc::MNT_DETACH) })?;
+        check(unsafe { libc::chdir(c"/".as_ptr()) })
+    }
+
+    /// In the child, after [`Prepared::enter_root`]: the [`Deferred`]
+    /// mounts.
     /// Async-signal-safe.
     pub fn mount_deferred(&self) -> io::Result<()> {
         for d in &self.deferred {
@@ -266,6 +316,28 @@ impl Prepared {
             if rc != 0 {
                 return Err(io::Error::last_os_error());
             }
+        }
+        Ok(())
+    }
+
+    /// In the child, before it changes user: its bounding set limited
+    /// (capabilities.rs). Async-signal-safe.
+    pub fn limit_capabilities(&self) -> io::Result<()> {
+        match &self.capabilities {
+            Some(c) => c.limit(),
+            None => Ok(()),
+        }
+    }
+
+    /// In the child, after it changed user: its capability sets, and no
+    /// new privileges when asked. Async-signal-safe.
+    pub fn set_capabilities(&self) -> io::Result<()> {
+        if let Some(c) = &self.capabilities {
+            c.set()?;
+        }
+        if self.no_new_privileges {
+            // SAFETY: prctl(2) with integer arguments.
+            check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
         }
         Ok(())
     }
@@ -401,7 +473,7 @@ mod tests {
         let iso = |namespaces: Vec<Namespace>, hostname: Option<&str>| Isolation {
             namespaces,
             hostname: hostname.map(String::from),
-            cgroup: None,
+            ..Default::default()
         };
         let err = |i: Isolation| Prepared::new(&i).unwrap_err().to_string();
         assert!(err(iso(vec![ns("network", None)], None)).contains("is not one of pid, ipc"));
@@ -469,7 +541,7 @@ mod tests {
         let iso = Isolation {
             namespaces: vec![new("pid"), new("uts"), new("ipc"), new("mount")],
             hostname: Some("boxed".into()),
-            cgroup: None,
+            ..Default::default()
         };
         let mut prepared = Prepared::new(&iso).unwrap();
         // Its own /proc, of its pid namespace, mounted by itself.
@@ -502,6 +574,29 @@ mod tests {
         let mut plain = plain.lines();
         assert_eq!(plain.next(), own_pid.to_str());
         assert_ne!(plain.next(), Some("boxed"));
+    }
+
+    #[test]
+    fn a_process_gets_its_capability_sets() {
+        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let iso = Isolation {
+            capabilities: Some(vmm_agent::Capabilities {
+                bounding: names(&["CAP_CHOWN", "CAP_KILL"]),
+                effective: names(&["CAP_KILL"]),
+                permitted: names(&["CAP_CHOWN", "CAP_KILL"]),
+                ..Default::default()
+            }),
+            no_new_privileges: true,
+            ..Default::default()
+        };
+        let out = run_isolated(&iso, "grep -E '^(CapBnd|NoNewPrivs)' /proc/self/status");
+        let fields: Vec<&str> = out.split_whitespace().collect();
+        // As root, exec gives the whole bounding set (CHOWN 0, KILL 5).
+        assert_eq!(
+            fields,
+            ["CapBnd:", "0000000000000021", "NoNewPrivs:", "1"],
+            "{out}"
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The agent inside the guest (Linux only): boot, then serving requests.
 
+mod capabilities;
 mod command;
 mod container;
 mod files;
