@@ -107,7 +107,7 @@ impl Exec {
             timeout_ms: self.timeout.map(|t| t.as_millis() as u64),
             root: self.root.clone(),
             mounts: self.mounts.clone(),
-            isolation: self.isolation.clone(),
+            isolation: self.isolation.clone().map(Box::new),
         }
     }
 }

@@ -108,7 +108,7 @@ pub enum Request {
         /// command gets new or joins, its hostname and its cgroup (needs
         /// `root`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        isolation: Option<Isolation>,
+        isolation: Option<Box<Isolation>>,
     },
     /// Write a file from the `Stdin` frames that follow. A relative path
     /// is taken from `user`'s home (see [`Request::Stat`]); with `user`

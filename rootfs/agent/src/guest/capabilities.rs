@@ -153,8 +153,8 @@ impl Sets {
             if self.ambient & 1 << cap == 0 {
                 continue;
             }
-            // SAFETY: prctl(2) with integer arguments.
             let raise = libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong;
+            // SAFETY: prctl(2) with integer arguments.
             if unsafe { libc::prctl(libc::PR_CAP_AMBIENT, raise, cap, 0, 0) } != 0 {
                 return Err(io::Error::last_os_error());
             }

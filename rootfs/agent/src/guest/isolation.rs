@@ -268,33 +268,33 @@ impl Prepared {
         if self.join.iter().any(|(_, f)| *f == libc::CLONE_NEWNS) {
             return Ok(());
         }
-        // SAFETY (all below): mount(2), chdir(2), pivot_root(2), umount2(2)
-        // and chroot(2) on NUL-terminated paths made before the fork.
-        if self.unshare & libc::CLONE_NEWNS == 0 {
-            return check(unsafe { libc::chroot(root.as_ptr()) });
-        }
-        // pivot_root takes a mount point: the root bound on itself.
-        let bind = libc::MS_BIND | libc::MS_REC;
-        check(unsafe {
-            libc::mount(
+        let (dot, bind) = (c".".as_ptr(), libc::MS_BIND | libc::MS_REC);
+        // SAFETY: chroot(2), mount(2), chdir(2), pivot_root(2) and
+        // umount2(2) on NUL-terminated paths made before the fork or
+        // static; none keeps a pointer past the call.
+        unsafe {
+            if self.unshare & libc::CLONE_NEWNS == 0 {
+                return check(libc::chroot(root.as_ptr()));
+            }
+            // pivot_root takes a mount point: the root bound on itself.
+            let null = std::ptr::null();
+            check(libc::mount(
                 root.as_ptr(),
                 root.as_ptr(),
-                std::ptr::null(),
+                null,
                 bind,
-                std::ptr::null(),
-            )
-        })?;
-        check(unsafe { libc::chdir(root.as_ptr()) })?;
-        let dot = c".".as_ptr();
-        // SAFETY: see above.
-        if unsafe { libc::syscall(libc::SYS_pivot_root, dot, dot) } != 0 {
-            // A guest without a root disk runs on the initramfs, which
-            // cannot be pivoted away from.
-            return check(unsafe { libc::chroot(dot) });
+                null.cast(),
+            ))?;
+            check(libc::chdir(root.as_ptr()))?;
+            if libc::syscall(libc::SYS_pivot_root, dot, dot) != 0 {
+                // A guest without a root disk runs on the initramfs, which
+                // cannot be pivoted away from.
+                return check(libc::chroot(dot));
+            }
+            // The old root is stacked on the new one: detach it.
+            check(libc::umount2(dot, libc::MNT_DETACH))?;
+            check(libc::chdir(c"/".as_ptr()))
         }
-        // The old root is stacked on the new one: detach it.
-        check(unsafe { libc::umount2(dot, libc::MNT_DETACH) })?;
-        check(unsafe { libc::chdir(c"/".as_ptr()) })
     }
 
     /// In the child, after [`Prepared::enter_root`]: the [`Deferred`]

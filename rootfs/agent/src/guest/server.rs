@@ -140,7 +140,7 @@ fn handle(conn: File) -> io::Result<()> {
                 user: user.as_deref(),
                 root: root.as_deref(),
                 mounts: &mounts,
-                isolation: isolation.as_ref(),
+                isolation: isolation.as_deref(),
                 io: match pty {
                     Some(size) => Io::Terminal(size),
                     None => Io::Pipes { stdin },
