@@ -3,7 +3,8 @@
 //! config whose initramfs is a copy of the test's own; sandboxes start from
 //! it with other host folders and egress rules, each fresh (its own
 //! writes, its own random bytes, machine id, hostname and MAC address, the
-//! host's time); a config that no longer fits, or a changed initramfs, is
+//! host's time), its clock going on from the snapshot; a config that no
+//! longer fits, or a changed initramfs, is
 //! refused with a sentence.
 
 mod common;
@@ -255,6 +256,48 @@ fn sandboxes_start_from_the_template_each_fresh_and_with_the_runs_folders() {
         }
     }
     assert!(!seen_random.contains(template_seed.as_deref().unwrap()));
+}
+
+#[test]
+fn a_restored_guests_clock_goes_on_from_the_snapshot() {
+    let b = built();
+    let s = &b.scratch;
+    let cfg = config(s, 256, &s.path("run-with"));
+    // The guest's monotonic clock, as its uptime (a bash builtin: see
+    // above).
+    let uptime = || -> f64 {
+        let out = vmm(&[
+            "run",
+            "--template",
+            &b.name,
+            "--config",
+            cfg.to_str().unwrap(),
+            "--",
+            "bash",
+            "-c",
+            "read -r u _ < /proc/uptime; echo $u",
+        ]);
+        assert!(out.status.success(), "{}", describe(&out));
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    };
+    let start = std::time::Instant::now();
+    let first = uptime();
+    // Time passes on the host between the two restores: the condition
+    // under test, not a wait for anything.
+    let gap = std::time::Duration::from_secs(20);
+    if let Some(left) = gap.checked_sub(start.elapsed()) {
+        std::thread::sleep(left);
+    }
+    let second = uptime();
+    let host = start.elapsed().as_secs_f64();
+    // Each restore goes on from the snapshot's instant: both read about
+    // the same uptime. A clock that moved on by the time since the
+    // snapshot (a PVM guest on the tsc clocksource did) would read `host`
+    // seconds more the second time, and the guest would catch up on it.
+    assert!(
+        second - first < host / 2.0,
+        "the guest's uptime went from {first} to {second} s over {host:.1} s of the host's"
+    );
 }
 
 #[test]
