@@ -45,8 +45,10 @@ packages=(linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev c
           busybox-static qemu-system-x86 debootstrap e2fsprogs binutils
           docker-registry skopeo python3 python3-venv containerd runc)
 # arm64 cross-builds and the emulated arm64 host (an arm64 host's own gcc
-# names itself aarch64-linux-gnu-gcc already).
-[ "$(uname -m)" = aarch64 ] || packages+=(qemu-system-arm gcc-aarch64-linux-gnu)
+# names itself aarch64-linux-gnu-gcc already), with the arm64 C library's
+# headers (the cross gcc only recommends them; C code built by crates for
+# aarch64 needs them).
+[ "$(uname -m)" = aarch64 ] || packages+=(qemu-system-arm gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
 
 missing=()
 for p in "${packages[@]}"; do
