@@ -18,7 +18,7 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 
 use vmm_agent::{Cgroup, Isolation, Mount, NAMESPACE_KINDS};
@@ -76,6 +76,9 @@ pub struct Prepared {
     deferred: Vec<Deferred>,
     capabilities: Option<Sets>,
     no_new_privileges: bool,
+    /// With a new mount namespace: the base namespace it is a copy of and
+    /// the root moved into it (mount_namespace.rs), when there is one.
+    small_root: Option<(&'static File, OwnedFd)>,
 }
 
 /// A system call's 0 as Ok, else its errno.
@@ -104,6 +107,7 @@ impl Prepared {
             deferred: Vec::new(),
             capabilities: iso.capabilities.as_ref().map(Sets::new).transpose()?,
             no_new_privileges: iso.no_new_privileges,
+            small_root: None,
         };
         for ns in &iso.namespaces {
             let (flag, name) = kind(&ns.kind).ok_or_else(|| {
@@ -185,6 +189,22 @@ impl Prepared {
         self.deferred.push(d);
     }
 
+    /// With a new mount namespace: takes a detached copy of `root` (the
+    /// container's, its mounts made) to make it the root of a small one
+    /// (mount_namespace.rs).
+    pub fn clone_root(&mut self, root: &str) -> io::Result<()> {
+        if self.unshare & libc::CLONE_NEWNS == 0 {
+            return Ok(());
+        }
+        if let Some(base) = super::mount_namespace::base() {
+            let tree = super::mount_namespace::clone_root(root).map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot copy the root's mounts: {e}"))
+            })?;
+            self.small_root = Some((base, tree));
+        }
+        Ok(())
+    }
+
     /// Runs `spawn` with the pid namespace the process goes in set for
     /// this thread's children, and this thread's own set back after.
     pub fn spawn<T>(&self, spawn: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
@@ -234,11 +254,14 @@ impl Prepared {
             // SAFETY: setns(2) on an open namespace descriptor.
             check(unsafe { libc::setns(ns.as_raw_fd(), *flag) })?;
         }
+        if let Some((base, _)) = &self.small_root {
+            super::mount_namespace::enter_base(base)?;
+        }
         if self.unshare != 0 {
             // SAFETY: unshare(2) with namespace flags, in the child.
             check(unsafe { libc::unshare(self.unshare) })?;
         }
-        if self.unshare & libc::CLONE_NEWNS != 0 {
+        if self.unshare & libc::CLONE_NEWNS != 0 && self.small_root.is_none() {
             // What the process mounts stays in its namespace, whatever
             // the guest's mounts' propagation (as runc's default).
             // SAFETY: mount(2) changing propagation, with a static path.
@@ -267,6 +290,9 @@ impl Prepared {
     pub fn enter_root(&self, root: &std::ffi::CStr) -> io::Result<()> {
         if self.join.iter().any(|(_, f)| *f == libc::CLONE_NEWNS) {
             return Ok(());
+        }
+        if let Some((_, tree)) = &self.small_root {
+            return super::mount_namespace::enter(tree);
         }
         let (dot, bind) = (c".".as_ptr(), libc::MS_BIND | libc::MS_REC);
         // SAFETY: chroot(2), mount(2), chdir(2), pivot_root(2) and
@@ -559,12 +585,18 @@ mod tests {
             flags: libc::MS_NOSUID,
             data: c"".into(),
         });
-        let script = "echo $$; hostname; readlink /proc/self/ns/ipc; readlink /proc/self";
+        prepared.clone_root("/").unwrap();
+        assert!(prepared.small_root.is_some(), "no base mount namespace");
+        // Its namespace holds its root's mounts only (the base's tmpfs
+        // detached): fewer than the host's.
+        let script = "echo $$; hostname; readlink /proc/self/ns/ipc; readlink /proc/self; \
+                      grep -c vmm-base /proc/self/mountinfo || true";
         let out = run_prepared(prepared, script);
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines[..2], ["1", "boxed"], "{out}");
         // readlink's pid in its own /proc: the shell's 4th process.
         assert_eq!(lines[3], "4", "{out}");
+        assert_eq!(lines[4], "0", "the base's tmpfs is left: {out}");
         let own_ipc = std::fs::read_link("/proc/self/ns/ipc").unwrap();
         assert_ne!(lines[2], own_ipc.to_str().unwrap());
         // This thread's children are in its own pid namespace again, and

@@ -7,6 +7,7 @@ mod files;
 mod identity;
 mod interface;
 mod isolation;
+mod mount_namespace;
 mod pty;
 mod server;
 mod watch;
@@ -282,6 +283,9 @@ pub fn main() {
         if let Err(e) = container::stage() {
             eprintln!("vmm-init: {e}");
         }
+        // Made now, a template's snapshot holds it (on a thread that has
+        // ended before the agent is forked).
+        let _ = mount_namespace::base();
     }
     write_resolv_conf();
     if let Err(e) = identity::set_up().and_then(|_| identity::renew()) {
@@ -312,8 +316,9 @@ pub fn main() {
 /// PID 1). The agent waits for its own commands itself. Returns when the
 /// agent process ends (then the VM powers off).
 fn serve_and_reap(port: u32) {
-    // SAFETY: fork(2) while this process has a single thread (no thread has
-    // been started yet), so the child may run arbitrary code.
+    // SAFETY: fork(2) while this process has a single thread (the one
+    // mount_namespace::base may have started has ended), so the child may
+    // run arbitrary code.
     let agent = unsafe { libc::fork() };
     if agent == 0 {
         if let Err(e) = server::serve(port) {

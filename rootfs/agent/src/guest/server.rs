@@ -261,8 +261,18 @@ fn exec_in_container(
         .map(Prepared::new)
         .transpose()
         .map_err(|e| format!("cannot isolate the command: {e}"))?;
-    if let (Some(root), false) = (req.root, req.mounts.is_empty()) {
-        if let Err(e) = super::container::mount_all(root, req.mounts, prepared.as_mut()) {
+    if let Some(root) = req.root {
+        let mounted = match req.mounts.is_empty() {
+            true => Ok(()),
+            false => super::container::mount_all(root, req.mounts, prepared.as_mut()),
+        };
+        let ready = mounted.and_then(|()| match prepared.as_mut() {
+            Some(p) => p
+                .clone_root(root)
+                .map_err(|e| format!("cannot isolate the command: {e}")),
+            None => Ok(()),
+        });
+        if let Err(e) = ready {
             if let Some(p) = &prepared {
                 p.finish();
             }
