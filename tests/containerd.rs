@@ -169,7 +169,7 @@ fn test_image(config: serde_json::Value) -> Image {
         .file("etc/group", b"root:x:0:\napp:x:1000:\n", 0o644, 0, 0);
     for applet in [
         "sh", "echo", "cat", "sleep", "id", "ls", "true", "false", "tty", "stty", "hostname",
-        "mount", "head", "wc", "grep", "wget", "cut",
+        "mount", "head", "wc", "grep", "wget", "cut", "readlink",
     ] {
         layer = layer.symlink(&format!("bin/{applet}"), "busybox");
     }
@@ -589,9 +589,13 @@ fn a_pods_containers_share_its_vm_and_end_with_it() {
     args.extend([IMAGE, "pod1", "sleep", "600"]);
     let out = ctr(c, &args);
     assert!(out.status.success(), "{}", describe(&out));
-    let web_script = format!("hostname; echo web > /tmp/mine; cat /tmp/mine; {FILE_SYSTEMS}");
+    let web_script =
+        format!("hostname; echo web > /tmp/mine; cat /tmp/mine; {FILE_SYSTEMS}; readlink /proc/self/ns/ipc /proc/self/ns/pid");
     let mut args = vec!["run", "--runtime", RUNTIME, "--rm"];
     args.extend(pod_args("container", sandbox_id));
+    // As the CRI plugin names its sandbox's ipc namespace (the path is
+    // the host's; in the guest it is the sandbox's).
+    args.extend(["--with-ns", "ipc:/proc/1/ns/ipc"]);
     args.extend([IMAGE, "web", "sh", "-c", &web_script]);
     let web = ctr(c, &args);
     assert!(web.status.success(), "{}", describe(&web));
@@ -618,7 +622,26 @@ fn a_pods_containers_share_its_vm_and_end_with_it() {
             FILE_SYSTEMS,
         ],
     );
+    let (web_lines, web_ns) = web_lines.split_at(web_lines.len() - 2);
     assert_eq!(text(&staged).lines().collect::<Vec<_>>(), web_lines[2..]);
+    // web shares the sandbox's ipc namespace (named by path), not its pid
+    // one (new).
+    let sandbox_ns = text(&ctr(
+        c,
+        &[
+            "task",
+            "exec",
+            "--exec-id",
+            "n",
+            "pod1",
+            "readlink",
+            "/proc/self/ns/ipc",
+            "/proc/self/ns/pid",
+        ],
+    ));
+    let sandbox_ns: Vec<&str> = sandbox_ns.lines().collect();
+    assert_eq!(web_ns[0], sandbox_ns[0], "ipc namespaces");
+    assert_ne!(web_ns[1], sandbox_ns[1], "pid namespaces");
     assert!(web_lines.contains(&"sysfs /sys sysfs ro,nosuid,nodev,noexec,relatime 0 0"));
     let moved_out = in_pod_vm("grep -c ' /run/vmm-agent/staged' /proc/mounts");
     assert_eq!(

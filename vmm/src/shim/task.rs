@@ -275,6 +275,14 @@ impl containerd_shim::Task for Service {
             .map(|a| a.value.as_slice())
             .unwrap_or_default();
         let process = spec::exec_process(json)?;
+        // It joins the first process's namespaces, by its guest pid.
+        if c.init.status() != Status::Running {
+            return Err(Error::State(format!(
+                "container {:?} is not running: an exec needs its first process running",
+                req.id
+            ))
+            .into());
+        }
         let stdio = Stdio {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
