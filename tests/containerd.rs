@@ -590,7 +590,7 @@ fn a_pods_containers_share_its_vm_and_end_with_it() {
     let out = ctr(c, &args);
     assert!(out.status.success(), "{}", describe(&out));
     let web_script =
-        format!("hostname; echo web > /tmp/mine; cat /tmp/mine; {FILE_SYSTEMS}; readlink /proc/self/ns/ipc /proc/self/ns/pid");
+        format!("hostname; echo web > /tmp/mine; cat /tmp/mine; {FILE_SYSTEMS}; readlink /proc/self/ns/ipc; readlink /proc/self/ns/pid");
     let mut args = vec!["run", "--runtime", RUNTIME, "--rm"];
     args.extend(pod_args("container", sandbox_id));
     // As the CRI plugin names its sandbox's ipc namespace (the path is
@@ -634,9 +634,9 @@ fn a_pods_containers_share_its_vm_and_end_with_it() {
             "--exec-id",
             "n",
             "pod1",
-            "readlink",
-            "/proc/self/ns/ipc",
-            "/proc/self/ns/pid",
+            "sh",
+            "-c",
+            "readlink /proc/self/ns/ipc; readlink /proc/self/ns/pid",
         ],
     ));
     let sandbox_ns: Vec<&str> = sandbox_ns.lines().collect();

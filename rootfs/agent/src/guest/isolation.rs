@@ -12,8 +12,9 @@
 //!
 //! A mount whose file system belongs to a namespace (proc to the pid
 //! namespace, mqueue to the ipc one, cgroup to the cgroup one) is made by
-//! the process itself once it is in its new namespace ([`Deferred`]), so
-//! that the container sees its own processes, queues and cgroup.
+//! the process itself once it is in its namespace, new or joined
+//! ([`Deferred`]), so that the container sees its own processes, queues
+//! and cgroup.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -174,13 +175,23 @@ impl Prepared {
         }
     }
 
+    /// Whether the process gets a namespace of `kind` other than the
+    /// agent's: a new one, or one it joins.
+    fn enters(&self, kind_name: &str) -> bool {
+        match kind(kind_name) {
+            Some((libc::CLONE_NEWPID, _)) => !matches!(self.pid, PidNamespace::Vm),
+            Some((flag, _)) => self.makes(kind_name) || self.join.iter().any(|(_, f)| *f == flag),
+            None => false,
+        }
+    }
+
     /// Whether `m` is made by the process itself (its file system belongs
-    /// to a namespace the process gets new).
+    /// to a namespace the process enters: new or joined).
     pub fn defers(&self, m: &Mount) -> bool {
         match m.kind.as_str() {
-            "proc" => self.makes("pid"),
-            "mqueue" => self.makes("ipc"),
-            "cgroup" | "cgroup2" => self.makes("cgroup"),
+            "proc" => self.enters("pid"),
+            "mqueue" => self.enters("ipc"),
+            "cgroup" | "cgroup2" => self.enters("cgroup"),
             _ => false,
         }
     }
@@ -535,7 +546,14 @@ mod tests {
             libc::CLONE_NEWNS,
             "the mount namespace is entered first"
         );
+        // A joined uts namespace has no file system; a joined mount one
+        // is not where proc belongs.
         assert!(!j.defers(&m("proc")));
+        let ipc = Prepared::new(&iso(vec![ns("ipc", Some(me))], None)).unwrap();
+        assert!(
+            ipc.defers(&m("mqueue")),
+            "mqueue belongs to the joined ipc namespace"
+        );
         assert!(err(iso(vec![ns("ipc", Some(i32::MAX))], None)).contains("cannot join the ipc"));
     }
 
