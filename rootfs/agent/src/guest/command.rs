@@ -39,7 +39,8 @@ pub struct Settings<'a> {
     pub env: Option<&'a BTreeMap<String, String>>,
     pub cwd: Option<&'a str>,
     pub user: Option<&'a str>,
-    /// A container's root file system: the command runs chrooted there.
+    /// A container's root file system: the command's root (chroot, or
+    /// pivot_root with `isolation`'s new mount namespace).
     pub root: Option<&'a str>,
     /// A container's namespaces and cgroup (with `root`).
     pub isolation: Option<Arc<Prepared>>,

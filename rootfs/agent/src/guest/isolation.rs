@@ -118,17 +118,17 @@ impl Prepared {
                     NAMESPACE_KINDS.join(", ")
                 ))
             })?;
-            let taken = p.unshare & flag != 0
-                || p.join.iter().any(|(_, f)| *f == flag)
-                || (flag == libc::CLONE_NEWPID && !matches!(p.pid, PidNamespace::Vm));
-            if taken {
+            if p.enters(&ns.kind) {
                 return Err(invalid(format!("the namespace {} is named twice", ns.kind)));
             }
             match (ns.join, flag) {
                 (None, libc::CLONE_NEWPID) => p.pid = PidNamespace::New,
                 (None, _) => p.unshare |= flag,
                 (Some(pid), _) if pid <= 0 => {
-                    return Err(invalid(format!("cannot join the {name} of process {pid}")))
+                    return Err(invalid(format!(
+                        "cannot join the {} namespace of process {pid}",
+                        ns.kind
+                    )))
                 }
                 (Some(pid), _) => {
                     let file = File::open(format!("/proc/{pid}/ns/{name}")).map_err(|e| {
@@ -167,7 +167,7 @@ impl Prepared {
     }
 
     /// Whether the process gets a new namespace of `kind`.
-    pub fn makes(&self, kind_name: &str) -> bool {
+    fn makes(&self, kind_name: &str) -> bool {
         match kind(kind_name) {
             Some((libc::CLONE_NEWPID, _)) => matches!(self.pid, PidNamespace::New),
             Some((flag, _)) => self.unshare & flag != 0,
