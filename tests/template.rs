@@ -125,6 +125,14 @@ fn build_jailed(args: &[&str], name: &str) -> String {
     all
 }
 
+/// `vmm run --template NAME --config CONFIG -- ARGV...`.
+fn run_from(name: &str, config: &Path, argv: &[&str]) -> std::process::Output {
+    let config = config.to_str().unwrap();
+    let mut args = vec!["run", "--template", name, "--config", config, "--"];
+    args.extend_from_slice(argv);
+    vmm(&args)
+}
+
 fn now_s() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -185,21 +193,19 @@ fn sandboxes_start_from_the_template_each_fresh_and_with_the_runs_folders() {
     let mut template_seed = None;
     for i in 0..6 {
         let before = now_s();
-        let out = vmm(&[
-            "run",
-            "--template",
+        let out = run_from(
             &b.name,
-            "--config",
-            run_cfg.to_str().unwrap(),
-            "--",
-            "bash",
-            "-c",
-            match i {
-                0 => &first_script,
-                1 => &cid_script,
-                _ => script,
-            },
-        ]);
+            &run_cfg,
+            &[
+                "bash",
+                "-c",
+                match i {
+                    0 => &first_script,
+                    1 => &cid_script,
+                    _ => script,
+                },
+            ],
+        );
         let after = now_s();
         assert!(out.status.success(), "run {i}: {}", describe(&out));
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -266,17 +272,11 @@ fn a_restored_guests_clock_goes_on_from_the_snapshot() {
     // The guest's monotonic clock, as its uptime (a bash builtin: see
     // above).
     let uptime = || -> f64 {
-        let out = vmm(&[
-            "run",
-            "--template",
+        let out = run_from(
             &b.name,
-            "--config",
-            cfg.to_str().unwrap(),
-            "--",
-            "bash",
-            "-c",
-            "read -r u _ < /proc/uptime; echo $u",
-        ]);
+            &cfg,
+            &["bash", "-c", "read -r u _ < /proc/uptime; echo $u"],
+        );
         assert!(out.status.success(), "{}", describe(&out));
         String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
     };
@@ -306,15 +306,7 @@ fn a_template_that_does_not_fit_the_run_is_refused_with_the_reason() {
     let s = &b.scratch;
     // Another memory size: the guest would not find its machine.
     let bigger = config(s, 512, &s.path("run-with"));
-    let out = vmm(&[
-        "run",
-        "--template",
-        &b.name,
-        "--config",
-        bigger.to_str().unwrap(),
-        "--",
-        "true",
-    ]);
+    let out = run_from(&b.name, &bigger, &["true"]);
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -341,15 +333,7 @@ fn a_changed_initramfs_makes_the_template_stale() {
     let mut changed = saved.clone();
     changed.extend_from_slice(&[0; 512]);
     std::fs::write(&initramfs, &changed).unwrap();
-    let out = vmm(&[
-        "run",
-        "--template",
-        &b.name,
-        "--config",
-        cfg.to_str().unwrap(),
-        "--",
-        "true",
-    ]);
+    let out = run_from(&b.name, &cfg, &["true"]);
     // Put back as it was, bytes and modification time (the file keeps its
     // inode), for the other tests.
     std::fs::write(&initramfs, &saved).unwrap();

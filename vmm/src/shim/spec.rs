@@ -197,43 +197,29 @@ pub fn isolation(spec: &Spec, id: &str, sandbox: Option<i32>) -> vmm_agent::Isol
             _ => continue,
         };
         let named = n.path().as_ref().is_some_and(|p| !p.as_os_str().is_empty());
-        match (named, sandbox) {
-            (false, _) => namespaces.push(vmm_agent::Namespace {
-                kind: kind.into(),
-                join: None,
-            }),
+        let join = match (named, sandbox) {
+            (false, _) => None,
             // A mount namespace is a container's own (its root is in it).
-            (true, _) if kind == "mount" => namespaces.push(vmm_agent::Namespace {
-                kind: kind.into(),
-                join: None,
-            }),
-            (true, Some(pid)) => namespaces.push(vmm_agent::Namespace {
-                kind: kind.into(),
-                join: Some(pid),
-            }),
-            (true, None) => {}
-        }
+            (true, _) if kind == "mount" => None,
+            (true, Some(pid)) => Some(pid),
+            (true, None) => continue,
+        };
+        namespaces.push(vmm_agent::Namespace {
+            kind: kind.into(),
+            join,
+        });
     }
     let new_uts = namespaces
         .iter()
         .any(|n| n.kind == "uts" && n.join.is_none());
     let resources = linux.and_then(|l| l.resources().as_ref());
-    let cpu = resources.and_then(|r| r.cpu().as_ref());
-    let cpu_max = match (cpu.and_then(|c| c.quota()), cpu.and_then(|c| c.period())) {
-        (Some(quota), Some(period)) if quota > 0 && period > 0 => Some((quota as u64, period)),
-        _ => None,
-    };
     vmm_agent::Isolation {
         namespaces,
         hostname: spec.hostname().clone().filter(|h| new_uts && !h.is_empty()),
         cgroup: Some(vmm_agent::Cgroup {
             name: cgroup_name(id),
-            memory_max: resources
-                .and_then(|r| r.memory().as_ref())
-                .and_then(|m| m.limit())
-                .filter(|l| *l > 0)
-                .map(|l| l as u64),
-            cpu_max,
+            memory_max: memory_limit(spec),
+            cpu_max: cpu_quota(spec),
             pids_max: resources
                 .and_then(|r| r.pids().as_ref())
                 .map(|p| p.limit())
@@ -294,25 +280,31 @@ pub fn exec_isolation(
     }
 }
 
+/// The spec's CPU quota and period (microseconds), when it sets both.
+fn cpu_quota(spec: &Spec) -> Option<(u64, u64)> {
+    let resources = spec.linux().as_ref()?.resources().as_ref()?;
+    let cpu = resources.cpu().as_ref()?;
+    match (cpu.quota()?, cpu.period()?) {
+        (quota, period) if quota > 0 && period > 0 => Some((quota as u64, period)),
+        _ => None,
+    }
+}
+
+/// The spec's memory limit in bytes, when it sets one.
+fn memory_limit(spec: &Spec) -> Option<u64> {
+    let resources = spec.linux().as_ref()?.resources().as_ref()?;
+    let limit = resources.memory().as_ref()?.limit()?;
+    (limit > 0).then_some(limit as u64)
+}
+
 /// The VM's vCPUs and memory for the spec's limits: vCPUs from the CPU
 /// quota (rounded up), memory the limit plus [`MEMORY_OVERHEAD_MIB`];
 /// `None` where the spec sets no limit.
 pub fn size(spec: &Spec) -> (Option<u32>, Option<u32>) {
-    let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
-    let cpu = resources.and_then(|r| r.cpu().as_ref());
-    let vcpus = match (cpu.and_then(|c| c.quota()), cpu.and_then(|c| c.period())) {
-        (Some(quota), Some(period)) if quota > 0 && period > 0 => {
-            Some((quota as u64).div_ceil(period).clamp(1, MAX_VCPUS as u64) as u32)
-        }
-        _ => None,
-    };
-    let memory = resources
-        .and_then(|r| r.memory().as_ref())
-        .and_then(|m| m.limit())
-        .filter(|l| *l > 0)
-        .map(|l| {
-            ((l as u64).div_ceil(1 << 20)).min(u32::MAX as u64 / 2) as u32 + MEMORY_OVERHEAD_MIB
-        });
+    let vcpus = cpu_quota(spec)
+        .map(|(quota, period)| quota.div_ceil(period).clamp(1, MAX_VCPUS as u64) as u32);
+    let memory = memory_limit(spec)
+        .map(|l| (l.div_ceil(1 << 20)).min(u32::MAX as u64 / 2) as u32 + MEMORY_OVERHEAD_MIB);
     (vcpus, memory)
 }
 

@@ -10,6 +10,8 @@ use std::io;
 
 use vmm_agent::Capabilities;
 
+use super::isolation::check;
+
 /// The capabilities by number (linux/capability.h), up to Linux 6.1's
 /// last.
 const NAMES: &[&str] = &[
@@ -125,10 +127,7 @@ impl Sets {
             }
         }
         // SAFETY: prctl(2) with integer arguments.
-        match unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) } {
-            0 => Ok(()),
-            _ => Err(io::Error::last_os_error()),
-        }
+        check(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) })
     }
 
     /// In the child, after it changed user: its effective, permitted and
@@ -146,18 +145,15 @@ impl Sets {
         });
         // SAFETY: capset(2) with a version-3 header and its two data
         // structures, which outlive the call.
-        if unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
+        check(rc as libc::c_int)?;
         for cap in 0..64 {
             if self.ambient & 1 << cap == 0 {
                 continue;
             }
             let raise = libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong;
             // SAFETY: prctl(2) with integer arguments.
-            if unsafe { libc::prctl(libc::PR_CAP_AMBIENT, raise, cap, 0, 0) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
+            check(unsafe { libc::prctl(libc::PR_CAP_AMBIENT, raise, cap, 0, 0) })?;
         }
         Ok(())
     }

@@ -83,7 +83,7 @@ pub struct Prepared {
 }
 
 /// A system call's 0 as Ok, else its errno.
-fn check(rc: libc::c_int) -> io::Result<()> {
+pub(super) fn check(rc: libc::c_int) -> io::Result<()> {
     match rc {
         0 => Ok(()),
         _ => Err(io::Error::last_os_error()),
@@ -341,7 +341,7 @@ impl Prepared {
         for d in &self.deferred {
             // SAFETY: mount(2) with NUL-terminated strings made before
             // the fork.
-            let rc = unsafe {
+            check(unsafe {
                 libc::mount(
                     d.source.as_ptr(),
                     d.target.as_ptr(),
@@ -349,10 +349,7 @@ impl Prepared {
                     d.flags,
                     d.data.as_ptr().cast(),
                 )
-            };
-            if rc != 0 {
-                return Err(io::Error::last_os_error());
-            }
+            })?;
         }
         Ok(())
     }
@@ -390,10 +387,9 @@ impl Prepared {
     }
 }
 
-/// Makes cgroup `c` (when missing) with its limits; its cgroup.procs,
-/// open for writing, and its folder when this made it.
-fn cgroup(c: &Cgroup) -> io::Result<(File, Option<PathBuf>)> {
-    let name = c.name.as_str();
+/// The folder of cgroup `name`: one folder right under [`CGROUP_ROOT`],
+/// never one of its files.
+fn cgroup_dir(name: &str) -> io::Result<PathBuf> {
     let ok = !name.is_empty()
         && name.len() <= 200
         && !name.starts_with('.')
@@ -401,12 +397,18 @@ fn cgroup(c: &Cgroup) -> io::Result<(File, Option<PathBuf>)> {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
-    if !ok {
-        return Err(invalid(format!(
+    match ok {
+        true => Ok(PathBuf::from(CGROUP_ROOT).join(name)),
+        false => Err(invalid(format!(
             "the cgroup name {name:?} is not 1 to 200 of A-Z a-z 0-9 _ . - (not starting with . or cgroup.)"
-        )));
+        ))),
     }
-    let dir = PathBuf::from(CGROUP_ROOT).join(name);
+}
+
+/// Makes cgroup `c` (when missing) with its limits; its cgroup.procs,
+/// open for writing, and its folder when this made it.
+fn cgroup(c: &Cgroup) -> io::Result<(File, Option<PathBuf>)> {
+    let dir = cgroup_dir(&c.name)?;
     let context = |what: &str, e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
     let made = match std::fs::create_dir(&dir) {
         Ok(()) => Some(dir.clone()),
@@ -468,10 +470,7 @@ pub fn set_up_cgroups() -> Result<(), String> {
 
 /// The figures of cgroup `name`.
 pub fn stats(name: &str) -> io::Result<vmm_agent::CgroupStats> {
-    if name.is_empty() || name.contains('/') || name.starts_with('.') {
-        return Err(invalid(format!("bad cgroup name {name:?}")));
-    }
-    let dir = PathBuf::from(CGROUP_ROOT).join(name);
+    let dir = cgroup_dir(name)?;
     let read = |file: &str| std::fs::read_to_string(dir.join(file));
     let number = |text: &str| text.trim().parse::<u64>().ok();
     let cpu = read("cpu.stat")?;
@@ -658,6 +657,7 @@ mod tests {
             };
             let e = cgroup(&c).unwrap_err().to_string();
             assert!(e.contains("is not 1 to 200 of"), "{bad:?}: {e}");
+            assert!(stats(bad).is_err(), "{bad:?}");
         }
         assert!(stats("../x").is_err());
     }

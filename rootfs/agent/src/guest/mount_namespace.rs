@@ -13,15 +13,10 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::OnceLock;
 
+use super::isolation::check;
+
 /// Where, in the base namespace, a container's root is moved to.
 const ROOT: &std::ffi::CStr = c"/root";
-
-fn check(rc: libc::c_int) -> io::Result<()> {
-    match rc {
-        0 => Ok(()),
-        _ => Err(io::Error::last_os_error()),
-    }
-}
 
 /// The base namespace, made on first use; `None` where it cannot be
 /// (a guest without a root disk, whose initramfs root cannot be pivoted
